@@ -1,0 +1,67 @@
+# smtpgate — container image.
+#
+#   docker build -t smtpgate .
+#   docker run -d --name smtpgate -p 25:2525 \
+#       -v /srv/smtpgate/etc:/etc/smtpgate:ro -v smtpgate-state:/var/lib/smtpgate \
+#       --stop-timeout 60 smtpgate
+#
+# The gate runs as the unprivileged user `smtpgate` and, by the bundled sample config,
+# listens on 2525 inside the container; publish it as port 25 with `-p 25:2525`
+# (no capabilities, no setcap). To listen on 25 itself inside the container, note that
+# `--cap-add NET_BIND_SERVICE` alone does not help a non-root process (it has no file or
+# ambient capabilities); Docker >= 20.10 already sets net.ipv4.ip_unprivileged_port_start=0
+# in the container's network namespace, and elsewhere
+# `--sysctl net.ipv4.ip_unprivileged_port_start=25` does it.
+#
+# /etc/smtpgate holds gate.yaml, policies/ and rules/ (plugins); mount your own over it.
+# /var/lib/smtpgate holds the SQLite state and the quarantine Maildir; keep it on a volume.
+# SIGTERM (docker stop) lets transactions in flight finish: give it time (--stop-timeout).
+
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY smtpgate ./smtpgate
+COPY rules ./rules
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    SMTPGATE_CONFIG=/etc/smtpgate/gate.yaml
+
+RUN useradd --system --user-group --uid 10025 --home-dir /var/lib/smtpgate --no-create-home \
+        --shell /usr/sbin/nologin smtpgate
+
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+
+# A working sample configuration: listen on 2525, relay to the host "mta" port 25 with
+# XCLIENT, accept mail for localhost only. Replace it by mounting /etc/smtpgate.
+RUN mkdir -p /etc/smtpgate/policies /etc/smtpgate/rules /var/lib/smtpgate/quarantine \
+ && printf '%s\n' \
+      '# smtpgate sample configuration (see SPEC section 2 for every key)' \
+      'listen: ["0.0.0.0:2525"]' \
+      'workers: auto' \
+      'downstream: {host: mta, port: 25, xclient: true}' \
+      'state: sqlite:///var/lib/smtpgate/state.db' \
+      'quarantine: /var/lib/smtpgate/quarantine' \
+      'policies: /etc/smtpgate/policies' \
+      'plugins: [/etc/smtpgate/rules]' \
+      'log: {format: text, level: info}' \
+      > /etc/smtpgate/gate.yaml \
+ && printf '%s\n' \
+      '# the recipient domains this gate accepts, and the rules they get' \
+      'domains: [localhost]' \
+      'rules: []' \
+      > /etc/smtpgate/policies/default.yaml \
+ && chown -R smtpgate:smtpgate /var/lib/smtpgate \
+ && chmod 0750 /var/lib/smtpgate
+
+USER smtpgate
+WORKDIR /var/lib/smtpgate
+VOLUME ["/etc/smtpgate", "/var/lib/smtpgate"]
+# The sample config listens on 2525; publish it as 25 (-p 25:2525).
+EXPOSE 2525
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["smtpgate"]
+CMD ["serve", "-c", "/etc/smtpgate/gate.yaml"]

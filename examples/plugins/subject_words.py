@@ -1,0 +1,30 @@
+"""An example rule plugin, written as a user would: it imports nothing but ``smtpgate``.
+
+Put this file in a folder listed under ``plugins:`` in gate.yaml, then use it in a policy:
+
+    rules:
+      - subject_words: {words: ["invoice overdue", "wire transfer"], action: tag}
+"""
+from smtpgate import Option, Rule, Verdict, list_of, one_of, string
+
+
+class SubjectWords(Rule):
+    """Reject, or tag with a header, messages whose Subject holds one of ``words``."""
+
+    name = "subject_words"
+    words = Option(list_of(string), [], "phrases to look for (case-insensitive)")
+    action = Option(one_of("reject", "tag"), "tag", "reject at DATA, or add a header")
+    header = Option(string, "X-Subject-Words", "the header 'tag' adds")
+
+    def setup(self):
+        self._phrases = [w.lower() for w in self.words]
+
+    async def on_data(self, tx):
+        subject = (tx.message.get("Subject") or "").lower()
+        hit = next((w for w in self._phrases if w in subject), None)
+        if hit is None:
+            return None
+        if self.action == "reject":
+            return Verdict.reject("Message refused by content policy", reason=f"subject has {hit!r}")
+        tx.message.prepend_header(self.header, hit)
+        return None

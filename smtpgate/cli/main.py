@@ -1,0 +1,57 @@
+"""The ``smtpgate`` command: argument parsing and dispatch. Exit 0 ok, 1 runtime, 2 usage/config."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    # -c goes before or after the subcommand's own words: both parsers know it; the
+    # subparser's copy must not overwrite a value given before the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="gate.yaml (default: $SMTPGATE_CONFIG, ./gate.yaml, "
+                             "/etc/smtpgate/gate.yaml, else the embedded default)")
+    p = argparse.ArgumentParser(prog="smtpgate", parents=[common],
+                                description="An inline SMTP mail firewall.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser("serve", parents=[common], help="run the gate in the foreground")
+    sub.add_parser("check-config", parents=[common],
+                   help="validate gate.yaml, policies and rule options")
+    t = sub.add_parser("try", parents=[common],
+                       help="run one message through the pipeline offline")
+    t.add_argument("message", metavar="MESSAGE.eml")
+    t.add_argument("--from", dest="sender", required=True, metavar="ADDR")
+    t.add_argument("--to", dest="recipients", action="append", required=True, metavar="ADDR")
+    t.add_argument("--client-ip", default="192.0.2.1", metavar="IP")
+    t.add_argument("--helo", default="client.example", metavar="NAME")
+    t.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    t.add_argument("--show-message", action="store_true",
+                   help="print the message as it would be relayed")
+    sub.add_parser("version", parents=[common], help="print the version")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = getattr(args, "config", None)
+    if args.command == "version":
+        print(f"smtpgate {__version__}")
+        return 0
+    if args.command == "serve":
+        from ..server import serve
+        return serve(config)
+    if args.command == "check-config":
+        from .check import check_config_command
+        return check_config_command(config)
+    if args.command == "try":
+        from .trycmd import try_command
+        return try_command(args, config)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""gate.yaml (SPEC §2): found, read, checked and turned into frozen dataclasses.
+
+A config file only overrides: every key it leaves out keeps the embedded default's value,
+and the embedded default is itself read from ``smtpgate/defaults/gate.yaml`` so the two
+cannot drift. Relative paths in a file resolve against that file's folder; in the embedded
+default they resolve against the current directory (``./var/``), except ``policies``, which
+names the bundled folder next to it.
+"""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import socket
+from dataclasses import MISSING, dataclass, field, fields, replace
+from functools import partial
+from typing import Any, Callable
+
+from ..errors import ConfigError, Problem
+from ..options import boolean, one_of
+from ..units import parse_duration, parse_size
+from .yamlsrc import LocatedDict, LocatedList, join_path, load_file, problem_at
+
+ENV_VAR = "SMTPGATE_CONFIG"
+LOCAL_CONFIG = "gate.yaml"
+SYSTEM_CONFIG = "/etc/smtpgate/gate.yaml"
+EMBEDDED_SOURCE = "<embedded default>"
+DEFAULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "defaults")
+DEFAULT_CONFIG_FILE = os.path.join(DEFAULTS_DIR, "gate.yaml")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True)
+class DownstreamConfig:
+    host: str
+    port: int
+    xclient: bool = True
+    tls: str = "none"  # none | starttls | required
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_size: int = 25_000_000
+    max_recipients: int = 100
+    max_connections: int = 1000
+    max_connections_per_client: int = 20
+    command_timeout: float = 300
+    data_timeout: float = 600
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: list[tuple[str, int]] = field(default_factory=list)  # empty: the system's
+    timeout: float = 2.0
+    attempts: int = 2
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"  # text | json
+    level: str = "info"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GateConfig:
+    """The whole gate.yaml. Paths are absolute; ``state`` is ``sqlite:///ABS/PATH`` or redis."""
+
+    source: str
+    hostname: str = field(default_factory=socket.getfqdn)
+    listen: list[tuple[str, int]]
+    workers: int
+    downstream: DownstreamConfig
+    tls: TLSConfig | None = None
+    proxy_protocol: bool = False
+    state: str
+    quarantine: str
+    limits: Limits = field(default_factory=Limits)
+    policies: str
+    plugins: list[str] = field(default_factory=list)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    metrics: tuple[str, int] | None = None
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def find_config_path(cli_path: str | None) -> str | None:
+    """``-c FILE``, else ``$SMTPGATE_CONFIG``, else ``./gate.yaml``, else the system file;
+    None means the embedded default."""
+    if cli_path:
+        return cli_path
+    if os.environ.get(ENV_VAR):
+        return os.environ[ENV_VAR]
+    for candidate in (LOCAL_CONFIG, SYSTEM_CONFIG):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def load_gate_config(path: str | None, problems: list[Problem] | None = None) -> GateConfig:
+    """Read ``path`` (None: the embedded default). Without ``problems``, any problem raises one
+    ConfigError listing them all; with it, problems are appended and a best-effort config
+    (defaults in place of bad values) is returned."""
+    found: list[Problem] = []
+    default = _read(load_file(DEFAULT_CONFIG_FILE), DEFAULT_CONFIG_FILE, os.getcwd(), DEFAULTS_DIR,
+                    None, EMBEDDED_SOURCE, found)
+    if found:  # a broken bundled file is our bug: never hide it behind a user's file
+        raise ConfigError(found)
+    if path is None:
+        return default
+    base = os.path.dirname(os.path.abspath(path))
+    try:
+        config = _read(load_file(path), path, base, base, default, path, found) or default
+    except ConfigError as e:
+        found.extend(e.problems)
+        config = default
+    if problems is None and found:
+        raise ConfigError(found)
+    if problems is not None:
+        problems.extend(found)
+    return config
+
+
+def sqlite_path(state: str) -> str | None:
+    """The database file of a ``sqlite://`` state URL as GateConfig holds it, else None."""
+    return state[len("sqlite://"):] if state.startswith("sqlite://") else None
+
+
+# Converters: raw YAML value -> typed value, or ValueError with a readable message.
+
+def _hostname(value: Any) -> str:
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise ValueError(f"expected a host name, got {value!r}")
+    return value
+
+
+def _host(value: Any) -> str:
+    host = _hostname(value)
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def _port(value: Any, lowest: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= 65535:
+        raise ValueError(f"expected a port number {lowest}-65535, got {value!r}")
+    return value
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number of 1 or more, got {value!r}")
+    return value
+
+
+def _timeout(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, got {value!r}")
+    return seconds
+
+
+def _size(value: Any) -> int:
+    size = parse_size(value)
+    if size <= 0:
+        raise ValueError(f"expected a size above zero, got {value!r}")
+    return size
+
+
+def _workers(value: Any) -> int:
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        return _count(value)
+    except ValueError:
+        raise ValueError(f'expected "auto" or a whole number of 1 or more, got {value!r}') from None
+
+
+_HOST_PORT = re.compile(r"\[(?P<v6>[^\]]+)\]:(?P<p6>\d+)|(?P<host>[^:\[\]\s]+):(?P<port>\d+)")
+
+
+def _address(value: Any, lowest_port: int = 0) -> tuple[str, int]:
+    """``"0.0.0.0:25"`` / ``"[::]:25"`` / ``"localhost:2525"`` -> (host, port); port 0 lets the
+    system choose (tests)."""
+    m = _HOST_PORT.fullmatch(value) if isinstance(value, str) else None
+    if not m:
+        if isinstance(value, str) and value.count(":") > 1:
+            raise ValueError(f'write IPv6 addresses in brackets, like "[::1]:25", got {value!r}')
+        raise ValueError(f'expected "HOST:PORT", got {value!r}')
+    if m["v6"]:
+        try:
+            ipaddress.IPv6Address(m["v6"])
+        except ValueError:
+            raise ValueError(f"not an IPv6 address in brackets: {value!r}") from None
+    return m["v6"] or m["host"], _port(int(m["p6"] or m["port"]), lowest_port)
+
+
+def _nameserver(value: Any) -> tuple[str, int]:
+    """An IP address with an optional port (53)."""
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value)), 53
+        except ValueError:
+            pass
+    host, port = _address(value, lowest_port=1)
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        raise ValueError(f"a name server must be an IP address, got {value!r}") from None
+
+
+def _metrics(value: Any) -> tuple[str, int] | None:
+    return None if value is None else _address(value)
+
+
+def _path(value: Any, base: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a path, got {value!r}")
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _existing_dir(value: Any, base: str) -> str:
+    path = _path(value, base)
+    if not os.path.isdir(path):
+        raise ValueError(f"no such folder: {path}")
+    return path
+
+
+def _existing_file(value: Any, base: str) -> str:
+    path = _path(value, base)
+    if not os.path.isfile(path):
+        raise ValueError(f"no such file: {path}")
+    return path
+
+
+def _state(value: Any, base: str) -> str:
+    """``sqlite:///var/lib/x.db`` (absolute, as SPEC writes it; ``sqlite:////abs`` too),
+    ``sqlite:///./x.db`` or ``sqlite:///../x.db`` (relative), or a redis URL as written."""
+    if isinstance(value, str) and value.startswith(("redis://", "rediss://")):
+        return value
+    if isinstance(value, str) and value.startswith("sqlite://") and value.strip("/") != "sqlite:":
+        rest = value[len("sqlite://"):]
+        if rest.startswith(("/./", "/../")):
+            rest = rest[1:]
+        elif rest.startswith("/"):
+            rest = "/" + rest.lstrip("/")  # POSIX keeps a leading "//"; SQLAlchemy writes "////"
+        return "sqlite://" + _path(rest, base)
+    raise ValueError(f'expected "sqlite:///PATH" or "redis://HOST:PORT/DB", got {value!r}')
+
+
+@dataclass(frozen=True)
+class _Each:
+    """A list of values (a single value counts as a list of one), each checked at its place."""
+
+    item: Callable[[Any], Any]
+    min_items: int = 0
+
+
+@dataclass(frozen=True)
+class _Section:
+    cls: type
+    keys: dict[str, Any]
+    nullable: bool = False  # null switches it off (None) instead of keeping the defaults
+
+
+def _schema(base: str, policies_base: str) -> _Section:
+    return _Section(GateConfig, {
+        "hostname": _hostname,
+        "listen": _Each(_address, min_items=1),
+        "workers": _workers,
+        "downstream": _Section(DownstreamConfig, {
+            "host": _host, "port": _port, "xclient": boolean,
+            "tls": one_of("none", "starttls", "required"), "timeout": _timeout}),
+        "tls": _Section(TLSConfig, {"cert": partial(_existing_file, base=base),
+                                    "key": partial(_existing_file, base=base)}, nullable=True),
+        "proxy_protocol": boolean,
+        "state": partial(_state, base=base),
+        "quarantine": partial(_path, base=base),
+        "limits": _Section(Limits, {
+            "max_message_size": _size, "max_recipients": _count, "max_connections": _count,
+            "max_connections_per_client": _count, "command_timeout": _timeout, "data_timeout": _timeout}),
+        "policies": partial(_existing_dir, base=policies_base),
+        "plugins": _Each(partial(_existing_dir, base=base)),
+        "dns": _Section(DnsConfig, {"nameservers": _Each(_nameserver), "timeout": _timeout, "attempts": _count}),
+        "metrics": _metrics,
+        "log": _Section(LogConfig, {"format": one_of("text", "json"), "level": one_of(*LOG_LEVELS)}),
+    })
+
+
+_BAD = object()  # a value that was reported; the default stays in its place
+
+
+def _read(doc: Any, file: str, base: str, policies_base: str, fallback: GateConfig | None,
+          source: str, problems: list[Problem]) -> GateConfig | None:
+    schema = _schema(base, policies_base)
+    if doc is None:
+        doc = LocatedDict()
+        doc.source, doc.line, doc.col, doc.marks, doc.key_marks = file, 1, 1, {}, {}
+    if not isinstance(doc, LocatedDict):
+        problems.append(Problem(file, 1, 1, "expected a mapping of settings (key: value) at the top"))
+        return None
+    config = _Reader(problems).section(doc, "", schema, fallback, source=source)
+    return None if config is _BAD else config
+
+
+class _Reader:
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+
+    def section(self, node: LocatedDict, path: str, spec: _Section, fallback: Any, **extra: Any) -> Any:
+        values = dict(extra)
+        for key in node:
+            kpath = join_path(path, key)
+            if key not in spec.keys:
+                close = difflib.get_close_matches(str(key), list(spec.keys), 1)
+                hint = f'did you mean "{close[0]}"?' if close else f"known: {', '.join(spec.keys)}"
+                self.problems.append(problem_at(node, key, kpath, f"unknown key ({hint})", at_key=True))
+                continue
+            value = self.value(node, key, kpath, spec.keys[key], getattr(fallback, key, None))
+            if value is not _BAD:
+                values[key] = value
+        if fallback is not None:
+            return replace(fallback, **values)
+        missing = [f.name for f in fields(spec.cls) if f.name not in values
+                   and f.default is MISSING and f.default_factory is MISSING]
+        for name in missing:
+            self.problems.append(problem_at(node, None, join_path(path, name), "is required"))
+        return _BAD if missing else spec.cls(**values)
+
+    def value(self, parent: LocatedDict, key: str, path: str, conv: Any, fallback: Any) -> Any:
+        raw = parent[key]
+        if isinstance(conv, _Section):
+            if raw is None and (conv.nullable or fallback is not None):
+                return None if conv.nullable else fallback
+            if not isinstance(raw, LocatedDict):
+                self.problems.append(problem_at(parent, key, path, f"expected a mapping, got {raw!r}"))
+                return _BAD
+            return self.section(raw, path, conv, fallback)
+        if isinstance(conv, _Each):
+            return self.each(parent, key, path, conv)
+        return self.convert(parent, key, path, conv)
+
+    def each(self, parent: LocatedDict, key: str, path: str, conv: _Each) -> Any:
+        raw = parent[key]
+        if isinstance(raw, LocatedList):
+            out = [self.convert(raw, i, join_path(path, i), conv.item) for i in range(len(raw))]
+        else:
+            out = [] if raw is None else [self.convert(parent, key, path, conv.item)]
+        if _BAD in out:
+            return _BAD
+        if len(out) < conv.min_items:
+            self.problems.append(problem_at(parent, key, path, f"needs at least {conv.min_items} item(s)"))
+            return _BAD
+        return out
+
+    def convert(self, container: Any, key: Any, path: str, conv: Callable[[Any], Any]) -> Any:
+        try:
+            return conv(container[key])
+        except ValueError as e:
+            self.problems.append(problem_at(container, key, path, str(e)))
+            return _BAD

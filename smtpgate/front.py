@@ -1,0 +1,347 @@
+"""The only module that speaks SMTP to clients (and the only one importing aiosmtpd).
+
+aiosmtpd reads commands, handles PROXY and STARTTLS; this subclass turns MAIL/RCPT/DATA into
+conversation calls and writes their replies. What it changes from stock aiosmtpd, and why:
+- EHLO lists only what the gate and the downstream both handle (no CHUNKING, no AUTH, no
+  XCLIENT/XFORWARD);
+- every reply carries an enhanced status code (ENHANCEDSTATUSCODES is advertised);
+- DATA is read in one search for CRLF.CRLF instead of line by line (the same strict end-of-data
+  rule, at a fraction of the CPU), then bare CR/LF are normalised to CRLF so the downstream can
+  never see an end of data the gate did not (no smuggling);
+- stray BDAT, XCLIENT and XFORWARD are refused, and BDAT's chunk is swallowed, not parsed.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+import socket
+import ssl
+
+from aiosmtpd.smtp import SMTP, syntax
+
+from .addresses import AddressError, parse_path
+from .conversation import TOO_BIG, Conversation
+from .envelope import Session, new_id
+from .reply import Reply
+
+log = logging.getLogger("smtpgate.front")
+
+TERMINATOR = b"\r\n.\r\n"
+_BARE_LINE_END = re.compile(rb"\r\n|\r(?!\n)|\n")
+_REPLY = re.compile(r"^(\d{3})([ -])(?!\d\.\d{1,3}\.\d{1,3}\b)(.*)$", re.S)
+VERSION_IDENT = "smtpgate"
+
+
+def normalise_line_ends(data: bytes) -> bytes:
+    """Bare CR and bare LF become CRLF; NUL and every other byte stay as they are."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
+        return data
+    return _BARE_LINE_END.sub(b"\r\n", data)
+
+
+class ConnectionTracker:
+    """Open connections per process and per client, for max_connections(_per_client)."""
+
+    def __init__(self):
+        self.total = 0
+        self.per_client: collections.Counter[str] = collections.Counter()
+        self.protocols: set["GateSMTP"] = set()
+
+
+class _Handler:
+    """aiosmtpd's handler slot: only PROXY needs it; everything else lives in GateSMTP."""
+
+    async def handle_PROXY(self, server: "GateSMTP", session, envelope, proxy_data) -> bool:
+        if not proxy_data.valid:
+            return False
+        if proxy_data.src_addr is not None:  # LOCAL / UNKNOWN keep the socket's peer
+            ip = str(proxy_data.src_addr)
+            server.gsession.client_ip = ip.removeprefix("::ffff:") if "." in ip else ip
+            server.gsession.client_port = int(proxy_data.src_port or 0)
+        return True
+
+
+class GateSMTP(SMTP):
+    def __init__(self, gate, tracker: ConnectionTracker, tls_context: ssl.SSLContext | None = None):
+        cfg = gate.runtime.config
+        super().__init__(
+            _Handler(), hostname=cfg.hostname, ident=VERSION_IDENT,
+            data_size_limit=cfg.limits.max_message_size, enable_SMTPUTF8=True,
+            decode_data=False, timeout=cfg.limits.command_timeout, tls_context=tls_context,
+            proxy_protocol_timeout=cfg.limits.command_timeout if cfg.proxy_protocol else None,
+            auth_require_tls=True)
+        # aiosmtpd keeps command_size_limits on the class and grows it on every EHLO; keep
+        # our own, sized for the longest MAIL/RCPT with every parameter we offer.
+        self.command_size_limits = collections.defaultdict(lambda: 512, MAIL=1024, RCPT=1024)
+        self.gate = gate
+        self.tracker = tracker
+        self.gsession: Session | None = None
+        self.conv: Conversation | None = None
+        self._greeting_pending = True
+        self._in_data = False
+
+    # --- connection life ---------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if not first:
+            return  # the TLS layer after STARTTLS: same client, same session
+        peer = transport.get_extra_info("peername") or ("", 0)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ip = str(peer[0])
+        self.gsession = Session(new_id(), ip.removeprefix("::ffff:") if "." in ip else ip,
+                                int(peer[1]) if len(peer) > 1 else 0)
+        self.conv = Conversation(self.gate, self.gsession)
+        self.tracker.protocols.add(self)
+
+    def connection_lost(self, error) -> None:
+        super().connection_lost(error)
+        if self in self.tracker.protocols:
+            self.tracker.protocols.discard(self)
+            if not self._greeting_pending:
+                self._count(-1)
+            if self.conv is not None:
+                task = asyncio.ensure_future(self.conv.close())
+                _background.add(task)
+                task.add_done_callback(_background.discard)
+
+    def _count(self, delta: int) -> None:
+        self.tracker.total += delta
+        self.tracker.per_client[self.gsession.client_ip] += delta
+        if self.tracker.per_client[self.gsession.client_ip] <= 0:
+            del self.tracker.per_client[self.gsession.client_ip]
+
+    async def _greet(self) -> bool:
+        """Runs where aiosmtpd would send 220 (after PROXY): limits, then CONNECT rules."""
+        limits = self.gate.runtime.config.limits
+        self._count(+1)
+        over = (self.tracker.total > limits.max_connections
+                or self.tracker.per_client[self.gsession.client_ip] > limits.max_connections_per_client)
+        if over:
+            await self._write(Reply(421, f"{self.hostname} Too many connections, try again later",
+                                    "4.7.0"))
+            self.transport.close()
+            return False
+        await self.conv.connect()
+        return True
+
+    @property
+    def busy(self) -> bool:
+        """In a transaction or reading DATA: shutdown waits for it."""
+        return self._in_data or (self.conv is not None and self.conv.tx is not None)
+
+    async def hang_up(self, reply: Reply) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                await self._write(reply)
+            except (ConnectionError, RuntimeError):
+                pass
+            self.transport.close()
+
+    # --- writing -----------------------------------------------------------------------
+    async def push(self, status) -> None:
+        """aiosmtpd's own replies pass here: give them enhanced codes."""
+        if self._greeting_pending:
+            self._greeting_pending = False
+            if not await self._greet():
+                return
+            await self._write_lines([f"220 {self.hostname} ESMTP {VERSION_IDENT}"])
+            return
+        if isinstance(status, bytes):
+            status = status.decode("utf-8", "replace")
+        m = _REPLY.match(status)
+        if m and m.group(2) == " ":
+            reply = Reply(int(m.group(1)), m.group(3)).with_enhanced()
+            await self._write(reply)
+        else:
+            await self._write_lines([status])
+
+    async def _write(self, reply: Reply) -> None:
+        await self._write_lines(reply.lines())
+
+    async def _write_lines(self, lines: list[str]) -> None:
+        self._writer.write("".join(f"{line}\r\n" for line in lines).encode("utf-8", "replace"))
+        await self._writer.drain()
+
+    # --- commands ----------------------------------------------------------------------
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str):
+        if not hostname:
+            await self._write(Reply(501, "Syntax: EHLO hostname", "5.5.4"))
+            return
+        self._set_rset_state()
+        self.session.extended_smtp = True
+        self.session.host_name = hostname
+        caps = self.gate.capabilities
+        size = self.data_size_limit
+        if caps.size:
+            size = min(size, caps.size) if size else caps.size
+        lines = [self.hostname, "PIPELINING"]
+        if size:
+            lines.append(f"SIZE {size}")
+        if caps.eightbitmime:
+            lines.append("8BITMIME")
+        if caps.smtputf8:
+            lines.append("SMTPUTF8")
+        if self.tls_context and not self._tls_protocol:
+            lines.append("STARTTLS")
+        lines.append("ENHANCEDSTATUSCODES")
+        await self._write_lines([f"250{'-' if i < len(lines) - 1 else ' '}{text}"
+                                 for i, text in enumerate(lines)])
+        self._tls_state()
+        await self.conv.helo(hostname, True)
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str):
+        if not hostname:
+            await self._write(Reply(501, "Syntax: HELO hostname", "5.5.4"))
+            return
+        self._set_rset_state()
+        self.session.extended_smtp = False
+        self.session.host_name = hostname
+        await self._write_lines([f"250 {self.hostname}"])
+        self._tls_state()
+        await self.conv.helo(hostname, False)
+
+    def _tls_state(self) -> None:
+        self.gsession.tls = self._tls_protocol is not None
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None):
+        if await self.check_helo_needed():
+            return
+        path = await self._path(arg, "FROM:", "MAIL FROM:<address>")
+        if path is None:
+            return
+        if path.params and not self.session.extended_smtp:
+            await self._write(Reply(501, "Parameters need EHLO", "5.5.4"))
+            return
+        if getattr(self.gate, "draining", False):
+            await self.hang_up(Reply(421, f"{self.hostname} Service shutting down", "4.3.2"))
+            return
+        if self.gsession.tls and self.session.extended_smtp:
+            self.gsession.proto = "ESMTPS"
+        await self._write(await self.conv.mail(path.address, path.params))
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None):
+        if await self.check_helo_needed():
+            return
+        if self.conv.tx is None:
+            await self._write(Reply(503, "Error: need MAIL command", "5.5.1"))
+            return
+        path = await self._path(arg, "TO:", "RCPT TO:<address>")
+        if path is None:
+            return
+        if path.address is None:
+            await self._write(Reply(501, "Null recipient not allowed", "5.1.3"))
+            return
+        await self._write(await self.conv.rcpt(path.address, path.params))
+
+    async def _path(self, arg, keyword: str, usage: str):
+        rest = self._strip_command_keyword(keyword, arg or "")
+        if rest is None:
+            await self._write(Reply(501, f"Syntax: {usage}", "5.5.4"))
+            return None
+        try:
+            return parse_path(rest, smtputf8=True)
+        except AddressError as e:
+            await self._write(Reply(e.code, e.text, e.enhanced))
+            return None
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None):
+        if await self.check_helo_needed():
+            return
+        if arg:
+            await self._write(Reply(501, "Syntax: DATA", "5.5.4"))
+            return
+        tx = self.conv.tx
+        if tx is None or not tx.recipients:
+            msg = "Error: need MAIL command" if tx is None else "Error: need RCPT command"
+            await self._write(Reply(503, msg, "5.5.1"))
+            return
+        await self._write_lines(["354 End data with <CR><LF>.<CR><LF>"])
+        limits = self.gate.runtime.config.limits
+        self._reset_timeout(limits.data_timeout)
+        self._in_data = True
+        try:
+            content = await self._read_data(limits.max_message_size)
+        finally:
+            self._in_data = False
+            self._reset_timeout()
+        if content is None:
+            await self.conv.rset()
+            await self._write(TOO_BIG)
+            return
+        await self._write(await self.conv.data(content))
+
+    async def _read_data(self, max_size: int) -> bytes | None:
+        """The message between 354 and CRLF.CRLF, un-dot-stuffed and CRLF-only; None if too big.
+
+        One search for the terminator instead of aiosmtpd's line loop. The StreamReader's
+        buffer and limit are private, but this is the one place that touches them: a leading
+        CRLF makes an empty message (".\\r\\n" right after 354) match like any other, and the
+        limit bounds what is buffered to the size limit.
+        """
+        reader = self._reader
+        reader._buffer[0:0] = b"\r\n"
+        saved_limit = reader._limit
+        reader._limit = (max_size or 2**40) + len(TERMINATOR)
+        too_big = False
+        try:
+            while True:
+                try:
+                    chunk = await reader.readuntil(TERMINATOR)
+                    break
+                except asyncio.LimitOverrunError as e:
+                    too_big = True  # drain what cannot be the terminator, keep reading
+                    await reader.readexactly(max(e.consumed - len(TERMINATOR), 1))
+        finally:
+            reader._limit = saved_limit
+        if too_big:
+            return None
+        content = chunk[:-3].replace(b"\r\n.", b"\r\n")[2:]
+        if max_size and len(content) > max_size:
+            return None
+        return normalise_line_ends(content)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str | None):
+        if arg:
+            await self._write(Reply(501, "Syntax: RSET", "5.5.4"))
+            return
+        self._set_rset_state()
+        await self.conv.rset()
+        await self._write(Reply(250, "Ok", "2.0.0"))
+
+    async def smtp_BDAT(self, arg: str | None):
+        # CHUNKING is never offered; swallow the chunk so its bytes are never read as commands.
+        parts = (arg or "").split()
+        max_size = self.gate.runtime.config.limits.max_message_size or 2**31
+        if not parts or not parts[0].isdigit() or int(parts[0]) > max_size:
+            await self._write(Reply(421, f"{self.hostname} BDAT without CHUNKING, closing", "4.7.0"))
+            self.transport.close()
+            return
+        await self._reader.readexactly(int(parts[0]))
+        await self._write(Reply(502, "BDAT not supported: CHUNKING is not offered", "5.5.1"))
+
+    async def smtp_XCLIENT(self, arg: str | None):
+        await self._write(Reply(550, "XCLIENT is not accepted from clients", "5.7.0"))
+
+    async def smtp_XFORWARD(self, arg: str | None):
+        await self._write(Reply(550, "XFORWARD is not accepted from clients", "5.7.0"))
+
+    async def smtp_AUTH(self, arg: str | None):
+        await self._write(Reply(502, "AUTH is not offered", "5.5.1"))
+
+    async def smtp_EXPN(self, arg: str | None):
+        await self._write(Reply(502, "EXPN is not offered", "5.5.1"))
+
+
+_background: set[asyncio.Task] = set()

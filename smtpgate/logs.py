@@ -1,0 +1,56 @@
+"""Logging set-up: text (key=value) or JSON lines on stderr, one line per transaction."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+
+def _summary(rules: list[dict]) -> str:
+    return ",".join(f"{r['rule']}:{r['stage']}:{'shadow-' if r.get('shadow') else ''}{r['action']}"
+                    for r in rules)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        head = f"{stamp}Z {record.levelname.lower()} {record.name}"
+        fields = getattr(record, "fields", None)
+        if fields is None:
+            text = f"{head} {record.getMessage()}"
+        else:
+            parts = []
+            for key, value in fields.items():
+                if value is None or value == []:
+                    continue
+                if key == "rules":
+                    value = _summary(value)
+                elif isinstance(value, list):
+                    value = ",".join(value)
+                value = str(value)
+                parts.append(f"{key}={json.dumps(value) if (' ' in value or not value) else value}")
+            text = f"{head} {record.getMessage()} {' '.join(parts)}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+               "logger": record.name, "msg": record.getMessage()}
+        out.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(fmt: str = "text", level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiosmtpd logs every command at INFO; keep its chatter for debugging only.
+    logging.getLogger("mail.log").setLevel(max(logging.WARNING, root.level))

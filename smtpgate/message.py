@@ -1,0 +1,186 @@
+"""A message as its raw bytes, with surgical header edits and a lazily parsed MIME view.
+
+The bytes are the message as received (CRLF line ends). Nothing here re-serialises a message:
+header edits splice lines in or out, and a rule that restructures the body hands back the
+new bytes itself. A message no rule touched goes downstream exactly as it came.
+"""
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import re
+from dataclasses import dataclass
+from email.message import EmailMessage
+
+_FIELD_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+$")
+_UNSAFE = re.compile(r"[\r\n\x00]")
+
+
+@dataclass(frozen=True)
+class Change:
+    """One edit, for the trace: ``("add", "X-Spam", None, "yes")``."""
+
+    op: str
+    header: str
+    before: str | None
+    after: str | None
+    rule: str | None = None
+
+
+@dataclass(frozen=True)
+class HeaderField:
+    name: str
+    value: str  # unfolded-as-written text after the colon (CRLFs of folding kept out)
+    start: int  # byte offsets of the whole field, folding lines and final CRLF included
+    end: int
+
+
+class Message:
+    """Raw bytes plus edits. ``raw`` is always what would be relayed now."""
+
+    def __init__(self, raw: bytes):
+        self._raw = raw
+        self._fields: list[HeaderField] | None = None
+        self._email: EmailMessage | None = None
+        self.changes: list[Change] = []
+        self._current_rule: str | None = None  # set by the pipeline, for the trace
+
+    # --- reading -----------------------------------------------------------------------
+    @property
+    def raw(self) -> bytes:
+        return self._raw
+
+    @property
+    def size(self) -> int:
+        return len(self._raw)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+    def header_end(self) -> int:
+        """Offset of the first body byte (just past the blank line), or len(raw) if none."""
+        raw = self._raw
+        if raw.startswith(b"\r\n"):
+            return 2
+        i = raw.find(b"\r\n\r\n")
+        return len(raw) if i < 0 else i + 4
+
+    @property
+    def fields(self) -> list[HeaderField]:
+        if self._fields is None:
+            self._fields = list(self._parse_fields())
+        return self._fields
+
+    def _parse_fields(self):
+        raw, end = self._raw, self.header_end()
+        pos, start, name, value_parts = 0, None, None, []
+        while pos < end:
+            nl = raw.find(b"\r\n", pos, end)
+            nl = end if nl < 0 else nl
+            line = raw[pos:nl]
+            nxt = min(nl + 2, end)
+            if not line:
+                break
+            if line[:1] in (b" ", b"\t") and start is not None:
+                value_parts.append(line)
+            else:
+                if start is not None:
+                    yield _field(name, value_parts, start, pos)
+                colon = line.find(b":")
+                if colon > 0 and _FIELD_NAME.match(line[:colon].rstrip()):
+                    start, name, value_parts = pos, line[:colon].rstrip(), [line[colon + 1:]]
+                else:  # not a header line (garbage, a "From " line): keep bytes, skip the field
+                    start, name, value_parts = None, None, []
+            pos = nxt
+        if start is not None:
+            yield _field(name, value_parts, start, pos)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first field ``name`` (any case), its value stripped; ``default`` when absent."""
+        lname = name.lower()
+        for f in self.fields:
+            if f.name.lower() == lname:
+                return f.value
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [f.value for f in self.fields if f.name.lower() == lname]
+
+    @property
+    def email(self) -> EmailMessage:
+        """The parsed MIME tree (parsed on first use only). Read-only: edits go through this class."""
+        if self._email is None:
+            self._email = email.parser.BytesParser(policy=email.policy.default).parsebytes(self._raw)
+        return self._email
+
+    # --- editing -----------------------------------------------------------------------
+    def prepend_header(self, name: str, value: str) -> None:
+        """Add ``Name: value`` above every other field (the way trace headers go)."""
+        line = _field_line(name, value)
+        self._set_raw(line + self._raw)
+        self.changes.append(Change("add", name, None, value, self._current_rule))
+
+    def remove_header(self, name: str) -> int:
+        """Delete every instance of ``name``; returns how many went."""
+        gone = [f for f in self.fields if f.name.lower() == name.lower()]
+        if gone:
+            self._splice([(f.start, f.end, b"") for f in gone])
+            for f in gone:
+                self.changes.append(Change("remove", name, f.value, None, self._current_rule))
+        return len(gone)
+
+    def replace_header(self, name: str, value: str) -> None:
+        """Give the first ``name`` field a new value in place and drop the others; add if absent."""
+        found = [f for f in self.fields if f.name.lower() == name.lower()]
+        if not found:
+            self.prepend_header(name, value)
+            return
+        first = found[0]
+        edits = [(first.start, first.end, _field_line(first.name, value))]
+        edits += [(f.start, f.end, b"") for f in found[1:]]
+        self._splice(edits)
+        self.changes.append(Change("replace", name, first.value, value, self._current_rule))
+
+    def replace_raw(self, raw: bytes, reason: str) -> None:
+        """For rules that rebuild the body (e.g. stripping a part): new bytes, one change entry."""
+        if not isinstance(raw, bytes):
+            raise TypeError("replace_raw takes bytes")
+        self._set_raw(raw)
+        self.changes.append(Change("body", "(body)", None, reason, self._current_rule))
+
+    # --- for the pipeline: undo a shadow rule's edits ----------------------------------
+    def checkpoint(self) -> tuple[bytes, int]:
+        return self._raw, len(self.changes)
+
+    def rollback(self, mark: tuple[bytes, int]) -> None:
+        raw, n = mark
+        if raw is not self._raw:
+            self._set_raw(raw)
+        del self.changes[n:]
+
+    def _set_raw(self, raw: bytes) -> None:
+        self._raw, self._fields, self._email = raw, None, None
+
+    def _splice(self, edits: list[tuple[int, int, bytes]]) -> None:
+        out, pos = [], 0
+        for start, end, new in sorted(edits):
+            out += [self._raw[pos:start], new]
+            pos = end
+        out.append(self._raw[pos:])
+        self._set_raw(b"".join(out))
+
+
+def _field(name: bytes, parts: list[bytes], start: int, end: int) -> HeaderField:
+    value = b"\r\n".join(parts).decode("utf-8", "surrogateescape").strip()
+    return HeaderField(name.decode("ascii", "replace"), value, start, end)
+
+
+def _field_line(name: str, value: str) -> bytes:
+    """One header field, refusing anything that could start a new line or field."""
+    if not _FIELD_NAME.match(name.encode("ascii", "replace")):
+        raise ValueError(f"bad header name {name!r}")
+    if _UNSAFE.search(value):
+        raise ValueError(f"header value for {name} holds CR, LF or NUL")
+    return f"{name}: {value}\r\n".encode("utf-8")

@@ -1,0 +1,89 @@
+"""Run one stage of a policy's rules over a transaction and record the trace.
+
+Knows nothing about sockets: the conversation asks, the pipeline answers with a Verdict or
+None. Shadow rules run and are traced but never act; a rule that raises is logged with its
+traceback and turns into ``451 4.3.0`` unless it is set ``on_error: accept``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from .envelope import TraceEntry
+from .verdict import ACCEPT, Verdict
+
+log = logging.getLogger("smtpgate.pipeline")
+
+RULE_CRASHED = Verdict.tempfail("Local error in processing, try again later", 451, "4.3.0",
+                                reason="rule crashed")
+
+
+async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
+                    message=None, recipient: str | None = None, skip=()) -> Verdict | None:
+    """Call ``on_<stage>`` of each rule in order; return the first decisive verdict.
+
+    ``accept`` ends the stage early (later rules of this stage do not run) and is returned so
+    the caller can tell a whitelist from "no opinion". ``skip`` holds rule instances that
+    already ran this hook for this transaction (inherited by a domain policy from the session
+    policy), so no hook runs twice.
+    """
+    hook_name = f"on_{stage}"
+    for rule in rules:
+        hook = getattr(rule, hook_name, None)
+        if hook is None or rule in skip:
+            continue
+        shadow = rule.mode == "shadow"
+        mark = message.checkpoint() if message is not None else None
+        if message is not None:
+            message._current_rule = rule.name
+        started = time.perf_counter()
+        try:
+            verdict = await hook(*args)
+            if verdict is not None and not isinstance(verdict, Verdict):
+                raise TypeError(f"hook returned {type(verdict).__name__}, expected Verdict or None")
+        except Exception as exc:  # a plugin's bug must never reach the client as a traceback
+            ms = (time.perf_counter() - started) * 1000
+            log.error("rule %s crashed in %s", rule.name, hook_name, exc_info=True)
+            if mark is not None:
+                message.rollback(mark)
+            trace.append(TraceEntry(stage, rule.name, "error", f"{type(exc).__name__}: {exc}",
+                                    None, ms, shadow, recipient))
+            if rule.on_error == "accept" or shadow:
+                continue
+            return RULE_CRASHED
+        finally:
+            if message is not None:
+                message._current_rule = None
+        ms = (time.perf_counter() - started) * 1000
+        if verdict is None:
+            trace.append(TraceEntry(stage, rule.name, "continue", None, None, ms, shadow, recipient))
+            if shadow and mark is not None:
+                message.rollback(mark)
+            continue
+        reply = None if verdict.action == ACCEPT else str(verdict.reply(stage))
+        trace.append(TraceEntry(stage, rule.name, verdict.action, verdict.reason, reply, ms,
+                                shadow, recipient))
+        if shadow:
+            log.info("shadow: rule %s would %s at %s: %s", rule.name, verdict.action, stage,
+                     verdict.reason or "")
+            if mark is not None:
+                message.rollback(mark)
+            continue
+        return verdict
+    return None
+
+
+async def run_delivered(rules, tx, reply, trace: list[TraceEntry]) -> None:
+    """``on_delivered`` hooks only observe: a crash there is logged and traced, nothing else."""
+    for rule in rules:
+        if getattr(rule, "on_delivered", None) is None:
+            continue
+        started = time.perf_counter()
+        try:
+            await rule.on_delivered(tx, reply)
+            action, reason = "continue", None
+        except Exception as exc:
+            log.error("rule %s crashed in on_delivered", rule.name, exc_info=True)
+            action, reason = "error", f"{type(exc).__name__}: {exc}"
+        trace.append(TraceEntry("delivered", rule.name, action, reason, None,
+                                (time.perf_counter() - started) * 1000, rule.mode == "shadow"))

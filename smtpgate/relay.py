@@ -1,0 +1,191 @@
+"""The downstream session: the only module that imports aiosmtplib.
+
+One downstream connection per client session, opened at the first MAIL and kept for the
+session's later transactions. Replies come back as ``Reply`` values to pass through; every
+way the downstream can fail (refused, reset, timeout, 421) becomes a ``RelayError`` carrying
+the ``451 4.4.x`` the client gets instead — never a 250.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import aiosmtplib
+from aiosmtplib import SMTPException, SMTPResponseException
+
+from .errors import RelayError
+from .reply import Reply
+
+log = logging.getLogger("smtpgate.relay")
+
+UNREACHABLE = Reply(451, "Downstream server unavailable, try again later", "4.4.1")
+LOST = Reply(451, "Downstream connection failed, try again later", "4.4.2")
+
+
+class Capabilities:
+    """What the downstream said in its last EHLO; the front builds its EHLO reply from it."""
+
+    def __init__(self):
+        self.known = False
+        self.size: int | None = None
+        self.eightbitmime = True
+        self.smtputf8 = False
+
+    def update(self, extensions: dict[str, str]) -> None:
+        self.known = True
+        size = extensions.get("size", "")
+        self.size = int(size) if size.isdigit() and int(size) > 0 else None
+        self.eightbitmime = "8bitmime" in extensions
+        self.smtputf8 = "smtputf8" in extensions
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext: printable ASCII except '+' and '=' as is, everything else '+HH'."""
+    out = []
+    for byte in value.encode("utf-8", "surrogateescape"):
+        out.append(chr(byte) if 33 <= byte <= 126 and byte not in (43, 61) else f"+{byte:02X}")
+    return "".join(out)
+
+
+class Downstream:
+    """One connection to the MTA behind the gate."""
+
+    def __init__(self, cfg, local_hostname: str, capabilities: Capabilities | None = None):
+        self.cfg = cfg
+        self.local_hostname = local_hostname
+        self.capabilities = capabilities or Capabilities()
+        self._smtp: aiosmtplib.SMTP | None = None
+        self.in_transaction = False
+
+    @property
+    def connected(self) -> bool:
+        return self._smtp is not None and self._smtp.is_connected
+
+    async def open(self, session) -> None:
+        """Connect, EHLO, then XCLIENT as the real client when configured and offered."""
+        if self.connected:
+            return
+        tls = self.cfg.tls
+        smtp = aiosmtplib.SMTP(hostname=self.cfg.host, port=self.cfg.port, timeout=self.cfg.timeout,
+                               local_hostname=self.local_hostname,
+                               start_tls={"none": False, "starttls": None, "required": True}[tls],
+                               validate_certs=tls == "required")
+        try:
+            await smtp.connect()
+            _nodelay(smtp)
+            await smtp.ehlo()
+            if self.cfg.xclient and "xclient" in smtp.esmtp_extensions:
+                await self._xclient(smtp, session)
+        except (SMTPException, OSError, asyncio.TimeoutError) as exc:
+            smtp.close()
+            log.warning("downstream %s:%s unavailable: %s", self.cfg.host, self.cfg.port, exc)
+            raise RelayError(f"downstream unavailable: {exc}", UNREACHABLE) from None
+        self.capabilities.update(smtp.esmtp_extensions)
+        self._smtp = smtp
+
+    async def _xclient(self, smtp, session) -> None:
+        offered = set(smtp.esmtp_extensions["xclient"].upper().split())
+        ip = session.client_ip
+        attrs = {
+            "PORT": str(session.client_port),
+            "PROTO": session.proto,
+            "HELO": (session.helo or "[UNAVAILABLE]")[:255],
+            # Postfix applies NAME and ADDR last; sending them last keeps that order explicit.
+            "NAME": session.client_name or "[UNAVAILABLE]",
+            "ADDR": f"IPV6:{ip}" if ":" in ip else ip,
+        }
+        args = [f"{k}={xtext(v) if not v.startswith('[') else v}".encode()
+                for k, v in attrs.items() if k in offered]
+        response = await smtp.execute_command(b"XCLIENT", *args)
+        if response.code != 220:
+            raise SMTPResponseException(response.code, response.message)
+        await smtp.ehlo()
+
+    async def mail(self, wire_sender: str, params: list[str], ident: str | None = None,
+                   utf8: bool = False) -> Reply:
+        smtp = self._require()
+        if ident and "IDENT" in smtp.esmtp_extensions.get("xforward", "").upper().split():
+            await self._command(b"XFORWARD", f"IDENT={xtext(ident)}".encode())
+        reply = await self._command(b"MAIL", b"FROM:" + _enc(wire_sender, utf8),
+                                    *[p.encode() for p in params])
+        self.in_transaction = reply.is_positive
+        return reply
+
+    async def rcpt(self, wire_recipient: str, params: list[str], utf8: bool = False) -> Reply:
+        return await self._command(b"RCPT", b"TO:" + _enc(wire_recipient, utf8),
+                                   *[p.encode() for p in params])
+
+    async def data(self, raw: bytes) -> Reply:
+        smtp = self._require()
+        try:
+            response = await smtp.data(raw)
+            reply = Reply.from_downstream(response.code, response.message)
+        except SMTPResponseException as exc:
+            reply = self._check(Reply.from_downstream(exc.code, exc.message))
+        except (SMTPException, OSError, asyncio.TimeoutError) as exc:
+            raise self._lost(exc) from None
+        self.in_transaction = False
+        return reply
+
+    async def reset(self) -> None:
+        """End a transaction the client or a rule abandoned, without the final dot ever sent."""
+        if not self.connected or not self.in_transaction:
+            self.in_transaction = False
+            return
+        self.in_transaction = False
+        try:
+            await self._command(b"RSET")
+        except RelayError:
+            pass  # already closed; the next transaction reconnects
+
+    async def close(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None and smtp.is_connected:
+            try:
+                await asyncio.wait_for(smtp.quit(), timeout=5)
+            except (SMTPException, OSError, asyncio.TimeoutError):
+                smtp.close()
+
+    def _require(self):
+        if not self.connected:
+            raise RelayError("downstream connection lost", LOST)
+        return self._smtp
+
+    async def _command(self, *args: bytes) -> Reply:
+        smtp = self._require()
+        try:
+            response = await smtp.execute_command(*args)
+        except (SMTPException, OSError, asyncio.TimeoutError) as exc:
+            raise self._lost(exc) from None
+        return self._check(Reply.from_downstream(response.code, response.message))
+
+    def _check(self, reply: Reply) -> Reply:
+        # A 421 means the downstream is closing; the client keeps its session and retries.
+        if reply.code == 421:
+            self._drop()
+            raise RelayError(f"downstream closing: {reply}", LOST)
+        return reply
+
+    def _lost(self, exc: BaseException) -> RelayError:
+        log.warning("downstream connection failed: %s", exc or type(exc).__name__)
+        self._drop()
+        return RelayError(f"downstream failed: {exc}", LOST)
+
+    def _drop(self) -> None:
+        if self._smtp is not None:
+            self._smtp.close()
+        self._smtp = None
+        self.in_transaction = False
+
+
+def _enc(text: str, utf8: bool) -> bytes:
+    return text.encode("utf-8" if utf8 else "ascii", "surrogateescape")
+
+
+def _nodelay(smtp) -> None:
+    # asyncio already sets TCP_NODELAY on TCP transports; make it explicit, it is load-bearing.
+    transport = getattr(smtp, "transport", None)
+    sock = transport.get_extra_info("socket") if transport else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -1,0 +1,154 @@
+"""``smtpgate serve``: listening sockets, worker processes, signals and reload."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import ssl
+import sys
+import time
+
+from .errors import ConfigError, PluginError
+from .front import ConnectionTracker, GateSMTP
+from .gate import Gate
+from .loading import load_runtime
+from .quarantine import MaildirQuarantine
+from .reply import Reply
+
+log = logging.getLogger("smtpgate.server")
+SHUTDOWN_GRACE = 60.0  # seconds to let transactions in flight finish after SIGTERM
+
+
+def serve(cli_path: str | None) -> int:
+    try:
+        runtime = load_runtime(cli_path)
+    except (ConfigError, PluginError) as e:
+        print(f"smtpgate: configuration refused:\n{e}", file=sys.stderr)
+        return 2
+    cfg = runtime.config
+    from .logs import setup_logging
+    setup_logging(cfg.log.format, cfg.log.level)
+    if cfg.workers <= 1:
+        return run_worker(cli_path, runtime)
+    return supervise(cli_path, runtime, cfg.workers)
+
+
+def run_worker(cli_path, runtime) -> int:
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        return asyncio.run(_serve(cli_path, runtime))
+    except OSError as e:
+        log.error("cannot listen: %s", e)
+        return 1
+
+
+def _tls_context(cfg) -> ssl.SSLContext | None:
+    if cfg.tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cfg.tls.cert, cfg.tls.key)
+    return ctx
+
+
+async def _serve(cli_path, runtime) -> int:
+    loop = asyncio.get_running_loop()
+    cfg = runtime.config
+    gate = Gate(runtime, quarantine=MaildirQuarantine(cfg.quarantine))
+    gate.draining = False
+    tracker = ConnectionTracker()
+    tls_ctx = _tls_context(cfg)
+    servers = []
+    for host, port in cfg.listen:
+        servers.append(await loop.create_server(
+            lambda: GateSMTP(gate, tracker, tls_ctx), host, port, reuse_port=True, backlog=1024))
+        log.info("listening on %s:%s, relaying to %s:%s", host, port,
+                 cfg.downstream.host, cfg.downstream.port)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(gate, cli_path)))
+    await stop.wait()
+
+    log.info("stopping: no new connections, finishing transactions in flight")
+    gate.draining = True
+    for server in servers:
+        server.close()
+    deadline = loop.time() + SHUTDOWN_GRACE
+    while loop.time() < deadline and any(p.busy for p in tracker.protocols):
+        await asyncio.sleep(0.05)
+    bye = Reply(421, f"{cfg.hostname} Service shutting down, try again later", "4.3.2")
+    for proto in list(tracker.protocols):
+        await proto.hang_up(bye)
+    await asyncio.sleep(0)  # let connection_lost callbacks close downstream sessions
+    log.info("stopped")
+    return 0
+
+
+async def _reload(gate: Gate, cli_path) -> None:
+    """SIGHUP: build the whole new runtime first; swap only if all of it loaded."""
+    try:
+        runtime = await asyncio.get_running_loop().run_in_executor(None, load_runtime, cli_path)
+    except (ConfigError, PluginError) as e:
+        log.error("reload refused, keeping the running configuration:\n%s", e)
+        return
+    if runtime.config.listen != gate.runtime.config.listen:
+        log.warning("listen addresses changed: that takes a restart, the rest is reloaded")
+    gate.swap(runtime)
+    log.info("configuration reloaded from %s", runtime.config.source)
+
+
+def supervise(cli_path, runtime, workers: int) -> int:
+    """Fork ``workers`` processes that each bind the listen addresses with SO_REUSEPORT."""
+    children: dict[int, float] = {}
+
+    def spawn() -> None:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            code = run_worker(cli_path, runtime)
+            os._exit(code)
+        children[pid] = time.monotonic()
+
+    stopping = False
+
+    def forward(sig, _frame):
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for _ in range(workers):
+        spawn()
+    log.info("started %d worker processes", workers)
+    status = 0
+    while children:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        started = children.pop(pid, None)
+        if started is None:
+            continue
+        exit_code = os.waitstatus_to_exitcode(code)
+        if not stopping:
+            log.error("worker %d exited with %s; starting another", pid, exit_code)
+            if time.monotonic() - started < 1.0:
+                time.sleep(1.0)  # a worker that dies at once must not spin the supervisor
+            spawn()
+        elif exit_code != 0:
+            status = 1
+    return status

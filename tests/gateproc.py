@@ -1,0 +1,326 @@
+"""Run the real gate (``python -m smtpgate serve -c FILE``) as a child process for tests.
+
+The fixtures in conftest.py wrap these; they are plain functions and classes so that a
+test module or a benchmark script can use them too.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+DEFAULT_POLICIES = {"default.yaml": "domains: [example.com]\nrules: []\n"}
+START_TIMEOUT = 20.0   # seconds for the gate to listen (imports, plugin loading, SQLite)
+STOP_TIMEOUT = 10.0    # seconds between SIGTERM and SIGKILL
+LOOPBACK = "127.0.0.1"
+EXTRA_TOOL_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")  # smtp-sink lives in /usr/sbin
+
+
+# ---------------------------------------------------------------------------- helpers
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that nothing listens on right now (bound with port 0, then released)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def find_tool(name: str) -> str | None:
+    path = os.pathsep.join([os.environ.get("PATH", ""), *EXTRA_TOOL_DIRS])
+    return shutil.which(name, path=path)
+
+
+def require_tool(name: str) -> str:
+    """The tool's full path; if missing: pytest.fail under CI=true, else pytest.skip."""
+    found = find_tool(name)
+    if found:
+        return found
+    msg = f"required tool {name!r} is not installed (make test installs it: Debian packages postfix, swaks)"
+    if in_ci():
+        pytest.fail(msg + " [CI=true: a missing tool is a failure]", pytrace=False)
+    pytest.skip(msg)
+    raise AssertionError("unreachable")  # pytest.skip raises
+
+
+def deep_merge(base: dict, over: Mapping) -> dict:
+    """A copy of base with over merged in (dicts recursively; anything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> bool:
+    """Poll predicate until true or timeout; return whether it held (for files, processes)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def _listening_ports() -> set[int] | None:
+    """Ports in LISTEN state per /proc/net/tcp{,6}; None if /proc is not available."""
+    ports: set[int] = set()
+    found = False
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                next(f, None)
+                for row in f:
+                    cols = row.split()
+                    if len(cols) > 3 and cols[3] == "0A":  # TCP_LISTEN
+                        ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+            found = True
+        except OSError:
+            continue
+    return ports if found else None
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def is_listening(host: str, port: int) -> bool:
+    """True when host:port listens. Uses /proc (no connection the gate would see) when it can."""
+    ports = _listening_ports()
+    if ports is not None:
+        return port in ports
+    return _accepts(host, port)
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, _, port = str(text).rpartition(":")
+    return host.strip("[]") or LOOPBACK, int(port)
+
+
+def wait_listening(proc: subprocess.Popen, addrs: list[tuple[str, int]], timeout: float,
+                   describe: Callable[[], str]) -> None:
+    """Block until every addr listens; pytest.fail with describe() if proc exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if all(is_listening(h, p) for h, p in addrs):
+            return
+        try:
+            rc = proc.wait(timeout=0.05)  # doubles as the poll interval
+        except subprocess.TimeoutExpired:
+            rc = None
+        if rc is not None:
+            pytest.fail(f"process exited with {rc} before listening on {addrs}\n{describe()}", pytrace=False)
+        if time.monotonic() >= deadline:
+            stop_pid(proc)
+            pytest.fail(f"process did not listen on {addrs} within {timeout}s\n{describe()}", pytrace=False)
+
+
+def stop_pid(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+    """Stop one child by its PID: sig, wait up to timeout, then SIGKILL. Returns the exit code."""
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    return proc.returncode
+
+
+# ---------------------------------------------------------------------------- the gate
+class GateProcess:
+    """One running ``smtpgate serve`` child process and the folder it was configured from."""
+
+    def __init__(self, proc: subprocess.Popen, folder: Path, config_path: Path,
+                 config: dict, port: int, env: dict[str, str]) -> None:
+        self.proc = proc
+        self.folder = folder
+        self.config_path = config_path
+        self.config = config          # the dict written to gate.yaml
+        self.port = port              # the first `listen` address's port
+        self.host = LOOPBACK
+        self.env = env
+        self.log_path = folder / "gate.log"         # stderr
+        self.stdout_path = folder / "gate.stdout"   # stdout
+        self._exit: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stdout_text(self) -> str:
+        return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
+
+    def wait_for_log(self, text: str, timeout: float = 5.0, start: int = 0) -> str:
+        """Wait until `text` appears in the log (after character offset `start`); return the log."""
+        if not wait_until(lambda: text in self.log_text()[start:], timeout):
+            pytest.fail(f"gate log never showed {text!r} within {timeout}s\n--- gate log ---\n{self.log_text()}",
+                        pytrace=False)
+        return self.log_text()
+
+    def is_running(self) -> bool:
+        return self.proc.poll() is None
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        """Wait for the process to exit on its own (e.g. after send_signal); return the exit code."""
+        return self.proc.wait(timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM by PID, wait up to `timeout`, then SIGKILL. Returns the exit code (idempotent)."""
+        if self._exit is None:
+            self._exit = stop_pid(self.proc, sig, timeout)
+        return self._exit
+
+    def smtp(self, timeout: float = 10.0, local_hostname: str = "client.test") -> smtplib.SMTP:
+        """An smtplib client connected to the gate (greeting read; no EHLO sent yet)."""
+        return smtplib.SMTP(self.host, self.port, local_hostname=local_hostname, timeout=timeout)
+
+    def cli(self, *args: str, timeout: float = 30.0, input: bytes | None = None) -> subprocess.CompletedProcess:
+        """Run `python -m smtpgate ARGS... -c gate.yaml` with this gate's config and env."""
+        return subprocess.run([sys.executable, "-m", "smtpgate", *args, "-c", str(self.config_path)],
+                              cwd=self.folder, env=self.env, input=input, capture_output=True,
+                              timeout=timeout, check=False)
+
+    def describe(self) -> str:
+        return (f"--- gate pid {self.pid}, config {self.config_path} ---\n"
+                f"{self.config_path.read_text()}\n--- gate stderr ---\n{self.log_text()}"
+                f"--- gate stdout ---\n{self.stdout_text()}")
+
+
+def write_gate_folder(folder: Path, *, port: int, downstream_port: int,
+                      policies: Mapping[str, str] | None = None,
+                      config: Mapping[str, Any] | None = None,
+                      plugins: Mapping[str, str] | None = None) -> tuple[Path, dict]:
+    """Write gate.yaml, policies/ and plugins/ into folder; return (gate.yaml path, config)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pol_dir = folder / "policies"
+    pol_dir.mkdir(exist_ok=True)
+    for name, text in (DEFAULT_POLICIES if policies is None else policies).items():
+        (pol_dir / (name if name.endswith((".yaml", ".yml")) else name + ".yaml")).write_text(text)
+    base: dict[str, Any] = {
+        "hostname": "gate.test",
+        "listen": [f"{LOOPBACK}:{port}"],
+        "workers": 1,
+        "downstream": {"host": LOOPBACK, "port": downstream_port, "xclient": True},
+        "state": f"sqlite://{folder / 'state.db'}",      # sqlite:// + absolute path
+        "quarantine": str(folder / "quarantine"),
+        "policies": str(pol_dir),
+    }
+    if plugins:
+        plug_dir = folder / "plugins"
+        plug_dir.mkdir(exist_ok=True)
+        for name, text in plugins.items():
+            (plug_dir / (name if name.endswith(".py") else name + ".py")).write_text(text)
+        base["plugins"] = [str(plug_dir)]
+    cfg = deep_merge(base, config or {})
+    path = folder / "gate.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path, cfg
+
+
+def start_gate(folder: Path, *, downstream_port: int,
+               policies: Mapping[str, str] | None = None,
+               config: Mapping[str, Any] | None = None,
+               plugins: Mapping[str, str] | None = None,
+               env: Mapping[str, str] | None = None,
+               start_timeout: float = START_TIMEOUT) -> GateProcess:
+    """Write the folder, start `python -m smtpgate serve -c gate.yaml`, wait until it listens."""
+    port = free_port()
+    path, cfg = write_gate_folder(folder, port=port, downstream_port=downstream_port,
+                                  policies=policies, config=config, plugins=plugins)
+    listen = cfg.get("listen") or []
+    addrs = [parse_hostport(a) for a in (listen if isinstance(listen, list) else [listen])]
+    child_env = {k: v for k, v in os.environ.items() if k != "SMTPGATE_CONFIG"}
+    child_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+    with open(folder / "gate.log", "wb") as err, open(folder / "gate.stdout", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "smtpgate", "serve", "-c", str(path)],
+                                cwd=folder, env=child_env, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=err)
+    gate = GateProcess(proc, folder, path, cfg, addrs[0][1] if addrs else port, child_env)
+    wait_listening(proc, addrs, start_timeout, gate.describe)
+    return gate
+
+
+# ---------------------------------------------------------------------------- smtp-sink
+class SinkProcess:
+    """Postfix's smtp-sink on 127.0.0.1:port, started with -c (counters on stdout)."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, out_path: Path) -> None:
+        self.proc, self.port, self.out_path = proc, port, out_path
+        self.host = LOOPBACK
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def counts(self) -> dict[str, int]:
+        """The last counter line smtp-sink printed: {'sess': .., 'quit': .., 'mesg': ..}."""
+        text = self.out_path.read_text(errors="replace") if self.out_path.exists() else ""
+        last = [chunk for chunk in text.replace("\n", "\r").split("\r") if "mesg=" in chunk]
+        if not last:
+            return {"sess": 0, "quit": 0, "mesg": 0}
+        return {k: int(v) for k, v in (w.split("=", 1) for w in last[-1].split() if "=" in w)}
+
+    def wait_for_messages(self, n: int, timeout: float = 10.0) -> dict[str, int]:
+        """Wait until smtp-sink counted n messages. (It prints counters when a session ends.)"""
+        if not wait_until(lambda: self.counts().get("mesg", 0) >= n, timeout):
+            pytest.fail(f"smtp-sink counted {self.counts()} within {timeout}s, wanted mesg>={n}", pytrace=False)
+        return self.counts()
+
+    def stop(self) -> int:
+        return stop_pid(self.proc)
+
+
+def start_smtp_sink(folder: Path, *extra_args: str, backlog: int = 100) -> SinkProcess:
+    sink = require_tool("smtp-sink")
+    port = free_port()
+    args = [sink, *extra_args]
+    if os.geteuid() == 0:
+        args += ["-u", "nobody"]  # smtp-sink refuses to run as root without -u
+    args += ["-c", f"{LOOPBACK}:{port}", str(backlog)]
+    folder.mkdir(parents=True, exist_ok=True)
+    out_path = folder / f"smtp-sink-{port}.out"
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    wait_listening(proc, [(LOOPBACK, port)], 10.0,
+                   lambda: f"{' '.join(args)}\n{out_path.read_text(errors='replace')}")
+    return SinkProcess(proc, port, out_path)
