@@ -179,6 +179,23 @@ class Downstream:
         self.in_transaction = False
 
 
+async def probe(cfg, local_hostname: str, capabilities: Capabilities) -> bool:
+    """Learn the downstream's EHLO keywords before the first client asks for ours."""
+    smtp = aiosmtplib.SMTP(hostname=cfg.host, port=cfg.port, timeout=min(cfg.timeout, 5.0),
+                           local_hostname=local_hostname, start_tls=False)
+    try:
+        await smtp.connect()
+        await smtp.ehlo()
+        capabilities.update(smtp.esmtp_extensions)
+        await smtp.quit()
+        return True
+    except (SMTPException, OSError, asyncio.TimeoutError) as exc:
+        smtp.close()
+        log.warning("downstream %s:%s not answering yet (%s); EHLO offers the safe minimum",
+                    cfg.host, cfg.port, exc)
+        return False
+
+
 def _enc(text: str, utf8: bool) -> bytes:
     return text.encode("utf-8" if utf8 else "ascii", "surrogateescape")
 

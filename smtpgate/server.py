@@ -14,6 +14,7 @@ from .front import ConnectionTracker, GateSMTP
 from .gate import Gate
 from .loading import load_runtime
 from .quarantine import MaildirQuarantine
+from .relay import probe
 from .reply import Reply
 
 log = logging.getLogger("smtpgate.server")
@@ -62,6 +63,7 @@ async def _serve(cli_path, runtime) -> int:
     gate.draining = False
     tracker = ConnectionTracker()
     tls_ctx = _tls_context(cfg)
+    await probe(cfg.downstream, cfg.hostname, gate.capabilities)
     servers = []
     for host, port in cfg.listen:
         servers.append(await loop.create_server(

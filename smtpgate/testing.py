@@ -25,7 +25,7 @@ from .offline import Dialogue, FakeRelay, Relayed, simulate
 from .policy import Policy, PolicySet
 from .rule import GateContext, Rule
 
-__all__ = ["FakeClock", "FakeRelay", "FakeResolver", "Harness", "Dialogue", "Relayed", "run_rule",
+__all__ = ["FakeClock", "FakeQuarantine", "FakeRelay", "FakeResolver", "Harness", "Dialogue", "Relayed", "run_rule",
            "message"]
 
 
@@ -45,6 +45,17 @@ class FakeClock(Clock):
     def advance(self, seconds: float) -> None:
         self._now += seconds
         self._mono += seconds
+
+
+class FakeQuarantine:
+    """Keeps held messages in a list: ``harness.quarantine.held[0]["raw"]``."""
+
+    def __init__(self):
+        self.held: list[dict] = []
+
+    def put(self, tx, raw: bytes, verdict) -> str:
+        self.held.append({"tx": tx, "raw": raw, "verdict": verdict})
+        return str(len(self.held))
 
 
 class FakeResolver:
@@ -113,7 +124,8 @@ class Harness:
             self.relays.append(r)
             return r
 
-        self.gate = Gate(self.runtime, self.clock, relay)
+        self.quarantine = FakeQuarantine()
+        self.gate = Gate(self.runtime, self.clock, relay, self.quarantine)
 
     @property
     def relayed(self) -> list[Relayed]:

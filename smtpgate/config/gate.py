@@ -201,16 +201,16 @@ def _address(value: Any, lowest_port: int = 0) -> tuple[str, int]:
 
 def _nameserver(value: Any) -> tuple[str, int]:
     """An IP address with an optional port (53)."""
-    if isinstance(value, str):
-        try:
-            return str(ipaddress.ip_address(value)), 53
-        except ValueError:
-            pass
-    host, port = _address(value, lowest_port=1)
     try:
+        if isinstance(value, str) and not value.startswith("[") and value.count(":") != 1:
+            return str(ipaddress.ip_address(value)), 53  # "192.0.2.1", "::1"
+        if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+            return str(ipaddress.ip_address(value[1:-1])), 53
+        host, port = _address(value, lowest_port=1)
         return str(ipaddress.ip_address(host)), port
     except ValueError:
-        raise ValueError(f"a name server must be an IP address, got {value!r}") from None
+        raise ValueError(f'expected an IP address and an optional port, like "127.0.0.1:53", '
+                         f"got {value!r}") from None
 
 
 def _metrics(value: Any) -> tuple[str, int] | None:
@@ -312,7 +312,7 @@ class _Reader:
         self.problems = problems
 
     def section(self, node: LocatedDict, path: str, spec: _Section, fallback: Any, **extra: Any) -> Any:
-        values = dict(extra)
+        values, written = dict(extra), set(node)
         for key in node:
             kpath = join_path(path, key)
             if key not in spec.keys:
@@ -325,11 +325,14 @@ class _Reader:
                 values[key] = value
         if fallback is not None:
             return replace(fallback, **values)
-        missing = [f.name for f in fields(spec.cls) if f.name not in values
+        missing = [f.name for f in fields(spec.cls) if f.name not in values and f.name not in written
                    and f.default is MISSING and f.default_factory is MISSING]
         for name in missing:
             self.problems.append(problem_at(node, None, join_path(path, name), "is required"))
-        return _BAD if missing else spec.cls(**values)
+        if any(f.name not in values and f.default is MISSING and f.default_factory is MISSING
+               for f in fields(spec.cls)):
+            return _BAD
+        return spec.cls(**values)
 
     def value(self, parent: LocatedDict, key: str, path: str, conv: Any, fallback: Any) -> Any:
         raw = parent[key]

@@ -125,8 +125,11 @@ def load_string(text: str | bytes, source: str) -> Any:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         message = e.problem or e.context or "invalid YAML"
-        if e.context and e.problem:
-            message = f"{message} ({e.context})"
+        if e.context and e.problem and e.context.startswith("while"):  # "while parsing a flow sequence"
+            at = f" at line {e.context_mark.line + 1}" if e.context_mark and e.context_mark != mark else ""
+            message = f"{message} ({e.context}{at})"
+        elif e.context and e.problem:  # "expected a single document", "but found another document"
+            message = f"{e.context}, {message}"
         line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
         raise ConfigError(Problem(source, line, col, message)) from None
     except yaml.YAMLError as e:  # reader errors (bad encoding) carry no mark

@@ -1,0 +1,34 @@
+"""The example plugin's own tests, written as a plugin author would: through smtpgate.testing."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from subject_words import SubjectWords  # noqa: E402
+
+from smtpgate.testing import Harness, message, run_rule  # noqa: E402
+
+
+async def test_rejects_a_listed_phrase():
+    result = await run_rule(SubjectWords, {"words": ["Wire Transfer"], "action": "reject"},
+                            message("URGENT wire transfer needed"))
+    assert result.reply.code == 554
+    assert result.trace[-1].rule == "subject_words"
+    assert result.trace[-1].action == "reject"
+
+
+async def test_tags_and_leaves_the_rest_byte_identical():
+    raw = message("invoice overdue")
+    h = Harness([(SubjectWords, {"words": ["invoice overdue"]})])
+    result = await h.send(raw)
+    assert result.reply.code == 250
+    [relayed] = h.relayed
+    assert relayed.data == b"X-Subject-Words: invoice overdue\r\n" + raw
+
+
+async def test_other_mail_passes_untouched():
+    raw = message("lunch?")
+    h = Harness([(SubjectWords, {"words": ["invoice overdue"], "action": "reject"})])
+    result = await h.send(raw)
+    assert result.reply.code == 250
+    assert h.relayed[0].data == raw
