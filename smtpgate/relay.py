@@ -98,7 +98,8 @@ class Downstream:
         args = [f"{k}={xtext(v) if not v.startswith('[') else v}".encode()
                 for k, v in attrs.items() if k in offered]
         response = await smtp.execute_command(b"XCLIENT", *args)
-        if response.code != 220:
+        # Postfix answers 220 (a new greeting); smtp-sink and others answer 250.
+        if not 200 <= response.code < 300:
             raise SMTPResponseException(response.code, response.message)
         await smtp.ehlo()
 

@@ -343,15 +343,15 @@ class CapturingDownstream:
         return any(k.upper() in wanted for k in keys)
 
     def _scripted(self, keys: list[str], line: str) -> str | None:
+        table = {str(k).upper(): v for k, v in self.replies.items()}
         for key in keys:
-            for candidate in (key, key.upper(), key.lower()):
-                if candidate in self.replies:
-                    value = self.replies[candidate]
-                    if callable(value):
-                        return value(line)
-                    if isinstance(value, list):
-                        return value.pop(0) if value else None
-                    return value
+            if key.upper() in table:
+                value = table[key.upper()]
+                if callable(value):
+                    return value(line)
+                if isinstance(value, list):
+                    return value.pop(0) if value else None
+                return value
         return None
 
     # ------------------------------------------------------------------ protocol
@@ -468,10 +468,10 @@ class _Conn:
     async def _answer(self, keys: list[str], line: str, default: str) -> str:
         """Apply delays/stall/drop/scripted replies for keys; send and return the reply."""
         ds = self.ds
+        delays = {str(k).upper(): v for k, v in ds.delays.items()}
         for key in keys:
-            delay = ds.delays.get(key) or ds.delays.get(key.upper())
-            if delay:
-                await asyncio.sleep(delay)
+            if delays.get(key.upper()):
+                await asyncio.sleep(delays[key.upper()])
                 break
         if ds._matches(ds.stall_at, keys):
             await self._stall()

@@ -247,7 +247,7 @@ def test_unfinished_data_is_recorded_as_aborted(downstream):
 def test_scripted_replies(downstream):
     downstream.replies = {
         "MAIL": ["451 4.3.0 busy"],                # first MAIL only
-        "RCPT:bad@example.com": "550 5.1.1 no such user",
+        "rcpt:Bad@Example.com": "550 5.1.1 no such user",
         "DATA_END": "452 4.3.1 full",
     }
     with client(downstream) as c:

@@ -19,7 +19,7 @@ __all__ = [
     "DnsConfig", "DownstreamConfig", "GateConfig", "Limits", "LogConfig", "TLSConfig",
     "PolicySpec", "RuleEntry", "Policy", "PolicySet", "PluginRegistry",
     "find_config_path", "load_gate_config", "sqlite_path", "check_domain", "load_policy_specs",
-    "build_policies", "load_all", "check_config",
+    "build_policies", "load_all", "check_config", "ConfigError", "PluginError", "Problem",
 ]
 
 GateContextFactory = Callable[[GateConfig], GateContext]

@@ -8,7 +8,6 @@ names the bundled folder next to it.
 """
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
@@ -20,7 +19,7 @@ from typing import Any, Callable
 from ..errors import ConfigError, Problem
 from ..options import boolean, one_of
 from ..units import parse_duration, parse_size
-from .yamlsrc import LocatedDict, LocatedList, join_path, load_file, problem_at
+from .yamlsrc import LocatedDict, LocatedList, empty_mapping, join_path, load_file, problem_at, unknown_key
 
 ENV_VAR = "SMTPGATE_CONFIG"
 LOCAL_CONFIG = "gate.yaml"
@@ -298,8 +297,7 @@ def _read(doc: Any, file: str, base: str, policies_base: str, fallback: GateConf
           source: str, problems: list[Problem]) -> GateConfig | None:
     schema = _schema(base, policies_base)
     if doc is None:
-        doc = LocatedDict()
-        doc.source, doc.line, doc.col, doc.marks, doc.key_marks = file, 1, 1, {}, {}
+        doc = empty_mapping(file)
     if not isinstance(doc, LocatedDict):
         problems.append(Problem(file, 1, 1, "expected a mapping of settings (key: value) at the top"))
         return None
@@ -316,23 +314,19 @@ class _Reader:
         for key in node:
             kpath = join_path(path, key)
             if key not in spec.keys:
-                close = difflib.get_close_matches(str(key), list(spec.keys), 1)
-                hint = f'did you mean "{close[0]}"?' if close else f"known: {', '.join(spec.keys)}"
-                self.problems.append(problem_at(node, key, kpath, f"unknown key ({hint})", at_key=True))
+                self.problems.append(unknown_key(node, key, kpath, spec.keys))
                 continue
             value = self.value(node, key, kpath, spec.keys[key], getattr(fallback, key, None))
             if value is not _BAD:
                 values[key] = value
         if fallback is not None:
             return replace(fallback, **values)
-        missing = [f.name for f in fields(spec.cls) if f.name not in values and f.name not in written
-                   and f.default is MISSING and f.default_factory is MISSING]
-        for name in missing:
-            self.problems.append(problem_at(node, None, join_path(path, name), "is required"))
-        if any(f.name not in values and f.default is MISSING and f.default_factory is MISSING
-               for f in fields(spec.cls)):
-            return _BAD
-        return spec.cls(**values)
+        unset = [f.name for f in fields(spec.cls) if f.name not in values
+                 and f.default is MISSING and f.default_factory is MISSING]
+        for name in unset:
+            if name not in written:  # a written but bad value is reported already
+                self.problems.append(problem_at(node, None, join_path(path, name), "is required"))
+        return _BAD if unset else spec.cls(**values)
 
     def value(self, parent: LocatedDict, key: str, path: str, conv: Any, fallback: Any) -> Any:
         raw = parent[key]

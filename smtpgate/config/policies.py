@@ -5,7 +5,6 @@ This module reads and resolves them (``extends``, replace/remove/append) into
 """
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
@@ -14,7 +13,8 @@ from typing import Any
 
 from ..errors import ConfigError, Problem
 from ..rule import COMMON_KEYS
-from .yamlsrc import LocatedDict, LocatedList, join_path, load_file, problem_at, to_plain
+from .yamlsrc import (LocatedDict, LocatedList, empty_mapping, join_path, load_file, problem_at, to_plain,
+                      unknown_key)
 
 POLICY_KEYS = ("domains", "extends", "rules")
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -64,7 +64,7 @@ class PolicySpec:
 
 @dataclass
 class _Raw:
-    """A policy file before ``extends`` is resolved. ``items`` are RuleEntry or ("off", entry)."""
+    """A policy file before ``extends`` is resolved."""
 
     name: str
     path: str
@@ -154,17 +154,14 @@ def _read_folder(folder: str, problems: list[Problem]) -> dict[str, _Raw]:
 
 def _parse(name: str, path: str, doc: Any, problems: list[Problem]) -> _Raw | None:
     if doc is None:
-        doc = LocatedDict()
-        doc.source, doc.line, doc.col, doc.marks, doc.key_marks = path, 1, 1, {}, {}
+        doc = empty_mapping(path)
     if not isinstance(doc, LocatedDict):
         problems.append(Problem(path, 1, 1, "expected a mapping with domains, extends and rules"))
         return None
     raw = _Raw(name, path, doc)
     for key in doc:
         if key not in POLICY_KEYS:
-            close = difflib.get_close_matches(str(key), POLICY_KEYS, 1)
-            hint = f'did you mean "{close[0]}"?' if close else f"known: {', '.join(POLICY_KEYS)}"
-            problems.append(problem_at(doc, key, str(key), f"unknown key ({hint})", at_key=True))
+            problems.append(unknown_key(doc, key, str(key), POLICY_KEYS))
     _parse_domains(raw, problems)
     extends = doc.get("extends")
     if extends is not None and (not isinstance(extends, str) or not extends):

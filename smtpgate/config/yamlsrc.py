@@ -6,7 +6,8 @@ that any later check can say ``policies/x.yaml:4:14: rules[0].greylist.delay: ..
 """
 from __future__ import annotations
 
-from typing import Any
+import difflib
+from typing import Any, Iterable
 
 import yaml
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
@@ -44,6 +45,13 @@ class LocatedDict(dict, Located):
 
 class LocatedList(list, Located):
     pass
+
+
+def empty_mapping(source: str) -> LocatedDict:
+    """What an empty file stands for: a mapping with no keys, at line 1."""
+    out = LocatedDict()
+    out.source, out.line, out.col, out.marks, out.key_marks = source, 1, 1, {}, {}
+    return out
 
 
 def _mark(node: yaml.Node) -> Mark:
@@ -165,6 +173,14 @@ def problem_at(node: Located, key: Any, path: str, message: str, *, at_key: bool
     else:
         line, col = node.where(key)
     return Problem(node.source, line, col, f"{path}: {message}" if path else message)
+
+
+def unknown_key(node: LocatedDict, key: Any, path: str, known: Iterable[str]) -> Problem:
+    """``path: unknown key (did you mean "port"?)`` at the key itself."""
+    known = list(known)
+    close = difflib.get_close_matches(str(key), known, 1)
+    hint = f'did you mean "{close[0]}"?' if close else f"known: {', '.join(known)}"
+    return problem_at(node, key, path, f"unknown key ({hint})", at_key=True)
 
 
 def to_plain(value: Any, _memo: dict[int, Any] | None = None) -> Any:
