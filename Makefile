@@ -20,8 +20,12 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test bench tools clean distclean
 
+# Debian's python3 needs python3-venv for `-m venv` (ensurepip); install it when missing.
 $(VPY):
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) 2>/dev/null || { rm -rf $(VENV); \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; \
+	  $(PYTHON) -m venv $(VENV); }
 
 $(VENV)/.installed-run: pyproject.toml | $(VPY)
 	$(VPY) -m pip install -q -e .
