@@ -16,6 +16,7 @@ class Runtime:
     config: Any  # GateConfig
     registry: Any  # PluginRegistry
     policies: Any  # PolicySet
+    stores: Any = None  # Stores, shared by every runtime of this process while state: holds
 
 
 class Gate:

@@ -119,13 +119,28 @@ class Downstream:
 
     async def data(self, raw: bytes) -> Reply:
         smtp = self._require()
+        if not raw:
+            return await self._empty_data()
         try:
             response = await smtp.data(raw)
             reply = Reply.from_downstream(response.code, response.message)
         except SMTPResponseException as exc:
             reply = self._check(Reply.from_downstream(exc.code, exc.message))
+            # A refused DATA command leaves the downstream's MAIL/RCPT open (Postfix would
+            # answer the next MAIL "503 nested MAIL command"): end it before the next one.
+            await self.reset()
         except (SMTPException, OSError, asyncio.TimeoutError) as exc:
             raise self._lost(exc) from None
+        self.in_transaction = False
+        return reply
+
+    async def _empty_data(self) -> Reply:
+        # aiosmtplib's data() turns b"" into one empty line; an empty message stays empty.
+        reply = await self._command(b"DATA")
+        if reply.code == 354:
+            reply = await self._command(b".")
+        else:
+            await self.reset()
         self.in_transaction = False
         return reply
 

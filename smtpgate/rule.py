@@ -104,7 +104,7 @@ class Rule:
 
 def check_rule_class(cls: type, source: str) -> None:
     """Refuse a plugin class at load time, naming its file: the pluggy lesson."""
-    where = f"{source}: {cls.__module__}.{cls.__qualname__}"
+    where = f"{source}: {cls.__qualname__}"
     if not isinstance(getattr(cls, "name", None), str) or not cls.name:
         raise PluginError(f"{where}: a rule must set a non-empty 'name'")
     for attr, value in vars(cls).items():

@@ -87,6 +87,8 @@ async def _serve(cli_path, runtime) -> int:
     for proto in list(tracker.protocols):
         await proto.hang_up(bye)
     await asyncio.sleep(0)  # let connection_lost callbacks close downstream sessions
+    if gate.runtime.stores is not None:
+        await gate.runtime.stores.close()
     log.info("stopped")
     return 0
 
@@ -94,13 +96,17 @@ async def _serve(cli_path, runtime) -> int:
 async def _reload(gate: Gate, cli_path) -> None:
     """SIGHUP: build the whole new runtime first; swap only if all of it loaded."""
     try:
-        runtime = await asyncio.get_running_loop().run_in_executor(None, load_runtime, cli_path)
+        runtime = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: load_runtime(cli_path, stores=gate.runtime.stores))
     except (ConfigError, PluginError) as e:
         log.error("reload refused, keeping the running configuration:\n%s", e)
         return
     if runtime.config.listen != gate.runtime.config.listen:
         log.warning("listen addresses changed: that takes a restart, the rest is reloaded")
+    old = gate.runtime
     gate.swap(runtime)
+    if old.stores is not None and old.stores is not runtime.stores:
+        await old.stores.close()
     log.info("configuration reloaded from %s", runtime.config.source)
 
 

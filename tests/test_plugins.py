@@ -90,7 +90,7 @@ def test_bad_plugins_fail_naming_their_file(tmp_path, body, message):
     assert str(e.value).startswith(f"{path}:5: ")
     assert message in str(e.value)
     (problem,) = load_problems(str(tmp_path / "rules"))
-    assert problem.startswith(f"{path}:5: smtpgate_plugin_") and message in problem
+    assert problem.startswith(f"{path}:5: Bad: ") and message in problem
 
 
 def test_a_rule_without_a_name(tmp_path):

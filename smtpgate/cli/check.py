@@ -9,7 +9,7 @@ from ..config import check_config, find_config_path
 def check_config_command(cli_path: str | None) -> int:
     problems = check_config(cli_path)
     for problem in problems:
-        print(problem, file=sys.stderr)
+        print(problem)
     if problems:
         print(f"{len(problems)} problem(s)", file=sys.stderr)
         return 2
