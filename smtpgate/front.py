@@ -54,6 +54,9 @@ class ConnectionTracker:
 class _Handler:
     """aiosmtpd's handler slot: only PROXY needs it; everything else lives in GateSMTP."""
 
+    def __dir__(self):  # aiosmtpd scans dir(handler) per connection: keep it short
+        return ["handle_PROXY"]
+
     async def handle_PROXY(self, server: "GateSMTP", session, envelope, proxy_data) -> bool:
         if not proxy_data.valid:
             return False
