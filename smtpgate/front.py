@@ -157,6 +157,16 @@ class GateSMTP(SMTP):
                 pass
             self.transport.close()
 
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's last resort: never echo exception text to the client."""
+        if isinstance(error, (asyncio.IncompleteReadError, ConnectionError)):
+            if self.transport is not None:
+                self.transport.close()
+            return "421 4.4.2 Connection lost"
+        log.error("unexpected error in session %s", self.gsession.id if self.gsession else "-",
+                  exc_info=error)
+        return "451 4.3.0 Local error in processing, try again later"
+
     # --- writing -----------------------------------------------------------------------
     async def push(self, status) -> None:
         """aiosmtpd's own replies pass here: give them enhanced codes."""
@@ -350,6 +360,12 @@ class GateSMTP(SMTP):
 
     async def smtp_XFORWARD(self, arg: str | None):
         await self._write(Reply(550, "XFORWARD is not accepted from clients", "5.7.0"))
+
+    async def smtp_STARTTLS(self, arg: str | None):
+        if not self.tls_context:  # not offered: "not implemented", not aiosmtpd's 454 (retry)
+            await self._write(Reply(502, "STARTTLS is not offered", "5.5.1"))
+            return
+        await super().smtp_STARTTLS(arg)
 
     async def smtp_AUTH(self, arg: str | None):
         await self._write(Reply(502, "AUTH is not offered", "5.5.1"))
