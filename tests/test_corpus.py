@@ -1,6 +1,6 @@
 """Bytes stay bytes: every third-party message in the shared corpus passes unchanged.
 
-Each file under /work/shared/corpus/ (LICENSE and README files skipped), with its line ends
+Each file under ../shared/corpus/ (LICENSE and README files skipped), with its line ends
 made CRLF (as they are on the wire), goes
 
 - through the real gate (one child process for the module) into the CapturingDownstream,
@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import smtplib
+import os
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ from downstream import CapturingDownstream
 from gateproc import start_gate
 from smtpgate.testing import Harness
 
-CORPUS = Path("/work/shared/corpus")
+# CI clones the repository with shared/ beside it, as on a developer machine.
+CORPUS = Path(os.environ.get("SMTPGATE_CORPUS") or Path(__file__).resolve().parents[2] / "shared" / "corpus")
 EXAMPLE_PLUGIN = Path(__file__).resolve().parent.parent / "examples" / "plugins" / "subject_words.py"
 NO_MATCH = "zq-no-subject-holds-this-phrase-qz"
 
