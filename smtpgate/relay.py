@@ -101,7 +101,11 @@ class Downstream:
         # Postfix answers 220 (a new greeting); smtp-sink and others answer 250.
         if not 200 <= response.code < 300:
             raise SMTPResponseException(response.code, response.message)
-        await smtp.ehlo()
+        # Postfix takes the HELO name from the EHLO that follows XCLIENT (it overrides the
+        # HELO attribute): greet as the client did, unless its name is not one EHLO token.
+        helo = session.helo or ""
+        ok = 0 < len(helo) <= 255 and helo.isascii() and helo.isprintable() and " " not in helo
+        await smtp.ehlo(hostname=helo if ok else None)
 
     async def mail(self, wire_sender: str, params: list[str], ident: str | None = None,
                    utf8: bool = False) -> Reply:

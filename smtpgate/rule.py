@@ -108,8 +108,8 @@ def check_rule_class(cls: type, source: str) -> None:
     if not isinstance(getattr(cls, "name", None), str) or not cls.name:
         raise PluginError(f"{where}: a rule must set a non-empty 'name'")
     for attr, value in vars(cls).items():
-        if not attr.startswith("on_"):
-            continue
+        if not attr.startswith("on_") or isinstance(value, Option):
+            continue  # an option may be named on_something (e.g. on_dns_error)
         if attr not in HOOKS:
             raise PluginError(f"{where}: unknown hook {attr!r} (hooks: {', '.join(HOOKS)})")
         if not inspect.iscoroutinefunction(value):

@@ -14,6 +14,7 @@ import socket
 
 import pytest
 
+from rawsmtp import RawSMTP
 from downstream import CapturingDownstream
 from gateproc import start_gate
 
@@ -58,28 +59,13 @@ def path(spelling: str) -> bytes:
     return (spelling if spelling.startswith("<") else f"<{spelling}>").encode()
 
 
-class Client:
-    """A raw socket SMTP client that knows its own port (XCLIENT PORT= downstream)."""
+class Client(RawSMTP):
+    """A raw client that knows its own port (XCLIENT PORT= downstream), past EHLO."""
 
     def __init__(self, gate, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(gate.address, timeout=timeout)
-        self.port = self.sock.getsockname()[1]
-        self.f = self.sock.makefile("rb")
+        super().__init__(gate.address, timeout)
         assert self.reply().startswith(b"220")
         assert self.cmd(b"EHLO client.test").startswith(b"250")
-
-    def reply(self) -> bytes:
-        lines = []
-        while True:
-            line = self.f.readline()
-            assert line, f"connection closed by the gate after {b''.join(lines)!r}"
-            lines.append(line)
-            if line[3:4] != b"-":
-                return b"".join(lines)
-
-    def cmd(self, line: bytes) -> bytes:
-        self.sock.sendall(line + b"\r\n")
-        return self.reply()
 
     def mail(self, sender: bytes = b"<a@sender.test>") -> None:
         r = self.cmd(b"MAIL FROM:" + sender)
@@ -89,10 +75,7 @@ class Client:
         return self.cmd(b"RCPT TO:" + path(spelling))
 
     def data(self, message: bytes = MESSAGE) -> bytes:
-        r = self.cmd(b"DATA")
-        assert r.startswith(b"354"), r
-        self.sock.sendall(message + b".\r\n")
-        return self.reply()
+        return super().data(message)
 
     def quit(self) -> None:
         assert self.cmd(b"QUIT").startswith(b"221")

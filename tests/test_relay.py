@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from rawsmtp import RawSMTP
 from downstream import CapturingDownstream
 from gateproc import GateProcess, in_ci
 
@@ -62,34 +63,15 @@ def policy(rule_line: str) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- raw client
-class Raw:
-    """A raw-socket SMTP client: exact bytes out, whole (multi-line) replies back as bytes."""
+class Raw(RawSMTP):
+    """The shared raw client, plus whole transactions and QUIT on close."""
 
     def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.f = self.sock.makefile("rb")
+        super().__init__((host, port), timeout)
         self.greeting = self.reply()
 
-    def reply(self) -> bytes:
-        lines = []
-        while True:
-            line = self.f.readline()
-            assert line, f"connection closed by the gate after {b''.join(lines)!r}"
-            lines.append(line)
-            if line[3:4] != b"-":
-                return b"".join(lines)
-
-    def cmd(self, line: str | bytes) -> bytes:
-        data = line.encode("utf-8") if isinstance(line, str) else line
-        self.sock.sendall(data + b"\r\n")
-        return self.reply()
-
     def data(self, body: bytes = MSG) -> bytes:
-        """DATA, then body (CRLF-terminated, no line starting with '.'), then the final dot."""
-        r = self.cmd("DATA")
-        assert r.startswith(b"354"), r
-        self.sock.sendall(body + b".\r\n")
-        return self.reply()
+        return super().data(body)
 
     def send_mail(self, sender: str = "a@sender.test", rcpt: str = "user@example.com",
                   body: bytes = MSG) -> bytes:
@@ -106,14 +88,7 @@ class Raw:
             self.reply()
         except (OSError, AssertionError):
             pass
-        self.f.close()
-        self.sock.close()
-
-    def __enter__(self) -> Raw:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
 
 
 def raw(gate: GateProcess, helo: str = "client.test") -> Raw:
@@ -186,7 +161,7 @@ def test_xclient_carries_the_real_client_then_ehlo_again(gate, downstream):
     i = verbs.index("XCLIENT")
     assert verbs[i - 1] == "EHLO" and verbs[i + 1] == "EHLO"  # EHLO again after XCLIENT's 220
     assert verbs.index("MAIL") > i + 1
-    assert msg.helo == "gate.test" and msg.esmtp
+    assert msg.helo == "client.test" and msg.esmtp  # EHLO after XCLIENT repeats the client's name (Postfix takes it from there)
 
 
 def test_xclient_proto_smtp_for_a_helo_client(gate, downstream):

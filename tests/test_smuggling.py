@@ -15,6 +15,7 @@ import re
 import socket
 
 import pytest
+from rawsmtp import RawSMTP
 
 HEAD = (b"From: a@sender.test\r\nTo: user@example.com\r\nSubject: smuggling attempt\r\n\r\n"
         b"first line of the real message")
@@ -45,28 +46,8 @@ BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 # ---------------------------------------------------------------------------- helpers
-class Raw:
-    """A raw socket SMTP client: send exact bytes, read whole (multi-line) replies."""
-
-    def __init__(self, address: tuple[str, int], timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(address, timeout=timeout)
-        self.f = self.sock.makefile("rb")
-
-    def reply(self) -> bytes:
-        lines = []
-        while True:
-            line = self.f.readline()
-            assert line, f"connection closed by the gate after {b''.join(lines)!r}"
-            lines.append(line)
-            if line[3:4] != b"-":
-                return b"".join(lines)
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def cmd(self, line: bytes) -> bytes:
-        self.send(line + b"\r\n")
-        return self.reply()
+class Raw(RawSMTP):
+    """The shared raw client, plus reading every reply up to QUIT's."""
 
     def replies_until_quit(self) -> list[bytes]:
         """Every reply up to and including the 221 to QUIT."""
@@ -76,16 +57,6 @@ class Raw:
             out.append(r)
             if r.startswith(b"221"):
                 return out
-
-    def close(self) -> None:
-        self.f.close()
-        self.sock.close()
-
-    def __enter__(self) -> Raw:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def open_transaction(gate, rcpt: bytes = b"user@example.com") -> Raw:

@@ -1,0 +1,48 @@
+"""A raw-socket SMTP client for tests that need exact bytes on the wire."""
+from __future__ import annotations
+
+import socket
+
+
+class RawSMTP:
+    """Send exact bytes; read whole (multi-line) replies back as bytes."""
+
+    def __init__(self, address: tuple[str, int], timeout: float = 10.0,
+                 source: str | None = None) -> None:
+        self.sock = socket.create_connection(address, timeout=timeout,
+                                             source_address=(source, 0) if source else None)
+        self.port = self.sock.getsockname()[1]
+        self.f = self.sock.makefile("rb")
+
+    def reply(self) -> bytes:
+        lines = []
+        while True:
+            line = self.f.readline()
+            assert line, f"connection closed by the gate after {b''.join(lines)!r}"
+            lines.append(line)
+            if line[3:4] != b"-":
+                return b"".join(lines)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def cmd(self, line: str | bytes) -> bytes:
+        self.send((line.encode("utf-8") if isinstance(line, str) else line) + b"\r\n")
+        return self.reply()
+
+    def data(self, body: bytes) -> bytes:
+        """DATA, then ``body`` (CRLF-terminated, already dot-stuffed), the final dot; the reply."""
+        r = self.cmd(b"DATA")
+        assert r.startswith(b"354"), r
+        self.send(body + b".\r\n")
+        return self.reply()
+
+    def close(self) -> None:
+        self.f.close()
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
