@@ -334,7 +334,8 @@ def test_try_prints_a_readable_table(try_folder):
     assert ["data", "subject_words"] == rows[1][:2]
     assert "policy: default" in r.stdout
     assert re.search(r"client would get: 250 2\.0\.0", r.stdout)
-    assert "X-Subject-Words" not in r.stdout  # the message only with --show-message
+    assert "--- message as relayed ---" not in r.stdout  # the message only with --show-message
+    assert "add X-Subject-Words" in r.stdout  # but every change is named
     with pytest.raises(json.JSONDecodeError):
         json.loads(r.stdout)
 
