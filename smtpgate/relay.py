@@ -75,13 +75,13 @@ class Downstream:
             await smtp.connect()
             _nodelay(smtp)
             await smtp.ehlo()
+            self.capabilities.update(smtp.esmtp_extensions)
             if self.cfg.xclient and "xclient" in smtp.esmtp_extensions:
                 await self._xclient(smtp, session)
         except (SMTPException, OSError, asyncio.TimeoutError) as exc:
             smtp.close()
             log.warning("downstream %s:%s unavailable: %s", self.cfg.host, self.cfg.port, exc)
             raise RelayError(f"downstream unavailable: {exc}", UNREACHABLE) from None
-        self.capabilities.update(smtp.esmtp_extensions)
         self._smtp = smtp
 
     async def _xclient(self, smtp, session) -> None:
@@ -101,11 +101,14 @@ class Downstream:
         # Postfix answers 220 (a new greeting); smtp-sink and others answer 250.
         if not 200 <= response.code < 300:
             raise SMTPResponseException(response.code, response.message)
-        # Postfix takes the HELO name from the EHLO that follows XCLIENT (it overrides the
-        # HELO attribute): greet as the client did, unless its name is not one EHLO token.
+        # Postfix takes the HELO name and the protocol from the greeting that follows XCLIENT:
+        # greet as the client did (HELO or EHLO, its name unless that is not one token).
         helo = session.helo or ""
         ok = 0 < len(helo) <= 255 and helo.isascii() and helo.isprintable() and " " not in helo
-        await smtp.ehlo(hostname=helo if ok else None)
+        if session.esmtp:
+            await smtp.ehlo(hostname=helo if ok else None)
+        else:
+            await smtp.helo(hostname=helo if ok else None)
 
     async def mail(self, wire_sender: str, params: list[str], ident: str | None = None,
                    utf8: bool = False) -> Reply:

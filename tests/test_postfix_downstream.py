@@ -358,3 +358,20 @@ def test_smuggling_attempt_yields_exactly_one_postfix_message(gate_factory, post
     assert b"\r\n.\r\nMAIL FROM:<evil@evil.test>\r\n" in msg.data  # text, normalised to CRLF
     assert b"smuggled body\r\n" in msg.data
     assert "victim@example.com" not in postfix.log_text()
+
+
+def test_helo_client_stays_smtp_in_postfix(gate_factory, postfix_downstream):
+    """A client that said HELO (not EHLO) is greeted downstream the same way after XCLIENT,
+    so Postfix records proto=SMTP and writes "with SMTP", as if the client had come direct."""
+    postfix = postfix_downstream
+    gate = gate_factory(downstream_port=postfix.port)
+    with gate.smtp(local_hostname="old.client.test") as c:
+        client_port = c.sock.getsockname()[1]
+        c.helo()
+        c.mail(SENDER)
+        c.rcpt("user@example.com")
+        queue_id(c.data(MESSAGE))
+    postfix.wait_for_log(r"RCPT from unknown\[127\.0\.0\.1\]:%d: .*proto=SMTP "
+                         r"helo=<old\.client\.test>" % client_port)
+    [msg] = postfix.relay.wait_for_messages(1, timeout=10)
+    assert b"with SMTP id" in split_received(msg.data, MESSAGE)
