@@ -14,7 +14,7 @@ import time
 
 from .addresses import Address, AddressError, normalise_domain, parse_path, relay_refusal
 from .envelope import Recipient, Session, TraceEntry, Transaction, new_id
-from .errors import RelayError
+from .errors import RelayError, StoreError
 from .message import Message
 from .pipeline import run_delivered, run_stage
 from .reply import Reply
@@ -34,6 +34,7 @@ NEED_MAIL = Reply(503, "Error: need MAIL command", "5.5.1")
 NESTED_MAIL = Reply(503, "Error: nested MAIL command", "5.5.1")
 NEED_RCPT = Reply(503, "Error: need RCPT command", "5.5.1")
 BROKEN = Reply(451, "Transaction aborted after a downstream failure, try again later", "4.4.2")
+CANNOT_HOLD = Reply(451, "Local error in processing (quarantine unavailable), try again later", "4.3.0")
 
 
 class Conversation:
@@ -179,18 +180,42 @@ class Conversation:
         if verdict is None or verdict.action == ACCEPT:
             verdict = self._pending
         if verdict is not None and verdict.action != ACCEPT:
-            if verdict.action == QUARANTINE and self.gate.quarantine is not None:
-                self.gate.quarantine.put(tx, raw, verdict)
+            reply = verdict.reply("data")
+            if verdict.action == QUARANTINE and self._hold(tx, raw, verdict) is False:
+                reply = CANNOT_HOLD
             await self.relay.reset()
-            return await self._end(tx, verdict.reply("data"), deliver_hooks=verdict.action == DISCARD)
+            return await self._end(tx, reply, deliver_hooks=verdict.action == DISCARD)
         if self._relayed == 0:  # every recipient was discarded
             await self.relay.reset()
             return await self._end(tx, OK_DATA, deliver_hooks=True)
+        held = None
+        if tx.message.held:  # a rule asked to keep the original while delivering (stripped copy)
+            held = self._hold(tx, raw, Verdict(QUARANTINE, reason="; ".join(tx.message.held),
+                                               data={"delivered": True}))
+            if held is False:
+                await self.relay.reset()
+                return await self._end(tx, CANNOT_HOLD)
         try:
             reply = await self.relay.data(tx.message.raw)
         except RelayError as exc:
             reply = exc.reply
+        if held and not reply.is_positive:  # not delivered: the client retries, that copy counts
+            self.gate.quarantine.delete(held)
         return await self._end(tx, reply, deliver_hooks=True)
+
+    def _hold(self, tx: Transaction, raw: bytes, verdict: Verdict):
+        """Store the message as received in the quarantine: its id; None without a
+        quarantine (``smtpgate try``); False when the store failed (the client gets a 451)."""
+        if self.gate.quarantine is None:
+            return None
+        try:
+            qid = self.gate.quarantine.put(tx, raw, verdict)
+        except StoreError as exc:
+            log.error("tx %s: cannot store in the quarantine: %s", tx.id, exc)
+            self._gate_trace(tx, "data", "error", f"quarantine failed: {exc}", CANNOT_HOLD)
+            return False
+        tx.trace.append(TraceEntry("data", "gate", "quarantine", f"held as {qid}"))
+        return qid
 
     async def rset(self) -> None:
         tx = self.tx

@@ -14,6 +14,8 @@ from email.message import EmailMessage
 
 _FIELD_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+$")
 _UNSAFE = re.compile(r"[\r\n\x00]")
+# CR and LF only as folding: CRLF, then space or tab, then some text on that line.
+_BAD_FOLDING = re.compile(r"\x00|\r(?!\n)|(?<!\r)\n|\r\n(?![ \t]*[^ \t\r\n])|\r\n(?![ \t])")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class Message:
         self._fields: list[HeaderField] | None = None
         self._email: EmailMessage | None = None
         self.changes: list[Change] = []
+        #: reasons rules gave for keeping the message as received in the quarantine while it
+        #: is still delivered (``quarantine_original``); the gate acts on them after DATA
+        self.held: list[str] = []
         self._current_rule: str | None = None  # set by the pipeline, for the trace
 
     # --- reading -----------------------------------------------------------------------
@@ -143,6 +148,35 @@ class Message:
         self._splice(edits)
         self.changes.append(Change("replace", name, first.value, value, self._current_rule))
 
+    def edit_header(self, name: str, edit, *, first: bool = False) -> int:
+        """Give fields named ``name`` (every instance, or the first only) new values in place.
+
+        ``edit(value)`` gets the value exactly as written after the colon (leading space and
+        folding included, final CRLF not) and returns the new value written the same way, or
+        None to leave that field alone. The field keeps its place and its name as written; only
+        its own lines change. CR and LF in a new value are allowed only as folding (CRLF, then
+        space or tab, then text on that line) and NUL never: a bad value raises ValueError and
+        nothing changes (no header injection). Returns how many fields changed."""
+        found = [f for f in self.fields if f.name.lower() == name.lower()]
+        edits, changes = [], []
+        for f in found[:1] if first else found:
+            line = self._raw[f.start:f.end]
+            colon = line.index(b":") + 1
+            body_end = len(line) - 2 if line.endswith(b"\r\n") else len(line)
+            old = line[colon:body_end].decode("utf-8", "surrogateescape")
+            new = edit(old)
+            if new is None or new == old:
+                continue
+            if _BAD_FOLDING.search(new):
+                raise ValueError(f"new value for {f.name} holds CR, LF or NUL outside folding")
+            data = line[:colon] + new.encode("utf-8", "surrogateescape") + line[body_end:]
+            edits.append((f.start, f.end, data))
+            changes.append(Change("edit", f.name, f.value, new.strip(), self._current_rule))
+        if edits:
+            self._splice(edits)
+            self.changes.extend(changes)
+        return len(edits)
+
     def replace_raw(self, raw: bytes, reason: str) -> None:
         """For rules that rebuild the body (e.g. stripping a part): new bytes, one change entry."""
         if not isinstance(raw, bytes):
@@ -150,15 +184,39 @@ class Message:
         self._set_raw(raw)
         self.changes.append(Change("body", "(body)", None, reason, self._current_rule))
 
-    # --- for the pipeline: undo a shadow rule's edits ----------------------------------
-    def checkpoint(self) -> tuple[bytes, int]:
-        return self._raw, len(self.changes)
+    def replace_ranges(self, edits: list[tuple[int, int, bytes]], reason: str) -> None:
+        """Splice: each ``(start, end, new)`` puts ``new`` in place of ``raw[start:end]``; every
+        byte outside those ranges stays as it is. Ranges refer to the current ``raw`` and must
+        not overlap. One change entry (for the trace) with ``reason``."""
+        edits = sorted(edits, key=lambda e: (e[0], e[1]))
+        end = 0
+        for start, stop, new in edits:
+            if not isinstance(new, bytes):
+                raise TypeError("replace_ranges takes bytes")
+            if not (isinstance(start, int) and isinstance(stop, int)
+                    and end <= start <= stop <= len(self._raw)):
+                raise ValueError(f"bad or overlapping range [{start}, {stop})")
+            end = stop
+        self._splice(edits)
+        self.changes.append(Change("body", "(body)", None, reason, self._current_rule))
 
-    def rollback(self, mark: tuple[bytes, int]) -> None:
-        raw, n = mark
+    def quarantine_original(self, reason: str) -> None:
+        """Keep the message as it was received in the quarantine, and carry on: the rest of
+        the pipeline runs and what the rules leave is relayed. The gate stores the copy just
+        before relaying and drops it again if the downstream does not take the message (the
+        client will retry). For a rule that strips a part but wants the original kept."""
+        self.held.append(str(reason))
+
+    # --- for the pipeline: undo a shadow rule's edits ----------------------------------
+    def checkpoint(self) -> tuple[bytes, int, int]:
+        return self._raw, len(self.changes), len(self.held)
+
+    def rollback(self, mark: tuple[bytes, int, int]) -> None:
+        raw, n, held = mark
         if raw is not self._raw:
             self._set_raw(raw)
         del self.changes[n:]
+        del self.held[held:]
 
     def _set_raw(self, raw: bytes) -> None:
         self._raw, self._fields, self._email = raw, None, None
@@ -170,6 +228,15 @@ class Message:
             pos = end
         out.append(self._raw[pos:])
         self._set_raw(b"".join(out))
+
+
+def describe_changes(changes) -> str:
+    """``edit From; add X-External; remove Received (2)`` — for trace reasons and logs."""
+    counts: dict[tuple[str, str], int] = {}
+    for c in changes:
+        key = (c.op, c.header)
+        counts[key] = counts.get(key, 0) + 1
+    return "; ".join(f"{op} {header}" + (f" ({n})" if n > 1 else "") for (op, header), n in counts.items())
 
 
 def _field(name: bytes, parts: list[bytes], start: int, end: int) -> HeaderField:

@@ -10,12 +10,15 @@ import logging
 import time
 
 from .envelope import TraceEntry
+from .message import describe_changes
 from .verdict import ACCEPT, Verdict
 
 log = logging.getLogger("smtpgate.pipeline")
 
 RULE_CRASHED = Verdict.tempfail("Local error in processing, try again later", 451, "4.3.0",
                                 reason="rule crashed")
+# What a hook may rewrite in the envelope at a stage: (label, index into args, attribute).
+_ENVELOPE = {"mail": ("sender", 0, "sender"), "rcpt": ("recipient", 1, "address")}
 
 
 async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
@@ -34,6 +37,8 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
             continue
         shadow = rule.mode == "shadow"
         mark = message.checkpoint() if message is not None else None
+        slot = _ENVELOPE.get(stage)
+        before = getattr(args[slot[1]], slot[2]) if slot else None
         if message is not None:
             message._current_rule = rule.name
         started = time.perf_counter()
@@ -46,6 +51,8 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
             log.error("rule %s crashed in %s", rule.name, hook_name, exc_info=True)
             if mark is not None:
                 message.rollback(mark)
+            if slot:
+                setattr(args[slot[1]], slot[2], before)
             trace.append(TraceEntry(stage, rule.name, "error", f"{type(exc).__name__}: {exc}",
                                     None, ms, shadow, recipient))
             if rule.on_error == "accept" or shadow:
@@ -55,19 +62,30 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
             if message is not None:
                 message._current_rule = None
         ms = (time.perf_counter() - started) * 1000
+        # The trace names what the rule changed (envelope address, header edits), so a rule
+        # that only rewrites, returning None, still leaves a reason; a shadow rule's changes
+        # are named, then undone.
+        changed = []
+        if slot and getattr(args[slot[1]], slot[2]) != before:
+            changed.append(f"{slot[0]} <{before}> -> <{getattr(args[slot[1]], slot[2])}>")
+            if shadow:
+                setattr(args[slot[1]], slot[2], before)
+        if mark is not None and len(message.changes) > mark[1]:
+            changed.append(describe_changes(message.changes[mark[1]:]))
+        if shadow and mark is not None:
+            message.rollback(mark)
+        changed_text = "; ".join(changed) or None
         if verdict is None:
-            trace.append(TraceEntry(stage, rule.name, "continue", None, None, ms, shadow, recipient))
-            if shadow and mark is not None:
-                message.rollback(mark)
+            trace.append(TraceEntry(stage, rule.name, "continue", changed_text, None, ms, shadow,
+                                    recipient))
             continue
+        reason = "; ".join(x for x in (verdict.reason, changed_text) if x) or None
         reply = None if verdict.action == ACCEPT else str(verdict.reply(stage))
-        trace.append(TraceEntry(stage, rule.name, verdict.action, verdict.reason, reply, ms,
+        trace.append(TraceEntry(stage, rule.name, verdict.action, reason, reply, ms,
                                 shadow, recipient))
         if shadow:
             log.info("shadow: rule %s would %s at %s: %s", rule.name, verdict.action, stage,
-                     verdict.reason or "")
-            if mark is not None:
-                message.rollback(mark)
+                     reason or "")
             continue
         return verdict
     return None

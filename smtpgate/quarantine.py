@@ -1,21 +1,43 @@
 """Held messages in a Maildir: the original bytes, plus a JSON sidecar with envelope and trace.
 
-Maildir's tmp-then-rename delivery makes it safe with several worker processes at once."""
+Layout under ``quarantine:`` (a Maildir any mail reader opens, plus one folder of our own)::
+
+    tmp/ID            being written
+    new/ID            held (the original bytes, exactly as received)
+    cur/ID:2,PS       released (Maildir flags P "passed on" and S "seen")
+    meta/ID.json      envelope, client, verdict, trace, releases (written atomically)
+    meta/ID.lock      taken (flock) while a command releases or deletes ID
+
+Safe with several worker processes and commands at once: a message appears in ``new/`` by
+rename only after its sidecar is complete, sidecars are replaced by rename, and release and
+delete hold an exclusive ``flock`` on the message's lock file (never waited for: a second
+command on the same message is told it is busy).
+"""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import asdict
 
 from .errors import StoreError
 
+_ID = re.compile(r"^[A-Za-z0-9._\\-]{1,200}$")
+RELEASED_INFO = ":2,PS"
+
 
 class MaildirQuarantine:
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, clock=None):
         self.folder = folder
+        self.clock = clock
         self._made = False
+
+    def _now(self) -> float:
+        return self.clock.now() if self.clock is not None else time.time()
 
     def _ensure(self) -> None:
         if not self._made:
@@ -23,27 +45,174 @@ class MaildirQuarantine:
                 os.makedirs(os.path.join(self.folder, sub), exist_ok=True)
             self._made = True
 
+    def _sub(self, *parts: str) -> str:
+        return os.path.join(self.folder, *parts)
+
+    # --- storing (the gate) --------------------------------------------------------------
     def put(self, tx, raw: bytes, verdict) -> str:
         """Store one message; returns its id (the Maildir file name)."""
         try:
             self._ensure()
-            name = f"{int(time.time())}.{tx.id}.{socket.gethostname()}"
-            tmp = os.path.join(self.folder, "tmp", name)
+            host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+            name = f"{int(self._now())}.{tx.id}.{host}"
+            tmp = self._sub("tmp", name)
             with open(tmp, "wb") as f:
                 f.write(raw)
                 f.flush()
                 os.fsync(f.fileno())
             meta = {
                 "id": name, "tx": tx.id, "client_ip": tx.session.client_ip,
+                "client_port": tx.session.client_port,
                 "client_name": tx.session.client_name, "helo": tx.session.helo,
+                "esmtp": tx.session.esmtp, "proto": tx.session.proto, "tls": tx.session.tls,
                 "sender": tx.sender, "sender_params": tx.sender_params,
                 "recipients": [r.address for r in tx.recipients if not r.discard],
                 "policy": getattr(tx.policy, "name", None), "reason": verdict.reason,
-                "stored": time.time(), "trace": [asdict(e) for e in tx.trace],
+                "verdict": {"action": verdict.action, "code": verdict.code,
+                            "enhanced": verdict.enhanced, "text": verdict.text},
+                "delivered": bool((verdict.data or {}).get("delivered")),
+                "size": len(raw), "stored": self._now(),
+                "trace": [asdict(e) for e in tx.trace], "releases": [],
             }
-            with open(os.path.join(self.folder, "meta", name + ".json"), "w") as f:
-                json.dump(meta, f)
-            os.rename(tmp, os.path.join(self.folder, "new", name))
+            self._write_meta(name, meta)
+            os.rename(tmp, self._sub("new", name))
             return name
         except OSError as e:
             raise StoreError(f"quarantine {self.folder}: {e}") from e
+
+    # --- reading (the commands) ------------------------------------------------------------
+    def _files(self) -> dict[str, tuple[str, str]]:
+        """id -> (subfolder, file name) for every message in new/ and cur/."""
+        out: dict[str, tuple[str, str]] = {}
+        for sub in ("new", "cur"):
+            try:
+                names = os.listdir(self._sub(sub))
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise StoreError(f"quarantine {self.folder}: {e}") from e
+            for filename in names:
+                if not filename.startswith("."):
+                    out[filename.split(":", 1)[0]] = (sub, filename)
+        return out
+
+    def list(self) -> list[dict]:
+        """Every message's sidecar (plus ``status`` and ``file``), oldest first."""
+        found = []
+        for qid, (sub, filename) in self._files().items():
+            meta = self._read_meta(qid, missing_ok=True) or {"id": qid, "stored": None}
+            meta["status"] = "released" if sub == "cur" else "held"
+            meta["file"] = self._sub(sub, filename)
+            found.append(meta)
+        return sorted(found, key=lambda m: (m.get("stored") or 0, m["id"]))
+
+    def find(self, ref: str) -> str:
+        """An id from an id, a transaction id (as the log's ``tx=``) or a unique id prefix."""
+        files = self._files()
+        if ref in files:
+            return ref
+        if not ref or not _ID.match(ref):
+            raise KeyError(f"no held message {ref!r}")
+        hits = [q for q in files if q.split(".")[1:2] == [ref]] or \
+               [q for q in files if q.startswith(ref)]
+        if len(hits) == 1:
+            return hits[0]
+        if not hits:
+            raise KeyError(f"no held message {ref!r}")
+        raise KeyError(f"{ref!r} names {len(hits)} messages: {', '.join(sorted(hits)[:5])}")
+
+    def path(self, qid: str) -> str:
+        files = self._files()
+        if qid not in files:
+            raise KeyError(f"no held message {qid!r}")
+        return self._sub(*files[qid])
+
+    def get(self, qid: str) -> tuple[dict, bytes]:
+        files = self._files()
+        if qid not in files:
+            raise KeyError(f"no held message {qid!r}")
+        path = self._sub(*files[qid])
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise KeyError(f"no held message {qid!r}") from None
+        except OSError as e:
+            raise StoreError(f"quarantine {self.folder}: {e}") from e
+        meta = self._read_meta(qid, missing_ok=True) or {"id": qid}
+        meta["status"] = "released" if files[qid][0] == "cur" else "held"
+        meta["file"] = path
+        return meta, raw
+
+    # --- changing (the commands) ------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, qid: str):
+        """Exclusive hold on one message for a release or delete; StoreError if taken."""
+        if not _ID.match(qid):
+            raise KeyError(f"no held message {qid!r}")
+        self._ensure()
+        path = self._sub("meta", qid + ".lock")
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"message {qid} is busy (another command is releasing or "
+                                 "deleting it)") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def delete(self, qid: str) -> None:
+        """Remove a message and its sidecar (the gate calls this too, for a copy it kept for a
+        delivery that then failed)."""
+        try:
+            path = self.path(qid)
+        except KeyError:
+            return
+        try:
+            os.unlink(path)
+            for suffix in (".json", ".lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._sub("meta", qid + suffix))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreError(f"quarantine {self.folder}: {e}") from e
+
+    def record_release(self, qid: str, attempt: dict) -> None:
+        """Add one release attempt to the sidecar; a successful one moves the message to cur/."""
+        meta = self._read_meta(qid, missing_ok=True) or {"id": qid}
+        meta.setdefault("releases", []).append(attempt)
+        try:
+            self._write_meta(qid, meta)
+            if attempt.get("ok"):
+                src = self.path(qid)
+                dst = self._sub("cur", qid + RELEASED_INFO)
+                if src != dst:
+                    os.rename(src, dst)
+        except OSError as e:
+            raise StoreError(f"quarantine {self.folder}: {e}") from e
+
+    # --- sidecars --------------------------------------------------------------------------
+    def _write_meta(self, qid: str, meta: dict) -> None:
+        final = self._sub("meta", qid + ".json")
+        tmp = self._sub("tmp", f".{qid}.json.{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(meta, f, ensure_ascii=False, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+
+    def _read_meta(self, qid: str, missing_ok: bool = False) -> dict | None:
+        try:
+            with open(self._sub("meta", qid + ".json"), encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            if missing_ok:
+                return None
+            raise KeyError(f"no held message {qid!r}") from None
+        except (OSError, ValueError) as e:
+            if missing_ok:
+                return None
+            raise StoreError(f"quarantine {self.folder}: sidecar of {qid}: {e}") from e

@@ -23,7 +23,9 @@ from .config import load_gate_config
 from .gate import Gate, Runtime
 from .offline import Dialogue, FakeRelay, Relayed, simulate
 from .policy import Policy, PolicySet
+from .resolver import DEFAULT_SESSION_BUDGET, BaseResolver, DnsAnswer, DnsError
 from .rule import GateContext, Rule
+from .stores import Stores, open_stores
 
 __all__ = ["FakeClock", "FakeQuarantine", "FakeRelay", "FakeResolver", "Harness", "Dialogue", "Relayed", "run_rule",
            "message"]
@@ -48,27 +50,56 @@ class FakeClock(Clock):
 
 
 class FakeQuarantine:
-    """Keeps held messages in a list: ``harness.quarantine.held[0]["raw"]``."""
+    """Keeps held messages in a list: ``harness.quarantine.held[0]["raw"]`` (and ``["id"]``,
+    ``["verdict"]``, ``["tx"]``). ``deleted`` lists the ids the gate dropped again."""
 
     def __init__(self):
         self.held: list[dict] = []
+        self.deleted: list[str] = []
 
     def put(self, tx, raw: bytes, verdict) -> str:
-        self.held.append({"tx": tx, "raw": raw, "verdict": verdict})
-        return str(len(self.held))
+        qid = str(len(self.held) + len(self.deleted) + 1)
+        self.held.append({"id": qid, "tx": tx, "raw": raw, "verdict": verdict})
+        return qid
+
+    def delete(self, qid: str) -> None:
+        self.held = [h for h in self.held if h["id"] != qid]
+        self.deleted.append(qid)
 
 
-class FakeResolver:
-    """DNS answers from a dict: ``{("4.3.2.1.zen.test", "A"): ["127.0.0.2"]}``; missing = NXDOMAIN."""
+class FakeResolver(BaseResolver):
+    """DNS answers from a dict: ``{("4.3.2.1.zen.test", "A"): ["127.0.0.2"]}``; missing = NXDOMAIN.
 
-    def __init__(self, records: dict[tuple[str, str], list[str]] | None = None):
+    The same interface as the real resolver (``resolve``, ``ptr``, ``fcrdns``,
+    ``for_session``, ``DnsError``). A value ``"SERVFAIL"``, ``"TIMEOUT"`` or ``"REFUSED"`` (or
+    a ``DnsError``) makes that lookup fail. ``latency={("name", "TYPE"): seconds}`` moves the
+    clock by that much per lookup, so session budgets are tested without waiting. Every lookup
+    is recorded in ``queries``; no cache unless ``cache=True``."""
+
+    def __init__(self, records: dict[tuple[str, str], list[str] | str] | None = None, *,
+                 clock: FakeClock | None = None, latency: dict | None = None,
+                 session_budget: float = DEFAULT_SESSION_BUDGET, cache: bool = False, ttl: float = 300.0):
+        super().__init__(clock, session_budget=session_budget, cache=cache)
         self.records = {(n.lower().rstrip("."), t.upper()): v for (n, t), v in (records or {}).items()}
+        self.latency = {(n.lower().rstrip("."), t.upper()): v for (n, t), v in (latency or {}).items()}
+        self.ttl = ttl
         self.queries: list[tuple[str, str]] = []
 
-    async def resolve(self, name: str, rdtype: str = "A") -> list[str]:
-        key = (name.lower().rstrip("."), rdtype.upper())
+    def add(self, name: str, rdtype: str, values: list[str] | str) -> None:
+        self.records[name.lower().rstrip("."), rdtype.upper()] = values
+
+    async def _query(self, name: str, rdtype: str) -> DnsAnswer:
+        key = (name, rdtype)
         self.queries.append(key)
-        return list(self.records.get(key, []))
+        if key in self.latency and hasattr(self._clock(), "advance"):
+            self._clock().advance(self.latency[key])
+        value = self.records.get(key, [])
+        if isinstance(value, DnsError):
+            raise value
+        if isinstance(value, str) and value.upper() in ("SERVFAIL", "TIMEOUT", "REFUSED"):
+            raise DnsError(value.lower(), name, rdtype, "scripted by FakeResolver")
+        values = tuple([value] if isinstance(value, str) else value)
+        return DnsAnswer(name, rdtype, values, self.ttl, nxdomain=not values)
 
 
 def message(subject: str = "test", body: str = "hello\r\n", headers: dict | None = None) -> bytes:
@@ -88,10 +119,15 @@ class Harness:
     def __init__(self, rules: Iterable[tuple[type[Rule], dict] | Rule] = (), *,
                  domains: Iterable[str] = ("example.com",), clock: FakeClock | None = None,
                  resolver: FakeResolver | None = None, relay_replies: dict | None = None,
-                 session_rules: bool = True, config=None):
+                 session_rules: bool = True, config=None, stores: Stores | None = None,
+                 state: str = "sqlite://:memory:"):
         self.clock = clock or FakeClock()
-        self.resolver = resolver or FakeResolver()
-        self.context = GateContext(clock=self.clock, resolver=self.resolver)
+        self.resolver = _with_clock(resolver or FakeResolver(), self.clock)
+        # The gate's stores: `stores=` to share them between harnesses (two "gates"), else
+        # opened from `state` — by default an in-memory SQLite database, nothing on disk.
+        self._own_stores = stores is None
+        self.stores = stores if stores is not None else open_stores(state, self.clock)
+        self.context = GateContext(clock=self.clock, resolver=self.resolver, stores=self.stores)
         built = [r if isinstance(r, Rule) else r[0](r[1], self.context) for r in rules]
         domains = tuple(domains)
         exact = tuple(d.lower() for d in domains if not d.startswith("."))
@@ -99,7 +135,7 @@ class Harness:
         # One policy named "default": its rules run at every stage, as in a one-policy gate.
         policy = Policy("default" if session_rules else "test", exact, suffixes, built, "<test>")
         config = config or load_gate_config(None)
-        self.runtime = Runtime(config, None, PolicySet([policy]))
+        self.runtime = Runtime(config, None, PolicySet([policy]), self.stores)
         self.relay_replies = relay_replies
         self._make_gate()
 
@@ -109,9 +145,11 @@ class Harness:
         from .loading import load_runtime
         h = cls.__new__(cls)
         h.clock = kwargs.get("clock") or FakeClock()
-        h.resolver = kwargs.get("resolver") or FakeResolver()
-        h.context = GateContext(clock=h.clock, resolver=h.resolver)
-        h.runtime = load_runtime(path, clock=h.clock, resolver=h.resolver)
+        h.resolver = _with_clock(kwargs.get("resolver") or FakeResolver(), h.clock)
+        h.runtime = load_runtime(path, clock=h.clock, resolver=h.resolver, stores=kwargs.get("stores"))
+        h.stores = h.runtime.stores
+        h._own_stores = h.stores is not kwargs.get("stores")
+        h.context = GateContext(clock=h.clock, resolver=h.resolver, stores=h.stores)
         h.relay_replies = kwargs.get("relay_replies")
         h._make_gate()
         return h
@@ -139,6 +177,17 @@ class Harness:
                               list(recipients), client_ip=client_ip, helo=helo,
                               client_name=client_name)
 
+    async def aclose(self) -> None:
+        """Close the stores the harness opened itself (not ones passed in with ``stores=``)."""
+        if self._own_stores and self.stores is not None:
+            await self.stores.close()
+
+    async def __aenter__(self) -> "Harness":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
 
 async def run_rule(rule: type[Rule], options: dict | None = None, raw: bytes | None = None,
                    **envelope) -> Dialogue:
@@ -148,8 +197,19 @@ async def run_rule(rule: type[Rule], options: dict | None = None, raw: bytes | N
         rcpts = envelope.get("recipients", ("rcpt@example.com",))
         domains = sorted({r.rpartition("@")[2].strip("<>").lower() for r in rcpts})
     harness = Harness([(rule, options or {})], domains=domains, clock=envelope.pop("clock", None),
+                      stores=envelope.pop("stores", None),
                       relay_replies=envelope.pop("relay_replies", None))
-    return await harness.send(raw, **envelope)
+    try:
+        return await harness.send(raw, **envelope)
+    finally:
+        await harness.aclose()
+
+
+def _with_clock(resolver, clock):
+    """A resolver without a clock of its own takes the harness's (cache TTLs, DNS budgets)."""
+    if getattr(resolver, "clock", False) is None:
+        resolver.clock = clock
+    return resolver
 
 
 def replace_limits(config, **limits):

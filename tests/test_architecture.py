@@ -11,6 +11,7 @@ PRODUCT = ROOT / "smtpgate"
 ONE_IMPORTER = {
     "aiosmtpd": {"front.py"},
     "aiosmtplib": {"relay.py"},
+    "dns": {"resolver.py"},  # dnspython
     "yaml": {"config/yamlsrc.py"},
 }
 
@@ -31,6 +32,20 @@ def test_each_outside_library_has_one_importer(library):
     importers = {str(p.relative_to(PRODUCT)) for p in PRODUCT.rglob("*.py")
                  if any(m == library or m.startswith(library + ".") for m in imports(p))}
     assert importers == ONE_IMPORTER[library]
+
+
+# Outside libraries first-party rules use, each imported by one module of rules/ only.
+RULES_ONE_IMPORTER = {
+    "olefile": {"_attachments_content.py"},
+}
+
+
+@pytest.mark.parametrize("library", sorted(RULES_ONE_IMPORTER))
+def test_each_rules_library_has_one_importer(library):
+    importers = {p.name for p in (ROOT / "rules").glob("*.py")
+                 if any(m == library or m.startswith(library + ".") for m in imports(p))}
+    assert importers == RULES_ONE_IMPORTER[library]
+    assert not any(library in imports(p) for p in PRODUCT.rglob("*.py"))
 
 
 def plugin_files():

@@ -57,3 +57,76 @@ def test_headerless_and_bodyless_messages():
     assert Message(b"Subject: x\r\n").get("Subject") == "x"
     garbage = Message(b"not a header line\r\nSubject: y\r\n\r\nb\r\n")
     assert garbage.get("Subject") == "y"
+
+
+# --- edit_header: a field's value changed in place, folding kept (used by rules/rewrite.py)
+
+FOLDED = (b"Received: from a\r\nTo: A <a@old.test>,\r\n\tB <b@old.test>\r\nSubject: s\r\n"
+          b"To: c@old.test\r\n\r\nTo: body@old.test\r\n")
+
+
+def test_edit_header_changes_every_instance_in_place_keeping_folding():
+    m = Message(FOLDED)
+    seen = []
+
+    def edit(value):
+        seen.append(value)
+        return value.replace("old.test", "new.test")
+
+    assert m.edit_header("to", edit) == 2
+    assert seen == [" A <a@old.test>,\r\n\tB <b@old.test>", " c@old.test"]  # as written
+    assert m.raw == FOLDED.replace(b"old.test>", b"new.test>").replace(b"To: c@old", b"To: c@new")
+    assert m.raw.endswith(b"To: body@old.test\r\n")  # the body is not a header
+    assert [(c.op, c.header, c.after) for c in m.changes] == [
+        ("edit", "To", "A <a@new.test>,\r\n\tB <b@new.test>"), ("edit", "To", "c@new.test")]
+
+
+def test_edit_header_first_only_none_and_same_mean_unchanged():
+    m = Message(FOLDED)
+    assert m.edit_header("To", lambda v: " x@y.test", first=True) == 1
+    assert m.get_all("To") == ["x@y.test", "c@old.test"]
+    before = m.raw
+    assert m.edit_header("Subject", lambda v: None) == 0
+    assert m.edit_header("Subject", lambda v: v) == 0
+    assert m.edit_header("X-Absent", lambda v: " z") == 0
+    assert m.raw == before and len(m.changes) == 1
+
+
+def test_edit_header_keeps_the_name_as_written_and_8bit_bytes():
+    raw = "sUBJECT: Grüße\r\n\r\nb\r\n".encode("utf-8")
+    m = Message(raw)
+    m.edit_header("Subject", lambda v: " [T]" + v)
+    assert m.raw == "sUBJECT: [T] Grüße\r\n\r\nb\r\n".encode("utf-8")
+    latin1 = Message(b"Subject: caf\xe9\r\n\r\n")
+    latin1.edit_header("Subject", lambda v: " [T]" + v)
+    assert latin1.raw == b"Subject: [T] caf\xe9\r\n\r\n"
+
+
+@pytest.mark.parametrize("value", [
+    " a\r\nBcc: x@evil.test", " a\nX: y", " a\rb", " a\x00b", " a\r\n", " a\r\n \r\n b", " a\r\n\r\nbody"])
+def test_edit_header_refuses_injection(value):
+    m = Message(FOLDED)
+    with pytest.raises(ValueError):
+        m.edit_header("To", lambda v: value)
+    assert m.raw == FOLDED and not m.changes  # all or nothing
+
+
+def test_edit_header_allows_new_folding():
+    m = Message(FOLDED)
+    m.edit_header("Subject", lambda v: " a long\r\n  subject")
+    assert b"Subject: a long\r\n  subject\r\nTo: c@old.test" in m.raw
+    assert m.get("Subject") == "a long\r\n  subject"
+
+
+def test_edit_header_on_a_header_block_without_final_crlf():
+    m = Message(b"Subject: x")
+    m.edit_header("Subject", lambda v: " y")
+    assert m.raw == b"Subject: y"
+
+
+def test_describe_changes():
+    from smtpgate.message import describe_changes
+    m = Message(RAW)
+    m.remove_header("X-Dup")
+    m.prepend_header("X-Tag", "1")
+    assert describe_changes(m.changes) == "remove X-Dup (2); add X-Tag"

@@ -5,6 +5,8 @@ import argparse
 import sys
 
 from .. import __version__
+from .greylist import add_parser as add_greylist_parser
+from .quarantine import add_parser as add_quarantine_parser
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="one JSON document on stdout")
     t.add_argument("--show-message", action="store_true",
                    help="print the message as it would be relayed")
+    add_greylist_parser(sub, common)
+    add_quarantine_parser(sub, common)
     sub.add_parser("version", parents=[common], help="print the version")
     return p
 
@@ -50,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "try":
         from .trycmd import try_command
         return try_command(args, config)
+    if args.command == "greylist":
+        from .greylist import greylist_command
+        return greylist_command(args, config)
+    if args.command == "quarantine":
+        from .quarantine import quarantine_command
+        return quarantine_command(args, config)
     return 2
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 
@@ -45,6 +46,7 @@ def try_command(args, config_path: str | None) -> int:
                         for k, v in result.replies.items()},
             "policy": getattr(result.transaction.policy, "name", None) if result.transaction else None,
             "trace": [e.as_dict() for e in result.trace],
+            "changes": [dataclasses.asdict(c) for c in _changes(result)],
         }
         if args.show_message and result.message is not None:
             doc["message"] = result.message.decode("utf-8", "surrogateescape")
@@ -75,6 +77,14 @@ def _print_table(result, args) -> None:
         for reply in value if isinstance(value, list) else [value]:
             print(f"{stage:5} -> {str(reply).splitlines()[-1]}")
     print(f"client would get: {str(result.reply).splitlines()[-1]}")
+    for c in _changes(result):
+        print(f"change by {c.rule or '-'}: {c.op} {c.header}: {c.before!r} -> {c.after!r}")
     if args.show_message and result.message is not None:
         print("\n--- message as relayed ---")
         sys.stdout.write(result.message.decode("utf-8", "surrogateescape"))
+
+
+def _changes(result) -> list:
+    """The message's recorded edits (op, header, before, after, rule), in order."""
+    tx = result.transaction
+    return list(tx.message.changes) if tx is not None and tx.message is not None else []

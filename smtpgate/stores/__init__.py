@@ -1,19 +1,43 @@
 """State stores behind small async interfaces: SQLite (one host, several workers) and Redis
 (a fleet of gates). Rules receive them through ``self.gate.stores``; they never open a
 database themselves. One Stores object per process, kept across reloads while ``state:``
-names the same place."""
+names the same place.
+
+``state:`` picks the backend: ``sqlite:///ABS/PATH`` (``sqlite://:memory:`` for tests: one
+connection, nothing on disk) or ``redis://HOST:PORT/DB[?prefix=NAME]``. Opening costs no I/O:
+each store connects on first use, so worker processes forked after loading the
+configuration each get their own connection.
+"""
 from __future__ import annotations
+
+from ..errors import StoreError
+from .greylist import (AllowEntry, Attempt, Entry, GreylistStore, Params, Selector, Stats,
+                       make_allow, triplet_value)
+
+__all__ = ["AllowEntry", "Attempt", "Entry", "GreylistStore", "Params", "Selector", "Stats",
+           "Stores", "make_allow", "open_greylist_store", "open_stores", "triplet_value"]
+
+
+def open_greylist_store(url: str) -> GreylistStore:
+    """The greylist store ``url`` names (no I/O yet). StoreError for an unknown scheme."""
+    if url.startswith(("redis://", "rediss://")):
+        from .redis_store import RedisGreylistStore  # only gates on Redis import redis-py
+        return RedisGreylistStore(url)
+    if url.startswith("sqlite://"):
+        from .sqlite_store import SqliteGreylistStore
+        return SqliteGreylistStore(url)
+    raise StoreError(f'unknown state URL {url!r}: expected "sqlite:///PATH" or "redis://HOST:PORT/DB"')
 
 
 class Stores:
-    def __init__(self, url: str, clock=None):
+    def __init__(self, url: str, clock=None, greylist: GreylistStore | None = None):
         self.url = url
         self.clock = clock
-        #: the greylist store (filled in by the greylist work)
-        self.greylist = None
+        #: the greylist store (``smtpgate.stores.greylist.GreylistStore``)
+        self.greylist = greylist if greylist is not None else open_greylist_store(url)
 
     async def close(self) -> None:
-        pass
+        await self.greylist.close()
 
 
 def open_stores(url: str, clock=None) -> Stores:

@@ -1,0 +1,45 @@
+"""fcrdns: forward-confirmed reverse DNS of the client, at CONNECT.
+
+PTR of the client IP, then A/AAAA of each name (at most 10); the first name that resolves
+back to the IP becomes ``session.client_name`` — what later rules read (greylist host-name
+whitelists, senders) and what the downstream gets as ``XCLIENT NAME``. Put it first in the
+``default`` policy. Details go to ``session.data["fcrdns"]``.
+"""
+from __future__ import annotations
+
+from smtpgate import DnsError, Option, Rule, Verdict, one_of
+
+
+class Fcrdns(Rule):
+    """Find the client's verified host name; optionally refuse clients without one."""
+
+    name = "fcrdns"
+    unverified = Option(one_of("accept", "tempfail", "reject"), "accept",
+                        "a client without a verified name: accept, 450 4.7.25 or 550 5.7.25 (given at MAIL)")
+    on_dns_error = Option(one_of("accept", "tempfail"), "accept",
+                          "a failed lookup (SERVFAIL, timeout, DNS budget spent): accept or 450 4.7.25")
+
+    async def on_connect(self, session):
+        if session.client_name:  # already known (PROXY/XCLIENT or a test): keep it
+            session.data["fcrdns"] = {"name": session.client_name, "verified": True}
+            return None
+        resolver = self.gate.resolver
+        if resolver is None:
+            raise RuntimeError("fcrdns needs the gate's resolver")
+        try:
+            name = await resolver.for_session(session).fcrdns(session.client_ip)
+        except DnsError as e:
+            session.data["fcrdns"] = {"name": None, "verified": False, "error": e.kind}
+            if self.on_dns_error == "tempfail":
+                return Verdict.tempfail(f"Client host rejected: cannot find your hostname, "
+                                        f"[{session.client_ip}]", 450, "4.7.25",
+                                        reason=f"fcrdns lookup failed: {e}")
+            return None
+        session.client_name = name
+        session.data["fcrdns"] = {"name": name, "verified": name is not None}
+        if name is None and self.unverified != "accept":
+            text = f"Client host rejected: cannot find your hostname, [{session.client_ip}]"
+            if self.unverified == "tempfail":
+                return Verdict.tempfail(text, 450, "4.7.25", reason="no forward-confirmed reverse DNS")
+            return Verdict.reject(text, 550, "5.7.25", reason="no forward-confirmed reverse DNS")
+        return None

@@ -1,0 +1,418 @@
+"""The Redis backend (``state: redis://HOST:PORT/DB``): a fleet of gates sharing one state.
+
+- redis-py's asyncio client, connected on first use (each worker process has its own pool),
+  with connect and read timeouts (``socket_timeout`` / ``socket_connect_timeout`` in the URL
+  override the 2 s defaults).
+- A *blocking* pool of at most ``?max_connections=`` (default 32) connections per process:
+  past it a command waits up to ``?pool_timeout=`` seconds (default 5) for a free one.
+  redis-py's default pool raises "Too many connections" instead, which a burst of
+  concurrent RCPTs would hit.
+- ``?prefix=NAME`` in the URL puts every key under ``NAME`` (default ``smtpgate:``), so
+  several gate fleets, or tests, can share one database.
+- The decisive operation runs as one Lua script (``register_script``: EVALSHA, with EVAL
+  when the server lost it): read the allow list, the triplet and, when needed, the
+  client's live passes, decide, write — atomically, so gates racing on one triplet never
+  double-count or lose an attempt. The script mirrors ``greylist.decide`` line by line.
+- Every key carries a TTL: a triplet lives until it expires plus ``GRACE``; the
+  auto-whitelist set of a client as long as its longest-lived pass.
+- This is the only module that imports ``redis``; its errors leave as ``StoreError``.
+
+Keys (``P`` = the prefix): ``Pgl:t:<client> <sender|<>> <recipient>`` (hash: one triplet),
+``Pgl:awl:<client>`` (sorted set: the client's passed triplets scored by expiry),
+``Pgl:allow`` (hash: allow key -> JSON), ``Pgl:allowlens`` (set: client prefix lengths in
+use, ``4/24``), ``Pgl:stats`` (hash: outcome and retry-delay counters).
+"""
+from __future__ import annotations
+
+import json
+import math
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..errors import StoreError
+from .greylist import (DELAY_BUCKETS, GRACE, AllowEntry, Attempt, Entry, GreylistStore, Params,
+                       Selector, Stats, ip_hex, sender_allow_keys, triplet_allow_key, triplet_value)
+
+DEFAULT_PREFIX = "smtpgate:"
+DEFAULT_TIMEOUT = 2.0
+DEFAULT_MAX_CONNECTIONS = 32
+DEFAULT_POOL_TIMEOUT = 5.0
+OUR_PARAMETERS = ("prefix", "max_connections", "pool_timeout")
+SCAN_COUNT = 1000
+
+_BUCKETS_LUA = "{" + ",".join(f"{{{'math.huge' if math.isinf(b) else int(b)},'{label}'}}"
+                              for b, label in DELAY_BUCKETS) + "}"
+
+# KEYS: 1 triplet, 2 client's awl set, 3 allow hash, 4 allow prefix lengths, 5 counters
+# ARGV: 1 now, 2 delay, 3 retry_window, 4 pass_ttl, 5 auto_whitelist_after, 6 dry run (0/1),
+#       7 grace, 8 triplet value, 9 client, 10 sender, 11 recipient, 12 ip family ('' none),
+#       13 ip hex digits, 14.. fixed allow keys (sender, @domain, triplet)
+ATTEMPT_LUA = """
+local now, delay, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local pass_ttl, awl_after, dry = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
+local grace, member, fam, hex = tonumber(ARGV[7]), ARGV[8], ARGV[12], ARGV[13]
+local HEX = '0123456789abcdef'
+local BUCKETS = """ + _BUCKETS_LUA + """
+
+local function masked(h, plen)  -- greylist.masked_hex
+  local full, rem = math.floor(plen / 4), plen % 4
+  local out = string.sub(h, 1, full)
+  if full < #h then
+    if rem > 0 then
+      local d = tonumber(string.sub(h, full + 1, full + 1), 16)
+      local m = d - (d % (2 ^ (4 - rem)))
+      out = out .. string.sub(HEX, m + 1, m + 1)
+      full = full + 1
+    end
+    out = out .. string.rep('0', #h - full)
+  end
+  return out
+end
+local function fmt(x) if x == nil then return '' end return string.format('%.17g', x) end
+
+-- the allow list
+local fields = {}
+for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
+if fam ~= '' then
+  for _, m in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+    local f, n = string.match(m, '^(%d)/(%d+)$')
+    if f == fam then fields[#fields + 1] = 'client:' .. fam .. ':' .. masked(hex, tonumber(n)) .. '/' .. n end
+  end
+end
+local allow_key, allow_json = '', ''
+local vals = redis.call('HMGET', KEYS[3], unpack(fields))
+for i, v in ipairs(vals) do
+  if v then
+    local a = cjson.decode(v)
+    if type(a.expires) ~= 'number' or now <= a.expires then
+      allow_key, allow_json = fields[i], v
+      break
+    end
+  end
+end
+
+-- the triplet
+local e = redis.call('HMGET', KEYS[1], 'first', 'last', 'attempts', 'passed', 'passed_at', 'retry_delay', 'expires')
+local exists = e[1] ~= false and e[1] ~= nil
+local first, last, attempts, passed, passed_at, retry_delay, expires
+if exists then
+  first, last, attempts = tonumber(e[1]), tonumber(e[2]), tonumber(e[3])
+  passed, passed_at, retry_delay, expires = e[4] == '1', tonumber(e[5]), tonumber(e[6]), tonumber(e[7])
+end
+
+-- greylist.decide
+local outcome, count = nil, -1
+if allow_key ~= '' then
+  outcome = 'allowed'
+elseif exists and passed and now <= expires then
+  outcome = 'passed_before'
+  last, attempts, expires = now, attempts + 1, now + pass_ttl
+else
+  local auto = false
+  if awl_after > 0 then
+    count = redis.call('ZCOUNT', KEYS[2], now, '+inf')
+    auto = count >= awl_after
+  end
+  if auto then
+    outcome = 'auto'
+    if exists and not passed and now <= first + window then
+      attempts = attempts + 1
+    else
+      first, attempts = now, 1
+    end
+    last, passed, passed_at, retry_delay, expires = now, true, now, nil, now + pass_ttl
+  elseif not exists or passed then
+    outcome = 'new'
+    first, last, attempts, passed, passed_at, retry_delay, expires = now, now, 1, false, nil, nil, now + window
+  elseif now > first + window then
+    outcome = 'restarted'
+    first, last, attempts, expires = now, now, 1, now + window
+  elseif now < first + delay then
+    outcome = 'too_early'
+    last, attempts, expires = now, attempts + 1, first + window
+  else
+    outcome = 'passed_now'
+    last, attempts, passed, passed_at, retry_delay, expires = now, attempts + 1, true, now, now - first, now + pass_ttl
+  end
+end
+
+if not dry then
+  if outcome ~= 'allowed' then
+    redis.call('HSET', KEYS[1], 'client', ARGV[9], 'sender', ARGV[10], 'recipient', ARGV[11],
+      'first', fmt(first), 'last', fmt(last), 'attempts', attempts, 'passed', passed and '1' or '0',
+      'passed_at', fmt(passed_at), 'retry_delay', fmt(retry_delay), 'expires', fmt(expires))
+    local ttl = math.ceil(expires - now + grace)
+    redis.call('EXPIRE', KEYS[1], ttl)
+    if passed then
+      redis.call('ZADD', KEYS[2], expires, member)
+      redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. fmt(now - grace))
+      if redis.call('TTL', KEYS[2]) < ttl then redis.call('EXPIRE', KEYS[2], ttl) end
+    end
+  end
+  redis.call('HINCRBY', KEYS[5], outcome, 1)
+  if outcome == 'passed_now' then
+    for _, b in ipairs(BUCKETS) do
+      if retry_delay < b[1] then
+        redis.call('HINCRBY', KEYS[5], 'delay:' .. b[2], 1)
+        break
+      end
+    end
+  end
+end
+if outcome == 'allowed' and not exists then
+  return {outcome, 0, '', '', 0, 0, '', '', '', allow_key, allow_json, count}
+end
+return {outcome, 1, fmt(first), fmt(last), attempts, passed and 1 or 0, fmt(passed_at), fmt(retry_delay),
+        fmt(expires), allow_key, allow_json, count}
+"""
+
+# KEYS: 1 allow hash, 2 allow prefix lengths. Rebuild the set from the hash.
+REBUILD_LENS_LUA = """
+redis.call('DEL', KEYS[2])
+local keys = redis.call('HKEYS', KEYS[1])
+for _, k in ipairs(keys) do
+  local f, n = string.match(k, '^client:(%d):%x+/(%d+)$')
+  if f then redis.call('SADD', KEYS[2], f .. '/' .. n) end
+end
+return 1
+"""
+
+
+def _num(text) -> float | None:
+    if text is None:
+        return None
+    if isinstance(text, bytes):
+        text = text.decode()
+    return float(text) if text != "" else None
+
+
+def _s(value) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+
+
+def _allow_from_json(key: str, text) -> AllowEntry:
+    d = json.loads(_s(text))
+    return AllowEntry(d["kind"], d["value"], key, d["created"], d.get("expires"), d.get("note", ""))
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def split_url(url: str) -> tuple[str, dict]:
+    """(the URL redis-py gets, our parameters): ``prefix``, ``max_connections`` and
+    ``pool_timeout`` are ours, the rest of the query is redis-py's."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    ours = {k: v for k, v in query if k in OUR_PARAMETERS}
+    try:
+        options = {"prefix": ours.get("prefix", DEFAULT_PREFIX),
+                   "max_connections": int(ours.get("max_connections", DEFAULT_MAX_CONNECTIONS)),
+                   "pool_timeout": float(ours.get("pool_timeout", DEFAULT_POOL_TIMEOUT))}
+    except ValueError as e:
+        raise StoreError(f"Redis {redact(url)}: bad URL parameter: {e}") from None
+    rest = [(k, v) for k, v in query if k not in OUR_PARAMETERS]
+    if not any(k == "socket_timeout" for k, _ in rest):
+        rest.append(("socket_timeout", str(DEFAULT_TIMEOUT)))
+    if not any(k == "socket_connect_timeout" for k, _ in rest):
+        rest.append(("socket_connect_timeout", str(DEFAULT_TIMEOUT)))
+    return urlunsplit(parts._replace(query=urlencode(rest))), options
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+class RedisGreylistStore(GreylistStore):
+    def __init__(self, url: str, prefix: str | None = None):
+        self.url = url
+        self._client_url, self._options = split_url(url)
+        self.prefix = (prefix if prefix is not None else self._options["prefix"]) + "gl:"
+        self._client: aioredis.Redis | None = None
+        self._attempt_script = self._lens_script = None
+        self.k_allow, self.k_lens, self.k_stats = (self.prefix + "allow", self.prefix + "allowlens",
+                                                   self.prefix + "stats")
+
+    def _redis(self) -> aioredis.Redis:
+        if self._client is None:
+            try:
+                pool = aioredis.BlockingConnectionPool.from_url(
+                    self._client_url, max_connections=self._options["max_connections"],
+                    timeout=self._options["pool_timeout"])
+                self._client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+            except ValueError as e:
+                raise StoreError(f"Redis {redact(self.url)}: {e}") from None
+            self._attempt_script = self._client.register_script(ATTEMPT_LUA)
+            self._lens_script = self._client.register_script(REBUILD_LENS_LUA)
+        return self._client
+
+    async def _do(self, coro_fn):
+        """Run one operation; redis-py's and the socket's errors become StoreError."""
+        try:
+            return await coro_fn(self._redis())
+        except (RedisError, OSError) as e:
+            raise StoreError(f"Redis {redact(self.url)}: {type(e).__name__}: {e}") from None
+
+    def triplet_key(self, client, sender, recipient) -> str:
+        return f"{self.prefix}t:{triplet_value(client, sender, recipient)}"
+
+    def awl_key(self, client) -> str:
+        return f"{self.prefix}awl:{client}"
+
+    # -- the decisive operation --------------------------------------------------------
+    async def attempt(self, client, sender, recipient, *, now, params: Params, client_ip=None,
+                      dry_run=False) -> Attempt:
+        probe = ip_hex(client_ip) if client_ip else None
+        fam, hexdigits = probe if probe else ("", "")
+        member = triplet_value(client, sender, recipient)
+        keys = [self.triplet_key(client, sender, recipient), self.awl_key(client), self.k_allow,
+                self.k_lens, self.k_stats]
+        args = [repr(float(now)), repr(float(params.delay)), repr(float(params.retry_window)),
+                repr(float(params.pass_ttl)), int(params.auto_whitelist_after), "1" if dry_run else "0",
+                repr(GRACE), member, client, sender, recipient, fam, hexdigits,
+                *sender_allow_keys(sender), triplet_allow_key(client, sender, recipient)]
+        res = await self._do(lambda r: self._attempt_script(keys=keys, args=args))
+        (outcome, exists, first, last, attempts, passed, passed_at, retry_delay, expires,
+         allow_key, allow_json, count) = res
+        outcome = _s(outcome)
+        entry = None
+        if int(exists):
+            entry = Entry(client, sender, recipient, _num(first), _num(last), int(attempts), bool(int(passed)),
+                          _num(passed_at), _num(retry_delay), _num(expires))
+        allow = _allow_from_json(_s(allow_key), allow_json) if _s(allow_key) else None
+        count = int(count)
+        return Attempt(outcome, entry, allow, None if count < 0 else count)
+
+    # -- reads -------------------------------------------------------------------------
+    @staticmethod
+    def _entry(data: dict) -> Entry | None:
+        d = {_s(k): _s(v) for k, v in data.items()}
+        if "first" not in d:
+            return None
+        return Entry(d["client"], d["sender"], d["recipient"], float(d["first"]), float(d["last"]),
+                     int(d["attempts"]), d["passed"] == "1", _num(d.get("passed_at")),
+                     _num(d.get("retry_delay")), float(d["expires"]))
+
+    async def get(self, client, sender, recipient) -> Entry | None:
+        data = await self._do(lambda r: r.hgetall(self.triplet_key(client, sender, recipient)))
+        return self._entry(data)
+
+    async def passed_count(self, client, now) -> int:
+        return int(await self._do(lambda r: r.zcount(self.awl_key(client), repr(float(now)), "+inf")))
+
+    async def allow_entries(self, now=None) -> list[AllowEntry]:
+        data = await self._do(lambda r: r.hgetall(self.k_allow))
+        out = [_allow_from_json(_s(k), v) for k, v in data.items()]
+        if now is not None:
+            out = [a for a in out if a.live(now)]
+        return sorted(out, key=lambda a: a.created)
+
+    async def _scan(self):
+        """Every stored triplet (SCAN in pages: the server never blocks on a big keyspace)."""
+        out: list[Entry] = []
+
+        async def run(r):
+            pattern = _glob_escape(self.prefix + "t:") + "*"
+            async for page in _pages(r, pattern):
+                pipe = r.pipeline(transaction=False)
+                for k in page:
+                    pipe.hgetall(k)
+                for data in await pipe.execute():
+                    e = self._entry(data)
+                    if e is not None:
+                        out.append(e)
+        await self._do(run)
+        return out
+
+    async def entries(self, selector: Selector, now, limit=None) -> list[Entry]:
+        found = [e for e in await self._scan() if selector.matches(e, now)]
+        found.sort(key=lambda e: e.last_seen, reverse=True)
+        return found[:limit] if limit is not None else found
+
+    # -- writes from the CLI -----------------------------------------------------------
+    async def add_allow(self, entry: AllowEntry) -> None:
+        doc = {k: v for k, v in entry.as_dict().items() if v is not None}
+
+        async def run(r):
+            pipe = r.pipeline(transaction=True)
+            pipe.hset(self.k_allow, entry.key, json.dumps(doc))
+            if entry.kind == "client":
+                fam, rest = entry.key.split(":", 2)[1:]
+                pipe.sadd(self.k_lens, f"{fam}/{rest.rpartition('/')[2]}")
+            await pipe.execute()
+        await self._do(run)
+
+    async def _forget(self, entries: list[Entry], allow_keys: list[str]) -> None:
+        async def run(r):
+            for i in range(0, len(entries), SCAN_COUNT):
+                pipe = r.pipeline(transaction=False)
+                for e in entries[i:i + SCAN_COUNT]:
+                    pipe.delete(self.triplet_key(*e.key))
+                    pipe.zrem(self.awl_key(e.client), triplet_value(*e.key))
+                await pipe.execute()
+            if allow_keys:
+                await r.hdel(self.k_allow, *allow_keys)
+                await self._lens_script(keys=[self.k_allow, self.k_lens], args=[])
+        await self._do(run)
+
+    async def delete(self, selector: Selector) -> tuple[int, int]:
+        far = float("inf")
+        gone = [e for e in await self._scan()
+                if Selector(None, selector.client, selector.sender, selector.recipient).matches(e, far)]
+        allows = [a.key for a in await self.allow_entries() if selector.matches_allow(a)]
+        await self._forget(gone, allows)
+        return len(gone), len(allows)
+
+    async def purge(self, now, dry_run=False) -> tuple[int, int]:
+        gone = [e for e in await self._scan() if e.expires < now]
+        allows = [a.key for a in await self.allow_entries() if not a.live(now)]
+        if not dry_run:
+            await self._forget(gone, allows)
+        return len(gone), len(allows)
+
+    async def stats(self, now, auto_whitelist_after) -> Stats:
+        st = Stats()
+        per_client: dict[str, int] = {}
+        for e in await self._scan():
+            state = e.state(now)
+            if state == "expired":
+                st.expired += 1
+            elif state == "passed":
+                st.passed += 1
+                per_client[e.client] = per_client.get(e.client, 0) + 1
+            else:
+                st.pending += 1
+        if auto_whitelist_after > 0:
+            st.auto_whitelisted = sum(1 for n in per_client.values() if n >= auto_whitelist_after)
+        st.allow_entries = len(await self.allow_entries(now))
+        for k, v in (await self._do(lambda r: r.hgetall(self.k_stats))).items():
+            name, value = _s(k), int(v)
+            if name.startswith("delay:"):
+                st.retry_delays[name[6:]] = value
+            else:
+                st.counters[name] = value
+        return st
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.aclose()
+            except (RedisError, OSError):
+                pass
+
+
+async def _pages(r, pattern):
+    cursor = 0
+    while True:
+        cursor, keys = await r.scan(cursor=cursor, match=pattern, count=SCAN_COUNT)
+        if keys:
+            yield keys
+        if int(cursor) == 0:
+            break
