@@ -44,6 +44,7 @@ class Conversation:
         self.runtime = gate.runtime
         self.relay = None
         self.tx: Transaction | None = None
+        self.last_tx: Transaction | None = None
         self._mail_sent = False
         self._relayed = 0  # recipients the downstream accepted in this transaction
         self._pending: Verdict | None = None  # a discard/quarantine decided before DATA
@@ -84,6 +85,7 @@ class Conversation:
         tx = Transaction(new_id(), self.session, str(sender) if sender else "", list(params),
                          started=time.monotonic())
         tx.trace.extend(self.session.data.get("trace", ()))
+        self.last_tx = tx  # for offline callers: the trace even of a refused MAIL
         self.session.transactions += 1
         if self.session.verdict is not None:
             return self._refuse(tx, self.session.verdict, "mail")

@@ -117,8 +117,8 @@ async def simulate(gate, message: bytes, sender: str, recipients: list[str], *,
     await conv.helo(helo, True)
     sender_path = parse_path(f"<{sender}>" if not sender.startswith("<") else sender, smtputf8=True)
     out.replies["mail"] = reply = await conv.mail(sender_path.address, sender_path.params)
-    if conv.tx is not None:
-        captured.append(conv.tx)
+    if conv.last_tx is not None:
+        captured.append(conv.last_tx)
     if reply.is_positive:
         out.replies["rcpt"] = []
         for rcpt in recipients:

@@ -207,3 +207,10 @@ async def test_policy_split_and_clock(tmp_path):
     result = await h.send(recipients=["a@example.com", "b@other.test"])
     assert [str(r) for r in result.replies["rcpt"]][1].startswith("452 4.5.3")
     assert h.relayed[0].recipients == ["a@example.com"]
+
+
+async def test_trace_of_a_refused_mail_is_kept():
+    h = Harness([verdicts({"mail": Verdict.reject("no senders like you")})])
+    result = await h.send()
+    assert str(result.reply) == "550 5.7.1 no senders like you"
+    assert [(e.stage, e.rule, e.action) for e in result.trace] == [("mail", "verdicts", "reject")]
