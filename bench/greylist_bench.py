@@ -61,7 +61,9 @@ async def run_all(store, jobs, concurrency: int) -> float:
     async def worker():
         for job in it:
             await job()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    async with asyncio.TaskGroup() as tg:  # a failure cancels the other workers
+        for _ in range(concurrency):
+            tg.create_task(worker())
     return time.perf_counter() - started
 
 

@@ -7,6 +7,7 @@ file uninspectable (so it is blocked unless ``uninspectable: allow``), never pas
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -109,13 +110,13 @@ class _Scanner:
         reasons = []
         if b"begin" not in data and b"=ybegin" not in data:
             return reasons
-        for m in list(_UU_BEGIN.finditer(data))[:50]:
+        for m in itertools.islice(_UU_BEGIN.finditer(data), 50):
             name = m.group(1).decode("utf-8", "replace").strip()
             found = list(self.name(name))
-            payload = decode_uu(data[m.start():m.start() + 64 * 1024 * 1024])
+            payload = decode_uu(data[m.start():m.start() + 64 * 1024])  # enough to sniff
             found += self.blob(payload, name, 0, True, "")
             reasons += [f"uuencoded {display(name)}: {r}" for r in found]
-        for m in list(_YENC_BEGIN.finditer(data))[:50]:
+        for m in itertools.islice(_YENC_BEGIN.finditer(data), 50):
             name = m.group(1).decode("utf-8", "replace").strip()
             reasons += [f"yEnc file {display(name)}: {r}" for r in self.name(name)]
         return reasons
@@ -152,12 +153,13 @@ class _Scanner:
             end = len(buf) if nxt < 0 else nxt
         line = buf[i:end].decode("utf-8", "replace")
         value = line.split(":", 1)[1] if ":" in line else ""
-        reasons = [f"{display(n)}: {r}" for n in raw_names([value]) for r in self.name(n)]
+        names = raw_names([value])
+        reasons = [f"{display(n)}: {r}" for n in names for r in self.name(n)]
         if not reasons:
             return
         owner, gap = _owner(parts, i)
         key = id(owner) if gap is None else gap[0]
-        finding = found.setdefault(key, Finding(owner, "", [], gap))
+        finding = found.setdefault(key, Finding(owner, display(names[0]), [], gap))
         finding.reasons += [f"hidden MIME header: {r}" for r in reasons]
 
     # --- names and types -----------------------------------------------------------------

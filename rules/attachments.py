@@ -140,6 +140,8 @@ class Attachments(Rule):
         first = report.findings[0]
         name = first.name or "(unnamed part)"
         reason = _summary(report.findings)
+        if self.mode != "shadow":  # for the sender state machines (rules/senders.py)
+            tx.publish("banned_attachment", rule=self, why=reason)
         if self.action == "reject":
             return Verdict.reject(_reply_text(self.reject_text, name, first), 554, "5.7.1",
                                   reason=f"banned: {reason}")
@@ -149,6 +151,9 @@ class Attachments(Rule):
                                       reason=f"banned: {reason}")
         edits = None if report.untrusted else self._strip(raw, report.findings)
         if edits is None:  # cannot cut the part out cleanly: refuse rather than pass it on
+            if held:
+                return Verdict.quarantine(_reply_text(self.quarantine_text, name, first), 554,
+                                          "5.7.1", reason=f"banned (could not strip): {reason}")
             return Verdict.reject(_reply_text(self.reject_text, name, first), 554, "5.7.1",
                                   reason=f"banned (could not strip): {reason}")
         tx.message.replace_ranges(edits, f"attachments: stripped {reason}")
@@ -185,8 +190,12 @@ class Attachments(Rule):
             if part is None or part.buf is not raw:
                 return None
             targets.setdefault((part.start, part.end), (part, f))
-        spans = sorted(targets)
-        keep = [s for s in spans if not any(o != s and o[0] <= s[0] and s[1] <= o[1] for o in spans)]
+        keep, reach = [], -1  # outermost spans only: a part inside a replaced one goes with it
+        for span in sorted(targets, key=lambda s: (s[0], -s[1])):
+            if span[1] <= reach:
+                continue
+            keep.append(span)
+            reach = max(reach, span[1])
         edits: list[tuple[int, int, bytes]] = []
         for span in keep:
             part, finding = targets[span]

@@ -172,10 +172,8 @@ class Dnsbl(Rule):
                   "timed_out": timed_out}
         session.data["dnsbl"] = result
         tx.data["dnsbl"] = result
-        if hits:
-            events = tx.data.setdefault("events", [])
-            if "dnsbl_listed" not in events:
-                events.append("dnsbl_listed")
+        if hits and not any(e.name == "dnsbl_listed" for e in tx.events):
+            tx.publish("dnsbl_listed", rule=self, why=", ".join(sorted({h["list"] for h in hits})))
         if hits and score >= self.threshold:
             return self._refusal(session, hits, score)
         if errors and self.on_dns_error == "tempfail":

@@ -304,12 +304,12 @@ class Greylist(Rule):
             text, after = self._deferral(result, now)
             results[rcpt.address]["retry_at"] = after
             if not shadow:
-                tx.data.setdefault("events", []).append("greylisted")
+                tx.publish("greylisted", rule=self, why=f"{result.outcome}, attempt {result.entry.attempts}")
             return Verdict.tempfail(text, 451, "4.7.1",
                                     reason=f"greylisted ({result.outcome}, attempt {result.entry.attempts}): "
                                            f"{client} {sender or '<>'} {recipient}; passes after {after}")
         if result.outcome == "passed_now" and not shadow:
-            tx.data.setdefault("events", []).append("greylist_passed")
+            tx.publish("greylist_passed", rule=self, why=f"retried after {result.entry.retry_delay:g}s")
         return None
 
     def _deferral(self, result, now: float) -> tuple[str, str]:

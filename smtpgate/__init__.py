@@ -5,7 +5,7 @@ included) import nothing else from smtpgate.
 """
 from .addresses import Address, AddressError, parse_address
 from .clock import Clock
-from .envelope import Recipient, Session, TraceEntry, Transaction
+from .envelope import Event, Recipient, Session, TraceEntry, Transaction
 from .errors import ConfigError, OptionError, PluginError, RelayError, StoreError
 from .message import Message
 from .options import (Option, anything, boolean, duration, integer, list_of, mapping_of, network,
@@ -17,6 +17,8 @@ from .spf import SpfResult, check_helo as spf_check_helo, check_host as spf_chec
 from .spf import check_mailfrom as spf_check_mailfrom
 from .stores.greylist import Params as GreylistParams
 from .verdict import Verdict
+from .machine import KNOWN_EVENTS, Machine, MachineError, SenderState, Transition
+from .machine_rule import MachineRule, client_key, sender_key, state
 
 __version__ = "0.1.0"
 
@@ -27,4 +29,6 @@ __all__ = [
     "DnsError", "SpfResult", "reverse_name", "spf_check_helo", "spf_check_host", "spf_check_mailfrom",
     "anything", "boolean", "duration", "integer", "list_of", "mapping_of", "network", "number",
     "one_of", "parse_address", "regex", "size", "string",
+    "Event", "KNOWN_EVENTS", "Machine", "MachineError", "MachineRule", "SenderState", "Transition",
+    "client_key", "sender_key", "state",
 ]

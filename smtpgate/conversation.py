@@ -16,7 +16,7 @@ from .addresses import Address, AddressError, normalise_domain, parse_path, rela
 from .envelope import Recipient, Session, TraceEntry, Transaction, new_id
 from .errors import RelayError, StoreError
 from .message import Message
-from .pipeline import run_delivered, run_stage
+from .pipeline import publish_outcome, run_delivered, run_end, run_stage
 from .reply import Reply
 from .verdict import ACCEPT, DISCARD, QUARANTINE, Verdict
 
@@ -88,20 +88,20 @@ class Conversation:
         self.last_tx = tx  # for offline callers: the trace even of a refused MAIL
         self.session.transactions += 1
         if self.session.verdict is not None:
-            return self._refuse(tx, self.session.verdict, "mail")
+            return await self._refuse(tx, self.session.verdict, "mail")
         policy = self.runtime.policies.session_policy
         verdict = await run_stage(policy.rules, "mail", (tx,), tx.trace)
         if verdict is not None and verdict.action not in (ACCEPT,):
             if verdict.action in (DISCARD, QUARANTINE):
                 self._pending = verdict
             else:
-                return self._refuse(tx, verdict, "mail")
+                return await self._refuse(tx, verdict, "mail")
         try:
             if self.relay is None:
                 self.relay = self.gate.new_relay()
             await self.relay.open(self.session)
         except RelayError as exc:
-            self._finish(tx, exc.reply, "mail")
+            await self._finish(tx, exc.reply, "mail")
             return exc.reply
         self.tx = tx
         return OK_MAIL
@@ -162,6 +162,7 @@ class Conversation:
         except RelayError as exc:
             self._broken = True
             return exc.reply
+        tx.downstream_replies.append(("rcpt", reply))
         if reply.is_positive:
             tx.recipients.append(rcpt)
             self._relayed += 1
@@ -199,6 +200,7 @@ class Conversation:
                 return await self._end(tx, CANNOT_HOLD)
         try:
             reply = await self.relay.data(tx.message.raw)
+            tx.downstream_replies.append(("data", reply))
         except RelayError as exc:
             reply = exc.reply
         if held and not reply.is_positive:  # not delivered: the client retries, that copy counts
@@ -265,9 +267,9 @@ class Conversation:
     def _gate_trace(self, tx, stage, action, reason, reply: Reply, recipient=None) -> None:
         tx.trace.append(TraceEntry(stage, "gate", action, reason, str(reply), 0.0, False, recipient))
 
-    def _refuse(self, tx: Transaction, verdict: Verdict, stage: str) -> Reply:
+    async def _refuse(self, tx: Transaction, verdict: Verdict, stage: str) -> Reply:
         reply = verdict.reply(stage)
-        self._finish(tx, reply, stage)
+        await self._finish(tx, reply, stage)
         return reply
 
     async def _end(self, tx: Transaction, reply: Reply | None,
@@ -276,10 +278,16 @@ class Conversation:
         self._mail_sent, self._relayed, self._pending, self._broken = False, 0, None, False
         if deliver_hooks and reply is not None and tx.policy is not None:
             await run_delivered(tx.policy.rules, tx, reply, tx.trace)
-        self._finish(tx, reply, "data" if reply is not None else "rset")
+        await self._finish(tx, reply, "data" if reply is not None else "rset")
         return reply
 
-    def _finish(self, tx: Transaction, reply: Reply | None, stage: str) -> None:
+    async def _finish(self, tx: Transaction, reply: Reply | None, stage: str) -> None:
+        # Every transaction ends here: the pipeline's own events, the on_end hooks of the
+        # session policy's and the transaction policy's rules (each instance once), the log line.
+        publish_outcome(tx, reply)
+        session_rules = self.runtime.policies.session_policy.rules
+        rules = list(session_rules) + [r for r in (tx.policy.rules if tx.policy else ()) if r not in session_rules]
+        await run_end(rules, tx, reply, tx.trace)
         log_transaction(tx, reply, stage)
 
 

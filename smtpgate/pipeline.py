@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .envelope import TraceEntry
+from .envelope import Event, TraceEntry
 from .message import describe_changes
 from .verdict import ACCEPT, Verdict
 
@@ -31,9 +31,14 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
     policy), so no hook runs twice.
     """
     hook_name = f"on_{stage}"
+    skipped = getattr(args[0], "skipped", None) if stage in ("mail", "rcpt", "data") else None
     for rule in rules:
         hook = getattr(rule, hook_name, None)
         if hook is None or rule in skip:
+            continue
+        if skipped and rule.name in skipped:  # tx.skip(): e.g. a sender state skips greylisting
+            trace.append(TraceEntry(stage, rule.name, "continue", f"skipped: {skipped[rule.name]}",
+                                    None, 0.0, rule.mode == "shadow", recipient))
             continue
         shadow = rule.mode == "shadow"
         mark = message.checkpoint() if message is not None else None
@@ -104,4 +109,45 @@ async def run_delivered(rules, tx, reply, trace: list[TraceEntry]) -> None:
             log.error("rule %s crashed in on_delivered", rule.name, exc_info=True)
             action, reason = "error", f"{type(exc).__name__}: {exc}"
         trace.append(TraceEntry("delivered", rule.name, action, reason, None,
+                                (time.perf_counter() - started) * 1000, rule.mode == "shadow"))
+
+
+def publish_outcome(tx, reply) -> None:
+    """The pipeline's own events, recorded at the one place a transaction ends: ``rejected``
+    for each rule that refused (not in shadow mode; ``rule`` is its name), then
+    ``downstream_rejected`` if the downstream refused (5xx) a recipient or the message, then
+    ``delivered`` if it took the message (2xx to DATA). Names rules appended to
+    ``tx.data["events"]`` directly are taken into ``tx.events`` first, in their place."""
+    tx.events[:] = tx.published()
+    for e in tx.trace:
+        if e.action == "reject" and not e.shadow and e.rule != "gate":
+            _record(tx, "rejected", e.rule, e.reason)
+    for stage, answer in tx.downstream_replies:
+        if answer.is_permanent:
+            _record(tx, "downstream_rejected", "downstream", f"{stage}: {answer.lines()[-1]}")
+    for stage, answer in tx.downstream_replies:
+        if stage == "data" and answer.is_positive:
+            _record(tx, "delivered", "downstream", answer.lines()[-1])
+
+
+def _record(tx, name: str, rule: str, why) -> None:
+    # Into tx.events only: tx.data["events"] keeps what rules published, as it always did.
+    tx.events.append(Event(name, rule, None if why is None else " ".join(str(why).split())[:200]))
+
+
+async def run_end(rules, tx, reply, trace: list[TraceEntry]) -> None:
+    """``on_end`` hooks observe a finished transaction (whatever its outcome; ``reply`` is the
+    last reply the client got for it, None when it was abandoned). A hook may return a short
+    text for the trace (what it did). A crash is logged and traced, nothing else."""
+    for rule in rules:
+        if getattr(rule, "on_end", None) is None:
+            continue
+        started = time.perf_counter()
+        try:
+            said = await rule.on_end(tx, reply)
+            action, reason = "continue", said if isinstance(said, str) and said else None
+        except Exception as exc:
+            log.error("rule %s crashed in on_end", rule.name, exc_info=True)
+            action, reason = "error", f"{type(exc).__name__}: {exc}"
+        trace.append(TraceEntry("end", rule.name, action, reason, None,
                                 (time.perf_counter() - started) * 1000, rule.mode == "shadow"))

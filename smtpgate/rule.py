@@ -16,6 +16,7 @@ HOOKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "on_rcpt": ("rcpt", ("tx", "rcpt")),
     "on_data": ("data", ("tx",)),
     "on_delivered": ("delivered", ("tx", "reply")),
+    "on_end": ("end", ("tx", "reply")),  # the transaction ended, however (reply None: abandoned)
 }
 STAGES = tuple(stage for stage, _ in HOOKS.values())
 # Keys every rule entry accepts besides its own options.

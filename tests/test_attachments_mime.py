@@ -280,3 +280,14 @@ async def test_strip_non_ascii_note_is_quoted_printable():
 def test_limits_are_configurable():
     st = parse(S.multipart(*[S.text_part()] * 5), Limits(max_parts=3))
     assert st.untrusted
+
+
+async def test_many_banned_parts_are_all_stripped_quickly():
+    exes = [S.part(b"x%d" % i, f"f{i}.exe") for i in range(900)]
+    raw = S.multipart(S.text_part(), *exes)
+    t = time.perf_counter()
+    _, result = await send(raw, action="strip")
+    assert time.perf_counter() - t < 10
+    assert result.reply.code == 250
+    assert result.message.count(b"This part of the message was removed") == 900
+    assert b"filename=" not in result.message

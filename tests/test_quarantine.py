@@ -84,7 +84,6 @@ def test_lock_is_exclusive(tmp_path):
 
 def _put_many(folder: str, n: int, worker: int) -> None:
     from smtpgate import Session, Transaction, Verdict
-    from smtpgate.testing import FakeClock  # noqa: F401
     store = MaildirQuarantine(folder)
     session = Session(f"S{worker}", "192.0.2.1")
     for i in range(n):

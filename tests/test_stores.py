@@ -520,3 +520,23 @@ def _importers(library: str) -> set[str]:
 def test_sqlite3_and_redis_each_have_one_importer():
     assert _importers("sqlite3") == {"stores/sqlite_store.py"}
     assert _importers("redis") == {"stores/redis_store.py"}
+
+
+async def test_a_busy_redis_store_serves_every_waiter_in_turn(backend, tmp_path):
+    """64 tasks sending decisions back to back through 4 connections: none may wait past
+    pool_timeout (redis-py's own blocking pool is unfair: a waiter could starve)."""
+    if backend != "redis":
+        pytest.skip("Redis only")
+    prefix = new_prefix()
+    store = open_greylist_store(f"{redis_state(prefix)}&max_connections=4&pool_timeout=1.5")
+    jobs = iter(range(4000))
+
+    async def worker():
+        for i in jobs:
+            await attempt(store, T0, key=(C, f"s{i}@x.example", R))
+    try:
+        await asyncio.gather(*(worker() for _ in range(64)))
+        assert (await store.stats(T0, 0)).counters["new"] == 4000
+    finally:
+        await store.close()
+        delete_redis_keys(prefix)

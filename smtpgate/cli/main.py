@@ -7,6 +7,7 @@ import sys
 from .. import __version__
 from .greylist import add_parser as add_greylist_parser
 from .quarantine import add_parser as add_quarantine_parser
+from .senders import add_parser as add_senders_parser
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the message as it would be relayed")
     add_greylist_parser(sub, common)
     add_quarantine_parser(sub, common)
+    add_senders_parser(sub, common)
     sub.add_parser("version", parents=[common], help="print the version")
     return p
 
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "greylist":
         from .greylist import greylist_command
         return greylist_command(args, config)
+    if args.command == "senders":
+        from .senders import senders_command
+        return senders_command(args, config)
     if args.command == "quarantine":
         from .quarantine import quarantine_command
         return quarantine_command(args, config)

@@ -46,8 +46,20 @@ class RuleEntry:
     def problem(self, message: str, option: str | None = None) -> Problem:
         """A Problem at this entry, or about one of its options (at the option's value when it
         is written, e.g. not for a missing one): ``FILE:L:C: rules[i].NAME.OPT: message``."""
-        line, col = self.option_marks.get(option, (self.line, self.col)) if option else (self.line, self.col)
+        line, col = self._mark(option) if option else (self.line, self.col)
         return Problem(self.source, line, col, f"{join_path(self.path, option) if option else self.path}: {message}")
+
+    def _mark(self, option: str) -> tuple[int | None, int | None]:
+        """Where ``option`` is written; for a nested one (``states.new.events.x[0]``) the closest
+        enclosing value that is; else the entry itself."""
+        while option:
+            if option in self.option_marks:
+                return self.option_marks[option]
+            shorter = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", option)
+            if shorter == option:
+                break
+            option = shorter
+        return self.line, self.col
 
 
 @dataclass(frozen=True)
@@ -238,8 +250,28 @@ def _parse_entry(rules: LocatedList, i: int, path: str, problems: list[Problem])
             else:
                 problems.append(problem_at(value, key, join_path(epath, key),
                                            f"expected one of {', '.join(choices)}, got {chosen!r}"))
-    marks = dict(value.marks) if isinstance(value, LocatedDict) else {}
+    marks = _option_marks(value)
     return False, RuleEntry(name, options, common["mode"], common["on_error"], path, line, col, marks, None, i)
+
+
+def _option_marks(value: Any) -> dict[str, tuple[int, int]]:
+    """(line, col) of every option value, nested ones under dotted paths (``states.new.events``,
+    ``lists[1].zone``), so a rule's error about a nested value names its line. Each container
+    is walked once (YAML aliases share one object)."""
+    out: dict[str, tuple[int, int]] = {}
+    seen: set[int] = set()
+
+    def walk(node: Any, path: str) -> None:
+        if not isinstance(node, (LocatedDict, LocatedList)) or id(node) in seen:
+            return
+        seen.add(id(node))
+        for key, mark in node.marks.items():
+            sub = join_path(path, key)
+            out.setdefault(sub, mark)
+            walk(node[key], sub)
+
+    walk(value, "")
+    return out
 
 
 def _check_domains(raws: dict[str, _Raw], problems: list[Problem]) -> None:

@@ -13,9 +13,11 @@ from __future__ import annotations
 from ..errors import StoreError
 from .greylist import (AllowEntry, Attempt, Entry, GreylistStore, Params, Selector, Stats,
                        make_allow, triplet_value)
+from .senders import SenderRecord, SenderStore
 
 __all__ = ["AllowEntry", "Attempt", "Entry", "GreylistStore", "Params", "Selector", "Stats",
-           "Stores", "make_allow", "open_greylist_store", "open_stores", "triplet_value"]
+           "Stores", "make_allow", "open_greylist_store", "open_stores", "triplet_value",
+           "SenderRecord", "SenderStore", "open_sender_store"]
 
 
 def open_greylist_store(url: str) -> GreylistStore:
@@ -29,15 +31,32 @@ def open_greylist_store(url: str) -> GreylistStore:
     raise StoreError(f'unknown state URL {url!r}: expected "sqlite:///PATH" or "redis://HOST:PORT/DB"')
 
 
+def open_sender_store(url: str, db=None) -> SenderStore:
+    """The sender-state store ``url`` names (no I/O yet); ``db``: a SQLite database to share
+    (one file, one connection per process for every store)."""
+    if url.startswith(("redis://", "rediss://")):
+        from .senders_redis import RedisSenderStore
+        return RedisSenderStore(url)
+    if url.startswith("sqlite://"):
+        from .senders_sqlite import SqliteSenderStore
+        return SqliteSenderStore(url, db)
+    raise StoreError(f'unknown state URL {url!r}: expected "sqlite:///PATH" or "redis://HOST:PORT/DB"')
+
+
 class Stores:
-    def __init__(self, url: str, clock=None, greylist: GreylistStore | None = None):
+    def __init__(self, url: str, clock=None, greylist: GreylistStore | None = None,
+                 senders: SenderStore | None = None):
         self.url = url
         self.clock = clock
         #: the greylist store (``smtpgate.stores.greylist.GreylistStore``)
         self.greylist = greylist if greylist is not None else open_greylist_store(url)
+        #: the sender-state store (``smtpgate.stores.senders.SenderStore``); on SQLite it
+        #: shares the greylist's database (``sqlite://:memory:`` included)
+        self.senders = senders if senders is not None else open_sender_store(url, getattr(self.greylist, "db", None))
 
     async def close(self) -> None:
         await self.greylist.close()
+        await self.senders.close()
 
 
 def open_stores(url: str, clock=None) -> Stores:

@@ -3,10 +3,12 @@
 - redis-py's asyncio client, connected on first use (each worker process has its own pool),
   with connect and read timeouts (``socket_timeout`` / ``socket_connect_timeout`` in the URL
   override the 2 s defaults).
-- A *blocking* pool of at most ``?max_connections=`` (default 32) connections per process:
-  past it a command waits up to ``?pool_timeout=`` seconds (default 5) for a free one.
-  redis-py's default pool raises "Too many connections" instead, which a burst of
-  concurrent RCPTs would hit.
+- At most ``?max_connections=`` (default 32) connections per process; past it an operation
+  waits, first come first served, up to ``?pool_timeout=`` seconds (default 5) for a free
+  one. Two redis-py behaviours made us queue the operations ourselves (a FIFO semaphore in
+  front of the pool): its default pool raises "Too many connections" at the 101st
+  concurrent command, and its blocking pool is not fair, so under sustained load a waiter
+  can lose every race for a released connection until its timeout (the benchmark hit it).
 - ``?prefix=NAME`` in the URL puts every key under ``NAME`` (default ``smtpgate:``), so
   several gate fleets, or tests, can share one database.
 - The decisive operation runs as one Lua script (``register_script``: EVALSHA, with EVAL
@@ -24,6 +26,7 @@ use, ``4/24``), ``Pgl:stats`` (hash: outcome and retry-delay counters).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -235,6 +238,7 @@ class RedisGreylistStore(GreylistStore):
         self._client_url, self._options = split_url(url)
         self.prefix = (prefix if prefix is not None else self._options["prefix"]) + "gl:"
         self._client: aioredis.Redis | None = None
+        self._slots: asyncio.Semaphore | None = None
         self._attempt_script = self._lens_script = None
         self.k_allow, self.k_lens, self.k_stats = (self.prefix + "allow", self.prefix + "allowlens",
                                                    self.prefix + "stats")
@@ -248,16 +252,28 @@ class RedisGreylistStore(GreylistStore):
                 self._client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
             except ValueError as e:
                 raise StoreError(f"Redis {redact(self.url)}: {e}") from None
+            self._slots = asyncio.Semaphore(self._options["max_connections"])  # FIFO: fair
             self._attempt_script = self._client.register_script(ATTEMPT_LUA)
             self._lens_script = self._client.register_script(REBUILD_LENS_LUA)
         return self._client
 
     async def _do(self, coro_fn):
-        """Run one operation; redis-py's and the socket's errors become StoreError."""
+        """Run one operation (it uses one connection at a time) in its turn; redis-py's and
+        the socket's errors become StoreError."""
+        client = self._redis()
         try:
-            return await coro_fn(self._redis())
+            async with asyncio.timeout(self._options["pool_timeout"]):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise StoreError(f"Redis {redact(self.url)}: no connection free within "
+                             f"{self._options['pool_timeout']:g}s (max_connections="
+                             f"{self._options['max_connections']})") from None
+        try:
+            return await coro_fn(client)
         except (RedisError, OSError) as e:
             raise StoreError(f"Redis {redact(self.url)}: {type(e).__name__}: {e}") from None
+        finally:
+            self._slots.release()
 
     def triplet_key(self, client, sender, recipient) -> str:
         return f"{self.prefix}t:{triplet_value(client, sender, recipient)}"

@@ -1,0 +1,176 @@
+"""The Redis sender-state store (``state: redis://HOST:PORT/DB[?prefix=NAME]``): one hash per
+record, ``P sm:<machine>:<key>`` with fields ``v`` (its version) and ``doc`` (the record as
+JSON), expiring with the record.
+
+``update`` is optimistic: read the record, compute the change in Python, then write it with
+a Lua compare-and-set that succeeds only if the version is still the one read. When another
+gate wrote in between, the whole read-change-write is done again on the fresh record (after
+a short random pause), so no event is lost and no guard is decided on a stale record. A key
+that stays contended for ``CONTENTION_TIMEOUT`` seconds is a StoreError.
+
+Connections come from a pool of this store's own, opened on first use, with the same URL
+parameters as the greylist store (``prefix``, ``max_connections``, ``pool_timeout``,
+redis-py's timeouts); operations wait their turn for it first come, first served.
+redis-py itself is imported by ``redis_store`` only.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from typing import Any
+
+from ..errors import StoreError
+from .redis_store import RedisError, aioredis, redact, split_url
+from .senders import ChangeFn, SenderRecord, SenderStore
+
+CONTENTION_TIMEOUT = 10.0
+SCAN_COUNT = 1000
+
+# KEYS[1] the record; ARGV: 1 the version read ('' = absent), 2 the new doc ('' = delete),
+# 3 the new version, 4 seconds to live (>= 1)
+CAS_LUA = """
+local v = redis.call('HGET', KEYS[1], 'v')
+if (v or '') ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('HSET', KEYS[1], 'v', ARGV[3], 'doc', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+end
+return 1
+"""
+
+
+def _s(value) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+
+
+class RedisSenderStore(SenderStore):
+    def __init__(self, url: str, prefix: str | None = None):
+        self.url = url
+        self._client_url, self._options = split_url(url)
+        self.prefix = (prefix if prefix is not None else self._options["prefix"]) + "sm:"
+        self._client = None
+        self._cas = None
+        self._slots: asyncio.Semaphore | None = None
+        #: compare-and-sets lost to another writer (and retried), since this store was made
+        self.retries = 0
+
+    def _redis(self):
+        if self._client is None:
+            try:
+                pool = aioredis.BlockingConnectionPool.from_url(
+                    self._client_url, max_connections=self._options["max_connections"],
+                    timeout=self._options["pool_timeout"])
+                self._client = aioredis.Redis.from_pool(pool)
+            except ValueError as e:
+                raise StoreError(f"Redis {redact(self.url)}: {e}") from None
+            self._cas = self._client.register_script(CAS_LUA)
+            # Operations queue here, first come first served, as in the greylist store:
+            # redis-py's blocking pool is not fair under sustained load.
+            self._slots = asyncio.Semaphore(self._options["max_connections"])
+        return self._client
+
+    async def _do(self, coro_fn):
+        """Run one operation in its turn; redis-py's and the socket's errors become StoreError."""
+        client = self._redis()
+        try:
+            async with asyncio.timeout(self._options["pool_timeout"]):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise StoreError(f"Redis {redact(self.url)}: no connection free within "
+                             f"{self._options['pool_timeout']:g}s") from None
+        try:
+            return await coro_fn(client)
+        except (RedisError, OSError) as e:
+            raise StoreError(f"Redis {redact(self.url)}: {type(e).__name__}: {e}") from None
+        finally:
+            self._slots.release()
+
+    def record_key(self, machine: str, key: str) -> str:
+        return f"{self.prefix}{machine}:{key}"
+
+    async def _read(self, r, machine, key) -> tuple[str, SenderRecord | None]:
+        version, doc = await r.hmget(self.record_key(machine, key), "v", "doc")
+        if version is None or doc is None:
+            return "", None
+        return _s(version), SenderRecord.from_json(doc)
+
+    async def get(self, machine, key) -> SenderRecord | None:
+        async def run(r):
+            return (await self._read(r, machine, key))[1]
+        return await self._do(run)
+
+    async def update(self, machine, key, change: ChangeFn, now: float | None = None) -> Any:
+        rkey = self.record_key(machine, key)
+
+        async def run(r):
+            deadline = time.monotonic() + CONTENTION_TIMEOUT
+            pause = 0.001
+            while True:
+                version, current = await self._read(r, machine, key)
+                new, result = change(current)
+                if new is None and current is None:
+                    return result
+                if new is None:
+                    args = [version, "", "", 1]
+                else:
+                    new.version = (current.version if current else 0) + 1
+                    ttl = max(1, math.ceil(new.expires - new.seen))
+                    args = [version, new.to_json(), str(new.version), ttl]
+                if int(await self._cas(keys=[rkey], args=args)):
+                    return result
+                self.retries += 1
+                if time.monotonic() > deadline:
+                    raise StoreError(f"Redis {redact(self.url)}: {machine} {key}: still contended after "
+                                     f"{CONTENTION_TIMEOUT:g}s of retries")
+                await asyncio.sleep(random.uniform(0, pause))  # another gate wrote: read again
+                pause = min(pause * 2, 0.05)
+        return await self._do(run)
+
+    async def records(self, machine=None, state=None, limit=None) -> list[SenderRecord]:
+        out: list[SenderRecord] = []
+        pattern = _glob_escape(self.prefix + (f"{machine}:" if machine is not None else "")) + "*"
+
+        async def run(r):
+            cursor = 0
+            while True:
+                cursor, keys = await r.scan(cursor=cursor, match=pattern, count=SCAN_COUNT)
+                if keys:
+                    pipe = r.pipeline(transaction=False)
+                    for k in keys:
+                        pipe.hget(k, "doc")
+                    for doc in await pipe.execute():
+                        if doc is not None:
+                            rec = SenderRecord.from_json(doc)
+                            if (machine is None or rec.machine == machine) and (state is None or rec.state == state):
+                                out.append(rec)
+                if int(cursor) == 0:
+                    break
+        await self._do(run)
+        out.sort(key=lambda rec: rec.seen, reverse=True)
+        return out[:limit] if limit is not None else out
+
+    async def delete(self, machine, key) -> bool:
+        return bool(await self._do(lambda r: r.delete(self.record_key(machine, key))))
+
+    async def purge(self, now) -> int:
+        """Redis drops expired records by itself; this only counts what is left over."""
+        gone = [rec for rec in await self.records() if rec.expires < now]
+        for rec in gone:
+            await self.delete(rec.machine, rec.key)
+        return len(gone)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.aclose()
+            except (RedisError, OSError):
+                pass
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

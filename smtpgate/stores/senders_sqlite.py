@@ -1,0 +1,119 @@
+"""The SQLite sender-state store (``state: sqlite:///PATH``), in the same database file as the
+greylist (its own tables, its own schema version in the ``meta`` table).
+
+``update`` runs read, change and write inside one ``BEGIN IMMEDIATE`` transaction on the
+database thread: the write lock is taken before the read, so two workers (or a worker and
+the CLI) updating one key queue up instead of deciding on the same old record.
+Records past their ``expires`` are dropped a batch at a time as updates go by, and by
+``purge``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import sqlite_path
+from ..errors import StoreError
+from .senders import ChangeFn, SenderRecord, SenderStore
+from .sqlite_store import BATCH, GC_EVERY, SqliteDatabase, migrate, write_transaction
+
+COMPONENT = "senders"
+# Version N is SENDERS_SCHEMA[:N]. Never edit a step that has shipped: append a new one.
+SENDERS_SCHEMA: tuple[tuple[str, ...], ...] = (
+    # 1: one row per (machine, key); the record itself as JSON, the columns lists filter on
+    ("CREATE TABLE senders (machine TEXT NOT NULL, key TEXT NOT NULL, state TEXT NOT NULL,"
+     " seen REAL NOT NULL, expires REAL NOT NULL, doc TEXT NOT NULL,"
+     " PRIMARY KEY (machine, key)) WITHOUT ROWID",
+     "CREATE INDEX senders_state ON senders (machine, state)",
+     "CREATE INDEX senders_expires ON senders (expires)"),
+)
+
+
+class SqliteSenderStore(SenderStore):
+    def __init__(self, url: str, db: SqliteDatabase | None = None):
+        path = sqlite_path(url)
+        if path is None:
+            raise StoreError(f"not a sqlite:// state URL: {url!r}")
+        self.url = url
+        self.db = db or SqliteDatabase(path)
+        self.db.migrations[COMPONENT] = SENDERS_SCHEMA
+        self._ready: set[int] = set()  # ids of connections known to be migrated
+        self._last_gc = -float("inf")
+
+    async def _run(self, fn, *args) -> Any:
+        def call(conn, *a):
+            if id(conn) not in self._ready:  # a database another store opened before us
+                migrate(conn, COMPONENT, SENDERS_SCHEMA)
+                self._ready.add(id(conn))
+            return fn(conn, *a)
+        return await self.db.run(call, *args)
+
+    async def get(self, machine, key) -> SenderRecord | None:
+        def read(conn):
+            row = conn.execute("SELECT doc FROM senders WHERE machine = ? AND key = ?", (machine, key)).fetchone()
+            return SenderRecord.from_json(row[0]) if row else None
+        return await self._run(read)
+
+    async def update(self, machine, key, change: ChangeFn, now: float | None = None) -> Any:
+        def run(conn):
+            with write_transaction(conn):
+                row = conn.execute("SELECT doc FROM senders WHERE machine = ? AND key = ?",
+                                   (machine, key)).fetchone()
+                current = SenderRecord.from_json(row[0]) if row else None
+                new, result = change(current)
+                if new is None:
+                    if current is not None:
+                        conn.execute("DELETE FROM senders WHERE machine = ? AND key = ?", (machine, key))
+                else:
+                    new.version = (current.version if current else 0) + 1
+                    conn.execute("INSERT INTO senders (machine, key, state, seen, expires, doc) VALUES (?, ?, ?, ?, ?, ?) "
+                                 "ON CONFLICT (machine, key) DO UPDATE SET state = excluded.state, "
+                                 "seen = excluded.seen, expires = excluded.expires, doc = excluded.doc",
+                                 (machine, key, new.state, new.seen, new.expires, new.to_json()))
+            return result
+        result = await self._run(run)
+        if now is not None and now - self._last_gc >= GC_EVERY:
+            self._last_gc = now
+            await self._run(self._sweep, now)
+        return result
+
+    @staticmethod
+    def _sweep(conn, now) -> int:
+        with write_transaction(conn):
+            return conn.execute("DELETE FROM senders WHERE (machine, key) IN (SELECT machine, key FROM senders "
+                                "WHERE expires < ? LIMIT ?)", (now, BATCH)).rowcount
+
+    async def records(self, machine=None, state=None, limit=None) -> list[SenderRecord]:
+        def read(conn):
+            clauses, args = [], []
+            if machine is not None:
+                clauses.append("machine = ?")
+                args.append(machine)
+            if state is not None:
+                clauses.append("state = ?")
+                args.append(state)
+            sql = "SELECT doc FROM senders" + (" WHERE " + " AND ".join(clauses) if clauses else "")
+            sql += " ORDER BY seen DESC"
+            if limit is not None:
+                sql += " LIMIT ?"
+                args.append(int(limit))
+            return [SenderRecord.from_json(r[0]) for r in conn.execute(sql, args)]
+        return await self._run(read)
+
+    async def delete(self, machine, key) -> bool:
+        def run(conn):
+            with write_transaction(conn):
+                return conn.execute("DELETE FROM senders WHERE machine = ? AND key = ?", (machine, key)).rowcount > 0
+        return await self._run(run)
+
+    async def purge(self, now) -> int:
+        def run(conn):
+            total = 0
+            while True:
+                n = self._sweep(conn, now)
+                total += n
+                if n < BATCH:
+                    return total
+        return await self._run(run)
+
+    async def close(self) -> None:
+        await self.db.close()
