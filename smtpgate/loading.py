@@ -22,16 +22,21 @@ def process_resolver(dns_config, clock: Clock) -> Resolver:
 
 
 def load_runtime(cli_path: str | None, clock: Clock | None = None, resolver=None,
-                 stores: Stores | None = None) -> Runtime:
+                 stores: Stores | None = None, scratch_state: bool = False) -> Runtime:
     """Raises ConfigError / PluginError; never returns a half-built runtime.
 
-    ``stores`` (the running gate's, on reload) is kept when ``state:`` still names it."""
+    ``stores`` (the running gate's, on reload) is kept when ``state:`` still names it.
+    ``scratch_state`` gives the rules an empty in-memory state instead (``smtpgate try``
+    must never change what the running gate remembers)."""
     clock = clock or Clock()
     opened: list[Stores] = []
 
     def context(config) -> GateContext:
-        keep = stores if stores is not None and stores.url == config.state else None
-        opened.append(keep or open_stores(config.state, clock))
+        if scratch_state:
+            opened.append(open_stores("sqlite://:memory:", clock))
+        else:
+            keep = stores if stores is not None and stores.url == config.state else None
+            opened.append(keep or open_stores(config.state, clock))
         dns = resolver if resolver is not None else process_resolver(config.dns, clock)
         return GateContext(clock=clock, resolver=dns, stores=opened[0])
 

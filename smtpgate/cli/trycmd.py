@@ -18,7 +18,7 @@ OFFLINE_QUEUED = Reply(250, "Ok: would be relayed (offline: the downstream decid
 
 def try_command(args, config_path: str | None) -> int:
     try:
-        runtime = load_runtime(config_path)
+        runtime = load_runtime(config_path, scratch_state=True)
     except (ConfigError, PluginError) as e:
         print(f"{e}", file=sys.stderr)
         return 2
