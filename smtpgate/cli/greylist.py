@@ -17,6 +17,8 @@ import json
 import sys
 from datetime import datetime, timezone
 
+from .common import json_parent, load_runtime_or_report, positive
+
 RULE_NAME = "greylist"
 DEFAULT_AUTO_WHITELIST_AFTER = 5
 
@@ -32,8 +34,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     g = sub.add_parser("greylist", parents=[common], help="greylist entries: list, show, allow, "
                                                           "delete, purge, stats")
     gsub = g.add_subparsers(dest="greylist_command", metavar="COMMAND", required=True)
-    out = argparse.ArgumentParser(add_help=False)
-    out.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    out = json_parent()
 
     p = gsub.add_parser("list", parents=[common, out], help="greylist entries")
     state = p.add_mutually_exclusive_group()
@@ -47,7 +48,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                                                        "(or domain:DOMAIN for pooled senders)")
     p.add_argument("--sender", metavar="ADDR", help="this sender (normalised), or @DOMAIN")
     p.add_argument("--recipient", metavar="ADDR")
-    p.add_argument("--limit", type=_positive, metavar="N", help="at most N entries, most recent first")
+    p.add_argument("--limit", type=positive, metavar="N", help="at most N entries, most recent first")
 
     p = gsub.add_parser("show", parents=[common, out],
                         help="one triplet as the gate keys it, and what it would answer now")
@@ -73,25 +74,12 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                                                          "rate, retry delays")
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {n}")
-    return n
-
-
 # --- running ---------------------------------------------------------------------------
 
 def greylist_command(args, config_path: str | None) -> int:
-    from ..errors import ConfigError, PluginError, StoreError
-    from ..loading import load_runtime
-    try:
-        runtime = load_runtime(config_path)
-    except (ConfigError, PluginError) as e:
-        print(str(e), file=sys.stderr)
+    from ..errors import StoreError
+    runtime = load_runtime_or_report(config_path)
+    if runtime is None:
         return 2
     try:
         doc, text = asyncio.run(_run(args, runtime))

@@ -20,14 +20,15 @@ import sys
 import time
 from datetime import datetime, timezone
 
+from .common import json_parent, positive
+
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     """Register ``quarantine`` and its commands on the main parser's subparsers."""
     q = sub.add_parser("quarantine", parents=[common],
                        help="held messages: list, show, release, delete")
     qsub = q.add_subparsers(dest="quarantine_command", metavar="COMMAND", required=True)
-    out = argparse.ArgumentParser(add_help=False)
-    out.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    out = json_parent()
 
     p = qsub.add_parser("list", parents=[common, out], help="held and released messages")
     which = p.add_mutually_exclusive_group()
@@ -35,7 +36,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                        help="only messages not released yet")
     which.add_argument("--released", dest="status", action="store_const", const="released",
                        help="only released messages")
-    p.add_argument("--limit", type=_positive, metavar="N", help="the N most recent")
+    p.add_argument("--limit", type=positive, metavar="N", help="the N most recent")
 
     p = qsub.add_parser("show", parents=[common, out],
                         help="one message: envelope, client, reason, trace, releases")
@@ -49,16 +50,6 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 
     p = qsub.add_parser("delete", parents=[common, out], help="remove one message for good")
     p.add_argument("id", metavar="ID")
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {n}")
-    return n
 
 
 class Failed(Exception):

@@ -16,6 +16,7 @@ import copy
 import json
 import sys
 
+from .common import json_parent, load_runtime_or_report, positive
 from .greylist import table, utc
 
 
@@ -26,15 +27,14 @@ class UsageError(Exception):
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("senders", parents=[common], help="sender state machines: list, show, set, reset, graph")
     ssub = s.add_subparsers(dest="senders_command", metavar="COMMAND", required=True)
-    out = argparse.ArgumentParser(add_help=False)
-    out.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    out = json_parent()
     which = argparse.ArgumentParser(add_help=False)
     which.add_argument("--machine", metavar="NAME", help="the machine (default: the default policy's)")
     which.add_argument("--policy", metavar="NAME", help="the machine of this policy's rules")
 
     p = ssub.add_parser("list", parents=[common, out, which], help="tracked keys: state, since, event counts")
     p.add_argument("--state", metavar="STATE", help="only keys in this state")
-    p.add_argument("--limit", type=_positive, metavar="N", help="at most N keys, most recently seen first")
+    p.add_argument("--limit", type=positive, metavar="N", help="at most N keys, most recently seen first")
 
     p = ssub.add_parser("show", parents=[common, out, which], help="one key's state and history")
     p.add_argument("key", metavar="KEY")
@@ -50,23 +50,10 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     ssub.add_parser("graph", parents=[common, which], help="the machine as Graphviz DOT")
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {n}")
-    return n
-
-
 def senders_command(args, config_path: str | None) -> int:
-    from ..errors import ConfigError, PluginError, StoreError
-    from ..loading import load_runtime
-    try:
-        runtime = load_runtime(config_path)
-    except (ConfigError, PluginError) as e:
-        print(str(e), file=sys.stderr)
+    from ..errors import StoreError
+    runtime = load_runtime_or_report(config_path)
+    if runtime is None:
         return 2
     try:
         rule = machine_rule(runtime, args.machine, args.policy)
