@@ -8,7 +8,11 @@ conversation calls and writes their replies. What it changes from stock aiosmtpd
 - DATA is read in one search for CRLF.CRLF instead of line by line (the same strict end-of-data
   rule, at a fraction of the CPU), then bare CR/LF are normalised to CRLF so the downstream can
   never see an end of data the gate did not (no smuggling);
-- stray BDAT, XCLIENT and XFORWARD are refused, and BDAT's chunk is swallowed, not parsed.
+- stray BDAT, XCLIENT and XFORWARD are refused, and BDAT's chunk is swallowed, not parsed;
+- every command passes one counter (``_Commands``) and every reply one writer, where the
+  per-session caps (greetings, RSETs, junk commands, errors) answer 421 and close;
+- connections are counted across workers (``connections.py``), and a PROXY header is read
+  only from trusted peers: anyone else is hung up on before the greeting.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import ssl
 from aiosmtpd.smtp import SMTP, syntax
 
 from .addresses import AddressError, parse_path
+from .connections import ConnectionTracker, client_key
 from .conversation import TOO_BIG, Conversation
 from .envelope import Session, new_id
 from .reply import Reply
@@ -42,13 +47,24 @@ def normalise_line_ends(data: bytes) -> bytes:
     return _BARE_LINE_END.sub(b"\r\n", data)
 
 
-class ConnectionTracker:
-    """Open connections per process and per client, for max_connections(_per_client)."""
+# Commands counted against the per-session caps, by the Limits field that caps them.
+_GREETINGS = frozenset({"HELO", "EHLO"})
+_JUNK = frozenset({"NOOP", "VRFY", "EXPN", "HELP"})  # and every unrecognised command
+_CAPPED = {"max_greetings": "greetings", "max_rsets": "RSETs",
+           "max_junk_commands": "NOOP/VRFY/HELP or unknown commands", "max_errors": "errors"}
 
-    def __init__(self):
-        self.total = 0
-        self.per_client: collections.Counter[str] = collections.Counter()
-        self.protocols: set["GateSMTP"] = set()
+
+class _Commands(dict):
+    """aiosmtpd's command table (name -> method). Its dispatch loop looks up every command
+    line here once, so ``get`` is the one place that sees each command: the session counts it
+    and may answer it with another method (an unknown command's 500, or 421 past a cap)."""
+
+    def __init__(self, methods: dict, on_command):
+        super().__init__(methods)
+        self._on_command = on_command
+
+    def get(self, command, default=None):
+        return self._on_command(command, super().get(command, default))
 
 
 class _Handler:
@@ -85,6 +101,11 @@ class GateSMTP(SMTP):
         self.conv: Conversation | None = None
         self._greeting_pending = True
         self._in_data = False
+        self._closing = False
+        self._client_key: str | None = None  # as counted in the connection table
+        self._command = ""
+        self._counts = collections.Counter()  # per-session caps, since the last accepted message
+        self._smtp_methods = _Commands(self._smtp_methods, self._on_command)
 
     def __dir__(self):
         # aiosmtpd scans dir(self) (via inspect.getmembers) for smtp_* and auth_* methods on
@@ -112,34 +133,36 @@ class GateSMTP(SMTP):
                                 int(peer[1]) if len(peer) > 1 else 0)
         self.conv = Conversation(self.gate, self.gsession)
         self.tracker.protocols.add(self)
+        proxy = self.gate.runtime.config.proxy_protocol
+        if proxy is not None and not proxy.trusts(self.gsession.client_ip):
+            log.warning("session %s client=%s: PROXY protocol from an untrusted peer, closed "
+                        "without a greeting", self.gsession.id, self.gsession.client_ip)
+            self._closing = True
+            transport.close()
 
     def connection_lost(self, error) -> None:
         super().connection_lost(error)
         if self in self.tracker.protocols:
             self.tracker.protocols.discard(self)
-            if not self._greeting_pending:
-                self._count(-1)
+            if self._client_key is not None:
+                self.tracker.close(self._client_key)
+                self._client_key = None
             if self.conv is not None:
                 task = asyncio.ensure_future(self.conv.close())
                 _background.add(task)
                 task.add_done_callback(_background.discard)
 
-    def _count(self, delta: int) -> None:
-        self.tracker.total += delta
-        self.tracker.per_client[self.gsession.client_ip] += delta
-        if self.tracker.per_client[self.gsession.client_ip] <= 0:
-            del self.tracker.per_client[self.gsession.client_ip]
-
     async def _greet(self) -> bool:
         """Runs where aiosmtpd would send 220 (after PROXY): limits, then CONNECT rules."""
         limits = self.gate.runtime.config.limits
-        self._count(+1)
+        key = client_key(self.gsession.client_ip, limits.ipv6_client_prefix)
+        self.tracker.open(key)
+        self._client_key = key
         over = (self.tracker.total > limits.max_connections
-                or self.tracker.per_client[self.gsession.client_ip] > limits.max_connections_per_client)
+                or self.tracker.per_client(key) > limits.max_connections_per_client)
         if over:
-            await self._write(Reply(421, f"{self.hostname} Too many connections, try again later",
-                                    "4.7.0"))
-            self.transport.close()
+            await self.hang_up(Reply(421, f"{self.hostname} Too many connections, try again later",
+                                     "4.7.0"))
             return False
         await self.conv.connect()
         return True
@@ -150,6 +173,7 @@ class GateSMTP(SMTP):
         return self._in_data or (self.conv is not None and self.conv.tx is not None)
 
     async def hang_up(self, reply: Reply) -> None:
+        self._closing = True
         if self.transport is not None and not self.transport.is_closing():
             try:
                 await self._write(reply)
@@ -191,6 +215,51 @@ class GateSMTP(SMTP):
     async def _write_lines(self, lines: list[str]) -> None:
         self._writer.write("".join(f"{line}\r\n" for line in lines).encode("utf-8", "replace"))
         await self._writer.drain()
+        if lines and not self._closing:
+            await self._after_reply(lines[0])
+
+    # --- per-session caps ----------------------------------------------------------------
+    async def _after_reply(self, first_line: str) -> None:
+        """Count error replies (max_errors; like Postfix, the reply that reaches the cap is
+        followed by 421); an accepted message starts every count afresh."""
+        if first_line[:1] in "45" and not first_line.startswith(("452-4.5.3", "452 4.5.3")):
+            # 452 4.5.3 asks for another transaction: no client can avoid it, so not an error
+            self._counts["max_errors"] += 1
+            if self._counts["max_errors"] >= self.gate.runtime.config.limits.max_errors:
+                await self._over_cap("max_errors")
+        elif self._command == "DATA" and first_line[:1] == "2":
+            self._counts.clear()
+
+    def _on_command(self, command: str, method):
+        """Every command line's dispatch (see ``_Commands``): the method that answers it."""
+        if self._closing:
+            return self._ignore
+        self._command = command
+        if command in _GREETINGS:
+            cap = "max_greetings"
+        elif command == "RSET":
+            cap = "max_rsets"
+        elif command in _JUNK or method is None:
+            cap = "max_junk_commands"
+        else:
+            return method
+        self._counts[cap] += 1
+        if self._counts[cap] > getattr(self.gate.runtime.config.limits, cap):
+            return lambda arg: self._over_cap(cap)
+        return method if method is not None else self._unknown
+
+    async def _over_cap(self, cap: str) -> None:
+        limit = getattr(self.gate.runtime.config.limits, cap)
+        log.warning("session %s client=%s: too many %s (limits.%s: %d), closing",
+                    self.gsession.id, self.gsession.client_ip, _CAPPED[cap], cap, limit)
+        await self.hang_up(Reply(421, f"{self.hostname} Too many {_CAPPED[cap]}, closing connection",
+                                 "4.7.0"))
+
+    async def _ignore(self, arg) -> None:
+        """A command read after the session decided to close: no reply."""
+
+    async def _unknown(self, arg) -> None:
+        await self._write(Reply(500, f'Error: command "{self._command}" not recognized', "5.5.2"))
 
     # --- commands ----------------------------------------------------------------------
     @syntax("EHLO hostname")
@@ -369,6 +438,10 @@ class GateSMTP(SMTP):
 
     async def smtp_AUTH(self, arg: str | None):
         await self._write(Reply(502, "AUTH is not offered", "5.5.1"))
+
+    async def smtp_HELP(self, arg: str | None):
+        # not aiosmtpd's: it looks commands up in the (counting) table and lists unoffered ones
+        await self._write(Reply(214, "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT", "2.0.0"))
 
     async def smtp_EXPN(self, arg: str | None):
         await self._write(Reply(502, "EXPN is not offered", "5.5.1"))

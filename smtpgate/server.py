@@ -9,8 +9,9 @@ import ssl
 import sys
 import time
 
+from .connections import ConnectionTable, ConnectionTracker
 from .errors import ConfigError, PluginError
-from .front import ConnectionTracker, GateSMTP
+from .front import GateSMTP
 from .gate import Gate
 from .loading import load_runtime
 from .quarantine import MaildirQuarantine
@@ -35,14 +36,14 @@ def serve(cli_path: str | None) -> int:
     return supervise(cli_path, runtime, cfg.workers)
 
 
-def run_worker(cli_path, runtime) -> int:
+def run_worker(cli_path, runtime, tracker: ConnectionTracker | None = None) -> int:
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
     try:
-        return asyncio.run(_serve(cli_path, runtime))
+        return asyncio.run(_serve(cli_path, runtime, tracker or ConnectionTracker()))
     except OSError as e:
         log.error("cannot listen: %s", e)
         return 1
@@ -56,12 +57,11 @@ def _tls_context(cfg) -> ssl.SSLContext | None:
     return ctx
 
 
-async def _serve(cli_path, runtime) -> int:
+async def _serve(cli_path, runtime, tracker: ConnectionTracker) -> int:
     loop = asyncio.get_running_loop()
     cfg = runtime.config
     gate = Gate(runtime, quarantine=MaildirQuarantine(cfg.quarantine))
     gate.draining = False
-    tracker = ConnectionTracker()
     tls_ctx = _tls_context(cfg)
     await probe(cfg.downstream, cfg.hostname, gate.capabilities)
     servers = []
@@ -111,17 +111,22 @@ async def _reload(gate: Gate, cli_path) -> None:
 
 
 def supervise(cli_path, runtime, workers: int) -> int:
-    """Fork ``workers`` processes that each bind the listen addresses with SO_REUSEPORT."""
-    children: dict[int, float] = {}
+    """Fork ``workers`` processes that each bind the listen addresses with SO_REUSEPORT.
 
-    def spawn() -> None:
+    They share one connection table (made here, before the fork); each worker has a slot in
+    it, and a dead worker's slot is cleared before its replacement takes it over."""
+    children: dict[int, tuple[float, int]] = {}  # pid -> (started, slot)
+    table = ConnectionTable(workers)
+
+    def spawn(slot: int) -> None:
+        table.clear(slot)
         pid = os.fork()
         if pid == 0:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
-            code = run_worker(cli_path, runtime)
+            code = run_worker(cli_path, runtime, ConnectionTracker(table, slot))
             os._exit(code)
-        children[pid] = time.monotonic()
+        children[pid] = (time.monotonic(), slot)
 
     stopping = False
 
@@ -137,8 +142,8 @@ def supervise(cli_path, runtime, workers: int) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    for _ in range(workers):
-        spawn()
+    for slot in range(workers):
+        spawn(slot)
     log.info("started %d worker processes", workers)
     status = 0
     while children:
@@ -148,15 +153,16 @@ def supervise(cli_path, runtime, workers: int) -> int:
             break
         except InterruptedError:
             continue
-        started = children.pop(pid, None)
-        if started is None:
+        child = children.pop(pid, None)
+        if child is None:
             continue
+        started, slot = child
         exit_code = os.waitstatus_to_exitcode(code)
         if not stopping:
             log.error("worker %d exited with %s; starting another", pid, exit_code)
             if time.monotonic() - started < 1.0:
                 time.sleep(1.0)  # a worker that dies at once must not spin the supervisor
-            spawn()
+            spawn(slot)
         elif exit_code != 0:
             status = 1
     return status
