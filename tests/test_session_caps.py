@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 import time
 
-import pytest
 
 BODY = b"Subject: caps\r\n\r\nhello\r\n"
 
