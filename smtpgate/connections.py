@@ -9,10 +9,11 @@ before the workers fork. Why this design:
   adds the rows up; with a handful of workers that costs a few memory reads per connection.
 - A worker that dies (even SIGKILLed) cannot release its counts itself: the supervisor zeroes
   the dead worker's row before it starts the replacement in the same slot, so nothing leaks.
-- Clients are counted in a count-min sketch (two rows of hashed buckets, keyed with a random
+- Clients are counted in a count-min sketch (four rows of hashed buckets, keyed with a random
   salt made at start-up so nobody can aim collisions at someone else): fixed memory whatever
   the number of clients, and a count is never under-estimated, so a limit can't be evaded;
-  it can only be over-estimated when another client collides in both rows, which is rare.
+  it can only be over-estimated when other clients collide with it in all four rows: with
+  1,000 clients connected, about one client in a million.
 - Two workers accepting the same client in the same instant may each see the other's count
   a moment late, admitting at most one connection too many per worker; nothing stays wrong.
 
@@ -26,8 +27,8 @@ import ipaddress
 import mmap
 import os
 
-WIDTH = 16_384  # buckets per sketch row
-DEPTH = 2  # sketch rows
+WIDTH = 32_768  # buckets per sketch row
+DEPTH = 4  # sketch rows: 512 KiB per worker in all
 _SLOT_WORDS = 1 + DEPTH * WIDTH  # [total, sketch...], 32-bit counters
 
 
