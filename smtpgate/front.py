@@ -135,7 +135,7 @@ class GateSMTP(SMTP):
         self.tracker.protocols.add(self)
         proxy = self.gate.runtime.config.proxy_protocol
         if proxy is not None and not proxy.trusts(self.gsession.client_ip):
-            log.warning("session %s client=%s: PROXY protocol from an untrusted peer, closed "
+            log.warning("session %s client=%s: not a trusted PROXY protocol source, closed "
                         "without a greeting", self.gsession.id, self.gsession.client_ip)
             self._closing = True
             transport.close()
