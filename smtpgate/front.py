@@ -259,7 +259,8 @@ class GateSMTP(SMTP):
         """A command read after the session decided to close: no reply."""
 
     async def _unknown(self, arg) -> None:
-        await self._write(Reply(500, f'Error: command "{self._command}" not recognized', "5.5.2"))
+        name = "".join(c for c in self._command[:32] if c.isprintable())  # never echo controls
+        await self._write(Reply(500, f'Error: command "{name}" not recognized', "5.5.2"))
 
     # --- commands ----------------------------------------------------------------------
     @syntax("EHLO hostname")

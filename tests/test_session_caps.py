@@ -98,7 +98,7 @@ def test_noop_vrfy_help_and_unknown_commands_count_together(gate_factory):
     assert c.cmd("NOOP").startswith(b"250")
     assert c.cmd("VRFY postmaster").startswith(b"252")
     assert c.cmd("HELP").startswith(b"214 2.0.0")
-    assert c.cmd("FROB x") == b'500 5.5.2 Error: command "FROB" not recognized'
+    assert c.cmd("FROB\x1b\rX x") == b'500 5.5.2 Error: command "FROBX" not recognized'
     c.sock.sendall(b"NOOP\r\n")
     assert_cut(c, gate, "NOOP/VRFY/HELP or unknown commands")
     c.close()
