@@ -42,7 +42,8 @@ def client_key(ip: str, ipv6_prefix: int = 64) -> str:
     if isinstance(addr, ipaddress.IPv6Address):
         if addr.ipv4_mapped:
             return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, ipv6_prefix), strict=False))
+        drop = 128 - ipv6_prefix
+        return f"{ipaddress.IPv6Address(int(addr) >> drop << drop)}/{ipv6_prefix}"
     return str(addr)
 
 
