@@ -92,13 +92,14 @@ async def test_after_the_backoff_one_probe_goes_and_failures_double_the_backoff(
     b = Breaker("s", first=1, longest=4, clock=clock)
     await call(b, down)
     tried_at = []
-    for step in range(40):  # 10 s in quarter seconds, the store always down
+    for step in range(60):  # 15 s in quarter seconds, the store always down
         clock.t += 0.25
         if await call(b, down) == "tried":
             tried_at.append(step)
-    # probes after 1, then 2, then 4, 4 (the longest) seconds
-    gaps = [b - a for a, b in zip([-1] + tried_at, tried_at)]
-    assert gaps[:4] == [4, 8, 16, 16][:len(gaps[:4])] and len(tried_at) == 3
+    # probes after 1, then 2, then 4 seconds, then every 4 (the longest); refused between
+    gaps = [later - earlier for earlier, later in zip([-1] + tried_at, tried_at)]
+    assert gaps == [4, 8, 16, 16, 16]
+    assert b.refused == 60 - 5
 
 
 async def test_a_successful_probe_closes_the_circuit_and_logs_once(caplog):

@@ -291,7 +291,10 @@ class RedisLink:
         # call after the restart would fail on one and mark the store down again.
         if self._outages_seen != self.breaker.outages:
             self._outages_seen = self.breaker.outages
-            await client.connection_pool.disconnect(inuse_connections=False)
+            try:
+                await client.connection_pool.disconnect(inuse_connections=False)
+            except (RedisError, OSError):
+                pass  # closing a socket to a dead server: nothing to learn
         return await coro_fn(client)
 
     async def close(self) -> None:
