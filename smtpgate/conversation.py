@@ -179,6 +179,10 @@ class Conversation:
         if self._broken:
             return await self._end(tx, BROKEN)
         tx.message = Message(raw)
+        forged = tx.message.remove_authentication_results(self.runtime.config.hostname)
+        if forged:  # RFC 8601 §5: only we may vouch under our own authserv-id
+            tx.trace.append(TraceEntry("data", "gate", "continue",
+                                       f"removed {forged} forged Authentication-Results"))
         verdict = await run_stage(tx.policy.rules, "data", (tx,), tx.trace, message=tx.message)
         if verdict is None or verdict.action == ACCEPT:
             verdict = self._pending
