@@ -179,6 +179,18 @@ def test_release_relays_the_original_as_the_original_client(tmp_path, capsys, do
     downstream.wait_for_messages(2)
 
 
+def test_release_drops_authentication_results_forged_with_our_id(tmp_path, capsys, downstream):
+    config = write_config(tmp_path, downstream.port)  # hostname: gate.test
+    forged = b"Authentication-Results: gate.test; spf=pass smtp.mailfrom=bank.example\r\n"
+    other = b"Authentication-Results: mx.other.example; spf=fail\r\n"
+    store, qid, _ = hold(tmp_path / "q", raw=forged + other + RAW)
+    assert store.get(qid)[1] == forged + other + RAW  # held as received
+    code, _, err = cli(capsys, "quarantine", "release", qid, "-c", config)
+    assert code == 0, err
+    [msg] = downstream.wait_for_messages(1)
+    assert msg.data == other + RAW
+
+
 def test_release_refused_or_unreachable_keeps_the_message(tmp_path, capsys, downstream, free_port):
     config = write_config(tmp_path, downstream.port)
     _, qid, _ = hold(tmp_path / "q")

@@ -226,13 +226,22 @@ async def relay(config, meta: dict, raw: bytes) -> dict:
             out["reply"] = "no recipient accepted"
             await downstream.reset()
             return out
-        reply = await downstream.data(raw)
+        reply = await downstream.data(_without_forgeries(raw, config.hostname))
         out["reply"], out["ok"] = str(reply), reply.is_positive
     except RelayError as exc:
         out["reply"] = f"{exc.reply} ({exc})"
     finally:
         await downstream.close()
     return out
+
+
+def _without_forgeries(raw: bytes, hostname: str) -> bytes:
+    """The held bytes are the message as received; what leaves for the mailbox loses the
+    Authentication-Results fields forged with our authserv-id, as at DATA (RFC 8601 §5)."""
+    from ..message import Message
+    message = Message(raw)
+    message.remove_authentication_results(hostname)
+    return message.raw
 
 
 # --- formatting ----------------------------------------------------------------------------
