@@ -39,6 +39,14 @@ class Busy(StoreError):
     """Another command holds this message's lock."""
 
 
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def folder_mode(file_mode: int) -> int:
     """The folders' mode for a file mode: the same read-write bits, plus x where there is r."""
     return file_mode | ((file_mode & 0o444) >> 2)
@@ -108,6 +116,9 @@ class MaildirQuarantine:
             }
             self._write_meta(name, meta)
             os.rename(tmp, self._sub("new", name))
+            # The client is told its message is held: the new names must survive a crash too.
+            _fsync_dir(self._sub("meta"))
+            _fsync_dir(self._sub("new"))
             return name
         except OSError as e:
             raise StoreError(f"quarantine {self.folder}: {e}") from e
