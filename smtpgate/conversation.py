@@ -199,7 +199,7 @@ class Conversation:
         held = None
         if tx.message.held:  # a rule asked to keep the original while delivering (stripped copy)
             held = await self._hold(tx, raw, Verdict(QUARANTINE, reason="; ".join(tx.message.held),
-                                               data={"delivered": True}))
+                                                     data={"delivered": True}))
             if held is False:
                 await self.relay.reset()
                 return await self._end(tx, CANNOT_HOLD)

@@ -244,7 +244,10 @@ class MaildirQuarantine:
             except OSError as e:
                 raise StoreError(f"quarantine {self.folder}: {e}") from e
         if not dry_run:
-            self._purge_tmp(cutoff)
+            try:
+                self._purge_tmp(cutoff)
+            except OSError as e:
+                raise StoreError(f"quarantine {self.folder}: {e}") from e
         return gone
 
     def _purge_tmp(self, cutoff: float) -> None:
