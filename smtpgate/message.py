@@ -16,6 +16,11 @@ _FIELD_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+$")
 _UNSAFE = re.compile(r"[\r\n\x00]")
 # CR and LF only as folding: CRLF, then space or tab, then some text on that line.
 _BAD_FOLDING = re.compile(r"\x00|\r(?!\n)|(?<!\r)\n|\r\n(?![ \t]*[^ \t\r\n])|\r\n(?![ \t])")
+AUTH_RESULTS = "Authentication-Results"
+# A field-name at the start of a header line (continuation lines start with white space).
+_AUTH_RESULTS_LINE = re.compile(rb"^authentication-results[ \t]*:", re.I | re.M)
+# RFC 2045 token characters (RFC 8601's value = token / quoted-string).
+_TOKEN = re.compile(r'[^\x00-\x20\x7f()<>@,;:\\"/\[\]?=]+')
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,23 @@ class Message:
                 self.changes.append(Change("remove", name, f.value, None, self._current_rule))
         return len(gone)
 
+    def remove_authentication_results(self, authserv_id: str) -> int:
+        """Delete the ``Authentication-Results`` fields that claim ``authserv_id`` (matched
+        without case), as a border MTA must for its own id (RFC 8601 §5); others stay.
+        Returns how many went. Without such a field nothing is parsed and the bytes stay
+        exactly as they are."""
+        end = self.header_end()
+        if not _AUTH_RESULTS_LINE.search(self._raw, 0, end):
+            return 0
+        wanted = authserv_id.strip().rstrip(".").lower()
+        gone = [f for f in self.fields if f.name.lower() == AUTH_RESULTS.lower()
+                and (authserv_id_of(f.value) or "").rstrip(".").lower() == wanted]
+        if gone:
+            self._splice([(f.start, f.end, b"") for f in gone])
+            for f in gone:
+                self.changes.append(Change("remove", AUTH_RESULTS, f.value, None, self._current_rule))
+        return len(gone)
+
     def replace_header(self, name: str, value: str) -> None:
         """Give the first ``name`` field a new value in place and drop the others; add if absent."""
         found = [f for f in self.fields if f.name.lower() == name.lower()]
@@ -237,6 +259,51 @@ def describe_changes(changes) -> str:
         key = (c.op, c.header)
         counts[key] = counts.get(key, 0) + 1
     return "; ".join(f"{op} {header}" + (f" ({n})" if n > 1 else "") for (op, header), n in counts.items())
+
+
+def authserv_id_of(value: str) -> str | None:
+    """The authserv-id of an ``Authentication-Results`` value (RFC 8601 §2.2): the first
+    token or quoted-string, after any CFWS (white space, folding, nested comments). None
+    when the value does not start with one."""
+    pos = _skip_cfws(value, 0)
+    if pos is None or pos >= len(value):
+        return None
+    if value[pos] == '"':
+        out, pos = [], pos + 1
+        while pos < len(value):
+            c = value[pos]
+            if c == "\\" and pos + 1 < len(value):
+                out.append(value[pos + 1])
+                pos += 2
+            elif c == '"':
+                return "".join(out)
+            elif c not in "\r\n":
+                out.append(c)
+                pos += 1
+            else:
+                pos += 1
+        return None
+    m = _TOKEN.match(value, pos)
+    return m.group(0) if m else None
+
+
+def _skip_cfws(text: str, pos: int) -> int | None:
+    """The offset past white space and (nested, quoted-pair aware) comments; None if a
+    comment never closes."""
+    depth = 0
+    while pos < len(text):
+        c = text[pos]
+        if c == "\\" and depth:
+            pos += 2
+            continue
+        if c == "(":
+            depth += 1
+        elif c == ")" and depth:
+            depth -= 1
+        elif not depth and c not in " \t\r\n":
+            return pos
+        pos += 1
+    return None if depth else pos
 
 
 def _field(name: bytes, parts: list[bytes], start: int, end: int) -> HeaderField:

@@ -81,6 +81,8 @@ class GateConfig:
     proxy_protocol: bool = False
     state: str
     quarantine: str
+    quarantine_keep: float = 30 * 86400.0  # seconds a held message is kept; 0: for ever
+    quarantine_mode: int = 0o600  # held files; folders get the matching x bits (0700, 0750, 0770)
     limits: Limits = field(default_factory=Limits)
     policies: str
     plugins: list[str] = field(default_factory=list)
@@ -212,6 +214,28 @@ def _nameserver(value: Any) -> tuple[str, int]:
                          f"got {value!r}") from None
 
 
+def _keep(value: Any) -> float:
+    """A retention: a duration, or 0 / ``forever`` / ``off`` to keep messages for ever."""
+    if value in (0, "0", "forever", "off", False):
+        return 0.0
+    return _timeout(value)
+
+
+FILE_MODES = (0o600, 0o640, 0o660)
+
+
+def _file_mode(value: Any) -> int:
+    """``0600`` (the default), ``0640`` or ``0660``: owner read-write, the group at most
+    read-write, others nothing. YAML reads ``0640`` as octal already; ``"0640"`` is taken too."""
+    mode = value
+    if isinstance(value, str) and re.fullmatch(r"0o?[0-7]{3}", value.strip()):
+        mode = int(value.strip().replace("o", ""), 8)
+    if isinstance(mode, bool) or not isinstance(mode, int) or mode not in FILE_MODES:
+        shown = f"{value:#o}" if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+        raise ValueError(f"expected a file mode 0600, 0640 or 0660, got {shown}")
+    return mode
+
+
 def _metrics(value: Any) -> tuple[str, int] | None:
     return None if value is None else _address(value)
 
@@ -279,6 +303,8 @@ def _schema(base: str, policies_base: str) -> _Section:
         "proxy_protocol": boolean,
         "state": partial(_state, base=base),
         "quarantine": partial(_path, base=base),
+        "quarantine_keep": _keep,
+        "quarantine_mode": _file_mode,
         "limits": _Section(Limits, {
             "max_message_size": _size, "max_recipients": _count, "max_connections": _count,
             "max_connections_per_client": _count, "command_timeout": _timeout, "data_timeout": _timeout}),
