@@ -21,8 +21,8 @@ HARAKA_PORT="${HARAKA_PORT:-20027}"
 GATE_PORT="${GATE_PORT:-20030}"
 FLOOR_PORT="${FLOOR_PORT:-20040}"
 # Where installs, logs and per-run state go (git-ignored); the tables go to RESULTS.
-BENCH_HOME="${BENCH_HOME:-$BENCH/.home}"
-RESULTS="${RESULTS:-$BENCH/results}"
+BENCH_HOME="$(mkdir -p "${BENCH_HOME:-$BENCH/.home}" && cd "${BENCH_HOME:-$BENCH/.home}" && pwd)"
+RESULTS="$(mkdir -p "${RESULTS:-$BENCH/results}" && cd "${RESULTS:-$BENCH/results}" && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 SMTPGATE="$VENV/bin/smtpgate"
@@ -96,8 +96,15 @@ start_bg() {
 
 # skip LABEL REASON: the system is not measured; the report says why.
 skip() {
-  warn "$1 skipped: $2"
+  warn "$1 not measured: $2"
   printf '%s\t%s\n' "$1" "$2" >> "$RUN_DIR/skipped.tsv"
+}
+
+# absent LABEL REASON: a tool or service the system needs is not there: skipped, with the
+# reason in the report (a failure with CI=true, where nothing may be skipped silently).
+absent() {
+  skip "$1" "$2"
+  if [ "${CI:-}" = true ]; then FAILED=1; fi
 }
 
 # measure LABEL PORT [--cpu name=PID ...]: throughput workloads, then latency.

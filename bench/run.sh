@@ -51,6 +51,7 @@ run_system() {
   start_bg "$log" "$@"
   local pid=$BG_PID
   if wait_port "$port" "$pid" 60 && "$PY" "$BENCH/probe.py" "$port" --timeout 30; then
+    echo "$label" >> "$RUN_DIR/probes"  # one more message the sink must have received
     measure "$label" "$port" --cpu "$label=$pid"
   else
     skip "$label" "did not start or does not relay (see $log)"; FAILED=1
@@ -75,7 +76,7 @@ bench_floor() {
 haraka_install() {
   HDIR="$BENCH_HOME/haraka"
   if ! command -v "$NPM" >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then
-    skip haraka "npm or node not found: install Node.js and npm to compare with Haraka"; return 1
+    absent haraka "npm or node not found: install Node.js and npm to compare with Haraka"; return 1
   fi
   if [ ! -x "$HDIR/node_modules/.bin/haraka" ] || ! cmp -s "$BENCH/haraka/package.json" "$HDIR/package.json"; then
     echo "installing Haraka from npm into $HDIR (once)"
@@ -154,7 +155,7 @@ bench_gate() {
 bench_gate_redis() {
   local version prefix="smtpgate-bench-$RUN_ID:" url
   if ! version=$("$PY" "$BENCH/redisctl.py" ping "$REDIS_URL" 2>&1); then
-    skip gate-real-redis "no Redis at $REDIS_URL ($version); start redis-server or set REDIS_URL"
+    absent gate-real-redis "no Redis at $REDIS_URL ($version); start redis-server or set REDIS_URL"
     return 0
   fi
   echo "$version" > "$RUN_DIR/redis-version"
@@ -176,6 +177,8 @@ done
 
 cleanup
 cut -d' ' -f1-3 /proc/loadavg > "$RUN_DIR/load-end"
+# smtp-sink's -c counters; the last one is complete only now that it has exited
+{ grep -ao 'mesg=[0-9]*' "$RUN_DIR/sink.log" || echo mesg=0; } | tail -1 | cut -d= -f2 > "$RUN_DIR/sink-count"
 say "results"
 "$PY" "$BENCH/report.py" "$RUN_DIR" "$RESULTS" || FAILED=1
 if [ "$FAILED" != 0 ]; then
