@@ -71,17 +71,22 @@ stop_pid() {  # stop one PID we started: TERM, up to 10 s, then KILL
     kill -TERM "$p" 2>/dev/null || true
     for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     if kill -0 "$p" 2>/dev/null; then
-      warn "PID $p did not stop on TERM within 10 s; killing it"
-      kill -KILL "$p" 2>/dev/null || true
+      warn "PID $p did not stop on TERM within 10 s; killing it and its child processes"
+      local kids
+      kids=$(pgrep -P "$p" || true)  # by parent PID: its workers, which TERM should have ended
+      kill -KILL "$p" $kids 2>/dev/null || true
     fi
   fi
   wait "$p" 2>/dev/null || true
+  # forget it: once reaped, its PID may be given to someone else's process
+  local kept=() q
+  for q in "${STARTED_PIDS[@]}"; do [ "$q" = "$p" ] || kept+=("$q"); done
+  STARTED_PIDS=("${kept[@]}")
 }
 
 cleanup() {
   local p c
   for p in "${STARTED_PIDS[@]}"; do stop_pid "$p"; done
-  STARTED_PIDS=()
   for c in "${CLEANUPS[@]}"; do eval "$c" || true; done
   CLEANUPS=()
 }

@@ -5,7 +5,7 @@ targets for, printed and written to RESULTS/<run>.md and .json (and latest.md/.j
     report.py RUN_DIR RESULTS_DIR
 
 RUN_DIR is what bench/run.sh wrote: results.tsv (drive.py), latency.tsv (lat.py),
-skipped.tsv, load-start, load-end. Throughput is the median messages/s of the runs that
+skipped.tsv, probes, sink-count, knobs.tsv, load-start, load-end. Throughput is the median messages/s of the runs that
 succeeded; a cell shows "(k/n ok)" when some runs failed. Ratios divide medians of this one
 run: figures from different runs, or machines, are not comparable.
 """
@@ -28,6 +28,7 @@ TITLES = {
     "gate-real-sqlite": "smtpgate, `real` policy, SQLite",
     "gate-real-redis": "smtpgate, `real` policy, Redis",
 }
+KNOBS = ("SYSTEMS", "WORKLOADS", "RUNS", "N_PAR", "N_SEQ", "LAT_N", "LAT_MODES", "HARAKA_VARIANTS")
 HARAKA_REALISTIC = "haraka-realistic-2n-nd"
 # (name, numerator, denominator, minimum the ratio should reach) — issue 13's targets
 THROUGHPUT_RATIOS = [
@@ -213,6 +214,20 @@ def deliveries(run_dir: str) -> dict:
     return doc
 
 
+def busy_warning(doc: dict) -> str | None:
+    """A line saying the machine was busy: with a 1-minute load average past half the cores
+    before the run, other work took a share of the cores the run was measuring."""
+    try:
+        load = max(float((doc["load"][k] or "0").split()[0]) for k in ("start", "end"))
+    except (ValueError, IndexError):
+        return None
+    cores = doc["machine"]["cores"] or 1
+    if load <= cores / 2:
+        return None
+    return (f"**Warning: the machine was busy** (load average {load:.1f} on {cores} cores): other "
+            "work shared the cores, these figures and ratios are not reliable; run again on a quiet machine.")
+
+
 def mark(ok: bool | None) -> str:
     return "" if ok is None else (" ✓" if ok else " ✗")
 
@@ -225,6 +240,9 @@ def markdown(doc: dict) -> str:
              f"Messages/s, median of {k['RUNS']} run(s) (N_PAR={k['N_PAR']}, N_SEQ={k['N_SEQ']}); "
              f"latency over {k['LAT_N']} messages, one client, one message at a time "
              "(keep: one connection; conn: a connection per message).", ""]
+    busy = busy_warning(doc)
+    if busy:
+        lines += [busy, ""]
     head = ["system", *WORKLOADS] + [f"{m} p50 / p99 ms" for m in modes]
     lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for label in order:
@@ -305,8 +323,10 @@ def main() -> int:
     redis_version = read_text(os.path.join(run_dir, "redis-version"))
     if redis_version:
         doc["versions"]["redis-server"] = redis_version
-    doc["knobs"] = {name: os.environ.get(name, "") for name in
-                    ("SYSTEMS", "WORKLOADS", "RUNS", "N_PAR", "N_SEQ", "LAT_N", "LAT_MODES", "HARAKA_VARIANTS")}
+    doc["knobs"] = {name: os.environ.get(name, "") for name in KNOBS}
+    for line in (read_text(os.path.join(run_dir, "knobs.tsv")) or "").splitlines():
+        name, _, value = line.partition("\t")
+        doc["knobs"][name] = value
     if not doc["order"] and not doc["skipped"]:
         print("report.py: nothing was measured in " + run_dir, file=sys.stderr)
         return 1

@@ -30,7 +30,10 @@ RUN_DIR="$BENCH_HOME/runs/$RUN_ID"
 mkdir -p "$RUN_DIR" "$RESULTS"
 : > "$RUN_DIR/skipped.tsv"
 cut -d' ' -f1-3 /proc/loadavg > "$RUN_DIR/load-start"
-export RUNS LAT_N LAT_MODES WORKLOADS SYSTEMS HARAKA_VARIANTS BENCH_HOME
+export BENCH_HOME
+for knob in SYSTEMS WORKLOADS RUNS N_PAR N_SEQ LAT_N LAT_MODES HARAKA_VARIANTS; do
+  printf '%s\t%s\n' "$knob" "${!knob}"
+done > "$RUN_DIR/knobs.tsv"  # for the report, which can be run again on this folder
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 echo "bench run $RUN_ID: SYSTEMS=$SYSTEMS WORKLOADS=$WORKLOADS RUNS=$RUNS N_PAR=$N_PAR N_SEQ=$N_SEQ" \
