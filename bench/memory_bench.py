@@ -12,7 +12,9 @@ Postfix's smtp-sink on loopback, and measures, each scenario on a fresh gate:
   2. 8 clients sending 8 MB at once: the same, against the 64 MB in flight;
   3. 20 clients sending 20 MB at once with max_inflight_data 100MB: how many were served
      (250) and how many got 452 4.3.1, the peak, and whether the gate is still up;
-  4. 1,000 idle connections (greeted, then silent): RSS growth per connection.
+  4. 1,000 idle connections (greeted, then silent): RSS growth per connection;
+  5. one 20 MB message through a rule that edits headers (rewrite: a Subject tag, a field
+     added): as 1.
 Peak RSS is the kernel's high-water mark (VmHWM), reset before each measure through
 /proc/PID/clear_refs (root), else sampled every 5 ms.
 """
@@ -35,6 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1_000_000
+# scenario 5: a rule that edits headers (a subject tag, an added field)
+EDITS = '[{rewrite: {subject_prefix: "[EXT]", add_headers: {X-Bench: "yes"}}}]'
 
 
 def free_port() -> int:
@@ -106,10 +110,11 @@ class Peak:
 
 
 class Gate:
-    def __init__(self, folder: Path, sink_port: int, source: str | None, limits: dict):
+    def __init__(self, folder: Path, sink_port: int, source: str | None, limits: dict,
+                 rules: str = "[]"):
         self.port = free_port()
         (folder / "policies").mkdir(parents=True, exist_ok=True)
-        (folder / "policies" / "default.yaml").write_text("domains: [bench.test]\nrules: []\n")
+        (folder / "policies" / "default.yaml").write_text(f"domains: [bench.test]\nrules: {rules}\n")
         lines = [f"{k}: {v}" for k, v in limits.items()]
         (folder / "gate.yaml").write_text(
             "hostname: gate.bench.test\n"
@@ -213,11 +218,11 @@ def main() -> int:
     ap.add_argument("--source", help="run the smtpgate package found in this folder (PYTHONPATH)")
     ap.add_argument("--old-config", action="store_true",
                     help="leave out the limits a gate before issue 10 does not know")
-    ap.add_argument("--only", type=int, nargs="*", help="scenario numbers to run (1-4)")
+    ap.add_argument("--only", type=int, nargs="*", help="scenario numbers to run (1-5)")
     args = ap.parse_args()
     if not shutil.which("smtp-sink"):
         raise SystemExit("needs Postfix's smtp-sink (apt-get install postfix)")
-    only = set(args.only or (1, 2, 3, 4))
+    only = set(args.only or (1, 2, 3, 4, 5))
     base_limits = {"max_message_size": "30MB", "max_connections": 5000,
                    "max_connections_per_client": 5000}
     if not args.old_config:
@@ -231,8 +236,8 @@ def main() -> int:
         try:
             wait_port(sink_port, sink)
 
-            def fresh(name: str, **extra) -> Gate:
-                return Gate(Path(tmp) / name, sink_port, args.source, {**base_limits, **extra})
+            def fresh(name: str, rules: str = "[]", **extra) -> Gate:
+                return Gate(Path(tmp) / name, sink_port, args.source, {**base_limits, **extra}, rules)
 
             if 1 in only:
                 gate = fresh("one")
@@ -240,6 +245,14 @@ def main() -> int:
                     print(f"idle worker RSS: {gate.rss / MB:.1f} MB", flush=True)
                     grown, counts, alive = concurrent(gate, 1, 20 * MB)
                     rows.append(("1 x 20 MB: peak RSS above idle",
+                                 f"{grown / MB:.1f} MB = {grown / (20 * MB):.2f} x the message {counts}"))
+                finally:
+                    gate.stop()
+            if 5 in only:
+                gate = fresh("edits", rules=EDITS)
+                try:
+                    grown, counts, alive = concurrent(gate, 1, 20 * MB)
+                    rows.append(("1 x 20 MB, headers edited (rewrite): peak RSS above idle",
                                  f"{grown / MB:.1f} MB = {grown / (20 * MB):.2f} x the message {counts}"))
                 finally:
                     gate.stop()
