@@ -99,17 +99,25 @@ class DataDecoder:
 
     def _lines_fit(self, piece: bytes) -> bool:
         """Whether every line stays within max_line; ``piece`` is CRLF-only and does not end
-        with CR. Only a piece that could hold a long line is split into lines."""
-        line, max_line = self._line, self.max_line
-        if line + len(piece) <= max_line:
+        with CR. Looks at blocks of max_line + 2 octets: a block without LF is part of a line
+        too long, and otherwise only the runs from one block's last LF to the next block's
+        first LF need measuring (two finds per block, no copies)."""
+        max_line, size = self.max_line, len(piece)
+        if self._line + size <= max_line:
             nl = piece.rfind(b"\n")
-            self._line = line + len(piece) if nl < 0 else len(piece) - nl - 1
+            self._line = self._line + size if nl < 0 else size - nl - 1
             return True
-        parts = piece.split(b"\n")
-        last = parts.pop()
-        if parts:  # each complete part still ends with its CR
-            if line + len(parts[0]) - 1 > max_line or max(map(len, parts)) - 1 > max_line:
+        block = max_line + 2
+        last_lf = -1 - self._line  # where the LF before this piece's first line would be
+        for start in range(0, size, block):
+            stop = start + block
+            first = piece.find(b"\n", start, stop)
+            if first < 0:
+                if stop <= size:  # a whole block without LF: a line of max_line + 1 or more
+                    return False
+                continue
+            if first - last_lf - 2 > max_line:  # the octets before that CR LF
                 return False
-            line = 0
-        self._line = line + len(last)
+            last_lf = piece.rfind(b"\n", first, stop)
+        self._line = size - last_lf - 1
         return self._line <= max_line

@@ -51,7 +51,8 @@ class Message:
             body = (bytes(raw),) if not isinstance(raw, bytes) else (raw,)
         else:  # pieces: take them over, so the caller's list no longer holds them
             body = tuple(p for p in raw if p)
-            raw.clear()
+            if isinstance(raw, list):
+                raw.clear()
         #: the message is ``_head + b"".join(_body)``; ``_head`` is None until split off
         self._head: bytes | None = None
         self._body: tuple = body

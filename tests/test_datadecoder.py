@@ -108,3 +108,20 @@ def test_relay_chunks_stuff_like_the_whole_message(monkeypatch):
         pieces = [message[a:b] for a, b in zip([0] + cuts, cuts + [len(message)])]
         pieces = [memoryview(p) if i % 2 else p for i, p in enumerate(pieces)]
         assert b"".join(relay.dot_stuffed(pieces)) == whole(message), (message, cuts)
+
+
+def test_random_streams_line_limit_matches_the_longest_line():
+    rng = random.Random(998)
+    alphabet = [b".", b"\r", b"\n", b"\r\n", b"a", b"bb", b"cccc", b"\r\n."]
+    for _ in range(3000):
+        body = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+        stream = body + TERMINATOR
+        max_line = rng.randrange(1, 9)
+        expected, _ = reference(stream)
+        longest = max(len(line) for line in expected.split(b"\r\n"))
+        cuts = [rng.randrange(0, len(stream) + 1) for _ in range(rng.randrange(0, 6))]
+        got, rest = decode(stream, cuts, max_line=max_line)
+        if longest > max_line:
+            assert getattr(got, "code", None) == 500, (stream, cuts, max_line)
+        else:
+            assert got == expected, (stream, cuts, max_line)
