@@ -287,6 +287,8 @@ class GateSMTP(SMTP):
         share = limits.max_inflight_data // max(self.gate.runtime.config.workers, 1)
         hold = inflight.BUDGET.reserve(_declared_size(tx.sender_params) or READ_CHUNK, share)
         if hold is None:
+            log.warning("session %s: DATA refused, %d bytes in flight in this worker (share %d)",
+                        self.gsession.id, inflight.BUDGET.used, share)
             await self._write(NO_STORAGE)
             return
         try:

@@ -103,6 +103,7 @@ def test_data_past_the_inflight_budget_gets_452_and_the_others_are_served(gate_f
         for c in clients:
             c.close()
     assert_enhanced(*clients)
+    assert "DATA refused" in gate.log_text() and "Traceback" not in gate.log_text()
     msgs = downstream.wait_for_messages(4)
     assert all(m.data == body for m in msgs)
 
