@@ -171,7 +171,8 @@ class Conversation:
             tx.policy = None
         return reply
 
-    async def data(self, raw: bytes) -> Reply:
+    async def data(self, raw: bytes | list[bytes]) -> Reply:
+        """``raw``: the message, or its pieces in order (the Message takes the list over)."""
         tx = self.tx
         if tx is None:
             return NEED_MAIL
@@ -180,6 +181,7 @@ class Conversation:
         if self._broken:
             return await self._end(tx, BROKEN)
         tx.message = Message(raw)
+        del raw  # the message holds the only copy from here on
         forged = tx.message.remove_authentication_results(self.runtime.config.hostname)
         if forged:  # RFC 8601 §5: only we may vouch under our own authserv-id
             tx.trace.append(TraceEntry("data", "gate", "continue",
@@ -189,7 +191,7 @@ class Conversation:
             verdict = self._pending
         if verdict is not None and verdict.action != ACCEPT:
             reply = verdict.reply("data")
-            if verdict.action == QUARANTINE and await self._hold(tx, raw, verdict) is False:
+            if verdict.action == QUARANTINE and await self._hold(tx, tx.message.received, verdict) is False:
                 reply = CANNOT_HOLD
             await self.relay.reset()
             return await self._end(tx, reply, deliver_hooks=verdict.action == DISCARD)
@@ -198,13 +200,14 @@ class Conversation:
             return await self._end(tx, OK_DATA, deliver_hooks=True)
         held = None
         if tx.message.held:  # a rule asked to keep the original while delivering (stripped copy)
-            held = await self._hold(tx, raw, Verdict(QUARANTINE, reason="; ".join(tx.message.held),
-                                                     data={"delivered": True}))
+            held = await self._hold(tx, tx.message.received,
+                                    Verdict(QUARANTINE, reason="; ".join(tx.message.held),
+                                            data={"delivered": True}))
             if held is False:
                 await self.relay.reset()
                 return await self._end(tx, CANNOT_HOLD)
         try:
-            reply = await self.relay.data(tx.message.raw)
+            reply = await self.relay.data(tx.message.pieces())
             tx.downstream_replies.append(("data", reply))
         except RelayError as exc:
             reply = exc.reply

@@ -53,6 +53,8 @@ class Limits:
     max_connections_per_client: int = 20
     command_timeout: float = 300
     data_timeout: float = 600
+    max_line_length: int = 998  # octets before CRLF in DATA (RFC 5321 §4.5.3.1.6); 0: no limit
+    max_inflight_data: int = 1_000_000_000  # bytes of all messages being received; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,27 @@ def _size(value: Any) -> int:
     if size <= 0:
         raise ValueError(f"expected a size above zero, got {value!r}")
     return size
+
+
+def _line_length(value: Any) -> int:
+    # Below 78 even RFC 5322's recommended line would be refused: surely a typo.
+    if isinstance(value, bool) or not isinstance(value, int) or (value != 0 and value < 78):
+        raise ValueError(f"expected a number of octets of 78 or more, or 0 for no limit, got {value!r}")
+    return value
+
+
+def _inflight(value: Any) -> int:
+    """``auto``: a quarter of the machine's memory, at most 1GB; ``0``: no limit."""
+    if value == "auto":
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            ram = 4 * 1000**3
+        return min(1000**3, ram // 4)
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise ValueError(f'expected "auto", a size like "512MB", or 0 for no limit, got {value!r}') from None
 
 
 def _workers(value: Any) -> int:
@@ -307,7 +330,8 @@ def _schema(base: str, policies_base: str) -> _Section:
         "quarantine_mode": _file_mode,
         "limits": _Section(Limits, {
             "max_message_size": _size, "max_recipients": _count, "max_connections": _count,
-            "max_connections_per_client": _count, "command_timeout": _timeout, "data_timeout": _timeout}),
+            "max_connections_per_client": _count, "max_line_length": _line_length,
+            "max_inflight_data": _inflight, "command_timeout": _timeout, "data_timeout": _timeout}),
         "policies": partial(_existing_dir, base=policies_base),
         "plugins": _Each(partial(_existing_dir, base=base)),
         "dns": _Section(DnsConfig, {"nameservers": _Each(_nameserver), "timeout": _timeout, "attempts": _count}),
