@@ -9,6 +9,7 @@ downstream — with the sender as the rules left it — and mirrors each RCPT. D
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -170,7 +171,8 @@ class Conversation:
             tx.policy = None
         return reply
 
-    async def data(self, raw: bytes) -> Reply:
+    async def data(self, raw: bytes | list[bytes]) -> Reply:
+        """``raw``: the message, or its pieces in order (the Message takes the list over)."""
         tx = self.tx
         if tx is None:
             return NEED_MAIL
@@ -179,12 +181,17 @@ class Conversation:
         if self._broken:
             return await self._end(tx, BROKEN)
         tx.message = Message(raw)
+        del raw  # the message holds the only copy from here on
+        forged = tx.message.remove_authentication_results(self.runtime.config.hostname)
+        if forged:  # RFC 8601 §5: only we may vouch under our own authserv-id
+            tx.trace.append(TraceEntry("data", "gate", "continue",
+                                       f"removed {forged} forged Authentication-Results"))
         verdict = await run_stage(tx.policy.rules, "data", (tx,), tx.trace, message=tx.message)
         if verdict is None or verdict.action == ACCEPT:
             verdict = self._pending
         if verdict is not None and verdict.action != ACCEPT:
             reply = verdict.reply("data")
-            if verdict.action == QUARANTINE and self._hold(tx, raw, verdict) is False:
+            if verdict.action == QUARANTINE and await self._hold(tx, tx.message.received, verdict) is False:
                 reply = CANNOT_HOLD
             await self.relay.reset()
             return await self._end(tx, reply, deliver_hooks=verdict.action == DISCARD)
@@ -193,27 +200,29 @@ class Conversation:
             return await self._end(tx, OK_DATA, deliver_hooks=True)
         held = None
         if tx.message.held:  # a rule asked to keep the original while delivering (stripped copy)
-            held = self._hold(tx, raw, Verdict(QUARANTINE, reason="; ".join(tx.message.held),
-                                               data={"delivered": True}))
+            held = await self._hold(tx, tx.message.received,
+                                    Verdict(QUARANTINE, reason="; ".join(tx.message.held),
+                                            data={"delivered": True}))
             if held is False:
                 await self.relay.reset()
                 return await self._end(tx, CANNOT_HOLD)
         try:
-            reply = await self.relay.data(tx.message.raw)
+            reply = await self.relay.data(tx.message.pieces())
             tx.downstream_replies.append(("data", reply))
         except RelayError as exc:
             reply = exc.reply
         if held and not reply.is_positive:  # not delivered: the client retries, that copy counts
-            self.gate.quarantine.delete(held)
+            await asyncio.to_thread(self.gate.quarantine.delete, held)
         return await self._end(tx, reply, deliver_hooks=True)
 
-    def _hold(self, tx: Transaction, raw: bytes, verdict: Verdict):
+    async def _hold(self, tx: Transaction, raw: bytes, verdict: Verdict):
         """Store the message as received in the quarantine: its id; None without a
-        quarantine (``smtpgate try``); False when the store failed (the client gets a 451)."""
+        quarantine (``smtpgate try``); False when the store failed (the client gets a 451).
+        In a thread: the store writes and fsyncs, which must not stall other sessions."""
         if self.gate.quarantine is None:
             return None
         try:
-            qid = self.gate.quarantine.put(tx, raw, verdict)
+            qid = await asyncio.to_thread(self.gate.quarantine.put, tx, raw, verdict)
         except StoreError as exc:
             log.error("tx %s: cannot store in the quarantine: %s", tx.id, exc)
             self._gate_trace(tx, "data", "error", f"quarantine failed: {exc}", CANNOT_HOLD)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 
 import aiosmtplib
@@ -124,22 +125,45 @@ class Downstream:
         return await self._command(b"RCPT", b"TO:" + _enc(wire_recipient, utf8),
                                    *[p.encode() for p in params])
 
-    async def data(self, raw: bytes) -> Reply:
+    async def data(self, raw) -> Reply:
+        """Relay one message: ``raw`` is its bytes, or its pieces in order (bytes-like).
+
+        The message is written dot-stuffed in chunks as the socket takes them (no whole-message
+        copy, unlike aiosmtplib's ``data()``), bare CR/LF made CRLF on the way so the
+        downstream can never see an end of data the gate did not send."""
         smtp = self._require()
-        if not raw:
+        pieces = [raw] if isinstance(raw, (bytes, bytearray, memoryview)) else raw
+        if not any(len(p) for p in pieces):
             return await self._empty_data()
         try:
-            response = await smtp.data(raw)
-            reply = Reply.from_downstream(response.code, response.message)
-        except SMTPResponseException as exc:
-            reply = self._check(Reply.from_downstream(exc.code, exc.message))
-            # A refused DATA command leaves the downstream's MAIL/RCPT open (Postfix would
-            # answer the next MAIL "503 nested MAIL command"): end it before the next one.
-            await self.reset()
+            start = await smtp.execute_command(b"DATA")
+            if start.code == 354:
+                response = await self._send_body(smtp, pieces)
         except (SMTPException, OSError, asyncio.TimeoutError) as exc:
             raise self._lost(exc) from None
+        if start.code != 354 or response.code != 250:
+            failed = start if start.code != 354 else response
+            reply = self._check(Reply.from_downstream(failed.code, failed.message))
+            # A refused DATA leaves the downstream's MAIL/RCPT open (Postfix would answer the
+            # next MAIL "503 nested MAIL command"): end it before the next one.
+            await self.reset()
+        else:
+            reply = Reply.from_downstream(response.code, response.message)
         self.in_transaction = False
         return reply
+
+    async def _send_body(self, smtp, pieces):
+        """After 354: the pieces, dot-stuffed, then the final dot; the downstream's reply.
+
+        Uses aiosmtplib's protocol below its public API (write, the flow-control wait and the
+        reply reader), as its own ``execute_data_command`` does, one chunk at a time."""
+        protocol, timeout = smtp.protocol, self.cfg.timeout
+        protocol._response_pending = True  # keep a reply sent early instead of dropping it
+        for chunk in dot_stuffed(pieces):
+            protocol.write(chunk)
+            if protocol._paused:  # the transport's buffer is full: wait until the socket drains
+                await asyncio.wait_for(protocol._drain_helper(), timeout)
+        return await protocol.read_response(timeout=timeout)
 
     async def _empty_data(self) -> Reply:
         # aiosmtplib's data() turns b"" into one empty line; an empty message stays empty.
@@ -217,6 +241,44 @@ async def probe(cfg, local_hostname: str, capabilities: Capabilities) -> bool:
         log.warning("downstream %s:%s not answering yet (%s); EHLO offers the safe minimum",
                     cfg.host, cfg.port, exc)
         return False
+
+
+WRITE_CHUNK = 256 * 1024
+_BARE_LINE_END = re.compile(rb"\r\n|\r(?!\n)|\n")
+
+
+def dot_stuffed(pieces):
+    """DATA as sent, in chunks of at most about WRITE_CHUNK: the pieces made CRLF-only, a dot
+    doubled at every line start, a CRLF added if the message lacks a final one, then the
+    final dot. A chunk never ends with a CR whose LF opens the next one."""
+    line_start, carry = True, b""
+    for piece in pieces:
+        view = memoryview(piece)
+        for offset in range(0, len(view), WRITE_CHUNK):
+            chunk = carry + view[offset:offset + WRITE_CHUNK]
+            if chunk.endswith(b"\r"):  # its LF may open the next chunk
+                chunk, carry = chunk[:-1], b"\r"
+            else:
+                carry = b""
+            if chunk:
+                chunk, line_start = _stuff(chunk, line_start)
+                yield chunk
+    if carry:  # a bare CR at the very end
+        yield b"\r\n.\r\n"
+    else:
+        yield b".\r\n" if line_start else b"\r\n.\r\n"
+
+
+def _stuff(chunk: bytes, line_start: bool) -> tuple[bytes, bool]:
+    """One chunk of DATA as sent: CRLF-only, a dot doubled at every line start; and whether
+    the chunk ends at a line start. ``chunk`` must not end with CR (its LF may follow)."""
+    crlf = chunk.count(b"\r\n")
+    if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
+        chunk = _BARE_LINE_END.sub(b"\r\n", chunk)
+    chunk = chunk.replace(b"\r\n.", b"\r\n..")
+    if line_start and chunk.startswith(b"."):
+        chunk = b"." + chunk
+    return chunk, chunk.endswith(b"\n")
 
 
 def _enc(text: str, utf8: bool) -> bytes:

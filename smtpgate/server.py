@@ -10,16 +10,18 @@ import sys
 import time
 
 from .connections import ConnectionTable, ConnectionTracker
-from .errors import ConfigError, PluginError
+from .errors import ConfigError, PluginError, StoreError
 from .front import GateSMTP
 from .gate import Gate
 from .loading import load_runtime
 from .quarantine import MaildirQuarantine
 from .relay import probe
 from .reply import Reply
+from .units import format_duration
 
 log = logging.getLogger("smtpgate.server")
 SHUTDOWN_GRACE = 60.0  # seconds to let transactions in flight finish after SIGTERM
+PURGE_INTERVAL = 86400.0  # the quarantine's retention is enforced at start-up, then daily
 
 
 def serve(cli_path: str | None) -> int:
@@ -32,18 +34,21 @@ def serve(cli_path: str | None) -> int:
     from .logs import setup_logging
     setup_logging(cfg.log.format, cfg.log.level)
     if cfg.workers <= 1:
-        return run_worker(cli_path, runtime)
+        return run_worker(cli_path, runtime, housekeeper=True)
     return supervise(cli_path, runtime, cfg.workers)
 
 
-def run_worker(cli_path, runtime, tracker: ConnectionTracker | None = None) -> int:
+def run_worker(cli_path, runtime, housekeeper: bool = False,
+               tracker: ConnectionTracker | None = None) -> int:
+    """One serving process; the ``housekeeper`` (one per gate) also purges the quarantine.
+    ``tracker``: its slot in the gate's connection table (a table of its own when alone)."""
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
     try:
-        return asyncio.run(_serve(cli_path, runtime, tracker or ConnectionTracker()))
+        return asyncio.run(_serve(cli_path, runtime, housekeeper, tracker or ConnectionTracker()))
     except OSError as e:
         log.error("cannot listen: %s", e)
         return 1
@@ -57,11 +62,13 @@ def _tls_context(cfg) -> ssl.SSLContext | None:
     return ctx
 
 
-async def _serve(cli_path, runtime, tracker: ConnectionTracker) -> int:
+async def _serve(cli_path, runtime, housekeeper: bool = False,
+                 tracker: ConnectionTracker | None = None) -> int:
     loop = asyncio.get_running_loop()
     cfg = runtime.config
-    gate = Gate(runtime, quarantine=MaildirQuarantine(cfg.quarantine))
+    gate = Gate(runtime, quarantine=MaildirQuarantine(cfg.quarantine, mode=cfg.quarantine_mode))
     gate.draining = False
+    tracker = tracker or ConnectionTracker()
     tls_ctx = _tls_context(cfg)
     await probe(cfg.downstream, cfg.hostname, gate.capabilities)
     servers = []
@@ -70,6 +77,7 @@ async def _serve(cli_path, runtime, tracker: ConnectionTracker) -> int:
             lambda: GateSMTP(gate, tracker, tls_ctx), host, port, reuse_port=True, backlog=1024))
         log.info("listening on %s:%s, relaying to %s:%s", host, port,
                  cfg.downstream.host, cfg.downstream.port)
+    purging = asyncio.ensure_future(_purge_quarantine(gate)) if housekeeper else None
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -78,6 +86,8 @@ async def _serve(cli_path, runtime, tracker: ConnectionTracker) -> int:
 
     log.info("stopping: no new connections, finishing transactions in flight")
     gate.draining = True
+    if purging is not None:
+        purging.cancel()
     for server in servers:
         server.close()
     deadline = loop.time() + SHUTDOWN_GRACE
@@ -91,6 +101,22 @@ async def _serve(cli_path, runtime, tracker: ConnectionTracker) -> int:
         await gate.runtime.stores.close()
     log.info("stopped")
     return 0
+
+
+async def _purge_quarantine(gate: Gate) -> None:
+    """Enforce ``quarantine_keep`` now and then daily, in a thread (it lists and deletes files)."""
+    while True:
+        cfg = gate.runtime.config  # a reload may change the retention
+        if cfg.quarantine_keep > 0:
+            try:
+                gone = await asyncio.to_thread(gate.quarantine.purge, cfg.quarantine_keep)
+            except StoreError as e:
+                log.error("quarantine purge failed: %s", e)
+            else:
+                log.log(logging.INFO if gone else logging.DEBUG,
+                        "quarantine: purged %d message(s) older than %s from %s", len(gone),
+                        format_duration(cfg.quarantine_keep), cfg.quarantine)
+        await asyncio.sleep(PURGE_INTERVAL)
 
 
 async def _reload(gate: Gate, cli_path) -> None:
@@ -117,16 +143,20 @@ def supervise(cli_path, runtime, workers: int) -> int:
     it, and a dead worker's slot is cleared before its replacement takes it over."""
     children: dict[int, tuple[float, int]] = {}  # pid -> (started, slot)
     table = ConnectionTable(workers)
+    housekeeper = 0  # the worker that purges the quarantine (its replacement takes over)
 
-    def spawn(slot: int) -> None:
+    def spawn(slot: int, housekeeping: bool = False) -> None:
+        nonlocal housekeeper
         table.clear(slot)
         pid = os.fork()
         if pid == 0:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
-            code = run_worker(cli_path, runtime, ConnectionTracker(table, slot))
+            code = run_worker(cli_path, runtime, housekeeping, ConnectionTracker(table, slot))
             os._exit(code)
         children[pid] = (time.monotonic(), slot)
+        if housekeeping:
+            housekeeper = pid
 
     stopping = False
 
@@ -143,7 +173,7 @@ def supervise(cli_path, runtime, workers: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     for slot in range(workers):
-        spawn(slot)
+        spawn(slot, housekeeping=slot == 0)
     log.info("started %d worker processes", workers)
     status = 0
     while children:
@@ -162,7 +192,7 @@ def supervise(cli_path, runtime, workers: int) -> int:
             log.error("worker %d exited with %s; starting another", pid, exit_code)
             if time.monotonic() - started < 1.0:
                 time.sleep(1.0)  # a worker that dies at once must not spin the supervisor
-            spawn(slot)
+            spawn(slot, housekeeping=pid == housekeeper)
         elif exit_code != 0:
             status = 1
     return status
