@@ -471,6 +471,10 @@ def helo_refusal(name: str) -> str | None:
             parser = None
         if parser is None or parser.i != len(name):
             return "not a valid address literal"
+        # IPv6 is the only tag registered for a General-address-literal (RFC 5321 §4.1.3).
+        tag, colon, _ = name[1:-1].partition(":")
+        if colon and tag.lower() != "ipv6":
+            return "not a valid address literal"
         return None
     if any(ch not in _DOMAIN_ASCII for ch in name):
         return "not a domain name or address literal"

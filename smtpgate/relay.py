@@ -59,8 +59,11 @@ def xtext(value: str) -> str:
 
 
 def _attribute(value: str | None) -> str:
-    """An XCLIENT/XFORWARD value: encoded, or the special value when the gate has none."""
-    return UNAVAILABLE if not value else xtext(value)
+    """An XCLIENT/XFORWARD value: encoded, or the special value when the gate has none or
+    the encoded form is longer than the 255 characters Postfix takes (it would refuse the
+    whole command, and so every transaction of the session)."""
+    encoded = xtext(value) if value else ""
+    return encoded if 0 < len(encoded) <= 255 else UNAVAILABLE
 
 
 class Downstream:
@@ -107,7 +110,7 @@ class Downstream:
         attrs = {
             "PORT": _attribute(str(session.client_port)),
             "PROTO": _attribute(session.proto),
-            "HELO": _attribute((session.helo or "")[:255]),
+            "HELO": _attribute(session.helo),
             # Postfix applies NAME and ADDR last; sending them last keeps that order explicit.
             "NAME": _attribute(session.client_name),
             "ADDR": _attribute(f"IPV6:{ip}" if ":" in ip else ip),

@@ -38,6 +38,8 @@ GREETINGS = [
     (b"[x]", None, "not a valid address literal"),
     (b"[UNAVAILABLE]", None, "not a valid address literal"),
     (b"[192.0.2.1]LOGIN=admin", None, "not a valid address literal"),
+    (b"[x-tag:LOGIN=admin]", None, "not a valid address literal"),  # only IPv6 is a registered tag
+    (b"[1.2.3]", None, "not a valid address literal"),
     (b"LOGIN=admin", None, "not a domain name or address literal"),
     (b"x=y", None, "not a domain name or address literal"),
     (b"a+5Bb", None, "not a domain name or address literal"),
@@ -129,3 +131,16 @@ def test_quarantine_release_encodes_a_stored_hostile_helo(tmp_path, capsys, down
     assert b"LOGIN=" not in line and b"DESTADDR=" not in line
     assert msg.xclient["HELO"] == "[x LOGIN=admin DESTADDR=1.2.3.4"
     assert msg.helo == "gate.test"  # the EHLO after XCLIENT: not a name to repeat
+
+
+def test_a_stored_helo_too_long_once_encoded_is_sent_as_unavailable(tmp_path, capsys, downstream):
+    """Postfix refuses an XCLIENT value over 255 characters (and so the whole command): a
+    value that only grows past that by its encoding is sent as the gate's [UNAVAILABLE]."""
+    config = write_config(tmp_path, downstream.port)
+    helo = "[" + "=" * 200 + "]"
+    _, qid, _ = hold(tmp_path / "q", helo=helo, recipients=["a@example.com"])
+    code, _, err = cli(capsys, "quarantine", "release", qid, "-c", config)
+    assert code == 0, err
+    [msg] = downstream.wait_for_messages(1)
+    [line] = [x for x in downstream.sessions[msg.session].transcript if x.startswith(b"XCLIENT ")]
+    assert b" HELO=[UNAVAILABLE] " in line, line
