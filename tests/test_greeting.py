@@ -144,3 +144,24 @@ def test_a_stored_helo_too_long_once_encoded_is_sent_as_unavailable(tmp_path, ca
     [msg] = downstream.wait_for_messages(1)
     [line] = [x for x in downstream.sessions[msg.session].transcript if x.startswith(b"XCLIENT ")]
     assert b" HELO=[UNAVAILABLE] " in line, line
+
+
+# --- the pieces, without sockets ---------------------------------------------------------------
+@pytest.mark.parametrize("value", ["[x LOGIN=admin", "a=b+c", "\x00\t\r\n ", "h\u00e9", "[UNAVAILABLE]",
+                                   "\udcff", "plain.name", ""])
+def test_xtext_is_one_token_and_decodes_back(value):
+    from downstream import decode_xtext
+    from smtpgate.relay import xtext
+    encoded = xtext(value)
+    assert all(33 <= ord(c) <= 126 for c in encoded) and not set(encoded) & set("=[] ")
+    decoded = decode_xtext(encoded).encode("latin-1")  # decode_xtext gives one char per octet
+    assert decoded == value.encode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize("name", [g[0] for g in GREETINGS])
+def test_helo_refusal_agrees_with_the_table(name):
+    from smtpgate.addresses import helo_refusal
+    [(helo_attr, reason)] = [(g[1], g[2]) for g in GREETINGS if g[0] == name]
+    text = name.decode("utf-8", "surrogateescape").strip()
+    why = helo_refusal(text)
+    assert (why is None) == (helo_attr is not None) and (reason is None or reason in why)
