@@ -35,6 +35,8 @@ NEED_MAIL = Reply(503, "Error: need MAIL command", "5.5.1")
 NESTED_MAIL = Reply(503, "Error: nested MAIL command", "5.5.1")
 NEED_RCPT = Reply(503, "Error: need RCPT command", "5.5.1")
 BROKEN = Reply(451, "Transaction aborted after a downstream failure, try again later", "4.4.2")
+NEED_SMTPUTF8_SENDER = Reply(553, "Non-ASCII sender address requires SMTPUTF8", "5.6.7")
+NEED_SMTPUTF8_RCPT = Reply(553, "Non-ASCII recipient address requires SMTPUTF8", "5.6.7")
 CANNOT_HOLD = Reply(451, "Local error in processing (quarantine unavailable), try again later", "4.3.0")
 
 
@@ -83,6 +85,8 @@ class Conversation:
         problem = _check_mail_params(params, limits.max_message_size)
         if problem:
             return problem
+        if sender is not None and not sender.is_ascii and not _smtputf8(params):
+            return self._refuse_non_ascii("MAIL", sender, NEED_SMTPUTF8_SENDER)
         tx = Transaction(new_id(), self.session, str(sender) if sender else "", list(params),
                          started=time.monotonic())
         tx.trace.extend(self.session.data.get("trace", ()))
@@ -115,6 +119,8 @@ class Conversation:
             return BROKEN
         if params:
             return Reply(555, "RCPT TO parameters not supported", "5.5.4")
+        if not address.is_ascii and not _smtputf8(tx.sender_params):
+            return self._refuse_non_ascii("RCPT", address, NEED_SMTPUTF8_RCPT)
         if len(tx.recipients) >= self.runtime.config.limits.max_recipients:
             return TOO_MANY_RCPTS
         policies = self.runtime.policies
@@ -261,9 +267,19 @@ class Conversation:
         rcpt.parsed = parsed
         return None
 
+    def _refuse_non_ascii(self, verb: str, address: Address, reply: Reply) -> Reply:
+        # RFC 6531 §3.7.4.1; one line, as the refusal happens before any transaction log line.
+        log.info("refused non-ASCII address", extra={"fields": {
+            "client": self.session.client_ip, "command": verb, "address": ascii(str(address)[:300]),
+            "reply": str(reply)}})
+        return reply
+
     async def _relay_rcpt(self, tx: Transaction, rcpt: Recipient) -> Reply:
         relay = self.relay
-        utf8 = "SMTPUTF8" in (p.upper() for p in tx.sender_params)
+        utf8 = _smtputf8(tx.sender_params)
+        if not utf8 and not (tx.sender.isascii() and rcpt.address.isascii()):
+            # A rule rewrote an address into non-ASCII: it cannot go downstream without SMTPUTF8.
+            return NEED_SMTPUTF8_SENDER if not tx.sender.isascii() else NEED_SMTPUTF8_RCPT
         if not self._mail_sent:
             if not relay.connected:
                 await relay.open(self.session)
@@ -300,12 +316,16 @@ class Conversation:
         log_transaction(tx, reply, stage)
 
 
+def _smtputf8(params: list[str]) -> bool:
+    return any(p.upper() == "SMTPUTF8" for p in params)
+
+
 def _check_mail_params(params: list[str], max_size: int) -> Reply | None:
     for p in params:
         key, _, value = p.partition("=")
         key = key.upper()
         if key == "SIZE":
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 return Reply(501, "Bad SIZE parameter", "5.5.4")
             if max_size and int(value) > max_size:
                 return TOO_BIG

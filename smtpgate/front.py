@@ -27,7 +27,7 @@ import ssl
 from aiosmtpd.smtp import SMTP, syntax
 
 from . import inflight
-from .addresses import AddressError, parse_path
+from .addresses import AddressError, helo_refusal, parse_path
 from .connections import ConnectionTracker, client_key
 from .conversation import Conversation
 from .datadecoder import NO_STORAGE, READ_CHUNK, DataDecoder
@@ -258,8 +258,7 @@ class GateSMTP(SMTP):
     # --- commands ----------------------------------------------------------------------
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str):
-        if not hostname:
-            await self._write(Reply(501, "Syntax: EHLO hostname", "5.5.4"))
+        if not await self._greeting_ok("EHLO", hostname):
             return
         self._set_rset_state()
         self.session.extended_smtp = True
@@ -285,8 +284,7 @@ class GateSMTP(SMTP):
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str):
-        if not hostname:
-            await self._write(Reply(501, "Syntax: HELO hostname", "5.5.4"))
+        if not await self._greeting_ok("HELO", hostname):
             return
         self._set_rset_state()
         self.session.extended_smtp = False
@@ -294,6 +292,21 @@ class GateSMTP(SMTP):
         await self._write_lines([f"250 {self.hostname}"])
         self._tls_state()
         await self.conv.helo(hostname, False)
+
+    async def _greeting_ok(self, verb: str, hostname: str) -> bool:
+        """RFC 5321 §4.1.1.1: a domain or an address literal. A refused greeting changes no
+        state (a later MAIL still needs a greeting) and is logged in one line."""
+        if not hostname:
+            await self._write(Reply(501, f"Syntax: {verb} hostname", "5.5.4"))
+            return False
+        why = helo_refusal(hostname)
+        if why is None:
+            return True
+        log.info("refused greeting", extra={"fields": {
+            "session": self.gsession.id, "client": self.gsession.client_ip, "command": verb,
+            "reason": why, "name": ascii(hostname[:100])}})
+        await self._write(Reply(501, f"Invalid {verb} argument: {why}", "5.5.2"))
+        return False
 
     def _tls_state(self) -> None:
         self.gsession.tls = self._tls_protocol is not None

@@ -15,6 +15,7 @@ import socket
 import aiosmtplib
 from aiosmtplib import SMTPException, SMTPResponseException
 
+from .addresses import helo_refusal
 from .errors import RelayError
 from .reply import Reply
 
@@ -41,12 +42,29 @@ class Capabilities:
         self.smtputf8 = "smtputf8" in extensions
 
 
+# Besides '+' and '=', the brackets are hex-encoded too (RFC 3461 §4 allows hex for any
+# octet): an encoded value then never reads as one of the special values below.
+_XTEXT_HEX = frozenset(b"+=[]")
+UNAVAILABLE = "[UNAVAILABLE]"  # XCLIENT/XFORWARD special value, sent only as the gate's choice
+
+
 def xtext(value: str) -> str:
-    """RFC 3461 xtext: printable ASCII except '+' and '=' as is, everything else '+HH'."""
+    """RFC 3461 xtext: printable ASCII except '+', '=' and brackets as is, the rest '+HH'.
+
+    Whatever ``value`` holds, the result is one attribute value: no space, no '=', no '['.
+    """
     out = []
     for byte in value.encode("utf-8", "surrogateescape"):
-        out.append(chr(byte) if 33 <= byte <= 126 and byte not in (43, 61) else f"+{byte:02X}")
+        out.append(chr(byte) if 33 <= byte <= 126 and byte not in _XTEXT_HEX else f"+{byte:02X}")
     return "".join(out)
+
+
+def _attribute(value: str | None) -> str:
+    """An XCLIENT/XFORWARD value: encoded, or the special value when the gate has none or
+    the encoded form is longer than the 255 characters Postfix takes (it would refuse the
+    whole command, and so every transaction of the session)."""
+    encoded = xtext(value) if value else ""
+    return encoded if 0 < len(encoded) <= 255 else UNAVAILABLE
 
 
 class Downstream:
@@ -88,24 +106,26 @@ class Downstream:
     async def _xclient(self, smtp, session) -> None:
         offered = set(smtp.esmtp_extensions["xclient"].upper().split())
         ip = session.client_ip
+        # Every value is encoded, whoever supplied it (the client's HELO, a quarantined
+        # message's stored session): nothing in it can become another attribute.
         attrs = {
-            "PORT": str(session.client_port),
-            "PROTO": session.proto,
-            "HELO": (session.helo or "[UNAVAILABLE]")[:255],
+            "PORT": _attribute(str(session.client_port)),
+            "PROTO": _attribute(session.proto),
+            "HELO": _attribute(session.helo),
             # Postfix applies NAME and ADDR last; sending them last keeps that order explicit.
-            "NAME": session.client_name or "[UNAVAILABLE]",
-            "ADDR": f"IPV6:{ip}" if ":" in ip else ip,
+            "NAME": _attribute(session.client_name),
+            "ADDR": _attribute(f"IPV6:{ip}" if ":" in ip else ip),
         }
-        args = [f"{k}={xtext(v) if not v.startswith('[') else v}".encode()
-                for k, v in attrs.items() if k in offered]
+        args = [f"{k}={v}".encode("ascii") for k, v in attrs.items() if k in offered]
         response = await smtp.execute_command(b"XCLIENT", *args)
         # Postfix answers 220 (a new greeting); smtp-sink and others answer 250.
         if not 200 <= response.code < 300:
             raise SMTPResponseException(response.code, response.message)
         # Postfix takes the HELO name and the protocol from the greeting that follows XCLIENT:
-        # greet as the client did (HELO or EHLO, its name unless that is not one token).
+        # greet as the client did (HELO or EHLO, its name unless that is no valid one, as a
+        # session stored in the quarantine before names were checked may hold).
         helo = session.helo or ""
-        ok = 0 < len(helo) <= 255 and helo.isascii() and helo.isprintable() and " " not in helo
+        ok = bool(helo) and helo_refusal(helo) is None
         if session.esmtp:
             await smtp.ehlo(hostname=helo if ok else None)
         else:
