@@ -161,6 +161,9 @@ def test_a_pipelined_flood_is_answered_up_to_the_cap_then_cut(gate_factory):
             replies.append(c.reply())
     except (EOFError, ConnectionResetError):
         pass
-    assert [r[:3] for r in replies] == [b"250"] * 10 + [b"421"], replies[-3:]
+    codes = [r[:3] for r in replies]
+    # closing with unread commands makes the kernel send RST, which may cut our reading short
+    assert codes == ([b"250"] * 10 + [b"421"])[:len(codes)], replies[-3:]
+    gate.wait_for_log("too many greetings")
     c.close()
     assert gate.is_running()
