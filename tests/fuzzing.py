@@ -18,13 +18,23 @@ from hypothesis import HealthCheck, settings
 from downstream import Captured, CapturingDownstream
 from gateproc import GateProcess, wait_until
 
-SESSION_DEADLINE = 15.0  # seconds for one fuzzed session to be answered and closed
+SESSION_DEADLINE = 10.0  # seconds for one fuzzed session to be answered and closed
 TRACEBACK = "Traceback (most recent call last)"
 WORKER_DIED = re.compile(r"worker \d+ exited")
 REPLY_LINE = re.compile(rb"^[2-5]\d\d(?:[ -].*)?$", re.S)
 CRASH = re.compile(rb"^451[ -]4\.3\.0", re.M)  # "local error": a crash behind the reply
 BARE_CR = re.compile(rb"\r(?!\n)")
 BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+
+class GateBroken(BaseException):
+    """The gate hung, died or lost a worker. A BaseException on purpose: hypothesis treats an
+    Exception (and pytest's Failed, which pytest-timeout raises) as a failing example and goes
+    on shrinking, which against a gate that no longer answers means minutes of timeouts and a
+    meaningless "minimal" example. This ends the test at once, with the example in the message.
+    """
+
 
 # Bounded so that a whole file runs in well under a minute on two busy cores; the seed is
 # random per run (a failure prints the example and a reproduce blob).
@@ -44,19 +54,20 @@ class FuzzGate:
     def log_mark(self) -> int:
         return len(self.gate.log_text())
 
-    def check_healthy(self, mark: int = 0) -> None:
-        """The gate and its workers still run, answer a new session, and logged no traceback."""
+    def check_healthy(self, mark: int = 0, example: object = None) -> None:
+        """The gate and its workers still run and answer new sessions (else GateBroken), and
+        logged no traceback since `mark` (an AssertionError: an ordinary failing example)."""
         log = self.gate.log_text()
-        assert self.gate.is_running(), f"the gate exited\n{log[-4000:]}"
-        assert worker_pids(self.gate.pid) == self.workers, f"a worker was replaced\n{log[-4000:]}"
-        assert not WORKER_DIED.search(log[mark:]), log[mark:][-4000:]
+        broken = None
+        if not self.gate.is_running():
+            broken = "the gate exited"
+        elif worker_pids(self.gate.pid) != self.workers or WORKER_DIED.search(log[mark:]):
+            broken = "a worker died and was replaced"
+        else:
+            broken = probe(self.gate.address)
+        if broken:
+            raise GateBroken(f"{broken} after example {example!r}\n--- gate log ---\n{log[mark:][-6000:]}")
         assert TRACEBACK not in log[mark:], f"traceback in the gate's log:\n{log[mark:][-6000:]}"
-        with socket.create_connection(self.gate.address, timeout=SESSION_DEADLINE) as s:
-            f = s.makefile("rb")
-            assert f.readline().startswith(b"220 "), "no greeting from a new session"
-            s.sendall(b"NOOP\r\nQUIT\r\n")
-            assert f.readline().startswith(b"250 "), "NOOP not answered"
-            assert f.readline().startswith(b"221 "), "QUIT not answered"
 
     def settle(self) -> None:
         """Wait until the gate closed every downstream connection (each client's session is
@@ -76,6 +87,21 @@ class FuzzGate:
         with self.ds._cond:
             return [m for m in self.ds.rejected[since:]
                     if self.ds.sessions[m.session].xclient.get("PORT") == port]
+
+
+def probe(address: tuple[str, int]) -> str | None:
+    """None when a new session gets its greeting, NOOP and QUIT answered; else what failed."""
+    try:
+        with socket.create_connection(address, timeout=SESSION_DEADLINE) as s:
+            f = s.makefile("rb")
+            if not f.readline().startswith(b"220 "):
+                return "no greeting from a new session"
+            s.sendall(b"NOOP\r\nQUIT\r\n")
+            if not (f.readline().startswith(b"250 ") and f.readline().startswith(b"221 ")):
+                return "NOOP and QUIT not answered"
+    except OSError as e:
+        return f"a new session failed ({e!r})"
+    return None
 
 
 def worker_pids(pid: int) -> set[int]:
@@ -116,10 +142,12 @@ class Session:
         self.port = self.sock.getsockname()[1]
         self.received = bytearray()
         self.transcript: list[bytes] = []  # the replies read_reply returned
+        self.sent = bytearray()
         self.deadline = time.monotonic() + SESSION_DEADLINE
 
     def send(self, data: bytes) -> bool:
         """False when the gate has already closed (after a 221 or 421)."""
+        self.sent += data
         try:
             self.sock.sendall(data)
             return True
@@ -129,18 +157,19 @@ class Session:
     def _recv(self) -> bytes:
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise AssertionError(self.hung())
+            raise GateBroken(self.hung())
         self.sock.settimeout(left)
         try:
             return self.sock.recv(65536)
         except ConnectionResetError:
             return b""
         except TimeoutError:
-            raise AssertionError(self.hung()) from None
+            raise GateBroken(self.hung()) from None
 
     def hung(self) -> str:
         return (f"the gate neither answered nor closed within {SESSION_DEADLINE}s; "
-                f"replies so far: {bytes(self.received)!r}")
+                f"replies so far: {b''.join(self.transcript) + bytes(self.received)!r}; "
+                f"sent: {bytes(self.sent)[-3000:]!r}")
 
     def read_reply(self) -> bytes:
         """The next complete reply (multi-line joined); b"" if the connection closed first."""

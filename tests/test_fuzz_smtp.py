@@ -140,11 +140,11 @@ def session_script(draw) -> tuple[list[bytes], bool]:
 def test_random_command_streams_always_end_cleanly(fuzz_gate: FuzzGate):
     mark = fuzz_gate.log_mark()
 
-    @fuzz_settings(max_examples=120)
+    @fuzz_settings(max_examples=100)
     @given(script=session_script())
     def one_session(script):
         pieces, wait_greeting = script
-        since = len(fuzz_gate.ds.messages)
+        start, since = fuzz_gate.log_mark(), len(fuzz_gate.ds.messages)
         with Session(fuzz_gate.gate.address) as s:
             if wait_greeting:
                 assert s.read_reply().startswith(b"220 "), s.transcript
@@ -163,7 +163,7 @@ def test_random_command_streams_always_end_cleanly(fuzz_gate: FuzzGate):
         for msg in relayed:
             assert_clean_wire(msg.data_raw)
             assert msg.mail_from.encode() in b"".join(pieces)  # never a sender nobody sent
-        fuzz_gate.check_healthy(mark)
+        fuzz_gate.check_healthy(start, script)
 
     one_session()
     fuzz_gate.check_healthy(mark)
@@ -242,7 +242,7 @@ def test_line_end_mixes_in_data_arrive_as_one_clean_message_each(fuzz_gate: Fuzz
     @fuzz_settings(max_examples=80)
     @given(txs=transactions())
     def one_session(txs):
-        since = len(fuzz_gate.ds.messages)
+        start, since = fuzz_gate.log_mark(), len(fuzz_gate.ds.messages)
         expected = []
         closed = False
         with Session(fuzz_gate.gate.address) as s:
@@ -285,6 +285,7 @@ def test_line_end_mixes_in_data_arrive_as_one_clean_message_each(fuzz_gate: Fuzz
             assert msg.data_raw == stuff(msg.data)
         assert not fuzz_gate.rejected_from(s.port, since)
         assert "evil" not in " ".join(m.mail_from for m in fuzz_gate.ds.messages[since:])
+        fuzz_gate.check_healthy(start, txs)
 
     one_session()
     fuzz_gate.check_healthy(mark)
