@@ -8,6 +8,7 @@ connection. Examples are told apart downstream by XCLIENT PORT (the client's sou
 """
 from __future__ import annotations
 
+import os
 import re
 import socket
 import time
@@ -27,7 +28,6 @@ BARE_CR = re.compile(rb"\r(?!\n)")
 BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
-
 class GateBroken(BaseException):
     """The gate hung, died or lost a worker. A BaseException on purpose: hypothesis treats an
     Exception (and pytest's Failed, which pytest-timeout raises) as a failing example and goes
@@ -38,8 +38,12 @@ class GateBroken(BaseException):
 
 # Bounded so that a whole file runs in well under a minute on two busy cores; the seed is
 # random per run (a failure prints the example and a reproduce blob).
+# SMTPGATE_FUZZ_SCALE=20 multiplies every count, for a long hunt by hand.
+FUZZ_SCALE = float(os.environ.get("SMTPGATE_FUZZ_SCALE") or 1)
+
+
 def fuzz_settings(max_examples: int) -> settings:
-    return settings(max_examples=max_examples, deadline=None, print_blob=True,
+    return settings(max_examples=max(1, round(max_examples * FUZZ_SCALE)), deadline=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much])
 
@@ -143,6 +147,7 @@ class Session:
         self.received = bytearray()
         self.transcript: list[bytes] = []  # the replies read_reply returned
         self.sent = bytearray()
+        self.reset = False  # the connection ended in a reset: replies may have been lost
         self.deadline = time.monotonic() + SESSION_DEADLINE
 
     def send(self, data: bytes) -> bool:
@@ -161,7 +166,8 @@ class Session:
         self.sock.settimeout(left)
         try:
             return self.sock.recv(65536)
-        except ConnectionResetError:
+        except ConnectionResetError:  # the gate closed with our bytes unread (after QUIT)
+            self.reset = True
             return b""
         except TimeoutError:
             raise GateBroken(self.hung()) from None

@@ -94,10 +94,9 @@ def _case(name: str):
 def boundaries(draw, taken: set[str]) -> str:
     """A boundary that is neither a prefix of, nor prefixed by, any other in the message:
     the tree stays well-formed, so a banned part is a part every reader sees."""
-    body = draw(st.text(alphabet=BCHARS, min_size=0, max_size=40).map(str.rstrip))
-    boundary = f"b{len(taken)}_{body}"
-    # unique and prefix-free: a numbered head ending in "_", then at least one more char
-    boundary = boundary + "Z"
+    # "b<n>_" is unique to this boundary, so no delimiter line can start with another's;
+    # the "Z" keeps a trailing space (allowed inside, not at the end) out.
+    boundary = f"b{len(taken)}_" + draw(st.text(alphabet=BCHARS, max_size=40)) + "Z"
     taken.add(boundary)
     return boundary
 
@@ -114,10 +113,9 @@ def file_name_params(draw, name: str) -> tuple[bytes, bytes]:
     spelling = draw(st.sampled_from(["quoted", "rfc2231", "rfc2231-continued", "rfc2047",
                                      "raw8bit", "none-in-type"]))
     utf8 = name.encode("utf-8")
-    if spelling == "quoted":
-        safe = name.replace("\\", "\\\\").replace('"', '\\"')
-        value = f'"{safe}"'.encode("utf-8")
-        return b"name=" + value, b"filename=" + value
+    if spelling == "quoted":  # ASCII only ("?" for the rest), backslash-escaped
+        safe = name.encode("ascii", "replace").replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+        return b'name="' + safe + b'"', b'filename="' + safe + b'"'
     if spelling == "rfc2231":
         value = b"utf-8''" + quote(utf8, safe="").encode()
         return b"name*=" + value, b"filename*=" + value
