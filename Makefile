@@ -2,7 +2,7 @@
 #
 #   make run    [CONFIG=gate.yaml]        run the gate in the foreground (.venv/bin/smtpgate serve)
 #   make test   [PYTEST_ARGS='-k relay']   unit + integration tests (installs what they need)
-#   make bench                             the side-by-side benchmark (bench/run.sh)
+#   make bench  [SYSTEMS=... RUNS=...]     the side-by-side benchmark (bench/run.sh, bench/README.md)
 #   make clean / make distclean            build leftovers / also the virtualenv
 #
 # The virtualenv is (re)installed only when pyproject.toml changed since the last install
@@ -62,9 +62,9 @@ tools:
 test: $(VENV)/.installed-test tools
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed-run
-	@if [ -f bench/run.sh ]; then bash bench/run.sh; \
-	else echo "bench/run.sh is not there yet; see ../shared/bench/README.md"; fi
+# Knobs by environment (bench/README.md): RUNS N_PAR N_SEQ LAT_N WORKLOADS SYSTEMS ...
+bench: $(VENV)/.installed-run tools
+	bash bench/run.sh
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache var $(VENV)/.installed-run $(VENV)/.installed-test

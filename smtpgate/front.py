@@ -5,9 +5,10 @@ conversation calls and writes their replies. What it changes from stock aiosmtpd
 - EHLO lists only what the gate and the downstream both handle (no CHUNKING, no AUTH, no
   XCLIENT/XFORWARD);
 - every reply carries an enhanced status code (ENHANCEDSTATUSCODES is advertised);
-- DATA is read in one search for CRLF.CRLF instead of line by line (the same strict end-of-data
-  rule, at a fraction of the CPU), then bare CR/LF are normalised to CRLF so the downstream can
-  never see an end of data the gate did not (no smuggling);
+- DATA is read as it arrives and decoded piece by piece (datadecoder.py: the same strict
+  end-of-data rule as a search for CRLF.CRLF, dot-unstuffing, bare CR/LF normalised to CRLF
+  so the downstream can never see an end of data the gate did not, the size and line-length
+  limits), keeping one copy of the message; past ``max_inflight_data`` DATA gets 452 4.3.1;
 - stray BDAT, XCLIENT and XFORWARD are refused, and BDAT's chunk is swallowed, not parsed.
 """
 from __future__ import annotations
@@ -21,25 +22,17 @@ import ssl
 
 from aiosmtpd.smtp import SMTP, syntax
 
-from .addresses import AddressError, parse_path
-from .conversation import TOO_BIG, Conversation
+from . import inflight
+from .addresses import AddressError, helo_refusal, parse_path
+from .conversation import Conversation
+from .datadecoder import NO_STORAGE, READ_CHUNK, DataDecoder
 from .envelope import Session, new_id
 from .reply import Reply
 
 log = logging.getLogger("smtpgate.front")
 
-TERMINATOR = b"\r\n.\r\n"
-_BARE_LINE_END = re.compile(rb"\r\n|\r(?!\n)|\n")
 _REPLY = re.compile(r"^(\d{3})([ -])(?!\d\.\d{1,3}\.\d{1,3}\b)(.*)$", re.S)
 VERSION_IDENT = "smtpgate"
-
-
-def normalise_line_ends(data: bytes) -> bytes:
-    """Bare CR and bare LF become CRLF; NUL and every other byte stay as they are."""
-    crlf = data.count(b"\r\n")
-    if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
-        return data
-    return _BARE_LINE_END.sub(b"\r\n", data)
 
 
 class ConnectionTracker:
@@ -207,8 +200,7 @@ class GateSMTP(SMTP):
     # --- commands ----------------------------------------------------------------------
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str):
-        if not hostname:
-            await self._write(Reply(501, "Syntax: EHLO hostname", "5.5.4"))
+        if not await self._greeting_ok("EHLO", hostname):
             return
         self._set_rset_state()
         self.session.extended_smtp = True
@@ -234,8 +226,7 @@ class GateSMTP(SMTP):
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str):
-        if not hostname:
-            await self._write(Reply(501, "Syntax: HELO hostname", "5.5.4"))
+        if not await self._greeting_ok("HELO", hostname):
             return
         self._set_rset_state()
         self.session.extended_smtp = False
@@ -243,6 +234,21 @@ class GateSMTP(SMTP):
         await self._write_lines([f"250 {self.hostname}"])
         self._tls_state()
         await self.conv.helo(hostname, False)
+
+    async def _greeting_ok(self, verb: str, hostname: str) -> bool:
+        """RFC 5321 §4.1.1.1: a domain or an address literal. A refused greeting changes no
+        state (a later MAIL still needs a greeting) and is logged in one line."""
+        if not hostname:
+            await self._write(Reply(501, f"Syntax: {verb} hostname", "5.5.4"))
+            return False
+        why = helo_refusal(hostname)
+        if why is None:
+            return True
+        log.info("refused greeting", extra={"fields": {
+            "session": self.gsession.id, "client": self.gsession.client_ip, "command": verb,
+            "reason": why, "name": ascii(hostname[:100])}})
+        await self._write(Reply(501, f"Invalid {verb} argument: {why}", "5.5.2"))
+        return False
 
     def _tls_state(self) -> None:
         self.gsession.tls = self._tls_protocol is not None
@@ -302,50 +308,54 @@ class GateSMTP(SMTP):
             msg = "Error: need MAIL command" if tx is None else "Error: need RCPT command"
             await self._write(Reply(503, msg, "5.5.1"))
             return
-        await self._write_lines(["354 End data with <CR><LF>.<CR><LF>"])
         limits = self.gate.runtime.config.limits
-        self._reset_timeout(limits.data_timeout)
-        self._in_data = True
-        try:
-            content = await self._read_data(limits.max_message_size)
-        finally:
-            self._in_data = False
-            self._reset_timeout()
-        if content is None:
-            await self.conv.rset()
-            await self._write(TOO_BIG)
+        share = limits.max_inflight_data // max(self.gate.runtime.config.workers, 1)
+        hold = inflight.BUDGET.reserve(_declared_size(tx.sender_params) or READ_CHUNK, share)
+        if hold is None:
+            log.warning("session %s: DATA refused, %d bytes in flight in this worker (share %d)",
+                        self.gsession.id, inflight.BUDGET.used, share)
+            await self._write(NO_STORAGE)
             return
-        await self._write(await self.conv.data(content))
+        try:
+            await self._write_lines(["354 End data with <CR><LF>.<CR><LF>"])
+            self._reset_timeout(limits.data_timeout)
+            self._in_data = True
+            try:
+                content = await self._read_data(limits, hold)
+            finally:
+                self._in_data = False
+                self._reset_timeout()
+            if isinstance(content, Reply):
+                await self.conv.rset()
+                await self._write(content)
+                return
+            await self._write(await self.conv.data(content))
+            del content
+            if self.conv.last_tx is tx:  # kept for offline callers only: free the message now
+                self.conv.last_tx = None
+        finally:
+            hold.release()
 
-    async def _read_data(self, max_size: int) -> bytes | None:
-        """The message between 354 and CRLF.CRLF, un-dot-stuffed and CRLF-only; None if too big.
-
-        One search for the terminator instead of aiosmtpd's line loop. The StreamReader's
-        buffer and limit are private, but this is the one place that touches them: a leading
-        CRLF makes an empty message (".\\r\\n" right after 354) match like any other, and the
-        limit bounds what is buffered to the size limit.
-        """
+    async def _read_data(self, limits, hold: inflight.Reservation) -> list[bytes] | Reply:
+        """The message between 354 and CRLF.CRLF as a DataDecoder leaves it: its pieces, or
+        the refusal to give after the final dot. Reads what arrives, a bounded piece at a
+        time; the StreamReader's private buffer is touched only to give back what followed
+        the terminator (pipelined commands) and to raise its pause threshold meanwhile."""
         reader = self._reader
-        reader._buffer[0:0] = b"\r\n"
-        saved_limit = reader._limit
-        reader._limit = (max_size or 2**40) + len(TERMINATOR)
-        too_big = False
+        decoder = DataDecoder(limits.max_message_size, limits.max_line_length, hold.grow)
+        saved_limit, reader._limit = reader._limit, READ_CHUNK
         try:
             while True:
-                try:
-                    chunk = await reader.readuntil(TERMINATOR)
-                    break
-                except asyncio.LimitOverrunError as e:
-                    too_big = True  # drain what cannot be the terminator, keep reading
-                    await reader.readexactly(max(e.consumed - len(TERMINATOR), 1))
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    raise asyncio.IncompleteReadError(b"", None)
+                rest = decoder.feed(data)
+                if rest is not None:
+                    if rest:
+                        reader._buffer[0:0] = rest
+                    return decoder.result()
         finally:
             reader._limit = saved_limit
-        if too_big:
-            return None
-        content = chunk[:-3].replace(b"\r\n.", b"\r\n")[2:]
-        if max_size and len(content) > max_size:
-            return None
-        return normalise_line_ends(content)
 
     @syntax("RSET")
     async def smtp_RSET(self, arg: str | None):
@@ -384,6 +394,15 @@ class GateSMTP(SMTP):
 
     async def smtp_EXPN(self, arg: str | None):
         await self._write(Reply(502, "EXPN is not offered", "5.5.1"))
+
+
+def _declared_size(params: list[str]) -> int:
+    """The SIZE= the client gave at MAIL (checked there), else 0."""
+    for p in params:
+        key, _, value = p.partition("=")
+        if key.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
 
 
 _background: set[asyncio.Task] = set()

@@ -2,7 +2,8 @@
 
 Knows nothing about sockets: the conversation asks, the pipeline answers with a Verdict or
 None. Shadow rules run and are traced but never act; a rule that raises is logged with its
-traceback and turns into ``451 4.3.0`` unless it is set ``on_error: accept``.
+traceback (a StoreError: one line) and turns into ``451 4.3.0`` unless it is set
+``on_error: accept``.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 import time
 
 from .envelope import Event, TraceEntry
+from .errors import StoreError
 from .message import describe_changes
 from .verdict import ACCEPT, Verdict
 
@@ -17,6 +19,17 @@ log = logging.getLogger("smtpgate.pipeline")
 
 RULE_CRASHED = Verdict.tempfail("Local error in processing, try again later", 451, "4.3.0",
                                 reason="rule crashed")
+
+
+def _log_crash(rule, hook_name: str, exc: Exception) -> None:
+    """A store failure is an outage, not a bug: one line (its text names the store and the
+    fault) instead of a traceback on every command while the store is down."""
+    if isinstance(exc, StoreError):
+        log.error("rule %s failed in %s: %s", rule.name, hook_name, exc)
+    else:
+        log.error("rule %s crashed in %s", rule.name, hook_name, exc_info=exc)
+
+
 # What a hook may rewrite in the envelope at a stage: (label, index into args, attribute).
 _ENVELOPE = {"mail": ("sender", 0, "sender"), "rcpt": ("recipient", 1, "address")}
 
@@ -53,7 +66,7 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
                 raise TypeError(f"hook returned {type(verdict).__name__}, expected Verdict or None")
         except Exception as exc:  # a plugin's bug must never reach the client as a traceback
             ms = (time.perf_counter() - started) * 1000
-            log.error("rule %s crashed in %s", rule.name, hook_name, exc_info=True)
+            _log_crash(rule, hook_name, exc)
             if mark is not None:
                 message.rollback(mark)
             if slot:
@@ -106,7 +119,7 @@ async def run_delivered(rules, tx, reply, trace: list[TraceEntry]) -> None:
             await rule.on_delivered(tx, reply)
             action, reason = "continue", None
         except Exception as exc:
-            log.error("rule %s crashed in on_delivered", rule.name, exc_info=True)
+            _log_crash(rule, "on_delivered", exc)
             action, reason = "error", f"{type(exc).__name__}: {exc}"
         trace.append(TraceEntry("delivered", rule.name, action, reason, None,
                                 (time.perf_counter() - started) * 1000, rule.mode == "shadow"))
@@ -147,7 +160,7 @@ async def run_end(rules, tx, reply, trace: list[TraceEntry]) -> None:
             said = await rule.on_end(tx, reply)
             action, reason = "continue", said if isinstance(said, str) and said else None
         except Exception as exc:
-            log.error("rule %s crashed in on_end", rule.name, exc_info=True)
+            _log_crash(rule, "on_end", exc)
             action, reason = "error", f"{type(exc).__name__}: {exc}"
         trace.append(TraceEntry("end", rule.name, action, reason, None,
                                 (time.perf_counter() - started) * 1000, rule.mode == "shadow"))

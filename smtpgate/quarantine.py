@@ -8,6 +8,11 @@ Layout under ``quarantine:`` (a Maildir any mail reader opens, plus one folder o
     meta/ID.json      envelope, client, verdict, trace, releases (written atomically)
     meta/ID.lock      taken (flock) while a command releases or deletes ID
 
+Held messages hold other people's mail: files are created ``0600`` (or the configured
+``quarantine_mode``, 0640 / 0660 for a group of admins) whatever the umask, the folders
+``0700`` (0750 / 0770). ``put`` blocks on fsync: the gate calls it in a thread. ``purge``
+enforces the retention (``quarantine_keep``) by the held file's modification time.
+
 Safe with several worker processes and commands at once: a message appears in ``new/`` by
 rename only after its sidecar is complete, sidecars are replaced by rename, and release and
 delete hold an exclusive ``flock`` on the message's lock file (never waited for: a second
@@ -30,10 +35,28 @@ _ID = re.compile(r"^[A-Za-z0-9._\\-]{1,200}$")
 RELEASED_INFO = ":2,PS"
 
 
+class Busy(StoreError):
+    """Another command holds this message's lock."""
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def folder_mode(file_mode: int) -> int:
+    """The folders' mode for a file mode: the same read-write bits, plus x where there is r."""
+    return file_mode | ((file_mode & 0o444) >> 2)
+
+
 class MaildirQuarantine:
-    def __init__(self, folder: str, clock=None):
+    def __init__(self, folder: str, clock=None, mode: int = 0o600):
         self.folder = folder
         self.clock = clock
+        self.mode = mode
         self._made = False
 
     def _now(self) -> float:
@@ -41,9 +64,26 @@ class MaildirQuarantine:
 
     def _ensure(self) -> None:
         if not self._made:
+            dmode = folder_mode(self.mode)
+            if not os.path.isdir(self.folder):
+                os.makedirs(self.folder, dmode, exist_ok=True)
+                os.chmod(self.folder, dmode)  # makedirs' mode is cut by the umask
             for sub in ("tmp", "new", "cur", "meta"):
-                os.makedirs(os.path.join(self.folder, sub), exist_ok=True)
+                path = os.path.join(self.folder, sub)
+                os.makedirs(path, dmode, exist_ok=True)
+                with contextlib.suppress(PermissionError):  # ours: tighten an older, wider one
+                    os.chmod(path, dmode)
             self._made = True
+
+    def _create(self, path: str):
+        """A new file opened for writing with exactly our mode (umask or not)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.mode)
+        try:
+            os.fchmod(fd, self.mode)
+            return os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _sub(self, *parts: str) -> str:
         return os.path.join(self.folder, *parts)
@@ -56,7 +96,7 @@ class MaildirQuarantine:
             host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
             name = f"{int(self._now())}.{tx.id}.{host}"
             tmp = self._sub("tmp", name)
-            with open(tmp, "wb") as f:
+            with self._create(tmp) as f:
                 f.write(raw)
                 f.flush()
                 os.fsync(f.fileno())
@@ -76,6 +116,9 @@ class MaildirQuarantine:
             }
             self._write_meta(name, meta)
             os.rename(tmp, self._sub("new", name))
+            # The client is told its message is held: the new names must survive a crash too.
+            _fsync_dir(self._sub("meta"))
+            _fsync_dir(self._sub("new"))
             return name
         except OSError as e:
             raise StoreError(f"quarantine {self.folder}: {e}") from e
@@ -152,12 +195,12 @@ class MaildirQuarantine:
             raise KeyError(f"no held message {qid!r}")
         self._ensure()
         path = self._sub("meta", qid + ".lock")
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, self.mode)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise StoreError(f"message {qid} is busy (another command is releasing or "
+                raise Busy(f"message {qid} is busy (another command is releasing or "
                                  "deleting it)") from None
             yield
         finally:
@@ -180,6 +223,44 @@ class MaildirQuarantine:
         except OSError as e:
             raise StoreError(f"quarantine {self.folder}: {e}") from e
 
+    def purge(self, older_than: float, dry_run: bool = False) -> list[str]:
+        """Delete every message (held or released) whose file is older than ``older_than``
+        seconds, with its sidecar; returns their ids. A message a command holds right now is
+        left for next time. Also clears files left in tmp/ as long ago (a crash mid-write)."""
+        cutoff = self._now() - older_than
+        gone = []
+        for qid, (sub, filename) in sorted(self._files().items()):
+            try:
+                if os.stat(self._sub(sub, filename)).st_mtime >= cutoff:
+                    continue
+                if dry_run:
+                    gone.append(qid)
+                    continue
+                with self.lock(qid):
+                    self.delete(qid)
+                gone.append(qid)
+            except (FileNotFoundError, KeyError, Busy):
+                continue  # deleted or released meanwhile, or being released: next time
+            except OSError as e:
+                raise StoreError(f"quarantine {self.folder}: {e}") from e
+        if not dry_run:
+            try:
+                self._purge_tmp(cutoff)
+            except OSError as e:
+                raise StoreError(f"quarantine {self.folder}: {e}") from e
+        return gone
+
+    def _purge_tmp(self, cutoff: float) -> None:
+        try:
+            names = os.listdir(self._sub("tmp"))
+        except FileNotFoundError:
+            return
+        for name in names:
+            path = self._sub("tmp", name)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_mtime < cutoff:
+                    os.unlink(path)
+
     def record_release(self, qid: str, attempt: dict) -> None:
         """Add one release attempt to the sidecar; a successful one moves the message to cur/."""
         meta = self._read_meta(qid, missing_ok=True) or {"id": qid}
@@ -198,8 +279,8 @@ class MaildirQuarantine:
     def _write_meta(self, qid: str, meta: dict) -> None:
         final = self._sub("meta", qid + ".json")
         tmp = self._sub("tmp", f".{qid}.json.{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(meta, f, ensure_ascii=False, default=str)
+        with self._create(tmp) as f:
+            f.write(json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)

@@ -9,16 +9,18 @@ import ssl
 import sys
 import time
 
-from .errors import ConfigError, PluginError
+from .errors import ConfigError, PluginError, StoreError
 from .front import ConnectionTracker, GateSMTP
 from .gate import Gate
 from .loading import load_runtime
 from .quarantine import MaildirQuarantine
 from .relay import probe
 from .reply import Reply
+from .units import format_duration
 
 log = logging.getLogger("smtpgate.server")
 SHUTDOWN_GRACE = 60.0  # seconds to let transactions in flight finish after SIGTERM
+PURGE_INTERVAL = 86400.0  # the quarantine's retention is enforced at start-up, then daily
 
 
 def serve(cli_path: str | None) -> int:
@@ -31,18 +33,19 @@ def serve(cli_path: str | None) -> int:
     from .logs import setup_logging
     setup_logging(cfg.log.format, cfg.log.level)
     if cfg.workers <= 1:
-        return run_worker(cli_path, runtime)
+        return run_worker(cli_path, runtime, housekeeper=True)
     return supervise(cli_path, runtime, cfg.workers)
 
 
-def run_worker(cli_path, runtime) -> int:
+def run_worker(cli_path, runtime, housekeeper: bool = False) -> int:
+    """One serving process; the ``housekeeper`` (one per gate) also purges the quarantine."""
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
     try:
-        return asyncio.run(_serve(cli_path, runtime))
+        return asyncio.run(_serve(cli_path, runtime, housekeeper))
     except OSError as e:
         log.error("cannot listen: %s", e)
         return 1
@@ -56,10 +59,10 @@ def _tls_context(cfg) -> ssl.SSLContext | None:
     return ctx
 
 
-async def _serve(cli_path, runtime) -> int:
+async def _serve(cli_path, runtime, housekeeper: bool = False) -> int:
     loop = asyncio.get_running_loop()
     cfg = runtime.config
-    gate = Gate(runtime, quarantine=MaildirQuarantine(cfg.quarantine))
+    gate = Gate(runtime, quarantine=MaildirQuarantine(cfg.quarantine, mode=cfg.quarantine_mode))
     gate.draining = False
     tracker = ConnectionTracker()
     tls_ctx = _tls_context(cfg)
@@ -70,6 +73,7 @@ async def _serve(cli_path, runtime) -> int:
             lambda: GateSMTP(gate, tracker, tls_ctx), host, port, reuse_port=True, backlog=1024))
         log.info("listening on %s:%s, relaying to %s:%s", host, port,
                  cfg.downstream.host, cfg.downstream.port)
+    purging = asyncio.ensure_future(_purge_quarantine(gate)) if housekeeper else None
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -78,6 +82,8 @@ async def _serve(cli_path, runtime) -> int:
 
     log.info("stopping: no new connections, finishing transactions in flight")
     gate.draining = True
+    if purging is not None:
+        purging.cancel()
     for server in servers:
         server.close()
     deadline = loop.time() + SHUTDOWN_GRACE
@@ -91,6 +97,22 @@ async def _serve(cli_path, runtime) -> int:
         await gate.runtime.stores.close()
     log.info("stopped")
     return 0
+
+
+async def _purge_quarantine(gate: Gate) -> None:
+    """Enforce ``quarantine_keep`` now and then daily, in a thread (it lists and deletes files)."""
+    while True:
+        cfg = gate.runtime.config  # a reload may change the retention
+        if cfg.quarantine_keep > 0:
+            try:
+                gone = await asyncio.to_thread(gate.quarantine.purge, cfg.quarantine_keep)
+            except StoreError as e:
+                log.error("quarantine purge failed: %s", e)
+            else:
+                log.log(logging.INFO if gone else logging.DEBUG,
+                        "quarantine: purged %d message(s) older than %s from %s", len(gone),
+                        format_duration(cfg.quarantine_keep), cfg.quarantine)
+        await asyncio.sleep(PURGE_INTERVAL)
 
 
 async def _reload(gate: Gate, cli_path) -> None:
@@ -113,15 +135,19 @@ async def _reload(gate: Gate, cli_path) -> None:
 def supervise(cli_path, runtime, workers: int) -> int:
     """Fork ``workers`` processes that each bind the listen addresses with SO_REUSEPORT."""
     children: dict[int, float] = {}
+    housekeeper = 0  # the worker that purges the quarantine (its replacement takes over)
 
-    def spawn() -> None:
+    def spawn(housekeeping: bool = False) -> None:
+        nonlocal housekeeper
         pid = os.fork()
         if pid == 0:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
-            code = run_worker(cli_path, runtime)
+            code = run_worker(cli_path, runtime, housekeeper=housekeeping)
             os._exit(code)
         children[pid] = time.monotonic()
+        if housekeeping:
+            housekeeper = pid
 
     stopping = False
 
@@ -137,8 +163,8 @@ def supervise(cli_path, runtime, workers: int) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    for _ in range(workers):
-        spawn()
+    for n in range(workers):
+        spawn(housekeeping=n == 0)
     log.info("started %d worker processes", workers)
     status = 0
     while children:
@@ -156,7 +182,7 @@ def supervise(cli_path, runtime, workers: int) -> int:
             log.error("worker %d exited with %s; starting another", pid, exit_code)
             if time.monotonic() - started < 1.0:
                 time.sleep(1.0)  # a worker that dies at once must not spin the supervisor
-            spawn()
+            spawn(housekeeping=pid == housekeeper)
         elif exit_code != 0:
             status = 1
     return status

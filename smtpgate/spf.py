@@ -10,7 +10,7 @@ Implemented: the record lookup and selection (§4.5), every mechanism (``all``, 
 ``a``, ``mx``, ``ptr``, ``ip4``, ``ip6``, ``exists``) with dual CIDR lengths, the
 ``redirect`` and ``exp`` modifiers (unknown modifiers are ignored), macros (§7, with
 transformers, delimiters and URL-escaping uppercase letters; ``c``, ``r``, ``t`` only in
-``exp``), the limits of §4.6.4 (10 DNS-querying terms, 10 MX / PTR names, 2 void lookups)
+``exp``), the limits of §4.6.4 (10 DNS-querying terms, 10 MX records / PTR names, 2 void lookups)
 and the results ``none``, ``neutral``, ``pass``, ``fail``, ``softfail``, ``temperror``,
 ``permerror``. A syntax error anywhere in a record is a ``permerror`` before anything is
 evaluated (§4.6).
@@ -38,7 +38,9 @@ MAX_NAMES = 10  # MX exchanges / PTR names looked at per mechanism
 _MODIFIER = re.compile(r"^([A-Za-z][A-Za-z0-9_.-]*)=(.*)$", re.S)
 _MACRO = re.compile(r"%(?:\{([slodiphcrtvSLODIPHCRTV])(\d*)(r?)([.+,/_=-]*)\}|(%)|(_)|(-))")
 _MACRO_CHECK = re.compile(r"%(?:\{[slodiphcrtvSLODIPHCRTV]\d*r?[.+,/_=-]*\}|%|_|-)")
-_DUAL_CIDR = re.compile(r"^(?::(?P<domain>[^/]*))?(?:/(?P<c4>0|[1-9]\d{0,1}))?(?://(?P<c6>0|[1-9]\d{0,2}))?$")
+# The domain-spec may itself hold ":" and "/" (any visible character but "%" outside macros,
+# §7.1): the dual-cidr-length is only what parses as one at the very end.
+_DUAL_CIDR = re.compile(r"^(?::(?P<domain>.*?))?(?:/(?P<c4>0|[1-9]\d{0,1}))?(?://(?P<c6>0|[1-9]\d{0,2}))?$", re.S)
 _TOPLABEL = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9]+$|^[A-Za-z0-9][A-Za-z0-9-]*-[A-Za-z0-9-]*[A-Za-z0-9]$|^[A-Za-z0-9]+-[A-Za-z0-9]$")
 
 
@@ -155,7 +157,7 @@ async def _check(ctx: _Context, domain: str, depth: int) -> tuple[str, str | Non
 
 async def _record(ctx: _Context, domain: str) -> str | None:
     try:
-        texts = await ctx.resolver.resolve(domain, "TXT")
+        texts = await ctx.resolver.resolve(_query_name(domain), "TXT")
     except DnsError as e:
         raise _TempError(f"TXT {domain}: {e.kind}") from None
     records = [t for t in texts if t.lower() == "v=spf1" or t.lower().startswith("v=spf1 ")]
@@ -257,9 +259,10 @@ async def _matches(ctx: _Context, domain: str, name: str, arg, depth: int) -> bo
     if name == "mx":
         _count(ctx)
         target = await _expand_domain(ctx, arg[0], domain) if arg[0] else domain
-        exchanges = _mx_hosts(await _lookup(ctx, target, "MX", void=True))
-        if len(exchanges) > MAX_NAMES:
+        records = await _lookup(ctx, target, "MX", void=True)
+        if len(records) > MAX_NAMES:  # §4.6.4: counted per record, even if names repeat
             raise _PermError(f"mx:{target} has more than {MAX_NAMES} MX records")
+        exchanges = _mx_hosts(records)
         for host in exchanges:
             if _in_any(ip, await _addresses(ctx, host), arg[1], arg[2]):
                 return True
@@ -286,7 +289,7 @@ def _count(ctx: _Context) -> None:
 
 async def _lookup(ctx: _Context, name: str, rdtype: str, void: bool = False) -> list[str]:
     try:
-        found = await ctx.resolver.resolve(name, rdtype)
+        found = await ctx.resolver.resolve(_query_name(name), rdtype)
     except DnsError as e:
         raise _TempError(f"{rdtype} {name}: {e.kind}") from None
     if void and not found:
@@ -346,22 +349,27 @@ async def _explain(ctx: _Context, domain: str, modifiers: dict) -> str | None:
         return None
     try:
         target = await _expand_domain(ctx, modifiers["exp"], domain)
-        texts = await ctx.resolver.resolve(target, "TXT")
-        if len(texts) != 1:
-            return None
+        texts = await ctx.resolver.resolve(_query_name(target), "TXT")
+        if len(texts) != 1 or any(not 32 <= ord(c) < 127 for c in texts[0]):
+            return None  # §6.2: the explanation is 7-bit ASCII; anything else is ignored
+        if "%" in _MACRO_CHECK.sub("", texts[0]):
+            return None  # a syntax error in it: as if there were no exp=
         text = await _expand(ctx, texts[0], domain, exp=True)
     except (DnsError, _PermError, _TempError):
         return None
-    text = "".join(c for c in text if 32 <= ord(c) < 127)
     return text or None
 
 
 # --- macros (§7) ---------------------------------------------------------------------------
 
 def _check_macro_string(value: str, term: str) -> None:
+    """A macro-string in a record (§7.1): visible ASCII, valid macros, and none of the letters
+    c, r, t, which only the explanation text may use (§7.3)."""
     rest = _MACRO_CHECK.sub("", value)
     if "%" in rest or any(not (0x21 <= ord(c) <= 0x7e) for c in rest):
         raise _PermError(f"bad macro or character in {term!r}")
+    if any(m.group(1) and m.group(1).lower() in "crt" for m in _MACRO.finditer(value)):
+        raise _PermError(f"%{{c}}, %{{r}} and %{{t}} are only allowed in explanations: {term!r}")
 
 
 def _check_domain_spec(spec: str, term: str) -> None:
@@ -445,6 +453,12 @@ async def _macro_value(ctx: _Context, letter: str, domain: str) -> str:
     if letter == "t":
         return str(int(ctx.now))
     raise _PermError(f"unknown macro letter {letter}")  # pragma: no cover
+
+
+def _query_name(name: str) -> str:
+    """A name as the resolver takes it (DNS presentation format): a space, which ``%_`` puts
+    in a name (§7.3), is written ``\\032``; the resolver refuses raw white space as junk."""
+    return name.replace(" ", "\\032")
 
 
 def _valid_domain(name: str) -> bool:

@@ -34,7 +34,9 @@ Scripting (may be changed while the server runs):
 - ``ds.stall_at`` / ``ds.drop_at``: a key (same spelling as above) or a collection of
   keys where the server never answers (keeps reading until the peer goes away) / closes
   the connection without answering. ``DATA_END`` applies after the whole DATA section was
-  read.
+  read. ``drop_at`` also takes ``DATA_BODY``: after the ``354``, as soon as the first bytes
+  of the message arrive, the connection is reset (RST, as the kernel does for a killed
+  process with unread data) — a downstream dying mid-DATA; what it got is in ``aborted``.
 - ``ds.delays``: ``{KEY: seconds}`` to answer late (a slow downstream).
 
 Only loopback addresses are ever bound; the server never resolves or connects anywhere.
@@ -634,6 +636,8 @@ class _Conn:
         reply = await self._answer(["DATA"], line, default)
         if reply[:1] != "3":
             return
+        if ds._matches(ds.drop_at, ["DATA_BODY"]):
+            await self._die_mid_data()
         raw = await self._read_data()
         if raw is None:
             ds._record(lambda: ds.aborted.append(bytes(self.buf)))
@@ -655,6 +659,15 @@ class _Conn:
             ds._record(lambda: ds.aborted.append(raw))  # it will never get a final reply
         cap.reply = await self._answer(["DATA_END"], "", default)
         ds._record(lambda: (ds.messages if cap.reply[:1] == "2" else ds.rejected).append(cap))
+
+    async def _die_mid_data(self) -> None:
+        while not self.buf:
+            if not await self._fill():
+                break
+        ds = self.ds
+        ds._record(lambda: (ds.aborted.append(bytes(self.buf)), setattr(ds, "dropped", ds.dropped + 1)))
+        self.writer.transport.abort()  # unread bytes and no FIN: the peer sees a reset
+        raise _Drop
 
     async def do_RSET(self, arg: str, line: str) -> None:
         reply = await self._answer(["RSET"], line, "250 2.0.0 Ok")

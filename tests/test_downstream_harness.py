@@ -308,6 +308,22 @@ def test_drop_at_rcpt(downstream):
     assert downstream.dropped == 1
 
 
+def test_drop_at_data_body_resets_mid_message(downstream):
+    downstream.drop_at = "DATA_BODY"
+    with client(downstream) as c:
+        c.ehlo()
+        c.mail("a@sender.test")
+        c.rcpt("user@example.com")
+        assert c.docmd("DATA")[0] == 354
+        c.send(b"Subject: half\r\n\r\nfirst part\r\n")
+        with pytest.raises((smtplib.SMTPServerDisconnected, OSError)):
+            c.send(b"x" * 1_000_000)
+            c.send(b"\r\n.\r\n")
+            c.getreply()
+    downstream.wait_for(lambda: downstream.dropped == 1)
+    assert downstream.messages == [] and downstream.aborted[0].startswith(b"Subject: half")
+
+
 def test_delay_and_wait_timeout_message(downstream):
     downstream.delays = {"NOOP": 0.2}
     with client(downstream) as c:

@@ -66,13 +66,6 @@ ARGS = {
     "XCLIENT": ["LOGIN=admin", "ADDR=10.0.0.1 NAME=x"],
     "XFORWARD": ["ADDR=10.0.0.1"],
 }
-# Issue 10 §2: a non-ASCII address without SMTPUTF8 gets "451 4.3.0" and a traceback on main
-# (the fix, 553 5.6.7, is on another branch). Until it is merged these arguments stay out of
-# the streams; test_non_ascii_address_without_smtputf8_is_refused (strict xfail) starts
-# failing the day the fix is in: then delete its mark and this filter.
-AWAITING_ISSUE_10_2 = {"FROM:<ü@sender.test>", "TO:<ü@example.com>", "TO:<user@bücher.example>"}
-ARGS = {verb: [a for a in args if a not in AWAITING_ISSUE_10_2] for verb, args in ARGS.items()}
-
 # CRLF most of the time; the rest are what broken or hostile clients send.
 LINE_ENDS = st.sampled_from([b"\r\n"] * 6 + [b"\n", b"\r", b"\r\r\n", b"\n\r", b" \r\n", b"\x00\r\n"])
 NOISE = st.binary(max_size=40)
@@ -172,11 +165,10 @@ def test_random_command_streams_always_end_cleanly(fuzz_gate: FuzzGate):
     fuzz_gate.check_healthy(mark)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 §2, fixed on another branch: when this passes, "
-                                       "remove this mark and AWAITING_ISSUE_10_2")
 @pytest.mark.parametrize("mail,rcpt", [("FROM:<ü@sender.test>", "TO:<user@example.com>"),
                                        ("FROM:<a@sender.test>", "TO:<ü@example.com>")])
 def test_non_ascii_address_without_smtputf8_is_refused(fuzz_gate: FuzzGate, mail, rcpt):
+    """What the streams above found first (issue 10 §2): 451 4.3.0 and a traceback before."""
     mark = fuzz_gate.log_mark()
     with Session(fuzz_gate.gate.address) as s:
         s.send(f"EHLO client.test\r\nMAIL {mail}\r\nRCPT {rcpt}\r\nQUIT\r\n".encode())

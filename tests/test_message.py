@@ -130,3 +130,46 @@ def test_describe_changes():
     m.remove_header("X-Dup")
     m.prepend_header("X-Tag", "1")
     assert describe_changes(m.changes) == "remove X-Dup (2); add X-Tag"
+
+
+# --- forged Authentication-Results (RFC 8601 §5) ---------------------------------------------
+AR_OTHER = b"Authentication-Results: mx.other.example; spf=pass smtp.mailfrom=x.test\r\n"
+
+
+@pytest.mark.parametrize("field", [
+    b"Authentication-Results: gate.test; spf=pass smtp.mailfrom=x.test\r\n",
+    b"authentication-results : GATE.Test; dkim=pass\r\n",                    # any case
+    b"Authentication-Results: (forged) gate.test 1; spf=pass\r\n",          # comment, version
+    b"Authentication-Results: (a (nested) comment)\r\n gate.test\r\n ; none\r\n",  # CFWS, folding
+    b'Authentication-Results: "gate.test"; none\r\n',                        # quoted-string
+    b"Authentication-Results: gate.test;\r\n",
+])
+def test_forged_authentication_results_are_removed(field):
+    raw = b"Received: from a\r\n" + field + AR_OTHER + b"Subject: hi\r\n\r\nAuthentication-Results: gate.test; x\r\n"
+    m = Message(raw)
+    assert m.remove_authentication_results("gate.test") == 1
+    assert m.raw == raw.replace(field, b"", 1)  # the rest byte for byte, the body untouched
+    assert [(c.op, c.header) for c in m.changes] == [("remove", "Authentication-Results")]
+
+
+@pytest.mark.parametrize("field", [
+    b"Authentication-Results: gate.test.example; spf=pass\r\n",  # a longer name is another id
+    b"Authentication-Results: mx.gate.test; spf=pass\r\n",
+    b"Authentication-Results: x; reason=gate.test\r\n",            # only the first token counts
+    b"Authentication-Results: (gate.test) x.test; none\r\n",       # a comment is not the id
+    b"X-Authentication-Results: gate.test; spf=pass\r\n",          # another field
+    b"Authentication-Results: (never closed gate.test; none\r\n",
+])
+def test_other_authentication_results_stay(field):
+    raw = b"Received: from a\r\n" + field + b"Subject: hi\r\n\r\nbody\r\n"
+    m = Message(raw)
+    assert m.remove_authentication_results("gate.test") == 0
+    assert m.raw == raw and not m.changed
+
+
+def test_no_authentication_results_means_no_parsing():
+    raw = b"Subject: hi\r\nX-Note: authentication-results: gate.test;\r\n\r\n" \
+          b"Authentication-Results: gate.test; spf=pass\r\n"  # in the body: not a header
+    m = Message(raw)
+    assert m.remove_authentication_results("gate.test") == 0
+    assert m._fields is None and m.raw is raw  # the cheap byte search said no: nothing parsed

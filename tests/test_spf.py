@@ -362,3 +362,13 @@ async def test_check_host_on_the_real_dns_server():
         assert (await spf_check_host(r, "203.0.113.1", "example.org", "a@example.org")).result == "fail"
         assert (await spf_check_host(r, "203.0.113.1", "slow.example.net", "a@slow.example.net")).result == "temperror"
         assert (await spf_check_host(r, "203.0.113.1", "none.example.org", "a@none.example.org")).result == "none"
+
+
+async def test_a_space_from_the_macro_underscore_is_queried_on_the_real_resolver():
+    # RFC 7208 §7.3: %_ puts a space in the name; it goes out as the octet 32 of a label.
+    zones = {"example.org": {"@": {"TXT": "v=spf1 a:mail%_hub.example.org -all"},
+                             "mail\\032hub": {"A": "192.0.2.25"}}}
+    with DnsServer(zones) as ns:
+        r = Resolver([ns.address], timeout=0.3, attempts=1)
+        assert (await spf_check_host(r, "192.0.2.25", "example.org", "a@example.org")).result == "pass"
+        assert (await spf_check_host(r, "192.0.2.26", "example.org", "a@example.org")).result == "fail"

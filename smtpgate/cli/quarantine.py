@@ -1,11 +1,13 @@
-"""``smtpgate quarantine``: list, show, release and delete held messages.
+"""``smtpgate quarantine``: list, show, release, delete and purge held messages.
 
 Reads gate.yaml's ``quarantine:`` (the Maildir) and, for ``release``, ``downstream:``.
 ``release`` relays the original bytes with the original envelope (sender, its MAIL
 parameters, the recipients) to the downstream, passing the original client with XCLIENT
 the way the gate would have, and records the attempt in the message's sidecar; a message
 already released is sent again only with ``--force``. An ID may be given as the full id, a
-unique prefix of it, or the transaction id the gate logged (``tx=``).
+unique prefix of it, or the transaction id the gate logged (``tx=``). ``purge`` deletes the
+messages (held or released) older than ``quarantine_keep`` or ``--older-than``, as the gate
+itself does at start-up and daily.
 
 Exit status: 0 done, 1 not found / busy / the downstream refused or failed, 2 bad arguments
 or configuration.
@@ -26,7 +28,7 @@ from .common import json_parent, positive
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     """Register ``quarantine`` and its commands on the main parser's subparsers."""
     q = sub.add_parser("quarantine", parents=[common],
-                       help="held messages: list, show, release, delete")
+                       help="held messages: list, show, release, delete, purge")
     qsub = q.add_subparsers(dest="quarantine_command", metavar="COMMAND", required=True)
     out = json_parent()
 
@@ -51,6 +53,23 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p = qsub.add_parser("delete", parents=[common, out], help="remove one message for good")
     p.add_argument("id", metavar="ID")
 
+    p = qsub.add_parser("purge", parents=[common, out],
+                        help="remove the messages older than the retention (quarantine_keep)")
+    p.add_argument("--older-than", type=_duration, metavar="DURATION",
+                   help="instead of quarantine_keep, e.g. 7d, 12h")
+    p.add_argument("--dry-run", action="store_true", help="only count (and list with --json)")
+
+
+def _duration(text: str) -> float:
+    from ..units import parse_duration
+    try:
+        seconds = parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration above zero, got {text!r}")
+    return seconds
+
 
 class Failed(Exception):
     """Exit 1 with this message (and, for --json, a document saying so)."""
@@ -69,8 +88,9 @@ def quarantine_command(args, config_path: str | None) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
-    store = MaildirQuarantine(config.quarantine)
-    handler = {"list": _list, "show": _show, "release": _release, "delete": _delete}
+    store = MaildirQuarantine(config.quarantine, mode=config.quarantine_mode)
+    handler = {"list": _list, "show": _show, "release": _release, "delete": _delete,
+               "purge": _purge}
     try:
         doc, text = handler[args.quarantine_command](args, store, config)
     except (KeyError, StoreError, Failed) as e:
@@ -166,6 +186,21 @@ def _delete(args, store, config):
     return {"id": qid, "deleted": True}, f"deleted {qid}"
 
 
+def _purge(args, store, config):
+    from ..units import format_duration
+    keep = args.older_than or config.quarantine_keep
+    if not keep:
+        doc = {"quarantine": config.quarantine, "older_than": None, "dry_run": args.dry_run,
+               "purged": 0, "ids": []}
+        return doc, "quarantine_keep is 0 (keep for ever): nothing purged; use --older-than"
+    gone = store.purge(keep, dry_run=args.dry_run)
+    doc = {"quarantine": config.quarantine, "older_than": keep, "dry_run": args.dry_run,
+           "purged": len(gone), "ids": gone}
+    verb = "would purge" if args.dry_run else "purged"
+    return doc, (f"{verb} {len(gone)} message{'' if len(gone) == 1 else 's'} older than "
+                 f"{format_duration(keep)} from {config.quarantine}")
+
+
 async def relay(config, meta: dict, raw: bytes) -> dict:
     """Send one held message downstream as its original client sent it. Never raises for
     downstream trouble: the result says what happened (``ok``, every reply)."""
@@ -191,13 +226,22 @@ async def relay(config, meta: dict, raw: bytes) -> dict:
             out["reply"] = "no recipient accepted"
             await downstream.reset()
             return out
-        reply = await downstream.data(raw)
+        reply = await downstream.data(_without_forgeries(raw, config.hostname))
         out["reply"], out["ok"] = str(reply), reply.is_positive
     except RelayError as exc:
         out["reply"] = f"{exc.reply} ({exc})"
     finally:
         await downstream.close()
     return out
+
+
+def _without_forgeries(raw: bytes, hostname: str) -> bytes:
+    """The held bytes are the message as received; what leaves for the mailbox loses the
+    Authentication-Results fields forged with our authserv-id, as at DATA (RFC 8601 §5)."""
+    from ..message import Message
+    message = Message(raw)
+    message.remove_authentication_results(hostname)
+    return message.raw
 
 
 # --- formatting ----------------------------------------------------------------------------

@@ -53,6 +53,8 @@ class Limits:
     max_connections_per_client: int = 20
     command_timeout: float = 300
     data_timeout: float = 600
+    max_line_length: int = 998  # octets before CRLF in DATA (RFC 5321 §4.5.3.1.6); 0: no limit
+    max_inflight_data: int = 1_000_000_000  # bytes of all messages being received; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class GateConfig:
     proxy_protocol: bool = False
     state: str
     quarantine: str
+    quarantine_keep: float = 30 * 86400.0  # seconds a held message is kept; 0: for ever
+    quarantine_mode: int = 0o600  # held files; folders get the matching x bits (0700, 0750, 0770)
     limits: Limits = field(default_factory=Limits)
     policies: str
     plugins: list[str] = field(default_factory=list)
@@ -170,6 +174,27 @@ def _size(value: Any) -> int:
     return size
 
 
+def _line_length(value: Any) -> int:
+    # Below 78 even RFC 5322's recommended line would be refused: surely a typo.
+    if isinstance(value, bool) or not isinstance(value, int) or (value != 0 and value < 78):
+        raise ValueError(f"expected a number of octets of 78 or more, or 0 for no limit, got {value!r}")
+    return value
+
+
+def _inflight(value: Any) -> int:
+    """``auto``: a quarter of the machine's memory, at most 1GB; ``0``: no limit."""
+    if value == "auto":
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            ram = 4 * 1000**3
+        return min(1000**3, ram // 4)
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise ValueError(f'expected "auto", a size like "512MB", or 0 for no limit, got {value!r}') from None
+
+
 def _workers(value: Any) -> int:
     if value == "auto":
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -210,6 +235,28 @@ def _nameserver(value: Any) -> tuple[str, int]:
     except ValueError:
         raise ValueError(f'expected an IP address and an optional port, like "127.0.0.1:53", '
                          f"got {value!r}") from None
+
+
+def _keep(value: Any) -> float:
+    """A retention: a duration, or 0 / ``forever`` / ``off`` to keep messages for ever."""
+    if value in (0, "0", "forever", "off", False):
+        return 0.0
+    return _timeout(value)
+
+
+FILE_MODES = (0o600, 0o640, 0o660)
+
+
+def _file_mode(value: Any) -> int:
+    """``0600`` (the default), ``0640`` or ``0660``: owner read-write, the group at most
+    read-write, others nothing. YAML reads ``0640`` as octal already; ``"0640"`` is taken too."""
+    mode = value
+    if isinstance(value, str) and re.fullmatch(r"0o?[0-7]{3}", value.strip()):
+        mode = int(value.strip().replace("o", ""), 8)
+    if isinstance(mode, bool) or not isinstance(mode, int) or mode not in FILE_MODES:
+        shown = f"{value:#o}" if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+        raise ValueError(f"expected a file mode 0600, 0640 or 0660, got {shown}")
+    return mode
 
 
 def _metrics(value: Any) -> tuple[str, int] | None:
@@ -279,9 +326,12 @@ def _schema(base: str, policies_base: str) -> _Section:
         "proxy_protocol": boolean,
         "state": partial(_state, base=base),
         "quarantine": partial(_path, base=base),
+        "quarantine_keep": _keep,
+        "quarantine_mode": _file_mode,
         "limits": _Section(Limits, {
             "max_message_size": _size, "max_recipients": _count, "max_connections": _count,
-            "max_connections_per_client": _count, "command_timeout": _timeout, "data_timeout": _timeout}),
+            "max_connections_per_client": _count, "max_line_length": _line_length,
+            "max_inflight_data": _inflight, "command_timeout": _timeout, "data_timeout": _timeout}),
         "policies": partial(_existing_dir, base=policies_base),
         "plugins": _Each(partial(_existing_dir, base=base)),
         "dns": _Section(DnsConfig, {"nameservers": _Each(_nameserver), "timeout": _timeout, "attempts": _count}),

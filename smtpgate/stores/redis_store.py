@@ -17,6 +17,8 @@
   double-count or lose an attempt. The script mirrors ``greylist.decide`` line by line.
 - Every key carries a TTL: a triplet lives until it expires plus ``GRACE``; the
   auto-whitelist set of a client as long as its longest-lived pass.
+- A dead or frozen server is noticed once per process and then not retried on every call
+  (``breaker.py``): calls fail at once with ``StoreError`` until a back-off passes.
 - This is the only module that imports ``redis``; its errors leave as ``StoreError``.
 
 Keys (``P`` = the prefix): ``Pgl:t:<client> <sender|<>> <recipient>`` (hash: one triplet),
@@ -32,9 +34,12 @@ import math
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StoreError
+from .breaker import breaker_for
 from .greylist import (DELAY_BUCKETS, GRACE, AllowEntry, Attempt, Entry, GreylistStore, Params,
                        Selector, Stats, ip_hex, sender_allow_keys, triplet_allow_key, triplet_value)
 
@@ -232,48 +237,90 @@ def redact(url: str) -> str:
     return url
 
 
-class RedisGreylistStore(GreylistStore):
-    def __init__(self, url: str, prefix: str | None = None):
+class RedisLink:
+    """What each Redis store holds: its connection pool (opened on first use), the FIFO queue
+    in front of it, its Lua scripts, and the process's circuit breaker for the server
+    (``breaker.py``: a dead server is noticed once, not waited for on every call)."""
+
+    def __init__(self, url: str, scripts: dict[str, str] | None = None):
         self.url = url
-        self._client_url, self._options = split_url(url)
-        self.prefix = (prefix if prefix is not None else self._options["prefix"]) + "gl:"
+        self._client_url, self.options = split_url(url)
+        self._sources = dict(scripts or {})
+        self.scripts: dict = {}
         self._client: aioredis.Redis | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._attempt_script = self._lens_script = None
-        self.k_allow, self.k_lens, self.k_stats = (self.prefix + "allow", self.prefix + "allowlens",
-                                                   self.prefix + "stats")
+        self._outages_seen = 0
+        parts = urlsplit(redact(url))
+        self.breaker = breaker_for("Redis " + urlunsplit(parts._replace(query="", fragment="")))
 
-    def _redis(self) -> aioredis.Redis:
+    def client(self) -> aioredis.Redis:
         if self._client is None:
             try:
                 pool = aioredis.BlockingConnectionPool.from_url(
-                    self._client_url, max_connections=self._options["max_connections"],
-                    timeout=self._options["pool_timeout"])
+                    self._client_url, max_connections=self.options["max_connections"],
+                    timeout=self.options["pool_timeout"])
                 self._client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
             except ValueError as e:
                 raise StoreError(f"Redis {redact(self.url)}: {e}") from None
-            self._slots = asyncio.Semaphore(self._options["max_connections"])  # FIFO: fair
-            self._attempt_script = self._client.register_script(ATTEMPT_LUA)
-            self._lens_script = self._client.register_script(REBUILD_LENS_LUA)
+            self._slots = asyncio.Semaphore(self.options["max_connections"])  # FIFO: fair
+            self.scripts = {name: self._client.register_script(lua) for name, lua in self._sources.items()}
         return self._client
 
-    async def _do(self, coro_fn):
+    async def run(self, coro_fn):
         """Run one operation (it uses one connection at a time) in its turn; redis-py's and
         the socket's errors become StoreError."""
-        client = self._redis()
+        client = self.client()
+        self.breaker.check()  # down: fail now rather than queue for a connection
         try:
-            async with asyncio.timeout(self._options["pool_timeout"]):
+            async with asyncio.timeout(self.options["pool_timeout"]):
                 await self._slots.acquire()
         except TimeoutError:
             raise StoreError(f"Redis {redact(self.url)}: no connection free within "
-                             f"{self._options['pool_timeout']:g}s (max_connections="
-                             f"{self._options['max_connections']})") from None
+                             f"{self.options['pool_timeout']:g}s (max_connections="
+                             f"{self.options['max_connections']})") from None
         try:
-            return await coro_fn(client)
+            return await self.breaker.run(lambda: self._fresh_then(coro_fn, client), _is_outage)
         except (RedisError, OSError) as e:
             raise StoreError(f"Redis {redact(self.url)}: {type(e).__name__}: {e}") from None
         finally:
             self._slots.release()
+
+    async def _fresh_then(self, coro_fn, client):
+        # After an outage (noticed by this store or another one on the server), the idle
+        # connections of the pool lead to the dead server process: drop them, or the first
+        # call after the restart would fail on one and mark the store down again.
+        if self._outages_seen != self.breaker.outages:
+            self._outages_seen = self.breaker.outages
+            try:
+                await client.connection_pool.disconnect(inuse_connections=False)
+            except (RedisError, OSError):
+                pass  # closing a socket to a dead server: nothing to learn
+        return await coro_fn(client)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.aclose()
+            except (RedisError, OSError):
+                pass
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """A fault of the network or the server's availability, as opposed to an answer."""
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError))
+
+
+class RedisGreylistStore(GreylistStore):
+    def __init__(self, url: str, prefix: str | None = None):
+        self.url = url
+        self.link = RedisLink(url, {"attempt": ATTEMPT_LUA, "lens": REBUILD_LENS_LUA})
+        self.prefix = (prefix if prefix is not None else self.link.options["prefix"]) + "gl:"
+        self.k_allow, self.k_lens, self.k_stats = (self.prefix + "allow", self.prefix + "allowlens",
+                                                   self.prefix + "stats")
+
+    async def _do(self, coro_fn):
+        return await self.link.run(coro_fn)
 
     def triplet_key(self, client, sender, recipient) -> str:
         return f"{self.prefix}t:{triplet_value(client, sender, recipient)}"
@@ -293,7 +340,7 @@ class RedisGreylistStore(GreylistStore):
                 repr(float(params.pass_ttl)), int(params.auto_whitelist_after), "1" if dry_run else "0",
                 repr(GRACE), member, client, sender, recipient, fam, hexdigits,
                 *sender_allow_keys(sender), triplet_allow_key(client, sender, recipient)]
-        res = await self._do(lambda r: self._attempt_script(keys=keys, args=args))
+        res = await self._do(lambda r: self.link.scripts["attempt"](keys=keys, args=args))
         (outcome, exists, first, last, attempts, passed, passed_at, retry_delay, expires,
          allow_key, allow_json, count) = res
         outcome = _s(outcome)
@@ -374,7 +421,7 @@ class RedisGreylistStore(GreylistStore):
                 await pipe.execute()
             if allow_keys:
                 await r.hdel(self.k_allow, *allow_keys)
-                await self._lens_script(keys=[self.k_allow, self.k_lens], args=[])
+                await self.link.scripts["lens"](keys=[self.k_allow, self.k_lens], args=[])
         await self._do(run)
 
     async def delete(self, selector: Selector) -> tuple[int, int]:
@@ -416,12 +463,7 @@ class RedisGreylistStore(GreylistStore):
         return st
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            try:
-                await client.aclose()
-            except (RedisError, OSError):
-                pass
+        await self.link.close()
 
 
 async def _pages(r, pattern):

@@ -8,9 +8,11 @@ gate wrote in between, the whole read-change-write is done again on the fresh re
 a short random pause), so no event is lost and no guard is decided on a stale record. A key
 that stays contended for ``CONTENTION_TIMEOUT`` seconds is a StoreError.
 
-Connections come from a pool of this store's own, opened on first use, with the same URL
-parameters as the greylist store (``prefix``, ``max_connections``, ``pool_timeout``,
-redis-py's timeouts); operations wait their turn for it first come, first served.
+Connections come from a pool of this store's own (``redis_store.RedisLink``), opened on
+first use, with the same URL parameters as the greylist store (``prefix``,
+``max_connections``, ``pool_timeout``, redis-py's timeouts); operations wait their turn for
+it first come, first served, and both stores share the process's circuit breaker for the
+server.
 redis-py itself is imported by ``redis_store`` only.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from typing import Any
 
 from ..errors import StoreError
-from .redis_store import RedisError, aioredis, redact, split_url
+from .redis_store import RedisLink, redact
 from .senders import ChangeFn, SenderRecord, SenderStore
 
 CONTENTION_TIMEOUT = 10.0
@@ -50,44 +52,13 @@ def _s(value) -> str:
 class RedisSenderStore(SenderStore):
     def __init__(self, url: str, prefix: str | None = None):
         self.url = url
-        self._client_url, self._options = split_url(url)
-        self.prefix = (prefix if prefix is not None else self._options["prefix"]) + "sm:"
-        self._client = None
-        self._cas = None
-        self._slots: asyncio.Semaphore | None = None
+        self.link = RedisLink(url, {"cas": CAS_LUA})
+        self.prefix = (prefix if prefix is not None else self.link.options["prefix"]) + "sm:"
         #: compare-and-sets lost to another writer (and retried), since this store was made
         self.retries = 0
 
-    def _redis(self):
-        if self._client is None:
-            try:
-                pool = aioredis.BlockingConnectionPool.from_url(
-                    self._client_url, max_connections=self._options["max_connections"],
-                    timeout=self._options["pool_timeout"])
-                self._client = aioredis.Redis.from_pool(pool)
-            except ValueError as e:
-                raise StoreError(f"Redis {redact(self.url)}: {e}") from None
-            self._cas = self._client.register_script(CAS_LUA)
-            # Operations queue here, first come first served, as in the greylist store:
-            # redis-py's blocking pool is not fair under sustained load.
-            self._slots = asyncio.Semaphore(self._options["max_connections"])
-        return self._client
-
     async def _do(self, coro_fn):
-        """Run one operation in its turn; redis-py's and the socket's errors become StoreError."""
-        client = self._redis()
-        try:
-            async with asyncio.timeout(self._options["pool_timeout"]):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise StoreError(f"Redis {redact(self.url)}: no connection free within "
-                             f"{self._options['pool_timeout']:g}s") from None
-        try:
-            return await coro_fn(client)
-        except (RedisError, OSError) as e:
-            raise StoreError(f"Redis {redact(self.url)}: {type(e).__name__}: {e}") from None
-        finally:
-            self._slots.release()
+        return await self.link.run(coro_fn)
 
     def record_key(self, machine: str, key: str) -> str:
         return f"{self.prefix}{machine}:{key}"
@@ -120,7 +91,7 @@ class RedisSenderStore(SenderStore):
                     new.version = (current.version if current else 0) + 1
                     ttl = max(1, math.ceil(new.expires - new.seen))
                     args = [version, new.to_json(), str(new.version), ttl]
-                if int(await self._cas(keys=[rkey], args=args)):
+                if int(await self.link.scripts["cas"](keys=[rkey], args=args)):
                     return result
                 self.retries += 1
                 if time.monotonic() > deadline:
@@ -164,12 +135,7 @@ class RedisSenderStore(SenderStore):
         return len(gone)
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            try:
-                await client.aclose()
-            except (RedisError, OSError):
-                pass
+        await self.link.close()
 
 
 def _glob_escape(text: str) -> str:
