@@ -54,6 +54,8 @@ def _tokens(text: str):
                 raise Unreadable("unterminated quoted string or literal")
             yield ("quoted" if c == '"' else "literal"), i, j + 1
             j += 1
+        elif c == ")":  # a comment closed that was never opened (the atom loop would not move)
+            raise Unreadable("stray )")
         elif c in _SPECIALS:
             yield c, i, i + 1
             j = i + 1

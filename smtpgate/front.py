@@ -184,6 +184,14 @@ class GateSMTP(SMTP):
                   exc_info=error)
         return "451 4.3.0 Local error in processing, try again later"
 
+    async def check_helo_needed(self, helo: str = "HELO") -> bool:
+        """MAIL, RCPT and DATA start here. After the gate closed the connection (a 421, the
+        too-many-errors goodbye), aiosmtpd still runs the commands a pipelining client had
+        sent; none of them may open or relay a transaction the client was told is refused."""
+        if self.transport is None or self.transport.is_closing():
+            return True  # as if answered: the command does nothing
+        return await super().check_helo_needed(helo)
+
     # --- writing -----------------------------------------------------------------------
     async def push(self, status) -> None:
         """aiosmtpd's own replies pass here: give them enhanced codes."""
@@ -206,6 +214,10 @@ class GateSMTP(SMTP):
         await self._write_lines(reply.lines())
 
     async def _write_lines(self, lines: list[str]) -> None:
+        if self.transport is None or self.transport.is_closing():
+            # Closed (a goodbye, a timeout, the client gone) while a command was still being
+            # answered: nobody is listening, and uvloop raises on a write to a closed handle.
+            return
         self._writer.write("".join(f"{line}\r\n" for line in lines).encode("utf-8", "replace"))
         await self._writer.drain()
         if lines and not self._closing:

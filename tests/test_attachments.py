@@ -14,7 +14,7 @@ from smtpgate import OptionError, Verdict  # noqa: E402
 from smtpgate.testing import Harness, run_rule  # noqa: E402
 from smtpgate_rules.attachments import Attachments  # noqa: E402
 
-CORPUS = Path("/work/shared/corpus")
+CORPUS = Path(__file__).resolve().parent / "data" / "corpus"
 
 
 async def verdict_of(raw: bytes, **options):

@@ -1,6 +1,6 @@
-"""Bytes stay bytes: every third-party message in the shared corpus passes unchanged.
+"""Bytes stay bytes: every third-party message in the test corpus passes unchanged.
 
-Each file under ../shared/corpus/ (LICENSE and README files skipped), with its line ends
+Each file under tests/data/corpus/ (LICENSE and README files skipped), with its line ends
 made CRLF (as they are on the wire), goes
 
 - through the real gate (one child process for the module) into the CapturingDownstream,
@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import re
 import smtplib
-import os
 from pathlib import Path
 
 import pytest
@@ -27,8 +26,7 @@ from downstream import CapturingDownstream
 from gateproc import start_gate
 from smtpgate.testing import Harness
 
-# CI clones the repository with shared/ beside it, as on a developer machine.
-CORPUS = Path(os.environ.get("SMTPGATE_CORPUS") or Path(__file__).resolve().parents[2] / "shared" / "corpus")
+CORPUS = Path(__file__).resolve().parent / "data" / "corpus"  # third-party messages, see its README
 EXAMPLE_PLUGIN = Path(__file__).resolve().parent.parent / "examples" / "plugins" / "subject_words.py"
 NO_MATCH = "zq-no-subject-holds-this-phrase-qz"
 
@@ -57,7 +55,7 @@ def stuff(data: bytes) -> bytes:
 
 
 def test_corpus_is_there():
-    assert len(FILES) >= 100, f"expected the shared corpus under {CORPUS}, found {len(FILES)} files"
+    assert len(FILES) >= 100, f"expected the corpus under {CORPUS}, found {len(FILES)} files"
 
 
 # ---------------------------------------------------------------------------- the real gate

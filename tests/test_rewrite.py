@@ -485,8 +485,8 @@ async def test_any_rule_that_edits_gets_its_changes_named_in_the_trace():
     assert [(e.rule, e.action, e.reason) for e in r.trace] == [("tagger", "continue", "add X-Seen")]
 
 
-# ---------------------------------------------------------------------------- the shared corpus
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+# ---------------------------------------------------------------------------- the test corpus
+CORPUS = Path(__file__).resolve().parent / "data" / "corpus"
 CORPUS_FILES = sorted(p for p in CORPUS.rglob("*") if p.is_file()
                       and not p.name.upper().startswith(("LICENSE", "README"))) if CORPUS.is_dir() else []
 EDITED = {"from", "to", "cc", "reply-to", "sender", "subject"}
