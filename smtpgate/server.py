@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import signal
 import ssl
 import sys
@@ -17,6 +18,7 @@ from .runtime.loading import load_runtime
 from .stores.quarantine import MaildirQuarantine
 from .smtp.relay import probe
 from .mail.reply import Reply
+from .sdnotify import SERVING, SystemdNotifier, WorkerPipe, watchdog_interval
 from .units import format_duration
 
 log = logging.getLogger("smtpgate.server")
@@ -33,22 +35,31 @@ def serve(cli_path: str | None) -> int:
     cfg = runtime.config
     from .logs import setup_logging
     setup_logging(cfg.log.format, cfg.log.level)
+    if cfg.metrics is not None:
+        log.warning("metrics: %s:%s is accepted but not served yet (not implemented): ignored",
+                    *cfg.metrics)
     if cfg.workers <= 1:
-        return run_worker(cli_path, runtime, housekeeper=True)
+        return run_worker(cli_path, runtime, housekeeper=True,
+                          notifier=SystemdNotifier(), watchdog=watchdog_interval())
     return supervise(cli_path, runtime, cfg.workers)
 
 
 def run_worker(cli_path, runtime, housekeeper: bool = False,
-               tracker: ConnectionTracker | None = None) -> int:
+               tracker: ConnectionTracker | None = None,
+               notifier: SystemdNotifier | WorkerPipe | None = None,
+               watchdog: float | None = None) -> int:
     """One serving process; the ``housekeeper`` (one per gate) also purges the quarantine.
-    ``tracker``: its slot in the gate's connection table (a table of its own when alone)."""
+    ``tracker``: its slot in the gate's connection table (a table of its own when alone).
+    ``notifier``: told when the worker serves, reloads, stops, and every ``watchdog`` seconds
+    that its event loop still runs (systemd itself, or the pipe to the supervisor)."""
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
     try:
-        return asyncio.run(_serve(cli_path, runtime, housekeeper, tracker or ConnectionTracker()))
+        return asyncio.run(_serve(cli_path, runtime, housekeeper, tracker or ConnectionTracker(),
+                                  notifier or SystemdNotifier(""), watchdog))
     except OSError as e:
         log.error("cannot listen: %s", e)
         return 1
@@ -63,7 +74,9 @@ def _tls_context(cfg) -> ssl.SSLContext | None:
 
 
 async def _serve(cli_path, runtime, housekeeper: bool = False,
-                 tracker: ConnectionTracker | None = None) -> int:
+                 tracker: ConnectionTracker | None = None,
+                 notifier: SystemdNotifier | WorkerPipe | None = None,
+                 watchdog: float | None = None) -> int:
     loop = asyncio.get_running_loop()
     cfg = runtime.config
     gate = Gate(runtime, quarantine=MaildirQuarantine(cfg.quarantine, mode=cfg.quarantine_mode))
@@ -77,11 +90,24 @@ async def _serve(cli_path, runtime, housekeeper: bool = False,
             lambda: GateSMTP(gate, tracker, tls_ctx), host, port, reuse_port=True, backlog=1024))
         log.info("listening on %s:%s, relaying to %s:%s", host, port,
                  cfg.downstream.host, cfg.downstream.port)
+    notifier = notifier or SystemdNotifier("")
     purging = asyncio.ensure_future(_purge_quarantine(gate)) if housekeeper else None
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(gate, cli_path)))
+
+    def on_stop() -> None:
+        notifier.stopping()
+        stop.set()
+
+    def on_reload() -> None:
+        notifier.reloading()
+        asyncio.ensure_future(_reload(gate, cli_path, notifier))
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop)
+    loop.add_signal_handler(signal.SIGINT, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    # Ready once it listens and its signals are handled (a SIGTERM right after must drain).
+    notifier.ready(f"listening on {', '.join(f'{h}:{p}' for h, p in cfg.listen)}")
+    beating = asyncio.ensure_future(_heartbeat(notifier, watchdog)) if watchdog else None
     await stop.wait()
 
     log.info("stopping: no new connections, finishing transactions in flight")
@@ -99,8 +125,17 @@ async def _serve(cli_path, runtime, housekeeper: bool = False,
     await asyncio.sleep(0)  # let connection_lost callbacks close downstream sessions
     if gate.runtime.stores is not None:
         await gate.runtime.stores.close()
+    if beating is not None:
+        beating.cancel()
     log.info("stopped")
     return 0
+
+
+async def _heartbeat(notifier, interval: float) -> None:
+    """WATCHDOG=1 (or its pipe byte) from the event loop itself: a stuck loop stops it."""
+    while True:
+        notifier.alive()
+        await asyncio.sleep(interval)
 
 
 async def _purge_quarantine(gate: Gate) -> None:
@@ -119,8 +154,17 @@ async def _purge_quarantine(gate: Gate) -> None:
         await asyncio.sleep(PURGE_INTERVAL)
 
 
-async def _reload(gate: Gate, cli_path) -> None:
-    """SIGHUP: build the whole new runtime first; swap only if all of it loaded."""
+async def _reload(gate: Gate, cli_path, notifier=None) -> None:
+    """SIGHUP: build the whole new runtime first; swap only if all of it loaded.
+    The notifier hears READY=1 once done, whether the new configuration was taken or not."""
+    try:
+        await _load_and_swap(gate, cli_path)
+    finally:
+        if notifier is not None:
+            notifier.ready()
+
+
+async def _load_and_swap(gate: Gate, cli_path) -> None:
     try:
         runtime = await asyncio.get_running_loop().run_in_executor(
             None, lambda: load_runtime(cli_path, stores=gate.runtime.stores))
@@ -136,63 +180,156 @@ async def _reload(gate: Gate, cli_path) -> None:
     log.info("configuration reloaded from %s", runtime.config.source)
 
 
+class _Worker:
+    """What the supervisor knows of one worker process."""
+
+    def __init__(self, slot: int, fd: int) -> None:
+        self.slot = slot
+        self.fd = fd            # the read end of the worker's pipe (sdnotify.WorkerPipe)
+        self.started = time.monotonic()
+        self.serving = False    # it said it listens
+        self.heard = self.started
+
+
 def supervise(cli_path, runtime, workers: int) -> int:
     """Fork ``workers`` processes that each bind the listen addresses with SO_REUSEPORT.
 
     They share one connection table (made here, before the fork); each worker has a slot in
-    it, and a dead worker's slot is cleared before its replacement takes it over."""
-    children: dict[int, tuple[float, int]] = {}  # pid -> (started, slot)
+    it, and a dead worker's slot is cleared before its replacement takes it over.
+
+    The supervisor speaks to systemd for its workers: READY=1 once every one of them listens,
+    RELOADING=1 on SIGHUP and READY=1 when all have reloaded, STOPPING=1 on SIGTERM, and
+    WATCHDOG=1 only while every serving worker's event loop keeps beating on its pipe."""
+    notifier = SystemdNotifier()
+    watchdog = watchdog_interval()
+    children: dict[int, _Worker] = {}
     table = ConnectionTable(workers)
     housekeeper = 0  # the worker that purges the quarantine (its replacement takes over)
 
     def spawn(slot: int, housekeeping: bool = False) -> None:
         nonlocal housekeeper
         table.clear(slot)
+        read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
+            signal.set_wakeup_fd(-1)
+            os.close(wake_read)
+            os.close(wake_write)
+            os.close(read_end)
+            for other in children.values():
+                os.close(other.fd)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
-            code = run_worker(cli_path, runtime, housekeeping, ConnectionTracker(table, slot))
+            code = run_worker(cli_path, runtime, housekeeping, ConnectionTracker(table, slot),
+                              WorkerPipe(write_end), watchdog)
             os._exit(code)
-        children[pid] = (time.monotonic(), slot)
+        os.close(write_end)
+        children[pid] = _Worker(slot, read_end)
         if housekeeping:
             housekeeper = pid
 
-    stopping = False
+    # Signals wake the loop below through this pipe (their numbers are written to it).
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: None)
+    for slot in range(workers):
+        spawn(slot, housekeeping=slot == 0)
+    log.info("started %d worker processes", workers)
 
-    def forward(sig, _frame):
+    stopping = False
+    ready_sent = False
+    reloading: set[int] = set()  # pids that have not yet reloaded since the last SIGHUP
+    next_ping = time.monotonic() + watchdog if watchdog else None
+    status = 0
+
+    def on_signal(sig: int) -> None:
         nonlocal stopping
         if sig in (signal.SIGTERM, signal.SIGINT):
+            if not stopping:
+                notifier.stopping()
             stopping = True
+        elif sig == signal.SIGHUP and not stopping:
+            notifier.reloading()
+            reloading.clear()
+            reloading.update(pid for pid, w in children.items() if w.serving)
+            if not reloading:
+                notifier.ready()  # no worker serves yet: nothing to wait for
+        else:
+            return
         for pid in list(children):
             try:
                 os.kill(pid, signal.SIGTERM if sig == signal.SIGINT else sig)
             except ProcessLookupError:
                 pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    for slot in range(workers):
-        spawn(slot, housekeeping=slot == 0)
-    log.info("started %d worker processes", workers)
-    status = 0
-    while children:
+    def reloaded(pid: int) -> None:
+        if pid in reloading:
+            reloading.discard(pid)
+            if not reloading and not stopping:
+                notifier.ready()  # every worker has reloaded (or kept its configuration)
+
+    def on_message(pid: int, data: bytes) -> None:
+        nonlocal ready_sent
+        worker = children[pid]
+        worker.heard = time.monotonic()
+        if SERVING in data:
+            worker.serving = True
+            reloaded(pid)
+            if not ready_sent and len(children) == workers and all(
+                    w.serving for w in children.values()):
+                notifier.ready(f"{workers} worker processes listening")
+                ready_sent = True
+
+    def on_exit(pid: int) -> None:
+        nonlocal status
+        worker = children.pop(pid)
+        os.close(worker.fd)
+        reloaded(pid)
         try:
-            pid, code = os.wait()
+            _, code = os.waitpid(pid, 0)
         except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        child = children.pop(pid, None)
-        if child is None:
-            continue
-        started, slot = child
+            code = 0
         exit_code = os.waitstatus_to_exitcode(code)
         if not stopping:
             log.error("worker %d exited with %s; starting another", pid, exit_code)
-            if time.monotonic() - started < 1.0:
+            if time.monotonic() - worker.started < 1.0:
                 time.sleep(1.0)  # a worker that dies at once must not spin the supervisor
-            spawn(slot, housekeeping=pid == housekeeper)
+            spawn(worker.slot, housekeeping=pid == housekeeper)
         elif exit_code != 0:
             status = 1
+
+    def ping_watchdog() -> None:
+        # A worker whose event loop stopped beating for a whole watchdog period is stuck:
+        # no ping, so systemd's watchdog restarts the gate.
+        now = time.monotonic()
+        stuck = [pid for pid, w in children.items() if w.serving and now - w.heard > 2 * watchdog]
+        if stuck:
+            log.error("worker(s) %s silent for over %.1fs: not pinging the watchdog",
+                      ",".join(map(str, stuck)), 2 * watchdog)
+        else:
+            notifier.alive()
+
+    while children:
+        timeout = None if next_ping is None else max(0.0, next_ping - time.monotonic())
+        fds = {w.fd: pid for pid, w in children.items()}
+        readable, _, _ = select.select([wake_read, *fds], [], [], timeout)
+        if wake_read in readable:
+            for sig in os.read(wake_read, 64):
+                on_signal(sig)
+        for fd in readable:
+            pid = fds.get(fd)
+            if pid is None or pid not in children:
+                continue
+            data = os.read(fd, 512)
+            if data:
+                on_message(pid, data)
+            else:  # end of file: the worker is gone
+                on_exit(pid)
+        if next_ping is not None and time.monotonic() >= next_ping:
+            ping_watchdog()
+            next_ping = time.monotonic() + watchdog
+    signal.set_wakeup_fd(-1)
     return status
