@@ -14,7 +14,8 @@
 # `--sysctl net.ipv4.ip_unprivileged_port_start=25` does it.
 #
 # /etc/smtpgate holds gate.yaml, policies/ and rules/ (plugins); mount your own over it.
-# /var/lib/smtpgate holds the SQLite state and the quarantine Maildir; keep it on a volume.
+# /var/lib/smtpgate holds the SQLite state, /var/lib/smtpgate/quarantine the quarantine
+# Maildir: both are volumes (a fleet may mount one shared quarantine, docs/operations.md).
 # SIGTERM (docker stop) lets transactions in flight finish: give it time (--stop-timeout).
 
 FROM python:3.11-slim AS build
@@ -59,9 +60,15 @@ RUN mkdir -p /etc/smtpgate/policies /etc/smtpgate/rules /var/lib/smtpgate/quaran
 
 USER smtpgate
 WORKDIR /var/lib/smtpgate
-VOLUME ["/etc/smtpgate", "/var/lib/smtpgate"]
+VOLUME ["/etc/smtpgate", "/var/lib/smtpgate", "/var/lib/smtpgate/quarantine"]
 # The sample config listens on 2525; publish it as 25 (-p 25:2525).
 EXPOSE 2525
+# Healthy when the gate greets with 220 on its port (SMTPGATE_HEALTH=HOST:PORT when your
+# gate.yaml listens elsewhere). A 421 (draining, or at max_connections) counts as unhealthy.
+# When metrics land (issue 12), `GET /healthz` on the metrics port replaces this probe.
+ENV SMTPGATE_HEALTH=127.0.0.1:2525
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import os, socket, sys\nhost, _, port = os.environ['SMTPGATE_HEALTH'].rpartition(':')\ntry:\n    with socket.create_connection((host.strip('[]'), int(port)), timeout=5) as s:\n        greeting = s.makefile('rb').readline()\n        s.sendall(b'QUIT\\r\\n')\nexcept OSError as e:\n    sys.exit(f'unhealthy: {e}')\nsys.exit(0 if greeting.startswith(b'220') else f'unhealthy: {greeting!r}')"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["smtpgate"]
 CMD ["serve", "-c", "/etc/smtpgate/gate.yaml"]
