@@ -31,23 +31,22 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StoreError
-from .breaker import breaker_for
+from .breaker import SENTINEL_LONGEST_BACKOFF, breaker_for
 from .greylist import (DELAY_BUCKETS, GRACE, AllowEntry, Attempt, Entry, GreylistStore, Params,
                        Selector, Stats, ip_hex, sender_allow_keys, triplet_allow_key, triplet_value)
+from .redis_url import RedisTarget, parse_redis_url, redact
 
-DEFAULT_PREFIX = "smtpgate:"
-DEFAULT_TIMEOUT = 2.0
-DEFAULT_MAX_CONNECTIONS = 32
-DEFAULT_POOL_TIMEOUT = 5.0
-OUR_PARAMETERS = ("prefix", "max_connections", "pool_timeout")
 SCAN_COUNT = 1000
 
 _BUCKETS_LUA = "{" + ",".join(f"{{{'math.huge' if math.isinf(b) else int(b)},'{label}'}}"
@@ -209,32 +208,12 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
-def split_url(url: str) -> tuple[str, dict]:
-    """(the URL redis-py gets, our parameters): ``prefix``, ``max_connections`` and
-    ``pool_timeout`` are ours, the rest of the query is redis-py's."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    ours = {k: v for k, v in query if k in OUR_PARAMETERS}
+def _target(url: str) -> RedisTarget:
+    """The checked URL (``redis_url.py``); StoreError for one it refuses."""
     try:
-        options = {"prefix": ours.get("prefix", DEFAULT_PREFIX),
-                   "max_connections": int(ours.get("max_connections", DEFAULT_MAX_CONNECTIONS)),
-                   "pool_timeout": float(ours.get("pool_timeout", DEFAULT_POOL_TIMEOUT))}
+        return parse_redis_url(url)
     except ValueError as e:
-        raise StoreError(f"Redis {redact(url)}: bad URL parameter: {e}") from None
-    rest = [(k, v) for k, v in query if k not in OUR_PARAMETERS]
-    if not any(k == "socket_timeout" for k, _ in rest):
-        rest.append(("socket_timeout", str(DEFAULT_TIMEOUT)))
-    if not any(k == "socket_connect_timeout" for k, _ in rest):
-        rest.append(("socket_connect_timeout", str(DEFAULT_TIMEOUT)))
-    return urlunsplit(parts._replace(query=urlencode(rest))), options
-
-
-def redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+        raise StoreError(f"Redis {e}") from None
 
 
 class RedisLink:
@@ -244,27 +223,51 @@ class RedisLink:
 
     def __init__(self, url: str, scripts: dict[str, str] | None = None):
         self.url = url
-        self._client_url, self.options = split_url(url)
+        self.target = _target(url)
+        self.options = {"prefix": self.target.prefix, "max_connections": self.target.max_connections,
+                        "pool_timeout": self.target.pool_timeout}
         self._sources = dict(scripts or {})
         self.scripts: dict = {}
         self._client: aioredis.Redis | None = None
+        self._sentinel: Sentinel | None = None
         self._slots: asyncio.Semaphore | None = None
         self._outages_seen = 0
-        parts = urlsplit(redact(url))
-        self.breaker = breaker_for("Redis " + urlunsplit(parts._replace(query="", fragment="")))
+        # Behind Sentinel an outage is usually a failover, over in seconds: probe often so
+        # the new primary is found soon after its promotion (breaker.py).
+        self.breaker = breaker_for("Redis " + self.target.server_name(),
+                                   longest=SENTINEL_LONGEST_BACKOFF if self.target.sentinel else None)
 
     def client(self) -> aioredis.Redis:
         if self._client is None:
             try:
-                pool = aioredis.BlockingConnectionPool.from_url(
-                    self._client_url, max_connections=self.options["max_connections"],
-                    timeout=self.options["pool_timeout"])
-                self._client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
-            except ValueError as e:
+                self._client = self._open()
+            except (ValueError, TypeError) as e:
                 raise StoreError(f"Redis {redact(self.url)}: {e}") from None
             self._slots = asyncio.Semaphore(self.options["max_connections"])  # FIFO: fair
             self.scripts = {name: self._client.register_script(lua) for name, lua in self._sources.items()}
         return self._client
+
+    def _open(self) -> aioredis.Redis:
+        t = self.target
+        if not t.sentinel:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                t.client_url(), max_connections=t.max_connections, timeout=t.pool_timeout)
+            return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+        # redis-py reads the primary's settings from a plain URL; the Sentinels get the
+        # timeouts, their own credentials, and no retries: a dead Sentinel is skipped for
+        # the next one at once, instead of being retried with back-off inside one call.
+        settings = {k: v for k, v in parse_url(t.client_url()).items()
+                    if k not in ("host", "port", "connection_class")}
+        asked = {"socket_timeout": settings.get("socket_timeout"),
+                 "socket_connect_timeout": settings.get("socket_connect_timeout"),
+                 "username": t.sentinel_auth.get("sentinel_username"),
+                 "password": t.sentinel_auth.get("sentinel_password"),
+                 "retry": Retry(NoBackoff(), 0)}
+        self._sentinel = Sentinel(list(t.hosts), sentinel_kwargs=asked, **settings)
+        # The pool asks the Sentinels for the primary on every new connection and drops
+        # idle ones when the answer changes; the FIFO queue in run() bounds it as for a
+        # single server.
+        return self._sentinel.master_for(t.service, max_connections=t.max_connections)
 
     async def run(self, coro_fn):
         """Run one operation (it uses one connection at a time) in its turn; redis-py's and
@@ -299,11 +302,13 @@ class RedisLink:
 
     async def close(self) -> None:
         client, self._client = self._client, None
-        if client is not None:
-            try:
-                await client.aclose()
-            except (RedisError, OSError):
-                pass
+        sentinel, self._sentinel = self._sentinel, None
+        for closable in (client, sentinel):
+            if closable is not None:
+                try:
+                    await closable.aclose()
+                except (RedisError, OSError):
+                    pass
 
 
 def _is_outage(exc: BaseException) -> bool:
