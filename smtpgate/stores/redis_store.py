@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections import Counter
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
@@ -44,7 +45,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..errors import StoreError
 from .breaker import SENTINEL_LONGEST_BACKOFF, breaker_for
 from .greylist import (DELAY_BUCKETS, GRACE, AllowEntry, Attempt, Entry, GreylistStore, Params,
-                       Selector, Stats, ip_hex, sender_allow_keys, triplet_allow_key, triplet_value)
+                       Selector, Stats, import_kind, ip_hex, sender_allow_keys, triplet_allow_key,
+                       triplet_value)
 from .redis_url import RedisTarget, parse_redis_url, redact
 
 SCAN_COUNT = 1000
@@ -186,6 +188,29 @@ end
 return 1
 """
 
+# KEYS: 1 triplet, 2 client's awl set. ARGV: 1 now, 2 grace, 3 awl member, 4 client,
+# 5 sender, 6 recipient, 7 first, 8 last, 9 attempts, 10 passed (0/1), 11 passed_at,
+# 12 retry_delay, 13 expires. Store one copied triplet as ATTEMPT_LUA writes one.
+IMPORT_LUA = """
+local now, grace, expires = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[13])
+redis.call('HSET', KEYS[1], 'client', ARGV[4], 'sender', ARGV[5], 'recipient', ARGV[6],
+  'first', ARGV[7], 'last', ARGV[8], 'attempts', ARGV[9], 'passed', ARGV[10],
+  'passed_at', ARGV[11], 'retry_delay', ARGV[12], 'expires', ARGV[13])
+local ttl = math.ceil(expires - now + grace)
+redis.call('EXPIRE', KEYS[1], ttl)
+if ARGV[10] == '1' then
+  redis.call('ZADD', KEYS[2], expires, ARGV[3])
+  if redis.call('TTL', KEYS[2]) < ttl then redis.call('EXPIRE', KEYS[2], ttl) end
+else
+  redis.call('ZREM', KEYS[2], ARGV[3])
+end
+return 1
+"""
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None else format(float(x), ".17g")  # as the scripts' fmt()
+
 
 def _num(text) -> float | None:
     if text is None:
@@ -319,7 +344,7 @@ def _is_outage(exc: BaseException) -> bool:
 class RedisGreylistStore(GreylistStore):
     def __init__(self, url: str, prefix: str | None = None):
         self.url = url
-        self.link = RedisLink(url, {"attempt": ATTEMPT_LUA, "lens": REBUILD_LENS_LUA})
+        self.link = RedisLink(url, {"attempt": ATTEMPT_LUA, "lens": REBUILD_LENS_LUA, "import": IMPORT_LUA})
         self.prefix = (prefix if prefix is not None else self.link.options["prefix"]) + "gl:"
         self.k_allow, self.k_lens, self.k_stats = (self.prefix + "allow", self.prefix + "allowlens",
                                                    self.prefix + "stats")
@@ -405,16 +430,18 @@ class RedisGreylistStore(GreylistStore):
 
     # -- writes from the CLI -----------------------------------------------------------
     async def add_allow(self, entry: AllowEntry) -> None:
-        doc = {k: v for k, v in entry.as_dict().items() if v is not None}
-
         async def run(r):
             pipe = r.pipeline(transaction=True)
-            pipe.hset(self.k_allow, entry.key, json.dumps(doc))
-            if entry.kind == "client":
-                fam, rest = entry.key.split(":", 2)[1:]
-                pipe.sadd(self.k_lens, f"{fam}/{rest.rpartition('/')[2]}")
+            self._queue_allow(pipe, entry)
             await pipe.execute()
         await self._do(run)
+
+    def _queue_allow(self, pipe, entry: AllowEntry) -> None:
+        doc = {k: v for k, v in entry.as_dict().items() if v is not None}
+        pipe.hset(self.k_allow, entry.key, json.dumps(doc))
+        if entry.kind == "client":
+            fam, rest = entry.key.split(":", 2)[1:]
+            pipe.sadd(self.k_lens, f"{fam}/{rest.rpartition('/')[2]}")
 
     async def _forget(self, entries: list[Entry], allow_keys: list[str]) -> None:
         async def run(r):
@@ -466,6 +493,51 @@ class RedisGreylistStore(GreylistStore):
             else:
                 st.counters[name] = value
         return st
+
+    # -- moving to another store (portable.py) -----------------------------------------
+    async def export_batches(self):
+        allows = await self.allow_entries()
+        if allows:
+            yield allows
+        pattern = _glob_escape(self.prefix + "t:") + "*"
+        cursor = 0
+        while True:  # one SCAN page per call: the server never blocks, memory stays bounded
+            async def page(r, at=cursor):
+                following, keys = await r.scan(cursor=at, match=pattern, count=SCAN_COUNT)
+                found = []
+                if keys:
+                    pipe = r.pipeline(transaction=False)
+                    for k in keys:
+                        pipe.hgetall(k)
+                    found = [e for e in map(self._entry, await pipe.execute()) if e is not None]
+                return int(following), found
+            cursor, found = await self._do(page)
+            if found:
+                yield found
+            if cursor == 0:
+                return
+
+    async def import_batch(self, items, now) -> Counter:
+        kinds = [import_kind(item, now) for item in items]
+        kept = [item for item, kind in zip(items, kinds) if kind != "skipped"]
+
+        async def run(r):
+            pipe = r.pipeline(transaction=False)
+            for item in kept:
+                if isinstance(item, AllowEntry):
+                    self._queue_allow(pipe, item)
+                    continue
+                e = item
+                await self.link.scripts["import"](
+                    keys=[self.triplet_key(*e.key), self.awl_key(e.client)],
+                    args=[_fmt(now), _fmt(GRACE), triplet_value(*e.key), *e.key, _fmt(e.first_seen),
+                          _fmt(e.last_seen), int(e.attempts), "1" if e.passed else "0", _fmt(e.passed_at),
+                          _fmt(e.retry_delay), _fmt(e.expires)],
+                    client=pipe)
+            await pipe.execute()
+        if kept:
+            await self._do(run)
+        return Counter(kinds)
 
     async def close(self) -> None:
         await self.link.close()
