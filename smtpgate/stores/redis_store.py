@@ -1,5 +1,11 @@
 """The Redis backend (``state: redis://HOST:PORT/DB``): a fleet of gates sharing one state.
 
+- The URL (``redis_url.py``): ``redis://``, ``rediss://`` (TLS, redis-py's ``ssl_*``
+  settings) or ``redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE/DB``: redis-py's Sentinel
+  client asks the Sentinels for SERVICE's primary whenever it opens a connection, and drops
+  idle ones when the answer changes, so after a failover the gate follows the new primary
+  by itself (the breaker's probes come every 2 s at most there). Replicas are never read:
+  every operation reads and writes the primary, as the atomic decisions need.
 - redis-py's asyncio client, connected on first use (each worker process has its own pool),
   with connect and read timeouts (``socket_timeout`` / ``socket_connect_timeout`` in the URL
   override the 2 s defaults).
@@ -31,12 +37,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from collections import Counter
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -323,7 +330,19 @@ class RedisLink:
                 await client.connection_pool.disconnect(inuse_connections=False)
             except (RedisError, OSError):
                 pass  # closing a socket to a dead server: nothing to learn
-        return await coro_fn(client)
+        try:
+            return await coro_fn(client)
+        except MasterNotFoundError as e:
+            raise self._no_primary(e) from None
+
+    def _no_primary(self, exc: MasterNotFoundError) -> RedisConnectionError:
+        """redis-py's text holds the repr of every Sentinel client it could not reach (a
+        screenful per log line): keep their addresses only."""
+        unreachable = sorted(set(re.findall(r"host=([^,]+),port=(\d+)", str(exc))))
+        text = f"the Sentinels name no usable primary for {self.target.service!r}"
+        if unreachable:
+            text += " (unreachable: " + ", ".join(f"{h}:{p}" for h, p in unreachable) + ")"
+        return RedisConnectionError(text)
 
     async def close(self) -> None:
         client, self._client = self._client, None

@@ -76,9 +76,9 @@ SENTINEL = {"sentinel_username": _text, "sentinel_password": _text}
 
 @dataclass(frozen=True)
 class RedisTarget:
-    """A checked Redis state URL."""
+    """A checked Redis state URL (its repr shows no password)."""
 
-    url: str
+    url: str = field(repr=False)
     scheme: str
     hosts: tuple[tuple[str, int], ...]  # the server, or the Sentinels
     db: int = 0
