@@ -58,6 +58,7 @@ def test_a_tls_url_passes_its_options_through(tmp_path):
     ("redis://h/0?socket_timeout=soon", "socket_timeout='soon'"),
     ("redis://h/0?prefix=a&prefix=b", "given twice"),
     ("rediss://h/0?ssl_cert_reqs=maybe", "expected none, optional or required"),
+    ("rediss://h/0?ssl_cert_reqs=none&ssl_check_hostname=true", "needs ssl_cert_reqs=optional or required"),
     ("redis+sentinel://h:26379", "the service name is missing"),
     ("redis+sentinel://h:26379,/svc/0", "bad address"),
     ("redis+sentinel://h/svc/0/1", "expected one database number"),
@@ -147,6 +148,11 @@ def test_a_gate_on_a_tls_redis(gate_factory, downstream, tls_redis, tmp_path):
         assert c.rcpt("bob@example.com")[0] == 250  # the allow entry, read over TLS
         assert c.data(b"Subject: tls state\r\n\r\nhi\r\n")[0] == 250
     downstream.wait_for_messages(1)
+
+    # without verification (ssl_cert_reqs=none: no name check either) it talks to it
+    lax = write_config(tmp_path / "lax", f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none")
+    done = smtpgate("greylist", "list", "--allowed", "--json", "-c", str(lax))
+    assert done.returncode == 0 and json.loads(done.stdout)["count"] == 1, done
 
     # a client that does not trust the server's certificate never talks to it
     untrusting = write_config(tmp_path / "untrusting", f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=required")

@@ -206,6 +206,12 @@ def parse_redis_url(url: str, base: str | None = None) -> RedisTarget:
             connection[key] = value
     for key in ("socket_timeout", "socket_connect_timeout"):
         connection.setdefault(key, repr(DEFAULT_TIMEOUT))
+    if values.get("ssl_cert_reqs") == "none":
+        # no certificate check means no name check either (Python refuses the pair at
+        # connect time, which would be a crash in the first rule, not a config error)
+        if values.get("ssl_check_hostname") is True:
+            raise ValueError(f"{shown}: ssl_check_hostname=true needs ssl_cert_reqs=optional or required")
+        connection["ssl_check_hostname"] = "false"
     return RedisTarget(url, scheme, hosts, db, service, username, password,
                        prefix=str(values.get("prefix", DEFAULT_PREFIX)),
                        max_connections=int(values.get("max_connections", DEFAULT_MAX_CONNECTIONS)),
