@@ -15,6 +15,7 @@ import json
 import signal
 import smtplib
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import pytest
 import redis
 
 from gateproc import free_port, require_tool, stop_pid, wait_listening, wait_until
+from smtpgate.stores.breaker import LONGEST_BACKOFF, SENTINEL_LONGEST_BACKOFF, Breaker
+from smtpgate.stores.redis_store import RedisLink
 
 SERVICE = "svc"
 POLICIES = {
@@ -194,7 +197,40 @@ def test_the_gate_carries_on_after_a_sentinel_failover(gate_factory, downstream,
     assert "erin@example.com" in after
     assert replica.client().info("replication")["role"] == "master"
 
+    # the state, read through the Sentinels, copies like any other store's
+    copy = subprocess.run([sys.executable, "-m", "smtpgate", "state", "copy", url,
+                           f"sqlite://{gate.folder / 'copied.db'}", "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert copy.returncode == 0, copy.stderr
+    copied = json.loads(copy.stdout)["copied"]["greylist"]
+    assert copied == {"pending": len(after), "allow": 1}, copied  # carol, erin; bob's allow entry
+
     log = gate.log_text()
     assert log.count("is down (") == 1 and log.count("is back after") == 1, log[-4000:]
     assert "Traceback" not in log and "redis.asyncio" not in log  # short lines, no client reprs
-    assert "(unreachable: 127.0.0.1:" in log  # the Sentinel that is not there, named
+
+
+def test_behind_sentinel_the_backoff_stops_at_two_seconds():
+    """A failover is over in seconds: the breaker of a Sentinel URL probes every 2 s at
+    most (a plain Redis URL's goes up to 30 s)."""
+    sentinel_link = RedisLink("redis+sentinel://127.0.0.1:1,127.0.0.1:2/svc-backoff/0")
+    plain_link = RedisLink("redis://127.0.0.1:1/0")
+    assert sentinel_link.breaker.longest == SENTINEL_LONGEST_BACKOFF == 2.0
+    assert plain_link.breaker.longest == LONGEST_BACKOFF == 30.0
+    b = Breaker("s", longest=SENTINEL_LONGEST_BACKOFF)
+    b._failed(False, ConnectionError("refused"))
+    for _ in range(5):
+        b._failed(True, ConnectionError("refused"))  # failed probes
+    assert b.backoff == 2.0
+
+
+@pytest.mark.timeout(60)
+def test_no_sentinel_answering_is_a_store_failure_in_one_line(tmp_path):
+    dead = [free_port(), free_port()]
+    url = f"redis+sentinel://127.0.0.1:{dead[0]},127.0.0.1:{dead[1]}/svc/0"
+    done = subprocess.run([sys.executable, "-m", "smtpgate", "state", "copy", url, f"sqlite://{tmp_path / 'x.db'}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done
+    assert (f"the Sentinels name no usable primary for 'svc' (unreachable: 127.0.0.1:{min(dead)}, "
+            f"127.0.0.1:{max(dead)})") in done.stderr, done.stderr
+    assert "redis.asyncio" not in done.stderr and "Traceback" not in done.stderr

@@ -346,7 +346,8 @@ class RedisLink:
     def _no_primary(self, exc: MasterNotFoundError) -> RedisConnectionError:
         """redis-py's text holds the repr of every Sentinel client it could not reach (a
         screenful per log line): keep their addresses only."""
-        unreachable = sorted(set(re.findall(r"host=([^,]+),port=(\d+)", str(exc))))
+        found = set(re.findall(r"host=([^,]+),port=(\d+)", str(exc)))
+        unreachable = sorted(found, key=lambda hp: (hp[0], int(hp[1])))
         text = f"the Sentinels name no usable primary for {self.target.service!r}"
         if unreachable:
             text += " (unreachable: " + ", ".join(f"{h}:{p}" for h, p in unreachable) + ")"
