@@ -42,6 +42,8 @@ def test_a_tls_url_passes_its_options_through(tmp_path):
                         "&ssl_check_hostname=false", str(tmp_path))
     assert t.tls and t.username == "u"
     assert t.connection["ssl_ca_certs"] == str(tmp_path / "ca.pem")  # relative to gate.yaml
+    assert t.connection["ssl_check_hostname"] == "false"
+    assert parse_redis_url("redis://h/0?socket_keepalive=off").connection["socket_keepalive"] == "false"
     assert t.client_url().startswith("rediss://u:p@redis.example:6380/0?")
 
 

@@ -200,6 +200,8 @@ def parse_redis_url(url: str, base: str | None = None) -> RedisTarget:
             raise ValueError(f"{shown}: option {key}={value!r}: {e}") from None
         if key in TLS_FILES or key == "ssl_ca_path":
             value = _tls_path(key, value, base, shown)
+        if allowed[key] is _bool:
+            value = "true" if values[key] else "false"  # in words redis-py reads the same way
         if key in SENTINEL:
             sentinel_auth[key] = value
         elif key not in OURS:
