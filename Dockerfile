@@ -3,7 +3,7 @@
 #   docker build -t smtpgate .
 #   docker run -d --name smtpgate -p 25:2525 \
 #       -v /srv/smtpgate/etc:/etc/smtpgate:ro -v smtpgate-state:/var/lib/smtpgate \
-#       --stop-timeout 60 smtpgate
+#       --stop-timeout 75 smtpgate
 #
 # The gate runs as the unprivileged user `smtpgate` and, by the bundled sample config,
 # listens on 2525 inside the container; publish it as port 25 with `-p 25:2525`
@@ -16,7 +16,8 @@
 # /etc/smtpgate holds gate.yaml, policies/ and rules/ (plugins); mount your own over it.
 # /var/lib/smtpgate holds the SQLite state, /var/lib/smtpgate/quarantine the quarantine
 # Maildir: both are volumes (a fleet may mount one shared quarantine, docs/operations.md).
-# SIGTERM (docker stop) lets transactions in flight finish: give it time (--stop-timeout).
+# SIGTERM (docker stop) lets transactions in flight finish for up to 60 s: give it time
+# (--stop-timeout 75; Docker's default is 10 s).
 
 FROM python:3.11-slim AS build
 WORKDIR /src
