@@ -191,6 +191,19 @@ class _Worker:
         self.heard = self.started
 
 
+def _current(cli_path, runtime, reloads: int):
+    """The configuration a new worker runs: what the gate started with, or after a reload,
+    the files as they are now (as its siblings reloaded them), if they still load."""
+    if not reloads:
+        return runtime
+    try:
+        return load_runtime(cli_path)
+    except (ConfigError, PluginError, StoreError) as e:
+        log.error("new worker: the configuration does not load, running the one the gate "
+                  "started with:\n%s", e)
+        return runtime
+
+
 def supervise(cli_path, runtime, workers: int) -> int:
     """Fork ``workers`` processes that each bind the listen addresses with SO_REUSEPORT.
 
@@ -205,6 +218,7 @@ def supervise(cli_path, runtime, workers: int) -> int:
     children: dict[int, _Worker] = {}
     table = ConnectionTable(workers)
     housekeeper = 0  # the worker that purges the quarantine (its replacement takes over)
+    reloads = 0  # SIGHUPs so far: a replacement worker then loads the configuration anew
 
     def spawn(slot: int, housekeeping: bool = False) -> None:
         nonlocal housekeeper
@@ -220,7 +234,8 @@ def supervise(cli_path, runtime, workers: int) -> int:
                 os.close(other.fd)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
-            code = run_worker(cli_path, runtime, housekeeping, ConnectionTracker(table, slot),
+            code = run_worker(cli_path, _current(cli_path, runtime, reloads),
+                              housekeeping, ConnectionTracker(table, slot),
                               WorkerPipe(write_end), watchdog)
             os._exit(code)
         os.close(write_end)
@@ -246,12 +261,13 @@ def supervise(cli_path, runtime, workers: int) -> int:
     status = 0
 
     def on_signal(sig: int) -> None:
-        nonlocal stopping
+        nonlocal stopping, reloads
         if sig in (signal.SIGTERM, signal.SIGINT):
             if not stopping:
                 notifier.stopping()
             stopping = True
         elif sig == signal.SIGHUP and not stopping:
+            reloads += 1
             notifier.reloading()
             reloading.clear()
             reloading.update(pid for pid, w in children.items() if w.serving)

@@ -245,3 +245,31 @@ def test_without_notify_socket_nothing_changes(gate_factory):
     assert greets(gate.port)
     assert gate.stop() == 0
     assert "NOTIFY_SOCKET" not in gate.log_text()
+
+
+def test_a_replacement_worker_runs_the_reloaded_configuration(notify_socket, start_notifying_gate):
+    """A worker that dies after a reload is replaced by one running the reloaded
+    configuration, not the one the gate started with."""
+    proc, port, folder = start_notifying_gate(notify_socket.address, workers=2)
+    notify_socket.wait_for("READY")
+    (folder / "policies" / "default.yaml").write_text("domains: [example.org]\nrules: []\n")
+    proc.send_signal(signal.SIGHUP)
+    notify_socket.wait_for("RELOADING")
+    notify_socket.wait_for("READY")
+    log = folder / "gate.log"
+    os.kill(_child_of(proc.pid), signal.SIGKILL)
+    assert wait_until(lambda: log.read_text().count("listening on") == 3, 20), log.read_text()
+    assert wait_until(lambda: listening_sockets(port) == 2, 20)
+    # SO_REUSEPORT spreads connections by their address: 20 of them reach both workers
+    # (all but certainly), and every one must answer as the reloaded policy says.
+    for _ in range(20):
+        c = RawSMTP(("127.0.0.1", port), timeout=10)
+        try:
+            assert c.reply().startswith(b"220 ")
+            c.cmd("EHLO client.test")
+            assert c.cmd("MAIL FROM:<a@sender.test>").startswith(b"250")
+            assert c.cmd("RCPT TO:<user@example.com>").startswith(b"554"), log.read_text()
+            assert c.cmd("RCPT TO:<user@example.org>").startswith(b"250")
+        finally:
+            c.cmd("QUIT")
+            c.close()
