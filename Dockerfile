@@ -57,7 +57,7 @@ RUN mkdir -p /etc/smtpgate/policies /etc/smtpgate/rules /var/lib/smtpgate/quaran
       'rules: []' \
       > /etc/smtpgate/policies/default.yaml \
  && chown -R smtpgate:smtpgate /var/lib/smtpgate \
- && chmod 0750 /var/lib/smtpgate
+ && chmod 0750 /var/lib/smtpgate && chmod 0700 /var/lib/smtpgate/quarantine
 
 USER smtpgate
 WORKDIR /var/lib/smtpgate

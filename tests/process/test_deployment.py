@@ -2,8 +2,8 @@
 (``systemd-analyze``), the Dockerfile's health probe run against a real gate, and what
 ``smtpgate serve`` says about the not yet served ``metrics:``.
 
-Building and running the image takes a container engine, which the test machines lack;
-docs/operations.md says how it was tried.
+Building and running the image is not part of the tests: it takes a container engine and the
+base image from Docker Hub.
 """
 from __future__ import annotations
 
