@@ -67,3 +67,14 @@ def test_failures_become_451(problem, opening, reply):
                                   "452 4.5.3 too many"])
 def test_other_replies_are_no_failure(text):
     assert failure(Reply.parse(text)) is None
+
+
+def test_the_conversation_knows_only_the_interface():
+    """It is given its relay: it neither imports the real one nor asks the gate for one."""
+    import ast
+    import smtpgate.smtp.conversation as conversation
+    source = inspect.getsource(conversation)
+    imported = {node.module for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.ImportFrom) and node.module}
+    assert "relay_api" in imported and "relay" not in imported
+    assert "new_relay" not in source
