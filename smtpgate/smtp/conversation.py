@@ -257,6 +257,7 @@ class Conversation:
         if self.session.tls and self.session.esmtp:
             self.session.proto = "ESMTPS"
         self.runtime = self.gate.runtime  # a reload takes effect at the next transaction
+        self._progress = _Progress()  # nothing of a MAIL refused before it opened carries over
         limits = self.runtime.config.limits
         problem = _check_mail_params(params, limits.max_message_size)
         if problem:

@@ -195,3 +195,22 @@ async def test_ehlo_offers_what_the_downstream_takes():
     assert (await client.conv.helo("client.example", True, starttls=True)).text.split("\n") == [
         "localhost", "PIPELINING", "SIZE 1000", "SMTPUTF8", "STARTTLS", "ENHANCEDSTATUSCODES"]
     await client.close()
+
+
+async def test_a_verdict_of_a_mail_that_failed_downstream_does_not_outlive_it():
+    """A quarantine decided at a MAIL the unreachable downstream then refused belongs to that
+    MAIL only: the next transaction is relayed."""
+    class HoldsSome(Rule):
+        name = "holds"
+
+        async def on_mail(self, tx):
+            return Verdict.quarantine("held") if tx.sender.startswith("hold@") else None
+
+    client = await Client([(HoldsSome, {})], relay_replies={"open": RelayError("refused", UNREACHABLE)}).connect()
+    await client.send(EHLO)
+    assert (await client.send("MAIL FROM:<hold@sender.example>")).startswith("451 4.4.1")
+    del client.relay.replies["open"]
+    assert await client.walk(MAIL, "RCPT TO:<user@example.com>", "DATA") == [
+        "250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.0.0 Ok: queued"]
+    assert len(client.relayed) == 1 and client.harness.quarantine.held == []
+    await client.close()
