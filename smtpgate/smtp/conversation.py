@@ -81,10 +81,12 @@ class Refuse:
 
 
 COMMANDS = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET")
+# The two early refusals come before any argument is looked at; the other refusals follow
+# the syntax check (a malformed nested MAIL gets its 501), as the gate has always answered.
 _HELO_FIRST, _NEED_MAIL = Refuse(NEED_HELO, early=True), Refuse(NEED_MAIL, early=True)
 TABLE: dict[State, dict[str, Step | Refuse]] = {
     state: dict(zip(COMMANDS, cells)) for state, cells in {
-        #                HELO        EHLO        MAIL                 RCPT            DATA                RSET
+        #                 HELO        EHLO        MAIL                 RCPT            DATA                RSET
         State.GREET:     (Step.GREET, Step.GREET, _HELO_FIRST,         _HELO_FIRST,    _HELO_FIRST,        Step.RSET),
         State.READY:     (Step.GREET, Step.GREET, Step.MAIL,           _NEED_MAIL,     Refuse(NEED_MAIL),  Step.RSET),
         State.MAIL:      (Step.GREET, Step.GREET, Refuse(NESTED_MAIL), Step.RCPT,      Refuse(NEED_RCPT),  Step.RSET),
