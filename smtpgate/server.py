@@ -204,6 +204,18 @@ def _current(cli_path, runtime, reloads: int):
         return runtime
 
 
+def _die_with_parent(parent: int) -> None:
+    """A worker whose supervisor is gone (even SIGKILLed) must not serve on alone, with nobody
+    to restart, reload or stop it: Linux sends it SIGTERM (a drain) when the parent dies."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing watches the parent
+        return
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
 def supervise(cli_path, runtime, workers: int) -> int:
     """Fork ``workers`` processes that each bind the listen addresses with SO_REUSEPORT.
 
@@ -224,6 +236,7 @@ def supervise(cli_path, runtime, workers: int) -> int:
         nonlocal housekeeper
         table.clear(slot)
         read_end, write_end = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             signal.set_wakeup_fd(-1)
@@ -234,6 +247,7 @@ def supervise(cli_path, runtime, workers: int) -> int:
                 os.close(other.fd)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
+            _die_with_parent(parent)
             code = run_worker(cli_path, _current(cli_path, runtime, reloads),
                               housekeeping, ConnectionTracker(table, slot),
                               WorkerPipe(write_end), watchdog)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateproc import free_port, require_tool, stop_pid, wait_listening
+from tests.support.gateproc import free_port, require_tool, stop_pid, wait_listening
 from smtpgate.stores.redis_url import parse_redis_url, redact
 
 

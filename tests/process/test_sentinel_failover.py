@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from gateproc import free_port, require_tool, stop_pid, wait_listening, wait_until
+from tests.support.gateproc import free_port, require_tool, stop_pid, wait_listening, wait_until
 from smtpgate.stores.breaker import LONGEST_BACKOFF, SENTINEL_LONGEST_BACKOFF, Breaker
 from smtpgate.stores.redis_store import RedisLink
 

@@ -17,7 +17,7 @@ import redis
 from smtpgate import Event
 from smtpgate.stores import Params, make_allow, open_stores
 from smtpgate_rules.senders import Senders
-from test_stores import REDIS_URL, delete_redis_keys, new_prefix, require_redis
+from tests.unit.test_stores import REDIS_URL, delete_redis_keys, new_prefix, require_redis
 
 POLICY = "domains: [example.com]\nrules:\n  - senders: {}\n  - greylist: {}\n"
 PARAMS = Params(delay=300, retry_window=2 * 86400, pass_ttl=35 * 86400)
