@@ -17,7 +17,7 @@ from .addresses import Address, AddressError, normalise_domain, parse_path, rela
 from .envelope import Recipient, Session, TraceEntry, Transaction, new_id
 from .errors import RelayError, StoreError
 from .message import Message
-from .pipeline import publish_outcome, run_delivered, run_end, run_stage
+from .pipeline import publish_outcome, run_delivered, run_disconnect, run_end, run_stage
 from .reply import Reply
 from .verdict import ACCEPT, DISCARD, QUARANTINE, Verdict
 
@@ -50,13 +50,25 @@ class Conversation:
         self._relayed = 0  # recipients the downstream accepted in this transaction
         self._pending: Verdict | None = None  # a discard/quarantine decided before DATA
         self._broken = False
+        self._connect_rules = ()  # the rules whose CONNECT ran: their on_disconnect runs at close
 
     # --- session stages ----------------------------------------------------------------
-    async def connect(self) -> None:
+    async def connect(self) -> Reply | None:
+        """Run the CONNECT stage. A ``421`` verdict (a connection limit) is returned: the
+        caller says it and closes at once, as 421 means (RFC 5321 §3.8); any other
+        refusal waits for MAIL (``_session_verdict``)."""
         trace: list[TraceEntry] = []
         policy = self.runtime.policies.session_policy
+        self._connect_rules = policy.rules
         verdict = await run_stage(policy.rules, "connect", (self.session,), trace)
+        if verdict is not None and verdict.code == 421:
+            self.session.data.setdefault("trace", []).extend(trace)
+            reply = verdict.reply("connect")
+            log.info("session %s: client %s refused at connect: %s", self.session.id,
+                     self.session.client_ip, verdict.reason or reply)
+            return reply
         self._session_verdict(verdict, trace)
+        return None
 
     async def helo(self, name: str, esmtp: bool) -> None:
         self.session.helo, self.session.esmtp = name, esmtp
@@ -237,6 +249,8 @@ class Conversation:
         await self.rset()
         if self.relay is not None:
             await self.relay.close()
+        rules, self._connect_rules = self._connect_rules, ()
+        await run_disconnect(rules, self.session)
 
     # --- helpers -----------------------------------------------------------------------
     def _governing_policy(self, address: Address, tx: Transaction):

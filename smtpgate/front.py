@@ -141,7 +141,11 @@ class GateSMTP(SMTP):
                                     "4.7.0"))
             self.transport.close()
             return False
-        await self.conv.connect()
+        refusal = await self.conv.connect()
+        if refusal is not None:  # 421 (a connection limit): say it and close at once
+            await self._write(refusal)
+            self.transport.close()
+            return False
         return True
 
     @property
