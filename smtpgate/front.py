@@ -379,3 +379,11 @@ class GateSMTP(SMTP):
 
 
 _background: set[asyncio.Task] = set()
+
+
+async def settle(timeout: float) -> None:
+    """Wait (at most ``timeout`` seconds) for the closing work of ended sessions — their
+    downstream sessions, the rules' ``on_disconnect`` (a shared connection slot given back) —
+    so that shutdown closes the stores after it, not under it."""
+    if _background:
+        await asyncio.wait(set(_background), timeout=timeout)

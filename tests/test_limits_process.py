@@ -80,3 +80,22 @@ def test_two_gates_on_one_redis_share_a_clients_connection_cap(gate_factory, sha
     finally:
         one.close()
         two.close()
+
+
+def test_a_gate_stopped_with_open_connections_gives_their_slots_back(gate_factory, shared_state):
+    pol = policies("{connections: 2}")
+    first = gate_factory(policies=pol, config={"state": shared_state})
+    second = gate_factory(policies=pol, config={"state": shared_state})
+    clients = [RawSMTP(first.address) for _ in range(2)]
+    try:
+        assert all(c.reply().startswith(b"220 ") for c in clients)
+        with RawSMTP(second.address) as refused:
+            assert refused.reply().startswith(b"421 4.7.0")
+        assert first.stop() == 0  # SIGTERM: it says 421 to its sessions and closes them
+        assert json.loads(second.cli("limits", "show", "connections:127.0.0.1", "--json")
+                          .stdout)["connections"] == 0
+        with RawSMTP(second.address) as welcome:
+            assert welcome.reply().startswith(b"220 ")
+    finally:
+        for c in clients:
+            c.close()
