@@ -1,7 +1,8 @@
 """dnsbl: DNS block lists for the client IP, the HELO name and the sender domain.
 
 Lookups start as early as their subject is known — the client IP at CONNECT, the HELO name
-at HELO, the sender domain at MAIL — and run in parallel in the background; the decision
+at HELO, the sender domain at MAIL — and run in parallel in the background, charged to the
+session's DNS budget (time, number of lookups, lookups at once) like any other; the decision
 waits for them at RCPT (within the session's DNS time budget), so ``postmaster`` still gets
 mail and a listed client reads ``554 5.7.1`` naming the list(s). A domain policy whose
 dnsbl rule the session policy lacks starts its lookups at its first use instead.
@@ -243,10 +244,11 @@ class Dnsbl(Rule):
         resolver = self.gate.resolver
         if resolver is None:
             raise RuntimeError("dnsbl needs the gate's resolver")
+        dns = resolver.for_session(session)  # background lookups count against the session too
         tasks = session.data.setdefault(_TASKS, {})
         for query, _, _ in queries:
             if query not in tasks:
-                tasks[query] = asyncio.ensure_future(_lookup(resolver, query))
+                tasks[query] = asyncio.ensure_future(_lookup(dns, query))
 
 
 async def _lookup(resolver, query: str):

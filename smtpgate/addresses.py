@@ -10,6 +10,8 @@ Pure functions, standard library only.
   (source routes, ``%`` / ``!`` hacks, routing characters in quoted local parts, address
   literals, bare IPs, trailing dots, non-LDH domains), or returns ``None``.
 * :func:`normalise_domain` gives the form used for policy lookup (lower case, A-labels).
+* :func:`helo_refusal` says why an EHLO/HELO argument is neither a domain nor an address
+  literal (RFC 5321 §4.1.1.1), or returns ``None``.
 
 The relay decision for a recipient is, in this order::
 
@@ -33,6 +35,7 @@ from .reply import Reply
 __all__ = [
     "Address",
     "AddressError",
+    "helo_refusal",
     "ParsedPath",
     "normalise_domain",
     "parse_address",
@@ -443,6 +446,41 @@ def relay_refusal(addr: Address) -> str | None:
     # Belt and braces: the name the policy lookup sees must be these labels, one by one.
     if normalise_domain(domain) != ".".join(_idna.ToASCII(l).decode("ascii") for l in labels).lower():
         return "domain does not normalise label by label"
+    return None
+
+
+def helo_refusal(name: str) -> str | None:
+    """Why ``name`` is no EHLO/HELO argument (RFC 5321 §4.1.1.1), or None.
+
+    Strict on what could smuggle structure downstream (spaces, controls, ``=``, ``+``,
+    brackets that are no address literal, non-ASCII, over 255 octets); lenient on names real
+    MTAs send: underscores, a bare word like ``localhost``, an IP without brackets, a
+    trailing dot, labels over 63 octets.
+    """
+    if _octets(name) > MAX_DOMAIN:
+        return "name longer than 255 octets"
+    if any(ch == " " or _is_control(ch) for ch in name):
+        return "spaces or control characters in the name"
+    if not name.isascii():
+        return "non-ASCII name (send its A-label form)"
+    if name.startswith("["):
+        try:
+            parser = _Parser(name, smtputf8=False)
+            parser.literal()
+        except AddressError:
+            parser = None
+        if parser is None or parser.i != len(name):
+            return "not a valid address literal"
+        # IPv6 is the only tag registered for a General-address-literal (RFC 5321 §4.1.3).
+        tag, colon, _ = name[1:-1].partition(":")
+        if colon and tag.lower() != "ipv6":
+            return "not a valid address literal"
+        return None
+    if any(ch not in _DOMAIN_ASCII for ch in name):
+        return "not a domain name or address literal"
+    body = name[:-1] if name.endswith(".") else name
+    if not body or any(not label for label in body.split(".")):
+        return "empty label in the name"
     return None
 
 

@@ -35,6 +35,8 @@ NEED_MAIL = Reply(503, "Error: need MAIL command", "5.5.1")
 NESTED_MAIL = Reply(503, "Error: nested MAIL command", "5.5.1")
 NEED_RCPT = Reply(503, "Error: need RCPT command", "5.5.1")
 BROKEN = Reply(451, "Transaction aborted after a downstream failure, try again later", "4.4.2")
+NEED_SMTPUTF8_SENDER = Reply(553, "Non-ASCII sender address requires SMTPUTF8", "5.6.7")
+NEED_SMTPUTF8_RCPT = Reply(553, "Non-ASCII recipient address requires SMTPUTF8", "5.6.7")
 CANNOT_HOLD = Reply(451, "Local error in processing (quarantine unavailable), try again later", "4.3.0")
 
 
@@ -95,6 +97,8 @@ class Conversation:
         problem = _check_mail_params(params, limits.max_message_size)
         if problem:
             return problem
+        if sender is not None and not sender.is_ascii and not _smtputf8(params):
+            return self._refuse_non_ascii("MAIL", sender, NEED_SMTPUTF8_SENDER)
         tx = Transaction(new_id(), self.session, str(sender) if sender else "", list(params),
                          started=time.monotonic())
         tx.trace.extend(self.session.data.get("trace", ()))
@@ -127,6 +131,8 @@ class Conversation:
             return BROKEN
         if params:
             return Reply(555, "RCPT TO parameters not supported", "5.5.4")
+        if not address.is_ascii and not _smtputf8(tx.sender_params):
+            return self._refuse_non_ascii("RCPT", address, NEED_SMTPUTF8_RCPT)
         if len(tx.recipients) >= self.runtime.config.limits.max_recipients:
             return TOO_MANY_RCPTS
         policies = self.runtime.policies
@@ -183,7 +189,8 @@ class Conversation:
             tx.policy = None
         return reply
 
-    async def data(self, raw: bytes) -> Reply:
+    async def data(self, raw: bytes | list[bytes]) -> Reply:
+        """``raw``: the message, or its pieces in order (the Message takes the list over)."""
         tx = self.tx
         if tx is None:
             return NEED_MAIL
@@ -192,6 +199,7 @@ class Conversation:
         if self._broken:
             return await self._end(tx, BROKEN)
         tx.message = Message(raw)
+        del raw  # the message holds the only copy from here on
         forged = tx.message.remove_authentication_results(self.runtime.config.hostname)
         if forged:  # RFC 8601 §5: only we may vouch under our own authserv-id
             tx.trace.append(TraceEntry("data", "gate", "continue",
@@ -201,7 +209,7 @@ class Conversation:
             verdict = self._pending
         if verdict is not None and verdict.action != ACCEPT:
             reply = verdict.reply("data")
-            if verdict.action == QUARANTINE and await self._hold(tx, raw, verdict) is False:
+            if verdict.action == QUARANTINE and await self._hold(tx, tx.message.received, verdict) is False:
                 reply = CANNOT_HOLD
             await self.relay.reset()
             return await self._end(tx, reply, deliver_hooks=verdict.action == DISCARD)
@@ -210,13 +218,14 @@ class Conversation:
             return await self._end(tx, OK_DATA, deliver_hooks=True)
         held = None
         if tx.message.held:  # a rule asked to keep the original while delivering (stripped copy)
-            held = await self._hold(tx, raw, Verdict(QUARANTINE, reason="; ".join(tx.message.held),
-                                                     data={"delivered": True}))
+            held = await self._hold(tx, tx.message.received,
+                                    Verdict(QUARANTINE, reason="; ".join(tx.message.held),
+                                            data={"delivered": True}))
             if held is False:
                 await self.relay.reset()
                 return await self._end(tx, CANNOT_HOLD)
         try:
-            reply = await self.relay.data(tx.message.raw)
+            reply = await self.relay.data(tx.message.pieces())
             tx.downstream_replies.append(("data", reply))
         except RelayError as exc:
             reply = exc.reply
@@ -272,9 +281,19 @@ class Conversation:
         rcpt.parsed = parsed
         return None
 
+    def _refuse_non_ascii(self, verb: str, address: Address, reply: Reply) -> Reply:
+        # RFC 6531 §3.7.4.1; one line, as the refusal happens before any transaction log line.
+        log.info("refused non-ASCII address", extra={"fields": {
+            "client": self.session.client_ip, "command": verb, "address": ascii(str(address)[:300]),
+            "reply": str(reply)}})
+        return reply
+
     async def _relay_rcpt(self, tx: Transaction, rcpt: Recipient) -> Reply:
         relay = self.relay
-        utf8 = "SMTPUTF8" in (p.upper() for p in tx.sender_params)
+        utf8 = _smtputf8(tx.sender_params)
+        if not utf8 and not (tx.sender.isascii() and rcpt.address.isascii()):
+            # A rule rewrote an address into non-ASCII: it cannot go downstream without SMTPUTF8.
+            return NEED_SMTPUTF8_SENDER if not tx.sender.isascii() else NEED_SMTPUTF8_RCPT
         if not self._mail_sent:
             if not relay.connected:
                 await relay.open(self.session)
@@ -311,12 +330,16 @@ class Conversation:
         log_transaction(tx, reply, stage)
 
 
+def _smtputf8(params: list[str]) -> bool:
+    return any(p.upper() == "SMTPUTF8" for p in params)
+
+
 def _check_mail_params(params: list[str], max_size: int) -> Reply | None:
     for p in params:
         key, _, value = p.partition("=")
         key = key.upper()
         if key == "SIZE":
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 return Reply(501, "Bad SIZE parameter", "5.5.4")
             if max_size and int(value) > max_size:
                 return TOO_BIG

@@ -5,10 +5,15 @@ conversation calls and writes their replies. What it changes from stock aiosmtpd
 - EHLO lists only what the gate and the downstream both handle (no CHUNKING, no AUTH, no
   XCLIENT/XFORWARD);
 - every reply carries an enhanced status code (ENHANCEDSTATUSCODES is advertised);
-- DATA is read in one search for CRLF.CRLF instead of line by line (the same strict end-of-data
-  rule, at a fraction of the CPU), then bare CR/LF are normalised to CRLF so the downstream can
-  never see an end of data the gate did not (no smuggling);
-- stray BDAT, XCLIENT and XFORWARD are refused, and BDAT's chunk is swallowed, not parsed.
+- DATA is read as it arrives and decoded piece by piece (datadecoder.py: the same strict
+  end-of-data rule as a search for CRLF.CRLF, dot-unstuffing, bare CR/LF normalised to CRLF
+  so the downstream can never see an end of data the gate did not, the size and line-length
+  limits), keeping one copy of the message; past ``max_inflight_data`` DATA gets 452 4.3.1;
+- stray BDAT, XCLIENT and XFORWARD are refused, and BDAT's chunk is swallowed, not parsed;
+- every command passes one counter (``_Commands``) and every reply one writer, where the
+  per-session caps (greetings, RSETs, junk commands, errors) answer 421 and close;
+- connections are counted across workers (``connections.py``), and a PROXY header is read
+  only from trusted peers: anyone else is hung up on before the greeting.
 """
 from __future__ import annotations
 
@@ -21,34 +26,38 @@ import ssl
 
 from aiosmtpd.smtp import SMTP, syntax
 
-from .addresses import AddressError, parse_path
-from .conversation import TOO_BIG, Conversation
+from . import inflight
+from .addresses import AddressError, helo_refusal, parse_path
+from .connections import ConnectionTracker, client_key
+from .conversation import Conversation
+from .datadecoder import NO_STORAGE, READ_CHUNK, DataDecoder
 from .envelope import Session, new_id
 from .reply import Reply
 
 log = logging.getLogger("smtpgate.front")
 
-TERMINATOR = b"\r\n.\r\n"
-_BARE_LINE_END = re.compile(rb"\r\n|\r(?!\n)|\n")
 _REPLY = re.compile(r"^(\d{3})([ -])(?!\d\.\d{1,3}\.\d{1,3}\b)(.*)$", re.S)
 VERSION_IDENT = "smtpgate"
 
 
-def normalise_line_ends(data: bytes) -> bytes:
-    """Bare CR and bare LF become CRLF; NUL and every other byte stay as they are."""
-    crlf = data.count(b"\r\n")
-    if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
-        return data
-    return _BARE_LINE_END.sub(b"\r\n", data)
+# Commands counted against the per-session caps, by the Limits field that caps them.
+_GREETINGS = frozenset({"HELO", "EHLO"})
+_JUNK = frozenset({"NOOP", "VRFY", "EXPN", "HELP"})  # and every unrecognised command
+_CAPPED = {"max_greetings": "greetings", "max_rsets": "RSETs",
+           "max_junk_commands": "NOOP/VRFY/HELP or unknown commands", "max_errors": "errors"}
 
 
-class ConnectionTracker:
-    """Open connections per process and per client, for max_connections(_per_client)."""
+class _Commands(dict):
+    """aiosmtpd's command table (name -> method). Its dispatch loop looks up every command
+    line here once, so ``get`` is the one place that sees each command: the session counts it
+    and may answer it with another method (an unknown command's 500, or 421 past a cap)."""
 
-    def __init__(self):
-        self.total = 0
-        self.per_client: collections.Counter[str] = collections.Counter()
-        self.protocols: set["GateSMTP"] = set()
+    def __init__(self, methods: dict, on_command):
+        super().__init__(methods)
+        self._on_command = on_command
+
+    def get(self, command, default=None):
+        return self._on_command(command, super().get(command, default))
 
 
 class _Handler:
@@ -85,6 +94,11 @@ class GateSMTP(SMTP):
         self.conv: Conversation | None = None
         self._greeting_pending = True
         self._in_data = False
+        self._closing = False
+        self._client_key: str | None = None  # as counted in the connection table
+        self._command = ""
+        self._counts = collections.Counter()  # per-session caps, since the last accepted message
+        self._smtp_methods = _Commands(self._smtp_methods, self._on_command)
 
     def __dir__(self):
         # aiosmtpd scans dir(self) (via inspect.getmembers) for smtp_* and auth_* methods on
@@ -112,39 +126,40 @@ class GateSMTP(SMTP):
                                 int(peer[1]) if len(peer) > 1 else 0)
         self.conv = Conversation(self.gate, self.gsession)
         self.tracker.protocols.add(self)
+        proxy = self.gate.runtime.config.proxy_protocol
+        if proxy is not None and not proxy.trusts(self.gsession.client_ip):
+            log.warning("session %s client=%s: not a trusted PROXY protocol source, closed "
+                        "without a greeting", self.gsession.id, self.gsession.client_ip)
+            self._closing = True
+            transport.close()
 
     def connection_lost(self, error) -> None:
         super().connection_lost(error)
         if self in self.tracker.protocols:
             self.tracker.protocols.discard(self)
-            if not self._greeting_pending:
-                self._count(-1)
+            if self._client_key is not None:
+                self.tracker.close(self._client_key)
+                self._client_key = None
             if self.conv is not None:
                 task = asyncio.ensure_future(self.conv.close())
                 _background.add(task)
                 task.add_done_callback(_background.discard)
 
-    def _count(self, delta: int) -> None:
-        self.tracker.total += delta
-        self.tracker.per_client[self.gsession.client_ip] += delta
-        if self.tracker.per_client[self.gsession.client_ip] <= 0:
-            del self.tracker.per_client[self.gsession.client_ip]
-
     async def _greet(self) -> bool:
         """Runs where aiosmtpd would send 220 (after PROXY): limits, then CONNECT rules."""
         limits = self.gate.runtime.config.limits
-        self._count(+1)
+        key = client_key(self.gsession.client_ip, limits.ipv6_client_prefix)
+        self.tracker.open(key)
+        self._client_key = key
         over = (self.tracker.total > limits.max_connections
-                or self.tracker.per_client[self.gsession.client_ip] > limits.max_connections_per_client)
+                or self.tracker.per_client(key) > limits.max_connections_per_client)
         if over:
-            await self._write(Reply(421, f"{self.hostname} Too many connections, try again later",
-                                    "4.7.0"))
-            self.transport.close()
+            await self.hang_up(Reply(421, f"{self.hostname} Too many connections, try again later",
+                                     "4.7.0"))
             return False
         refusal = await self.conv.connect()
         if refusal is not None:  # 421 (a connection limit): say it and close at once
-            await self._write(refusal)
-            self.transport.close()
+            await self.hang_up(refusal)
             return False
         return True
 
@@ -154,6 +169,7 @@ class GateSMTP(SMTP):
         return self._in_data or (self.conv is not None and self.conv.tx is not None)
 
     async def hang_up(self, reply: Reply) -> None:
+        self._closing = True
         if self.transport is not None and not self.transport.is_closing():
             try:
                 await self._write(reply)
@@ -195,12 +211,57 @@ class GateSMTP(SMTP):
     async def _write_lines(self, lines: list[str]) -> None:
         self._writer.write("".join(f"{line}\r\n" for line in lines).encode("utf-8", "replace"))
         await self._writer.drain()
+        if lines and not self._closing:
+            await self._after_reply(lines[0])
+
+    # --- per-session caps ----------------------------------------------------------------
+    async def _after_reply(self, first_line: str) -> None:
+        """Count error replies (max_errors; like Postfix, the reply that reaches the cap is
+        followed by 421); an accepted message starts every count afresh."""
+        if first_line[:1] in "45" and not first_line.startswith(("452-4.5.3", "452 4.5.3")):
+            # 452 4.5.3 asks for another transaction: no client can avoid it, so not an error
+            self._counts["max_errors"] += 1
+            if self._counts["max_errors"] >= self.gate.runtime.config.limits.max_errors:
+                await self._over_cap("max_errors")
+        elif self._command == "DATA" and first_line[:1] == "2":
+            self._counts.clear()
+
+    def _on_command(self, command: str, method):
+        """Every command line's dispatch (see ``_Commands``): the method that answers it."""
+        if self._closing:
+            return self._ignore
+        self._command = command
+        if command in _GREETINGS:
+            cap = "max_greetings"
+        elif command == "RSET":
+            cap = "max_rsets"
+        elif command in _JUNK or method is None:
+            cap = "max_junk_commands"
+        else:
+            return method
+        self._counts[cap] += 1
+        if self._counts[cap] > getattr(self.gate.runtime.config.limits, cap):
+            return lambda arg: self._over_cap(cap)
+        return method if method is not None else self._unknown
+
+    async def _over_cap(self, cap: str) -> None:
+        limit = getattr(self.gate.runtime.config.limits, cap)
+        log.warning("session %s client=%s: too many %s (limits.%s: %d), closing",
+                    self.gsession.id, self.gsession.client_ip, _CAPPED[cap], cap, limit)
+        await self.hang_up(Reply(421, f"{self.hostname} Too many {_CAPPED[cap]}, closing connection",
+                                 "4.7.0"))
+
+    async def _ignore(self, arg) -> None:
+        """A command read after the session decided to close: no reply."""
+
+    async def _unknown(self, arg) -> None:
+        name = "".join(c for c in self._command[:32] if c.isprintable())  # never echo controls
+        await self._write(Reply(500, f'Error: command "{name}" not recognized', "5.5.2"))
 
     # --- commands ----------------------------------------------------------------------
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str):
-        if not hostname:
-            await self._write(Reply(501, "Syntax: EHLO hostname", "5.5.4"))
+        if not await self._greeting_ok("EHLO", hostname):
             return
         self._set_rset_state()
         self.session.extended_smtp = True
@@ -226,8 +287,7 @@ class GateSMTP(SMTP):
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str):
-        if not hostname:
-            await self._write(Reply(501, "Syntax: HELO hostname", "5.5.4"))
+        if not await self._greeting_ok("HELO", hostname):
             return
         self._set_rset_state()
         self.session.extended_smtp = False
@@ -235,6 +295,21 @@ class GateSMTP(SMTP):
         await self._write_lines([f"250 {self.hostname}"])
         self._tls_state()
         await self.conv.helo(hostname, False)
+
+    async def _greeting_ok(self, verb: str, hostname: str) -> bool:
+        """RFC 5321 §4.1.1.1: a domain or an address literal. A refused greeting changes no
+        state (a later MAIL still needs a greeting) and is logged in one line."""
+        if not hostname:
+            await self._write(Reply(501, f"Syntax: {verb} hostname", "5.5.4"))
+            return False
+        why = helo_refusal(hostname)
+        if why is None:
+            return True
+        log.info("refused greeting", extra={"fields": {
+            "session": self.gsession.id, "client": self.gsession.client_ip, "command": verb,
+            "reason": why, "name": ascii(hostname[:100])}})
+        await self._write(Reply(501, f"Invalid {verb} argument: {why}", "5.5.2"))
+        return False
 
     def _tls_state(self) -> None:
         self.gsession.tls = self._tls_protocol is not None
@@ -294,50 +369,54 @@ class GateSMTP(SMTP):
             msg = "Error: need MAIL command" if tx is None else "Error: need RCPT command"
             await self._write(Reply(503, msg, "5.5.1"))
             return
-        await self._write_lines(["354 End data with <CR><LF>.<CR><LF>"])
         limits = self.gate.runtime.config.limits
-        self._reset_timeout(limits.data_timeout)
-        self._in_data = True
-        try:
-            content = await self._read_data(limits.max_message_size)
-        finally:
-            self._in_data = False
-            self._reset_timeout()
-        if content is None:
-            await self.conv.rset()
-            await self._write(TOO_BIG)
+        share = limits.max_inflight_data // max(self.gate.runtime.config.workers, 1)
+        hold = inflight.BUDGET.reserve(_declared_size(tx.sender_params) or READ_CHUNK, share)
+        if hold is None:
+            log.warning("session %s: DATA refused, %d bytes in flight in this worker (share %d)",
+                        self.gsession.id, inflight.BUDGET.used, share)
+            await self._write(NO_STORAGE)
             return
-        await self._write(await self.conv.data(content))
+        try:
+            await self._write_lines(["354 End data with <CR><LF>.<CR><LF>"])
+            self._reset_timeout(limits.data_timeout)
+            self._in_data = True
+            try:
+                content = await self._read_data(limits, hold)
+            finally:
+                self._in_data = False
+                self._reset_timeout()
+            if isinstance(content, Reply):
+                await self.conv.rset()
+                await self._write(content)
+                return
+            await self._write(await self.conv.data(content))
+            del content
+            if self.conv.last_tx is tx:  # kept for offline callers only: free the message now
+                self.conv.last_tx = None
+        finally:
+            hold.release()
 
-    async def _read_data(self, max_size: int) -> bytes | None:
-        """The message between 354 and CRLF.CRLF, un-dot-stuffed and CRLF-only; None if too big.
-
-        One search for the terminator instead of aiosmtpd's line loop. The StreamReader's
-        buffer and limit are private, but this is the one place that touches them: a leading
-        CRLF makes an empty message (".\\r\\n" right after 354) match like any other, and the
-        limit bounds what is buffered to the size limit.
-        """
+    async def _read_data(self, limits, hold: inflight.Reservation) -> list[bytes] | Reply:
+        """The message between 354 and CRLF.CRLF as a DataDecoder leaves it: its pieces, or
+        the refusal to give after the final dot. Reads what arrives, a bounded piece at a
+        time; the StreamReader's private buffer is touched only to give back what followed
+        the terminator (pipelined commands) and to raise its pause threshold meanwhile."""
         reader = self._reader
-        reader._buffer[0:0] = b"\r\n"
-        saved_limit = reader._limit
-        reader._limit = (max_size or 2**40) + len(TERMINATOR)
-        too_big = False
+        decoder = DataDecoder(limits.max_message_size, limits.max_line_length, hold.grow)
+        saved_limit, reader._limit = reader._limit, READ_CHUNK
         try:
             while True:
-                try:
-                    chunk = await reader.readuntil(TERMINATOR)
-                    break
-                except asyncio.LimitOverrunError as e:
-                    too_big = True  # drain what cannot be the terminator, keep reading
-                    await reader.readexactly(max(e.consumed - len(TERMINATOR), 1))
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    raise asyncio.IncompleteReadError(b"", None)
+                rest = decoder.feed(data)
+                if rest is not None:
+                    if rest:
+                        reader._buffer[0:0] = rest
+                    return decoder.result()
         finally:
             reader._limit = saved_limit
-        if too_big:
-            return None
-        content = chunk[:-3].replace(b"\r\n.", b"\r\n")[2:]
-        if max_size and len(content) > max_size:
-            return None
-        return normalise_line_ends(content)
 
     @syntax("RSET")
     async def smtp_RSET(self, arg: str | None):
@@ -374,8 +453,21 @@ class GateSMTP(SMTP):
     async def smtp_AUTH(self, arg: str | None):
         await self._write(Reply(502, "AUTH is not offered", "5.5.1"))
 
+    async def smtp_HELP(self, arg: str | None):
+        # not aiosmtpd's: it looks commands up in the (counting) table and lists unoffered ones
+        await self._write(Reply(214, "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT", "2.0.0"))
+
     async def smtp_EXPN(self, arg: str | None):
         await self._write(Reply(502, "EXPN is not offered", "5.5.1"))
+
+
+def _declared_size(params: list[str]) -> int:
+    """The SIZE= the client gave at MAIL (checked there), else 0."""
+    for p in params:
+        key, _, value = p.partition("=")
+        if key.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
 
 
 _background: set[asyncio.Task] = set()

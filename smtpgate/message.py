@@ -3,6 +3,12 @@
 The bytes are the message as received (CRLF line ends). Nothing here re-serialises a message:
 header edits splice lines in or out, and a rule that restructures the body hands back the
 new bytes itself. A message no rule touched goes downstream exactly as it came.
+
+Memory: the message is held once. It may arrive as pieces (the front's reads); they are
+joined only when a rule asks for ``raw`` or ``email``. The header block is split off (a
+small copy) for reading fields and for header edits, and the body stays a view of the bytes
+as received, so header edits never copy the body; ``pieces()`` hands the relay the
+current message without joining it.
 """
 from __future__ import annotations
 
@@ -45,8 +51,19 @@ class HeaderField:
 class Message:
     """Raw bytes plus edits. ``raw`` is always what would be relayed now."""
 
-    def __init__(self, raw: bytes):
-        self._raw = raw
+    def __init__(self, raw: bytes | list[bytes]):
+        if isinstance(raw, (bytes, bytearray, memoryview)):
+            body = (bytes(raw),) if not isinstance(raw, bytes) else (raw,)
+        else:  # pieces: take them over, so the caller's list no longer holds them
+            body = tuple(p for p in raw if p)
+            if isinstance(raw, list):
+                raw.clear()
+        #: the message is ``_head + b"".join(_body)``; ``_head`` is None until split off
+        self._head: bytes | None = None
+        self._body: tuple = body
+        self._received: tuple = body  # as received, for the quarantine
+        self._joined: bytes | None = body[0] if len(body) == 1 and isinstance(body[0], bytes) else None
+        self._edited = False
         self._fields: list[HeaderField] | None = None
         self._email: EmailMessage | None = None
         self.changes: list[Change] = []
@@ -58,11 +75,31 @@ class Message:
     # --- reading -----------------------------------------------------------------------
     @property
     def raw(self) -> bytes:
-        return self._raw
+        if self._joined is None:
+            joined = b"".join(self.pieces())
+            if not self._edited:
+                self._received = (joined,)  # unchanged: the pieces can go
+            self._head, self._body, self._joined = None, (joined,), joined
+        return self._joined
+
+    def pieces(self) -> list:
+        """The current message as bytes-like pieces, in order, without joining them."""
+        if self._joined is not None:
+            return [self._joined]
+        return ([self._head] if self._head else []) + list(self._body)
+
+    @property
+    def received(self) -> bytes:
+        """The message exactly as received, whatever rules changed since."""
+        if len(self._received) == 1 and isinstance(self._received[0], bytes):
+            return self._received[0]
+        return b"".join(self._received)
 
     @property
     def size(self) -> int:
-        return len(self._raw)
+        if self._joined is not None:
+            return len(self._joined)
+        return len(self._head or b"") + sum(len(p) for p in self._body)
 
     @property
     def changed(self) -> bool:
@@ -70,11 +107,22 @@ class Message:
 
     def header_end(self) -> int:
         """Offset of the first body byte (just past the blank line), or len(raw) if none."""
-        raw = self._raw
-        if raw.startswith(b"\r\n"):
-            return 2
-        i = raw.find(b"\r\n\r\n")
-        return len(raw) if i < 0 else i + 4
+        return len(self._header_block())
+
+    def _header_block(self) -> bytes:
+        """The header fields and the blank line (all of a message without one), split off."""
+        if self._head is None:
+            first = self._body[0] if self._body else b""
+            end = _header_end(first)
+            if end == len(first) and len(self._body) > 1:  # headers beyond the first piece
+                self.raw  # noqa: B018 - join, then split the one piece
+                first = self._body[0]
+                end = _header_end(first)
+            view = memoryview(first)
+            self._head = bytes(view[:end])
+            rest = view[end:]
+            self._body = ((rest,) if len(rest) else ()) + self._body[1:]
+        return self._head
 
     @property
     def fields(self) -> list[HeaderField]:
@@ -83,7 +131,8 @@ class Message:
         return self._fields
 
     def _parse_fields(self):
-        raw, end = self._raw, self.header_end()
+        raw = self._header_block()
+        end = len(raw)
         pos, start, name, value_parts = 0, None, None, []
         while pos < end:
             nl = raw.find(b"\r\n", pos, end)
@@ -122,14 +171,14 @@ class Message:
     def email(self) -> EmailMessage:
         """The parsed MIME tree (parsed on first use only). Read-only: edits go through this class."""
         if self._email is None:
-            self._email = email.parser.BytesParser(policy=email.policy.default).parsebytes(self._raw)
+            self._email = email.parser.BytesParser(policy=email.policy.default).parsebytes(self.raw)
         return self._email
 
     # --- editing -----------------------------------------------------------------------
     def prepend_header(self, name: str, value: str) -> None:
         """Add ``Name: value`` above every other field (the way trace headers go)."""
         line = _field_line(name, value)
-        self._set_raw(line + self._raw)
+        self._set_head(line + self._header_block())
         self.changes.append(Change("add", name, None, value, self._current_rule))
 
     def remove_header(self, name: str) -> int:
@@ -146,8 +195,7 @@ class Message:
         without case), as a border MTA must for its own id (RFC 8601 §5); others stay.
         Returns how many went. Without such a field nothing is parsed and the bytes stay
         exactly as they are."""
-        end = self.header_end()
-        if not _AUTH_RESULTS_LINE.search(self._raw, 0, end):
+        if not _AUTH_RESULTS_LINE.search(self._header_block()):
             return 0
         wanted = authserv_id.strip().rstrip(".").lower()
         gone = [f for f in self.fields if f.name.lower() == AUTH_RESULTS.lower()
@@ -182,7 +230,7 @@ class Message:
         found = [f for f in self.fields if f.name.lower() == name.lower()]
         edits, changes = [], []
         for f in found[:1] if first else found:
-            line = self._raw[f.start:f.end]
+            line = self._header_block()[f.start:f.end]
             colon = line.index(b":") + 1
             body_end = len(line) - 2 if line.endswith(b"\r\n") else len(line)
             old = line[colon:body_end].decode("utf-8", "surrogateescape")
@@ -216,7 +264,7 @@ class Message:
             if not isinstance(new, bytes):
                 raise TypeError("replace_ranges takes bytes")
             if not (isinstance(start, int) and isinstance(stop, int)
-                    and end <= start <= stop <= len(self._raw)):
+                    and end <= start <= stop <= self.size):
                 raise ValueError(f"bad or overlapping range [{start}, {stop})")
             end = stop
         self._splice(edits)
@@ -230,26 +278,43 @@ class Message:
         self.held.append(str(reason))
 
     # --- for the pipeline: undo a shadow rule's edits ----------------------------------
-    def checkpoint(self) -> tuple[bytes, int, int]:
-        return self._raw, len(self.changes), len(self.held)
+    def checkpoint(self) -> tuple[tuple, int, int]:
+        return (self._head, self._body, self._joined), len(self.changes), len(self.held)
 
-    def rollback(self, mark: tuple[bytes, int, int]) -> None:
-        raw, n, held = mark
-        if raw is not self._raw:
-            self._set_raw(raw)
+    def rollback(self, mark: tuple[tuple, int, int]) -> None:
+        state, n, held = mark
+        if any(a is not b for a, b in zip(state, (self._head, self._body, self._joined))):
+            self._head, self._body, self._joined = state
+            self._fields, self._email = None, None
         del self.changes[n:]
         del self.held[held:]
 
     def _set_raw(self, raw: bytes) -> None:
-        self._raw, self._fields, self._email = raw, None, None
+        self._head, self._body, self._joined = None, (raw,), raw
+        self._fields, self._email, self._edited = None, None, True
+
+    def _set_head(self, head: bytes) -> None:
+        self._header_block()  # the body split off first
+        self._head, self._joined = head, None
+        self._fields, self._email, self._edited = None, None, True
 
     def _splice(self, edits: list[tuple[int, int, bytes]]) -> None:
+        """Put each ``new`` in place of ``[start, end)``; within the header block only the
+        header block is rebuilt, else the message once, from views (no slice copies)."""
+        head = self._header_block()
+        in_head = all(end <= len(head) for _, end, _ in edits)
+        view = memoryview(head if in_head else self.raw)
         out, pos = [], 0
-        for start, end, new in sorted(edits):
-            out += [self._raw[pos:start], new]
+        for start, end, new in sorted(edits, key=lambda e: (e[0], e[1])):
+            out += [view[pos:start], new]
             pos = end
-        out.append(self._raw[pos:])
-        self._set_raw(b"".join(out))
+        out.append(view[pos:])
+        joined = b"".join(out)
+        del out, view
+        if in_head:
+            self._set_head(joined)
+        else:
+            self._set_raw(joined)
 
 
 def describe_changes(changes) -> str:
@@ -304,6 +369,12 @@ def _skip_cfws(text: str, pos: int) -> int | None:
             return pos
         pos += 1
     return None if depth else pos
+
+def _header_end(raw: bytes) -> int:
+    if raw.startswith(b"\r\n"):
+        return 2
+    i = raw.find(b"\r\n\r\n")
+    return len(raw) if i < 0 else i + 4
 
 
 def _field(name: bytes, parts: list[bytes], start: int, end: int) -> HeaderField:

@@ -69,9 +69,10 @@ class FakeRelay:
             self._current.recipients.append(address)
         return reply
 
-    async def data(self, raw: bytes) -> Reply:
+    async def data(self, raw) -> Reply:
+        """``raw``: the message's bytes, or its pieces in order (as the real relay takes it)."""
         reply = self._scripted("data", default=Reply(250, "Ok: queued", "2.0.0"))
-        self._current.data = raw
+        self._current.data = raw if isinstance(raw, bytes) else b"".join(raw)
         if reply.is_positive:
             self.relayed.append(self._current)
         self._current, self.in_transaction = None, False

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 
 import aiosmtplib
 from aiosmtplib import SMTPException, SMTPResponseException
 
+from .addresses import helo_refusal
 from .errors import RelayError
 from .reply import Reply
 
@@ -40,12 +42,29 @@ class Capabilities:
         self.smtputf8 = "smtputf8" in extensions
 
 
+# Besides '+' and '=', the brackets are hex-encoded too (RFC 3461 §4 allows hex for any
+# octet): an encoded value then never reads as one of the special values below.
+_XTEXT_HEX = frozenset(b"+=[]")
+UNAVAILABLE = "[UNAVAILABLE]"  # XCLIENT/XFORWARD special value, sent only as the gate's choice
+
+
 def xtext(value: str) -> str:
-    """RFC 3461 xtext: printable ASCII except '+' and '=' as is, everything else '+HH'."""
+    """RFC 3461 xtext: printable ASCII except '+', '=' and brackets as is, the rest '+HH'.
+
+    Whatever ``value`` holds, the result is one attribute value: no space, no '=', no '['.
+    """
     out = []
     for byte in value.encode("utf-8", "surrogateescape"):
-        out.append(chr(byte) if 33 <= byte <= 126 and byte not in (43, 61) else f"+{byte:02X}")
+        out.append(chr(byte) if 33 <= byte <= 126 and byte not in _XTEXT_HEX else f"+{byte:02X}")
     return "".join(out)
+
+
+def _attribute(value: str | None) -> str:
+    """An XCLIENT/XFORWARD value: encoded, or the special value when the gate has none or
+    the encoded form is longer than the 255 characters Postfix takes (it would refuse the
+    whole command, and so every transaction of the session)."""
+    encoded = xtext(value) if value else ""
+    return encoded if 0 < len(encoded) <= 255 else UNAVAILABLE
 
 
 class Downstream:
@@ -87,24 +106,26 @@ class Downstream:
     async def _xclient(self, smtp, session) -> None:
         offered = set(smtp.esmtp_extensions["xclient"].upper().split())
         ip = session.client_ip
+        # Every value is encoded, whoever supplied it (the client's HELO, a quarantined
+        # message's stored session): nothing in it can become another attribute.
         attrs = {
-            "PORT": str(session.client_port),
-            "PROTO": session.proto,
-            "HELO": (session.helo or "[UNAVAILABLE]")[:255],
+            "PORT": _attribute(str(session.client_port)),
+            "PROTO": _attribute(session.proto),
+            "HELO": _attribute(session.helo),
             # Postfix applies NAME and ADDR last; sending them last keeps that order explicit.
-            "NAME": session.client_name or "[UNAVAILABLE]",
-            "ADDR": f"IPV6:{ip}" if ":" in ip else ip,
+            "NAME": _attribute(session.client_name),
+            "ADDR": _attribute(f"IPV6:{ip}" if ":" in ip else ip),
         }
-        args = [f"{k}={xtext(v) if not v.startswith('[') else v}".encode()
-                for k, v in attrs.items() if k in offered]
+        args = [f"{k}={v}".encode("ascii") for k, v in attrs.items() if k in offered]
         response = await smtp.execute_command(b"XCLIENT", *args)
         # Postfix answers 220 (a new greeting); smtp-sink and others answer 250.
         if not 200 <= response.code < 300:
             raise SMTPResponseException(response.code, response.message)
         # Postfix takes the HELO name and the protocol from the greeting that follows XCLIENT:
-        # greet as the client did (HELO or EHLO, its name unless that is not one token).
+        # greet as the client did (HELO or EHLO, its name unless that is no valid one, as a
+        # session stored in the quarantine before names were checked may hold).
         helo = session.helo or ""
-        ok = 0 < len(helo) <= 255 and helo.isascii() and helo.isprintable() and " " not in helo
+        ok = bool(helo) and helo_refusal(helo) is None
         if session.esmtp:
             await smtp.ehlo(hostname=helo if ok else None)
         else:
@@ -124,22 +145,45 @@ class Downstream:
         return await self._command(b"RCPT", b"TO:" + _enc(wire_recipient, utf8),
                                    *[p.encode() for p in params])
 
-    async def data(self, raw: bytes) -> Reply:
+    async def data(self, raw) -> Reply:
+        """Relay one message: ``raw`` is its bytes, or its pieces in order (bytes-like).
+
+        The message is written dot-stuffed in chunks as the socket takes them (no whole-message
+        copy, unlike aiosmtplib's ``data()``), bare CR/LF made CRLF on the way so the
+        downstream can never see an end of data the gate did not send."""
         smtp = self._require()
-        if not raw:
+        pieces = [raw] if isinstance(raw, (bytes, bytearray, memoryview)) else raw
+        if not any(len(p) for p in pieces):
             return await self._empty_data()
         try:
-            response = await smtp.data(raw)
-            reply = Reply.from_downstream(response.code, response.message)
-        except SMTPResponseException as exc:
-            reply = self._check(Reply.from_downstream(exc.code, exc.message))
-            # A refused DATA command leaves the downstream's MAIL/RCPT open (Postfix would
-            # answer the next MAIL "503 nested MAIL command"): end it before the next one.
-            await self.reset()
+            start = await smtp.execute_command(b"DATA")
+            if start.code == 354:
+                response = await self._send_body(smtp, pieces)
         except (SMTPException, OSError, asyncio.TimeoutError) as exc:
             raise self._lost(exc) from None
+        if start.code != 354 or response.code != 250:
+            failed = start if start.code != 354 else response
+            reply = self._check(Reply.from_downstream(failed.code, failed.message))
+            # A refused DATA leaves the downstream's MAIL/RCPT open (Postfix would answer the
+            # next MAIL "503 nested MAIL command"): end it before the next one.
+            await self.reset()
+        else:
+            reply = Reply.from_downstream(response.code, response.message)
         self.in_transaction = False
         return reply
+
+    async def _send_body(self, smtp, pieces):
+        """After 354: the pieces, dot-stuffed, then the final dot; the downstream's reply.
+
+        Uses aiosmtplib's protocol below its public API (write, the flow-control wait and the
+        reply reader), as its own ``execute_data_command`` does, one chunk at a time."""
+        protocol, timeout = smtp.protocol, self.cfg.timeout
+        protocol._response_pending = True  # keep a reply sent early instead of dropping it
+        for chunk in dot_stuffed(pieces):
+            protocol.write(chunk)
+            if protocol._paused:  # the transport's buffer is full: wait until the socket drains
+                await asyncio.wait_for(protocol._drain_helper(), timeout)
+        return await protocol.read_response(timeout=timeout)
 
     async def _empty_data(self) -> Reply:
         # aiosmtplib's data() turns b"" into one empty line; an empty message stays empty.
@@ -217,6 +261,44 @@ async def probe(cfg, local_hostname: str, capabilities: Capabilities) -> bool:
         log.warning("downstream %s:%s not answering yet (%s); EHLO offers the safe minimum",
                     cfg.host, cfg.port, exc)
         return False
+
+
+WRITE_CHUNK = 256 * 1024
+_BARE_LINE_END = re.compile(rb"\r\n|\r(?!\n)|\n")
+
+
+def dot_stuffed(pieces):
+    """DATA as sent, in chunks of at most about WRITE_CHUNK: the pieces made CRLF-only, a dot
+    doubled at every line start, a CRLF added if the message lacks a final one, then the
+    final dot. A chunk never ends with a CR whose LF opens the next one."""
+    line_start, carry = True, b""
+    for piece in pieces:
+        view = memoryview(piece)
+        for offset in range(0, len(view), WRITE_CHUNK):
+            chunk = carry + view[offset:offset + WRITE_CHUNK]
+            if chunk.endswith(b"\r"):  # its LF may open the next chunk
+                chunk, carry = chunk[:-1], b"\r"
+            else:
+                carry = b""
+            if chunk:
+                chunk, line_start = _stuff(chunk, line_start)
+                yield chunk
+    if carry:  # a bare CR at the very end
+        yield b"\r\n.\r\n"
+    else:
+        yield b".\r\n" if line_start else b"\r\n.\r\n"
+
+
+def _stuff(chunk: bytes, line_start: bool) -> tuple[bytes, bool]:
+    """One chunk of DATA as sent: CRLF-only, a dot doubled at every line start; and whether
+    the chunk ends at a line start. ``chunk`` must not end with CR (its LF may follow)."""
+    crlf = chunk.count(b"\r\n")
+    if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
+        chunk = _BARE_LINE_END.sub(b"\r\n", chunk)
+    chunk = chunk.replace(b"\r\n.", b"\r\n..")
+    if line_start and chunk.startswith(b"."):
+        chunk = b"." + chunk
+    return chunk, chunk.endswith(b"\n")
 
 
 def _enc(text: str, utf8: bool) -> bytes:

@@ -11,7 +11,9 @@ interface and our own error type:
   answer could not be had. Rules decide what that means (``on_dns_error``).
 - ``await resolver.ptr(ip)``, ``await resolver.fcrdns(ip)`` (forward-confirmed reverse DNS).
 - ``resolver.for_session(session)``: the same interface, charged to the session's DNS
-  time budget, so DNS never stalls one client beyond ``session_budget`` seconds in all.
+  budget: DNS never stalls one client beyond ``session_budget`` seconds in all, one session
+  causes at most ``session_queries`` lookups (cached answers are free) with at most
+  ``session_inflight`` of them at once, and its identical lookups share one.
 
 The cache (``BaseResolver``) keeps answers for their TTL and negative answers (NXDOMAIN,
 NODATA) for the SOA's negative TTL (RFC 2308), per process; concurrent identical queries
@@ -47,6 +49,8 @@ def _dnspython():
 
 KINDS = ("servfail", "timeout", "refused", "error")
 DEFAULT_SESSION_BUDGET = 10.0  # seconds of DNS waiting one client session may cost in all
+DEFAULT_SESSION_QUERIES = 200  # lookups one session may cause
+DEFAULT_SESSION_INFLIGHT = 16  # of them at once
 MAX_CNAME_CHAIN = 16
 MAX_PTR_NAMES = 10
 
@@ -93,15 +97,21 @@ def reverse_name(ip: str, suffix: str | None = None) -> str:
 
 
 class DnsBudget:
-    """Seconds of DNS waiting one session may spend, counted as wall time during which at
-    least one of its lookups was awaited (parallel waits count once)."""
+    """What DNS one session may cost: seconds of waiting, counted as wall time during which at
+    least one of its lookups was awaited (parallel waits count once); and lookups, at most
+    ``max_queries`` in all and ``max_inflight`` at once (``inflight`` shares identical ones)."""
 
-    def __init__(self, seconds: float, clock: Clock):
+    def __init__(self, seconds: float, clock: Clock, max_queries: int = DEFAULT_SESSION_QUERIES,
+                 max_inflight: int = DEFAULT_SESSION_INFLIGHT):
         self.seconds = seconds
         self.clock = clock
         self.spent = 0.0
         self._active = 0
         self._since = 0.0
+        self.max_queries = max_queries
+        self.queries = 0  # lookups started for the session
+        self.slots = asyncio.Semaphore(max_inflight)
+        self.inflight: dict[tuple[str, str], asyncio.Future] = {}
 
     @property
     def remaining(self) -> float:
@@ -189,9 +199,13 @@ class BaseResolver(_Lookups):
     """The cache, in-flight sharing and session budgets; subclasses answer ``_query``."""
 
     def __init__(self, clock: Clock | None = None, *, session_budget: float = DEFAULT_SESSION_BUDGET,
+                 session_queries: int = DEFAULT_SESSION_QUERIES,
+                 session_inflight: int = DEFAULT_SESSION_INFLIGHT,
                  cache: bool = True, cache_size: int = 50_000, max_ttl: float = 86_400.0):
         self.clock = clock
         self.session_budget = session_budget
+        self.session_queries = session_queries
+        self.session_inflight = session_inflight
         self.cache_enabled = cache
         self.cache_size = cache_size
         self.max_ttl = max_ttl
@@ -249,15 +263,19 @@ class BaseResolver(_Lookups):
         self._cache.clear()
 
     def for_session(self, session: Any) -> "SessionResolver":
-        """This resolver, charged to ``session``'s DNS time budget (kept in ``session.data``)."""
+        """This resolver, charged to ``session``'s DNS budget (kept in ``session.data``)."""
         budget = session.data.get("dns_budget")
         if budget is None:
-            budget = session.data["dns_budget"] = DnsBudget(self.session_budget, self._clock())
+            budget = session.data["dns_budget"] = DnsBudget(
+                self.session_budget, self._clock(), self.session_queries, self.session_inflight)
         return SessionResolver(self, budget)
 
 
 class SessionResolver(_Lookups):
-    """The resolver as one session uses it: every lookup counts against its budget."""
+    """The resolver as one session uses it: every lookup counts against its budget.
+
+    A lookup the session already has in flight is joined, not repeated or counted again; a
+    new one needs time left and a query left, and waits for one of the session's slots."""
 
     def __init__(self, resolver: BaseResolver, budget: DnsBudget):
         self.resolver = resolver
@@ -267,7 +285,24 @@ class SessionResolver(_Lookups):
         hit = self.resolver.cached(name, rdtype)  # costs no waiting: served even past the budget
         if hit is not None:
             return hit
-        return await self.budget.wait(self.resolver.lookup(name, rdtype), name, rdtype)
+        budget = self.budget
+        key = (normalise_name(name), rdtype.upper())
+        task = budget.inflight.get(key)
+        if task is None:
+            if budget.remaining <= 0:
+                raise DnsError("timeout", name, rdtype, "the session's DNS time budget is spent")
+            if budget.queries >= budget.max_queries:
+                raise DnsError("timeout", name, rdtype, "the session's DNS query limit is reached")
+            budget.queries += 1
+            task = asyncio.ensure_future(self._in_slot(*key))
+            budget.inflight[key] = task
+            task.add_done_callback(lambda t: (budget.inflight.pop(key, None),
+                                              t.cancelled() or t.exception()))
+        return await budget.wait(asyncio.shield(task), name, rdtype)
+
+    async def _in_slot(self, name: str, rdtype: str) -> DnsAnswer:
+        async with self.budget.slots:
+            return await self.resolver.lookup(name, rdtype)
 
     def for_session(self, session: Any) -> "SessionResolver":
         return self
@@ -294,11 +329,13 @@ class Resolver(BaseResolver):
 
     @classmethod
     def from_config(cls, dns_config, clock: Clock | None = None) -> "Resolver":
-        """From gate.yaml's ``dns:`` (``nameservers``, ``timeout``, ``attempts`` and, when the
-        config has it, ``budget``)."""
+        """From gate.yaml's ``dns:`` (``nameservers``, ``timeout``, ``attempts``, ``budget``,
+        ``max_queries_per_session``, ``max_inflight_per_session``)."""
         budget = getattr(dns_config, "budget", None) or DEFAULT_SESSION_BUDGET
         r = cls(dns_config.nameservers, dns_config.timeout, dns_config.attempts, clock,
-                session_budget=budget)
+                session_budget=budget,
+                session_queries=getattr(dns_config, "max_queries_per_session", DEFAULT_SESSION_QUERIES),
+                session_inflight=getattr(dns_config, "max_inflight_per_session", DEFAULT_SESSION_INFLIGHT))
         r.config = dns_config
         return r
 

@@ -9,8 +9,9 @@ import ssl
 import sys
 import time
 
+from .connections import ConnectionTable, ConnectionTracker
 from .errors import ConfigError, PluginError, StoreError
-from .front import ConnectionTracker, GateSMTP, settle
+from .front import GateSMTP, settle
 from .gate import Gate
 from .loading import load_runtime
 from .quarantine import MaildirQuarantine
@@ -38,15 +39,17 @@ def serve(cli_path: str | None) -> int:
     return supervise(cli_path, runtime, cfg.workers)
 
 
-def run_worker(cli_path, runtime, housekeeper: bool = False) -> int:
-    """One serving process; the ``housekeeper`` (one per gate) also purges the quarantine."""
+def run_worker(cli_path, runtime, housekeeper: bool = False,
+               tracker: ConnectionTracker | None = None) -> int:
+    """One serving process; the ``housekeeper`` (one per gate) also purges the quarantine.
+    ``tracker``: its slot in the gate's connection table (a table of its own when alone)."""
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
     try:
-        return asyncio.run(_serve(cli_path, runtime, housekeeper))
+        return asyncio.run(_serve(cli_path, runtime, housekeeper, tracker or ConnectionTracker()))
     except OSError as e:
         log.error("cannot listen: %s", e)
         return 1
@@ -60,12 +63,13 @@ def _tls_context(cfg) -> ssl.SSLContext | None:
     return ctx
 
 
-async def _serve(cli_path, runtime, housekeeper: bool = False) -> int:
+async def _serve(cli_path, runtime, housekeeper: bool = False,
+                 tracker: ConnectionTracker | None = None) -> int:
     loop = asyncio.get_running_loop()
     cfg = runtime.config
     gate = Gate(runtime, quarantine=MaildirQuarantine(cfg.quarantine, mode=cfg.quarantine_mode))
     gate.draining = False
-    tracker = ConnectionTracker()
+    tracker = tracker or ConnectionTracker()
     tls_ctx = _tls_context(cfg)
     await probe(cfg.downstream, cfg.hostname, gate.capabilities)
     servers = []
@@ -135,19 +139,24 @@ async def _reload(gate: Gate, cli_path) -> None:
 
 
 def supervise(cli_path, runtime, workers: int) -> int:
-    """Fork ``workers`` processes that each bind the listen addresses with SO_REUSEPORT."""
-    children: dict[int, float] = {}
+    """Fork ``workers`` processes that each bind the listen addresses with SO_REUSEPORT.
+
+    They share one connection table (made here, before the fork); each worker has a slot in
+    it, and a dead worker's slot is cleared before its replacement takes it over."""
+    children: dict[int, tuple[float, int]] = {}  # pid -> (started, slot)
+    table = ConnectionTable(workers)
     housekeeper = 0  # the worker that purges the quarantine (its replacement takes over)
 
-    def spawn(housekeeping: bool = False) -> None:
+    def spawn(slot: int, housekeeping: bool = False) -> None:
         nonlocal housekeeper
+        table.clear(slot)
         pid = os.fork()
         if pid == 0:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
-            code = run_worker(cli_path, runtime, housekeeper=housekeeping)
+            code = run_worker(cli_path, runtime, housekeeping, ConnectionTracker(table, slot))
             os._exit(code)
-        children[pid] = time.monotonic()
+        children[pid] = (time.monotonic(), slot)
         if housekeeping:
             housekeeper = pid
 
@@ -165,8 +174,8 @@ def supervise(cli_path, runtime, workers: int) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    for n in range(workers):
-        spawn(housekeeping=n == 0)
+    for slot in range(workers):
+        spawn(slot, housekeeping=slot == 0)
     log.info("started %d worker processes", workers)
     status = 0
     while children:
@@ -176,15 +185,16 @@ def supervise(cli_path, runtime, workers: int) -> int:
             break
         except InterruptedError:
             continue
-        started = children.pop(pid, None)
-        if started is None:
+        child = children.pop(pid, None)
+        if child is None:
             continue
+        started, slot = child
         exit_code = os.waitstatus_to_exitcode(code)
         if not stopping:
             log.error("worker %d exited with %s; starting another", pid, exit_code)
             if time.monotonic() - started < 1.0:
                 time.sleep(1.0)  # a worker that dies at once must not spin the supervisor
-            spawn(housekeeping=pid == housekeeper)
+            spawn(slot, housekeeping=pid == housekeeper)
         elif exit_code != 0:
             status = 1
     return status

@@ -286,14 +286,19 @@ def _mkdir(path: Path, owner: str, group: str | None, mode: int) -> None:
     os.chmod(path, mode)
 
 
-def write_postfix_folder(folder: Path, *, port: int, relay_port: int, data: Path) -> None:
-    """Write config_directory and queue_directory into folder, and the data_directory."""
+def write_postfix_folder(folder: Path, *, port: int, relay_port: int, data: Path,
+                         smtpd_options: tuple[str, ...] = ()) -> None:
+    """Write config_directory and queue_directory into folder, and the data_directory.
+    ``smtpd_options`` (``name=value``, no spaces; ``{etc}`` is the config_directory) are
+    given to the smtpd service as master.cf ``-o`` overrides of main.cf."""
     folder.mkdir(parents=True, exist_ok=True)
     etc, queue = folder / "etc", folder / "queue"
     etc.mkdir(exist_ok=True)
     os.chmod(folder, 0o755)
     os.chmod(etc, 0o755)
-    (etc / "master.cf").write_text(MASTER_CF.format(listen=f"{LOOPBACK}:{port}"))
+    overrides = "".join(f" -o {o.replace('{etc}', str(etc))}" for o in smtpd_options)
+    (etc / "master.cf").write_text(MASTER_CF.format(listen=f"{LOOPBACK}:{port}")
+                                   .replace(" smtpd\n", f" smtpd{overrides}\n", 1))
     (etc / "main.cf").write_text(MAIN_CF.format(
         etc=etc, queue=queue, data=data, folder=folder, log=folder / "postfix.log",
         daemon_directory=DAEMON_DIRECTORY, myhostname=MYHOSTNAME, relay_port=relay_port))
@@ -315,7 +320,8 @@ def write_postfix_folder(folder: Path, *, port: int, relay_port: int, data: Path
         os.utime(path, (past, past))
 
 
-def start_postfix(folder: Path, *, relay_port: int, start_timeout: float = START_TIMEOUT) -> PostfixProcess:
+def start_postfix(folder: Path, *, relay_port: int, start_timeout: float = START_TIMEOUT,
+                  smtpd_options: tuple[str, ...] = ()) -> PostfixProcess:
     """Write the instance into folder, start its master, wait until smtpd's port listens."""
     require_tool("postfix")
     master = os.path.join(DAEMON_DIRECTORY, "master")
@@ -336,7 +342,8 @@ def start_postfix(folder: Path, *, relay_port: int, start_timeout: float = START
         # A fresh port per attempt: another process may take a free port before master
         # binds it, and master then exits 1 without a word (no postlogd yet, no syslog).
         port = free_port()
-        write_postfix_folder(folder, port=port, relay_port=relay_port, data=scratch / "data")
+        write_postfix_folder(folder, port=port, relay_port=relay_port, data=scratch / "data",
+                             smtpd_options=smtpd_options)
         with open(folder / "master.out", "ab") as out:
             # -d: stay in the foreground, keep stdout/stderr; own session, so master leads
             # the process group its children inherit (stop() relies on it).

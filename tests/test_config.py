@@ -11,6 +11,7 @@ from smtpgate.config import (DnsConfig, DownstreamConfig, Limits, LogConfig, TLS
 from smtpgate.config import gate as gate_module
 from smtpgate.config.yamlsrc import LocatedDict, LocatedList, load_string, problem_at, to_plain
 from smtpgate.errors import ConfigError
+from smtpgate.config.gate import LOOPBACK_NETWORKS, ProxyProtocol
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +67,7 @@ def test_embedded_default(tmp_path):
     assert config.quarantine == f"{tmp_path}/var/quarantine"
     assert config.policies == os.path.join(gate_module.DEFAULTS_DIR, "policies")
     assert config.tls is None and config.metrics is None and config.plugins == []
-    assert config.proxy_protocol is False and config.workers >= 1 and config.hostname
+    assert config.proxy_protocol is None and config.workers >= 1 and config.hostname
 
 
 def test_embedded_default_file_matches_the_dataclass_defaults():
@@ -135,7 +136,7 @@ def test_every_key(tmp_path):
     assert c.workers == 3
     assert c.downstream == DownstreamConfig("10.0.0.5", 10026, xclient=False, tls="starttls", timeout=120.0)
     assert c.tls == TLSConfig(f"{conf}/tls.pem", f"{conf}/tls.key")
-    assert c.proxy_protocol is True
+    assert c.proxy_protocol == ProxyProtocol(LOOPBACK_NETWORKS)
     assert c.state == "sqlite:///var/lib/smtpgate/state.db"
     assert c.quarantine == f"{conf}/q"
     assert c.limits == Limits(10_000_000, 50, 500, 5, 90.0, 3600.0)
@@ -244,7 +245,7 @@ def test_bad_values_everywhere_are_all_reported(tmp_path):
         "gate.yaml:3:48: downstream.port: expected a port number 1-65535, got 0",
         f"gate.yaml:4:13: tls.cert: no such file: {tmp_path}/missing.pem",
         "gate.yaml:4:6: tls.key: is required",
-        "gate.yaml:5:17: proxy_protocol: expected true or false, got 1",
+        "gate.yaml:5:17: proxy_protocol: expected true, false or {trusted: [CIDR, ...]}, got 1",
         """gate.yaml:6:8: state: expected "sqlite:///PATH" or "redis://HOST:PORT/DB", got 'mysql://x'""",
         f"gate.yaml:7:11: policies: no such folder: {tmp_path}/nowhere",
         "gate.yaml:8:21: dns.nameservers[0]: expected an IP address and an optional port, "
@@ -336,3 +337,47 @@ def test_yaml_refusals(text, message):
     with pytest.raises(ConfigError) as e:
         load_string(text, "t.yaml")
     assert str(e.value) == message
+
+
+def test_proxy_protocol_trusted_sources(tmp_path):
+    path = write(tmp_path / "gate.yaml", """
+        proxy_protocol: {trusted: [192.0.2.0/24, "2001:db8::/32", 198.51.100.7]}
+        """)
+    proxy = load_gate_config(path).proxy_protocol
+    assert proxy.trusts("192.0.2.9") and proxy.trusts("::ffff:192.0.2.9") and proxy.trusts("2001:db8::1")
+    assert proxy.trusts("198.51.100.7") and not proxy.trusts("198.51.100.8")
+    assert not proxy.trusts("127.0.0.1")
+    path = write(tmp_path / "gate.yaml", "proxy_protocol: false\n")
+    assert load_gate_config(path).proxy_protocol is None
+
+
+def test_proxy_protocol_bad_cidrs_are_located(tmp_path):
+    path = write(tmp_path / "gate.yaml", """
+        proxy_protocol:
+          trusted:
+            - 10.0.0.0/8
+            - 10.0.0.300/8
+            - lan
+        """)
+    assert problems_of(path) == [
+        """gate.yaml:4:7: proxy_protocol.trusted[1]: expected an address or network like "10.0.0.0/8" or "::1", got '10.0.0.300/8'""",
+        """gate.yaml:5:7: proxy_protocol.trusted[2]: expected an address or network like "10.0.0.0/8" or "::1", got 'lan'""",
+    ]
+    path = write(tmp_path / "gate.yaml", "proxy_protocol: {trusted: []}\n")
+    assert problems_of(path) == ["gate.yaml:1:27: proxy_protocol.trusted: needs at least 1 item(s)"]
+
+
+def test_session_caps_and_dns_limits_are_read(tmp_path):
+    path = write(tmp_path / "gate.yaml", """
+        limits: {max_greetings: 3, max_rsets: 4, max_junk_commands: 5, max_errors: 6, ipv6_client_prefix: 56}
+        dns: {budget: 3s, max_queries_per_session: 7, max_inflight_per_session: 2}
+        """)
+    c = load_gate_config(path)
+    assert (c.limits.max_greetings, c.limits.max_rsets, c.limits.max_junk_commands,
+            c.limits.max_errors, c.limits.ipv6_client_prefix) == (3, 4, 5, 6, 56)
+    assert (c.dns.budget, c.dns.max_queries_per_session, c.dns.max_inflight_per_session) == (3.0, 7, 2)
+    path = write(tmp_path / "gate.yaml", "limits: {max_errors: 0, ipv6_client_prefix: 129}\n")
+    assert problems_of(path) == [
+        "gate.yaml:1:22: limits.max_errors: expected a whole number of 1 or more, got 0",
+        "gate.yaml:1:45: limits.ipv6_client_prefix: expected a prefix length 1-128, got 129",
+    ]

@@ -153,13 +153,17 @@ async def test_connections_past_the_cap_get_421_and_slots_come_back(make):
     verdict = await rule.on_connect(sessions[2])
     assert str(verdict.reply("connect")) == "421 4.7.0 Too many connections from 192.0.2.1, try again later"
     assert await rule.on_connect(Session("other", "192.0.2.2")) is None  # per client address
+    assert await rule.on_connect(Session("v6a", "2001:db8::1")) is None  # IPv6: per /64
+    assert await rule.on_connect(Session("v6b", "2001:db8::2:1")) is None
+    assert (await rule.on_connect(Session("v6c", "2001:db8::ffff"))).code == 421
     # the whole gate: a refused connection is answered 421 at once, no MAIL reached
     r = await h.send()
     assert str(r.reply).startswith("421 4.7.0") and "mail" not in r.replies and h.relayed == []
     await rule.on_disconnect(sessions[2])  # refused: held no slot, gives none back
     await rule.on_disconnect(sessions[0])
     assert (await h.send()).reply.code == 250  # its slot is free again, and given back after
-    assert await h.stores.limits.connections(now=h.clock.now()) == {"192.0.2.1": 1, "192.0.2.2": 1}
+    assert await h.stores.limits.connections(now=h.clock.now()) == {"192.0.2.1": 1, "192.0.2.2": 1,
+                                                                    "2001:db8::/64": 2}
 
 
 async def test_a_slot_is_refreshed_at_mail_and_a_dead_gates_slots_expire(make):

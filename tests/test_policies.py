@@ -324,3 +324,19 @@ def test_session_policy_without_a_default_file(folder, registry):
     session = policies.session_policy
     assert isinstance(session, Policy) and session.name == "default" and session.rules == []
     assert policies.for_domain("localhost") is None
+
+
+@pytest.mark.parametrize("written", ['off', '"off"', "'OFF'", '"no"', "false", '"False"'])
+def test_off_is_off_however_yaml_typed_it(folder, written):
+    """`attachments: "off"` (a string) switches the rule off like `attachments: off` (a bool)."""
+    folder("default.yaml", "domains: [localhost]\nrules: [greylist, attachments, tagger]\n")
+    folder("child.yaml", f"domains: [example.com]\nextends: default\nrules:\n  - attachments: {written}\n")
+    specs = {s.name: s for s in load_policy_specs(folder.path)}
+    assert [e.name for e in specs["child"].entries] == ["greylist", "tagger"]
+
+
+@pytest.mark.parametrize("written", ['on', '"on"', '"yes"'])
+def test_on_written_as_text_means_default_options(folder, written):
+    folder("default.yaml", f"domains: [localhost]\nrules:\n  - tagger: {written}\n")
+    [spec] = load_policy_specs(folder.path)
+    assert [(e.name, e.options) for e in spec.entries] == [("tagger", {})]

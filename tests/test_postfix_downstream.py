@@ -9,6 +9,8 @@ delivered, and read Postfix's own log (maillog_file) for what it saw.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import smtplib
 import socket
@@ -16,7 +18,11 @@ import socket
 import pytest
 
 from gateproc import wait_until
-from postfixproc import MYHOSTNAME, REJECTED_RECIPIENT, postfix_downstream  # noqa: F401 (fixture)
+from postfixproc import MYHOSTNAME, REJECTED_RECIPIENT, postfix_downstream, start_postfix  # noqa: F401 (fixture)
+from smtpgate.quarantine import MaildirQuarantine
+from smtpgate.testing import Harness
+from smtpgate_rules.attachments import Attachments
+from test_quarantine import RAW, cli, write_config
 
 SENDER = "alice@sender.test"
 QUEUED = re.compile(r"^2\.0\.0 Ok: queued as ([0-9A-F]{6,})$")
@@ -375,3 +381,104 @@ def test_helo_client_stays_smtp_in_postfix(gate_factory, postfix_downstream):
                          r"helo=<old\.client\.test>" % client_port)
     [msg] = postfix.relay.wait_for_messages(1, timeout=10)
     assert b"with SMTP id" in split_received(msg.data, MESSAGE)
+
+
+# ---------------------------------------------------------------------------- XCLIENT injection
+# This Postfix variant lets a SASL login relay anywhere (permit_sasl_authenticated first), as
+# a submission-minded Postfix would: a client able to set XCLIENT LOGIN= through the gate
+# could relay through it. elsewhere.test is governed by the gate's policy but not relayed by
+# Postfix, so whether Postfix takes it shows whether it believes in a login.
+SASL_RELAY = ("smtpd_sasl_auth_enable=yes",
+              "smtpd_recipient_restrictions=permit_sasl_authenticated,"
+              "check_recipient_access,texthash:{etc}/recipient_access,reject_unauth_destination")
+VICTIM = "victim@elsewhere.test"
+BOTH_DOMAINS = {"default.yaml": "domains: [example.com, elsewhere.test]\nrules: []\n"}
+
+
+@pytest.fixture
+def postfix_sasl(tmp_path, downstream_factory):
+    relay = downstream_factory()
+    pf = start_postfix(tmp_path / "postfix-sasl", relay_port=relay.port, smtpd_options=SASL_RELAY)
+    pf.relay = relay
+    yield pf
+    code = pf.stop()
+    print(f"--- postfix master pid {pf.pid} exited {code} ---\n{pf.log_text()[-6000:]}")
+
+
+def test_control_xclient_login_lets_a_client_relay_through_this_postfix(postfix_sasl):
+    """Control: the XCLIENT LOGIN= an injection would add makes this Postfix relay to
+    elsewhere.test and log the login; and an xtext-encoded address literal HELO is decoded
+    back to the literal (`+5B192.0.2.1+5D` -> `[192.0.2.1]`)."""
+    raw = Raw(postfix_sasl.address)
+    try:
+        assert raw.reply().startswith(b"220 ")
+        assert b"LOGIN" in raw.cmd(b"EHLO gate.test")
+        assert raw.cmd(b"XCLIENT HELO=+5B192.0.2.1+5D LOGIN=admin").startswith(b"220 ")
+        assert raw.cmd(b"MAIL FROM:<alice@sender.test>").startswith(b"250")
+        assert raw.cmd(f"RCPT TO:<{VICTIM}>".encode()).startswith(b"250")
+        assert raw.cmd(b"QUIT").startswith(b"221")
+    finally:
+        raw.close()
+    postfix_sasl.wait_for_log(r"client=unknown\[127\.0\.0\.1\]:\d+, sasl_method=XCLIENT, sasl_username=admin")
+    postfix_sasl.wait_for_log(r"disconnect from .* rcpt=1 ")
+
+
+def test_hostile_greeting_sets_no_login_in_postfix_and_cannot_relay(gate_factory, postfix_sasl):
+    """`EHLO [x LOGIN=admin` (and the like) get 501 5.5.2; the greeting the gate accepts goes
+    to Postfix as one encoded attribute: Postfix never logs a login, refuses to relay, and
+    records the client's address literal HELO as sent."""
+    postfix = postfix_sasl
+    gate = gate_factory(downstream_port=postfix.port, policies=BOTH_DOMAINS)
+    raw = Raw(gate.address)
+    try:
+        assert raw.reply().startswith(b"220 ")
+        for hostile in (b"[x LOGIN=admin", b"[x LOGIN=admin]", b"x LOGIN=admin DESTADDR=192.0.2.9",
+                        b"LOGIN=admin", b"[192.0.2.1]\tLOGIN=admin"):
+            r = raw.cmd(b"EHLO " + hostile)
+            assert r.startswith(b"501 5.5.2 "), (hostile, r)
+        assert raw.cmd(b"EHLO [192.0.2.1]").startswith(b"250")
+        assert raw.cmd(b"MAIL FROM:<alice@sender.test>").startswith(b"250")
+        denied = raw.cmd(f"RCPT TO:<{VICTIM}>".encode())
+        assert denied.startswith(b"554 5.7.1 ") and b"Relay access denied" in denied, denied
+        assert raw.cmd(b"RCPT TO:<user@example.com>").startswith(b"250")
+        assert raw.cmd(b"DATA").startswith(b"354")
+        final = raw.cmd(stuff(MESSAGE) + b".")
+        client_port = raw.sock.getsockname()[1]
+        assert raw.cmd(b"QUIT").startswith(b"221")
+    finally:
+        raw.close()
+    queue_id((int(final[:3]), final[4:].rstrip(b"\r\n")))
+    postfix.wait_for_log(r"reject: RCPT from unknown\[127\.0\.0\.1\]:%d: 554 5\.7\.1 <victim@elsewhere\.test>: "
+                         r"Relay access denied; .*helo=<\[192\.0\.2\.1\]>" % client_port)
+    postfix.wait_for_log(r"disconnect from unknown\[127\.0\.0\.1\]:%d " % client_port)
+    log = postfix.log_text()
+    assert "sasl_username" not in log and "sasl_method" not in log and "LOGIN" not in log, log
+    [msg] = postfix.relay.wait_for_messages(1, timeout=10)
+    assert msg.rcpts == ["user@example.com"]
+
+
+def _hold_both_domains(folder, **send) -> str:
+    """Like test_quarantine.hold, with elsewhere.test governed too; returns the held id."""
+    store = MaildirQuarantine(str(folder))
+    h = Harness([(Attachments, {"action": "quarantine"})], domains=["example.com", "elsewhere.test"])
+    h.gate.quarantine = store
+    result = asyncio.run(h.send(RAW, client_ip="198.51.100.7", **send))
+    assert result.reply.code == 554 and [r.address for r in result.transaction.recipients] == send["recipients"]
+    return result.trace[-1].reason.removeprefix("held as ")
+
+
+def test_quarantine_release_of_a_stored_hostile_helo_sets_no_login(tmp_path, capsys, postfix_sasl):
+    """A held message whose stored greeting is `[x LOGIN=admin` (a session from before the
+    greeting check) is released through the same encoding: no login, no relaying."""
+    postfix = postfix_sasl
+    config = write_config(tmp_path, postfix.port)
+    qid = _hold_both_domains(tmp_path / "q", helo="[x LOGIN=admin", sender="alice@sender.test",
+                             recipients=[VICTIM, "user@example.com"])
+    code, out, err = cli(capsys, "quarantine", "release", qid, "--json", "-c", config)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["recipients"][VICTIM].startswith("554 5.7.1"), doc
+    assert doc["recipients"]["user@example.com"].startswith("250"), doc
+    postfix.wait_for_log(r"reject: RCPT from .*<victim@elsewhere\.test>: Relay access denied")
+    log = postfix.log_text()
+    assert "sasl_username" not in log and "LOGIN" not in log, log

@@ -250,3 +250,57 @@ def test_one_resolver_per_process_kept_across_reloads():
     assert process_resolver(DnsConfig(nameservers=[("127.0.0.1", 53)]), Clock()) is a
     b = process_resolver(DnsConfig(nameservers=[("127.0.0.1", 54)]), Clock())
     assert b is not a and b.nameservers == [("127.0.0.1", 54)]
+
+
+async def test_a_session_shares_identical_lookups_and_counts_each_once(ns):
+    ns.delays["host.example.test"] = 0.2
+    r = resolver(ns, timeout=1, cache=False)  # no process-wide sharing: the session's own
+    dns = r.for_session(Session("s", "192.0.2.1"))
+    results = await asyncio.gather(*(dns.resolve("host.example.test") for _ in range(20)))
+    assert results == [["192.0.2.55"]] * 20
+    assert ns.count("host.example.test") == 1
+    assert dns.budget.queries == 1
+
+
+async def test_a_session_causes_at_most_max_queries_lookups(ns):
+    r = resolver(ns, session_queries=3)
+    dns = r.for_session(Session("s", "192.0.2.1"))
+    for name in ("host", "mx", "liar"):
+        await dns.resolve(f"{name}.example.test")
+    with pytest.raises(DnsError) as e:
+        await dns.resolve("v6host.example.test", "AAAA")
+    assert e.value.kind == "timeout" and "query limit" in str(e.value)
+    assert ns.count("v6host.example.test") == 0
+    assert await dns.resolve("host.example.test") == ["192.0.2.55"]  # cached: still served
+    other = r.for_session(Session("s2", "192.0.2.2"))  # another session has its own count
+    assert await other.resolve("v6host.example.test", "AAAA") == ["2001:db8::55"]
+
+
+async def test_a_session_has_at_most_max_inflight_lookups_at_once():
+    class Counting(FakeResolver):
+        now = peak = 0
+
+        async def _query(self, name, rdtype):
+            Counting.now += 1
+            Counting.peak = max(Counting.peak, Counting.now)
+            await asyncio.sleep(0.01)
+            Counting.now -= 1
+            return await super()._query(name, rdtype)
+
+    r = Counting({(f"h{i}.test", "A"): ["192.0.2.1"] for i in range(30)})
+    r.session_inflight = 4
+    dns = r.for_session(Session("s", "192.0.2.1"))
+    assert await asyncio.gather(*(dns.resolve(f"h{i}.test") for i in range(30))) == [["192.0.2.1"]] * 30
+    assert Counting.peak == 4
+    Counting.peak = 0  # two sessions: four each
+    a, b = r.for_session(Session("a", "192.0.2.1")), r.for_session(Session("b", "192.0.2.2"))
+    await asyncio.gather(*(s.resolve(f"h{i}.test") for i in range(10) for s in (a, b)))
+    assert Counting.peak == 8
+
+
+def test_session_limits_from_gate_config():
+    cfg = DnsConfig(budget=4.0, max_queries_per_session=7, max_inflight_per_session=3)
+    r = Resolver.from_config(cfg)
+    assert (r.session_budget, r.session_queries, r.session_inflight) == (4.0, 7, 3)
+    budget = r.for_session(Session("s", "192.0.2.1")).budget
+    assert (budget.seconds, budget.max_queries) == (4.0, 7)

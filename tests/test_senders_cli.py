@@ -164,14 +164,36 @@ def test_usage_errors_exit_2(gate, args, text):
     assert text in gate.cli(*args, expect=2).stderr
 
 
-def test_no_machine_in_any_policy_is_a_usage_error(tmp_path):
+def _no_machine_gate(tmp_path):
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "default.yaml").write_text("domains: [example.com]\nrules: []\n")
     (tmp_path / "gate.yaml").write_text(f"state: sqlite://{tmp_path / 's.db'}\npolicies: policies\n")
+    return tmp_path / "gate.yaml"
+
+
+def test_naming_a_key_with_no_machine_in_any_policy_is_a_usage_error(tmp_path):
+    config = _no_machine_gate(tmp_path)
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        assert main(["senders", "list", "-c", str(tmp_path / "gate.yaml")]) == 2
+        assert main(["senders", "show", "a@b.example", "-c", str(config)]) == 2
     assert "no policy uses a sender state machine" in err.getvalue()
+
+
+def test_list_with_no_machine_in_any_policy_is_empty_as_a_subprocess(tmp_path):
+    """As `greylist list` on an unused state: an empty listing, exit 0 (text and JSON)."""
+    config = _no_machine_gate(tmp_path)
+    run = [sys.executable, "-m", "smtpgate", "senders", "list", "-c", str(config)]
+    done = subprocess.run([*run, "--json"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"machine": None, "key_kind": None, "keys": [], "count": 0}
+    done = subprocess.run(run, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("no keys")
+
+
+def test_list_of_an_empty_state_is_empty(gate):
+    assert gate.json("list") == {"machine": "senders", "key_kind": "sender", "keys": [], "count": 0}
+    assert gate.cli("list").stdout.strip() == "no keys"
 
 
 def test_a_store_failure_exits_1(tmp_path):

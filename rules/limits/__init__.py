@@ -89,11 +89,12 @@ class Limits(Rule):
 
     name = "limits"
     rates = Option(list_of(rate), [], "the rates: [{per, max, within}, ...]")
-    connections = Option(integer, 0, "concurrent connections per client address (0: no limit)")
+    connections = Option(integer, 0, "concurrent connections per client address, IPv6 per "
+                                     "ipv6_prefix network (0: no limit)")
     connection_ttl = Option(duration, "1h", "how long a connection slot lives without a MAIL "
                                             "(what a crashed gate leaks at most)")
     ipv4_prefix = Option(integer, 24, "the IPv4 network client_net keys by")
-    ipv6_prefix = Option(integer, 64, "the IPv6 network client_net keys by")
+    ipv6_prefix = Option(integer, 64, "the IPv6 network client_net and connections key by")
     message = Option(string, DEFAULT_MESSAGE, "the 451 text; {what} {max} {within} {wait} {after}")
 
     def setup(self):
@@ -121,7 +122,10 @@ class Limits(Rule):
         """``text`` (an address, a sender, a recipient) as ``kind`` counts it; None: not counted
         (the null sender has no sender or sender domain)."""
         if kind in ("client", "client_net", "connections"):
-            prefixes = (self.ipv4_prefix, self.ipv6_prefix) if kind == "client_net" else ()
+            # connections: IPv6 by its network, as the gate's own max_connections_per_client,
+            # so rotating addresses inside one subscriber's /64 does not evade the cap
+            prefixes = {"client_net": (self.ipv4_prefix, self.ipv6_prefix),
+                        "connections": (None, self.ipv6_prefix)}.get(kind, ())
             return client_key(text, *prefixes) or text.strip().lower()
         if kind in ("sender", "sender_domain"):
             sender = sender_key(text)

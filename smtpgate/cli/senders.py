@@ -6,7 +6,8 @@ the ``default`` policy's machine rule (``senders``, or a plugin's ``MachineRule`
 (``Alice+x@Example.org`` -> ``alice@example.org``, ``192.0.2.7`` -> ``192.0.2.0/24`` for
 ``client_net``). Safe while gates run: every write is one atomic store update.
 
-Exit status: 0 done, 1 the store failed, 2 bad arguments or configuration.
+Exit status: 0 done (``list`` with no machine in any policy lists nothing), 1 the store
+failed, 2 bad arguments or configuration.
 """
 from __future__ import annotations
 
@@ -56,6 +57,12 @@ def senders_command(args, config_path: str | None) -> int:
     if runtime is None:
         return 2
     try:
+        if _nothing_to_list(args, runtime):
+            asyncio.run(runtime.stores.close())
+            doc = {"machine": None, "key_kind": None, "keys": [], "count": 0}
+            text = "no keys (no policy uses a sender state machine)"
+            print(json.dumps(doc, indent=2) if args.json else text)
+            return 0
         rule = machine_rule(runtime, args.machine, args.policy)
         if args.senders_command == "graph":
             print(rule.machine.to_dot(), end="")
@@ -69,6 +76,13 @@ def senders_command(args, config_path: str | None) -> int:
         return 1
     print(json.dumps(doc, indent=2, ensure_ascii=False) if args.json else text)
     return 0
+
+
+def _nothing_to_list(args, runtime) -> bool:
+    """``list`` with no machine anywhere (and none asked for by name) is an empty listing,
+    as ``greylist list`` is for a state nothing wrote to."""
+    return (args.senders_command == "list" and args.machine is None and args.policy is None
+            and not machine_rules(runtime))
 
 
 def machine_rules(runtime) -> list:

@@ -28,7 +28,7 @@ def try_command(args, config_path: str | None) -> int:
     except OSError as e:
         print(f"smtpgate try: {args.message}: {e.strerror}", file=sys.stderr)
         return 1
-    from ..front import normalise_line_ends  # the same CRLF rule the server applies
+    from ..datadecoder import normalise_line_ends  # the same CRLF rule the server applies
     raw = normalise_line_ends(raw)
     if raw and not raw.endswith(b"\r\n"):
         raw += b"\r\n"

@@ -53,6 +53,15 @@ class Limits:
     max_connections_per_client: int = 20
     command_timeout: float = 300
     data_timeout: float = 600
+    max_line_length: int = 998  # octets before CRLF in DATA (RFC 5321 §4.5.3.1.6); 0: no limit
+    max_inflight_data: int = 1_000_000_000  # bytes of all messages being received; 0: no limit
+    # Per session, counted since it began or since its last accepted message (as Postfix's
+    # smtpd_hard_error_limit and smtpd_junk_command_limit); past one: 421 4.7.0 and close.
+    max_greetings: int = 10  # HELO/EHLO
+    max_rsets: int = 100
+    max_junk_commands: int = 100  # NOOP, VRFY, EXPN, HELP and unrecognised commands together
+    max_errors: int = 20  # 4xx/5xx replies to the client
+    ipv6_client_prefix: int = 64  # max_connections_per_client counts an IPv6 client by this prefix
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,32 @@ class DnsConfig:
     nameservers: list[tuple[str, int]] = field(default_factory=list)  # empty: the system's
     timeout: float = 2.0
     attempts: int = 2
+    budget: float = 10.0  # seconds of DNS waiting one session may cost in all
+    max_queries_per_session: int = 200
+    max_inflight_per_session: int = 16
+
+
+@dataclass(frozen=True)
+class ProxyProtocol:
+    """PROXY v1/v2 headers are read from every connection and honoured only from peers in
+    ``trusted``; anyone else is hung up on before the greeting."""
+
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "trusted", tuple(self.trusted))
+
+    def trusts(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.trusted if net.version == addr.version)
+
+
+LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 @dataclass(frozen=True)
@@ -78,7 +113,7 @@ class GateConfig:
     workers: int
     downstream: DownstreamConfig
     tls: TLSConfig | None = None
-    proxy_protocol: bool = False
+    proxy_protocol: ProxyProtocol | None = None  # None: off
     state: str
     quarantine: str
     quarantine_keep: float = 30 * 86400.0  # seconds a held message is kept; 0: for ever
@@ -172,6 +207,27 @@ def _size(value: Any) -> int:
     return size
 
 
+def _line_length(value: Any) -> int:
+    # Below 78 even RFC 5322's recommended line would be refused: surely a typo.
+    if isinstance(value, bool) or not isinstance(value, int) or (value != 0 and value < 78):
+        raise ValueError(f"expected a number of octets of 78 or more, or 0 for no limit, got {value!r}")
+    return value
+
+
+def _inflight(value: Any) -> int:
+    """``auto``: a quarter of the machine's memory, at most 1GB; ``0``: no limit."""
+    if value == "auto":
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            ram = 4 * 1000**3
+        return min(1000**3, ram // 4)
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise ValueError(f'expected "auto", a size like "512MB", or 0 for no limit, got {value!r}') from None
+
+
 def _workers(value: Any) -> int:
     if value == "auto":
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -212,6 +268,30 @@ def _nameserver(value: Any) -> tuple[str, int]:
     except ValueError:
         raise ValueError(f'expected an IP address and an optional port, like "127.0.0.1:53", '
                          f"got {value!r}") from None
+
+
+def _cidr(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        if isinstance(value, str):
+            return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        pass
+    raise ValueError(f'expected an address or network like "10.0.0.0/8" or "::1", got {value!r}')
+
+
+def _proxy_switch(value: Any) -> ProxyProtocol | None:
+    """``true``: trust loopback only; ``false``: off (a mapping is read as the section)."""
+    if value is True:
+        return ProxyProtocol(LOOPBACK_NETWORKS)
+    if value is False:
+        return None
+    raise ValueError(f"expected true, false or {{trusted: [CIDR, ...]}}, got {value!r}")
+
+
+def _ipv6_prefix(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 128:
+        raise ValueError(f"expected a prefix length 1-128, got {value!r}")
+    return value
 
 
 def _keep(value: Any) -> float:
@@ -288,6 +368,7 @@ class _Section:
     cls: type
     keys: dict[str, Any]
     nullable: bool = False  # null switches it off (None) instead of keeping the defaults
+    scalar: Callable[[Any], Any] | None = None  # reads a value that is not a mapping (true/false)
 
 
 def _schema(base: str, policies_base: str) -> _Section:
@@ -300,17 +381,23 @@ def _schema(base: str, policies_base: str) -> _Section:
             "tls": one_of("none", "starttls", "required"), "timeout": _timeout}),
         "tls": _Section(TLSConfig, {"cert": partial(_existing_file, base=base),
                                     "key": partial(_existing_file, base=base)}, nullable=True),
-        "proxy_protocol": boolean,
+        "proxy_protocol": _Section(ProxyProtocol, {"trusted": _Each(_cidr, min_items=1)},
+                                   nullable=True, scalar=_proxy_switch),
         "state": partial(_state, base=base),
         "quarantine": partial(_path, base=base),
         "quarantine_keep": _keep,
         "quarantine_mode": _file_mode,
         "limits": _Section(Limits, {
             "max_message_size": _size, "max_recipients": _count, "max_connections": _count,
-            "max_connections_per_client": _count, "command_timeout": _timeout, "data_timeout": _timeout}),
+            "max_connections_per_client": _count, "max_line_length": _line_length,
+            "max_inflight_data": _inflight, "command_timeout": _timeout, "data_timeout": _timeout,
+            "max_greetings": _count, "max_rsets": _count, "max_junk_commands": _count,
+            "max_errors": _count, "ipv6_client_prefix": _ipv6_prefix}),
         "policies": partial(_existing_dir, base=policies_base),
         "plugins": _Each(partial(_existing_dir, base=base)),
-        "dns": _Section(DnsConfig, {"nameservers": _Each(_nameserver), "timeout": _timeout, "attempts": _count}),
+        "dns": _Section(DnsConfig, {"nameservers": _Each(_nameserver), "timeout": _timeout, "attempts": _count,
+                                    "budget": _timeout, "max_queries_per_session": _count,
+                                    "max_inflight_per_session": _count}),
         "metrics": _metrics,
         "log": _Section(LogConfig, {"format": one_of("text", "json"), "level": one_of(*LOG_LEVELS)}),
     })
@@ -359,6 +446,8 @@ class _Reader:
         if isinstance(conv, _Section):
             if raw is None and (conv.nullable or fallback is not None):
                 return None if conv.nullable else fallback
+            if conv.scalar is not None and not isinstance(raw, LocatedDict):
+                return self.convert(parent, key, path, conv.scalar)
             if not isinstance(raw, LocatedDict):
                 self.problems.append(problem_at(parent, key, path, f"expected a mapping, got {raw!r}"))
                 return _BAD

@@ -215,6 +215,10 @@ def _parse_domains(raw: _Raw, problems: list[Problem]) -> None:
             target.append(domain)
 
 
+# What YAML 1.1 reads as a boolean, also accepted when written as a (quoted) string.
+_SWITCH_WORDS = {"off": False, "no": False, "false": False, "on": True, "yes": True, "true": True}
+
+
 def _parse_entry(rules: LocatedList, i: int, path: str, problems: list[Problem]) -> tuple[bool, RuleEntry] | None:
     item, ipath = rules[i], f"rules[{i}]"
     if isinstance(item, str) and item:  # "- greylist": the rule with its default options
@@ -232,9 +236,10 @@ def _parse_entry(rules: LocatedList, i: int, path: str, problems: list[Problem])
         problems.append(problem_at(item, name, ipath, f"a rule name must be text, got {name!r}", at_key=True))
         return None
     epath = join_path(ipath, name)
-    if value is False:  # "NAME: off" (YAML reads off/no/false as False)
+    switch = _SWITCH_WORDS.get(value.strip().lower()) if isinstance(value, str) else value
+    if switch is False:  # "NAME: off": YAML reads off/no/false as False, "off" quoted as text
         return True, RuleEntry(name, {}, "enforce", "tempfail", path, line, col, {}, None, i)
-    if value is None or value is True:
+    if value is None or switch is True:
         value = {}
     elif not isinstance(value, LocatedDict):
         problems.append(problem_at(item, name, epath, f"expected a mapping of options or off, got {value!r}"))
