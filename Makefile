@@ -1,7 +1,8 @@
 # smtpgate — developer entry points.
 #
 #   make run    [CONFIG=gate.yaml]        run the gate in the foreground (.venv/bin/smtpgate serve)
-#   make test   [PYTEST_ARGS='-k relay']   unit + integration tests (installs what they need)
+#   make test   [PYTEST_ARGS='-k relay']   every test tier (installs what they need); one tier:
+#               PYTEST_ARGS=tests/unit    (or tests/rules, tests/protocol, tests/process, tests/postfix)
 #   make bench  [SYSTEMS=... RUNS=...]     the side-by-side benchmark (bench/run.sh, bench/README.md)
 #   make clean / make distclean            build leftovers / also the virtualenv
 #

@@ -36,8 +36,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
 HEAD = (b"From: Bench <bench@sender.example>\r\nTo: rcpt@example.com\r\nSubject: bench\r\n"
         b"Message-ID: <bench@sender.example>\r\nMIME-Version: 1.0\r\n")
 
@@ -107,8 +105,8 @@ def in_process(seconds: float) -> None:
 
 # --- the real gate ----------------------------------------------------------------------------
 def real(seconds: float) -> None:
-    from downstream import CapturingDownstream
-    from gateproc import start_gate
+    from tests.support.downstream import CapturingDownstream
+    from tests.support.gateproc import start_gate
     print("real gate (smtpgate serve, 1 worker; smtplib over loopback; capturing downstream)")
     print(f"{'message':8} {'size':>9} {'without/s':>10} {'with/s':>10} {'ratio':>6}")
     policies = {

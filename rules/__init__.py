@@ -1,2 +1,5 @@
-"""First-party rules. Each module here uses only smtpgate's public API, like a user's plugin,
-and registers through the ``smtpgate.rules`` entry-point group in pyproject.toml."""
+"""First-party rules, written exactly as a user's plugin: one module or package per rule.
+
+Each uses only smtpgate's public API and registers through the ``smtpgate.rules``
+entry-point group in pyproject.toml; a package's ``__init__.py`` holds its Rule class.
+"""

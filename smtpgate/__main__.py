@@ -1,3 +1,4 @@
+"""``python -m smtpgate``: the ``smtpgate`` command."""
 from .cli.main import main
 
 raise SystemExit(main())

@@ -9,14 +9,14 @@ import ssl
 import sys
 import time
 
-from .connections import ConnectionTable, ConnectionTracker
+from .smtp.connections import ConnectionTable, ConnectionTracker
 from .errors import ConfigError, PluginError, StoreError
-from .front import GateSMTP, settle
-from .gate import Gate
-from .loading import load_runtime
-from .quarantine import MaildirQuarantine
-from .relay import probe
-from .reply import Reply
+from .smtp.front import GateSMTP, settle
+from .runtime.gate import Gate
+from .runtime.loading import load_runtime
+from .stores.quarantine import MaildirQuarantine
+from .smtp.relay import probe
+from .mail.reply import Reply
 from .units import format_duration
 
 log = logging.getLogger("smtpgate.server")

@@ -20,11 +20,11 @@ from typing import Iterable
 
 from .clock import Clock
 from .config import load_gate_config
-from .gate import Gate, Runtime
-from .offline import Dialogue, FakeRelay, Relayed, simulate
-from .policy import Policy, PolicySet
+from .runtime.gate import Gate, Runtime
+from .smtp.offline import Dialogue, FakeRelay, Relayed, simulate
+from .pipeline.policy import Policy, PolicySet
 from .resolver import DEFAULT_SESSION_BUDGET, BaseResolver, DnsAnswer, DnsError
-from .rule import GateContext, Rule
+from .pipeline.rule import GateContext, Rule
 from .stores import Stores, open_stores
 
 __all__ = ["FakeClock", "FakeQuarantine", "FakeRelay", "FakeResolver", "Harness", "Dialogue", "Relayed", "run_rule",
@@ -142,7 +142,7 @@ class Harness:
     @classmethod
     def from_config(cls, path: str, **kwargs) -> "Harness":
         """The policies, plugins and options of a real gate.yaml, with fakes for the outside."""
-        from .loading import load_runtime
+        from .runtime.loading import load_runtime
         h = cls.__new__(cls)
         h.clock = kwargs.get("clock") or FakeClock()
         h.resolver = _with_clock(kwargs.get("resolver") or FakeResolver(), h.clock)

@@ -9,18 +9,15 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import downstream, gateproc`
 
-from downstream import CapturingDownstream  # noqa: E402
-from gateproc import (  # noqa: E402
+from tests.support.downstream import CapturingDownstream
+from tests.support.gateproc import (
     GateProcess,
     SinkProcess,
     free_port as _free_port,

@@ -1,0 +1,1 @@
+"""The ``smtpgate`` command: main.py parses and dispatches, one module per subcommand."""

@@ -26,7 +26,7 @@ def positive(text: str) -> int:
 def load_runtime_or_report(config_path: str | None, **kwargs):
     """The runtime, or None after printing every configuration problem (the caller exits 2)."""
     from ..errors import ConfigError, PluginError
-    from ..loading import load_runtime
+    from ..runtime.loading import load_runtime
     try:
         return load_runtime(config_path, **kwargs)
     except (ConfigError, PluginError) as e:

@@ -135,7 +135,7 @@ def _any_rule(runtime):
 
 def _rule_for(runtime, recipient: str):
     """(policy, greylist rule or None) for the recipient's domain; (None, None) if ungoverned."""
-    from ..addresses import normalise_domain
+    from ..mail.addresses import normalise_domain
     domain = recipient.rpartition("@")[2]
     policy = runtime.policies.for_domain(normalise_domain(domain)) if domain else None
     if policy is None:
@@ -229,7 +229,7 @@ async def _list(args, runtime, store, now):
 
 
 async def _show(args, runtime, store, now):
-    from ..envelope import Session
+    from ..mail.session import Session
     try:
         ipaddress.ip_address(args.client)
     except ValueError:

@@ -31,7 +31,7 @@ class CommandContext:
         """The loaded configuration: ``.stores`` (``.greylist``, ``.senders``, ``.limits``),
         ``.policies`` (each with its rule instances ``.rules``), ``.config``."""
         if self._runtime is None:
-            from ..loading import load_runtime
+            from ..runtime.loading import load_runtime
             self._runtime = load_runtime(self.config_path)
         return self._runtime
 

@@ -82,7 +82,7 @@ class Failed(Exception):
 def quarantine_command(args, config_path: str | None) -> int:
     from ..config import find_config_path, load_gate_config
     from ..errors import ConfigError, StoreError
-    from ..quarantine import MaildirQuarantine
+    from ..stores.quarantine import MaildirQuarantine
     try:
         config = load_gate_config(find_config_path(config_path))
     except ConfigError as e:
@@ -204,9 +204,9 @@ def _purge(args, store, config):
 async def relay(config, meta: dict, raw: bytes) -> dict:
     """Send one held message downstream as its original client sent it. Never raises for
     downstream trouble: the result says what happened (``ok``, every reply)."""
-    from ..envelope import Session, new_id
+    from ..mail.session import Session, new_id
     from ..errors import RelayError
-    from ..relay import Downstream
+    from ..smtp.relay import Downstream
     session = Session(new_id(), meta.get("client_ip") or "127.0.0.1", int(meta.get("client_port") or 0),
                       meta.get("client_name"), meta.get("helo"), bool(meta.get("esmtp", True)),
                       bool(meta.get("tls", False)), meta.get("proto") or "ESMTP")
@@ -238,7 +238,7 @@ async def relay(config, meta: dict, raw: bytes) -> dict:
 def _without_forgeries(raw: bytes, hostname: str) -> bytes:
     """The held bytes are the message as received; what leaves for the mailbox loses the
     Authentication-Results fields forged with our authserv-id, as at DATA (RFC 8601 §5)."""
-    from ..message import Message
+    from ..mail.message import Message
     message = Message(raw)
     message.remove_authentication_results(hostname)
     return message.raw

@@ -87,7 +87,7 @@ def _nothing_to_list(args, runtime) -> bool:
 
 def machine_rules(runtime) -> list:
     """Machine rule instances, the default policy's first, one per machine name."""
-    from ..machine_rule import MachineRule
+    from ..machines.rule import MachineRule
     found, names = [], set()
     for policy in sorted(runtime.policies, key=lambda p: p.name != "default"):
         for rule in policy.rules:
@@ -104,7 +104,7 @@ def machine_rule(runtime, machine: str | None, policy: str | None):
     if policy is not None:
         if runtime.policies.get(policy) is None:
             raise UsageError(f"no policy named {policy!r} (policies: {', '.join(p.name for p in runtime.policies)})")
-        from ..machine_rule import MachineRule
+        from ..machines.rule import MachineRule
         own = [r for r in runtime.policies.get(policy).rules if isinstance(r, MachineRule)]
         found = [(runtime.policies.get(policy), r) for r in own]
         if not found:
@@ -197,7 +197,7 @@ async def _show(args, rule, store, now):
 
 
 async def _set(args, rule, store, now):
-    from ..machine import MachineError
+    from ..machines.machine import MachineError
     machine = rule.machine
     key = _key(rule, args.key)
     if any(c in args.reason for c in "\r\n\x00"):

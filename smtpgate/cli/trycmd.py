@@ -6,12 +6,12 @@ import dataclasses
 import json
 import sys
 
-from ..addresses import AddressError
+from ..mail.addresses import AddressError
 from ..errors import ConfigError, PluginError
-from ..gate import Gate
-from ..loading import load_runtime
-from ..offline import FakeRelay, simulate
-from ..reply import Reply
+from ..runtime.gate import Gate
+from ..runtime.loading import load_runtime
+from ..smtp.offline import FakeRelay, simulate
+from ..mail.reply import Reply
 
 OFFLINE_QUEUED = Reply(250, "Ok: would be relayed (offline: the downstream decides)", "2.0.0")
 
@@ -28,7 +28,7 @@ def try_command(args, config_path: str | None) -> int:
     except OSError as e:
         print(f"smtpgate try: {args.message}: {e.strerror}", file=sys.stderr)
         return 1
-    from ..datadecoder import normalise_line_ends  # the same CRLF rule the server applies
+    from ..smtp.datadecoder import normalise_line_ends  # the same CRLF rule the server applies
     raw = normalise_line_ends(raw)
     if raw and not raw.endswith(b"\r\n"):
         raw += b"\r\n"

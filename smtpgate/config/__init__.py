@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import ConfigError, PluginError, Problem
-from ..plugins import PluginRegistry
-from ..policy import Policy, PolicySet, build_policies
-from ..rule import GateContext
+from ..pipeline.plugins import PluginRegistry
+from ..pipeline.policy import Policy, PolicySet, build_policies
+from ..pipeline.rule import GateContext
 from .gate import (DnsConfig, DownstreamConfig, GateConfig, Limits, LogConfig, TLSConfig,
                    find_config_path, load_gate_config, sqlite_path)
 from .policies import PolicySpec, RuleEntry, check_domain, load_policy_specs

@@ -17,7 +17,7 @@ from functools import partial
 from typing import Any, Callable
 
 from ..errors import ConfigError, Problem
-from ..options import boolean, one_of
+from ..pipeline.options import boolean, one_of
 from ..units import parse_duration, parse_size
 from .yamlsrc import LocatedDict, LocatedList, empty_mapping, join_path, load_file, problem_at, unknown_key
 

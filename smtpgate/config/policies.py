@@ -1,7 +1,7 @@
 """Policy files (SPEC §3): one ``*.yaml`` per domain family, named by its file stem.
 
 This module reads and resolves them (``extends``, replace/remove/append) into
-``PolicySpec``s of ``RuleEntry``s; ``smtpgate.policy`` turns those into running rules.
+``PolicySpec``s of ``RuleEntry``s; ``smtpgate.pipeline.policy`` turns those into running rules.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import ConfigError, Problem
-from ..rule import COMMON_KEYS
+from ..pipeline.rule import COMMON_KEYS
 from .yamlsrc import (LocatedDict, LocatedList, empty_mapping, join_path, load_file, problem_at, to_plain,
                       unknown_key)
 

@@ -1,7 +1,9 @@
-"""State stores behind small async interfaces: SQLite (one host, several workers) and Redis
-(a fleet of gates). Rules receive them through ``self.gate.stores``; they never open a
-database themselves. One Stores object per process, kept across reloads while ``state:``
-names the same place.
+"""State kept between transactions: the greylist and sender stores, the quarantine Maildir.
+
+The greylist and sender stores sit behind small async interfaces: SQLite (one host, several
+workers) and Redis (a fleet of gates). Rules receive them through ``self.gate.stores``; they
+never open a database themselves. One Stores object per process, kept across reloads while
+``state:`` names the same place.
 
 ``state:`` picks the backend: ``sqlite:///ABS/PATH`` (``sqlite://:memory:`` for tests: one
 connection, nothing on disk) or ``redis://HOST:PORT/DB[?prefix=NAME]``. Opening costs no I/O:

@@ -1,6 +1,6 @@
 """The sender-state store: one record per (machine, key), and one atomic operation.
 
-A record is what a state machine (``smtpgate.machine``) knows of one key — a sender
+A record is what a state machine (``smtpgate.machines.machine``) knows of one key — a sender
 address, a domain, a client address or network: its state, since when, its event counts,
 the recent event times its guards count, and its history of transitions.
 

@@ -1,0 +1,386 @@
+"""MIME structure as byte offsets, for the attachments rule: find parts without re-serialising.
+
+The gate hands rules CRLF-only messages; bare LFs are tolerated anyway. Every loop here is
+bounded by the input's length or by ``Limits``, so hostile input cannot make it hang, and
+nothing raises on bad input: problems become ``defects`` (harmless, noted) or ``untrusted``
+(the structure cannot be relied on; the rule's ``on_malformed`` decides).
+
+A ``Part`` records where its header block starts (``start``), where its body starts
+(``body``) and where the body ends (``end``, just before the line break that belongs to the
+next boundary delimiter). Offsets refer to ``part.buf``: the message's own bytes, or for a
+``message/rfc822`` part sent base64-encoded, the decoded bytes (``part.spliceable`` is then
+False: such a part can only be cut out through its outermost spliceable ancestor).
+"""
+from __future__ import annotations
+
+import binascii
+import itertools
+import re
+from dataclasses import dataclass, field
+
+from .names import parse_params
+
+_FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+_LOOKS_B64 = re.compile(rb"^[A-Za-z0-9+/=\r\n]{16,}$")  # no spaces: prose is not base64
+MESSAGE_TYPES = ("message/rfc822", "message/global", "message/news")
+
+
+@dataclass
+class Limits:
+    max_depth: int = 30
+    max_parts: int = 1000
+    max_header_size: int = 256 * 1024
+
+
+@dataclass(eq=False)
+class Field:
+    name: str          # lower-case
+    value: str         # unfolded text after the colon
+    start: int
+    end: int
+
+
+@dataclass(eq=False)
+class Part:
+    buf: bytes
+    start: int
+    body: int
+    end: int
+    path: str
+    depth: int
+    parent: "Part | None" = None
+    spliceable: bool = True
+    fields: list[Field] = field(default_factory=list)
+    ctype: str = "text/plain"
+    params: dict[str, list[str]] = field(default_factory=dict)
+    children: list["Part"] = field(default_factory=list)
+    #: byte ranges inside this multipart's body that belong to no part (preamble, epilogue)
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+
+    def get_all(self, name: str) -> list[str]:
+        return [f.value for f in self.fields if f.name == name]
+
+    def header(self, name: str) -> str | None:
+        for f in self.fields:
+            if f.name == name:
+                return f.value
+        return None
+
+    @property
+    def is_multipart(self) -> bool:
+        return self.ctype.startswith("multipart/")
+
+    @property
+    def is_message(self) -> bool:
+        return self.ctype in MESSAGE_TYPES
+
+    @property
+    def message_level(self) -> bool:
+        """The root, or the message inside a message/rfc822 part: its other headers stay."""
+        return self.parent is None or self.parent.is_message
+
+    @property
+    def cte(self) -> list[str]:
+        return [v.strip().lower() for v in self.get_all("content-transfer-encoding")]
+
+    def raw_body(self) -> bytes:
+        return self.buf[self.body:self.end]
+
+    def walk(self):
+        stack = [self]
+        while stack:
+            part = stack.pop()
+            yield part
+            stack.extend(reversed(part.children))
+
+
+@dataclass
+class Structure:
+    root: Part
+    parts: int = 0
+    defects: list[str] = field(default_factory=list)
+    #: why the structure cannot be trusted (empty: it can)
+    untrusted: list[str] = field(default_factory=list)
+
+
+def parse(raw: bytes, limits: Limits | None = None) -> Structure:
+    """Walk the whole message into a tree of Parts; never raises on bad input."""
+    limits = limits or Limits()
+    root = Part(raw, 0, 0, trim_break(raw, 0, len(raw)), "", 0)
+    out = Structure(root)
+    stack = [root]
+    while stack:
+        part = stack.pop()
+        out.parts += 1
+        if out.parts > limits.max_parts:
+            out.untrusted.append(f"more than {limits.max_parts} MIME parts")
+            break
+        if part.depth > limits.max_depth:
+            out.untrusted.append(f"MIME parts nested deeper than {limits.max_depth}")
+            break
+        _read_headers(part, limits, out)
+        _read_type(part, out)
+        if part.is_multipart:
+            _split(part, limits, out)
+        elif part.is_message:
+            _open_message(part, out)
+        stack.extend(reversed(part.children))
+    return out
+
+
+# --- headers ----------------------------------------------------------------------------
+def _read_headers(part: Part, limits: Limits, out: Structure) -> None:
+    buf, pos, end = part.buf, part.start, part.end
+    limit = min(end, pos + limits.max_header_size)
+    fields: list[Field] = []
+    cur: list | None = None  # [name, [value lines], start]
+    if buf.startswith(b"From ", pos) and part.parent is None:  # an mbox separator line
+        nl = buf.find(b"\n", pos, end)
+        pos = end if nl < 0 else nl + 1
+    while pos < end:
+        if pos >= limit:
+            out.untrusted.append(f"part {part.path or 'top'}: header block over "
+                                 f"{limits.max_header_size} bytes")
+            break
+        nl = buf.find(b"\n", pos, end)
+        nxt = end if nl < 0 else nl + 1
+        line = buf[pos:nxt].rstrip(b"\r\n")
+        if not line:  # the blank line: the body starts after it
+            if cur:
+                fields.append(_field(cur, pos))
+                cur = None
+            pos = nxt
+            break
+        if line[:1] in (b" ", b"\t"):
+            if cur is not None:
+                cur[1].append(line)
+            # a continuation with nothing to continue (a broken first line): skip it
+        else:
+            m = _FIELD.match(line)
+            if cur:
+                fields.append(_field(cur, pos))
+                cur = None
+            if not m:
+                # Not a header line: the header block ended without its blank line (the
+                # way Python's email and most readers take it); this line is body.
+                out.defects.append(f"part {part.path or 'top'}: missing blank line after headers")
+                break
+            cur = [m.group(1).decode("ascii").lower(), [line[m.end():]], pos]
+        pos = nxt
+    else:
+        if cur:
+            fields.append(_field(cur, pos))
+    part.fields = fields
+    part.body = min(pos, end)
+
+
+def _field(cur: list, end: int) -> Field:
+    name, lines, start = cur
+    raw = b" ".join(x.strip(b" \t") for x in lines)
+    try:
+        value = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        value = raw.decode("latin-1")
+    return Field(name, value.strip(), start, end)
+
+
+def _read_type(part: Part, out: Structure) -> None:
+    values = part.get_all("content-type")
+    default = ("message/rfc822" if part.parent is not None and part.parent.ctype == "multipart/digest"
+               else "text/plain")
+    if not values:
+        part.ctype = default
+        return
+    parsed = [parse_params(v) for v in values]
+    ctype, params = parsed[0]
+    if "/" not in ctype:
+        out.defects.append(f"part {part.path or 'top'}: bad content type {ctype!r}")
+        ctype = default
+    part.ctype, part.params = ctype, params
+    # Readers disagree about which of several Content-Type fields (or boundary parameters)
+    # wins: if the structure they describe differs, no reading can be trusted.
+    shapes = {(t.split("/")[0] == "multipart", tuple(p.get("boundary", ()))) for t, p in parsed}
+    boundaries = set(params.get("boundary", ()))
+    if len(shapes) > 1 or (part.is_multipart and len(boundaries) > 1):
+        out.untrusted.append(f"part {part.path or 'top'}: conflicting Content-Type fields "
+                             "or boundary parameters")
+
+
+# --- multipart ---------------------------------------------------------------------------
+def _split(part: Part, limits: Limits, out: Structure) -> None:
+    boundaries = part.params.get("boundary") or []
+    boundary = boundaries[0].encode("utf-8", "surrogateescape") if boundaries else b""
+    if not boundary:
+        out.defects.append(f"part {part.path or 'top'}: multipart without a boundary")
+        part.ctype = "text/plain"
+        return
+    ancestor = part.parent
+    while ancestor is not None:
+        if ancestor.is_multipart and ancestor.params.get("boundary", [""])[0].encode(
+                "utf-8", "surrogateescape") == boundary:
+            out.defects.append(f"part {part.path}: reuses an outer boundary")
+            break
+        ancestor = ancestor.parent
+    buf, body, end = part.buf, part.body, part.end
+    dash = b"--" + boundary
+    delims: list[tuple[int, int]] = []  # (line start, line end incl. its break)
+    closed = False
+    # A delimiter is a whole line: "--" boundary, "--" for the last one, then only blanks
+    # (RFC 2046; "--boundaryXYZ" belongs to someone else). The regex finds them in C.
+    # (A leading literal "\n" lets the regex engine skip ahead fast; the body's first line
+    # has no "\n" before it inside the window, so it is matched on its own.)
+    tail = re.escape(dash) + rb"(--)?[ \t]*\r?$"
+    first = re.compile(tail, re.M).match(buf, body, end)
+    found = [first] if first else []
+    found = itertools.chain(found, re.compile(rb"\n" + tail, re.M).finditer(buf, body, end))
+    for m in found:
+        i, line_end = m.start() + (m.group(0)[:1] == b"\n"), m.end()
+        if line_end < end and buf[line_end:line_end + 1] == b"\n":
+            line_end += 1
+        delims.append((i, line_end))
+        if m.group(1):
+            closed = True
+            break
+        if len(delims) > limits.max_parts:
+            out.untrusted.append(f"more than {limits.max_parts} MIME parts")
+            break
+    if not delims:
+        out.defects.append(f"part {part.path or 'top'}: boundary never found")
+        part.gaps.append((body, end))
+        return
+    part.gaps.append((body, _before_break(buf, delims[0][0], body)))
+    if not closed:
+        out.defects.append(f"part {part.path or 'top'}: no closing boundary")
+    starts = [d[1] for d in delims if d is not delims[-1] or not closed]
+    ends = [_before_break(buf, d[0], s) for d, s in zip(delims[1:], starts)]
+    if not closed:
+        ends.append(trim_break(buf, starts[-1] if starts else body, end))
+    else:
+        part.gaps.append((delims[-1][1], end))
+    for n, (s, e) in enumerate(zip(starts, ends), 1):
+        path = f"{part.path}.{n}" if part.path else str(n)
+        part.children.append(Part(buf, s, s, max(s, e), path, part.depth + 1, part,
+                                  part.spliceable))
+
+
+def trim_break(buf: bytes, start: int, end: int) -> int:
+    """``end`` without the line break the data ends with (it stays when a part is replaced)."""
+    if end - 2 >= start and buf[end - 2:end] == b"\r\n":
+        return end - 2
+    if end - 1 >= start and buf[end - 1:end] == b"\n":
+        return end - 1
+    return end
+
+
+def _before_break(buf: bytes, i: int, floor: int) -> int:
+    """The offset where the line break before a delimiter at ``i`` starts."""
+    if i - 2 >= floor and buf[i - 2:i] == b"\r\n":
+        return i - 2
+    if i - 1 >= floor and buf[i - 1:i] == b"\n":
+        return i - 1
+    return i
+
+
+# --- message/rfc822 ----------------------------------------------------------------------
+def _open_message(part: Part, out: Structure) -> None:
+    ctes = part.cte
+    if not ctes or all(c in ("7bit", "8bit", "binary") for c in ctes):
+        child = Part(part.buf, part.body, part.body, part.end, f"{part.path}.1" if part.path else "1",
+                     part.depth + 1, part, part.spliceable)
+    else:
+        data = decode(part.raw_body(), ctes[0])
+        child = Part(data, 0, 0, trim_break(data, 0, len(data)), f"{part.path}.1" if part.path else "1",
+                     part.depth + 1, part, False)
+    part.children.append(child)
+
+
+# --- content transfer encodings ----------------------------------------------------------
+def decode(body: bytes, cte: str) -> bytes:
+    """Decode leniently, the way mail readers do (bad characters skipped, padding repaired)."""
+    if cte == "base64":
+        return decode_base64(body)
+    if cte == "quoted-printable":
+        try:
+            return binascii.a2b_qp(body)
+        except (binascii.Error, ValueError):
+            return body
+    if cte in ("x-uuencode", "uuencode", "x-uue"):
+        return decode_uu(body)
+    return body
+
+
+_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+_B64_DELETE = bytes(b for b in range(256) if b not in _B64_ALPHABET)
+
+
+def decode_base64(body: bytes) -> bytes:
+    """Characters outside the alphabet are skipped; blocks that end in padding and then go on
+    (concatenated encodings) are each decoded; a dangling character is dropped."""
+    eq = body.find(b"=")
+    if eq < 0 or not body[eq:].strip(b"=\r\n\t "):  # no padding inside: the fast path
+        try:
+            return binascii.a2b_base64(body)
+        except (binascii.Error, ValueError):
+            pass
+    clean = body.translate(None, _B64_DELETE)
+    groups = [g for g in clean.split(b"=") if g] if b"=" in clean.rstrip(b"=") else [clean.rstrip(b"=")]
+    out = []
+    for g in groups:
+        if len(g) % 4 == 1:
+            g = g[:-1]
+        try:
+            out.append(binascii.a2b_base64(g + b"=" * (-len(g) % 4)))
+        except (binascii.Error, ValueError):
+            continue
+    return b"".join(out)
+
+
+def decode_uu(body: bytes, limit: int = 64 * 1024 * 1024) -> bytes:
+    out, started = [], False
+    for line in body.splitlines():
+        if not started:
+            started = line.startswith(b"begin ")
+            continue
+        if line.strip() in (b"end", b"`", b""):
+            if line.strip() == b"end":
+                break
+            continue
+        try:
+            out.append(binascii.a2b_uu(line))
+        except (binascii.Error, ValueError):
+            continue
+        if sum(map(len, out)) > limit:
+            break
+    return b"".join(out)
+
+
+def looks_base64(body: bytes) -> bool:
+    return bool(_LOOKS_B64.match(body[:4096])) and len(body.strip()) >= 16
+
+
+def contents(part: Part) -> list[bytes]:
+    """Every plausible decoding of a leaf part's body (one, unless its encoding is in doubt)."""
+    raw = part.raw_body()
+    ctes = part.cte or [""]
+    out: list[bytes] = []
+    for cte in dict.fromkeys(ctes):
+        if cte in ("", "7bit", "8bit", "binary", "base64", "quoted-printable", "x-uuencode",
+                   "uuencode", "x-uue"):
+            out.append(decode(raw, cte))
+        else:  # an encoding nobody knows: readers show it as is, some guess
+            out.append(raw)
+            if looks_base64(raw):
+                out.append(decode_base64(raw))
+    if len(ctes) == 1 and ctes[0] in ("", "7bit", "8bit") and looks_base64(raw) and \
+            _mostly_long_lines(raw):
+        out.append(decode_base64(raw))  # base64 sent without its header: sniff it as well
+    uniq: list[bytes] = []
+    for data in out:
+        if not any(data is u or data == u for u in uniq):
+            uniq.append(data)
+    return uniq
+
+
+def _mostly_long_lines(raw: bytes) -> bool:
+    lines = raw[:8192].split(b"\n")[:40]
+    return len(lines) >= 2 and all(len(x.strip()) >= 60 for x in lines[:-2])

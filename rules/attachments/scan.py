@@ -1,0 +1,302 @@
+"""Find the banned parts of a message: names, declared types, contents, archives, nesting.
+
+``scan(raw, settings)`` walks the MIME tree (``_attachments_mime``) and returns a ``Report``:
+the banned parts with their reasons, and why the structure cannot be trusted, if it cannot.
+It never raises on bad input; an unexpected error inside one file's inspection makes that
+file uninspectable (so it is blocked unless ``uninspectable: allow``), never passed unseen.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+from dataclasses import dataclass, field
+
+from . import archives
+from .content import CONTAINERS, DESCRIPTIONS, HEAD, OPAQUE, inspect_ole, parse_tnef, sniff
+from .mime import Limits, Part, contents, decode_uu, parse
+from .names import display, extensions, has_bidi, raw_names, variants
+
+log = logging.getLogger("smtpgate.rule.attachments")
+
+_UU_BEGIN = re.compile(rb"(?m)^begin(?:-base64)? [0-7]{3,4} ([^\r\n]+)")
+_YENC_BEGIN = re.compile(rb"(?m)^=ybegin [^\r\n]*?name=([^\r\n]+)")
+_HIDDEN = (b"content-type", b"content-disposition")
+_COMPRESSED_SUFFIX = {".gz": "", ".gzip": "", ".tgz": ".tar", ".taz": ".tar", ".bz2": "",
+                      ".tbz": ".tar", ".tbz2": ".tar", ".xz": "", ".txz": ".tar", ".z": ""}
+
+
+@dataclass
+class Settings:
+    extensions: frozenset
+    allowed_extensions: frozenset
+    types: tuple
+    content: frozenset
+    block_bidi: bool = True
+    block_encrypted: bool = True
+    block_macros: bool = True
+    block_uninspectable: bool = True
+    archive_depth: int = 3
+    archive_max_entries: int = 10_000
+    archive_max_size: int = 100 * 1024 * 1024
+    archive_max_ratio: float = 100.0
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass
+class Finding:
+    part: Part
+    name: str                                   # the file name as shown, or ""
+    reasons: list[str]
+    gap: tuple[int, int] | None = None          # a preamble/epilogue range instead of the part
+
+
+@dataclass
+class Report:
+    findings: list[Finding] = field(default_factory=list)
+    untrusted: list[str] = field(default_factory=list)
+    defects: list[str] = field(default_factory=list)
+    parts: int = 0
+
+
+def scan(raw: bytes, settings: Settings) -> Report:
+    structure = parse(raw, settings.limits)
+    report = Report(untrusted=list(structure.untrusted), defects=list(structure.defects),
+                    parts=structure.parts)
+    scanner = _Scanner(settings)
+    buffers: dict[int, list[Part]] = {}
+    for part in structure.root.walk():
+        buffers.setdefault(id(part.buf), []).append(part)
+        reasons, name = scanner.part(part)
+        if reasons:
+            report.findings.append(Finding(part, name, reasons))
+    for parts in buffers.values():
+        report.findings.extend(scanner.hidden(parts))
+    return report
+
+
+class _Scanner:
+    def __init__(self, settings: Settings):
+        self.s = settings
+        self.budget = archives.Budget(settings.archive_max_entries, settings.archive_max_size,
+                                      settings.archive_max_ratio)
+
+    # --- one MIME part -------------------------------------------------------------------
+    def part(self, part: Part) -> tuple[list[str], str]:
+        names = raw_names(part.get_all("content-disposition") + part.get_all("content-type"))
+        shown = display(names[0]) if names else ""
+        reasons: list[str] = []
+        for name in names:
+            prefix = "" if display(name) == shown else f"{display(name)}: "
+            reasons += [prefix + r for r in self.name(name)]
+        declared = {part.ctype} | {v.split(";", 1)[0].strip().lower()
+                                   for v in part.get_all("content-type")}
+        for ctype in sorted(declared):
+            if self._type_banned(ctype):
+                reasons.append(f"declared type {ctype}")
+        if part.is_message or (part.is_multipart and part.children):
+            return _dedupe(reasons), shown
+        disposition = (part.header("content-disposition") or "").split(";", 1)[0].strip().lower()
+        attachment_like = bool(names) or disposition == "attachment" or \
+            not part.ctype.startswith(("text/", "multipart/"))
+        for data in contents(part):
+            reasons += self.blob(data, names[0] if names else "", 0, attachment_like, "")
+            if part.ctype.startswith("text/") or part.ctype.startswith("multipart/"):
+                reasons += self.embedded_text(data)
+        return _dedupe(reasons), shown
+
+    def embedded_text(self, data: bytes) -> list[str]:
+        """uuencoded and yEnc files inside a text body (some readers show them as attachments)."""
+        reasons = []
+        if b"begin" not in data and b"=ybegin" not in data:
+            return reasons
+        for m in itertools.islice(_UU_BEGIN.finditer(data), 50):
+            name = m.group(1).decode("utf-8", "replace").strip()
+            found = list(self.name(name))
+            payload = decode_uu(data[m.start():m.start() + 64 * 1024])  # enough to sniff
+            found += self.blob(payload, name, 0, True, "")
+            reasons += [f"uuencoded {display(name)}: {r}" for r in found]
+        for m in itertools.islice(_YENC_BEGIN.finditer(data), 50):
+            name = m.group(1).decode("utf-8", "replace").strip()
+            reasons += [f"yEnc file {display(name)}: {r}" for r in self.name(name)]
+        return reasons
+
+    def hidden(self, parts: list[Part]) -> list[Finding]:
+        """Header fields naming a banned file where no part's header is: in a text body, a
+        preamble or an epilogue. A reader that splits the message otherwise would see a part."""
+        buf = parts[0].buf
+        # Where a header line could hide: preambles, epilogues and bodies that are not
+        # base64 (whose alphabet has no ":"); every part's own header block is known.
+        regions = [g for p in parts for g in p.gaps]
+        regions += [(p.body, p.end) for p in parts if not p.children and "base64" not in p.cte]
+        found: dict[int, Finding] = {}
+        hits = 0
+        for start, stop in regions:
+            low = buf[start:stop].lower()
+            for needle in _HIDDEN:
+                pos = 0
+                while hits < 10_000:
+                    j = low.find(needle, pos)
+                    if j < 0:
+                        break
+                    pos, hits, i = j + len(needle), hits + 1, start + j
+                    if i > 0 and buf[i - 1:i] != b"\n":
+                        continue
+                    self._hidden_field(buf, i, parts, found)
+        return list(found.values())
+
+    def _hidden_field(self, buf: bytes, i: int, parts: list[Part], found: dict) -> None:
+        end = buf.find(b"\n", i)
+        end = len(buf) if end < 0 else end
+        while end + 1 < len(buf) and buf[end + 1:end + 2] in (b" ", b"\t") and end - i < 65536:
+            nxt = buf.find(b"\n", end + 1)
+            end = len(buf) if nxt < 0 else nxt
+        line = buf[i:end].decode("utf-8", "replace")
+        value = line.split(":", 1)[1] if ":" in line else ""
+        names = raw_names([value])
+        reasons = [f"{display(n)}: {r}" for n in names for r in self.name(n)]
+        if not reasons:
+            return
+        owner, gap = _owner(parts, i)
+        key = id(owner) if gap is None else gap[0]
+        finding = found.setdefault(key, Finding(owner, display(names[0]), [], gap))
+        finding.reasons += [f"hidden MIME header: {r}" for r in reasons]
+
+    # --- names and types -----------------------------------------------------------------
+    def name(self, name: str) -> list[str]:
+        reasons = []
+        if self.s.block_bidi and has_bidi(name):
+            reasons.append("file name holds bidi control characters")
+        for v in variants(name):
+            exts = extensions(v)
+            if not exts or exts[0] in self.s.allowed_extensions:
+                continue
+            ext = exts[0]
+            if ext in self.s.extensions or (ext.startswith("{") and ext.endswith("}")):
+                why = "a CLSID extension" if ext.startswith("{") else f"banned extension .{ext}"
+                if len(exts) > 1 and not exts[1].startswith("."):
+                    why += f" (double extension .{exts[1]})"
+                reasons.append(why)
+        return _dedupe(reasons)
+
+    def _type_banned(self, ctype: str) -> bool:
+        return any(ctype == t or (t.endswith("/*") and ctype.startswith(t[:-1])) for t in self.s.types)
+
+    # --- content ---------------------------------------------------------------------------
+    def blob(self, data: bytes, name: str, depth: int, attachment_like: bool, where: str) -> list[str]:
+        """What is banned about one file's bytes (and, for containers, about what they hold)."""
+        kind = sniff(data, scripts=attachment_like)
+        if kind is None and name and variants(name) and variants(name)[0].endswith(".tar"):
+            kind = "tar" if archives.is_tar(data) else None
+        if kind is None:
+            return []
+        if kind in DESCRIPTIONS:
+            return [f"{where}content is {DESCRIPTIONS[kind]}"] if kind in self.s.content else []
+        if kind in OPAQUE:
+            return self._uninspectable(f"{where}{OPAQUE[kind]} archive: its contents cannot be listed")
+        if depth >= self.s.archive_depth:
+            return self._uninspectable(f"{where}archives nested deeper than {self.s.archive_depth}")
+        label = f"{where}{display(name) or kind}: "
+        try:
+            return self._container(kind, data, name, depth + 1, label)
+        except archives.OverLimits as e:
+            return self._uninspectable(f"{label}over the inspection limits ({e}; a zip bomb?)")
+        except archives.Unreadable as e:
+            return self._uninspectable(f"{label}{e}")
+        except Exception as e:  # a bug or a library's surprise: block it, don't pass it unseen
+            log.warning("attachments: could not inspect %s", label, exc_info=True)
+            return self._uninspectable(f"{label}could not be inspected ({type(e).__name__})")
+
+    def _uninspectable(self, reason: str) -> list[str]:
+        return [reason] if self.s.block_uninspectable else []
+
+    def _container(self, kind: str, data: bytes, name: str, depth: int, label: str) -> list[str]:
+        if kind == "ole":
+            return self._ole(data, depth, label)
+        if kind == "tnef":
+            found, error = parse_tnef(data)
+            reasons = self._uninspectable(f"{label}{error}") if error else []
+            for names, payload in found:
+                reasons += [f"{label}{display(n)}: {r}" for n in names for r in self.name(n)]
+                reasons += self.blob(payload, names[0] if names else "", depth, True,
+                                     f"{label}{display(names[0]) if names else 'attachment'}: ")
+            return reasons
+        if kind in ("gzip", "bzip2", "xz"):
+            plain = archives.decompress(data, kind, self.budget)
+            inner = (archives.gzip_name(data) if kind == "gzip" else None) or _strip_suffix(name)
+            reasons = [f"{label}{display(inner)}: {r}" for r in self.name(inner)] if inner else []
+            if (inner or "").lower().endswith(".tar") or archives.is_tar(plain):
+                return reasons + self._entries(*archives.list_tar(plain, self.budget, HEAD, self._want_all),
+                                               depth, label)
+            return reasons + self.blob(plain, inner or "", depth, True, label)
+        lister = archives.list_zip if kind == "zip" else archives.list_tar
+        return self._entries(*lister(data, self.budget, HEAD, self._want_all), depth, label,
+                             zip_=kind == "zip")
+
+    def _entries(self, entries, problem, depth: int, label: str, zip_: bool = False) -> list[str]:
+        reasons: list[str] = []
+        if isinstance(problem, archives.OverLimits):
+            reasons += self._uninspectable(f"{label}over the inspection limits ({problem}; a zip bomb?)")
+        elif problem is not None:
+            reasons += self._uninspectable(f"{label}{problem}")
+        lowered = {n.lower() for e in entries for n in e.names}
+        if zip_:
+            if "java" in self.s.content and "meta-inf/manifest.mf" in lowered and any(
+                    n.endswith(".class") for n in lowered):
+                reasons.append(f"{label}content is {DESCRIPTIONS['java']}")
+            if "msi" in self.s.content and "appxmanifest.xml" in lowered:
+                reasons.append(f"{label}content is a Windows app package (APPX/MSIX)")
+            if self.s.block_macros and any(n.endswith("vbaproject.bin") or n.startswith("xl/macrosheets/")
+                                           for n in lowered):
+                reasons.append(f"{label}Office document with macros")
+        for e in entries:
+            shown = display(e.names[0]) if e.names else "?"
+            for n in e.names:
+                reasons += [f"{label}{display(n)}: {r}" for r in self.name(n)]
+            if e.encrypted and self.s.block_encrypted:
+                reasons.append(f"{label}{shown}: encrypted")
+            if not e.is_dir and e.data:
+                reasons += self.blob(e.data, e.names[0] if e.names else "", depth, True, f"{label}{shown}: ")
+        return _dedupe(reasons)
+
+    def _want_all(self, head: bytes, name: str) -> bool:
+        return sniff(head, scripts=False) in CONTAINERS or name.lower().endswith(".tar")
+
+    def _ole(self, data: bytes, depth: int, label: str) -> list[str]:
+        rep = inspect_ole(data)
+        reasons = self._uninspectable(f"{label}{rep.error}") if rep.error else []
+        if "macros" in rep.kinds and self.s.block_macros:
+            reasons.append(f"{label}Office document with macros")
+        if "msi" in rep.kinds and "msi" in self.s.content:
+            reasons.append(f"{label}content is {DESCRIPTIONS['msi']}")
+        if "encrypted" in rep.kinds and self.s.block_encrypted:
+            reasons.append(f"{label}encrypted Office document")
+        for n in rep.names:
+            reasons += [f"{label}embedded {display(n)}: {r}" for r in self.name(n)]
+        for n, payload in rep.embedded:
+            reasons += self.blob(payload, n, depth, True, f"{label}embedded {display(n) or 'object'}: ")
+        return reasons
+
+
+def _owner(parts: list[Part], offset: int) -> tuple[Part, tuple[int, int] | None]:
+    """The deepest part whose body holds ``offset``, or the multipart gap that does."""
+    best = parts[0]
+    for p in parts:
+        if p.body <= offset < max(p.end, p.body + 1) and p.depth >= best.depth:
+            best = p
+    for a, b in best.gaps:
+        if a <= offset < b:
+            return best, (a, b)
+    return best, None
+
+
+def _strip_suffix(name: str) -> str:
+    low = name.lower()
+    for suffix, repl in _COMPRESSED_SUFFIX.items():
+        if low.endswith(suffix):
+            return name[: len(name) - len(suffix)] + repl
+    return ""
+
+
+def _dedupe(reasons: list[str]) -> list[str]:
+    return list(dict.fromkeys(reasons))

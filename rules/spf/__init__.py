@@ -1,0 +1,131 @@
+"""spf: Sender Policy Framework (RFC 7208) for the MAIL FROM identity and the HELO name.
+
+The check runs at MAIL (the HELO check once per HELO name, in parallel with it) and is
+published at once as ``tx.data["spf"]`` — ``{"result": "pass", "domain": "example.org",
+"identity": "mailfrom", ...}`` with the HELO result under ``"helo"`` — so later rules (the
+greylist pools senders by an SPF-passed domain) read it. The decision is given at RCPT, like
+other refusals, so ``postmaster`` stays reachable. With ``header: true`` an
+``Authentication-Results`` field (RFC 8601) is prepended at DATA.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+
+from smtpgate import Option, OptionError, Rule, Verdict, boolean, one_of, string
+from .check import check_helo as spf_check_helo, check_mailfrom as spf_check_mailfrom
+
+ACTIONS = ("accept", "tempfail", "reject")
+_ADDR_SAFE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+$")
+_TOKEN = re.compile(r"^[A-Za-z0-9.-]+$")
+
+
+class Spf(Rule):
+    """Check SPF; refuse (or defer) what the sender's policy says to."""
+
+    name = "spf"
+    check_helo = Option(boolean, True, "also check the HELO name (RFC 7208 §2.3); a HELO fail "
+                                       "is treated like a MAIL FROM fail")
+    on_fail = Option(one_of(*ACTIONS), "reject", "result fail: 550 5.7.23, 451 4.7.23 or accept")
+    on_softfail = Option(one_of(*ACTIONS), "accept", "result softfail")
+    on_permerror = Option(one_of(*ACTIONS), "accept", "result permerror (a broken record)")
+    on_dns_error = Option(one_of("accept", "tempfail"), "accept",
+                          "result temperror (SERVFAIL, timeout, DNS budget spent): accept or 451 4.7.24")
+    header = Option(boolean, False, "prepend an Authentication-Results header at DATA")
+    authserv_id = Option(string, "", "the authserv-id in that header (and in %{r}); default: this host's name")
+
+    def setup(self):
+        self._authserv = self.authserv_id or socket.gethostname() or "localhost"
+        if not _TOKEN.match(self._authserv):
+            raise OptionError("authserv_id", f"expected a host name, got {self._authserv!r}")
+
+    async def on_mail(self, tx):
+        session = tx.session
+        if self.gate.resolver is None:
+            raise RuntimeError("spf needs the gate's resolver")
+        dns = self.gate.resolver.for_session(session)
+        kw = {"receiver": self._authserv, "now": self.clock.now()}
+        helo_name = session.helo or ""
+        helo_task = None
+        if self.check_helo or not tx.sender:
+            cached = session.data.get("spf_helo")
+            if cached is not None and cached[0] == helo_name:
+                helo_result = cached[1]
+            else:
+                helo_task = spf_check_helo(dns, session.client_ip, helo_name, **kw)
+        if tx.sender:
+            coros = [spf_check_mailfrom(dns, session.client_ip, tx.sender, helo_name, **kw)]
+            if helo_task is not None:
+                coros.append(helo_task)
+            results = await asyncio.gather(*coros)
+            mailfrom = results[0]
+            if helo_task is not None:
+                helo_result = results[1]
+        elif helo_task is not None:
+            helo_result = mailfrom = await helo_task
+        else:
+            mailfrom = helo_result
+        if self.check_helo or not tx.sender:
+            session.data["spf_helo"] = (helo_name, helo_result)
+        published = mailfrom.as_dict()
+        if self.check_helo and tx.sender:
+            published["helo"] = helo_result.as_dict()
+        tx.data["spf"] = published
+        return None
+
+    async def on_rcpt(self, tx, rcpt):
+        spf = tx.data.get("spf")
+        if spf is None:
+            return None
+        verdict = self._decide(spf, spf["identity"])
+        if verdict is None and "helo" in spf:
+            verdict = self._decide(spf["helo"], "helo")
+        return verdict
+
+    async def on_data(self, tx):
+        spf = tx.data.get("spf")
+        if not self.header or spf is None:
+            return None
+        parts = [self._authserv]
+        parts.append(self._resinfo(spf))
+        if "helo" in spf:
+            helo = self._resinfo(spf["helo"])
+            if helo:
+                parts.append(helo)
+        tx.message.prepend_header("Authentication-Results", "; ".join(p for p in parts if p))
+        return None
+
+    # --- helpers -------------------------------------------------------------------------
+    def _decide(self, spf: dict, identity: str) -> Verdict | None:
+        result, domain = spf["result"], spf.get("domain", "")
+        what = "HELO name" if identity == "helo" else "sender"
+        action = {"fail": self.on_fail, "softfail": self.on_softfail,
+                  "permerror": self.on_permerror, "temperror": self.on_dns_error}.get(result, "accept")
+        if action == "accept":
+            return None
+        reason = f"spf {result} for {what} domain {domain}" + (f": {spf['problem']}" if spf.get("problem") else "")
+        if result == "temperror":
+            return Verdict.tempfail(f"Temporary SPF error for {domain}, try again later", 451, "4.7.24",
+                                    reason=reason)
+        enhanced = "7.24" if result == "permerror" else "7.23"
+        text = {"fail": f"SPF of {domain} does not allow this client to send for the {what}",
+                "softfail": f"SPF of {domain} suggests this client is not allowed to send for the {what}",
+                "permerror": f"SPF record of {domain} is broken"}[result]
+        if result == "fail" and spf.get("explanation"):
+            text += f": {spf['explanation']}"
+        text = "".join(c for c in text if c.isprintable())[:400]
+        if action == "tempfail":
+            return Verdict.tempfail(text, 451, "4." + enhanced, reason=reason)
+        return Verdict.reject(text, 550, "5." + enhanced, reason=reason)
+
+    @staticmethod
+    def _resinfo(spf: dict) -> str:
+        if spf.get("identity") == "helo":
+            name = spf.get("domain", "")
+            return f"spf={spf['result']} smtp.helo={name}" if _TOKEN.match(name or "") else ""
+        sender = spf.get("sender", "")
+        value = sender if _ADDR_SAFE.match(sender) else spf.get("domain", "")
+        if not _TOKEN.match(value.rpartition("@")[2] or "-"):
+            return f"spf={spf['result']}"
+        return f"spf={spf['result']} smtp.mailfrom={value}"

@@ -1,0 +1,1 @@
+"""What a transaction carries: addresses, the message, session and transaction, replies."""

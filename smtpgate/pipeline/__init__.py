@@ -1,0 +1,1 @@
+"""The rule API and its machinery: rule, options, verdict, plugin loading, policies, runner."""

@@ -1,0 +1,1 @@
+"""SMTP: the client side (front), one session's logic (conversation), the downstream (relay)."""

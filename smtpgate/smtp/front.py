@@ -1,0 +1,493 @@
+"""The only module that speaks SMTP to clients (and the only one importing aiosmtpd).
+
+aiosmtpd reads commands, handles PROXY and STARTTLS; this subclass turns MAIL/RCPT/DATA into
+conversation calls and writes their replies. What it changes from stock aiosmtpd, and why:
+- EHLO lists only what the gate and the downstream both handle (no CHUNKING, no AUTH, no
+  XCLIENT/XFORWARD);
+- every reply carries an enhanced status code (ENHANCEDSTATUSCODES is advertised);
+- DATA is read as it arrives and decoded piece by piece (datadecoder.py: the same strict
+  end-of-data rule as a search for CRLF.CRLF, dot-unstuffing, bare CR/LF normalised to CRLF
+  so the downstream can never see an end of data the gate did not, the size and line-length
+  limits), keeping one copy of the message; past ``max_inflight_data`` DATA gets 452 4.3.1;
+- stray BDAT, XCLIENT and XFORWARD are refused, and BDAT's chunk is swallowed, not parsed;
+- every command passes one counter (``_Commands``) and every reply one writer, where the
+  per-session caps (greetings, RSETs, junk commands, errors) answer 421 and close;
+- connections are counted across workers (``connections.py``), and a PROXY header is read
+  only from trusted peers: anyone else is hung up on before the greeting.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+import socket
+import ssl
+
+from aiosmtpd.smtp import SMTP, syntax
+
+from . import inflight
+from ..mail.addresses import AddressError, helo_refusal, parse_path
+from .connections import ConnectionTracker, client_key
+from .conversation import Conversation
+from .datadecoder import NO_STORAGE, READ_CHUNK, DataDecoder
+from ..mail.session import Session, new_id
+from ..mail.reply import Reply
+
+log = logging.getLogger("smtpgate.front")
+
+_REPLY = re.compile(r"^(\d{3})([ -])(?!\d\.\d{1,3}\.\d{1,3}\b)(.*)$", re.S)
+VERSION_IDENT = "smtpgate"
+
+
+# Commands counted against the per-session caps, by the Limits field that caps them.
+_GREETINGS = frozenset({"HELO", "EHLO"})
+_JUNK = frozenset({"NOOP", "VRFY", "EXPN", "HELP"})  # and every unrecognised command
+_CAPPED = {"max_greetings": "greetings", "max_rsets": "RSETs",
+           "max_junk_commands": "NOOP/VRFY/HELP or unknown commands", "max_errors": "errors"}
+
+
+class _Commands(dict):
+    """aiosmtpd's command table (name -> method). Its dispatch loop looks up every command
+    line here once, so ``get`` is the one place that sees each command: the session counts it
+    and may answer it with another method (an unknown command's 500, or 421 past a cap)."""
+
+    def __init__(self, methods: dict, on_command):
+        super().__init__(methods)
+        self._on_command = on_command
+
+    def get(self, command, default=None):
+        return self._on_command(command, super().get(command, default))
+
+
+class _Handler:
+    """aiosmtpd's handler slot: only PROXY needs it; everything else lives in GateSMTP."""
+
+    def __dir__(self):  # aiosmtpd scans dir(handler) per connection: keep it short
+        return ["handle_PROXY"]
+
+    async def handle_PROXY(self, server: "GateSMTP", session, envelope, proxy_data) -> bool:
+        if not proxy_data.valid:
+            return False
+        if proxy_data.src_addr is not None:  # LOCAL / UNKNOWN keep the socket's peer
+            ip = str(proxy_data.src_addr)
+            server.gsession.client_ip = ip.removeprefix("::ffff:") if "." in ip else ip
+            server.gsession.client_port = int(proxy_data.src_port or 0)
+        return True
+
+
+class GateSMTP(SMTP):
+    def __init__(self, gate, tracker: ConnectionTracker, tls_context: ssl.SSLContext | None = None):
+        cfg = gate.runtime.config
+        super().__init__(
+            _Handler(), hostname=cfg.hostname, ident=VERSION_IDENT,
+            data_size_limit=cfg.limits.max_message_size, enable_SMTPUTF8=True,
+            decode_data=False, timeout=cfg.limits.command_timeout, tls_context=tls_context,
+            proxy_protocol_timeout=cfg.limits.command_timeout if cfg.proxy_protocol else None,
+            auth_require_tls=True)
+        # aiosmtpd keeps command_size_limits on the class and grows it on every EHLO; keep
+        # our own, sized for the longest MAIL/RCPT with every parameter we offer.
+        self.command_size_limits = collections.defaultdict(lambda: 512, MAIL=1024, RCPT=1024)
+        self.gate = gate
+        self.tracker = tracker
+        self.gsession: Session | None = None
+        self.conv: Conversation | None = None
+        self._greeting_pending = True
+        self._in_data = False
+        self._closing = False
+        self._client_key: str | None = None  # as counted in the connection table
+        self._command = ""
+        self._counts = collections.Counter()  # per-session caps, since the last accepted message
+        self._smtp_methods = _Commands(self._smtp_methods, self._on_command)
+
+    def __dir__(self):
+        # aiosmtpd scans dir(self) (via inspect.getmembers) for smtp_* and auth_* methods on
+        # every new connection; a short per-class list cuts connection set-up cost by ~70%.
+        # AUTH is never offered, so no auth_* mechanisms are listed.
+        cls = type(self)
+        names = cls.__dict__.get("_smtp_names")
+        if names is None:
+            names = [n for n in dir(cls) if n.startswith("smtp_")]
+            setattr(cls, "_smtp_names", names)
+        return names
+
+    # --- connection life ---------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if not first:
+            return  # the TLS layer after STARTTLS: same client, same session
+        peer = transport.get_extra_info("peername") or ("", 0)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ip = str(peer[0])
+        self.gsession = Session(new_id(), ip.removeprefix("::ffff:") if "." in ip else ip,
+                                int(peer[1]) if len(peer) > 1 else 0)
+        self.conv = Conversation(self.gate, self.gsession)
+        self.tracker.protocols.add(self)
+        proxy = self.gate.runtime.config.proxy_protocol
+        if proxy is not None and not proxy.trusts(self.gsession.client_ip):
+            log.warning("session %s client=%s: not a trusted PROXY protocol source, closed "
+                        "without a greeting", self.gsession.id, self.gsession.client_ip)
+            self._closing = True
+            transport.close()
+
+    def connection_lost(self, error) -> None:
+        super().connection_lost(error)
+        if self in self.tracker.protocols:
+            self.tracker.protocols.discard(self)
+            if self._client_key is not None:
+                self.tracker.close(self._client_key)
+                self._client_key = None
+            if self.conv is not None:
+                task = asyncio.ensure_future(self.conv.close())
+                _background.add(task)
+                task.add_done_callback(_background.discard)
+
+    async def _greet(self) -> bool:
+        """Runs where aiosmtpd would send 220 (after PROXY): limits, then CONNECT rules."""
+        limits = self.gate.runtime.config.limits
+        key = client_key(self.gsession.client_ip, limits.ipv6_client_prefix)
+        self.tracker.open(key)
+        self._client_key = key
+        over = (self.tracker.total > limits.max_connections
+                or self.tracker.per_client(key) > limits.max_connections_per_client)
+        if over:
+            await self.hang_up(Reply(421, f"{self.hostname} Too many connections, try again later",
+                                     "4.7.0"))
+            return False
+        refusal = await self.conv.connect()
+        if refusal is not None:  # 421 (a connection limit): say it and close at once
+            await self.hang_up(refusal)
+            return False
+        return True
+
+    @property
+    def busy(self) -> bool:
+        """In a transaction or reading DATA: shutdown waits for it."""
+        return self._in_data or (self.conv is not None and self.conv.tx is not None)
+
+    async def hang_up(self, reply: Reply) -> None:
+        self._closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                await self._write(reply)
+            except (ConnectionError, RuntimeError):
+                pass
+            self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's last resort: never echo exception text to the client."""
+        if isinstance(error, (asyncio.IncompleteReadError, ConnectionError)):
+            if self.transport is not None:
+                self.transport.close()
+            return "421 4.4.2 Connection lost"
+        log.error("unexpected error in session %s", self.gsession.id if self.gsession else "-",
+                  exc_info=error)
+        return "451 4.3.0 Local error in processing, try again later"
+
+    async def check_helo_needed(self, helo: str = "HELO") -> bool:
+        """MAIL, RCPT and DATA start here. After the gate closed the connection (a 421, the
+        too-many-errors goodbye), aiosmtpd still runs the commands a pipelining client had
+        sent; none of them may open or relay a transaction the client was told is refused."""
+        if self.transport is None or self.transport.is_closing():
+            return True  # as if answered: the command does nothing
+        return await super().check_helo_needed(helo)
+
+    # --- writing -----------------------------------------------------------------------
+    async def push(self, status) -> None:
+        """aiosmtpd's own replies pass here: give them enhanced codes."""
+        if self._greeting_pending:
+            self._greeting_pending = False
+            if not await self._greet():
+                return
+            await self._write_lines([f"220 {self.hostname} ESMTP {VERSION_IDENT}"])
+            return
+        if isinstance(status, bytes):
+            status = status.decode("utf-8", "replace")
+        m = _REPLY.match(status)
+        if m and m.group(2) == " ":
+            reply = Reply(int(m.group(1)), m.group(3)).with_enhanced()
+            await self._write(reply)
+        else:
+            await self._write_lines([status])
+
+    async def _write(self, reply: Reply) -> None:
+        await self._write_lines(reply.lines())
+
+    async def _write_lines(self, lines: list[str]) -> None:
+        if self.transport is None or self.transport.is_closing():
+            # Closed (a goodbye, a timeout, the client gone) while a command was still being
+            # answered: nobody is listening, and uvloop raises on a write to a closed handle.
+            return
+        self._writer.write("".join(f"{line}\r\n" for line in lines).encode("utf-8", "replace"))
+        await self._writer.drain()
+        if lines and not self._closing:
+            await self._after_reply(lines[0])
+
+    # --- per-session caps ----------------------------------------------------------------
+    async def _after_reply(self, first_line: str) -> None:
+        """Count error replies (max_errors; like Postfix, the reply that reaches the cap is
+        followed by 421); an accepted message starts every count afresh."""
+        if first_line[:1] in "45" and not first_line.startswith(("452-4.5.3", "452 4.5.3")):
+            # 452 4.5.3 asks for another transaction: no client can avoid it, so not an error
+            self._counts["max_errors"] += 1
+            if self._counts["max_errors"] >= self.gate.runtime.config.limits.max_errors:
+                await self._over_cap("max_errors")
+        elif self._command == "DATA" and first_line[:1] == "2":
+            self._counts.clear()
+
+    def _on_command(self, command: str, method):
+        """Every command line's dispatch (see ``_Commands``): the method that answers it."""
+        if self._closing:
+            return self._ignore
+        self._command = command
+        if command in _GREETINGS:
+            cap = "max_greetings"
+        elif command == "RSET":
+            cap = "max_rsets"
+        elif command in _JUNK or method is None:
+            cap = "max_junk_commands"
+        else:
+            return method
+        self._counts[cap] += 1
+        if self._counts[cap] > getattr(self.gate.runtime.config.limits, cap):
+            return lambda arg: self._over_cap(cap)
+        return method if method is not None else self._unknown
+
+    async def _over_cap(self, cap: str) -> None:
+        limit = getattr(self.gate.runtime.config.limits, cap)
+        log.warning("session %s client=%s: too many %s (limits.%s: %d), closing",
+                    self.gsession.id, self.gsession.client_ip, _CAPPED[cap], cap, limit)
+        await self.hang_up(Reply(421, f"{self.hostname} Too many {_CAPPED[cap]}, closing connection",
+                                 "4.7.0"))
+
+    async def _ignore(self, arg) -> None:
+        """A command read after the session decided to close: no reply."""
+
+    async def _unknown(self, arg) -> None:
+        name = "".join(c for c in self._command[:32] if c.isprintable())  # never echo controls
+        await self._write(Reply(500, f'Error: command "{name}" not recognized', "5.5.2"))
+
+    # --- commands ----------------------------------------------------------------------
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str):
+        if not await self._greeting_ok("EHLO", hostname):
+            return
+        self._set_rset_state()
+        self.session.extended_smtp = True
+        self.session.host_name = hostname
+        caps = self.gate.capabilities
+        size = self.data_size_limit
+        if caps.size:
+            size = min(size, caps.size) if size else caps.size
+        lines = [self.hostname, "PIPELINING"]
+        if size:
+            lines.append(f"SIZE {size}")
+        if caps.eightbitmime:
+            lines.append("8BITMIME")
+        if caps.smtputf8:
+            lines.append("SMTPUTF8")
+        if self.tls_context and not self._tls_protocol:
+            lines.append("STARTTLS")
+        lines.append("ENHANCEDSTATUSCODES")
+        await self._write_lines([f"250{'-' if i < len(lines) - 1 else ' '}{text}"
+                                 for i, text in enumerate(lines)])
+        self._tls_state()
+        await self.conv.helo(hostname, True)
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str):
+        if not await self._greeting_ok("HELO", hostname):
+            return
+        self._set_rset_state()
+        self.session.extended_smtp = False
+        self.session.host_name = hostname
+        await self._write_lines([f"250 {self.hostname}"])
+        self._tls_state()
+        await self.conv.helo(hostname, False)
+
+    async def _greeting_ok(self, verb: str, hostname: str) -> bool:
+        """RFC 5321 §4.1.1.1: a domain or an address literal. A refused greeting changes no
+        state (a later MAIL still needs a greeting) and is logged in one line."""
+        if not hostname:
+            await self._write(Reply(501, f"Syntax: {verb} hostname", "5.5.4"))
+            return False
+        why = helo_refusal(hostname)
+        if why is None:
+            return True
+        log.info("refused greeting", extra={"fields": {
+            "session": self.gsession.id, "client": self.gsession.client_ip, "command": verb,
+            "reason": why, "name": ascii(hostname[:100])}})
+        await self._write(Reply(501, f"Invalid {verb} argument: {why}", "5.5.2"))
+        return False
+
+    def _tls_state(self) -> None:
+        self.gsession.tls = self._tls_protocol is not None
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None):
+        if await self.check_helo_needed():
+            return
+        path = await self._path(arg, "FROM:", "MAIL FROM:<address>")
+        if path is None:
+            return
+        if path.params and not self.session.extended_smtp:
+            await self._write(Reply(501, "Parameters need EHLO", "5.5.4"))
+            return
+        if getattr(self.gate, "draining", False):
+            await self.hang_up(Reply(421, f"{self.hostname} Service shutting down", "4.3.2"))
+            return
+        if self.gsession.tls and self.session.extended_smtp:
+            self.gsession.proto = "ESMTPS"
+        await self._write(await self.conv.mail(path.address, path.params))
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None):
+        if await self.check_helo_needed():
+            return
+        if self.conv.tx is None:
+            await self._write(Reply(503, "Error: need MAIL command", "5.5.1"))
+            return
+        path = await self._path(arg, "TO:", "RCPT TO:<address>")
+        if path is None:
+            return
+        if path.address is None:
+            await self._write(Reply(501, "Null recipient not allowed", "5.1.3"))
+            return
+        await self._write(await self.conv.rcpt(path.address, path.params))
+
+    async def _path(self, arg, keyword: str, usage: str):
+        rest = self._strip_command_keyword(keyword, arg or "")
+        if rest is None:
+            await self._write(Reply(501, f"Syntax: {usage}", "5.5.4"))
+            return None
+        try:
+            return parse_path(rest, smtputf8=True)
+        except AddressError as e:
+            await self._write(Reply(e.code, e.text, e.enhanced))
+            return None
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None):
+        if await self.check_helo_needed():
+            return
+        if arg:
+            await self._write(Reply(501, "Syntax: DATA", "5.5.4"))
+            return
+        tx = self.conv.tx
+        if tx is None or not tx.recipients:
+            msg = "Error: need MAIL command" if tx is None else "Error: need RCPT command"
+            await self._write(Reply(503, msg, "5.5.1"))
+            return
+        limits = self.gate.runtime.config.limits
+        share = limits.max_inflight_data // max(self.gate.runtime.config.workers, 1)
+        hold = inflight.BUDGET.reserve(_declared_size(tx.sender_params) or READ_CHUNK, share)
+        if hold is None:
+            log.warning("session %s: DATA refused, %d bytes in flight in this worker (share %d)",
+                        self.gsession.id, inflight.BUDGET.used, share)
+            await self._write(NO_STORAGE)
+            return
+        try:
+            await self._write_lines(["354 End data with <CR><LF>.<CR><LF>"])
+            self._reset_timeout(limits.data_timeout)
+            self._in_data = True
+            try:
+                content = await self._read_data(limits, hold)
+            finally:
+                self._in_data = False
+                self._reset_timeout()
+            if isinstance(content, Reply):
+                await self.conv.rset()
+                await self._write(content)
+                return
+            await self._write(await self.conv.data(content))
+            del content
+            if self.conv.last_tx is tx:  # kept for offline callers only: free the message now
+                self.conv.last_tx = None
+        finally:
+            hold.release()
+
+    async def _read_data(self, limits, hold: inflight.Reservation) -> list[bytes] | Reply:
+        """The message between 354 and CRLF.CRLF as a DataDecoder leaves it: its pieces, or
+        the refusal to give after the final dot. Reads what arrives, a bounded piece at a
+        time; the StreamReader's private buffer is touched only to give back what followed
+        the terminator (pipelined commands) and to raise its pause threshold meanwhile."""
+        reader = self._reader
+        decoder = DataDecoder(limits.max_message_size, limits.max_line_length, hold.grow)
+        saved_limit, reader._limit = reader._limit, READ_CHUNK
+        try:
+            while True:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    raise asyncio.IncompleteReadError(b"", None)
+                rest = decoder.feed(data)
+                if rest is not None:
+                    if rest:
+                        reader._buffer[0:0] = rest
+                    return decoder.result()
+        finally:
+            reader._limit = saved_limit
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str | None):
+        if arg:
+            await self._write(Reply(501, "Syntax: RSET", "5.5.4"))
+            return
+        self._set_rset_state()
+        await self.conv.rset()
+        await self._write(Reply(250, "Ok", "2.0.0"))
+
+    async def smtp_BDAT(self, arg: str | None):
+        # CHUNKING is never offered; swallow the chunk so its bytes are never read as commands.
+        parts = (arg or "").split()
+        max_size = self.gate.runtime.config.limits.max_message_size or 2**31
+        if not parts or not parts[0].isdigit() or int(parts[0]) > max_size:
+            await self._write(Reply(421, f"{self.hostname} BDAT without CHUNKING, closing", "4.7.0"))
+            self.transport.close()
+            return
+        await self._reader.readexactly(int(parts[0]))
+        await self._write(Reply(502, "BDAT not supported: CHUNKING is not offered", "5.5.1"))
+
+    async def smtp_XCLIENT(self, arg: str | None):
+        await self._write(Reply(550, "XCLIENT is not accepted from clients", "5.7.0"))
+
+    async def smtp_XFORWARD(self, arg: str | None):
+        await self._write(Reply(550, "XFORWARD is not accepted from clients", "5.7.0"))
+
+    async def smtp_STARTTLS(self, arg: str | None):
+        if not self.tls_context:  # not offered: "not implemented", not aiosmtpd's 454 (retry)
+            await self._write(Reply(502, "STARTTLS is not offered", "5.5.1"))
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def smtp_AUTH(self, arg: str | None):
+        await self._write(Reply(502, "AUTH is not offered", "5.5.1"))
+
+    async def smtp_HELP(self, arg: str | None):
+        # not aiosmtpd's: it looks commands up in the (counting) table and lists unoffered ones
+        await self._write(Reply(214, "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT", "2.0.0"))
+
+    async def smtp_EXPN(self, arg: str | None):
+        await self._write(Reply(502, "EXPN is not offered", "5.5.1"))
+
+
+def _declared_size(params: list[str]) -> int:
+    """The SIZE= the client gave at MAIL (checked there), else 0."""
+    for p in params:
+        key, _, value = p.partition("=")
+        if key.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
+
+
+_background: set[asyncio.Task] = set()
+
+
+async def settle(timeout: float) -> None:
+    """Wait (at most ``timeout`` seconds) for the closing work of ended sessions — their
+    downstream sessions, the rules' ``on_disconnect`` (a shared connection slot given back) —
+    so that shutdown closes the stores after it, not under it."""
+    if _background:
+        await asyncio.wait(set(_background), timeout=timeout)

@@ -1,0 +1,313 @@
+"""The downstream session: the only module that imports aiosmtplib.
+
+One downstream connection per client session, opened at the first MAIL and kept for the
+session's later transactions. Replies come back as ``Reply`` values to pass through; every
+way the downstream can fail (refused, reset, timeout, 421) becomes a ``RelayError`` carrying
+the ``451 4.4.x`` the client gets instead — never a 250.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+
+import aiosmtplib
+from aiosmtplib import SMTPException, SMTPResponseException
+
+from ..mail.addresses import helo_refusal
+from ..errors import RelayError
+from ..mail.reply import Reply
+
+log = logging.getLogger("smtpgate.relay")
+
+UNREACHABLE = Reply(451, "Downstream server unavailable, try again later", "4.4.1")
+LOST = Reply(451, "Downstream connection failed, try again later", "4.4.2")
+
+
+class Capabilities:
+    """What the downstream said in its last EHLO; the front builds its EHLO reply from it."""
+
+    def __init__(self):
+        self.known = False
+        self.size: int | None = None
+        self.eightbitmime = True
+        self.smtputf8 = False
+
+    def update(self, extensions: dict[str, str]) -> None:
+        self.known = True
+        size = extensions.get("size", "")
+        self.size = int(size) if size.isdigit() and int(size) > 0 else None
+        self.eightbitmime = "8bitmime" in extensions
+        self.smtputf8 = "smtputf8" in extensions
+
+
+# Besides '+' and '=', the brackets are hex-encoded too (RFC 3461 §4 allows hex for any
+# octet): an encoded value then never reads as one of the special values below.
+_XTEXT_HEX = frozenset(b"+=[]")
+UNAVAILABLE = "[UNAVAILABLE]"  # XCLIENT/XFORWARD special value, sent only as the gate's choice
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext: printable ASCII except '+', '=' and brackets as is, the rest '+HH'.
+
+    Whatever ``value`` holds, the result is one attribute value: no space, no '=', no '['.
+    """
+    out = []
+    for byte in value.encode("utf-8", "surrogateescape"):
+        out.append(chr(byte) if 33 <= byte <= 126 and byte not in _XTEXT_HEX else f"+{byte:02X}")
+    return "".join(out)
+
+
+def _attribute(value: str | None) -> str:
+    """An XCLIENT/XFORWARD value: encoded, or the special value when the gate has none or
+    the encoded form is longer than the 255 characters Postfix takes (it would refuse the
+    whole command, and so every transaction of the session)."""
+    encoded = xtext(value) if value else ""
+    return encoded if 0 < len(encoded) <= 255 else UNAVAILABLE
+
+
+class Downstream:
+    """One connection to the MTA behind the gate."""
+
+    def __init__(self, cfg, local_hostname: str, capabilities: Capabilities | None = None):
+        self.cfg = cfg
+        self.local_hostname = local_hostname
+        self.capabilities = capabilities or Capabilities()
+        self._smtp: aiosmtplib.SMTP | None = None
+        self.in_transaction = False
+
+    @property
+    def connected(self) -> bool:
+        return self._smtp is not None and self._smtp.is_connected
+
+    async def open(self, session) -> None:
+        """Connect, EHLO, then XCLIENT as the real client when configured and offered."""
+        if self.connected:
+            return
+        tls = self.cfg.tls
+        smtp = aiosmtplib.SMTP(hostname=self.cfg.host, port=self.cfg.port, timeout=self.cfg.timeout,
+                               local_hostname=self.local_hostname,
+                               start_tls={"none": False, "starttls": None, "required": True}[tls],
+                               validate_certs=tls == "required")
+        try:
+            await smtp.connect()
+            _nodelay(smtp)
+            await smtp.ehlo()
+            self.capabilities.update(smtp.esmtp_extensions)
+            if self.cfg.xclient and "xclient" in smtp.esmtp_extensions:
+                await self._xclient(smtp, session)
+        except (SMTPException, OSError, asyncio.TimeoutError) as exc:
+            smtp.close()
+            log.warning("downstream %s:%s unavailable: %s", self.cfg.host, self.cfg.port, exc)
+            raise RelayError(f"downstream unavailable: {exc}", UNREACHABLE) from None
+        self._smtp = smtp
+
+    async def _xclient(self, smtp, session) -> None:
+        offered = set(smtp.esmtp_extensions["xclient"].upper().split())
+        ip = session.client_ip
+        # Every value is encoded, whoever supplied it (the client's HELO, a quarantined
+        # message's stored session): nothing in it can become another attribute.
+        attrs = {
+            "PORT": _attribute(str(session.client_port)),
+            "PROTO": _attribute(session.proto),
+            "HELO": _attribute(session.helo),
+            # Postfix applies NAME and ADDR last; sending them last keeps that order explicit.
+            "NAME": _attribute(session.client_name),
+            "ADDR": _attribute(f"IPV6:{ip}" if ":" in ip else ip),
+        }
+        args = [f"{k}={v}".encode("ascii") for k, v in attrs.items() if k in offered]
+        response = await smtp.execute_command(b"XCLIENT", *args)
+        # Postfix answers 220 (a new greeting); smtp-sink and others answer 250.
+        if not 200 <= response.code < 300:
+            raise SMTPResponseException(response.code, response.message)
+        # Postfix takes the HELO name and the protocol from the greeting that follows XCLIENT:
+        # greet as the client did (HELO or EHLO, its name unless that is no valid one, as a
+        # session stored in the quarantine before names were checked may hold).
+        helo = session.helo or ""
+        ok = bool(helo) and helo_refusal(helo) is None
+        if session.esmtp:
+            await smtp.ehlo(hostname=helo if ok else None)
+        else:
+            await smtp.helo(hostname=helo if ok else None)
+
+    async def mail(self, wire_sender: str, params: list[str], ident: str | None = None,
+                   utf8: bool = False) -> Reply:
+        smtp = self._require()
+        if ident and "IDENT" in smtp.esmtp_extensions.get("xforward", "").upper().split():
+            await self._command(b"XFORWARD", f"IDENT={xtext(ident)}".encode())
+        reply = await self._command(b"MAIL", b"FROM:" + _enc(wire_sender, utf8),
+                                    *[p.encode() for p in params])
+        self.in_transaction = reply.is_positive
+        return reply
+
+    async def rcpt(self, wire_recipient: str, params: list[str], utf8: bool = False) -> Reply:
+        return await self._command(b"RCPT", b"TO:" + _enc(wire_recipient, utf8),
+                                   *[p.encode() for p in params])
+
+    async def data(self, raw) -> Reply:
+        """Relay one message: ``raw`` is its bytes, or its pieces in order (bytes-like).
+
+        The message is written dot-stuffed in chunks as the socket takes them (no whole-message
+        copy, unlike aiosmtplib's ``data()``), bare CR/LF made CRLF on the way so the
+        downstream can never see an end of data the gate did not send."""
+        smtp = self._require()
+        pieces = [raw] if isinstance(raw, (bytes, bytearray, memoryview)) else raw
+        if not any(len(p) for p in pieces):
+            return await self._empty_data()
+        try:
+            start = await smtp.execute_command(b"DATA")
+            if start.code == 354:
+                response = await self._send_body(smtp, pieces)
+        except (SMTPException, OSError, asyncio.TimeoutError) as exc:
+            raise self._lost(exc) from None
+        if start.code != 354 or response.code != 250:
+            failed = start if start.code != 354 else response
+            reply = self._check(Reply.from_downstream(failed.code, failed.message))
+            # A refused DATA leaves the downstream's MAIL/RCPT open (Postfix would answer the
+            # next MAIL "503 nested MAIL command"): end it before the next one.
+            await self.reset()
+        else:
+            reply = Reply.from_downstream(response.code, response.message)
+        self.in_transaction = False
+        return reply
+
+    async def _send_body(self, smtp, pieces):
+        """After 354: the pieces, dot-stuffed, then the final dot; the downstream's reply.
+
+        Uses aiosmtplib's protocol below its public API (write, the flow-control wait and the
+        reply reader), as its own ``execute_data_command`` does, one chunk at a time."""
+        protocol, timeout = smtp.protocol, self.cfg.timeout
+        protocol._response_pending = True  # keep a reply sent early instead of dropping it
+        for chunk in dot_stuffed(pieces):
+            protocol.write(chunk)
+            if protocol._paused:  # the transport's buffer is full: wait until the socket drains
+                await asyncio.wait_for(protocol._drain_helper(), timeout)
+        return await protocol.read_response(timeout=timeout)
+
+    async def _empty_data(self) -> Reply:
+        # aiosmtplib's data() turns b"" into one empty line; an empty message stays empty.
+        reply = await self._command(b"DATA")
+        if reply.code == 354:
+            reply = await self._command(b".")
+        else:
+            await self.reset()
+        self.in_transaction = False
+        return reply
+
+    async def reset(self) -> None:
+        """End a transaction the client or a rule abandoned, without the final dot ever sent."""
+        if not self.connected or not self.in_transaction:
+            self.in_transaction = False
+            return
+        self.in_transaction = False
+        try:
+            await self._command(b"RSET")
+        except RelayError:
+            pass  # already closed; the next transaction reconnects
+
+    async def close(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None and smtp.is_connected:
+            try:
+                await asyncio.wait_for(smtp.quit(), timeout=5)
+            except (SMTPException, OSError, asyncio.TimeoutError):
+                smtp.close()
+
+    def _require(self):
+        if not self.connected:
+            raise RelayError("downstream connection lost", LOST)
+        return self._smtp
+
+    async def _command(self, *args: bytes) -> Reply:
+        smtp = self._require()
+        try:
+            response = await smtp.execute_command(*args)
+        except (SMTPException, OSError, asyncio.TimeoutError) as exc:
+            raise self._lost(exc) from None
+        return self._check(Reply.from_downstream(response.code, response.message))
+
+    def _check(self, reply: Reply) -> Reply:
+        # A 421 means the downstream is closing; the client keeps its session and retries.
+        if reply.code == 421:
+            self._drop()
+            raise RelayError(f"downstream closing: {reply}", LOST)
+        return reply
+
+    def _lost(self, exc: BaseException) -> RelayError:
+        log.warning("downstream connection failed: %s", exc or type(exc).__name__)
+        self._drop()
+        return RelayError(f"downstream failed: {exc}", LOST)
+
+    def _drop(self) -> None:
+        if self._smtp is not None:
+            self._smtp.close()
+        self._smtp = None
+        self.in_transaction = False
+
+
+async def probe(cfg, local_hostname: str, capabilities: Capabilities) -> bool:
+    """Learn the downstream's EHLO keywords before the first client asks for ours."""
+    smtp = aiosmtplib.SMTP(hostname=cfg.host, port=cfg.port, timeout=min(cfg.timeout, 5.0),
+                           local_hostname=local_hostname, start_tls=False)
+    try:
+        await smtp.connect()
+        await smtp.ehlo()
+        capabilities.update(smtp.esmtp_extensions)
+        await smtp.quit()
+        return True
+    except (SMTPException, OSError, asyncio.TimeoutError) as exc:
+        smtp.close()
+        log.warning("downstream %s:%s not answering yet (%s); EHLO offers the safe minimum",
+                    cfg.host, cfg.port, exc)
+        return False
+
+
+WRITE_CHUNK = 256 * 1024
+_BARE_LINE_END = re.compile(rb"\r\n|\r(?!\n)|\n")
+
+
+def dot_stuffed(pieces):
+    """DATA as sent, in chunks of at most about WRITE_CHUNK: the pieces made CRLF-only, a dot
+    doubled at every line start, a CRLF added if the message lacks a final one, then the
+    final dot. A chunk never ends with a CR whose LF opens the next one."""
+    line_start, carry = True, b""
+    for piece in pieces:
+        view = memoryview(piece)
+        for offset in range(0, len(view), WRITE_CHUNK):
+            chunk = carry + view[offset:offset + WRITE_CHUNK]
+            if chunk.endswith(b"\r"):  # its LF may open the next chunk
+                chunk, carry = chunk[:-1], b"\r"
+            else:
+                carry = b""
+            if chunk:
+                chunk, line_start = _stuff(chunk, line_start)
+                yield chunk
+    if carry:  # a bare CR at the very end
+        yield b"\r\n.\r\n"
+    else:
+        yield b".\r\n" if line_start else b"\r\n.\r\n"
+
+
+def _stuff(chunk: bytes, line_start: bool) -> tuple[bytes, bool]:
+    """One chunk of DATA as sent: CRLF-only, a dot doubled at every line start; and whether
+    the chunk ends at a line start. ``chunk`` must not end with CR (its LF may follow)."""
+    crlf = chunk.count(b"\r\n")
+    if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
+        chunk = _BARE_LINE_END.sub(b"\r\n", chunk)
+    chunk = chunk.replace(b"\r\n.", b"\r\n..")
+    if line_start and chunk.startswith(b"."):
+        chunk = b"." + chunk
+    return chunk, chunk.endswith(b"\n")
+
+
+def _enc(text: str, utf8: bool) -> bytes:
+    return text.encode("utf-8" if utf8 else "ascii", "surrogateescape")
+
+
+def _nodelay(smtp) -> None:
+    # asyncio already sets TCP_NODELAY on TCP transports; make it explicit, it is load-bearing.
+    transport = getattr(smtp, "transport", None)
+    sock = transport.get_extra_info("socket") if transport else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -1,0 +1,1 @@
+"""Postfix tests: the gate in front of a private Postfix instance."""

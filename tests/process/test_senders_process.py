@@ -1,0 +1,170 @@
+"""The senders rule in the real gate (`smtpgate serve`), relaying to the capturing downstream:
+a sender walked from new to trusted and from trusted to blocked (short windows in the
+policy; the only waits are the greylist's 1 s delay, a 1 s min_time and a 2 s ttl), and
+concurrent transactions of one sender through two gate processes on one state."""
+from __future__ import annotations
+
+import json
+import smtplib
+import threading
+import time
+
+import pytest
+
+from tests.unit.test_stores import delete_redis_keys, new_prefix, redis_state, require_redis
+
+SENDER = "Alice@Sender.Test"
+KEY = "alice@sender.test"
+MESSAGE = b"From: alice@sender.test\r\nTo: bob@example.com\r\nSubject: senders\r\n\r\nhello\r\n"
+
+TRAPS = '''
+from smtpgate import Rule, Verdict
+
+
+class RefuseTraps(Rule):
+    name = "refuse_traps"
+
+    async def on_rcpt(self, tx, rcpt):
+        if rcpt.local.startswith("trap"):
+            return Verdict.reject("No such user here", 550, "5.1.1")
+        return None
+'''
+
+POLICIES = {"default.yaml": """
+domains: [example.com]
+rules:
+  - senders:
+      states:
+        new:
+          events:
+            delivered: probation
+        probation:
+          events:
+            delivered: {to: trusted, count: 2, within: 1m, min_time: 1s}
+        trusted:
+          skip: [greylist]
+          events:
+            rejected: {to: suspect, count: 2, within: 1m}
+        suspect:
+          events:
+            rejected: {to: blocked, count: 2, within: 1m}
+        blocked:
+          reject: "554 5.7.1 Sender {key} is blocked"
+          ttl: 2s
+          decay_to: suspect
+  - refuse_traps: {}
+  - greylist: {delay: 1s}
+"""}
+
+
+def send(gate, rcpt="bob@example.com", sender=SENDER):
+    """(code, text) of the reply that decided: MAIL's or RCPT's refusal, else DATA's."""
+    with gate.smtp() as client:
+        client.ehlo()
+        try:
+            client.sendmail(sender, [rcpt], MESSAGE)
+        except smtplib.SMTPRecipientsRefused as e:
+            code, text = e.recipients[rcpt]
+            return code, text.decode()
+        except smtplib.SMTPSenderRefused as e:
+            return e.smtp_code, e.smtp_error.decode()
+    return 250, ""
+
+
+def show(gate) -> dict:
+    done = gate.cli("senders", "show", SENDER, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def sleep_until(t: float) -> None:
+    time.sleep(max(0.0, t - time.monotonic()))
+
+
+def test_a_sender_walks_from_new_to_trusted_and_from_trusted_to_blocked(gate_factory, downstream):
+    gate = gate_factory(policies=POLICIES, plugins={"traps.py": TRAPS})
+    started = time.monotonic()
+    assert send(gate)[0] == 451  # new: greylisted like anyone
+    assert show(gate)["state"] == "new"
+    sleep_until(started + 1.1)
+    assert send(gate) == (250, "")  # the retry passes: delivered -> probation
+    assert show(gate)["state"] == "probation"
+    in_probation = time.monotonic()
+    assert send(gate) == (250, "")
+    sleep_until(in_probation + 1.1)
+    assert send(gate) == (250, "")  # 2 deliveries after a second in probation -> trusted
+    assert show(gate)["state"] == "trusted"
+
+    assert send(gate, "carol@example.com") == (250, "")  # a new triplet, not greylisted: trusted
+    assert send(gate, "trap1@example.com") == (550, "5.1.1 No such user here")
+    assert send(gate, "trap2@example.com")[0] == 550  # -> suspect
+    assert show(gate)["state"] == "suspect"
+    assert send(gate, "dave@example.com")[0] == 451  # suspect: greylisted again
+    assert send(gate, "trap1@example.com")[0] == 550
+    assert send(gate, "trap2@example.com")[0] == 550  # -> blocked
+    blocked_at = time.monotonic()
+    assert send(gate) == (554, f"5.7.1 Sender {KEY} is blocked")
+    assert send(gate, "postmaster@example.com")[0] == 554  # refused at MAIL: every recipient
+
+    doc = show(gate)
+    assert [(h["event"], h["from"], h["to"], h["rule"]) for h in doc["history"]] == [
+        ("delivered", "new", "probation", "downstream"),
+        ("delivered", "probation", "trusted", "downstream"),
+        ("rejected", "trusted", "suspect", "refuse_traps"),
+        ("rejected", "suspect", "blocked", "refuse_traps"),
+    ]
+    assert doc["counts"] == {"greylisted": 2, "greylist_passed": 1, "delivered": 4, "rejected": 4}
+    assert [m.rcpts for m in downstream.wait_for_messages(4)] == [["bob@example.com"]] * 3 + [["carol@example.com"]]
+
+    listed = json.loads(gate.cli("senders", "list", "--state", "blocked", "--json").stdout)
+    assert [k["key"] for k in listed["keys"]] == [KEY]
+    sleep_until(blocked_at + 2.2)
+    assert show(gate)["state"] == "suspect"  # the block decayed (read lazily)
+    assert send(gate, "erin@example.com")[0] == 451  # suspect again: greylisted, not refused
+    assert "rules=senders:mail:reject,senders:end:continue" in gate.log_text()
+
+
+CONCURRENT = {"default.yaml": """
+domains: [example.com]
+rules:
+  - senders:
+      states:
+        new: {events: {delivered: {to: busy, count: 20}}}
+        busy: {}
+"""}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_concurrent_transactions_of_one_sender_through_two_gates_lose_no_event(gate_factory, downstream,
+                                                                              tmp_path, backend):
+    prefix = new_prefix()
+    if backend == "redis":
+        require_redis()
+        state = redis_state(prefix)
+    else:
+        state = f"sqlite://{tmp_path / 'shared-state.db'}"
+    try:
+        gates = [gate_factory(policies=CONCURRENT, config={"state": state}) for _ in range(2)]
+        results, errors = [], []
+
+        def client(gate, n):
+            try:
+                for _ in range(n):
+                    results.append(send(gate))
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=client, args=(gates[i % 2], 5)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == [] and results == [(250, "")] * 40
+        downstream.wait_for_messages(40)
+        doc = show(gates[0])
+        assert doc["counts"] == {"delivered": 40}  # not one lost
+        assert doc["state"] == "busy"
+        assert [(h["from"], h["to"]) for h in doc["history"]] == [("new", "busy")]  # the guard held once
+    finally:
+        if backend == "redis":
+            delete_redis_keys(prefix)

@@ -1,0 +1,1 @@
+"""Protocol tests: SMTP sequencing driven through the conversation in-process, no sockets."""

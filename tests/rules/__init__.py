@@ -1,0 +1,1 @@
+"""Rule tests: each first-party rule through smtpgate.testing, without a gate process."""

@@ -1,0 +1,1 @@
+"""Test helpers: gate and Postfix child processes, capturing downstream, DNS server, raw client."""

@@ -1,0 +1,1 @@
+"""Unit tests: modules and the plugin API in-process, no gate process (real SQLite, Redis, DNS)."""

@@ -1,0 +1,248 @@
+"""The sender-state store: one suite over both backends (SQLite in tmp_path, the real Redis on
+127.0.0.1:6379 DB 15 under a key prefix of its own per test), and the concurrency proof:
+many transactions of one sender applied at once through two store instances ("two gates",
+or two workers on one SQLite file) lose no event and never break a guard.
+
+Times are explicit: the stores never read a clock. No test sleeps.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from smtpgate import Event, Machine, StoreError, Transition
+from smtpgate.stores import Stores, open_sender_store, open_stores
+from smtpgate.stores.senders import HISTORY_MAX, Change, SenderRecord
+from smtpgate.stores.senders_sqlite import SENDERS_SCHEMA
+from smtpgate.stores.sqlite_store import GREYLIST_SCHEMA
+from tests.unit.test_stores import delete_redis_keys, new_prefix, redis_state, require_redis
+
+T0 = 1_767_225_600.0
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# A machine whose guards need exact counts: 10 hits to leave a, 10 more to leave b.
+COUNTER = Machine("counter", {"a": {"hit": Transition("b", count=10)},
+                              "b": {"hit": Transition("c", count=10)},
+                              "c": {}}, initial="a")
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request) -> str:
+    if request.param == "redis":
+        require_redis()
+    return request.param
+
+
+@pytest.fixture
+async def make_store(backend, tmp_path):
+    """`make_store()` -> a new store instance on this test's state (each call: another gate)."""
+    made = []
+    prefix = new_prefix()
+    url = f"sqlite://{tmp_path / 'state.db'}" if backend == "sqlite" else redis_state(prefix)
+
+    def make():
+        store = open_sender_store(url)
+        made.append(store)
+        return store
+
+    make.url = url
+    yield make
+    for store in made:
+        await store.close()
+    if backend == "redis":
+        delete_redis_keys(prefix)
+
+
+@pytest.fixture
+async def store(make_store):
+    return make_store()
+
+
+def record(key="alice@example.org", state="new", seen=T0, **kw) -> SenderRecord:
+    return SenderRecord("senders", key, state, seen, seen, seen, seen + 90 * 86400, **kw)
+
+
+async def put(store, rec):
+    return await store.update(rec.machine, rec.key, lambda cur: (rec, cur))
+
+
+# --- the basics --------------------------------------------------------------------------
+
+async def test_update_get_delete(store):
+    assert await store.get("senders", "alice@example.org") is None
+    rec = record(counts={"delivered": 2}, recent={"delivered": [T0]},
+                 history=[Change(T0, "delivered", "new", "probation", "250 ok", "downstream")])
+    assert await put(store, rec) is None  # what change returned second: the record before (none)
+    got = await store.get("senders", "alice@example.org")
+    assert got == rec and got.version == 1
+    assert (await put(store, record(state="trusted"))).version == 1
+    assert (await store.get("senders", "alice@example.org")).version == 2
+    assert await store.delete("senders", "alice@example.org") is True
+    assert await store.delete("senders", "alice@example.org") is False
+    assert await store.get("senders", "alice@example.org") is None
+
+
+async def test_change_returning_none_deletes_and_leaves_nothing_when_absent(store):
+    await put(store, record())
+    assert await store.update("senders", "alice@example.org", lambda cur: (None, "gone")) == "gone"
+    assert await store.get("senders", "alice@example.org") is None
+    assert await store.update("senders", "nobody@example.org", lambda cur: (None, cur)) is None
+
+
+async def test_machines_and_keys_are_separate_namespaces(store):
+    await put(store, record(key="a@x.example"))
+    other = SenderRecord("domains", "a@x.example", "known", T0, T0, T0, T0 + 100)
+    await put(store, other)
+    assert (await store.get("senders", "a@x.example")).state == "new"
+    assert (await store.get("domains", "a@x.example")).state == "known"
+    assert await store.get("senders", "a@x.example ") is None
+
+
+async def test_records_filter_by_machine_and_state_most_recent_first(store):
+    for i, state in enumerate(["new", "trusted", "new", "blocked"]):
+        await put(store, record(key=f"s{i}@x.example", state=state, seen=T0 + i))
+    await put(store, SenderRecord("domains", "x.example", "new", T0, T0 + 99, T0, T0 + 100))
+    assert [r.key for r in await store.records("senders")] == ["s3@x.example", "s2@x.example", "s1@x.example",
+                                                                 "s0@x.example"]
+    assert [r.key for r in await store.records("senders", "new")] == ["s2@x.example", "s0@x.example"]
+    assert [r.key for r in await store.records("senders", limit=2)] == ["s3@x.example", "s2@x.example"]
+    assert len(await store.records()) == 5
+
+
+async def test_purge_drops_expired_records(store):
+    await put(store, record(key="old@x.example"))
+    await put(store, SenderRecord("senders", "new@x.example", "new", T0, T0 + 50, T0, T0 + 10 ** 9))
+    assert await store.purge(T0 + 91 * 86400) == 1
+    assert [r.key for r in await store.records()] == ["new@x.example"]
+
+
+async def test_keys_with_odd_characters_round_trip(store):
+    for key in ['"a b"@x.example', "*@x.example", "ü@exämple.org", "2001:db8::/64", "a:b:c"]:
+        await put(store, record(key=key))
+        assert (await store.get("senders", key)).key == key
+    assert len(await store.records("senders")) == 5
+
+
+async def test_history_is_bounded(store):
+    m = Machine("senders", {"a": {"x": "b"}, "b": {"x": "a"}}, initial="a")
+    for i in range(HISTORY_MAX + 30):
+        await m.feed(store, "k", [Event("x")], T0 + i)
+    rec = await store.get("senders", "k")
+    assert rec.counts == {"x": HISTORY_MAX + 30} and len(rec.history) == HISTORY_MAX
+    assert rec.history[-1].at == T0 + HISTORY_MAX + 29
+
+
+async def test_a_store_failure_is_a_store_error(backend, tmp_path):
+    url = f"sqlite://{tmp_path / 'a-file'}/x.db" if backend == "sqlite" else "redis://127.0.0.1:1/0"
+    if backend == "sqlite":
+        (tmp_path / "a-file").write_text("not a folder")
+    store = open_sender_store(url)
+    try:
+        with pytest.raises(StoreError):
+            await store.get("senders", "k")
+    finally:
+        await store.close()
+
+
+# --- the machine through the store --------------------------------------------------------
+
+async def test_feed_current_move_and_hit(store):
+    state, made = await COUNTER.feed(store, "k", [Event("hit")] * 9, T0)
+    assert (state.state, made, state.counts) == ("a", [], {"hit": 9})
+    state, made = await COUNTER.feed(store, "k", [Event("hit", "r", "why")], T0 + 1)
+    assert state.state == "b" and [(c.src, c.dst, c.rule) for c in made] == [("a", "b", "r")]
+    assert (await COUNTER.current(store, "k", T0 + 2)).state == "b"
+    change = await COUNTER.move(store, "k", "a", T0 + 3, "by hand")
+    assert (change.event, change.src, change.dst, change.rule) == ("manual", "b", "a", "cli")
+    assert [await COUNTER.hit(store, "k", T0 + 4 + i, 2, 60) for i in range(3)] == [(False, 1), (False, 2), (True, 2)]
+    assert await COUNTER.hit(store, "k", T0 + 70, 2, 60) == (False, 1)
+
+
+# --- concurrency --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [25, 200])
+async def test_concurrent_updates_from_two_gates_lose_no_event_and_keep_every_guard(make_store, n):
+    gate1, gate2 = make_store(), make_store()
+    jobs = [COUNTER.feed(gate1 if i % 2 else gate2, "spammer@x.example", [Event("hit", f"g{i % 2}")], T0 + i)
+            for i in range(n)]
+    results = await asyncio.gather(*jobs)
+    rec = await gate1.get("counter", "spammer@x.example")
+    assert rec.counts == {"hit": n}  # not one event lost
+    assert rec.version == n  # one write per transaction
+    # the guards held exactly: a -> b at the 10th hit, b -> c at the 20th, never twice
+    assert [(c.src, c.dst) for c in rec.history] == [("a", "b"), ("b", "c")]
+    assert rec.state == "c"
+    moves = [m for _, made in results for m in made]
+    assert sorted((c.src, c.dst) for c in moves) == [("a", "b"), ("b", "c")]
+    if hasattr(gate1, "retries"):  # Redis: the race really happened and was retried
+        assert gate1.retries + gate2.retries > 0
+
+
+SQLITE_WORKER = textwrap.dedent("""
+    import asyncio, sys
+    sys.path.insert(0, sys.argv[3])
+    from smtpgate import Event
+    from smtpgate.stores import open_sender_store
+    from test_senders_store import COUNTER, T0
+
+    async def main(url, n):
+        store = open_sender_store(url)
+        try:
+            await asyncio.gather(*(COUNTER.feed(store, "k", [Event("hit")], T0 + i) for i in range(n)))
+        finally:
+            await store.close()
+
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+""")
+
+
+def test_two_worker_processes_on_one_sqlite_file_lose_no_event(tmp_path):
+    url = f"sqlite://{tmp_path / 'state.db'}"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    procs = [subprocess.Popen([sys.executable, "-c", SQLITE_WORKER, url, "60", tests], cwd=ROOT)
+             for _ in range(2)]
+    assert [p.wait(60) for p in procs] == [0, 0]
+    conn = sqlite3.connect(tmp_path / "state.db")
+    (doc,) = conn.execute("SELECT doc FROM senders WHERE machine = 'counter' AND key = 'k'").fetchone()
+    rec = SenderRecord.from_json(doc)
+    assert rec.counts == {"hit": 120} and rec.version == 120
+    assert [(c.src, c.dst) for c in rec.history] == [("a", "b"), ("b", "c")]
+
+
+# --- SQLite: one file, schemas versioned per store ----------------------------------------
+
+async def test_sqlite_senders_and_greylist_share_one_file_with_their_own_versions(tmp_path):
+    stores = open_stores(f"sqlite://{tmp_path / 'state.db'}")
+    assert stores.senders.db is stores.greylist.db  # one connection, one thread per process
+    assert stores.limits.db is stores.greylist.db
+    await put(stores.senders, record())
+    await stores.greylist.get("c", "s", "r")
+    await stores.close()
+    conn = sqlite3.connect(tmp_path / "state.db")
+    from smtpgate.stores.limits_sqlite import LIMITS_SCHEMA
+    assert dict(conn.execute("SELECT component, version FROM meta")) == {
+        "greylist": len(GREYLIST_SCHEMA), "senders": len(SENDERS_SCHEMA), "limits": len(LIMITS_SCHEMA)}
+
+
+async def test_sqlite_a_database_opened_before_the_sender_store_is_migrated_on_use(tmp_path):
+    from smtpgate.stores.sqlite_store import SqliteGreylistStore
+    greylist = SqliteGreylistStore(f"sqlite://{tmp_path / 'state.db'}")
+    await greylist.get("c", "s", "r")  # connected: only the greylist tables
+    senders = open_sender_store(f"sqlite://{tmp_path / 'state.db'}", greylist.db)
+    await put(senders, record())
+    assert (await senders.get("senders", "alice@example.org")).state == "new"
+    stores = Stores(f"sqlite://{tmp_path / 'state.db'}", greylist=greylist, senders=senders)
+    await stores.close()
+
+
+async def test_sqlite_in_memory_state_holds_both_stores():
+    stores = open_stores("sqlite://:memory:")
+    await put(stores.senders, record())
+    assert (await stores.senders.get("senders", "alice@example.org")).state == "new"
+    await stores.close()
