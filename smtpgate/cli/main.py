@@ -9,6 +9,7 @@ from .. import __version__
 from .greylist import add_parser as add_greylist_parser
 from .quarantine import add_parser as add_quarantine_parser
 from .senders import add_parser as add_senders_parser
+from .state import add_parser as add_state_parser
 
 #: the entry-point group through which a package adds an ``smtpgate`` subcommand
 COMMANDS_GROUP = "smtpgate.commands"
@@ -84,6 +85,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     add_greylist_parser(sub, common)
     add_quarantine_parser(sub, common)
     add_senders_parser(sub, common)
+    add_state_parser(sub, common)
     sub.add_parser("version", parents=[common], help="print the version")
     return p, _contributed(sub, common)
 
@@ -112,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "senders":
         from .senders import senders_command
         return senders_command(args, config)
+    if args.command == "state":
+        from .state import state_command
+        return state_command(args, config)
     if args.command == "quarantine":
         from .quarantine import quarantine_command
         return quarantine_command(args, config)
