@@ -52,13 +52,14 @@ def open_sender_store(url: str, db=None) -> SenderStore:
 
 def open_limits_store(url: str, db=None) -> LimitsStore:
     """The limits store ``url`` names (no I/O yet); ``db``: a SQLite database to share."""
-    if url.startswith(("redis://", "rediss://")):
+    if is_redis_url(url):
         from .limits_redis import RedisLimitsStore
         return RedisLimitsStore(url)
     if url.startswith("sqlite://"):
         from .limits_sqlite import SqliteLimitsStore
         return SqliteLimitsStore(url, db)
-    raise StoreError(f'unknown state URL {url!r}: expected "sqlite:///PATH" or "redis://HOST:PORT/DB"')
+    raise StoreError(f'unknown state URL {url!r}: expected "sqlite:///PATH", "redis://HOST:PORT/DB", '
+                     '"rediss://…" or "redis+sentinel://HOST:PORT/SERVICE/DB"')
 
 
 class Stores:

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from collections import Counter as TallyCounter
+from typing import AsyncIterator, NamedTuple
 
 KINDS = ("client", "client_net", "sender", "sender_domain", "recipient")
 CONNECTIONS = "connections"  # the CLI's kind for the connection counts
@@ -166,6 +167,17 @@ class LimitsStore:
     async def connections(self, client: str | None = None, now: float = 0.0,
                           limit: int | None = None) -> dict[str, int]:
         """Live connections per client (of one client), most first."""
+        raise NotImplementedError
+
+    # -- moving to another store (``portable.py``: ``smtpgate state copy``) -----------------
+    def export_batches(self) -> AsyncIterator[list[Counter]]:
+        """Every rate counter, in bounded batches. Open connections are not state to move:
+        they belong to the sessions of the gate that holds them."""
+        raise NotImplementedError
+
+    async def import_batch(self, items: list[Counter], now: float) -> TallyCounter[str]:
+        """Store counters as they are, replacing what is stored under the same key; counts
+        ``counters``, and ``skipped`` for those whose two buckets have passed."""
         raise NotImplementedError
 
     async def close(self) -> None:

@@ -14,6 +14,9 @@ with the other stores).
 """
 from __future__ import annotations
 
+import math
+from collections import Counter as TallyCounter
+
 from .limits import CONNECTIONS, Counter, LimitsStore, RateCheck, RateOutcome
 from .redis_store import RedisLink
 
@@ -195,6 +198,42 @@ class RedisLimitsStore(LimitsStore):
         await self.link.run(run)
         ranked = sorted(found.items(), key=lambda kv: kv[1], reverse=True)
         return dict(ranked[:limit] if limit is not None else ranked)
+
+    # -- moving to another store (portable.py) -----------------------------------------
+    async def export_batches(self):
+        pattern = _glob_escape(f"{self.prefix}r:") + "*"
+        cursor = 0
+        while True:  # one SCAN page per call
+            async def page(r, at=cursor):
+                following, keys = await r.scan(cursor=at, match=pattern, count=SCAN_COUNT)
+                names = [p for p in (self._parse(_s(k)) for k in keys) if p]
+                found = []
+                if names:
+                    pipe = r.pipeline(transaction=False)
+                    for k, w, v in names:
+                        pipe.hmget(self.rate_key(k, w, v), "b", "p", "c")
+                    found = [Counter(k, v, w, int(b), int(p or 0), int(c or 0))
+                             for (k, w, v), (b, p, c) in zip(names, await pipe.execute()) if b is not None]
+                return int(following), found
+            cursor, found = await self.link.run(page)
+            if found:
+                yield found
+            if cursor == 0:
+                return
+
+    async def import_batch(self, items, now) -> TallyCounter:
+        kept = [c for c in items if c.expires > now]
+
+        async def run(r):
+            pipe = r.pipeline(transaction=False)
+            for c in kept:
+                key = self.rate_key(c.kind, c.window, c.value)
+                pipe.hset(key, mapping={"b": c.bucket, "p": c.previous, "c": c.current})
+                pipe.expire(key, max(1, math.ceil(c.expires - now)))
+            await pipe.execute()
+        if kept:
+            await self.link.run(run)
+        return TallyCounter(counters=len(kept), skipped=len(items) - len(kept))
 
     async def close(self) -> None:
         await self.link.close()

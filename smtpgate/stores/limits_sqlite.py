@@ -8,6 +8,7 @@ dropped a batch at a time as checks go by.
 """
 from __future__ import annotations
 
+from collections import Counter as TallyCounter
 from typing import Any
 
 from ..config import sqlite_path
@@ -142,6 +143,38 @@ class SqliteLimitsStore(LimitsStore):
                 args.append(int(limit))
             return dict(conn.execute(sql, args).fetchall())
         return await self._run(read)
+
+    # -- moving to another store (portable.py) -----------------------------------------
+    async def export_batches(self):
+        after = None
+        while True:  # in key order, a page at a time
+            rows = await self._run(self._page, after)
+            if rows:
+                yield [Counter(*row) for row in rows]
+            if len(rows) < BATCH:
+                return
+            after = rows[-1][:3]
+
+    @staticmethod
+    def _page(conn, after):
+        sql = f"SELECT {_RATE_COLUMNS} FROM limits_rates"
+        if after is None:
+            return conn.execute(sql + " ORDER BY kind, value, span LIMIT ?", (BATCH,)).fetchall()
+        return conn.execute(sql + " WHERE (kind, value, span) > (?, ?, ?) ORDER BY kind, value, span LIMIT ?",
+                            (*after, BATCH)).fetchall()
+
+    async def import_batch(self, items, now) -> TallyCounter:
+        kept = [c for c in items if c.expires > now]
+
+        def write(conn):
+            with write_transaction(conn):
+                conn.executemany("INSERT OR REPLACE INTO limits_rates (kind, value, span, bucket, previous, current, "
+                                 "expires) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 [(c.kind, c.value, c.window, c.bucket, c.previous, c.current, c.expires)
+                                  for c in kept])
+        if kept:
+            await self._run(write)
+        return TallyCounter(counters=len(kept), skipped=len(items) - len(kept))
 
     async def close(self) -> None:
         await self.db.close()

@@ -134,3 +134,23 @@ def test_decide_matches_the_estimate_and_the_retry_hint():
     assert out.retry_at == retry_time(c, 5) == 1050.0
     out, writes = decide([c], [check("x", max=5, window=100.0)], 1050.0)
     assert out.allowed and writes[0].current == 3
+
+
+async def test_counters_move_to_another_store_and_expired_ones_stay_behind(store, tmp_path):
+    await store.hit([check(), check("alice@sender.test", kind="sender", window=60)], T0)
+    await store.hit([check("2001:db8::/64", kind="client_net")], T0 + 10)
+    await store.connect("192.0.2.1", "a:1", 2, T0, 600)  # live sessions are not state to move
+    other = open_limits_store(f"sqlite://{tmp_path / 'other.db'}")
+    try:
+        counts = {}
+        async for batch in store.export_batches():
+            for k, n in (await other.import_batch(batch, T0 + 120)).items():
+                counts[k] = counts.get(k, 0) + n
+        assert counts == {"counters": 2, "skipped": 1}  # the 1-minute counter is gone at T0 + 120
+        moved = sorted((c.kind, c.value, c.window, c.bucket, c.previous, c.current) for c in await other.counters())
+        kept = sorted((c.kind, c.value, c.window, c.bucket, c.previous, c.current) for c in await store.counters()
+                      if c.window == HOUR)
+        assert moved == kept and len(moved) == 2
+        assert await other.connections(now=T0) == {}
+    finally:
+        await other.close()
