@@ -16,12 +16,16 @@ the server logs::
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Iterable
 
 from .clock import Clock
 from .config import load_gate_config
+from .errors import RelayError
 from .runtime.gate import Gate, Runtime
-from .smtp.offline import Dialogue, FakeRelay, Relayed, simulate
+from .mail.reply import Reply
+from .smtp.offline import Dialogue, simulate
+from .smtp.relay_api import Capabilities
 from .pipeline.policy import Policy, PolicySet
 from .resolver import DEFAULT_SESSION_BUDGET, BaseResolver, DnsAnswer, DnsError
 from .pipeline.rule import GateContext, Rule
@@ -65,6 +69,84 @@ class FakeQuarantine:
     def delete(self, qid: str) -> None:
         self.held = [h for h in self.held if h["id"] != qid]
         self.deleted.append(qid)
+
+
+@dataclass
+class Relayed:
+    """What a fake downstream received for one message."""
+
+    sender: str
+    params: list[str]
+    recipients: list[str]
+    data: bytes | None = None
+
+
+class FakeRelay:
+    """A scripted downstream: says 250 to everything unless ``replies`` says otherwise.
+
+    The same interface as the real downstream (``smtpgate.smtp.relay_api.Relay``, a test
+    checks it), so a conversation given one runs exactly as in the server. ``replies`` keys:
+    ``"open"`` (a ``RelayError`` to raise: the downstream cannot be reached), ``"mail"``,
+    ``"rcpt"``, ``"rcpt:<address>"``, ``"data"``. Values are Reply objects or reply strings
+    (``"550 5.1.1 no such user"``); an exception instance (``RelayError(..., reply)``: the
+    downstream lost) is raised instead. ``capabilities``: what its EHLO offered (by default
+    the safe minimum). Every message it accepted is in ``relayed``.
+    """
+
+    def __init__(self, replies: dict | None = None, capabilities: Capabilities | None = None):
+        self.replies = dict(replies or {})
+        self.capabilities = capabilities or Capabilities()
+        self.relayed: list[Relayed] = []
+        self.connected = False
+        self.in_transaction = False
+        self._current: Relayed | None = None
+
+    def _scripted(self, *keys: str, default: Reply) -> Reply:
+        for key in keys:
+            if key in self.replies:
+                value = self.replies[key]
+                if isinstance(value, RelayError):  # the downstream lost: as the real relay, drop it
+                    self.connected, self.in_transaction, self._current = False, False, None
+                if isinstance(value, BaseException):
+                    raise value
+                return value if isinstance(value, Reply) else Reply.parse(value)
+        return default
+
+    async def open(self, session) -> None:
+        value = self.replies.get("open")
+        if isinstance(value, BaseException):
+            raise value
+        self.connected = True
+
+    async def mail(self, wire_sender: str, params: list[str], ident: str | None = None,
+                   utf8: bool = False) -> Reply:
+        reply = self._scripted("mail", default=Reply(250, "Ok", "2.1.0"))
+        if reply.is_positive:
+            self._current = Relayed(wire_sender.strip("<>"), list(params), [])
+            self.in_transaction = True
+        return reply
+
+    async def rcpt(self, wire_recipient: str, params: list[str], utf8: bool = False) -> Reply:
+        address = wire_recipient.strip("<>")
+        reply = self._scripted(f"rcpt:{address}", "rcpt", default=Reply(250, "Ok", "2.1.5"))
+        if reply.is_positive:
+            self._current.recipients.append(address)
+        return reply
+
+    async def data(self, raw) -> Reply:
+        """``raw``: the message's bytes, or its pieces in order (as the real relay takes it)."""
+        reply = self._scripted("data", default=Reply(250, "Ok: queued", "2.0.0"))
+        self._current.data = raw if isinstance(raw, bytes) else b"".join(raw)
+        if reply.is_positive:
+            self.relayed.append(self._current)
+        self._current, self.in_transaction = None, False
+        return reply
+
+    async def reset(self) -> None:
+        self._current, self.in_transaction = None, False
+
+    async def close(self) -> None:
+        self.connected = False
 
 
 class FakeResolver(BaseResolver):

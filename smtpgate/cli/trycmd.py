@@ -10,7 +10,8 @@ from ..mail.addresses import AddressError
 from ..errors import ConfigError, PluginError
 from ..runtime.gate import Gate
 from ..runtime.loading import load_runtime
-from ..smtp.offline import FakeRelay, simulate
+from ..smtp.offline import simulate
+from ..testing import FakeRelay
 from ..mail.reply import Reply
 
 OFFLINE_QUEUED = Reply(250, "Ok: would be relayed (offline: the downstream decides)", "2.0.0")

@@ -1,5 +1,9 @@
 """One client session's SMTP logic, without sockets: the front and ``smtpgate try`` both drive it.
 
+Which command is allowed when is decided here only, by one table (``TABLE``: state x command
+-> the step to run or the refusal; ``describe()`` prints it, docs/behaviour.md shows it). The
+front reads commands, checks their arguments' syntax, and writes the replies this returns.
+
 Flow: CONNECT and HELO run the session policy (``default``). MAIL runs the session policy's
 ``on_mail`` and opens the downstream (so an unreachable downstream is a 451 at MAIL). The first
 accepted RCPT picks the transaction's policy from the recipient's domain, runs that policy's
@@ -10,8 +14,10 @@ downstream — with the sender as the rules left it — and mirrors each RCPT. D
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
+from dataclasses import dataclass
 
 from ..mail.addresses import Address, AddressError, normalise_domain, parse_path, relay_refusal
 from ..mail.session import Recipient, Session, TraceEntry, Transaction, new_id
@@ -20,17 +26,20 @@ from ..mail.message import Message
 from ..pipeline.runner import publish_outcome, run_delivered, run_disconnect, run_end, run_stage
 from ..mail.reply import Reply
 from ..pipeline.verdict import ACCEPT, DISCARD, QUARANTINE, Verdict
+from .relay_api import Relay
 
 log = logging.getLogger("smtpgate.transaction")
 
 OK_MAIL = Reply(250, "Ok", "2.1.0")
 OK_RCPT = Reply(250, "Ok", "2.1.5")
 OK_DATA = Reply(250, "Ok", "2.0.0")
+OK_RSET = Reply(250, "Ok", "2.0.0")
 RELAY_DENIED = Reply(554, "Relay access denied", "5.7.1")
 POLICY_SPLIT = Reply(452, "Recipient governed by another policy, send it in a separate transaction",
                      "4.5.3")
 TOO_MANY_RCPTS = Reply(452, "Too many recipients", "4.5.3")
 TOO_BIG = Reply(552, "Message size exceeds fixed maximum message size", "5.3.4")
+NEED_HELO = Reply(503, "Error: send HELO first", "5.5.1")
 NEED_MAIL = Reply(503, "Error: need MAIL command", "5.5.1")
 NESTED_MAIL = Reply(503, "Error: nested MAIL command", "5.5.1")
 NEED_RCPT = Reply(503, "Error: need RCPT command", "5.5.1")
@@ -38,23 +47,135 @@ BROKEN = Reply(451, "Transaction aborted after a downstream failure, try again l
 NEED_SMTPUTF8_SENDER = Reply(553, "Non-ASCII sender address requires SMTPUTF8", "5.6.7")
 NEED_SMTPUTF8_RCPT = Reply(553, "Non-ASCII recipient address requires SMTPUTF8", "5.6.7")
 CANNOT_HOLD = Reply(451, "Local error in processing (quarantine unavailable), try again later", "4.3.0")
+RCPT_PARAMS = Reply(555, "RCPT TO parameters not supported", "5.5.4")
+
+
+# --- the state table (RFC 5321 §4.1.4, §3.3) ------------------------------------------------
+class State(enum.Enum):
+    GREET = "no HELO/EHLO yet (or none since STARTTLS)"
+    READY = "greeted, no transaction"
+    MAIL = "MAIL accepted, no recipient yet"
+    RCPT = "MAIL and at least one RCPT accepted"
+    MAIL_LOST = "MAIL accepted, the downstream lost before any recipient"
+    RCPT_LOST = "recipients accepted, then the downstream lost"
+
+
+class Step(enum.Enum):
+    """The command is in sequence: the conversation runs ``_<step>`` (e.g. ``_data_lost``)."""
+
+    GREET = "250 (EHLO: the keywords); ends any transaction; on_helo"
+    MAIL = "parameters, on_mail, the downstream opened: 250 or the refusal"
+    RCPT = "relay check, policy, on_rcpt, RCPT downstream: its reply"
+    DATA = "354, the message, on_data, relayed: the downstream's reply"
+    DATA_LOST = "354, the message dropped: 451 4.4.2; ends the transaction"
+    RSET = "250; ends any transaction"
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """The command is out of sequence: this reply, and nothing changes. ``early``: given
+    before the command's arguments are read; otherwise once their syntax is checked."""
+
+    reply: Reply
+    early: bool = False
+
+
+COMMANDS = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET")
+# The two early refusals come before any argument is looked at; the other refusals follow
+# the syntax check (a malformed nested MAIL gets its 501), as the gate has always answered.
+_HELO_FIRST, _NEED_MAIL = Refuse(NEED_HELO, early=True), Refuse(NEED_MAIL, early=True)
+TABLE: dict[State, dict[str, Step | Refuse]] = {
+    state: dict(zip(COMMANDS, cells)) for state, cells in {
+        #                 HELO        EHLO        MAIL                 RCPT            DATA                RSET
+        State.GREET:     (Step.GREET, Step.GREET, _HELO_FIRST,         _HELO_FIRST,    _HELO_FIRST,        Step.RSET),
+        State.READY:     (Step.GREET, Step.GREET, Step.MAIL,           _NEED_MAIL,     Refuse(NEED_MAIL),  Step.RSET),
+        State.MAIL:      (Step.GREET, Step.GREET, Refuse(NESTED_MAIL), Step.RCPT,      Refuse(NEED_RCPT),  Step.RSET),
+        State.RCPT:      (Step.GREET, Step.GREET, Refuse(NESTED_MAIL), Step.RCPT,      Step.DATA,          Step.RSET),
+        State.MAIL_LOST: (Step.GREET, Step.GREET, Refuse(NESTED_MAIL), Refuse(BROKEN), Refuse(NEED_RCPT),  Step.RSET),
+        State.RCPT_LOST: (Step.GREET, Step.GREET, Refuse(NESTED_MAIL), Refuse(BROKEN), Step.DATA_LOST,     Step.RSET),
+    }.items()
+}
+# Answered by the front the same in every state, never changing it: NOOP, HELP, VRFY, EXPN,
+# QUIT, AUTH, BDAT, XCLIENT, XFORWARD and unknown commands. A completed STARTTLS returns to
+# GREET (RFC 3207 §4.2: the client greets again).
+
+
+def describe() -> str:
+    """The state table as Markdown: one row per state, one column per command."""
+    def cell(c: Step | Refuse) -> str:
+        if isinstance(c, Step):
+            return c.name.lower().replace("_", " ")
+        text = c.reply.text.removeprefix("Error: ").partition(",")[0]
+        return f"`{c.reply.code} {c.reply.enhanced}` {text}" + ("" if c.early else " ¹")
+
+    rows = ["| state | " + " | ".join(COMMANDS) + " |", "|---" * (len(COMMANDS) + 1) + "|"]
+    rows += [f"| `{state.name}`: {state.value} | " + " | ".join(cell(cells[c]) for c in COMMANDS) + " |"
+             for state, cells in TABLE.items()]
+    rows += ["", "¹ after the command's arguments passed their syntax check.",
+             "", "| step | what it does |", "|---|---|"]
+    rows += [f"| {step.name.lower().replace('_', ' ')} | {step.value} |" for step in Step]
+    return "\n".join(rows)
+
+
+@dataclass
+class _Progress:
+    """How far the open transaction got downstream; replaced whole when it ends."""
+
+    mail_sent: bool = False  # MAIL FROM went downstream (at the first relayed recipient)
+    relayed: int = 0  # recipients the downstream accepted
+    pending: Verdict | None = None  # a discard/quarantine decided before DATA, applied at DATA
+    lost: bool = False  # the downstream failed mid-transaction: it can only end
 
 
 class Conversation:
-    def __init__(self, gate, session: Session):
+    """One client session. Each command method returns the reply to give; ``refusal()`` says
+    ahead of time whether a command is out of sequence (the front asks before reading
+    arguments, and before answering DATA with 354)."""
+
+    def __init__(self, gate, session: Session, relay: Relay):
         self.gate = gate
         self.session = session
         self.runtime = gate.runtime
-        self.relay = None
+        self.relay = relay
         self.tx: Transaction | None = None
         self.last_tx: Transaction | None = None
-        self._mail_sent = False
-        self._relayed = 0  # recipients the downstream accepted in this transaction
-        self._pending: Verdict | None = None  # a discard/quarantine decided before DATA
-        self._broken = False
+        self.greeted = False
+        self._progress = _Progress()
+        # What EHLO offers is fixed for the connection, as the front's reader is.
+        self._hostname = self.runtime.config.hostname
+        self._size_offered = self.runtime.config.limits.max_message_size
         self._connect_rules = ()  # the rules whose CONNECT ran: their on_disconnect runs at close
 
-    # --- session stages ----------------------------------------------------------------
+    # --- sequencing ----------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        if not self.greeted:
+            return State.GREET
+        if self.tx is None:
+            return State.READY
+        if self._progress.lost:
+            return State.RCPT_LOST if self.tx.recipients else State.MAIL_LOST
+        return State.RCPT if self.tx.recipients else State.MAIL
+
+    def refusal(self, command: str, early: bool = False) -> Reply | None:
+        """The reply if ``command`` is out of sequence now (``early``: only the refusals given
+        before its arguments are read), else None."""
+        cell = TABLE[self.state][command]
+        if isinstance(cell, Refuse) and (cell.early or not early):
+            return cell.reply
+        return None
+
+    async def _run(self, command: str, *args) -> Reply:
+        cell = TABLE[self.state][command]
+        if isinstance(cell, Refuse):
+            return cell.reply
+        return await getattr(self, "_" + cell.name.lower())(*args)
+
+    def tls_started(self) -> None:
+        """STARTTLS completed: the client must greet again (RFC 3207 §4.2)."""
+        self.greeted = False
+
+    # --- commands --------------------------------------------------------------------------
     async def connect(self) -> Reply | None:
         """Run the CONNECT stage. A ``421`` verdict (a connection limit) is returned: the
         caller says it and closes at once, as 421 means (RFC 5321 §3.8); any other
@@ -72,14 +193,74 @@ class Conversation:
         self._session_verdict(verdict, trace)
         return None
 
-    async def helo(self, name: str, esmtp: bool) -> None:
-        self.session.helo, self.session.esmtp = name, esmtp
-        self.session.proto = "ESMTP" if esmtp else "SMTP"
-        await self.rset()
+    async def greet(self, name: str, esmtp: bool, starttls: bool = False) -> Reply:
+        """HELO/EHLO (``name`` already checked): the reply, EHLO's listing ``starttls`` when
+        offered. Call ``after_greeting()`` once it is written."""
+        return await self._run("EHLO" if esmtp else "HELO", name, esmtp, starttls)
+
+    async def after_greeting(self) -> None:
+        """The rest of HELO/EHLO, after its reply: any transaction ends, ``on_helo`` runs."""
+        await self._abandon()
         trace: list[TraceEntry] = []
         policy = self.runtime.policies.session_policy
         verdict = await run_stage(policy.rules, "helo", (self.session,), trace)
         self._session_verdict(verdict, trace)
+
+    async def helo(self, name: str, esmtp: bool, starttls: bool = False) -> Reply:
+        """HELO/EHLO whole, for drivers that need not write the reply first."""
+        reply = await self.greet(name, esmtp, starttls)
+        await self.after_greeting()
+        return reply
+
+    async def mail(self, sender: Address | None, params: list[str]) -> Reply:
+        return await self._run("MAIL", sender, params)
+
+    async def rcpt(self, address: Address, params: list[str]) -> Reply:
+        return await self._run("RCPT", address, params)
+
+    async def data(self, raw: bytes | list[bytes]) -> Reply:
+        """``raw``: the message, or its pieces in order (the Message takes the list over)."""
+        return await self._run("DATA", raw)
+
+    async def rset(self) -> Reply:
+        return await self._run("RSET")
+
+    async def refused_data(self, reply: Reply) -> Reply:
+        """The message was refused while being read (size, line length, memory): the
+        transaction ends, the client gets ``reply``."""
+        await self._abandon()
+        return reply
+
+    async def close(self) -> None:
+        await self._abandon()
+        await self.relay.close()
+        rules, self._connect_rules = self._connect_rules, ()
+        await run_disconnect(rules, self.session)
+
+    # --- steps (the table's Run cells) ---------------------------------------------------------
+    async def _greet(self, name: str, esmtp: bool, starttls: bool) -> Reply:
+        self.greeted = True
+        self.session.helo, self.session.esmtp = name, esmtp
+        self.session.proto = "ESMTP" if esmtp else "SMTP"
+        return self._ehlo_reply(starttls) if esmtp else Reply(250, self._hostname)
+
+    def _ehlo_reply(self, starttls: bool) -> Reply:
+        """Only what the gate and the downstream both handle (no CHUNKING, AUTH, XCLIENT)."""
+        caps = self.relay.capabilities
+        size = self._size_offered
+        if caps.size:
+            size = min(size, caps.size) if size else caps.size
+        lines = [self._hostname, "PIPELINING"]
+        if size:
+            lines.append(f"SIZE {size}")
+        if caps.eightbitmime:
+            lines.append("8BITMIME")
+        if caps.smtputf8:
+            lines.append("SMTPUTF8")
+        if starttls:
+            lines.append("STARTTLS")
+        lines.append("ENHANCEDSTATUSCODES")
+        return Reply(250, "\n".join(lines))
 
     def _session_verdict(self, verdict: Verdict | None, trace) -> None:
         # Like Postfix's smtpd_delay_reject: a CONNECT/HELO refusal is given at MAIL and RCPT,
@@ -88,11 +269,11 @@ class Conversation:
             self.session.verdict = verdict
             self.session.data.setdefault("trace", []).extend(trace)
 
-    # --- transaction stages ------------------------------------------------------------
-    async def mail(self, sender: Address | None, params: list[str]) -> Reply:
-        if self.tx is not None:
-            return NESTED_MAIL
+    async def _mail(self, sender: Address | None, params: list[str]) -> Reply:
+        if self.session.tls and self.session.esmtp:
+            self.session.proto = "ESMTPS"
         self.runtime = self.gate.runtime  # a reload takes effect at the next transaction
+        self._progress = _Progress()  # nothing of a MAIL refused before it opened carries over
         limits = self.runtime.config.limits
         problem = _check_mail_params(params, limits.max_message_size)
         if problem:
@@ -110,12 +291,10 @@ class Conversation:
         verdict = await run_stage(policy.rules, "mail", (tx,), tx.trace)
         if verdict is not None and verdict.action not in (ACCEPT,):
             if verdict.action in (DISCARD, QUARANTINE):
-                self._pending = verdict
+                self._progress.pending = verdict
             else:
                 return await self._refuse(tx, verdict, "mail")
         try:
-            if self.relay is None:
-                self.relay = self.gate.new_relay()
             await self.relay.open(self.session)
         except RelayError as exc:
             await self._finish(tx, exc.reply, "mail")
@@ -123,21 +302,46 @@ class Conversation:
         self.tx = tx
         return OK_MAIL
 
-    async def rcpt(self, address: Address, params: list[str]) -> Reply:
+    async def _rcpt(self, address: Address, params: list[str]) -> Reply:
+        """In order: the command's own limits, the governing policy (relay check, policy split),
+        the rules, the relay check again if a rule rewrote the address, then downstream. Until
+        a recipient is accepted the transaction has no policy: a refused first one unsets it."""
         tx = self.tx
-        if tx is None:
-            return NEED_MAIL
-        if self._broken:
-            return BROKEN
+        refused = self._check_rcpt(tx, address, params)
+        if refused:
+            return refused
+        policy = self._recipient_policy(tx, address)
+        if isinstance(policy, Reply):
+            return policy
+        rcpt = Recipient(address, list(params), policy)
+        first = tx.policy is None
+        if first:
+            tx.policy = policy
+        refused = await self._recipient_rules(tx, rcpt, address, first)
+        if refused:
+            if first:
+                tx.policy = None
+            return refused
+        if rcpt.address != str(address):  # a rule rewrote it: the relay check applies again
+            refused = self._check_rewritten(rcpt)
+            if refused:
+                return refused
+        return await self._add_recipient(tx, rcpt, first)
+
+    def _check_rcpt(self, tx: Transaction, address: Address, params: list[str]) -> Reply | None:
         if params:
-            return Reply(555, "RCPT TO parameters not supported", "5.5.4")
+            return RCPT_PARAMS
         if not address.is_ascii and not _smtputf8(tx.sender_params):
             return self._refuse_non_ascii("RCPT", address, NEED_SMTPUTF8_RCPT)
         if len(tx.recipients) >= self.runtime.config.limits.max_recipients:
             return TOO_MANY_RCPTS
-        policies = self.runtime.policies
+        return None
+
+    def _recipient_policy(self, tx: Transaction, address: Address):
+        """The policy governing ``address`` (bare ``postmaster``: the transaction's, or the
+        session's), or the refusal: relay denied, or another policy than the transaction's."""
         if address.domain == "" and address.is_postmaster:
-            policy = tx.policy or policies.session_policy
+            policy = tx.policy or self.runtime.policies.session_policy
         else:
             policy = self._governing_policy(address, tx)
             if isinstance(policy, Reply):
@@ -145,59 +349,54 @@ class Conversation:
         if tx.policy is not None and policy is not tx.policy:
             self._gate_trace(tx, "rcpt", "tempfail", "policy split", POLICY_SPLIT, str(address))
             return POLICY_SPLIT
-        rcpt = Recipient(address, list(params), policy)
-        first = tx.policy is None
+        return policy
+
+    async def _recipient_rules(self, tx: Transaction, rcpt: Recipient, address: Address,
+                               first: bool) -> Reply | None:
+        """At the first recipient, the policy's own ``on_mail``; then ``on_rcpt`` (not for
+        postmaster: always accepted for governed domains). A refusal, or None."""
+        policy = rcpt.policy
         if first:
-            tx.policy = policy
-            shared = set(policies.session_policy.rules)
+            shared = set(self.runtime.policies.session_policy.rules)
             verdict = await run_stage(policy.rules, "mail", (tx,), tx.trace, skip=shared)
             if verdict is not None and verdict.action != ACCEPT:
                 if verdict.action in (DISCARD, QUARANTINE):
-                    self._pending = verdict
+                    self._progress.pending = verdict
                 else:
-                    tx.policy = None
                     return verdict.reply("mail")
-        if not address.is_postmaster:  # postmaster is always accepted for governed domains
+        if not address.is_postmaster:
             verdict = await run_stage(policy.rules, "rcpt", (tx, rcpt), tx.trace,
                                       recipient=rcpt.address)
             if verdict is not None and verdict.action != ACCEPT:
                 if verdict.action == DISCARD:
                     rcpt.discard = True
                 elif verdict.action == QUARANTINE:
-                    self._pending = verdict
+                    self._progress.pending = verdict
                 else:
-                    if first and not tx.recipients:
-                        tx.policy = None
                     return verdict.reply("rcpt")
-        if rcpt.address != str(address):  # a rule rewrote it: the relay check applies again
-            refusal = self._check_rewritten(rcpt)
-            if refusal:
-                return refusal
+        return None
+
+    async def _add_recipient(self, tx: Transaction, rcpt: Recipient, first: bool) -> Reply:
+        """A discarded recipient is kept without the downstream; any other gets the
+        downstream's RCPT reply (a lost downstream: the transaction can only end)."""
         if rcpt.discard:
             tx.recipients.append(rcpt)
             return OK_RCPT
         try:
             reply = await self._relay_rcpt(tx, rcpt)
         except RelayError as exc:
-            self._broken = True
+            self._progress.lost = True
             return exc.reply
         tx.downstream_replies.append(("rcpt", reply))
         if reply.is_positive:
             tx.recipients.append(rcpt)
-            self._relayed += 1
-        elif first and not tx.recipients:
+            self._progress.relayed += 1
+        elif first:
             tx.policy = None
         return reply
 
-    async def data(self, raw: bytes | list[bytes]) -> Reply:
-        """``raw``: the message, or its pieces in order (the Message takes the list over)."""
+    async def _data(self, raw: bytes | list[bytes]) -> Reply:
         tx = self.tx
-        if tx is None:
-            return NEED_MAIL
-        if not tx.recipients:
-            return NEED_RCPT
-        if self._broken:
-            return await self._end(tx, BROKEN)
         tx.message = Message(raw)
         del raw  # the message holds the only copy from here on
         forged = tx.message.remove_authentication_results(self.runtime.config.hostname)
@@ -206,14 +405,14 @@ class Conversation:
                                        f"removed {forged} forged Authentication-Results"))
         verdict = await run_stage(tx.policy.rules, "data", (tx,), tx.trace, message=tx.message)
         if verdict is None or verdict.action == ACCEPT:
-            verdict = self._pending
+            verdict = self._progress.pending
         if verdict is not None and verdict.action != ACCEPT:
             reply = verdict.reply("data")
             if verdict.action == QUARANTINE and await self._hold(tx, tx.message.received, verdict) is False:
                 reply = CANNOT_HOLD
             await self.relay.reset()
             return await self._end(tx, reply, deliver_hooks=verdict.action == DISCARD)
-        if self._relayed == 0:  # every recipient was discarded
+        if self._progress.relayed == 0:  # every recipient was discarded
             await self.relay.reset()
             return await self._end(tx, OK_DATA, deliver_hooks=True)
         held = None
@@ -233,6 +432,14 @@ class Conversation:
             await asyncio.to_thread(self.gate.quarantine.delete, held)
         return await self._end(tx, reply, deliver_hooks=True)
 
+    async def _data_lost(self, raw: bytes | list[bytes]) -> Reply:
+        return await self._end(self.tx, BROKEN)
+
+    async def _rset(self) -> Reply:
+        await self._abandon()
+        return OK_RSET
+
+    # --- helpers -----------------------------------------------------------------------
     async def _hold(self, tx: Transaction, raw: bytes, verdict: Verdict):
         """Store the message as received in the quarantine: its id; None without a
         quarantine (``smtpgate try``); False when the store failed (the client gets a 451).
@@ -248,20 +455,13 @@ class Conversation:
         tx.trace.append(TraceEntry("data", "gate", "quarantine", f"held as {qid}"))
         return qid
 
-    async def rset(self) -> None:
+    async def _abandon(self) -> None:
+        """End the open transaction, if any, without a reply (RSET, HELO, a refused DATA, close)."""
         tx = self.tx
         if tx is not None:
             await self.relay.reset()
             await self._end(tx, None)
 
-    async def close(self) -> None:
-        await self.rset()
-        if self.relay is not None:
-            await self.relay.close()
-        rules, self._connect_rules = self._connect_rules, ()
-        await run_disconnect(rules, self.session)
-
-    # --- helpers -----------------------------------------------------------------------
     def _governing_policy(self, address: Address, tx: Transaction):
         refusal = relay_refusal(address)
         policy = None if refusal else self.runtime.policies.for_domain(normalise_domain(address.domain))
@@ -294,13 +494,13 @@ class Conversation:
         if not utf8 and not (tx.sender.isascii() and rcpt.address.isascii()):
             # A rule rewrote an address into non-ASCII: it cannot go downstream without SMTPUTF8.
             return NEED_SMTPUTF8_SENDER if not tx.sender.isascii() else NEED_SMTPUTF8_RCPT
-        if not self._mail_sent:
+        if not self._progress.mail_sent:
             if not relay.connected:
                 await relay.open(self.session)
             reply = await relay.mail(f"<{tx.sender}>", tx.sender_params, tx.id, utf8)
             if not reply.is_positive:
                 return reply
-            self._mail_sent = True
+            self._progress.mail_sent = True
         return await relay.rcpt(rcpt.parsed.wire(), rcpt.params, utf8)
 
     def _gate_trace(self, tx, stage, action, reason, reply: Reply, recipient=None) -> None:
@@ -314,7 +514,7 @@ class Conversation:
     async def _end(self, tx: Transaction, reply: Reply | None,
                    deliver_hooks: bool = False) -> Reply | None:
         self.tx = None
-        self._mail_sent, self._relayed, self._pending, self._broken = False, 0, None, False
+        self._progress = _Progress()
         if deliver_hooks and reply is not None and tx.policy is not None:
             await run_delivered(tx.policy.rules, tx, reply, tx.trace)
         await self._finish(tx, reply, "data" if reply is not None else "rset")

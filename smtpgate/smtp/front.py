@@ -1,9 +1,10 @@
 """The only module that speaks SMTP to clients (and the only one importing aiosmtpd).
 
-aiosmtpd reads commands, handles PROXY and STARTTLS; this subclass turns MAIL/RCPT/DATA into
-conversation calls and writes their replies. What it changes from stock aiosmtpd, and why:
-- EHLO lists only what the gate and the downstream both handle (no CHUNKING, no AUTH, no
-  XCLIENT/XFORWARD);
+aiosmtpd reads commands, handles PROXY and STARTTLS; this subclass checks each command's
+arguments, hands HELO/EHLO/MAIL/RCPT/DATA/RSET to the conversation, and writes its replies.
+Which command is allowed when is the conversation's table (conversation.py), not aiosmtpd's
+``check_helo_needed``. What it changes from stock aiosmtpd, and why:
+- EHLO lists only what the gate and the downstream both handle (the conversation builds it);
 - every reply carries an enhanced status code (ENHANCEDSTATUSCODES is advertised);
 - DATA is read as it arrives and decoded piece by piece (datadecoder.py: the same strict
   end-of-data rule as a search for CRLF.CRLF, dot-unstuffing, bare CR/LF normalised to CRLF
@@ -115,8 +116,9 @@ class GateSMTP(SMTP):
     def connection_made(self, transport) -> None:
         first = self.transport is None
         super().connection_made(transport)
-        if not first:
-            return  # the TLS layer after STARTTLS: same client, same session
+        if not first:  # the TLS layer after STARTTLS: same client, same session, greeted again
+            self.conv.tls_started()
+            return
         peer = transport.get_extra_info("peername") or ("", 0)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -124,7 +126,7 @@ class GateSMTP(SMTP):
         ip = str(peer[0])
         self.gsession = Session(new_id(), ip.removeprefix("::ffff:") if "." in ip else ip,
                                 int(peer[1]) if len(peer) > 1 else 0)
-        self.conv = Conversation(self.gate, self.gsession)
+        self.conv = Conversation(self.gate, self.gsession, self.gate.new_relay())
         self.tracker.protocols.add(self)
         proxy = self.gate.runtime.config.proxy_protocol
         if proxy is not None and not proxy.trusts(self.gsession.client_ip):
@@ -187,13 +189,19 @@ class GateSMTP(SMTP):
                   exc_info=error)
         return "451 4.3.0 Local error in processing, try again later"
 
-    async def check_helo_needed(self, helo: str = "HELO") -> bool:
-        """MAIL, RCPT and DATA start here. After the gate closed the connection (a 421, the
-        too-many-errors goodbye), aiosmtpd still runs the commands a pipelining client had
-        sent; none of them may open or relay a transaction the client was told is refused."""
+    async def _out_of_sequence(self, command: str) -> bool:
+        """MAIL, RCPT and DATA start here: True when the command is answered already. After
+        the gate closed the connection (a 421, the too-many-errors goodbye), aiosmtpd still
+        runs the commands a pipelining client had sent; none of them may open or relay a
+        transaction the client was told is refused. Otherwise the conversation's table may
+        refuse the command before its arguments are read."""
         if self.transport is None or self.transport.is_closing():
             return True  # as if answered: the command does nothing
-        return await super().check_helo_needed(helo)
+        refusal = self.conv.refusal(command, early=True)
+        if refusal is not None:
+            await self._write(refusal)
+            return True
+        return False
 
     # --- writing -----------------------------------------------------------------------
     async def push(self, status) -> None:
@@ -276,26 +284,11 @@ class GateSMTP(SMTP):
         if not await self._greeting_ok("EHLO", hostname):
             return
         self._set_rset_state()
-        self.session.extended_smtp = True
-        self.session.host_name = hostname
-        caps = self.gate.capabilities
-        size = self.data_size_limit
-        if caps.size:
-            size = min(size, caps.size) if size else caps.size
-        lines = [self.hostname, "PIPELINING"]
-        if size:
-            lines.append(f"SIZE {size}")
-        if caps.eightbitmime:
-            lines.append("8BITMIME")
-        if caps.smtputf8:
-            lines.append("SMTPUTF8")
-        if self.tls_context and not self._tls_protocol:
-            lines.append("STARTTLS")
-        lines.append("ENHANCEDSTATUSCODES")
-        await self._write_lines([f"250{'-' if i < len(lines) - 1 else ' '}{text}"
-                                 for i, text in enumerate(lines)])
+        self.session.extended_smtp = True  # aiosmtpd's: its command-line length limits follow it
+        starttls = bool(self.tls_context) and not self._tls_protocol
+        await self._write(await self.conv.greet(hostname, True, starttls))
         self._tls_state()
-        await self.conv.helo(hostname, True)
+        await self.conv.after_greeting()
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str):
@@ -303,10 +296,9 @@ class GateSMTP(SMTP):
             return
         self._set_rset_state()
         self.session.extended_smtp = False
-        self.session.host_name = hostname
-        await self._write_lines([f"250 {self.hostname}"])
+        await self._write(await self.conv.greet(hostname, False))
         self._tls_state()
-        await self.conv.helo(hostname, False)
+        await self.conv.after_greeting()
 
     async def _greeting_ok(self, verb: str, hostname: str) -> bool:
         """RFC 5321 §4.1.1.1: a domain or an address literal. A refused greeting changes no
@@ -328,7 +320,7 @@ class GateSMTP(SMTP):
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None):
-        if await self.check_helo_needed():
+        if await self._out_of_sequence("MAIL"):
             return
         path = await self._path(arg, "FROM:", "MAIL FROM:<address>")
         if path is None:
@@ -339,16 +331,11 @@ class GateSMTP(SMTP):
         if getattr(self.gate, "draining", False):
             await self.hang_up(Reply(421, f"{self.hostname} Service shutting down", "4.3.2"))
             return
-        if self.gsession.tls and self.session.extended_smtp:
-            self.gsession.proto = "ESMTPS"
         await self._write(await self.conv.mail(path.address, path.params))
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None):
-        if await self.check_helo_needed():
-            return
-        if self.conv.tx is None:
-            await self._write(Reply(503, "Error: need MAIL command", "5.5.1"))
+        if await self._out_of_sequence("RCPT"):
             return
         path = await self._path(arg, "TO:", "RCPT TO:<address>")
         if path is None:
@@ -371,16 +358,16 @@ class GateSMTP(SMTP):
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None):
-        if await self.check_helo_needed():
+        if await self._out_of_sequence("DATA"):
             return
         if arg:
             await self._write(Reply(501, "Syntax: DATA", "5.5.4"))
             return
-        tx = self.conv.tx
-        if tx is None or not tx.recipients:
-            msg = "Error: need MAIL command" if tx is None else "Error: need RCPT command"
-            await self._write(Reply(503, msg, "5.5.1"))
+        refusal = self.conv.refusal("DATA")
+        if refusal is not None:
+            await self._write(refusal)
             return
+        tx = self.conv.tx
         limits = self.gate.runtime.config.limits
         share = limits.max_inflight_data // max(self.gate.runtime.config.workers, 1)
         hold = inflight.BUDGET.reserve(_declared_size(tx.sender_params) or READ_CHUNK, share)
@@ -399,8 +386,7 @@ class GateSMTP(SMTP):
                 self._in_data = False
                 self._reset_timeout()
             if isinstance(content, Reply):
-                await self.conv.rset()
-                await self._write(content)
+                await self._write(await self.conv.refused_data(content))
                 return
             await self._write(await self.conv.data(content))
             del content
@@ -436,8 +422,7 @@ class GateSMTP(SMTP):
             await self._write(Reply(501, "Syntax: RSET", "5.5.4"))
             return
         self._set_rset_state()
-        await self.conv.rset()
-        await self._write(Reply(250, "Ok", "2.0.0"))
+        await self._write(await self.conv.rset())
 
     async def smtp_BDAT(self, arg: str | None):
         # CHUNKING is never offered; swallow the chunk so its bytes are never read as commands.

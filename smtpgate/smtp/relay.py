@@ -1,13 +1,14 @@
-"""The downstream session: the only module that imports aiosmtplib.
+"""The downstream session (``Downstream``, the real ``Relay``): the only module that imports aiosmtplib.
 
 One downstream connection per client session, opened at the first MAIL and kept for the
 session's later transactions. Replies come back as ``Reply`` values to pass through; every
-way the downstream can fail (refused, reset, timeout, 421) becomes a ``RelayError`` carrying
-the ``451 4.4.x`` the client gets instead — never a 250.
+way the downstream can fail (refused, reset, timeout, 421) becomes, in ``failure()``, a
+``RelayError`` carrying the ``451 4.4.x`` the client gets instead — never a 250.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import socket
@@ -18,28 +19,33 @@ from aiosmtplib import SMTPException, SMTPResponseException
 from ..mail.addresses import helo_refusal
 from ..errors import RelayError
 from ..mail.reply import Reply
+from .relay_api import Capabilities, Relay
+
+__all__ = ["Capabilities", "Downstream", "Relay", "failure", "probe"]
 
 log = logging.getLogger("smtpgate.relay")
 
 UNREACHABLE = Reply(451, "Downstream server unavailable, try again later", "4.4.1")
 LOST = Reply(451, "Downstream connection failed, try again later", "4.4.2")
 
+# Every way aiosmtplib reports a failed exchange: refused or reset connection, timeout,
+# an unreadable or unexpected reply.
+FAILURES = (SMTPException, OSError, asyncio.TimeoutError)
 
-class Capabilities:
-    """What the downstream said in its last EHLO; the front builds its EHLO reply from it."""
 
-    def __init__(self):
-        self.known = False
-        self.size: int | None = None
-        self.eightbitmime = True
-        self.smtputf8 = False
+def failure(problem: BaseException | Reply, opening: bool = False) -> RelayError | None:
+    """The one translation of a downstream failure into what the client is told.
 
-    def update(self, extensions: dict[str, str]) -> None:
-        self.known = True
-        size = extensions.get("size", "")
-        self.size = int(size) if size.isdigit() and int(size) > 0 else None
-        self.eightbitmime = "8bitmime" in extensions
-        self.smtputf8 = "smtputf8" in extensions
+    While opening, any failure is ``451 4.4.1`` (unreachable); later, a failure or a ``421``
+    reply (the downstream is closing) is ``451 4.4.2`` (lost) and the client keeps its
+    session. Any other reply is no failure (None): it passes through unchanged."""
+    if isinstance(problem, Reply):
+        if problem.code != 421:
+            return None
+        return RelayError(f"downstream closing: {problem}", LOST)
+    if opening:
+        return RelayError(f"downstream unavailable: {problem}", UNREACHABLE)
+    return RelayError(f"downstream failed: {problem}", LOST)
 
 
 # Besides '+' and '=', the brackets are hex-encoded too (RFC 3461 §4 allows hex for any
@@ -90,17 +96,13 @@ class Downstream:
                                local_hostname=self.local_hostname,
                                start_tls={"none": False, "starttls": None, "required": True}[tls],
                                validate_certs=tls == "required")
-        try:
+        with self._failures(opening=smtp):
             await smtp.connect()
             _nodelay(smtp)
             await smtp.ehlo()
             self.capabilities.update(smtp.esmtp_extensions)
             if self.cfg.xclient and "xclient" in smtp.esmtp_extensions:
                 await self._xclient(smtp, session)
-        except (SMTPException, OSError, asyncio.TimeoutError) as exc:
-            smtp.close()
-            log.warning("downstream %s:%s unavailable: %s", self.cfg.host, self.cfg.port, exc)
-            raise RelayError(f"downstream unavailable: {exc}", UNREACHABLE) from None
         self._smtp = smtp
 
     async def _xclient(self, smtp, session) -> None:
@@ -155,12 +157,10 @@ class Downstream:
         pieces = [raw] if isinstance(raw, (bytes, bytearray, memoryview)) else raw
         if not any(len(p) for p in pieces):
             return await self._empty_data()
-        try:
+        with self._failures():
             start = await smtp.execute_command(b"DATA")
             if start.code == 354:
                 response = await self._send_body(smtp, pieces)
-        except (SMTPException, OSError, asyncio.TimeoutError) as exc:
-            raise self._lost(exc) from None
         if start.code != 354 or response.code != 250:
             failed = start if start.code != 354 else response
             reply = self._check(Reply.from_downstream(failed.code, failed.message))
@@ -211,7 +211,7 @@ class Downstream:
         if smtp is not None and smtp.is_connected:
             try:
                 await asyncio.wait_for(smtp.quit(), timeout=5)
-            except (SMTPException, OSError, asyncio.TimeoutError):
+            except FAILURES:  # saying goodbye: nobody to tell
                 smtp.close()
 
     def _require(self):
@@ -221,23 +221,31 @@ class Downstream:
 
     async def _command(self, *args: bytes) -> Reply:
         smtp = self._require()
-        try:
+        with self._failures():
             response = await smtp.execute_command(*args)
-        except (SMTPException, OSError, asyncio.TimeoutError) as exc:
-            raise self._lost(exc) from None
         return self._check(Reply.from_downstream(response.code, response.message))
 
     def _check(self, reply: Reply) -> Reply:
-        # A 421 means the downstream is closing; the client keeps its session and retries.
-        if reply.code == 421:
+        error = failure(reply)
+        if error is not None:
             self._drop()
-            raise RelayError(f"downstream closing: {reply}", LOST)
+            raise error
         return reply
 
-    def _lost(self, exc: BaseException) -> RelayError:
-        log.warning("downstream connection failed: %s", exc or type(exc).__name__)
-        self._drop()
-        return RelayError(f"downstream failed: {exc}", LOST)
+    @contextlib.contextmanager
+    def _failures(self, opening: "aiosmtplib.SMTP | None" = None):
+        """Around every exchange: aiosmtplib's failures close the connection (``opening``: the
+        one being opened) and become the ``RelayError`` that ``failure()`` says."""
+        try:
+            yield
+        except FAILURES as exc:
+            if opening is not None:
+                opening.close()
+                log.warning("downstream %s:%s unavailable: %s", self.cfg.host, self.cfg.port, exc)
+            else:
+                log.warning("downstream connection failed: %s", exc or type(exc).__name__)
+                self._drop()
+            raise failure(exc, opening=opening is not None) from None
 
     def _drop(self) -> None:
         if self._smtp is not None:
@@ -256,7 +264,7 @@ async def probe(cfg, local_hostname: str, capabilities: Capabilities) -> bool:
         capabilities.update(smtp.esmtp_extensions)
         await smtp.quit()
         return True
-    except (SMTPException, OSError, asyncio.TimeoutError) as exc:
+    except FAILURES as exc:  # not a client's transaction: no reply to give, only a log line
         smtp.close()
         log.warning("downstream %s:%s not answering yet (%s); EHLO offers the safe minimum",
                     cfg.host, cfg.port, exc)

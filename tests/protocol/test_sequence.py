@@ -12,7 +12,7 @@ MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
 
 async def greeted() -> tuple[Harness, Conversation]:
     h = Harness()
-    conv = Conversation(h.gate, Session(new_id(), "192.0.2.1"))
+    conv = Conversation(h.gate, Session(new_id(), "192.0.2.1"), h.gate.new_relay())
     await conv.connect()
     await conv.helo("client.example", True)
     return h, conv
