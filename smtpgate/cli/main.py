@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 
 from .. import __version__
@@ -10,8 +11,54 @@ from .quarantine import add_parser as add_quarantine_parser
 from .senders import add_parser as add_senders_parser
 from .state import add_parser as add_state_parser
 
+#: the entry-point group through which a package adds an ``smtpgate`` subcommand
+COMMANDS_GROUP = "smtpgate.commands"
 
-def _parser() -> argparse.ArgumentParser:
+
+class CommandContext:
+    """What the handler of a contributed subcommand gets besides its parsed arguments: the
+    configuration path and, on demand, the gate's runtime (its stores and policies, as
+    ``smtpgate serve`` would load them). A contributed command imports nothing else from
+    smtpgate's insides.
+
+    A handler may raise ``smtpgate.ConfigError`` / ``PluginError`` (exit 2, the message
+    printed) or ``smtpgate.StoreError`` (exit 1); anything else is a bug and shows as one."""
+
+    def __init__(self, config_path: str | None):
+        self.config_path = config_path
+        self._runtime = None
+
+    def runtime(self):
+        """The loaded configuration: ``.stores`` (``.greylist``, ``.senders``, ``.limits``),
+        ``.policies`` (each with its rule instances ``.rules``), ``.config``."""
+        if self._runtime is None:
+            from ..runtime.loading import load_runtime
+            self._runtime = load_runtime(self.config_path)
+        return self._runtime
+
+    def rules(self, name: str) -> list:
+        """The instances of rule ``name`` in the configuration, the default policy's first."""
+        policies = sorted(self.runtime().policies, key=lambda p: p.name != "default")
+        return [r for p in policies for r in p.rules if r.name == name]
+
+
+def _contributed(sub, common) -> dict:
+    """``{command: handler}`` from the ``smtpgate.commands`` entry points. Each entry point
+    names ``add_parser(subparsers, common) -> handler``; ``add_parser`` adds the subparser
+    named like the entry point, ``handler(args, context: CommandContext) -> exit status``.
+    A broken one is reported on stderr and left out: it must not take the gate's own
+    commands (``serve`` first) down with it."""
+    handlers = {}
+    for ep in sorted(importlib.metadata.entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            handlers[ep.name] = ep.load()(sub, common)
+        except Exception as e:  # a third party's bug: say which, carry on
+            print(f"smtpgate: command {ep.name!r} ({ep.value}) not loaded: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+    return handlers
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict]:
     # -c goes before or after the subcommand's own words: both parsers know it; the
     # subparser's copy must not overwrite a value given before the subcommand.
     common = argparse.ArgumentParser(add_help=False)
@@ -40,12 +87,15 @@ def _parser() -> argparse.ArgumentParser:
     add_senders_parser(sub, common)
     add_state_parser(sub, common)
     sub.add_parser("version", parents=[common], help="print the version")
-    return p
+    return p, _contributed(sub, common)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser, contributed = _parser()
+    args = parser.parse_args(argv)
     config = getattr(args, "config", None)
+    if args.command in contributed:
+        return _run_contributed(contributed[args.command], args, config)
     if args.command == "version":
         print(f"smtpgate {__version__}")
         return 0
@@ -71,6 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         from .quarantine import quarantine_command
         return quarantine_command(args, config)
     return 2
+
+
+def _run_contributed(handler, args, config: str | None) -> int:
+    from ..errors import ConfigError, PluginError, StoreError
+    try:
+        return int(handler(args, CommandContext(config)) or 0)
+    except (ConfigError, PluginError) as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except StoreError as e:
+        print(f"smtpgate {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
