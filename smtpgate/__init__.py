@@ -9,14 +9,15 @@ from .mail.session import Event, Recipient, Session, TraceEntry, Transaction
 from .errors import ConfigError, OptionError, PluginError, RelayError, StoreError
 from .mail.message import Message
 from .pipeline.options import (Option, anything, boolean, duration, integer, list_of, mapping_of, network,
-                               number, one_of, regex, size, string)
+                               number, one_of, prefix_length, regex, size, string)
 from .mail.reply import Reply
 from .resolver import DnsError, reverse_name
 from .pipeline.rule import GateContext, Rule
 from .stores.greylist import Params as GreylistParams
 from .pipeline.verdict import Verdict
 from .machines.machine import KNOWN_EVENTS, Machine, MachineError, SenderState, Transition
-from .machines.rule import MachineRule, client_key, sender_key, state
+from .machines.rule import MachineRule, state
+from .mail.keys import client_key, sender_key
 
 __version__ = "0.1.0"
 
@@ -26,7 +27,7 @@ __all__ = [
     "TraceEntry", "Transaction", "Verdict", "__version__",
     "DnsError", "reverse_name",
     "anything", "boolean", "duration", "integer", "list_of", "mapping_of", "network", "number",
-    "one_of", "parse_address", "regex", "size", "string",
+    "one_of", "parse_address", "prefix_length", "regex", "size", "string",
     "Event", "KNOWN_EVENTS", "Machine", "MachineError", "MachineRule", "SenderState", "Transition",
     "client_key", "sender_key", "state",
 ]
