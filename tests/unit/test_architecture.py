@@ -55,10 +55,19 @@ def plugin_files():
 @pytest.mark.parametrize("path", plugin_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_rules_use_only_the_public_api(path):
     # First-party rules and the example are written exactly as a user's plugin: `smtpgate`
-    # itself and `smtpgate.testing` (for their tests), never internal modules.
-    private = {m for m in imports(path)
-               if m.startswith("smtpgate.") and m != "smtpgate.testing"}
+    # itself, `smtpgate.testing` (for their tests) and `smtpgate.cli_api` (for a rule's own
+    # command, cli.py), never internal modules.
+    public = {"smtpgate.testing"} | ({"smtpgate.cli_api"} if path.name == "cli.py" else set())
+    private = {m for m in imports(path) if m.startswith("smtpgate.") and m not in public}
     assert not private, f"{path.name} imports internals: {sorted(private)}"
+
+
+def test_the_gate_names_no_rule():
+    # The gate's own code knows no first-party rule: each brings its command (entry points)
+    # and its parts; nothing in smtpgate/ imports smtpgate_rules.
+    importers = [str(p.relative_to(PRODUCT)) for p in PRODUCT.rglob("*.py")
+                 if any(m == "smtpgate_rules" or m.startswith("smtpgate_rules.") for m in imports(p))]
+    assert importers == []
 
 
 def test_public_api_is_exported():
