@@ -8,6 +8,10 @@ greylisted any more. Senders that retry from a pool of addresses (big providers)
 by their domain instead of the network: a configured list, or an SPF pass another rule
 published in ``tx.data["spf"]``.
 
+Host-name whitelists (``whitelist_client_names``) read the name the fcrdns rule verified at
+CONNECT (``verified_client_name``): greylist makes no DNS lookups of its own, so that rule
+must come before it in the policy.
+
 Written only against the public plugin API, like any user's plugin. The state lives in the
 gate's greylist store (``self.gate.stores.greylist``, SQLite or Redis by ``state:``).
 Documentation: docs/rules/greylist.md.

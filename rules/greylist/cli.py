@@ -18,8 +18,9 @@ import asyncio
 import ipaddress
 import json
 import sys
+import time
 
-from smtpgate import Clock, Session, StoreError, duration
+from smtpgate import Session, StoreError, duration
 from smtpgate.cli_api import GreylistSelector, json_parent, make_allow, positive, table, triplet_value, utc
 
 RULE_NAME = "greylist"
@@ -103,7 +104,7 @@ async def _run(args, context):
     try:
         handler = {"list": _list, "show": _show, "allow": _allow, "delete": _delete,
                    "purge": _purge, "stats": _stats}[args.greylist_command]
-        return await handler(args, context, stores.greylist, Clock().now())
+        return await handler(args, context, stores.greylist, time.time())
     finally:
         await stores.close()
 

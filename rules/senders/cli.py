@@ -19,8 +19,9 @@ import asyncio
 import copy
 import json
 import sys
+import time
 
-from smtpgate import Clock, MachineError, MachineRule, StoreError
+from smtpgate import MachineError, MachineRule, StoreError
 from smtpgate.cli_api import json_parent, positive, table, utc
 
 
@@ -121,7 +122,7 @@ def machine_rule(context, machine: str | None, policy: str | None):
 async def _run(args, runtime, rule):
     try:
         handler = {"list": _list, "show": _show, "set": _set, "reset": _reset}[args.senders_command]
-        return await handler(args, rule, runtime.stores.senders, Clock().now())
+        return await handler(args, rule, runtime.stores.senders, time.time())
     finally:
         await runtime.stores.close()
 

@@ -73,5 +73,20 @@ def test_the_gate_names_no_rule():
 def test_public_api_is_exported():
     import smtpgate
     for name in ("Rule", "Verdict", "Option", "Session", "Transaction", "Message", "Reply",
-                 "ConfigError", "PluginError", "StoreError", "RelayError"):
+                 "ConfigError", "PluginError", "StoreError", "sender_key", "client_key"):
         assert hasattr(smtpgate, name), name
+
+
+def test_every_public_name_is_documented():
+    # A docstring on each exported object, and one line for each in the table of
+    # docs/writing-rules.md ("The public API"), so the API is what the docs say it is.
+    import inspect
+
+    import smtpgate
+    doc = (ROOT / "docs" / "writing-rules.md").read_text()
+    table = doc[doc.index("## The public API"):]
+    for name in smtpgate.__all__:
+        obj = getattr(smtpgate, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert (obj.__dict__.get("__doc__") if inspect.isclass(obj) else obj.__doc__), f"{name} has no docstring"
+        assert f"`{name}" in table, f"{name} is missing from the table in docs/writing-rules.md"
