@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from smtpgate import (Option, OptionError, Rule, StoreError, Verdict, client_key, duration, integer,
-                      list_of, sender_key, string)
+                      list_of, prefix_length, sender_key, string)
 
 KINDS = ("client", "client_net", "sender", "sender_domain", "recipient")
 AT_MAIL = ("client", "client_net", "sender", "sender_domain")
@@ -93,8 +93,8 @@ class Limits(Rule):
                                      "ipv6_prefix network (0: no limit)")
     connection_ttl = Option(duration, "1h", "how long a connection slot lives without a MAIL "
                                             "(what a crashed gate leaks at most)")
-    ipv4_prefix = Option(integer, 24, "the IPv4 network client_net keys by")
-    ipv6_prefix = Option(integer, 64, "the IPv6 network client_net and connections key by")
+    ipv4_prefix = Option(prefix_length(32), 24, "the IPv4 network client_net keys by")
+    ipv6_prefix = Option(prefix_length(128), 64, "the IPv6 network client_net and connections key by")
     message = Option(string, DEFAULT_MESSAGE, "the 451 text; {what} {max} {within} {wait} {after}")
 
     def setup(self):
@@ -102,10 +102,6 @@ class Limits(Rule):
             raise OptionError("connections", f"expected 0 (no limit) or more, got {self.connections}")
         if self.connection_ttl < 60:
             raise OptionError("connection_ttl", "must be 1m or more")
-        if not 0 <= self.ipv4_prefix <= 32:
-            raise OptionError("ipv4_prefix", f"expected 0-32, got {self.ipv4_prefix}")
-        if not 0 <= self.ipv6_prefix <= 128:
-            raise OptionError("ipv6_prefix", f"expected 0-128, got {self.ipv6_prefix}")
         try:
             sample = self.message.format(what="from x", max=1, within="1h", wait=1, after="2026-01-01T00:00:00Z")
         except (KeyError, IndexError, ValueError) as e:

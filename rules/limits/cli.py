@@ -21,6 +21,8 @@ import json
 import sys
 import time
 
+from smtpgate.cli_api import json_parent, positive, table
+
 from . import KINDS, Limits, human, utc
 
 CONNECTIONS = "connections"
@@ -29,28 +31,17 @@ ALL_KINDS = KINDS + (CONNECTIONS,)
 
 def add_parser(sub, common: argparse.ArgumentParser):
     """The ``smtpgate.commands`` entry point: add ``limits`` and return its handler."""
-    out = argparse.ArgumentParser(add_help=False)
-    out.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    out = json_parent()
     s = sub.add_parser("limits", parents=[common], help="rate and connection counters: list, show, reset")
     lsub = s.add_subparsers(dest="limits_command", metavar="COMMAND", required=True)
     p = lsub.add_parser("list", parents=[common, out], help="counters, the most recent first")
     p.add_argument("--key", choices=ALL_KINDS, metavar="KIND", help=f"only this kind ({', '.join(ALL_KINDS)})")
-    p.add_argument("--limit", type=_positive, metavar="N", help="at most N counters")
+    p.add_argument("--limit", type=positive, metavar="N", help="at most N counters")
     p = lsub.add_parser("show", parents=[common, out], help="one key's counters against its limits")
     p.add_argument("key", metavar="KIND:VALUE")
     p = lsub.add_parser("reset", parents=[common, out], help="forget one key's counters (all windows)")
     p.add_argument("key", metavar="KIND:VALUE")
     return limits_command
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {n}")
-    return n
 
 
 class UsageError(Exception):
@@ -105,12 +96,6 @@ def _counter_doc(rule, c, now) -> dict:
     return d
 
 
-def _table(rows: list[tuple], header: tuple) -> str:
-    rows = [tuple("-" if c is None else str(c) for c in r) for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
-
-
 async def _list(args, store, rule, now):
     counters = [] if args.key == CONNECTIONS else await store.counters(args.key, limit=args.limit)
     conns = await store.connections(now=now, limit=args.limit) if args.key in (None, CONNECTIONS) else {}
@@ -118,7 +103,7 @@ async def _list(args, store, rule, now):
     rows = [(d["kind"], d["value"], human(d["window"]), f"{d['estimate']:g}", d["limit"]) for d in docs]
     rows += [(CONNECTIONS, client, "-", n, rule.connections or None) for client, n in conns.items()]
     doc = {"counters": docs, "connections": [{"client": k, "count": n} for k, n in conns.items()]}
-    return doc, _table(rows, ("KIND", "VALUE", "WINDOW", "NOW", "LIMIT")) if rows else "no counters"
+    return doc, table(rows, ("KIND", "VALUE", "WINDOW", "NOW", "LIMIT")) if rows else "no counters"
 
 
 async def _show(store, rule, kind, value, now):

@@ -6,40 +6,12 @@ import importlib.metadata
 import sys
 
 from .. import __version__
-from .greylist import add_parser as add_greylist_parser
+from .common import CommandContext
 from .quarantine import add_parser as add_quarantine_parser
-from .senders import add_parser as add_senders_parser
 from .state import add_parser as add_state_parser
 
 #: the entry-point group through which a package adds an ``smtpgate`` subcommand
 COMMANDS_GROUP = "smtpgate.commands"
-
-
-class CommandContext:
-    """What the handler of a contributed subcommand gets besides its parsed arguments: the
-    configuration path and, on demand, the gate's runtime (its stores and policies, as
-    ``smtpgate serve`` would load them). A contributed command imports nothing else from
-    smtpgate's insides.
-
-    A handler may raise ``smtpgate.ConfigError`` / ``PluginError`` (exit 2, the message
-    printed) or ``smtpgate.StoreError`` (exit 1); anything else is a bug and shows as one."""
-
-    def __init__(self, config_path: str | None):
-        self.config_path = config_path
-        self._runtime = None
-
-    def runtime(self):
-        """The loaded configuration: ``.stores`` (``.greylist``, ``.senders``, ``.limits``),
-        ``.policies`` (each with its rule instances ``.rules``), ``.config``."""
-        if self._runtime is None:
-            from ..runtime.loading import load_runtime
-            self._runtime = load_runtime(self.config_path)
-        return self._runtime
-
-    def rules(self, name: str) -> list:
-        """The instances of rule ``name`` in the configuration, the default policy's first."""
-        policies = sorted(self.runtime().policies, key=lambda p: p.name != "default")
-        return [r for p in policies for r in p.rules if r.name == name]
 
 
 def _contributed(sub, common) -> dict:
@@ -82,9 +54,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     t.add_argument("--json", action="store_true", help="one JSON document on stdout")
     t.add_argument("--show-message", action="store_true",
                    help="print the message as it would be relayed")
-    add_greylist_parser(sub, common)
     add_quarantine_parser(sub, common)
-    add_senders_parser(sub, common)
     add_state_parser(sub, common)
     sub.add_parser("version", parents=[common], help="print the version")
     return p, _contributed(sub, common)
@@ -108,12 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "try":
         from .trycmd import try_command
         return try_command(args, config)
-    if args.command == "greylist":
-        from .greylist import greylist_command
-        return greylist_command(args, config)
-    if args.command == "senders":
-        from .senders import senders_command
-        return senders_command(args, config)
     if args.command == "state":
         from .state import state_command
         return state_command(args, config)

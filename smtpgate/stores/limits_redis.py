@@ -18,7 +18,7 @@ import math
 from collections import Counter as TallyCounter
 
 from .limits import CONNECTIONS, Counter, LimitsStore, RateCheck, RateOutcome
-from .redis_store import RedisLink
+from .redis_store import RedisLink, glob_escape
 
 SCAN_COUNT = 1000
 
@@ -85,10 +85,6 @@ def _s(value) -> str:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
 class RedisLimitsStore(LimitsStore):
     def __init__(self, url: str, prefix: str | None = None):
         self.url = url
@@ -127,7 +123,7 @@ class RedisLimitsStore(LimitsStore):
             return None
 
     async def counters(self, kind=None, value=None, limit=None) -> list[Counter]:
-        pattern = _glob_escape(f"{self.prefix}r:" + (f"{kind}:" if kind else "")) + "*"
+        pattern = glob_escape(f"{self.prefix}r:" + (f"{kind}:" if kind else "")) + "*"
         out: list[Counter] = []
 
         async def run(r):
@@ -178,7 +174,7 @@ class RedisLimitsStore(LimitsStore):
         await self.link.run(lambda r: r.zrem(key, member))
 
     async def connections(self, client=None, now=0.0, limit=None) -> dict[str, int]:
-        pattern = _glob_escape(self.connections_key(client) if client is not None else f"{self.prefix}c:")
+        pattern = glob_escape(self.connections_key(client) if client is not None else f"{self.prefix}c:")
         pattern += "" if client is not None else "*"
         found: dict[str, int] = {}
 
@@ -201,7 +197,7 @@ class RedisLimitsStore(LimitsStore):
 
     # -- moving to another store (portable.py) -----------------------------------------
     async def export_batches(self):
-        pattern = _glob_escape(f"{self.prefix}r:") + "*"
+        pattern = glob_escape(f"{self.prefix}r:") + "*"
         cursor = 0
         while True:  # one SCAN page per call
             async def page(r, at=cursor):
