@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.clockfile import ClockFile
 from tests.support.downstream import CapturingDownstream
+from tests.support import redisproc
 from tests.support.gateproc import (
     GateProcess,
     Plugins,
@@ -46,6 +47,22 @@ def require_tool() -> Callable[[str], str]:
 def gate_clock(tmp_path: Path) -> ClockFile:
     """The wall clock of gates started with `env=gate_clock.env` (and their CLI): `.advance(seconds)`."""
     return ClockFile(tmp_path / "gate-clock")
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A `state:` URL several gates can share, once per backend: a SQLite file in tmp_path, or
+    the shared Redis under a key prefix of this test's own (its keys deleted afterwards; name
+    it before gate_factory so the gates stop first)."""
+    if request.param == "sqlite":
+        yield f"sqlite://{tmp_path / 'shared-state.db'}"
+        return
+    redisproc.require_redis()
+    prefix = redisproc.new_prefix()
+    try:
+        yield redisproc.redis_state(prefix)
+    finally:
+        redisproc.delete_redis_keys(prefix)
 
 
 @pytest.fixture

@@ -5,10 +5,6 @@ from __future__ import annotations
 import json
 import smtplib
 
-import pytest
-
-from tests.support.redisproc import delete_redis_keys, new_prefix, redis_state, require_redis
-
 POLICIES = {"default.yaml": "domains: [example.com]\nrules:\n  - greylist: {delay: 2s}\n"}
 MESSAGE = b"From: alice@sender.test\r\nTo: bob@example.com\r\nSubject: greylist\r\n\r\nhello\r\n"
 
@@ -42,23 +38,11 @@ def test_first_attempt_deferred_retry_after_the_delay_delivered(gate_factory, do
     assert sum(stats["retry_delays"].values()) == 1
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
-def test_a_triplet_greylisted_before_a_restart_passes_after_it(gate_factory, downstream, tmp_path, backend,
-                                                               gate_clock):
-    prefix = new_prefix()
-    if backend == "redis":
-        require_redis()
-        state = redis_state(prefix)
-    else:
-        state = f"sqlite://{tmp_path / 'shared-state.db'}"
-    try:
-        first = gate_factory(policies=POLICIES, config={"state": state}, env=gate_clock.env)
-        assert send(first)[0] == 451
-        assert first.stop() == 0
-        second = gate_factory(policies=POLICIES, config={"state": state}, env=gate_clock.env)
-        gate_clock.advance(3)
-        assert send(second) == (250, "")
-        assert len(downstream.wait_for_messages(1)) == 1
-    finally:
-        if backend == "redis":
-            delete_redis_keys(prefix)
+def test_a_triplet_greylisted_before_a_restart_passes_after_it(state_url, gate_factory, downstream, gate_clock):
+    first = gate_factory(policies=POLICIES, config={"state": state_url}, env=gate_clock.env)
+    assert send(first)[0] == 451
+    assert first.stop() == 0
+    second = gate_factory(policies=POLICIES, config={"state": state_url}, env=gate_clock.env)
+    gate_clock.advance(3)
+    assert send(second) == (250, "")
+    assert len(downstream.wait_for_messages(1)) == 1

@@ -9,10 +9,7 @@ import json
 import smtplib
 import threading
 
-import pytest
-
 from tests.support.constants import PLUGINS
-from tests.support.redisproc import delete_redis_keys, new_prefix, redis_state, require_redis
 
 SENDER = "Alice@Sender.Test"
 KEY = "alice@sender.test"
@@ -115,37 +112,25 @@ rules:
 """}
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
-def test_concurrent_transactions_of_one_sender_through_two_gates_lose_no_event(gate_factory, downstream,
-                                                                              tmp_path, backend):
-    prefix = new_prefix()
-    if backend == "redis":
-        require_redis()
-        state = redis_state(prefix)
-    else:
-        state = f"sqlite://{tmp_path / 'shared-state.db'}"
-    try:
-        gates = [gate_factory(policies=CONCURRENT, config={"state": state}) for _ in range(2)]
-        results, errors = [], []
+def test_concurrent_transactions_of_one_sender_through_two_gates_lose_no_event(state_url, gate_factory, downstream):
+    gates = [gate_factory(policies=CONCURRENT, config={"state": state_url}) for _ in range(2)]
+    results, errors = [], []
 
-        def client(gate, n):
-            try:
-                for _ in range(n):
-                    results.append(send(gate))
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
+    def client(gate, n):
+        try:
+            for _ in range(n):
+                results.append(send(gate))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
 
-        threads = [threading.Thread(target=client, args=(gates[i % 2], 5)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert errors == [] and results == [(250, "")] * 40
-        downstream.wait_for_messages(40)
-        doc = show(gates[0])
-        assert doc["counts"] == {"delivered": 40}  # not one lost
-        assert doc["state"] == "busy"
-        assert [(h["from"], h["to"]) for h in doc["history"]] == [("new", "busy")]  # the guard held once
-    finally:
-        if backend == "redis":
-            delete_redis_keys(prefix)
+    threads = [threading.Thread(target=client, args=(gates[i % 2], 5)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and results == [(250, "")] * 40
+    downstream.wait_for_messages(40)
+    doc = show(gates[0])
+    assert doc["counts"] == {"delivered": 40}  # not one lost
+    assert doc["state"] == "busy"
+    assert [(h["from"], h["to"]) for h in doc["history"]] == [("new", "busy")]  # the guard held once
