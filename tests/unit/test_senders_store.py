@@ -8,7 +8,6 @@ Times are explicit: the stores never read a clock. No test sleeps.
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import subprocess
 import sys
@@ -21,10 +20,9 @@ from smtpgate.stores import Stores, open_sender_store, open_stores
 from smtpgate.stores.senders import HISTORY_MAX, Change, SenderRecord
 from smtpgate.stores.senders_sqlite import SENDERS_SCHEMA
 from smtpgate.stores.sqlite_store import GREYLIST_SCHEMA
-from tests.unit.test_stores import delete_redis_keys, new_prefix, redis_state, require_redis
+from tests.support.constants import ROOT, T0
+from tests.support.redisproc import UNREACHABLE_REDIS_URL, delete_redis_keys, new_prefix, redis_state, require_redis
 
-T0 = 1_767_225_600.0
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A machine whose guards need exact counts: 10 hits to leave a, 10 more to leave b.
 COUNTER = Machine("counter", {"a": {"hit": Transition("b", count=10)},
@@ -139,7 +137,7 @@ async def test_history_is_bounded(store):
 
 
 async def test_a_store_failure_is_a_store_error(backend, tmp_path):
-    url = f"sqlite://{tmp_path / 'a-file'}/x.db" if backend == "sqlite" else "redis://127.0.0.1:1/0"
+    url = f"sqlite://{tmp_path / 'a-file'}/x.db" if backend == "sqlite" else UNREACHABLE_REDIS_URL
     if backend == "sqlite":
         (tmp_path / "a-file").write_text("not a folder")
     store = open_sender_store(url)
@@ -186,10 +184,10 @@ async def test_concurrent_updates_from_two_gates_lose_no_event_and_keep_every_gu
 
 SQLITE_WORKER = textwrap.dedent("""
     import asyncio, sys
-    sys.path.insert(0, sys.argv[3])
     from smtpgate import Event
     from smtpgate.stores import open_sender_store
-    from test_senders_store import COUNTER, T0
+    from tests.support.constants import ROOT, T0
+    from tests.unit.test_senders_store import COUNTER  # run from the repository root
 
     async def main(url, n):
         store = open_sender_store(url)
@@ -204,8 +202,7 @@ SQLITE_WORKER = textwrap.dedent("""
 
 def test_two_worker_processes_on_one_sqlite_file_lose_no_event(tmp_path):
     url = f"sqlite://{tmp_path / 'state.db'}"
-    tests = os.path.dirname(os.path.abspath(__file__))
-    procs = [subprocess.Popen([sys.executable, "-c", SQLITE_WORKER, url, "60", tests], cwd=ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", SQLITE_WORKER, url, "60"], cwd=ROOT)
              for _ in range(2)]
     assert [p.wait(60) for p in procs] == [0, 0]
     conn = sqlite3.connect(tmp_path / "state.db")
