@@ -18,7 +18,6 @@ import asyncio
 import ipaddress
 import json
 import sys
-import time
 
 from smtpgate import Session, StoreError, duration
 from smtpgate.cli_api import GreylistSelector, json_parent, make_allow, positive, table, triplet_value, utc
@@ -104,7 +103,7 @@ async def _run(args, context):
     try:
         handler = {"list": _list, "show": _show, "allow": _allow, "delete": _delete,
                    "purge": _purge, "stats": _stats}[args.greylist_command]
-        return await handler(args, context, stores.greylist, time.time())
+        return await handler(args, context, stores.greylist, context.now())
     finally:
         await stores.close()
 

@@ -53,7 +53,7 @@ def limits_command(args, context) -> int:
     runtime = context.runtime()
     rule = (context.rules("limits") or [Limits({})])[0]  # its key normalisation and limits
     try:
-        doc, text = asyncio.run(_run(args, runtime.stores.limits, rule, time.time()))
+        doc, text = asyncio.run(_run(args, runtime.stores.limits, rule, context.now()))
     except UsageError as e:
         print(f"smtpgate limits {args.limits_command}: {e}", file=sys.stderr)
         return 2

@@ -71,7 +71,7 @@ def senders_command(args, context) -> int:
         if args.senders_command == "graph":
             print(rule.machine.to_dot(), end="")
             return 0
-        doc, text = asyncio.run(_run(args, runtime, rule))
+        doc, text = asyncio.run(_run(args, runtime, rule, context.now()))
     except UsageError as e:
         print(f"smtpgate senders {args.senders_command}: {e}", file=sys.stderr)
         return 2
@@ -119,10 +119,10 @@ def machine_rule(context, machine: str | None, policy: str | None):
     return found[0][1]
 
 
-async def _run(args, runtime, rule):
+async def _run(args, runtime, rule, now: float):
     try:
         handler = {"list": _list, "show": _show, "set": _set, "reset": _reset}[args.senders_command]
-        return await handler(args, rule, runtime.stores.senders, time.time())
+        return await handler(args, rule, runtime.stores.senders, now)
     finally:
         await runtime.stores.close()
 

@@ -28,6 +28,12 @@ class CommandContext:
             self._runtime = load_runtime(self.config_path)
         return self._runtime
 
+    def now(self) -> float:
+        """The gate's wall-clock time (``time.time()``, moved as the gate's own clock is:
+        ``SMTPGATE_CLOCK_FILE``), so a command judges expiry exactly as the gate does."""
+        from ..clock import Clock
+        return Clock().now()
+
     def rules(self, name: str) -> list:
         """The instances of rule ``name`` in the configuration, the default policy's first."""
         return [r for _, r in self.policy_rules(lambda r: r.name == name)]
