@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 
 from smtpgate.cli_api import json_parent, positive, table
 

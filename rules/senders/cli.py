@@ -19,7 +19,6 @@ import asyncio
 import copy
 import json
 import sys
-import time
 
 from smtpgate import MachineError, MachineRule, StoreError
 from smtpgate.cli_api import json_parent, positive, table, utc
