@@ -12,6 +12,7 @@ from .pipeline.options import (Option, anything, boolean, duration, integer, lis
                                number, one_of, regex, size, string)
 from .mail.reply import Reply
 from .resolver import DnsError, reverse_name
+from .pipeline.results import Results, RuleResult
 from .pipeline.rule import GateContext, Rule
 from .stores.greylist import Params as GreylistParams
 from .pipeline.verdict import Verdict
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Address", "AddressError", "Clock", "ConfigError", "GateContext", "Message", "Option", "OptionError",
-    "GreylistParams", "PluginError", "Recipient", "RelayError", "Reply", "Rule", "Session", "StoreError",
+    "GreylistParams", "PluginError", "Recipient", "RelayError", "Reply", "Results", "Rule", "RuleResult", "Session", "StoreError",
     "TraceEntry", "Transaction", "Verdict", "__version__",
     "DnsError", "reverse_name",
     "anything", "boolean", "duration", "integer", "list_of", "mapping_of", "network", "number",
