@@ -342,3 +342,17 @@ def test_the_text_log_line_sums_up_each_rule_s_result():
                                              "dnsbl": {"fail": ["listed: zen"], "shadow": True},
                                              "senders": {"data": {"key": "a@a.example"}}}}
     assert TextFormatter().format(record).endswith("transaction tx=T1 results=spf:pass,dnsbl:shadow-fail")
+
+
+def test_the_harness_refuses_a_hook_argument_the_gate_would_refuse():
+    import pytest
+    from smtpgate import PluginError
+
+    class Wrong(Rule):
+        name = "wrong"
+
+        async def on_mail(self, tx, rcpt):  # no recipient at MAIL
+            return None
+
+    with pytest.raises(PluginError, match=r"test_pipeline.py: .*Wrong: hook on_mail has no argument 'rcpt'"):
+        Harness([(Wrong, {})])
