@@ -2,8 +2,9 @@
 
 Modelled on Haraka's ``txn.results``. Each ``Transaction`` and ``Session`` has a ``results``
 (a ``Results``); a rule writes its own record with ``add`` and publishes events for the sender
-state machines with ``event``; later rules read any record with ``get``. The pipeline writes
-what each hook added into that hook's trace entry (hence the log line and ``smtpgate try``),
+state machines with ``event``; later rules read any record with ``get``. A hook reports in its stage's results
+(``session.results`` at CONNECT and HELO, ``tx.results`` from MAIL on); the pipeline writes
+what it added there into the hook's trace entry (hence the log line and ``smtpgate try``),
 and marks the records and events of a shadow rule as shadow: a shadow rule's events never
 reach the state machines.
 """
@@ -29,7 +30,10 @@ def one_line(text, limit: int = 200) -> str | None:
     """``text`` as one printable line of at most ``limit`` characters (None stays None)."""
     if text is None:
         return None
-    text = " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
+    text = str(text)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else " " for c in text)
+    text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
@@ -90,7 +94,8 @@ class Results:
         self._records: dict[str, RuleResult] = {}
         self._events: list[Event] = []
         self._journal: list[tuple[str, str, str]] = []  # (rule, kind, text): for the trace
-        self._current: tuple[str, bool] | None = None  # (rule name, shadow): set by the pipeline
+        # (rule name, shadow) of the hook running now: set by the pipeline (runner.py)
+        self._current: tuple[str, bool] | None = None
 
     def add(self, rule, *, pass_: str | None = None, fail: str | None = None, skip: str | None = None,
             err: str | None = None, msg: str | None = None,
@@ -163,16 +168,9 @@ class Results:
             record.shadow = True
         return record
 
-    def begin(self, rule_name: str, shadow: bool) -> int:
-        """The pipeline is about to run ``rule_name``'s hook: returns a mark for ``since``."""
-        self._current = (rule_name, shadow)
-        return len(self._journal)
-
-    def end(self) -> None:
-        self._current = None
-
     def since(self, mark: int) -> str | None:
-        """What was added since ``mark``, as one trace line (``fail: listed; event x``)."""
+        """What was added since ``mark`` (the journal's length before a hook ran), as one
+        trace line (``fail: listed; event x``)."""
         added = self._journal[mark:]
         return "; ".join(f"{kind} {text}" if kind == "event" else f"{kind}: {text}"
                          for _, kind, text in added) or None

@@ -56,14 +56,25 @@ def _arguments(stage: str, args: tuple) -> dict:
     return out
 
 
-def _call(rule, hook_name: str, available: dict):
-    """Call the hook with the arguments it names (checked against HOOKS at load time)."""
-    hook = getattr(rule, hook_name)
-    fn = getattr(hook, "__func__", None)
-    if fn is None:  # not a method (set on the instance): the documented positional order
-        return hook(*(available[n] for n in _POSITIONAL[hook_name]))
-    return hook(**{n: available[n] for n in hook_parameters(fn)})
+def _call(rule, hook_name: str, args: tuple, available: dict):
+    """Call the hook with the arguments it names (checked against HOOKS at load time); a hook
+    with the documented positional signature gets the caller's ``args`` as they are."""
+    key = (type(rule), hook_name)
+    names = _NAMES.get(key, False)
+    if names is False or hook_name in vars(rule):
+        hook = getattr(rule, hook_name)
+        fn = getattr(hook, "__func__", None)
+        if fn is None:  # not a method (set on the instance): the documented positional order
+            return hook(*args)
+        names = hook_parameters(fn)
+        names = _NAMES[key] = None if names == _POSITIONAL[hook_name] else names
+    if names is None:
+        return getattr(rule, hook_name)(*args)
+    return getattr(rule, hook_name)(**{n: available[n] for n in names})
 
+
+# (rule class, hook name) -> the argument names the hook asks for (None: the documented ones)
+_NAMES: dict[tuple[type, str], tuple[str, ...] | None] = {}
 
 # the documented positional signatures
 _POSITIONAL = {"on_connect": ("session",), "on_helo": ("session",), "on_mail": ("tx",),
@@ -71,10 +82,10 @@ _POSITIONAL = {"on_connect": ("session",), "on_helo": ("session",), "on_mail": (
                "on_end": ("tx", "reply")}
 
 
-def _channels(available: dict) -> list:
-    """The results a hook can write: the transaction's and the session's."""
+def _channel(available: dict):
+    """The results a hook's report is traced from: the transaction's, else the session's."""
     tx = available.get("tx")
-    return [tx.results, tx.session.results] if tx is not None else [available["session"].results]
+    return tx.results if tx is not None else available["session"].results
 
 
 async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
@@ -90,7 +101,7 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
     available = _arguments(stage, args)
     tx = available.get("tx")
     skipped = tx.skipped if tx is not None else None
-    channels = _channels(available)
+    results = _channel(available)
     slot = _ENVELOPE.get(stage)
     target = available[slot[1]] if slot else None
     for rule in rules:
@@ -104,12 +115,13 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
         mark = message.checkpoint() if message is not None else None
         before = getattr(target, slot[2]) if slot else None
         skips_before = dict(skipped) if shadow and skipped is not None else None
-        marks = [c.begin(rule.name, shadow) for c in channels]
+        results._current = (rule.name, shadow)
+        reported_from = len(results._journal)
         if message is not None:
             message._current_rule = rule.name
         started = time.perf_counter()
         try:
-            verdict = await _call(rule, hook_name, available)
+            verdict = await _call(rule, hook_name, args, available)
             if verdict is not None and not isinstance(verdict, Verdict):
                 raise TypeError(f"hook returned {type(verdict).__name__}, expected Verdict or None")
         except Exception as exc:  # a plugin's bug must never reach the client as a traceback
@@ -121,7 +133,7 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
                 setattr(target, slot[2], before)
             _undo_skips(tx, skips_before)
             trace.append(TraceEntry(stage, rule.name, "error", f"{type(exc).__name__}: {exc}",
-                                    None, ms, shadow, recipient, _reported(channels, marks)))
+                                    None, ms, shadow, recipient, _reported(results, reported_from)))
             if rule.on_error == "accept" or shadow:
                 continue
             return RULE_CRASHED
@@ -129,7 +141,7 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
             if message is not None:
                 message._current_rule = None
         ms = (time.perf_counter() - started) * 1000
-        reported = _reported(channels, marks)
+        reported = _reported(results, reported_from)
         # The trace names what the rule changed (envelope address, header edits), so a rule
         # that only rewrites, returning None, still leaves a reason; a shadow rule's changes
         # are named, then undone.
@@ -142,7 +154,8 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
             changed.append(describe_changes(message.changes[mark[1]:]))
         if shadow and mark is not None:
             message.rollback(mark)
-        _undo_skips(tx, skips_before, rule)
+        if skips_before is not None:
+            _undo_skips(tx, skips_before, rule)
         changed_text = "; ".join(changed) or None
         if shadow and changed_text:
             log.info("shadow: rule %s would change at %s: %s (not done)", rule.name, stage, changed_text)
@@ -162,11 +175,11 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
     return None
 
 
-def _reported(channels, marks) -> str | None:
-    """What the hook added to the results (transaction and session), for its trace entry."""
-    for c in channels:
-        c.end()
-    return "; ".join(x for x in (c.since(m) for c, m in zip(channels, marks)) if x) or None
+def _reported(results, mark: int) -> str | None:
+    """What the hook added to the results since ``mark``, for its trace entry."""
+    results._current = None
+    # the common case, nothing reported, costs no string work
+    return results.since(mark) if len(results._journal) > mark else None
 
 
 def _undo_skips(tx, before: dict | None, rule=None) -> None:
@@ -183,22 +196,23 @@ async def _observe(rules, stage: str, tx, reply, trace: list[TraceEntry], keep_t
     """``on_delivered`` / ``on_end``: hooks that only observe; a crash is logged and traced."""
     hook_name = f"on_{stage}"
     available = _arguments(stage, (tx, reply))
-    channels = _channels(available)
+    results = _channel(available)
     for rule in rules:
         if getattr(rule, hook_name, None) is None:
             continue
         shadow = rule.mode == "shadow"
-        marks = [c.begin(rule.name, shadow) for c in channels]
+        results._current = (rule.name, shadow)
+        mark = len(results._journal)
         started = time.perf_counter()
         try:
-            said = await _call(rule, hook_name, available)
+            said = await _call(rule, hook_name, (tx, reply), available)
             action, reason = "continue", said if keep_text and isinstance(said, str) and said else None
         except Exception as exc:
             _log_crash(rule, hook_name, exc)
             action, reason = "error", f"{type(exc).__name__}: {exc}"
         trace.append(TraceEntry(stage, rule.name, action, reason, None,
                                 (time.perf_counter() - started) * 1000, shadow, None,
-                                _reported(channels, marks)))
+                                _reported(results, mark)))
 
 
 async def run_delivered(rules, tx, reply, trace: list[TraceEntry]) -> None:
