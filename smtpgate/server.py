@@ -136,6 +136,18 @@ async def _reload(gate: Gate, cli_path) -> None:
     log.info("configuration reloaded from %s", runtime.config.source)
 
 
+def _die_with_parent(parent: int) -> None:
+    """A worker whose supervisor is gone (even SIGKILLed) must not serve on alone, with nobody
+    to restart, reload or stop it: Linux sends it SIGTERM (a drain) when the parent dies."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing watches the parent
+        return
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
 def supervise(cli_path, runtime, workers: int) -> int:
     """Fork ``workers`` processes that each bind the listen addresses with SO_REUSEPORT.
 
@@ -148,10 +160,12 @@ def supervise(cli_path, runtime, workers: int) -> int:
     def spawn(slot: int, housekeeping: bool = False) -> None:
         nonlocal housekeeper
         table.clear(slot)
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
+            _die_with_parent(parent)
             code = run_worker(cli_path, runtime, housekeeping, ConnectionTracker(table, slot))
             os._exit(code)
         children[pid] = (time.monotonic(), slot)

@@ -8,6 +8,7 @@ from .. import __version__
 from .greylist import add_parser as add_greylist_parser
 from .quarantine import add_parser as add_quarantine_parser
 from .senders import add_parser as add_senders_parser
+from .state import add_parser as add_state_parser
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     add_greylist_parser(sub, common)
     add_quarantine_parser(sub, common)
     add_senders_parser(sub, common)
+    add_state_parser(sub, common)
     sub.add_parser("version", parents=[common], help="print the version")
     return p
 
@@ -62,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "senders":
         from .senders import senders_command
         return senders_command(args, config)
+    if args.command == "state":
+        from .state import state_command
+        return state_command(args, config)
     if args.command == "quarantine":
         from .quarantine import quarantine_command
         return quarantine_command(args, config)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from ..errors import ConfigError, Problem
 from ..pipeline.options import boolean, one_of
 from ..units import parse_duration, parse_size
+from ..stores.redis_url import is_redis_url, parse_redis_url, with_absolute_paths
 from .yamlsrc import LocatedDict, LocatedList, empty_mapping, join_path, load_file, problem_at, unknown_key
 
 ENV_VAR = "SMTPGATE_CONFIG"
@@ -342,9 +343,11 @@ def _existing_file(value: Any, base: str) -> str:
 
 def _state(value: Any, base: str) -> str:
     """``sqlite:///var/lib/x.db`` (absolute, as SPEC writes it; ``sqlite:////abs`` too),
-    ``sqlite:///./x.db`` or ``sqlite:///../x.db`` (relative), or a redis URL as written."""
-    if isinstance(value, str) and value.startswith(("redis://", "rediss://")):
-        return value
+    ``sqlite:///./x.db`` or ``sqlite:///../x.db`` (relative), or a Redis URL (``redis://``,
+    ``rediss://``, ``redis+sentinel://``), checked whole, its relative TLS file paths made
+    absolute."""
+    if is_redis_url(value):
+        return with_absolute_paths(parse_redis_url(value, base))
     if isinstance(value, str) and value.startswith("sqlite://") and value.strip("/") != "sqlite:":
         rest = value[len("sqlite://"):]
         if rest.startswith(("/./", "/../")):
@@ -353,6 +356,11 @@ def _state(value: Any, base: str) -> str:
             rest = "/" + rest.lstrip("/")  # POSIX keeps a leading "//"; SQLAlchemy writes "////"
         return "sqlite://" + _path(rest, base)
     raise ValueError(f'expected "sqlite:///PATH" or "redis://HOST:PORT/DB", got {value!r}')
+
+
+def state_url(value: Any, base: str) -> str:
+    """A state URL as ``state:`` takes it (relative paths against ``base``); ValueError."""
+    return _state(value, base)
 
 
 @dataclass(frozen=True)

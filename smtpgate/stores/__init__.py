@@ -6,13 +6,15 @@ never open a database themselves. One Stores object per process, kept across rel
 ``state:`` names the same place.
 
 ``state:`` picks the backend: ``sqlite:///ABS/PATH`` (``sqlite://:memory:`` for tests: one
-connection, nothing on disk) or ``redis://HOST:PORT/DB[?prefix=NAME]``. Opening costs no I/O:
+connection, nothing on disk), ``redis://HOST:PORT/DB[?prefix=NAME]``, ``rediss://`` (TLS) or
+``redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE/DB`` (``redis_url.py``). Opening costs no I/O:
 each store connects on first use, so worker processes forked after loading the
 configuration each get their own connection.
 """
 from __future__ import annotations
 
 from ..errors import StoreError
+from .redis_url import is_redis_url
 from .greylist import (AllowEntry, Attempt, Entry, GreylistStore, Params, Selector, Stats,
                        make_allow, triplet_value)
 from .senders import SenderRecord, SenderStore
@@ -24,25 +26,27 @@ __all__ = ["AllowEntry", "Attempt", "Entry", "GreylistStore", "Params", "Selecto
 
 def open_greylist_store(url: str) -> GreylistStore:
     """The greylist store ``url`` names (no I/O yet). StoreError for an unknown scheme."""
-    if url.startswith(("redis://", "rediss://")):
+    if is_redis_url(url):
         from .redis_store import RedisGreylistStore  # only gates on Redis import redis-py
         return RedisGreylistStore(url)
     if url.startswith("sqlite://"):
         from .sqlite_store import SqliteGreylistStore
         return SqliteGreylistStore(url)
-    raise StoreError(f'unknown state URL {url!r}: expected "sqlite:///PATH" or "redis://HOST:PORT/DB"')
+    raise StoreError(f'unknown state URL {url!r}: expected "sqlite:///PATH", "redis://HOST:PORT/DB", '
+                     '"rediss://…" or "redis+sentinel://HOST:PORT/SERVICE/DB"')
 
 
 def open_sender_store(url: str, db=None) -> SenderStore:
     """The sender-state store ``url`` names (no I/O yet); ``db``: a SQLite database to share
     (one file, one connection per process for every store)."""
-    if url.startswith(("redis://", "rediss://")):
+    if is_redis_url(url):
         from .senders_redis import RedisSenderStore
         return RedisSenderStore(url)
     if url.startswith("sqlite://"):
         from .senders_sqlite import SqliteSenderStore
         return SqliteSenderStore(url, db)
-    raise StoreError(f'unknown state URL {url!r}: expected "sqlite:///PATH" or "redis://HOST:PORT/DB"')
+    raise StoreError(f'unknown state URL {url!r}: expected "sqlite:///PATH", "redis://HOST:PORT/DB", '
+                     '"rediss://…" or "redis+sentinel://HOST:PORT/SERVICE/DB"')
 
 
 class Stores:

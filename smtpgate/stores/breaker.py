@@ -13,6 +13,12 @@ One breaker per server and process (``breaker_for``): the greylist and the sende
 a gate share it, so whichever notices first spares the other the timeout. Only network
 faults open it; an error the server itself answered (a bad script, a wrong key type) shows
 the server is up.
+
+Behind Redis Sentinel (``redis+sentinel://``) the back-off stops growing at 2 s instead of
+30: there an outage is most often a failover, and the Sentinels name the new primary within
+seconds (``down-after-milliseconds`` plus the election). Each probe asks the Sentinels
+afresh, so the store is back at most ~2 s after the promotion; meanwhile one call in 2 s
+pays a refused connection or, for a host gone from the network, a connect timeout.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ log = logging.getLogger("smtpgate.stores")
 
 FIRST_BACKOFF = 1.0
 LONGEST_BACKOFF = 30.0
+SENTINEL_LONGEST_BACKOFF = 2.0
 
 T = TypeVar("T")
 
@@ -122,9 +129,10 @@ def _describe(exc: BaseException) -> str:
 _BREAKERS: dict[str, Breaker] = {}
 
 
-def breaker_for(server: str) -> Breaker:
-    """The process's breaker for ``server`` (a name like ``Redis redis://host:port/db``)."""
+def breaker_for(server: str, longest: float | None = None) -> Breaker:
+    """The process's breaker for ``server`` (a name like ``Redis redis://host:port/db``);
+    ``longest``: its longest back-off (default ``LONGEST_BACKOFF``)."""
     found = _BREAKERS.get(server)
     if found is None:
-        found = _BREAKERS[server] = Breaker(server)
+        found = _BREAKERS[server] = Breaker(server, longest=LONGEST_BACKOFF if longest is None else longest)
     return found

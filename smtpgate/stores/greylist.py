@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import ipaddress
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterable
+from typing import AsyncIterator, Iterable
 
 ALLOWED, PASSED_BEFORE, AUTO = "allowed", "passed_before", "auto"
 NEW, TOO_EARLY, PASSED_NOW, RESTARTED = "new", "too_early", "passed_now", "restarted"
@@ -386,5 +387,24 @@ class GreylistStore:
     async def stats(self, now: float, auto_whitelist_after: int) -> Stats:
         raise NotImplementedError
 
+    # -- moving to another store (``portable.py``: ``smtpgate state copy``) -----------------
+    def export_batches(self) -> AsyncIterator[list[Entry | AllowEntry]]:
+        """Every allow entry and triplet, in bounded batches."""
+        raise NotImplementedError
+
+    async def import_batch(self, items: list[Entry | AllowEntry], now: float) -> Counter[str]:
+        """Store triplets and allow entries as they are (times and expiries kept, replacing
+        what is stored under the same key); counts by ``import_kind``."""
+        raise NotImplementedError
+
     async def close(self) -> None:
         pass
+
+
+def import_kind(item: Entry | AllowEntry, now: float) -> str:
+    """How ``import_batch`` counts an item: ``allow``, the entry's state, or ``skipped``
+    for one past the ``GRACE`` the stores keep expired entries (they would drop it)."""
+    expires = item.expires
+    if expires is not None and expires + GRACE <= now:
+        return "skipped"
+    return "allow" if isinstance(item, AllowEntry) else item.state(now)

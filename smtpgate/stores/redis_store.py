@@ -1,5 +1,11 @@
 """The Redis backend (``state: redis://HOST:PORT/DB``): a fleet of gates sharing one state.
 
+- The URL (``redis_url.py``): ``redis://``, ``rediss://`` (TLS, redis-py's ``ssl_*``
+  settings) or ``redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE/DB``: redis-py's Sentinel
+  client asks the Sentinels for SERVICE's primary whenever it opens a connection, and drops
+  idle ones when the answer changes, so after a failover the gate follows the new primary
+  by itself (the breaker's probes come every 2 s at most there). Replicas are never read:
+  every operation reads and writes the primary, as the atomic decisions need.
 - redis-py's asyncio client, connected on first use (each worker process has its own pool),
   with connect and read timeouts (``socket_timeout`` / ``socket_connect_timeout`` in the URL
   override the 2 s defaults).
@@ -31,23 +37,25 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+import re
+from collections import Counter
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StoreError
-from .breaker import breaker_for
+from .breaker import SENTINEL_LONGEST_BACKOFF, breaker_for
 from .greylist import (DELAY_BUCKETS, GRACE, AllowEntry, Attempt, Entry, GreylistStore, Params,
-                       Selector, Stats, ip_hex, sender_allow_keys, triplet_allow_key, triplet_value)
+                       Selector, Stats, import_kind, ip_hex, sender_allow_keys, triplet_allow_key,
+                       triplet_value)
+from .redis_url import RedisTarget, parse_redis_url, redact
 
-DEFAULT_PREFIX = "smtpgate:"
-DEFAULT_TIMEOUT = 2.0
-DEFAULT_MAX_CONNECTIONS = 32
-DEFAULT_POOL_TIMEOUT = 5.0
-OUR_PARAMETERS = ("prefix", "max_connections", "pool_timeout")
 SCAN_COUNT = 1000
 
 _BUCKETS_LUA = "{" + ",".join(f"{{{'math.huge' if math.isinf(b) else int(b)},'{label}'}}"
@@ -187,6 +195,37 @@ end
 return 1
 """
 
+# KEYS: 1 triplet, 2 client's awl set. ARGV: 1 now, 2 grace, 3 awl member, 4 client,
+# 5 sender, 6 recipient, 7 first, 8 last, 9 attempts, 10 passed (0/1), 11 passed_at,
+# 12 retry_delay, 13 expires. Store one copied triplet as ATTEMPT_LUA writes one.
+IMPORT_LUA = """
+local now, grace, expires = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[13])
+redis.call('HSET', KEYS[1], 'client', ARGV[4], 'sender', ARGV[5], 'recipient', ARGV[6],
+  'first', ARGV[7], 'last', ARGV[8], 'attempts', ARGV[9], 'passed', ARGV[10],
+  'passed_at', ARGV[11], 'retry_delay', ARGV[12], 'expires', ARGV[13])
+local ttl = math.ceil(expires - now + grace)
+redis.call('EXPIRE', KEYS[1], ttl)
+if ARGV[10] == '1' then
+  redis.call('ZADD', KEYS[2], expires, ARGV[3])
+  if redis.call('TTL', KEYS[2]) < ttl then redis.call('EXPIRE', KEYS[2], ttl) end
+else
+  redis.call('ZREM', KEYS[2], ARGV[3])
+end
+return 1
+"""
+
+# KEYS: a page of triplet keys. Every hash as a flat field/value list, in one JSON text:
+# one reply to parse instead of a thousand (redis-py's reply parser is the slow part).
+EXPORT_LUA = """
+local out = {}
+for i, k in ipairs(KEYS) do out[i] = redis.call('HGETALL', k) end
+return cjson.encode(out)
+"""
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None else format(float(x), ".17g")  # as the scripts' fmt()
+
 
 def _num(text) -> float | None:
     if text is None:
@@ -209,32 +248,12 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
-def split_url(url: str) -> tuple[str, dict]:
-    """(the URL redis-py gets, our parameters): ``prefix``, ``max_connections`` and
-    ``pool_timeout`` are ours, the rest of the query is redis-py's."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    ours = {k: v for k, v in query if k in OUR_PARAMETERS}
+def _target(url: str) -> RedisTarget:
+    """The checked URL (``redis_url.py``); StoreError for one it refuses."""
     try:
-        options = {"prefix": ours.get("prefix", DEFAULT_PREFIX),
-                   "max_connections": int(ours.get("max_connections", DEFAULT_MAX_CONNECTIONS)),
-                   "pool_timeout": float(ours.get("pool_timeout", DEFAULT_POOL_TIMEOUT))}
+        return parse_redis_url(url)
     except ValueError as e:
-        raise StoreError(f"Redis {redact(url)}: bad URL parameter: {e}") from None
-    rest = [(k, v) for k, v in query if k not in OUR_PARAMETERS]
-    if not any(k == "socket_timeout" for k, _ in rest):
-        rest.append(("socket_timeout", str(DEFAULT_TIMEOUT)))
-    if not any(k == "socket_connect_timeout" for k, _ in rest):
-        rest.append(("socket_connect_timeout", str(DEFAULT_TIMEOUT)))
-    return urlunsplit(parts._replace(query=urlencode(rest))), options
-
-
-def redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+        raise StoreError(f"Redis {e}") from None
 
 
 class RedisLink:
@@ -244,27 +263,51 @@ class RedisLink:
 
     def __init__(self, url: str, scripts: dict[str, str] | None = None):
         self.url = url
-        self._client_url, self.options = split_url(url)
+        self.target = _target(url)
+        self.options = {"prefix": self.target.prefix, "max_connections": self.target.max_connections,
+                        "pool_timeout": self.target.pool_timeout}
         self._sources = dict(scripts or {})
         self.scripts: dict = {}
         self._client: aioredis.Redis | None = None
+        self._sentinel: Sentinel | None = None
         self._slots: asyncio.Semaphore | None = None
         self._outages_seen = 0
-        parts = urlsplit(redact(url))
-        self.breaker = breaker_for("Redis " + urlunsplit(parts._replace(query="", fragment="")))
+        # Behind Sentinel an outage is usually a failover, over in seconds: probe often so
+        # the new primary is found soon after its promotion (breaker.py).
+        self.breaker = breaker_for("Redis " + self.target.server_name(),
+                                   longest=SENTINEL_LONGEST_BACKOFF if self.target.sentinel else None)
 
     def client(self) -> aioredis.Redis:
         if self._client is None:
             try:
-                pool = aioredis.BlockingConnectionPool.from_url(
-                    self._client_url, max_connections=self.options["max_connections"],
-                    timeout=self.options["pool_timeout"])
-                self._client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
-            except ValueError as e:
+                self._client = self._open()
+            except (ValueError, TypeError) as e:
                 raise StoreError(f"Redis {redact(self.url)}: {e}") from None
             self._slots = asyncio.Semaphore(self.options["max_connections"])  # FIFO: fair
             self.scripts = {name: self._client.register_script(lua) for name, lua in self._sources.items()}
         return self._client
+
+    def _open(self) -> aioredis.Redis:
+        t = self.target
+        if not t.sentinel:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                t.client_url(), max_connections=t.max_connections, timeout=t.pool_timeout)
+            return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+        # redis-py reads the primary's settings from a plain URL; the Sentinels get the
+        # timeouts, their own credentials, and no retries: a dead Sentinel is skipped for
+        # the next one at once, instead of being retried with back-off inside one call.
+        settings = {k: v for k, v in parse_url(t.client_url()).items()
+                    if k not in ("host", "port", "connection_class")}
+        asked = {"socket_timeout": settings.get("socket_timeout"),
+                 "socket_connect_timeout": settings.get("socket_connect_timeout"),
+                 "username": t.sentinel_auth.get("sentinel_username"),
+                 "password": t.sentinel_auth.get("sentinel_password"),
+                 "retry": Retry(NoBackoff(), 0)}
+        self._sentinel = Sentinel(list(t.hosts), sentinel_kwargs=asked, **settings)
+        # The pool asks the Sentinels for the primary on every new connection and drops
+        # idle ones when the answer changes; the FIFO queue in run() bounds it as for a
+        # single server.
+        return self._sentinel.master_for(t.service, max_connections=t.max_connections)
 
     async def run(self, coro_fn):
         """Run one operation (it uses one connection at a time) in its turn; redis-py's and
@@ -295,15 +338,30 @@ class RedisLink:
                 await client.connection_pool.disconnect(inuse_connections=False)
             except (RedisError, OSError):
                 pass  # closing a socket to a dead server: nothing to learn
-        return await coro_fn(client)
+        try:
+            return await coro_fn(client)
+        except MasterNotFoundError as e:
+            raise self._no_primary(e) from None
+
+    def _no_primary(self, exc: MasterNotFoundError) -> RedisConnectionError:
+        """redis-py's text holds the repr of every Sentinel client it could not reach (a
+        screenful per log line): keep their addresses only."""
+        found = set(re.findall(r"host=([^,]+),port=(\d+)", str(exc)))
+        unreachable = sorted(found, key=lambda hp: (hp[0], int(hp[1])))
+        text = f"the Sentinels name no usable primary for {self.target.service!r}"
+        if unreachable:
+            text += " (unreachable: " + ", ".join(f"{h}:{p}" for h, p in unreachable) + ")"
+        return RedisConnectionError(text)
 
     async def close(self) -> None:
         client, self._client = self._client, None
-        if client is not None:
-            try:
-                await client.aclose()
-            except (RedisError, OSError):
-                pass
+        sentinel, self._sentinel = self._sentinel, None
+        for closable in (client, sentinel):
+            if closable is not None:
+                try:
+                    await closable.aclose()
+                except (RedisError, OSError):
+                    pass
 
 
 def _is_outage(exc: BaseException) -> bool:
@@ -314,7 +372,8 @@ def _is_outage(exc: BaseException) -> bool:
 class RedisGreylistStore(GreylistStore):
     def __init__(self, url: str, prefix: str | None = None):
         self.url = url
-        self.link = RedisLink(url, {"attempt": ATTEMPT_LUA, "lens": REBUILD_LENS_LUA})
+        self.link = RedisLink(url, {"attempt": ATTEMPT_LUA, "lens": REBUILD_LENS_LUA, "import": IMPORT_LUA,
+                                    "export": EXPORT_LUA})
         self.prefix = (prefix if prefix is not None else self.link.options["prefix"]) + "gl:"
         self.k_allow, self.k_lens, self.k_stats = (self.prefix + "allow", self.prefix + "allowlens",
                                                    self.prefix + "stats")
@@ -400,16 +459,18 @@ class RedisGreylistStore(GreylistStore):
 
     # -- writes from the CLI -----------------------------------------------------------
     async def add_allow(self, entry: AllowEntry) -> None:
-        doc = {k: v for k, v in entry.as_dict().items() if v is not None}
-
         async def run(r):
             pipe = r.pipeline(transaction=True)
-            pipe.hset(self.k_allow, entry.key, json.dumps(doc))
-            if entry.kind == "client":
-                fam, rest = entry.key.split(":", 2)[1:]
-                pipe.sadd(self.k_lens, f"{fam}/{rest.rpartition('/')[2]}")
+            self._queue_allow(pipe, entry)
             await pipe.execute()
         await self._do(run)
+
+    def _queue_allow(self, pipe, entry: AllowEntry) -> None:
+        doc = {k: v for k, v in entry.as_dict().items() if v is not None}
+        pipe.hset(self.k_allow, entry.key, json.dumps(doc))
+        if entry.kind == "client":
+            fam, rest = entry.key.split(":", 2)[1:]
+            pipe.sadd(self.k_lens, f"{fam}/{rest.rpartition('/')[2]}")
 
     async def _forget(self, entries: list[Entry], allow_keys: list[str]) -> None:
         async def run(r):
@@ -461,6 +522,52 @@ class RedisGreylistStore(GreylistStore):
             else:
                 st.counters[name] = value
         return st
+
+    # -- moving to another store (portable.py) -----------------------------------------
+    async def export_batches(self):
+        allows = await self.allow_entries()
+        if allows:
+            yield allows
+        pattern = _glob_escape(self.prefix + "t:") + "*"
+        cursor = 0
+        while True:  # one SCAN page per call: the server never blocks, memory stays bounded
+            async def page(r, at=cursor):
+                following, keys = await r.scan(cursor=at, match=pattern, count=SCAN_COUNT)
+                found = []
+                if keys:
+                    hashes = json.loads(_s(await self.link.scripts["export"](keys=keys, args=[])))
+                    for flat in hashes:  # a key gone since the SCAN: an empty (JSON {}) list
+                        e = self._entry(dict(zip(flat[::2], flat[1::2]))) if flat else None
+                        if e is not None:
+                            found.append(e)
+                return int(following), found
+            cursor, found = await self._do(page)
+            if found:
+                yield found
+            if cursor == 0:
+                return
+
+    async def import_batch(self, items, now) -> Counter:
+        kinds = [import_kind(item, now) for item in items]
+        kept = [item for item, kind in zip(items, kinds) if kind != "skipped"]
+
+        async def run(r):
+            pipe = r.pipeline(transaction=False)
+            for item in kept:
+                if isinstance(item, AllowEntry):
+                    self._queue_allow(pipe, item)
+                    continue
+                e = item
+                await self.link.scripts["import"](
+                    keys=[self.triplet_key(*e.key), self.awl_key(e.client)],
+                    args=[_fmt(now), _fmt(GRACE), triplet_value(*e.key), *e.key, _fmt(e.first_seen),
+                          _fmt(e.last_seen), int(e.attempts), "1" if e.passed else "0", _fmt(e.passed_at),
+                          _fmt(e.retry_delay), _fmt(e.expires)],
+                    client=pipe)
+            await pipe.execute()
+        if kept:
+            await self._do(run)
+        return Counter(kinds)
 
     async def close(self) -> None:
         await self.link.close()

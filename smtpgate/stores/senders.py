@@ -18,8 +18,9 @@ Times are seconds since the epoch and come from the caller: stores never read a 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 #: transitions kept per record (the oldest are dropped)
 HISTORY_MAX = 100
@@ -112,6 +113,16 @@ class SenderStore:
 
     async def purge(self, now: float) -> int:
         """Drop records past their ``expires``; how many."""
+        raise NotImplementedError
+
+    # -- moving to another store (``portable.py``: ``smtpgate state copy``) -----------------
+    def export_batches(self) -> AsyncIterator[list[SenderRecord]]:
+        """Every record (history included), in bounded batches."""
+        raise NotImplementedError
+
+    async def import_batch(self, items: list[SenderRecord], now: float) -> Counter[str]:
+        """Store records as they are (version, times, expiry, history), replacing what is
+        stored under the same key; counts ``records``, and ``skipped`` for expired ones."""
         raise NotImplementedError
 
     async def close(self) -> None:

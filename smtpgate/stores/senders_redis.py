@@ -21,6 +21,7 @@ import asyncio
 import math
 import random
 import time
+from collections import Counter
 from typing import Any
 
 from ..errors import StoreError
@@ -133,6 +134,40 @@ class RedisSenderStore(SenderStore):
         for rec in gone:
             await self.delete(rec.machine, rec.key)
         return len(gone)
+
+    # -- moving to another store (portable.py) -----------------------------------------
+    async def export_batches(self):
+        pattern = _glob_escape(self.prefix) + "*"
+        cursor = 0
+        while True:  # one SCAN page per call
+            async def page(r, at=cursor):
+                following, keys = await r.scan(cursor=at, match=pattern, count=SCAN_COUNT)
+                found = []
+                if keys:
+                    pipe = r.pipeline(transaction=False)
+                    for k in keys:
+                        pipe.hget(k, "doc")
+                    found = [SenderRecord.from_json(doc) for doc in await pipe.execute() if doc is not None]
+                return int(following), found
+            cursor, found = await self._do(page)
+            if found:
+                yield found
+            if cursor == 0:
+                return
+
+    async def import_batch(self, items, now) -> Counter:
+        kept = [rec for rec in items if rec.expires > now]
+
+        async def run(r):
+            pipe = r.pipeline(transaction=False)
+            for rec in kept:
+                rkey = self.record_key(rec.machine, rec.key)
+                pipe.hset(rkey, mapping={"v": str(rec.version), "doc": rec.to_json()})
+                pipe.expire(rkey, max(1, math.ceil(rec.expires - now)))
+            await pipe.execute()
+        if kept:
+            await self._do(run)
+        return Counter(records=len(kept), skipped=len(items) - len(kept))
 
     async def close(self) -> None:
         await self.link.close()

@@ -9,6 +9,7 @@ Records past their ``expires`` are dropped a batch at a time as updates go by, a
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from ..config import sqlite_path
@@ -114,6 +115,37 @@ class SqliteSenderStore(SenderStore):
                 if n < BATCH:
                     return total
         return await self._run(run)
+
+    # -- moving to another store (portable.py) -----------------------------------------
+    async def export_batches(self):
+        after = None
+        while True:  # in key order, a page at a time
+            rows = await self._run(self._page, after)
+            if rows:
+                yield [SenderRecord.from_json(doc) for _, _, doc in rows]
+            if len(rows) < BATCH:
+                return
+            after = rows[-1][:2]
+
+    @staticmethod
+    def _page(conn, after):
+        if after is None:
+            return conn.execute("SELECT machine, key, doc FROM senders ORDER BY machine, key LIMIT ?",
+                                (BATCH,)).fetchall()
+        return conn.execute("SELECT machine, key, doc FROM senders WHERE (machine, key) > (?, ?) "
+                            "ORDER BY machine, key LIMIT ?", (*after, BATCH)).fetchall()
+
+    async def import_batch(self, items, now) -> Counter:
+        kept = [rec for rec in items if rec.expires > now]
+
+        def write(conn):
+            with write_transaction(conn):
+                conn.executemany("INSERT OR REPLACE INTO senders (machine, key, state, seen, expires, doc) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)",
+                                 [(r.machine, r.key, r.state, r.seen, r.expires, r.to_json()) for r in kept])
+        if kept:
+            await self._run(write)
+        return Counter(records=len(kept), skipped=len(items) - len(kept))
 
     async def close(self) -> None:
         await self.db.close()

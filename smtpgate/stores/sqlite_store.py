@@ -17,13 +17,14 @@ import contextlib
 import os
 import sqlite3
 import time
+from collections import Counter
 from typing import Any, Callable, Sequence
 
 from ..config import sqlite_path
 from ..errors import StoreError
 from .greylist import (GRACE, PASSED_NOW, AllowEntry, Attempt, Entry, GreylistStore,
                        Params, Selector, Stats, client_candidates, decide, delay_bucket,
-                       sender_allow_keys, triplet_allow_key)
+                       import_kind, sender_allow_keys, triplet_allow_key)
 
 BUSY_TIMEOUT_MS = 10_000
 # Pages the WAL may grow to before a commit checkpoints it (SQLite's default: 1000). A
@@ -190,6 +191,19 @@ def _allow(row) -> AllowEntry:
     return AllowEntry(*row)
 
 
+def _allow_row(entry: AllowEntry) -> tuple:
+    """The greylist_allow row: the entry, then the family and prefix length of a client one."""
+    family = plen = None
+    if entry.kind == "client":
+        family, rest = entry.key.split(":", 2)[1:]
+        plen = int(rest.rpartition("/")[2])
+    return (entry.kind, entry.value, entry.key, entry.created, entry.expires, entry.note, family, plen)
+
+
+def _entry_row(e: Entry) -> tuple:
+    return (*e.key, e.first_seen, e.last_seen, e.attempts, int(e.passed), e.passed_at, e.retry_delay, e.expires)
+
+
 def _count(conn, name: str, by: int = 1) -> None:
     conn.execute("INSERT INTO greylist_counters (name, value) VALUES (?, ?) "
                  "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (name, by))
@@ -320,16 +334,10 @@ class SqliteGreylistStore(GreylistStore):
 
     # -- writes from the CLI -----------------------------------------------------------
     async def add_allow(self, entry: AllowEntry) -> None:
-        family = plen = None
-        if entry.kind == "client":
-            family, rest = entry.key.split(":", 2)[1:]
-            plen = int(rest.rpartition("/")[2])
-
         def write(conn):
             with write_transaction(conn):
                 conn.execute(f"INSERT OR REPLACE INTO greylist_allow ({_ALLOW_COLUMNS}, family, plen) "
-                             "VALUES (?,?,?,?,?,?,?,?)", (entry.kind, entry.value, entry.key, entry.created,
-                                                          entry.expires, entry.note, family, plen))
+                             "VALUES (?,?,?,?,?,?,?,?)", _allow_row(entry))
         await self.db.run(write)
 
     async def delete(self, selector: Selector) -> tuple[int, int]:
@@ -392,6 +400,42 @@ class SqliteGreylistStore(GreylistStore):
                     st.counters[name] = value
             return st
         return await self.db.run(read)
+
+    # -- moving to another store (portable.py) -----------------------------------------
+    async def export_batches(self):
+        allows = await self.allow_entries()
+        if allows:
+            yield allows
+        after = None
+        while True:  # in key order, a page at a time: no long read transaction
+            rows = await self.db.run(self._page, after)
+            if rows:
+                yield [_entry(r) for r in rows]
+            if len(rows) < BATCH:
+                return
+            after = rows[-1][:3]
+
+    @staticmethod
+    def _page(conn, after):
+        if after is None:
+            return conn.execute(f"SELECT {_COLUMNS} FROM greylist ORDER BY client, sender, recipient "
+                                "LIMIT ?", (BATCH,)).fetchall()
+        return conn.execute(f"SELECT {_COLUMNS} FROM greylist WHERE (client, sender, recipient) > (?, ?, ?) "
+                            "ORDER BY client, sender, recipient LIMIT ?", (*after, BATCH)).fetchall()
+
+    async def import_batch(self, items, now) -> Counter:
+        kinds = [import_kind(item, now) for item in items]
+        kept = [item for item, kind in zip(items, kinds) if kind != "skipped"]
+
+        def write(conn):
+            with write_transaction(conn):
+                conn.executemany(f"INSERT OR REPLACE INTO greylist ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                                 [_entry_row(e) for e in kept if isinstance(e, Entry)])
+                conn.executemany(f"INSERT OR REPLACE INTO greylist_allow ({_ALLOW_COLUMNS}, family, plen) "
+                                 "VALUES (?,?,?,?,?,?,?,?)", [_allow_row(a) for a in kept if isinstance(a, AllowEntry)])
+        if kept:
+            await self.db.run(write)
+        return Counter(kinds)
 
     async def close(self) -> None:
         await self.db.close()

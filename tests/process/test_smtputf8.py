@@ -57,7 +57,7 @@ def test_non_ascii_recipient_without_smtputf8_is_553_at_rcpt(gate, downstream, r
     [line] = refusals(gate)
     assert "command=RCPT" in line and "553 5.6.7" in line
     log = gate.log_text()
-    assert "Traceback" not in log and "UnicodeEncodeError" not in log and "451" not in log
+    assert "Traceback" not in log and "UnicodeEncodeError" not in log and "\"451 " not in log  # a reply, not a transaction id
 
 
 def test_non_ascii_addresses_with_smtputf8_are_relayed_as_sent(gate, downstream):
