@@ -25,6 +25,10 @@ HOOKS: dict[str, tuple[str, tuple[str, ...]]] = {
     # the transaction ended, however (reply None: abandoned)
     "on_end": ("end", ("tx", "reply", "session", "message", "results")),
 }
+# the documented positional signatures (the runner passes the caller's arguments as they are)
+SIGNATURES = {"on_connect": ("session",), "on_helo": ("session",), "on_mail": ("tx",),
+              "on_rcpt": ("tx", "rcpt"), "on_data": ("tx",), "on_delivered": ("tx", "reply"),
+              "on_end": ("tx", "reply")}
 STAGES = tuple(stage for stage, _ in HOOKS.values())
 # Keys every rule entry accepts besides its own options.
 COMMON_KEYS = {"mode": ("enforce", "shadow"), "on_error": ("tempfail", "accept")}

@@ -17,7 +17,7 @@ import time
 from ..mail.session import TraceEntry
 from ..errors import StoreError
 from ..mail.message import describe_changes
-from .rule import hook_parameters
+from .rule import SIGNATURES, hook_parameters
 from .verdict import ACCEPT, Verdict
 
 log = logging.getLogger("smtpgate.pipeline")
@@ -67,7 +67,7 @@ def _call(rule, hook_name: str, args: tuple, available: dict):
         if fn is None:  # not a method (set on the instance): the documented positional order
             return hook(*args)
         names = hook_parameters(fn)
-        names = _NAMES[key] = None if names == _POSITIONAL[hook_name] else names
+        names = _NAMES[key] = None if names == SIGNATURES[hook_name] else names
     if names is None:
         return getattr(rule, hook_name)(*args)
     return getattr(rule, hook_name)(**{n: available[n] for n in names})
@@ -75,12 +75,6 @@ def _call(rule, hook_name: str, args: tuple, available: dict):
 
 # (rule class, hook name) -> the argument names the hook asks for (None: the documented ones)
 _NAMES: dict[tuple[type, str], tuple[str, ...] | None] = {}
-
-# the documented positional signatures
-_POSITIONAL = {"on_connect": ("session",), "on_helo": ("session",), "on_mail": ("tx",),
-               "on_rcpt": ("tx", "rcpt"), "on_data": ("tx",), "on_delivered": ("tx", "reply"),
-               "on_end": ("tx", "reply")}
-
 
 def _channel(available: dict):
     """The results a hook's report is traced from: the transaction's, else the session's."""
