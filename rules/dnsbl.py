@@ -7,9 +7,10 @@ waits for them at RCPT (within the session's DNS time budget), so ``postmaster``
 mail and a listed client reads ``554 5.7.1`` naming the list(s). A domain policy whose
 dnsbl rule the session policy lacks starts its lookups at its first use instead.
 
-Published for other rules: ``session.data["dnsbl"]`` and ``tx.data["dnsbl"]`` (score,
-threshold, hits, errors) and the event ``"dnsbl_listed"`` in ``tx.data["events"]`` when any
-list matched.
+Reported in ``tx.results`` at RCPT: ``fail`` naming each matching list (``pass`` when none
+matched, ``err`` for failed lookups), the data ``{score, threshold, listed, errors,
+timed_out}``, and the event ``dnsbl_listed`` for the sender state machines when any list
+matched.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ _PLACEHOLDERS = {"what": "", "lists": "", "client_ip": ""}
 _PRIVATE = [ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
     "192.168.0.0/16", "::/128", "::1/128", "fc00::/7", "fe80::/10")]  # not looked up by default
-_TASKS = "dnsbl_lookups"  # session.data key: query name -> asyncio.Task, shared by dnsbl rules
+_TASKS = "dnsbl_lookups"  # session.data cache: query name -> asyncio.Task, shared by dnsbl rules
 
 
 @dataclass(frozen=True)
@@ -171,10 +172,13 @@ class Dnsbl(Rule):
                              "value": what[1], "query": query, "answers": matched, "weight": bl.weight})
         result = {"score": score, "threshold": self.threshold, "listed": hits, "errors": errors,
                   "timed_out": timed_out}
-        session.data["dnsbl"] = result
-        tx.data["dnsbl"] = result
-        if hits and not any(e.name == "dnsbl_listed" for e in tx.events):
-            tx.publish("dnsbl_listed", rule=self, why=", ".join(sorted({h["list"] for h in hits})))
+        lists = ", ".join(sorted({h["list"] for h in hits}))
+        record = tx.results.add(self, data=result, fail=f"listed: {lists}" if hits else None,
+                                err=f"lookups failed: {', '.join(sorted({e['zone'] for e in errors}))}"
+                                if errors else None,
+                                pass_="not listed" if not hits and not errors else None)
+        if hits and "dnsbl_listed" not in record.events:
+            tx.results.event(self, "dnsbl_listed", why=lists)
         if hits and score >= self.threshold:
             return self._refusal(session, hits, score)
         if errors and self.on_dns_error == "tempfail":

@@ -3,7 +3,9 @@
 PTR of the client IP, then A/AAAA of each name (at most 10); the first name that resolves
 back to the IP becomes ``session.client_name`` — what later rules read (greylist host-name
 whitelists, senders) and what the downstream gets as ``XCLIENT NAME``. Put it first in the
-``default`` policy. Details go to ``session.data["fcrdns"]``.
+``default`` policy. Details go to ``session.results`` (``session.results.get("fcrdns")``:
+pass with the name, fail without one, err when the lookup failed; its data is
+``{"name": ..., "verified": ...}``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ class Fcrdns(Rule):
 
     async def on_connect(self, session):
         if session.client_name:  # already known (PROXY/XCLIENT or a test): keep it
-            session.data["fcrdns"] = {"name": session.client_name, "verified": True}
+            session.results.add(self, pass_=session.client_name,
+                                data={"name": session.client_name, "verified": True})
             return None
         resolver = self.gate.resolver
         if resolver is None:
@@ -29,14 +32,19 @@ class Fcrdns(Rule):
         try:
             name = await resolver.for_session(session).fcrdns(session.client_ip)
         except DnsError as e:
-            session.data["fcrdns"] = {"name": None, "verified": False, "error": e.kind}
+            session.results.add(self, err=f"lookup failed: {e.kind}",
+                                data={"name": None, "verified": False, "error": e.kind})
             if self.on_dns_error == "tempfail":
                 return Verdict.tempfail(f"Client host rejected: cannot find your hostname, "
                                         f"[{session.client_ip}]", 450, "4.7.25",
                                         reason=f"fcrdns lookup failed: {e}")
             return None
         session.client_name = name
-        session.data["fcrdns"] = {"name": name, "verified": name is not None}
+        data = {"name": name, "verified": name is not None}
+        if name is None:
+            session.results.add(self, fail="no forward-confirmed reverse DNS", data=data)
+        else:
+            session.results.add(self, pass_=name, data=data)
         if name is None and self.unverified != "accept":
             text = f"Client host rejected: cannot find your hostname, [{session.client_ip}]"
             if self.unverified == "tempfail":

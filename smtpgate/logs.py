@@ -12,6 +12,16 @@ def _summary(rules: list[dict]) -> str:
                     for r in rules)
 
 
+def _results(results: dict) -> str:
+    """``spf:pass,dnsbl:fail``: each rule's record in one word (see pipeline/results.py)."""
+    out = []
+    for rule, record in results.items():
+        word = next((k for k in ("fail", "err", "pass", "skip") if record.get(k)), None)
+        if word:
+            out.append(f"{rule}:{'shadow-' if record.get('shadow') else ''}{word}")
+    return ",".join(out)
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -26,6 +36,10 @@ class TextFormatter(logging.Formatter):
                     continue
                 if key == "rules":
                     value = _summary(value)
+                elif key == "results":
+                    value = _results(value)
+                    if not value:
+                        continue
                 elif isinstance(value, list):
                     value = ",".join(value)
                 value = str(value)

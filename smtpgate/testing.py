@@ -15,6 +15,7 @@ the server logs::
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -29,7 +30,7 @@ from .smtp.offline import Dialogue, simulate
 from .smtp.relay_api import Capabilities
 from .pipeline.policy import Policy, PolicySet
 from .resolver import DEFAULT_SESSION_BUDGET, BaseResolver, DnsAnswer, DnsError
-from .pipeline.rule import GateContext, Rule
+from .pipeline.rule import GateContext, Rule, check_rule_class
 from .stores import Stores, open_stores
 
 __all__ = ["FakeClock", "FakeQuarantine", "FakeRelay", "FakeResolver", "Harness", "Dialogue", "Relayed", "run_rule",
@@ -211,6 +212,10 @@ class Harness:
         self._own_stores = stores is None
         self.stores = stores if stores is not None else open_stores(state, self.clock)
         self.context = GateContext(clock=self.clock, resolver=self.resolver, stores=self.stores)
+        rules = list(rules)
+        for r in rules:  # refused as the gate would at load time (hook arguments, options)
+            cls = type(r) if isinstance(r, Rule) else r[0]
+            check_rule_class(cls, _source_of(cls))
         built = [r if isinstance(r, Rule) else r[0](r[1], self.context) for r in rules]
         domains = tuple(domains)
         exact = tuple(d.lower() for d in domains if not d.startswith("."))
@@ -309,3 +314,10 @@ def load_plugin(path) -> ModuleType:
     if problems:
         raise PluginError("\n".join(map(str, problems)))
     return module
+
+
+def _source_of(cls: type) -> str:
+    try:
+        return inspect.getsourcefile(cls) or cls.__module__
+    except TypeError:  # made at run time
+        return cls.__module__

@@ -19,12 +19,14 @@ class SubjectWords(Rule):
     def setup(self):
         self._phrases = [w.lower() for w in self.words]
 
-    async def on_data(self, tx):
-        subject = (tx.message.get("Subject") or "").lower()
+    async def on_data(self, message, results):  # a hook names the arguments it wants
+        subject = (message.get("Subject") or "").lower()
         hit = next((w for w in self._phrases if w in subject), None)
         if hit is None:
+            results.add(self, pass_="no listed phrase")
             return None
+        results.add(self, fail=f"subject has {hit!r}")  # later rules, the trace and the log read it
         if self.action == "reject":
             return Verdict.reject("Message refused by content policy", reason=f"subject has {hit!r}")
-        tx.message.prepend_header(self.header, hit)
+        message.prepend_header(self.header, hit)
         return None

@@ -30,3 +30,11 @@ async def test_other_mail_passes_untouched():
     result = await h.send(raw)
     assert result.reply.code == 250
     assert h.relayed[0].data == raw
+
+
+async def test_reports_what_it_found_for_later_rules():
+    h = Harness([(SubjectWords, {"words": ["invoice overdue"]})])
+    found = (await h.send(message("invoice overdue"))).transaction.results.get("subject_words")
+    assert (found.outcome, found.fail) == ("fail", ["subject has 'invoice overdue'"])
+    clean = (await h.send(message("lunch?"))).transaction.results.get("subject_words")
+    assert clean.outcome == "pass"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import binascii
 
-from smtpgate import (Option, OptionError, Rule, TraceEntry, Verdict, boolean, integer, list_of,
+from smtpgate import (Option, OptionError, Rule, Verdict, boolean, integer, list_of,
                       number, one_of, size, string)
 
 from .mime import Limits, Part
@@ -140,8 +140,8 @@ class Attachments(Rule):
         first = report.findings[0]
         name = first.name or "(unnamed part)"
         reason = _summary(report.findings)
-        if self.mode != "shadow":  # for the sender state machines (rules/senders/__init__.py)
-            tx.publish("banned_attachment", rule=self, why=reason)
+        tx.results.add(self, fail=f"banned: {reason}")
+        tx.results.event(self, "banned_attachment", why=reason)  # for the sender state machines
         if self.action == "reject":
             return Verdict.reject(_reply_text(self.reject_text, name, first), 554, "5.7.1",
                                   reason=f"banned: {reason}")
@@ -159,8 +159,7 @@ class Attachments(Rule):
         tx.message.replace_ranges(edits, f"attachments: stripped {reason}")
         if held:
             tx.message.quarantine_original(f"banned: {reason}")
-        tx.trace.append(TraceEntry("data", self.name, "strip", _clip(f"stripped {reason}"),
-                                   shadow=self.mode == "shadow"))
+        tx.results.add(self, msg=_clip(f"stripped {reason}"), data={"stripped": [f.name for f in report.findings]})
         return None
 
     def _malformed(self, report):

@@ -5,8 +5,13 @@ Real MTAs queue and retry; most spamware does not. The first attempt of a triple
 ``retry_window`` passes, and the triplet then passes at once for ``pass_ttl`` (refreshed on
 every use). A client network with ``auto_whitelist_after`` live passed triplets is not
 greylisted any more. Senders that retry from a pool of addresses (big providers) are keyed
-by their domain instead of the network: a configured list, or an SPF pass another rule
-published in ``tx.data["spf"]``.
+by their domain instead of the network: a configured list, or an SPF pass the spf rule
+reported (``tx.results.get("spf")``).
+
+Reports per recipient in ``tx.results`` (``fail`` deferred, ``pass`` passed, ``skip``
+exempt; the data, by recipient address, says what was decided) and publishes the events
+``greylisted`` and ``greylist_passed``. In shadow mode the pipeline ignores the 451 and the
+events, but the attempt is recorded in the store as in enforce mode (see docs/rules/greylist.md).
 
 Host-name whitelists (``whitelist_client_names``) read the name the fcrdns rule verified at
 CONNECT (``verified_client_name``): greylist makes no DNS lookups of its own, so that rule
@@ -106,8 +111,8 @@ def verified_client_name(session):
     """The fcrdns rule's result for the session: the verified name, None (looked up, no
     name), or ``_NO_FCRDNS`` (the rule did not run). The one place that knows where fcrdns
     publishes (docs/rules/fcrdns.md)."""
-    found = session.data.get("fcrdns")
-    return _NO_FCRDNS if found is None else found.get("name")
+    found = session.results.get("fcrdns")
+    return _NO_FCRDNS if found is None else found.data.get("name")
 
 
 # --- the rule --------------------------------------------------------------------------
@@ -232,29 +237,31 @@ class Greylist(Rule):
         return store
 
     async def on_rcpt(self, tx, rcpt):
-        results = tx.data.setdefault("greylist", {})
+        results = tx.results
         why = await self.exemption(tx.session, tx.sender, rcpt.address)
         if why:
-            results[rcpt.address] = {"outcome": "exempt", "reason": why}
+            results.add(self, skip=f"{rcpt.address}: {why}",
+                        data={rcpt.address: {"outcome": "exempt", "reason": why}})
             return None
+        spf = results.get("spf")
         client, sender, recipient = self.key_for(tx.session.client_ip, tx.sender, rcpt.address,
-                                                 tx.data.get("spf"))
+                                                 spf.data if spf is not None else None)
         now = self.clock.now()
         result = await self._store().attempt(client, sender, recipient, now=now, params=self.params,
                                              client_ip=tx.session.client_ip)
-        shadow = self.mode == "shadow"
-        results[rcpt.address] = {"outcome": result.outcome, "client": client, "sender": sender,
-                                 "recipient": recipient}
+        decided = {"outcome": result.outcome, "client": client, "sender": sender, "recipient": recipient}
         if result.deferred:
             text, after = self._deferral(result, now)
-            results[rcpt.address]["retry_at"] = after
-            if not shadow:
-                tx.publish("greylisted", rule=self, why=f"{result.outcome}, attempt {result.entry.attempts}")
+            decided["retry_at"] = after
+            results.add(self, fail=f"{rcpt.address}: {result.outcome}, attempt {result.entry.attempts}",
+                        data={rcpt.address: decided})
+            results.event(self, "greylisted", why=f"{result.outcome}, attempt {result.entry.attempts}")
             return Verdict.tempfail(text, 451, "4.7.1",
                                     reason=f"greylisted ({result.outcome}, attempt {result.entry.attempts}): "
                                            f"{client} {sender or '<>'} {recipient}; passes after {after}")
-        if result.outcome == "passed_now" and not shadow:
-            tx.publish("greylist_passed", rule=self, why=f"retried after {result.entry.retry_delay:g}s")
+        results.add(self, pass_=f"{rcpt.address}: {result.outcome}", data={rcpt.address: decided})
+        if result.outcome == "passed_now":
+            results.event(self, "greylist_passed", why=f"retried after {result.entry.retry_delay:g}s")
         return None
 
     def _deferral(self, result, now: float) -> tuple[str, str]:

@@ -176,7 +176,8 @@ class Limits(Rule):
         return await self._check(tx, [(r, rcpt.address) for r in self.at_rcpt], self.clock.now())
 
     async def _check(self, tx, rates, now: float):
-        counted = tx.data.setdefault("limits.counted", [])  # one count per counter and transaction
+        # one count per counter and transaction, whichever policy's limits entry counted it
+        counted = tx.results.add(self).data.setdefault("counted", [])
         checks, used = [], []
         for r, text in rates:
             value = self.key_for(r.per, text)

@@ -18,8 +18,6 @@ from .maps import Context, valid_result
 from .options import (DEFAULT_FIELDS, Block, address_map, condition, header_fields, header_names,
                       headers, steps, subject_prefix)
 
-ORIGINAL_SENDER = "rewrite.original_sender"
-ORIGINAL_RECIPIENTS = "rewrite.original_recipients"
 
 
 class Rewrite(Rule):
@@ -57,7 +55,6 @@ class Rewrite(Rule):
 
     # --- hooks -----------------------------------------------------------------------------
     async def on_mail(self, tx):
-        tx.data.setdefault(ORIGINAL_SENDER, tx.sender)
         if not tx.sender:
             return None
         ctx = self._context(tx, [])
@@ -65,41 +62,50 @@ class Rewrite(Rule):
             if block.applies(ctx):
                 new = block.sender_map.lookup(tx.sender)
                 if new:
-                    tx.sender = self._envelope_address(tx, "sender", tx.sender, new)
+                    old, tx.sender = tx.sender, self._envelope_address(tx, "sender", tx.sender, new)
+                    self._report(tx, "sender", old, tx.sender)
         return None
 
     async def on_rcpt(self, tx, rcpt):
         original = rcpt.address
-        tx.data.setdefault(ORIGINAL_RECIPIENTS, []).append((rcpt, original))
         ctx = self._context(tx, [original])
         for block in self._recipient:
             if block.applies(ctx):
                 new = block.recipient_map.lookup(rcpt.address)
                 if new:
-                    rcpt.address = self._envelope_address(tx, "recipient", rcpt.address, new)
+                    old, rcpt.address = rcpt.address, self._envelope_address(tx, "recipient", rcpt.address, new)
+                    self._report(tx, "recipient", old, rcpt.address)
         return None
 
     async def on_data(self, tx):
         if not self._data:
             return None
-        seen = tx.data.get(ORIGINAL_RECIPIENTS, [])
-        originals = [next((o for r, o in seen if r is rcpt), rcpt.address) for rcpt in tx.recipients]
+        originals = [self._original(tx, "recipients").get(rcpt.address, rcpt.address) for rcpt in tx.recipients]
         ctx = self._context(tx, originals, tx.message)
         before = len(tx.message.changes)
         for block in self._data:
             if block.applies(ctx):
                 self._edit(tx.message, block)
         for c in tx.message.changes[before:]:
-            self.log.info("tx %s: %s %s: %r -> %r%s", tx.id, c.op, c.header, c.before, c.after, self._shadow)
+            self.log.info("tx %s: %s %s: %r -> %r", tx.id, c.op, c.header, c.before, c.after)
         return None
 
     # --- helpers ---------------------------------------------------------------------------
-    @property
-    def _shadow(self) -> str:
-        return " (shadow: not done)" if self.mode == "shadow" else ""
+    @staticmethod
+    def _original(tx, what: str) -> dict:
+        """``{address now: address before the first rewrite}`` of the rewrites this rule reported."""
+        record = tx.results.get("rewrite")
+        return record.data.get(what, {}) if record is not None else {}
+
+    def _report(self, tx, what: str, old: str, new: str) -> None:
+        """The rewrite as a result: later stages (``when`` conditions) match the original."""
+        originals = self._original(tx, what + "s")
+        tx.results.add(self, msg=f"{what} <{old}> -> <{new}>",
+                       data={what + "s": {**originals, new: originals.get(old, old)}})
 
     def _context(self, tx, recipients, message=None) -> Context:
-        return Context(tx.data.get(ORIGINAL_SENDER, tx.sender), recipients, tx.session.client_ip,
+        sender = self._original(tx, "senders").get(tx.sender, tx.sender)
+        return Context(sender, recipients, tx.session.client_ip,
                        bool(getattr(tx.session, "authenticated", False)), message)
 
     def _envelope_address(self, tx, what: str, old: str, new: str) -> str:
@@ -110,7 +116,7 @@ class Rewrite(Rule):
             raise ValueError(f"{what} <{old}> rewrites to {new!r}, which is not a valid address")
         if not checked.isascii() and "SMTPUTF8" not in (p.upper() for p in tx.sender_params):
             raise ValueError(f"{what} <{old}> rewrites to <{checked}>, which needs SMTPUTF8")
-        self.log.info("tx %s: %s <%s> -> <%s>%s", tx.id, what, old, checked, self._shadow)
+        self.log.info("tx %s: %s <%s> -> <%s>", tx.id, what, old, checked)
         return checked
 
     def _header_address(self, old: str, block: Block) -> str | None:

@@ -1,9 +1,9 @@
 """spf: Sender Policy Framework (RFC 7208) for the MAIL FROM identity and the HELO name.
 
 The check runs at MAIL (the HELO check once per HELO name, in parallel with it) and is
-published at once as ``tx.data["spf"]`` — ``{"result": "pass", "domain": "example.org",
-"identity": "mailfrom", ...}`` with the HELO result under ``"helo"`` — so later rules (the
-greylist pools senders by an SPF-passed domain) read it. The decision is given at RCPT, like
+published at once in ``tx.results`` — ``tx.results.get("spf").data`` is ``{"result": "pass",
+"domain": "example.org", "identity": "mailfrom", ...}`` with the HELO result under ``"helo"``
+— so later rules (the greylist pools senders by an SPF-passed domain) read it. The decision is given at RCPT, like
 other refusals, so ``postmaster`` stays reachable. With ``header: true`` an
 ``Authentication-Results`` field (RFC 8601) is prepended at DATA.
 """
@@ -71,11 +71,11 @@ class Spf(Rule):
         published = mailfrom.as_dict()
         if self.check_helo and tx.sender:
             published["helo"] = helo_result.as_dict()
-        tx.data["spf"] = published
+        self._report(tx.results, published)
         return None
 
     async def on_rcpt(self, tx, rcpt):
-        spf = tx.data.get("spf")
+        spf = self._published(tx)
         if spf is None:
             return None
         verdict = self._decide(spf, spf["identity"])
@@ -84,7 +84,7 @@ class Spf(Rule):
         return verdict
 
     async def on_data(self, tx):
-        spf = tx.data.get("spf")
+        spf = self._published(tx)
         if not self.header or spf is None:
             return None
         parts = [self._authserv]
@@ -97,6 +97,20 @@ class Spf(Rule):
         return None
 
     # --- helpers -------------------------------------------------------------------------
+    def _report(self, results, published: dict) -> None:
+        """Each identity's result as an outcome (``pass: mailfrom example.org``), the whole
+        as the record's data."""
+        kinds = {"pass": "pass_", "fail": "fail", "softfail": "fail", "permerror": "err", "temperror": "err"}
+        for spf in (published, published.get("helo")):
+            if spf:
+                text = f"{spf.get('identity')} {spf.get('domain') or '-'}: {spf['result']}"
+                results.add(self, **{kinds.get(spf["result"], "msg"): text})
+        results.add(self, data=published)
+
+    def _published(self, tx) -> dict | None:
+        record = tx.results.get(self)
+        return record.data if record is not None and "result" in record.data else None
+
     def _decide(self, spf: dict, identity: str) -> Verdict | None:
         result, domain = spf["result"], spf.get("domain", "")
         what = "HELO name" if identity == "helo" else "sender"

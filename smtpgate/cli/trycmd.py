@@ -47,6 +47,7 @@ def try_command(args, config_path: str | None) -> int:
                         for k, v in result.replies.items()},
             "policy": getattr(result.transaction.policy, "name", None) if result.transaction else None,
             "trace": [e.as_dict() for e in result.trace],
+            "results": _results(result),
             "changes": [dataclasses.asdict(c) for c in _changes(result)],
         }
         if args.show_message and result.message is not None:
@@ -61,7 +62,7 @@ def _print_table(result, args) -> None:
     rows = [("STAGE", "RULE", "VERDICT", "MS", "REASON / REPLY")]
     for e in result.trace:
         verdict = ("shadow:" if e.shadow else "") + e.action
-        detail = " — ".join(x for x in (e.recipient, e.reason, e.reply) if x)
+        detail = " — ".join(x for x in (e.recipient, e.reason, e.reply, e.result) if x)
         rows.append((e.stage, e.rule, verdict, f"{e.ms:.2f}", detail))
     if len(rows) == 1:
         rows.append(("-", "-", "no rule ran", "", ""))
@@ -78,11 +79,24 @@ def _print_table(result, args) -> None:
         for reply in value if isinstance(value, list) else [value]:
             print(f"{stage:5} -> {str(reply).splitlines()[-1]}")
     print(f"client would get: {str(result.reply).splitlines()[-1]}")
+    for rule, record in _results(result).items():
+        said = "; ".join(f"{k}: {', '.join(record[k])}" for k in ("fail", "err", "pass", "skip", "msg") if k in record)
+        events = f" (events: {', '.join(record['events'])})" if record.get("events") else ""
+        shadow = " [shadow]" if record.get("shadow") else ""
+        print(f"result of {rule}{shadow}: {said or '-'}{events}")
     for c in _changes(result):
         print(f"change by {c.rule or '-'}: {c.op} {c.header}: {c.before!r} -> {c.after!r}")
     if args.show_message and result.message is not None:
         print("\n--- message as relayed ---")
         sys.stdout.write(result.message.decode("utf-8", "surrogateescape"))
+
+
+def _results(result) -> dict:
+    """Each rule's record (``tx.results``, the session's first), as the JSON log line has it."""
+    tx = result.transaction
+    if tx is None:
+        return {}
+    return {**tx.session.results.as_dict(), **tx.results.as_dict()}
 
 
 def _changes(result) -> list:

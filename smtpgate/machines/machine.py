@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from ..mail.session import Event, check_event_name
+from ..pipeline.results import Event, check_event_name
 from ..pipeline.rule import Rule
 from ..stores.senders import Change, SenderRecord
 from ..units import parse_duration

@@ -16,8 +16,8 @@ handlers decorated with ``@state("NAME")`` (``at="mail"`` by default, or ``"rcpt
 
 The base class does the rest: at MAIL it loads the key's state (``tx.sender_state(machine)``
 for every later rule), at each stage it runs the handlers of that state, and when the
-transaction ends (``on_end``) it feeds the transaction's events — what rules published and
-the pipeline's own — to the machine, atomically in the gate's store
+transaction ends (``on_end``) it feeds the transaction's events — what rules published with
+``tx.results.event`` and the pipeline's own — to the machine, atomically in the gate's store
 (``self.gate.stores.senders``). Each event name counts once per transaction; the rule's
 own refusals are not fed back to it.
 """
@@ -28,7 +28,7 @@ import ipaddress
 from typing import Callable
 
 from ..mail.keys import client_key, sender_key
-from ..mail.session import Event
+from ..pipeline.results import Event
 from ..errors import OptionError, PluginError, StoreError
 from .machine import Machine, MachineError, SenderState, known_events
 from ..pipeline.rule import Rule
@@ -158,11 +158,10 @@ class MachineRule(Rule):
             raise StoreError(f"the {self.name} rule needs the gate's sender-state store (state:)")
         return store
 
-    def _slot(self, tx) -> dict | None:
-        """This machine's notes on the transaction; None when another rule instance of the
-        same machine name has it (a policy re-listing the rule): events count once."""
-        slot = tx.data.setdefault("senders", {}).setdefault(self.machine.name, {"owner": id(self)})
-        return slot if slot["owner"] == id(self) else None
+    def _owns(self, tx) -> bool:
+        """Whether this instance feeds its machine in this transaction: not when another rule
+        instance of the same machine name does (a policy re-listing the rule): events count once."""
+        return tx.machine_owners.setdefault(self.machine.name, self) is self
 
     # --- the Python API -----------------------------------------------------------------
     async def current(self, key: str) -> SenderState:
@@ -182,38 +181,33 @@ class MachineRule(Rule):
 
     # --- hooks --------------------------------------------------------------------------
     async def on_mail(self, tx):
-        slot = self._slot(tx)
-        if slot is None:
+        if not self._owns(tx):
             return None
-        key = slot["key"] = self.key_of(tx)
+        key = self.key_of(tx)
+        tx.results.add(self, data={"key": key})
         if key is None:
             return None
         view = await self.current(key)
         tx.states[self.machine.name] = view
-        slot["state"] = view.state
+        tx.results.add(self, msg=f"{key}: {view.state}", data={"state": view.state})
         return await self._run(tx, "mail", view, ())
 
     async def on_rcpt(self, tx, rcpt):
         view = tx.states.get(self.machine.name)
-        if view is None or (view.state, "rcpt") not in self._handlers or self._slot(tx) is None:
+        if view is None or (view.state, "rcpt") not in self._handlers or not self._owns(tx):
             return None
         return await self._run(tx, "rcpt", view, (rcpt,))
 
     async def on_data(self, tx):
         view = tx.states.get(self.machine.name)
-        if view is None or (view.state, "data") not in self._handlers or self._slot(tx) is None:
+        if view is None or (view.state, "data") not in self._handlers or not self._owns(tx):
             return None
         return await self._run(tx, "data", view, ())
 
     async def _run(self, tx, stage: str, view: SenderState, extra: tuple):
-        shadow = self.mode == "shadow"
+        # Shadow mode is the pipeline's: it ignores the verdict and undoes tx.skip calls.
         for fn in self._handlers.get((view.state, stage), ()):
-            skipped = dict(tx.skipped)
             verdict = await fn(tx, *extra, view)
-            if shadow and tx.skipped != skipped:  # shadow mode: say it, do not do it
-                self.log.info("shadow: %s would skip %s", self.name, ", ".join(set(tx.skipped) - set(skipped)))
-                tx.skipped.clear()
-                tx.skipped.update(skipped)
             if verdict is not None:
                 return verdict
         return None
@@ -222,7 +216,7 @@ class MachineRule(Rule):
         """The transaction's events for this machine: each name once (its first
         occurrence), without this rule's own refusals."""
         out, names = [], set()
-        for ev in tx.published():
+        for ev in tx.results.events:
             if ev.name in names or (ev.name == "rejected" and ev.rule == self.name):
                 continue
             names.add(ev.name)
@@ -230,16 +224,15 @@ class MachineRule(Rule):
         return out
 
     async def on_end(self, tx, reply):
-        slot = self._slot(tx)
-        if slot is None:
+        if not self._owns(tx):
             return None
-        key = slot["key"] if "key" in slot else self.key_of(tx)
+        record = tx.results.get(self)
+        key = record.data["key"] if record is not None and "key" in record.data else self.key_of(tx)
         events = self.events_of(tx) if key is not None else []
         if not events:
             return None
         view, made = await self.feed(key, events)
-        slot["events"] = [e.name for e in events]
-        slot["after"] = view.state
-        slot["transitions"] = [c.as_dict() for c in made]
+        tx.results.add(self, data={"fed": [e.name for e in events], "after": view.state,
+                                   "transitions": [c.as_dict() for c in made]})
         moves = "; ".join(f"{c.src} -> {c.dst} ({c.event})" for c in made)
         return f"{key}: {moves or view.state}"

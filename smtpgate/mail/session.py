@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..pipeline.results import Event, Results, one_line
 from .addresses import Address
 from .message import Message
+
+__all__ = ["Event", "Recipient", "Results", "Session", "TraceEntry", "Transaction", "new_id"]
 
 
 def _id_source():
@@ -38,36 +40,11 @@ class TraceEntry:
     ms: float = 0.0
     shadow: bool = False
     recipient: str | None = None
+    #: what the rule reported in this run (``tx.results``): ``fail: listed in zen; event dnsbl_listed``
+    result: str | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v not in (None, False)}
-
-
-_EVENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-
-
-def check_event_name(name: str) -> str:
-    """An event name: lower-case letters, digits and ``_``, starting with a letter. ValueError if not."""
-    if not isinstance(name, str) or not _EVENT_NAME.match(name):
-        raise ValueError(f"an event name is lower-case letters, digits and _ (like dnsbl_listed), got {name!r}")
-    return name
-
-
-def _one_line(text, limit: int = 200) -> str | None:
-    if text is None:
-        return None
-    text = "".join(c if c.isprintable() else " " for c in str(text))
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-@dataclass(frozen=True)
-class Event:
-    """Something that happened in a transaction, for the sender state machines: ``name``
-    (``delivered``, ``greylisted``, ...), the ``rule`` that published it and ``why``."""
-
-    name: str
-    rule: str | None = None
-    why: str | None = None
 
 
 @dataclass
@@ -82,7 +59,10 @@ class Session:
     esmtp: bool = False
     tls: bool = False
     proto: str = "SMTP"
-    #: rules may keep per-connection results here (e.g. DNS answers started at connect)
+    #: what rules reported at CONNECT and HELO (``fcrdns``); transactions have their own
+    results: Results = field(default_factory=Results)
+    #: per-connection caches of the gate and of rules (the DNS budget, lookups started at
+    #: CONNECT): internal working state, never a way to report — report with ``results``
     data: dict[str, Any] = field(default_factory=dict)
     #: a CONNECT/HELO verdict that refuses every transaction of this session
     verdict: Any = None
@@ -125,15 +105,16 @@ class Transaction:
     policy: Any = None
     message: Message | None = None
     trace: list[TraceEntry] = field(default_factory=list)
-    #: rules publish results here for later rules (``tx.data["spf"] = "pass"``)
-    data: dict[str, Any] = field(default_factory=dict)
+    #: what each rule reported, for later rules, the trace and the log line; and the events
+    #: published for the sender state machines (``tx.results.event``)
+    results: Results = field(default_factory=Results)
     started: float = 0.0
-    #: what rules and the pipeline published (``publish``), in order
-    events: list[Event] = field(default_factory=list)
     #: rule name -> why it is skipped for the rest of this transaction (``skip``)
     skipped: dict[str, str] = field(default_factory=dict)
     #: machine name -> the sender state a state machine loaded for this transaction
     states: dict[str, Any] = field(default_factory=dict)
+    #: machine name -> the rule instance that feeds it in this transaction (a policy may list it twice)
+    machine_owners: dict[str, Any] = field(default_factory=dict, repr=False)
     #: (stage, Reply) for each answer of the downstream, for the pipeline's own events
     downstream_replies: list = field(default_factory=list)
 
@@ -141,28 +122,10 @@ class Transaction:
     def sender_domain(self) -> str:
         return self.sender.rpartition("@")[2].lower() if "@" in self.sender else ""
 
-    def publish(self, event: str, *, rule: Any = None, why: str | None = None) -> Event:
-        """Tell the sender state machines that ``event`` happened in this transaction:
-        ``tx.publish("banned_attachment", rule=self, why="invoice.exe")``. ``rule`` is a
-        rule or its name. The name is also appended to ``tx.data["events"]`` (older readers)."""
-        ev = Event(check_event_name(event), getattr(rule, "name", rule), _one_line(why))
-        self.events.append(ev)
-        self.data.setdefault("events", []).append(ev.name)
-        return ev
-
-    def published(self) -> list[Event]:
-        """Every event of this transaction: those of ``publish``, then names code appended
-        to ``tx.data["events"]`` directly (rule unknown)."""
-        extra = list(self.data.get("events") or ())
-        for ev in self.events:
-            if ev.name in extra:
-                extra.remove(ev.name)
-        return self.events + [Event(n) for n in extra if isinstance(n, str) and _EVENT_NAME.match(n)]
-
     def skip(self, rule: str, why: str) -> None:
         """Skip the rule named ``rule`` for the rest of this transaction (its MAIL, RCPT and
         DATA hooks are not called; the trace says why)."""
-        self.skipped.setdefault(str(getattr(rule, "name", rule)), _one_line(why) or "skipped")
+        self.skipped.setdefault(str(getattr(rule, "name", rule)), one_line(why) or "skipped")
 
     def sender_state(self, machine: str | None = None):
         """The sender state that machine ``machine`` (the only or first one when None)

@@ -1,18 +1,23 @@
 """Run one stage of a policy's rules over a transaction and record the trace.
 
 Knows nothing about sockets: the conversation asks, the pipeline answers with a Verdict or
-None. Shadow rules run and are traced but never act; a rule that raises is logged with its
+None. Hooks get the arguments they name (``rule.HOOKS``). The runner alone applies a rule's
+``mode`` and ``on_error``: a shadow rule runs and is traced but never acts (its verdict is
+ignored, its envelope and message edits and ``tx.skip`` calls are undone, its results are
+marked shadow and its events reach no state machine); a rule that raises is logged with its
 traceback (a StoreError: one line) and turns into ``451 4.3.0`` unless it is set
-``on_error: accept``.
+``on_error: accept``. What a rule adds to ``tx.results`` during a hook goes into that hook's
+trace entry.
 """
 from __future__ import annotations
 
 import logging
 import time
 
-from ..mail.session import Event, TraceEntry
+from ..mail.session import TraceEntry
 from ..errors import StoreError
 from ..mail.message import describe_changes
+from .rule import SIGNATURES, hook_parameters
 from .verdict import ACCEPT, Verdict
 
 log = logging.getLogger("smtpgate.pipeline")
@@ -30,8 +35,51 @@ def _log_crash(rule, hook_name: str, exc: Exception) -> None:
         log.error("rule %s crashed in %s", rule.name, hook_name, exc_info=exc)
 
 
-# What a hook may rewrite in the envelope at a stage: (label, index into args, attribute).
-_ENVELOPE = {"mail": ("sender", 0, "sender"), "rcpt": ("recipient", 1, "address")}
+# What a hook may rewrite in the envelope at a stage: (label, argument, attribute).
+_ENVELOPE = {"mail": ("sender", "tx", "sender"), "rcpt": ("recipient", "rcpt", "address")}
+
+
+def _arguments(stage: str, args: tuple) -> dict:
+    """Everything a hook of ``stage`` may ask for, by name, from the caller's positional
+    ``args`` (``(session,)``, ``(tx,)``, ``(tx, rcpt)``, ``(tx, reply)``)."""
+    if stage in ("connect", "helo"):
+        session = args[0]
+        return {"session": session, "results": session.results}
+    tx = args[0]
+    out = {"tx": tx, "session": tx.session, "results": tx.results}
+    if stage == "rcpt":
+        out["rcpt"] = args[1]
+    elif stage in ("delivered", "end"):
+        out["reply"] = args[1]
+    if stage in ("data", "delivered", "end"):
+        out["message"] = tx.message
+    return out
+
+
+def _call(rule, hook_name: str, args: tuple, available: dict):
+    """Call the hook with the arguments it names (checked against HOOKS at load time); a hook
+    with the documented positional signature gets the caller's ``args`` as they are."""
+    key = (type(rule), hook_name)
+    names = _NAMES.get(key, False)
+    if names is False or hook_name in vars(rule):
+        hook = getattr(rule, hook_name)
+        fn = getattr(hook, "__func__", None)
+        if fn is None:  # not a method (set on the instance): the documented positional order
+            return hook(*args)
+        names = hook_parameters(fn)
+        names = _NAMES[key] = None if names == SIGNATURES[hook_name] else names
+    if names is None:
+        return getattr(rule, hook_name)(*args)
+    return getattr(rule, hook_name)(**{n: available[n] for n in names})
+
+
+# (rule class, hook name) -> the argument names the hook asks for (None: the documented ones)
+_NAMES: dict[tuple[type, str], tuple[str, ...] | None] = {}
+
+def _channel(available: dict):
+    """The results a hook's report is traced from: the transaction's, else the session's."""
+    tx = available.get("tx")
+    return tx.results if tx is not None else available["session"].results
 
 
 async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
@@ -44,24 +92,30 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
     policy), so no hook runs twice.
     """
     hook_name = f"on_{stage}"
-    skipped = getattr(args[0], "skipped", None) if stage in ("mail", "rcpt", "data") else None
+    available = _arguments(stage, args)
+    tx = available.get("tx")
+    skipped = tx.skipped if tx is not None else None
+    results = _channel(available)
+    slot = _ENVELOPE.get(stage)
+    target = available[slot[1]] if slot else None
     for rule in rules:
-        hook = getattr(rule, hook_name, None)
-        if hook is None or rule in skip:
-            continue
-        if skipped and rule.name in skipped:  # tx.skip(): e.g. a sender state skips greylisting
-            trace.append(TraceEntry(stage, rule.name, "continue", f"skipped: {skipped[rule.name]}",
-                                    None, 0.0, rule.mode == "shadow", recipient))
+        if getattr(rule, hook_name, None) is None or rule in skip:
             continue
         shadow = rule.mode == "shadow"
+        if skipped and rule.name in skipped:  # tx.skip(): e.g. a sender state skips greylisting
+            trace.append(TraceEntry(stage, rule.name, "continue", f"skipped: {skipped[rule.name]}",
+                                    None, 0.0, shadow, recipient))
+            continue
         mark = message.checkpoint() if message is not None else None
-        slot = _ENVELOPE.get(stage)
-        before = getattr(args[slot[1]], slot[2]) if slot else None
+        before = getattr(target, slot[2]) if slot else None
+        skips_before = dict(skipped) if shadow and skipped is not None else None
+        results._current = (rule.name, shadow)
+        reported_from = len(results._journal)
         if message is not None:
             message._current_rule = rule.name
         started = time.perf_counter()
         try:
-            verdict = await hook(*args)
+            verdict = await _call(rule, hook_name, args, available)
             if verdict is not None and not isinstance(verdict, Verdict):
                 raise TypeError(f"hook returned {type(verdict).__name__}, expected Verdict or None")
         except Exception as exc:  # a plugin's bug must never reach the client as a traceback
@@ -70,9 +124,10 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
             if mark is not None:
                 message.rollback(mark)
             if slot:
-                setattr(args[slot[1]], slot[2], before)
+                setattr(target, slot[2], before)
+            _undo_skips(tx, skips_before)
             trace.append(TraceEntry(stage, rule.name, "error", f"{type(exc).__name__}: {exc}",
-                                    None, ms, shadow, recipient))
+                                    None, ms, shadow, recipient, _reported(results, reported_from)))
             if rule.on_error == "accept" or shadow:
                 continue
             return RULE_CRASHED
@@ -80,27 +135,32 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
             if message is not None:
                 message._current_rule = None
         ms = (time.perf_counter() - started) * 1000
+        reported = _reported(results, reported_from)
         # The trace names what the rule changed (envelope address, header edits), so a rule
         # that only rewrites, returning None, still leaves a reason; a shadow rule's changes
         # are named, then undone.
         changed = []
-        if slot and getattr(args[slot[1]], slot[2]) != before:
-            changed.append(f"{slot[0]} <{before}> -> <{getattr(args[slot[1]], slot[2])}>")
+        if slot and getattr(target, slot[2]) != before:
+            changed.append(f"{slot[0]} <{before}> -> <{getattr(target, slot[2])}>")
             if shadow:
-                setattr(args[slot[1]], slot[2], before)
+                setattr(target, slot[2], before)
         if mark is not None and len(message.changes) > mark[1]:
             changed.append(describe_changes(message.changes[mark[1]:]))
         if shadow and mark is not None:
             message.rollback(mark)
+        if skips_before is not None:
+            _undo_skips(tx, skips_before, rule)
         changed_text = "; ".join(changed) or None
+        if shadow and changed_text:
+            log.info("shadow: rule %s would change at %s: %s (not done)", rule.name, stage, changed_text)
         if verdict is None:
             trace.append(TraceEntry(stage, rule.name, "continue", changed_text, None, ms, shadow,
-                                    recipient))
+                                    recipient, reported))
             continue
         reason = "; ".join(x for x in (verdict.reason, changed_text) if x) or None
         reply = None if verdict.action == ACCEPT else str(verdict.reply(stage))
         trace.append(TraceEntry(stage, rule.name, verdict.action, reason, reply, ms,
-                                shadow, recipient))
+                                shadow, recipient, reported))
         if shadow:
             log.info("shadow: rule %s would %s at %s: %s", rule.name, verdict.action, stage,
                      reason or "")
@@ -109,43 +169,66 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
     return None
 
 
-async def run_delivered(rules, tx, reply, trace: list[TraceEntry]) -> None:
-    """``on_delivered`` hooks only observe: a crash there is logged and traced, nothing else."""
+def _reported(results, mark: int) -> str | None:
+    """What the hook added to the results since ``mark``, for its trace entry."""
+    results._current = None
+    # the common case, nothing reported, costs no string work
+    return results.since(mark) if len(results._journal) > mark else None
+
+
+def _undo_skips(tx, before: dict | None, rule=None) -> None:
+    """A shadow rule's ``tx.skip`` calls are logged, not done."""
+    if before is None or tx.skipped == before:
+        return
+    if rule is not None:
+        log.info("shadow: rule %s would skip %s", rule.name, ", ".join(sorted(set(tx.skipped) - set(before))))
+    tx.skipped.clear()
+    tx.skipped.update(before)
+
+
+async def _observe(rules, stage: str, tx, reply, trace: list[TraceEntry], keep_text: bool) -> None:
+    """``on_delivered`` / ``on_end``: hooks that only observe; a crash is logged and traced."""
+    hook_name = f"on_{stage}"
+    available = _arguments(stage, (tx, reply))
+    results = _channel(available)
     for rule in rules:
-        if getattr(rule, "on_delivered", None) is None:
+        if getattr(rule, hook_name, None) is None:
             continue
+        shadow = rule.mode == "shadow"
+        results._current = (rule.name, shadow)
+        mark = len(results._journal)
         started = time.perf_counter()
         try:
-            await rule.on_delivered(tx, reply)
-            action, reason = "continue", None
+            said = await _call(rule, hook_name, (tx, reply), available)
+            action, reason = "continue", said if keep_text and isinstance(said, str) and said else None
         except Exception as exc:
-            _log_crash(rule, "on_delivered", exc)
+            _log_crash(rule, hook_name, exc)
             action, reason = "error", f"{type(exc).__name__}: {exc}"
-        trace.append(TraceEntry("delivered", rule.name, action, reason, None,
-                                (time.perf_counter() - started) * 1000, rule.mode == "shadow"))
+        trace.append(TraceEntry(stage, rule.name, action, reason, None,
+                                (time.perf_counter() - started) * 1000, shadow, None,
+                                _reported(results, mark)))
+
+
+async def run_delivered(rules, tx, reply, trace: list[TraceEntry]) -> None:
+    """``on_delivered`` hooks only observe: a crash there is logged and traced, nothing else."""
+    await _observe(rules, "delivered", tx, reply, trace, keep_text=False)
 
 
 def publish_outcome(tx, reply) -> None:
-    """The pipeline's own events, recorded at the one place a transaction ends: ``rejected``
-    for each rule that refused (not in shadow mode; ``rule`` is its name), then
+    """The pipeline's own events, published at the one place a transaction ends:
+    ``rejected`` for each rule that refused (not in shadow mode; ``rule`` is its name), then
     ``downstream_rejected`` if the downstream refused (5xx) a recipient or the message, then
-    ``delivered`` if it took the message (2xx to DATA). Names rules appended to
-    ``tx.data["events"]`` directly are taken into ``tx.events`` first, in their place."""
-    tx.events[:] = tx.published()
+    ``delivered`` if it took the message (2xx to DATA)."""
+    results = tx.results
     for e in tx.trace:
         if e.action == "reject" and not e.shadow and e.rule != "gate":
-            _record(tx, "rejected", e.rule, e.reason)
+            results.pipeline_event("rejected", e.rule, e.reason)
     for stage, answer in tx.downstream_replies:
         if answer.is_permanent:
-            _record(tx, "downstream_rejected", "downstream", f"{stage}: {answer.lines()[-1]}")
+            results.pipeline_event("downstream_rejected", "downstream", f"{stage}: {answer.lines()[-1]}")
     for stage, answer in tx.downstream_replies:
         if stage == "data" and answer.is_positive:
-            _record(tx, "delivered", "downstream", answer.lines()[-1])
-
-
-def _record(tx, name: str, rule: str, why) -> None:
-    # Into tx.events only: tx.data["events"] keeps what rules published, as it always did.
-    tx.events.append(Event(name, rule, None if why is None else " ".join(str(why).split())[:200]))
+            results.pipeline_event("delivered", "downstream", answer.lines()[-1])
 
 
 async def run_disconnect(rules, session) -> None:
@@ -165,15 +248,4 @@ async def run_end(rules, tx, reply, trace: list[TraceEntry]) -> None:
     """``on_end`` hooks observe a finished transaction (whatever its outcome; ``reply`` is the
     last reply the client got for it, None when it was abandoned). A hook may return a short
     text for the trace (what it did). A crash is logged and traced, nothing else."""
-    for rule in rules:
-        if getattr(rule, "on_end", None) is None:
-            continue
-        started = time.perf_counter()
-        try:
-            said = await rule.on_end(tx, reply)
-            action, reason = "continue", said if isinstance(said, str) and said else None
-        except Exception as exc:
-            _log_crash(rule, "on_end", exc)
-            action, reason = "error", f"{type(exc).__name__}: {exc}"
-        trace.append(TraceEntry("end", rule.name, action, reason, None,
-                                (time.perf_counter() - started) * 1000, rule.mode == "shadow"))
+    await _observe(rules, "end", tx, reply, trace, keep_text=True)

@@ -563,6 +563,7 @@ def log_transaction(tx: Transaction, reply: Reply | None, stage: str) -> None:
         "size": tx.message.size if tx.message else None,
         "reply": str(reply).split("\r\n")[-1] if reply is not None else "abandoned",
         "rules": [e.as_dict() for e in tx.trace],
+        "results": {**tx.session.results.as_dict(), **tx.results.as_dict()},
         "ms": round((time.monotonic() - tx.started) * 1000, 1),
     }
     log.info("transaction", extra={"fields": fields})

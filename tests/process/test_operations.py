@@ -318,6 +318,7 @@ def test_try_prints_a_readable_table(try_folder):
     assert re.search(r"client would get: 250 2\.0\.0", r.stdout)
     assert "--- message as relayed ---" not in r.stdout  # the message only with --show-message
     assert "add X-Subject-Words" in r.stdout  # but every change is named
+    assert "result of subject_words: fail: subject has 'invoice'" in r.stdout  # tx.results
     with pytest.raises(json.JSONDecodeError):
         json.loads(r.stdout)
 
@@ -330,6 +331,8 @@ def test_try_json(try_folder):
     assert doc["policy"] == "default"
     assert doc["trace"] and all({"stage", "rule", "action"} <= set(e) for e in doc["trace"])
     assert {"stage": "data", "rule": "subject_words"}.items() <= doc["trace"][0].items()
+    assert doc["trace"][0]["result"] == "fail: subject has 'invoice'"
+    assert doc["results"] == {"subject_words": {"fail": ["subject has 'invoice'"]}}
     assert "message" not in doc
 
 

@@ -69,6 +69,8 @@ def test_documented_example_through_the_real_gate(renamed, downstream):
                        "recipient <first.last@old.example> -> <first-last@new.example>",
                        "recipient <ceo@old.example> -> <office-of-the-ceo@new.example>",
                        "remove X-External; edit To; edit Cc; edit Subject; add X-External"]
+    # ... and what the rule reported in tx.results: the originals its `when` conditions match
+    assert line["results"]["rewrite"]["data"]["senders"] == {"app@new.example": "app@old.example"}
 
 
 def test_tagged_reply_is_not_tagged_twice_and_new_domain_mail_is_untouched(renamed, downstream):

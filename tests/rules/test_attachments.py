@@ -324,7 +324,9 @@ async def test_quarantine_and_deliver_the_stripped_copy():
     assert held["raw"] == raw and held["verdict"].data == {"delivered": True}
     [relayed] = h.relayed
     assert relayed.data == result.message != raw and b"TVq" not in relayed.data
-    assert any(e.action == "strip" for e in result.trace)
+    [entry] = [e for e in result.trace if e.rule == "attachments"]
+    assert "msg: stripped a.exe" in entry.result and "event banned_attachment" in entry.result
+    assert result.transaction.results.get("attachments").data == {"stripped": ["a.exe"]}
 
 
 async def test_deliver_copy_is_dropped_when_the_downstream_refuses():
@@ -360,8 +362,11 @@ async def test_shadow_mode_changes_and_keeps_nothing():
     h = Harness([rule])
     result = await h.send(raw)
     assert result.reply.code == 250 and h.relayed[0].data == raw and h.quarantine.held == []
-    strip = [e for e in result.trace if e.action == "strip"]
-    assert strip and strip[0].shadow
+    [entry] = [e for e in result.trace if e.rule == "attachments"]
+    assert entry.shadow and entry.result.startswith("fail: banned: a.exe")
+    record = result.transaction.results.get("attachments")
+    assert record.shadow and record.events == ["banned_attachment"]
+    assert [e.name for e in result.transaction.results.events] == ["delivered"]  # not for the machines
 
 
 async def test_custom_texts():

@@ -27,17 +27,22 @@ async def test_listed_client_is_refused_at_rcpt_naming_the_list():
     assert (reply.code, reply.enhanced) == (554, "5.7.1")
     assert reply.text == "Service unavailable; client host [192.0.2.1] blocked using zen.test"
     assert h.relayed == []
-    published = result.transaction.data["dnsbl"]
+    record = result.transaction.results.get("dnsbl")
+    published = record.data
     assert published["score"] == 1 and published["listed"][0]["answers"] == ["127.0.0.2"]
-    assert result.transaction.data["events"] == ["dnsbl_listed"]
-    assert result.transaction.session.data["dnsbl"] is published
+    assert (record.outcome, record.fail, record.events) == ("fail", ["listed: zen.test"], ["dnsbl_listed"])
+    entry = [e for e in result.trace if e.rule == "dnsbl" and e.stage == "rcpt"][0]
+    assert entry.result == "fail: listed: zen.test; event dnsbl_listed"  # in the trace, the log line
+    assert [(e.name, e.rule, e.why) for e in result.transaction.results.events] == [
+        ("dnsbl_listed", "dnsbl", "zen.test"), ("rejected", "dnsbl", entry.reason)]
 
 
 async def test_unlisted_client_passes():
     h = harness({"lists": ["zen.test"]})
     result = await h.send(client_ip="192.0.2.99")
     assert result.reply.code == 250 and len(h.relayed) == 1
-    assert "events" not in result.transaction.data
+    record = result.transaction.results.get("dnsbl")
+    assert (record.outcome, record.pass_, record.events) == ("pass", ["not listed"], [])
 
 
 async def test_postmaster_is_not_refused():
@@ -74,7 +79,7 @@ async def test_answer_filters():
     assert (await harness(opts, records).send(client_ip="192.0.2.1")).reply.code == 250
     assert (await harness(opts, records).send(client_ip="192.0.2.2")).reply.code == 554
     result = await harness(opts, records).send(client_ip="192.0.2.3")
-    assert result.transaction.data["dnsbl"]["listed"][0]["answers"] == ["127.0.0.3"]
+    assert result.transaction.results.get("dnsbl").data["listed"][0]["answers"] == ["127.0.0.3"]
     single = {"lists": [{"zone": "zen.test", "answers": ["127.0.0.4", "127.0.1.0/24"]}]}
     assert (await harness(single, records).send(client_ip="192.0.2.2")).reply.code == 554
     assert (await harness(single, records).send(client_ip="192.0.2.3")).reply.code == 250
@@ -87,8 +92,8 @@ async def test_weights_and_threshold():
                                       {"zone": "b.test", "weight": 0.5}]}
     result = await harness(opts, records).send(client_ip="192.0.2.2")
     assert result.reply.code == 250  # 1.5 < 2, but the listing is published
-    assert result.transaction.data["events"] == ["dnsbl_listed"]
-    assert result.transaction.data["dnsbl"]["score"] == 1.5
+    assert result.transaction.results.get("dnsbl").events == ["dnsbl_listed"]
+    assert result.transaction.results.get("dnsbl").data["score"] == 1.5
     result = await harness(opts, records).send(client_ip="192.0.2.1")
     assert result.reply.code == 554
     assert result.reply.text.endswith("blocked using List A, b.test")
@@ -127,7 +132,7 @@ async def test_dns_errors_accept_by_default_or_tempfail():
     records = {("1.2.0.192.zen.test", "A"): "SERVFAIL"}
     result = await harness({"lists": ["zen.test"]}, records).send()
     assert result.reply.code == 250
-    assert result.transaction.data["dnsbl"]["errors"][0]["kind"] == "servfail"
+    assert result.transaction.results.get("dnsbl").data["errors"][0]["kind"] == "servfail"
     reply = (await harness({"lists": ["zen.test"], "on_dns_error": "tempfail"}, records).send()).reply
     assert (reply.code, reply.enhanced) == (451, "4.7.1")
     # a failed list whose weight cannot reach the threshold does not defer anybody
@@ -140,7 +145,7 @@ async def test_dns_budget_bounds_the_wait():
     h = Harness([(Dnsbl, {"lists": ["zen.test"], "on_dns_error": "tempfail"})], resolver=resolver)
     result = await h.send()
     assert result.reply.code == 451
-    assert result.transaction.data["dnsbl"]["errors"][0]["kind"] == "timeout"
+    assert result.transaction.results.get("dnsbl").data["errors"][0]["kind"] == "timeout"
 
 
 async def test_shadow_mode_only_logs():
@@ -254,7 +259,7 @@ async def test_timeouts_and_servfail_on_a_real_server():
         h = Harness([(Dnsbl, {"lists": ["bl.test", "bl2.test"]})], resolver=resolver)
         result = await h.send()
         assert result.reply.code == 250
-        kinds = sorted(e["kind"] for e in result.transaction.data["dnsbl"]["errors"])
+        kinds = sorted(e["kind"] for e in result.transaction.results.get("dnsbl").data["errors"])
         assert kinds == ["servfail", "timeout"]
         h = Harness([(Dnsbl, {"lists": ["bl.test", "bl2.test"], "on_dns_error": "tempfail"})],
                     resolver=resolver)
@@ -270,5 +275,5 @@ async def test_budget_cuts_a_slow_server_short():
         result = await h.send()
         assert time.monotonic() - started < 1.5
         assert result.reply.code == 451
-        assert result.transaction.data["dnsbl"]["timed_out"]
+        assert result.transaction.results.get("dnsbl").data["timed_out"]
         await asyncio.sleep(0)  # the background lookup goes on; nothing waits for it

@@ -42,7 +42,12 @@ def rcpt_reply(result, i=0):
 
 
 def events(result):
-    return result.transaction.data.get("events", [])
+    """The events rules published (the pipeline's own, like delivered, left out)."""
+    return [e.name for e in result.transaction.results.events if e.rule != "downstream"]
+
+
+def decided(result, rcpt="rcpt@example.com"):
+    return result.transaction.results.get("greylist").data[rcpt]
 
 
 # --- the life of a triplet -----------------------------------------------------------------
@@ -55,7 +60,7 @@ async def test_first_attempt_is_deferred_with_the_earliest_retry_time(make):
     assert events(r) == ["greylisted"]
     [entry] = [e for e in r.trace if e.rule == "greylist"]
     assert entry.action == "tempfail" and "new" in entry.reason and "192.0.2.0/24" in entry.reason
-    assert r.transaction.data["greylist"]["rcpt@example.com"]["outcome"] == "new"
+    assert decided(r, "rcpt@example.com")["outcome"] == "new"
 
 
 async def test_an_early_retry_is_deferred_until_the_same_time(make):
@@ -80,7 +85,7 @@ async def test_a_retry_after_the_delay_passes_and_is_relayed(make):
     h.clock.advance(3600)
     r = await h.send()
     assert r.reply.code == 250 and events(r) == []
-    assert r.transaction.data["greylist"]["rcpt@example.com"]["outcome"] == "passed_before"
+    assert decided(r, "rcpt@example.com")["outcome"] == "passed_before"
     assert len(h.relayed) == 2
 
 
@@ -91,7 +96,7 @@ async def test_a_retry_after_the_window_starts_again(make):
     r = await h.send()
     assert str(r.reply) == ("451 4.7.1 Greylisted, please try again in 600 seconds "
                             "(after 2026-01-01T01:10:01Z)")
-    assert r.transaction.data["greylist"]["rcpt@example.com"]["outcome"] == "restarted"
+    assert decided(r, "rcpt@example.com")["outcome"] == "restarted"
     h.clock.advance(600)
     assert (await h.send()).reply.code == 250
 
@@ -129,7 +134,7 @@ async def test_a_client_with_enough_passed_triplets_is_not_greylisted(make):
         assert (await h.send(recipients=[rcpt], client_ip="192.0.2.10")).reply.code == 250
     r = await h.send(sender="news@other.example", recipients=["c@example.com"], client_ip="192.0.2.99")
     assert r.reply.code == 250
-    assert r.transaction.data["greylist"]["c@example.com"]["outcome"] == "auto"
+    assert decided(r, "c@example.com")["outcome"] == "auto"
     r = await h.send(recipients=["c@example.com"], client_ip="198.51.100.1")
     assert r.reply.code == 451
 
@@ -257,7 +262,7 @@ async def test_the_null_sender_is_greylisted_per_network_and_recipient(make):
     h = make()
     r = await h.send(sender="")
     assert str(r.reply) == FIRST
-    assert r.transaction.data["greylist"]["rcpt@example.com"]["sender"] == ""
+    assert decided(r, "rcpt@example.com")["sender"] == ""
     h.clock.advance(300)
     assert (await h.send(sender="", client_ip="192.0.2.200")).reply.code == 250  # same /24
     assert (await h.send(sender="", recipients=["other@example.com"])).reply.code == 451
@@ -276,7 +281,7 @@ async def test_pooled_sender_domains_are_keyed_by_domain(make):
     h = make({"pooled_senders": ["bigmail.example"]})
     r = await h.send(sender="alice@bigmail.example", client_ip="198.51.100.1")
     assert r.reply.code == 451
-    assert r.transaction.data["greylist"]["rcpt@example.com"]["client"] == "domain:bigmail.example"
+    assert decided(r, "rcpt@example.com")["client"] == "domain:bigmail.example"
     h.clock.advance(300)
     assert (await h.send(sender="alice@bigmail.example", client_ip="203.0.113.77")).reply.code == 250
     assert (await h.send(sender="alice@smtp.bigmail.example", client_ip="203.0.113.77")).reply.code == 451
@@ -290,14 +295,14 @@ async def test_unpooled_senders_retrying_from_another_network_wait_again(make):
 
 
 class PublishSpf(Rule):
-    """Stands in for the SPF rule of the DNS issue: publishes a result at MAIL."""
+    """Stands in for the spf rule: reports a result at MAIL, under the spf rule's name."""
 
     name = "publish_spf"
     result: object = None
 
-    async def on_mail(self, tx):
+    async def on_mail(self, results):
         if self.result is not None:
-            tx.data["spf"] = self.result
+            results.add("spf", data=self.result)
 
 
 def spf(result):
@@ -309,7 +314,7 @@ def spf(result):
 @pytest.mark.parametrize("published, options, pooled", [
     ({"result": "pass", "domain": "bigmail.example"}, {}, True),
     ({"result": "Pass", "domain": "BigMail.Example."}, {}, True),
-    ("pass", {}, True),  # a bare result: the sender's domain
+    ({"result": "pass"}, {}, True),  # no domain: the sender's
     ({"result": "pass", "domain": "bigmail.example"}, {"spf_pooling": False}, False),
     ({"result": "softfail", "domain": "bigmail.example"}, {}, False),
     ({"result": "fail"}, {}, False),
@@ -320,7 +325,7 @@ def spf(result):
 async def test_an_spf_pass_published_by_another_rule_keys_by_domain(make, published, options, pooled):
     h = make(options, rules_before=[spf(published)])
     r = await h.send(sender="alice@bigmail.example", client_ip="198.51.100.1")
-    client = r.transaction.data["greylist"]["rcpt@example.com"]["client"]
+    client = decided(r, "rcpt@example.com")["client"]
     assert client == ("domain:bigmail.example" if pooled else "198.51.100.0/24")
     h.clock.advance(300)
     r = await h.send(sender="alice@bigmail.example", client_ip="203.0.113.77")
@@ -407,7 +412,7 @@ async def test_allow_entries_in_the_store_let_clients_through(make):
     await h.stores.greylist.add_allow(make_allow("client", "198.51.100.0/24", T0, 3600))
     r = await h.send(client_ip="198.51.100.9")
     assert r.reply.code == 250
-    assert r.transaction.data["greylist"]["rcpt@example.com"]["outcome"] == "allowed"
+    assert decided(r, "rcpt@example.com")["outcome"] == "allowed"
     h.clock.advance(3601)
     assert (await h.send(client_ip="198.51.100.9")).reply.code == 451
 

@@ -434,14 +434,14 @@ def test_bad_conditions_and_steps_fail_at_load(options, problem):
 class After(Rule):
     name = "after"
 
-    async def on_data(self, tx):
-        tx.data["seen"] = tx.message.get("Subject")
+    async def on_data(self, message, results):
+        results.add(self, msg=message.get("Subject"))
 
 
 async def test_later_rules_see_the_edited_message_and_run():
     h = Harness([(Rewrite, {"subject_prefix": "[EXT] "}), (After, {})])
     r = await h.send(BASIC)
-    assert r.transaction.data["seen"] == "[EXT] Quarterly figures"
+    assert r.transaction.results.get("after").msg == ["[EXT] Quarterly figures"]
     assert [e.rule for e in r.trace if e.stage == "data"] == ["rewrite", "after"]
 
 

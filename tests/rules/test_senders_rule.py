@@ -28,7 +28,7 @@ class Emit(Rule):
     async def on_mail(self, tx):
         helo = tx.session.helo or ""
         if helo.startswith("ev-"):
-            tx.publish(helo[3:].split(".")[0], rule=self, why="emitted by the test")
+            tx.results.event(self, helo[3:].split(".")[0], why="emitted by the test")
             return Verdict.discard("test event")
         return None
 
@@ -118,7 +118,7 @@ async def test_a_delivery_moves_a_new_sender_to_probation_naming_the_downstream(
     async with Harness([(Senders, {})]) as h:
         r = await h.send(sender="Sender@Sender.Example")
         assert r.reply.code == 250
-        assert r.transaction.data["senders"]["senders"]["after"] == "probation"
+        assert r.transaction.results.get("senders").data["after"] == "probation"
         [change] = (await h.stores.senders.get("senders", KEY)).history
         assert (change.event, change.src, change.dst, change.rule, change.why) == (
             "delivered", "new", "probation", "downstream", "250 2.0.0 Ok: queued")
@@ -475,19 +475,23 @@ async def test_a_machine_listed_again_by_a_domain_policy_counts_each_event_once(
         await h.aclose()
 
 
-async def test_events_appended_to_tx_data_directly_still_reach_the_machine():
-    class OldStyle(Rule):
-        name = "old_style"
+async def test_events_of_a_shadow_rule_do_not_reach_the_machine():
+    class Lister(Rule):
+        name = "lister"
+        publishes = ("listed_here",)
 
         async def on_mail(self, tx):
-            tx.data.setdefault("events", []).append("dnsbl_listed")  # before tx.publish existed
+            tx.results.event(self, "dnsbl_listed", why="shadow")
 
-    async with Harness([(OldStyle, {}), (Senders, {})]) as h:
+    lister = Lister({}, None)
+    lister.mode = "shadow"
+    async with Harness([lister, (Senders, {})]) as h:
         r = await h.send()
-        assert [(e.name, e.rule) for e in r.transaction.published()] == [("dnsbl_listed", None),
-                                                                       ("delivered", "downstream")]
+        assert r.transaction.results.get("lister").events == ["dnsbl_listed"]
+        assert r.transaction.results.get("lister").shadow
+        assert [(e.name, e.rule) for e in r.transaction.results.events] == [("delivered", "downstream")]
         record = await h.stores.senders.get("senders", KEY)
-        assert record.state == "suspect" and record.history[0].event == "dnsbl_listed"
+        assert record.history[-1].event == "delivered"
 
 
 @pytest.mark.parametrize("name", ["Bad", "with space", "", "x" * 65, "a-b", 3])
@@ -495,5 +499,5 @@ def test_event_names_are_checked_when_published(name):
     from smtpgate.mail.session import Session, Transaction
     tx = Transaction("t", Session("s", "192.0.2.1"), "a@b.example")
     with pytest.raises(ValueError, match="event name"):
-        tx.publish(name)
-    assert tx.events == [] and "events" not in tx.data
+        tx.results.event("rule", name)
+    assert tx.results.events == [] and "rule" not in tx.results

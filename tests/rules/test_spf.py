@@ -266,13 +266,15 @@ async def test_rule_publishes_the_result_for_later_rules():
     class Reader(Rule):
         name = "reader"
 
-        async def on_rcpt(self, tx, rcpt):
-            seen.update(tx.data["spf"])
+        async def on_rcpt(self, results):  # only the argument it needs, by name
+            seen.update(results.get("spf").data)
 
     h = Harness([(Spf, {}), (Reader, {})], resolver=dns(SPF_DNS))
     result = await h.send(sender="someone@Sender.Example")
     assert result.reply.code == 250
     assert seen["result"] == "pass" and seen["domain"] == "sender.example"
+    record = result.transaction.results.get("spf")
+    assert (record.outcome, record.pass_[0]) == ("pass", "mailfrom sender.example: pass")
     assert seen["identity"] == "mailfrom" and seen["helo"]["result"] == "pass"
     assert h.relayed[0].data == message()  # no header unless asked: byte-identical
 
@@ -317,7 +319,7 @@ async def test_rule_dns_budget_spent_is_temperror():
     h = Harness([(Spf, {"on_dns_error": "tempfail", "check_helo": False})], resolver=fake)
     result = await h.send()
     assert result.reply.code == 451
-    assert result.transaction.data["spf"]["result"] == "temperror"
+    assert result.transaction.results.get("spf").data["result"] == "temperror"
 
 
 async def test_rule_prepends_authentication_results():
@@ -335,7 +337,7 @@ async def test_rule_null_sender_uses_the_helo_identity():
     h = harness({"header": True, "authserv_id": "gate.example"})
     result = await h.send(sender="")
     assert result.reply.code == 250
-    spf = result.transaction.data["spf"]
+    spf = result.transaction.results.get("spf").data
     assert (spf["result"], spf["domain"], spf["identity"]) == ("pass", "mail.sender.example", "helo")
     assert h.relayed[0].data.startswith(b"Authentication-Results: gate.example; spf=pass smtp.helo=mail.sender.example\r\n")
 

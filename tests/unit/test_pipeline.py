@@ -214,3 +214,145 @@ async def test_trace_of_a_refused_mail_is_kept():
     result = await h.send()
     assert str(result.reply) == "550 5.7.1 no senders like you"
     assert [(e.stage, e.rule, e.action) for e in result.trace] == [("mail", "verdicts", "reject")]
+
+
+# --- hook arguments by name -------------------------------------------------------------------
+
+class ByName(Rule):
+    """Hooks that name a subset of their arguments, in their own order."""
+
+    name = "by_name"
+
+    def setup(self):
+        self.got = []
+
+    async def on_connect(self):
+        self.got.append(("connect",))
+
+    async def on_helo(self, results, session):
+        self.got.append(("helo", session.helo, results is session.results))
+
+    async def on_rcpt(self, rcpt, session):
+        self.got.append(("rcpt", rcpt.address, session.client_ip))
+
+    async def on_data(self, message, tx=None):
+        self.got.append(("data", message is tx.message))
+
+    async def on_end(self, reply):
+        self.got.append(("end", reply.code))
+
+
+async def test_hooks_get_only_the_arguments_they_name():
+    h = Harness([(ByName, {})])
+    result = await h.send(recipients=["x@example.com"], client_ip="192.0.2.9")
+    rule = h.runtime.policies.session_policy.rules[0]
+    assert result.reply.code == 250
+    assert rule.got == [("connect",), ("helo", "mail.sender.example", True),
+                        ("rcpt", "x@example.com", "192.0.2.9"), ("data", True), ("end", 250)]
+
+
+async def test_a_rule_without_a_name_is_named_after_its_module():
+    class Unnamed(Rule):
+        async def on_mail(self, results):
+            results.add(self, pass_="ran")
+
+    assert Unnamed.name == "test_pipeline"
+    result = await Harness([(Unnamed, {})]).send()
+    assert result.transaction.results.get("test_pipeline").pass_ == ["ran"]
+
+
+# --- the results channel ----------------------------------------------------------------------
+
+class Reports(Rule):
+    """Reports at each stage; a later rule reads what an earlier one reported."""
+
+    name = "reports"
+
+    async def on_connect(self, session):
+        session.results.add(self, msg="connected")
+
+    async def on_mail(self, tx):
+        tx.results.add(self, pass_="sender ok", data={"score": 1})
+
+    async def on_rcpt(self, tx, rcpt):
+        tx.results.add(self, fail=f"{rcpt.address} looks odd", data={"score": 2})
+        tx.results.event(self, "greylisted", why="a test")
+
+
+class Reads(Rule):
+    name = "reads"
+
+    async def on_data(self, tx):
+        earlier = tx.results.get("reports")
+        tx.results.add(self, msg=f"reports said {earlier.outcome} with score {earlier.data['score']}")
+
+
+async def test_results_are_read_by_later_rules_and_written_into_the_trace():
+    result = await Harness([(Reports, {}), (Reads, {})]).send()
+    tx = result.transaction
+    record = tx.results.get("reports")
+    assert (record.pass_, record.fail, record.data, record.events, record.outcome) == (
+        ["sender ok"], ["rcpt@example.com looks odd"], {"score": 2}, ["greylisted"], "fail")
+    assert tx.results.get("reads").msg == ["reports said fail with score 2"]
+    assert tx.session.results.get("reports").msg == ["connected"]
+    assert [(e.stage, e.rule, e.result) for e in result.trace if e.stage in ("mail", "rcpt", "data")] == [
+        ("mail", "reports", "pass: sender ok"),
+        ("rcpt", "reports", "fail: rcpt@example.com looks odd; event greylisted"),
+        ("data", "reads", "msg: reports said fail with score 2")]
+    assert [(e.name, e.rule, e.why) for e in tx.results.events] == [
+        ("greylisted", "reports", "a test"), ("delivered", "downstream", "250 2.0.0 Ok: queued")]
+    assert tx.results.as_dict()["reports"] == {
+        "fail": ["rcpt@example.com looks odd"], "pass": ["sender ok"], "data": {"score": 2},
+        "events": ["greylisted"]}
+
+
+async def test_results_of_a_shadow_rule_are_marked_and_its_events_and_skips_are_not_done():
+    class Skipper(Rule):
+        name = "skipper"
+
+        async def on_mail(self, tx):
+            tx.skip("verdicts", "the skipper says so")
+
+    reports, skipper = Reports({}, None), Skipper({}, None)
+    reports.mode = skipper.mode = "shadow"
+    h = Harness([reports, skipper, verdicts({"rcpt": Verdict.reject("no")})])
+    result = await h.send()
+    assert str(result.reply).startswith("550")  # the shadow skip did not skip verdicts
+    record = result.transaction.results.get("reports")
+    assert record.shadow and record.events == ["greylisted"]
+    assert [e.name for e in result.transaction.results.events] == ["rejected"]
+    assert result.transaction.results.summary() == "reports:shadow-fail"
+
+
+def test_results_add_keeps_each_text_once_on_one_line():
+    from smtpgate import Results
+    results = Results()
+    results.add("r", msg="two\r\nlines")
+    results.add("r", msg="two lines", err="x" * 300)
+    record = results.get("r")
+    assert record.msg == ["two lines"] and len(record.err[0]) == 200
+    assert "r" in results and results.get("other") is None and len(results) == 1
+
+
+def test_the_text_log_line_sums_up_each_rule_s_result():
+    import logging
+    from smtpgate.logs import TextFormatter
+    record = logging.LogRecord("smtpgate.transaction", logging.INFO, __file__, 1, "transaction", (), None)
+    record.fields = {"tx": "T1", "results": {"spf": {"pass": ["mailfrom a.example: pass"]},
+                                             "dnsbl": {"fail": ["listed: zen"], "shadow": True},
+                                             "senders": {"data": {"key": "a@a.example"}}}}
+    assert TextFormatter().format(record).endswith("transaction tx=T1 results=spf:pass,dnsbl:shadow-fail")
+
+
+def test_the_harness_refuses_a_hook_argument_the_gate_would_refuse():
+    import pytest
+    from smtpgate import PluginError
+
+    class Wrong(Rule):
+        name = "wrong"
+
+        async def on_mail(self, tx, rcpt):  # no recipient at MAIL
+            return None
+
+    with pytest.raises(PluginError, match=r"test_pipeline.py: .*Wrong: hook on_mail has no argument 'rcpt'"):
+        Harness([(Wrong, {})])

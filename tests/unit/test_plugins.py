@@ -78,8 +78,15 @@ def test_imported_rule_classes_are_not_registered_twice(tmp_path):
      "unknown hook 'on_rcpt_to'"),
     ("    def on_rcpt(self, tx, rcpt):\n        return None\n",
      "hook on_rcpt must be 'async def'"),
-    ("    async def on_rcpt(self, tx):\n        return None\n",
-     "hook on_rcpt must take (self, tx, rcpt), has (self, tx)"),
+    ("    async def on_mail(self, tx, rcpt):\n        return None\n",
+     "hook on_mail has no argument 'rcpt' (it may take any of tx, session, results, by name): "
+     "has (self, tx, rcpt)"),
+    ("    async def on_rcpt(self, transaction, rcpt):\n        return None\n",
+     "hook on_rcpt has no argument 'transaction'"),
+    ("    async def on_data(self, *args):\n        return None\n",
+     "hook on_data takes its arguments by name (tx, session, message, results), not *args"),
+    ("    async def on_end(self, tx, /, reply):\n        return None\n",
+     "hook on_end takes its arguments by name"),
     ("    limit = Option(integer, 'ten')\n",
      "default of option 'limit' is invalid"),
 ])
@@ -94,10 +101,60 @@ def test_bad_plugins_fail_naming_their_file(tmp_path, body, message):
     assert problem.startswith(f"{path}:5: Bad: ") and message in problem
 
 
-def test_a_rule_without_a_name(tmp_path):
-    path = write(tmp_path / "rules" / "anon.py", "from smtpgate.pipeline.rule import Rule\nclass Anon(Rule):\n    pass\n")
-    (problem,) = load_problems(str(tmp_path / "rules"))
-    assert problem.startswith(f"{path}:2: ") and problem.endswith("a rule must set a non-empty 'name'")
+def test_a_rule_without_a_name_is_named_after_its_file(tmp_path):
+    write(tmp_path / "rules" / "anon.py", "from smtpgate.pipeline.rule import Rule\nclass Anon(Rule):\n    pass\n")
+    write(tmp_path / "rules" / "sub.py", """
+        from smtpgate.pipeline.rule import Rule
+
+        class _Base(Rule):
+            pass
+
+        class Sub(_Base):  # named after its own module, not its base's
+            pass
+        """)
+    registry = PluginRegistry.load([str(tmp_path / "rules")], entry_points=False)
+    assert registry.names() == ["anon", "sub"]
+    assert registry.get("anon")({}).log.name == "smtpgate.rule.anon"
+
+
+def test_an_unnamed_rule_in_a_package_is_named_after_the_package(tmp_path, monkeypatch):
+    pkg = f"pkg_{uuid.uuid4().hex[:8]}"
+    write(tmp_path / pkg / "__init__.py", "from smtpgate.pipeline.rule import Rule\nclass Checker(Rule):\n    pass\n")
+    write(tmp_path / pkg / "part.py", "from smtpgate.pipeline.rule import Rule\nclass Part(Rule):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    package = __import__(pkg)
+    part = __import__(f"{pkg}.part", fromlist=["Part"])
+    assert package.Checker.name == pkg and part.Part.name == "part"
+
+
+def test_a_named_base_is_inherited(tmp_path):
+    class Base(Rule):
+        name = "base"
+
+    class Variant(Base):
+        pass
+
+    assert Variant.name == "base"
+
+
+def test_hooks_may_take_their_arguments_by_name_in_any_order(tmp_path):
+    write(tmp_path / "rules" / "subset.py", """
+        from smtpgate.pipeline.rule import Rule
+
+        class Subset(Rule):
+            async def on_connect(self):
+                return None
+
+            async def on_rcpt(self, rcpt, session):
+                return None
+
+            async def on_data(self, message, results, tx=None):
+                return None
+
+            async def on_end(self, reply):
+                return None
+        """)
+    assert PluginRegistry.load([str(tmp_path / "rules")], entry_points=False).names() == ["subset"]
 
 
 def test_duplicate_rule_names_name_both_files(tmp_path):

@@ -1,0 +1,184 @@
+"""The one channel rules report through: per rule, outcomes, messages, data and events.
+
+Modelled on Haraka's ``txn.results``. Each ``Transaction`` and ``Session`` has a ``results``
+(a ``Results``); a rule writes its own record with ``add`` and publishes events for the sender
+state machines with ``event``; later rules read any record with ``get``. A hook reports in its stage's results
+(``session.results`` at CONNECT and HELO, ``tx.results`` from MAIL on); the pipeline writes
+what it added there into the hook's trace entry (hence the log line and ``smtpgate try``),
+and marks the records and events of a shadow rule as shadow: a shadow rule's events never
+reach the state machines.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+#: the outcome kinds, in the order a record is summarised
+OUTCOMES = ("fail", "err", "pass", "skip", "msg")
+_EVENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def check_event_name(name: str) -> str:
+    """An event name: lower-case letters, digits and ``_``, starting with a letter. ValueError if not."""
+    if not isinstance(name, str) or not _EVENT_NAME.match(name):
+        raise ValueError(f"an event name is lower-case letters, digits and _ (like dnsbl_listed), got {name!r}")
+    return name
+
+
+def one_line(text, limit: int = 200) -> str | None:
+    """``text`` as one printable line of at most ``limit`` characters (None stays None)."""
+    if text is None:
+        return None
+    text = str(text)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else " " for c in text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened in a transaction, for the sender state machines: ``name``
+    (``delivered``, ``greylisted``, ...), the ``rule`` that published it and ``why``."""
+
+    name: str
+    rule: str | None = None
+    why: str | None = None
+
+
+@dataclass
+class RuleResult:
+    """What one rule reported. Outcome lists hold one-line texts, each once, in order:
+    ``pass_`` (checked and fine), ``fail`` (checked and bad), ``skip`` (not checked, and why),
+    ``err`` (could not check), ``msg`` (anything else worth a line). ``data`` is free-form,
+    for later rules (JSON-friendly values: it goes to the JSON log line). ``events``: the
+    names this rule published. ``shadow``: the rule runs in shadow mode."""
+
+    rule: str
+    pass_: list[str] = field(default_factory=list)
+    fail: list[str] = field(default_factory=list)
+    skip: list[str] = field(default_factory=list)
+    err: list[str] = field(default_factory=list)
+    msg: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)
+    shadow: bool = False
+
+    @property
+    def outcome(self) -> str | None:
+        """The record in one word: ``fail`` beats ``err`` beats ``pass`` beats ``skip``;
+        None when it holds only messages or data."""
+        return next((k for k in OUTCOMES[:4] if getattr(self, _attr(k))), None)
+
+    def as_dict(self) -> dict:
+        out: dict[str, Any] = {k: list(getattr(self, _attr(k))) for k in OUTCOMES if getattr(self, _attr(k))}
+        if self.data:
+            out["data"] = self.data
+        if self.events:
+            out["events"] = list(self.events)
+        if self.shadow:
+            out["shadow"] = True
+        return out
+
+
+def _attr(kind: str) -> str:
+    return "pass_" if kind == "pass" else kind
+
+
+class Results:
+    """Every rule's record for one transaction (``tx.results``) or connection
+    (``session.results``), and the events published for the sender state machines."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, RuleResult] = {}
+        self._events: list[Event] = []
+        self._journal: list[tuple[str, str, str]] = []  # (rule, kind, text): for the trace
+        # (rule name, shadow) of the hook running now: set by the pipeline (runner.py)
+        self._current: tuple[str, bool] | None = None
+
+    def add(self, rule, *, pass_: str | None = None, fail: str | None = None, skip: str | None = None,
+            err: str | None = None, msg: str | None = None,
+            data: Mapping[str, Any] | None = None) -> RuleResult:
+        """Add to ``rule``'s record (a rule or its name): each given text is appended to its
+        outcome list (once: the same text twice is kept once), ``data`` is merged into
+        ``record.data``. Returns the record. ``tx.results.add(self, fail="listed in zen",
+        data={"score": 2})``."""
+        record = self._record(rule)
+        for kind, text in (("pass", pass_), ("fail", fail), ("skip", skip), ("err", err), ("msg", msg)):
+            if text is None:
+                continue
+            line = one_line(text) or ""
+            bucket = getattr(record, _attr(kind))
+            if line not in bucket:
+                bucket.append(line)
+                self._journal.append((record.rule, kind, line))
+        if data:
+            record.data.update(data)
+        return record
+
+    def event(self, rule, name: str, why: str | None = None) -> Event:
+        """Publish event ``name`` for the sender state machines (``rules/senders``), from
+        ``rule`` (a rule or its name), with a short ``why``: ``tx.results.event(self,
+        "banned_attachment", why="invoice.exe")``. Noted in the rule's record too. A shadow
+        rule's event is noted but not published."""
+        ev = Event(check_event_name(name), _name(rule), one_line(why))
+        record = self._record(rule)
+        record.events.append(ev.name)
+        self._journal.append((record.rule, "event", ev.name))
+        if not record.shadow:
+            self._events.append(ev)
+        return ev
+
+    def get(self, rule) -> RuleResult | None:
+        """``rule``'s record (a rule or its name), None if it reported nothing here."""
+        return self._records.get(_name(rule))
+
+    @property
+    def events(self) -> list[Event]:
+        """The published events in order: those of rules, then the pipeline's own when the
+        transaction ends (``rejected``, ``downstream_rejected``, ``delivered``)."""
+        return list(self._events)
+
+    def __iter__(self) -> Iterator[RuleResult]:
+        return iter(list(self._records.values()))
+
+    def __contains__(self, rule) -> bool:
+        return _name(rule) in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def as_dict(self) -> dict[str, dict]:
+        return {name: r.as_dict() for name, r in self._records.items()}
+
+    def summary(self) -> str:
+        """``spf:pass,dnsbl:fail``: each rule with an outcome, for the text log line."""
+        return ",".join(f"{r.rule}:{'shadow-' if r.shadow else ''}{r.outcome}"
+                        for r in self._records.values() if r.outcome)
+
+    # --- for the pipeline ----------------------------------------------------------------
+    def _record(self, rule) -> RuleResult:
+        name = _name(rule)
+        record = self._records.get(name)
+        if record is None:
+            shadow = self._current is not None and self._current == (name, True)
+            record = self._records[name] = RuleResult(name, shadow=shadow)
+        elif self._current == (name, True):
+            record.shadow = True
+        return record
+
+    def since(self, mark: int) -> str | None:
+        """What was added since ``mark`` (the journal's length before a hook ran), as one
+        trace line (``fail: listed; event x``)."""
+        added = self._journal[mark:]
+        return "; ".join(f"{kind} {text}" if kind == "event" else f"{kind}: {text}"
+                         for _, kind, text in added) or None
+
+    def pipeline_event(self, name: str, rule: str | None, why) -> None:
+        """The pipeline's own events (``delivered``, ``rejected``, ...): published, in no record."""
+        self._events.append(Event(name, rule, one_line(why)))
+
+
+def _name(rule) -> str:
+    return str(getattr(rule, "name", rule))
