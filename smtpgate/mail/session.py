@@ -81,6 +81,8 @@ class Session:
     helo: str | None = None
     esmtp: bool = False
     tls: bool = False
+    tls_version: str | None = None  # what STARTTLS negotiated: "TLSv1.3"
+    tls_cipher: str | None = None   # and the cipher: "TLS_AES_256_GCM_SHA384"
     proto: str = "SMTP"
     #: rules may keep per-connection results here (e.g. DNS answers started at connect)
     data: dict[str, Any] = field(default_factory=dict)

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import logging
 import re
+import os
 import socket
+import ssl
 
 import aiosmtplib
 from aiosmtplib import SMTPException, SMTPResponseException
@@ -92,12 +94,18 @@ class Downstream:
         if self.connected:
             return
         tls = self.cfg.tls
+        # starttls: STARTTLS when offered, unverified, plain text when not (Postfix's "may");
+        # required: STARTTLS or nothing, the certificate verified against tls_ca (or the
+        # system's store) and the name downstream.host. aiosmtplib refuses to go on in plain
+        # text when STARTTLS is required, and any such failure is a 451 4.4.1 to the client.
         smtp = aiosmtplib.SMTP(hostname=self.cfg.host, port=self.cfg.port, timeout=self.cfg.timeout,
                                local_hostname=self.local_hostname,
                                start_tls={"none": False, "starttls": None, "required": True}[tls],
-                               validate_certs=tls == "required")
+                               tls_context=_client_tls_context(tls, self.cfg.tls_ca))
         with self._failures(opening=smtp):
             await smtp.connect()
+            if tls == "required" and smtp.get_transport_info("sslobject") is None:
+                raise SMTPException("STARTTLS required but not in use")  # never plain text
             _nodelay(smtp)
             await smtp.ehlo()
             self.capabilities.update(smtp.esmtp_extensions)
@@ -252,6 +260,30 @@ class Downstream:
             self._smtp.close()
         self._smtp = None
         self.in_transaction = False
+
+
+_TLS_CONTEXTS: dict[tuple, ssl.SSLContext] = {}
+
+
+def _client_tls_context(mode: str, ca: str | None) -> ssl.SSLContext | None:
+    """The client context for ``downstream.tls``, built once per mode and CA file version
+    (loading a trust store costs milliseconds; a session must not pay it)."""
+    if mode == "none":
+        return None
+    try:
+        stamp = os.stat(ca).st_mtime_ns if ca else None
+    except OSError:
+        stamp = None  # gone since the configuration was read: the load below says so
+    key = (mode, ca, stamp)
+    ctx = _TLS_CONTEXTS.get(key)
+    if ctx is None:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if mode != "required":
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        _TLS_CONTEXTS.clear()  # only the current configuration's context is kept
+        _TLS_CONTEXTS[key] = ctx
+    return ctx
 
 
 async def probe(cfg, local_hostname: str, capabilities: Capabilities) -> bool:
