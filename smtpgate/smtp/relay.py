@@ -90,28 +90,55 @@ class Downstream:
         return self._smtp is not None and self._smtp.is_connected
 
     async def open(self, session) -> None:
-        """Connect, EHLO, then XCLIENT as the real client when configured and offered."""
+        """Connect, EHLO, STARTTLS as ``downstream.tls`` says, then XCLIENT as the real client
+        when configured and offered."""
         if self.connected:
             return
-        tls = self.cfg.tls
-        # starttls: STARTTLS when offered, unverified, plain text when not (Postfix's "may");
-        # required: STARTTLS or nothing, the certificate verified against tls_ca (or the
-        # system's store) and the name downstream.host. aiosmtplib refuses to go on in plain
-        # text when STARTTLS is required, and any such failure is a 451 4.4.1 to the client.
-        smtp = aiosmtplib.SMTP(hostname=self.cfg.host, port=self.cfg.port, timeout=self.cfg.timeout,
-                               local_hostname=self.local_hostname,
-                               start_tls={"none": False, "starttls": None, "required": True}[tls],
-                               tls_context=_client_tls_context(tls, self.cfg.tls_ca))
+        smtp = self._client()
         with self._failures(opening=smtp):
             await smtp.connect()
-            if tls == "required" and smtp.get_transport_info("sslobject") is None:
-                raise SMTPException("STARTTLS required but not in use")  # never plain text
             _nodelay(smtp)
             await smtp.ehlo()
+            if self.cfg.tls != "none":
+                smtp = await self._starttls(smtp)
             self.capabilities.update(smtp.esmtp_extensions)
             if self.cfg.xclient and "xclient" in smtp.esmtp_extensions:
                 await self._xclient(smtp, session)
         self._smtp = smtp
+
+    def _client(self) -> "aiosmtplib.SMTP":
+        return aiosmtplib.SMTP(hostname=self.cfg.host, port=self.cfg.port, timeout=self.cfg.timeout,
+                               local_hostname=self.local_hostname, start_tls=False)
+
+    async def _starttls(self, smtp: "aiosmtplib.SMTP") -> "aiosmtplib.SMTP":
+        """``required``: TLS with a certificate verified against ``tls_ca`` (or the system's
+        store) for the name ``downstream.host``, or a failure (451 4.4.1 to the client) before
+        any MAIL is sent. ``starttls`` (Postfix's "may"): TLS, unverified, when offered; plain
+        text when not offered or when the handshake fails (on a new connection)."""
+        required = self.cfg.tls == "required"
+        if "starttls" not in smtp.esmtp_extensions:
+            if required:
+                raise SMTPException("no STARTTLS offered, and downstream.tls is required")
+            return smtp
+        try:
+            await smtp.starttls(tls_context=_client_tls_context(self.cfg.tls, self.cfg.tls_ca))
+            await smtp.ehlo()
+            return smtp
+        except FAILURES as exc:
+            if required:
+                raise
+            log.warning("downstream %s:%s: STARTTLS failed: %s; relaying in plain text "
+                        "(downstream.tls: starttls)", self.cfg.host, self.cfg.port, exc)
+        smtp.close()
+        plain = self._client()
+        try:
+            await plain.connect()
+            _nodelay(plain)
+            await plain.ehlo()
+        except FAILURES:
+            plain.close()
+            raise
+        return plain
 
     async def _xclient(self, smtp, session) -> None:
         offered = set(smtp.esmtp_extensions["xclient"].upper().split())
