@@ -18,6 +18,7 @@ import sys
 
 import pytest
 
+from tests.support.gateproc import wait_until
 from tests.support.testca import TestCA
 
 FROM, TO = "alice@sender.test", "user@example.com"
@@ -141,7 +142,18 @@ def test_a_key_that_does_not_match_stops_the_start_with_a_clear_error(tmp_path, 
     assert "Traceback" not in done.stderr
 
 
-def test_sighup_serves_a_renewed_certificate_and_keeps_the_old_one_when_broken(tls_gate, ca, downstream):
+def reloaded(gate, start: int, workers: int, what: str) -> str:
+    """Wait until every worker logged ``what`` after ``start``; the log since then."""
+    if not wait_until(lambda: gate.log_text()[start:].count(what) >= workers, 10):
+        pytest.fail(f"not every worker logged {what!r}\n{gate.log_text()}", pytrace=False)
+    return gate.log_text()[start:]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_serves_a_renewed_certificate_and_keeps_the_old_one_when_broken(
+        gate_factory, ca, downstream, workers):
+    cert, key = ca.issue("served", ["127.0.0.1", "gate.test"], serial=1)
+    tls_gate = gate_factory(config={"tls": {"cert": str(cert), "key": str(key)}, "workers": workers})
     ctx = client_context(ca)
     assert served_serial(tls_gate, ctx) == 1
     cert_path = tls_gate.config["tls"]["cert"]
@@ -154,18 +166,20 @@ def test_sighup_serves_a_renewed_certificate_and_keeps_the_old_one_when_broken(t
     open(cert_path, "wb").write(new_cert.read_bytes())
     mark = len(tls_gate.log_text())
     tls_gate.send_signal(signal.SIGHUP)
-    tls_gate.wait_for_log("configuration reloaded", start=mark)
-    assert served_serial(tls_gate, ctx) == 2
+    reloaded(tls_gate, mark, workers, "configuration reloaded")
+    # Each new connection, whichever worker takes it, gets the renewed certificate.
+    assert [served_serial(tls_gate, ctx) for _ in range(3 * workers)] == [2] * 3 * workers
 
     # Broken: the old certificate back but the new key kept (a half-finished renewal).
     open(cert_path, "wb").write(kept)
     mark = len(tls_gate.log_text())
     tls_gate.send_signal(signal.SIGHUP)
-    log = tls_gate.wait_for_log("reload refused", start=mark)[mark:]
+    log = reloaded(tls_gate, mark, workers, "reload refused")
     assert f"cannot use the certificate {cert_path} with the key {key_path}" in log, log
     assert "KEY_VALUES_MISMATCH" in log.upper(), log
     assert "configuration reloaded" not in log
-    assert served_serial(tls_gate, ctx) == 2  # still the one loaded before
+    # still the one loaded before
+    assert [served_serial(tls_gate, ctx) for _ in range(3 * workers)] == [2] * 3 * workers
     with tls_gate.smtp() as client:
         client.starttls(context=ctx)
         client.sendmail(FROM, [TO], BODY)
