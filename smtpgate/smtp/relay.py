@@ -94,16 +94,20 @@ class Downstream:
         when configured and offered."""
         if self.connected:
             return
-        smtp = self._client()
-        with self._failures(opening=smtp):
-            await smtp.connect()
-            _nodelay(smtp)
-            await smtp.ehlo()
-            if self.cfg.tls != "none":
-                smtp = await self._starttls(smtp)
-            self.capabilities.update(smtp.esmtp_extensions)
-            if self.cfg.xclient and "xclient" in smtp.esmtp_extensions:
-                await self._xclient(smtp, session)
+        smtp = first = self._client()
+        try:
+            with self._failures(opening=first):
+                await smtp.connect()
+                _nodelay(smtp)
+                await smtp.ehlo()
+                if self.cfg.tls != "none":
+                    smtp = await self._starttls(smtp)  # may be a new, plain connection
+                self.capabilities.update(smtp.esmtp_extensions)
+                if self.cfg.xclient and "xclient" in smtp.esmtp_extensions:
+                    await self._xclient(smtp, session)
+        except RelayError:
+            smtp.close()
+            raise
         self._smtp = smtp
 
     def _client(self) -> "aiosmtplib.SMTP":
