@@ -30,6 +30,7 @@ PURGE_INTERVAL = 86400.0  # the quarantine's retention is enforced at start-up, 
 def serve(cli_path: str | None) -> int:
     try:
         runtime = load_runtime(cli_path)
+        _tls_context(runtime.config)  # a certificate and key that do not load stop the start
     except (ConfigError, PluginError) as e:
         print(f"smtpgate: configuration refused:\n{e}", file=sys.stderr)
         return 2
@@ -64,13 +65,27 @@ def run_worker(cli_path, runtime, housekeeper: bool = False,
     except OSError as e:
         log.error("cannot listen: %s", e)
         return 1
+    except ConfigError as e:  # the certificate broke since the gate started
+        log.error("cannot serve: %s", e)
+        return 1
 
 
 def _tls_context(cfg) -> ssl.SSLContext | None:
+    """Inbound STARTTLS: TLS 1.2 or later, the configured TLS 1.2 ciphers, the certificate
+    and key as the files hold them now (read again on every reload, so a renewed certificate
+    is served without a restart). ConfigError when the pair does not load."""
     if cfg.tls is None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cfg.tls.cert, cfg.tls.key)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cfg.tls.ciphers:
+        ctx.set_ciphers(cfg.tls.ciphers)  # checked when the configuration was read
+    try:
+        ctx.load_cert_chain(cfg.tls.cert, cfg.tls.key)
+    except (ssl.SSLError, OSError) as e:
+        why = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+        raise ConfigError(f"tls: cannot use the certificate {cfg.tls.cert} with the key "
+                          f"{cfg.tls.key}: {why}") from None
     return ctx
 
 
@@ -83,12 +98,13 @@ async def _serve(cli_path, runtime, housekeeper: bool = False,
     gate = Gate(runtime, quarantine=MaildirQuarantine(cfg.quarantine, mode=cfg.quarantine_mode))
     gate.draining = False
     tracker = tracker or ConnectionTracker()
-    tls_ctx = _tls_context(cfg)
+    gate.tls_context = _tls_context(cfg)  # replaced by a reload
     await probe(cfg.downstream, cfg.hostname, gate.capabilities)
     servers = []
     for host, port in cfg.listen:
         servers.append(await loop.create_server(
-            lambda: GateSMTP(gate, tracker, tls_ctx), host, port, reuse_port=True, backlog=1024))
+            lambda: GateSMTP(gate, tracker, gate.tls_context), host, port, reuse_port=True,
+            backlog=1024))
         log.info("listening on %s:%s, relaying to %s:%s", host, port,
                  cfg.downstream.host, cfg.downstream.port)
     notifier = notifier or SystemdNotifier("")
@@ -173,10 +189,18 @@ async def _load_and_swap(gate: Gate, cli_path) -> None:
     except (ConfigError, PluginError) as e:
         log.error("reload refused, keeping the running configuration:\n%s", e)
         return
+    try:  # the certificate is part of the whole: a broken one refuses the reload
+        tls_context = _tls_context(runtime.config)
+    except ConfigError as e:
+        log.error("reload refused, keeping the running configuration and certificate:\n%s", e)
+        if runtime.stores is not None and runtime.stores is not gate.runtime.stores:
+            await runtime.stores.close()
+        return
     if runtime.config.listen != gate.runtime.config.listen:
         log.warning("listen addresses changed: that takes a restart, the rest is reloaded")
     old = gate.runtime
     gate.swap(runtime)
+    gate.tls_context = tls_context  # connections from now on; open ones keep their session
     if old.stores is not None and old.stores is not runtime.stores:
         await old.stores.close()
     log.info("configuration reloaded from %s", runtime.config.source)
@@ -199,7 +223,9 @@ def _current(cli_path, runtime, reloads: int):
     if not reloads:
         return runtime
     try:
-        return load_runtime(cli_path)
+        current = load_runtime(cli_path)
+        _tls_context(current.config)
+        return current
     except (ConfigError, PluginError, StoreError) as e:
         log.error("new worker: the configuration does not load, running the one the gate "
                   "started with:\n%s", e)

@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 from dataclasses import MISSING, dataclass, field, fields, replace
 from functools import partial
 from typing import Any, Callable
@@ -37,6 +38,7 @@ class DownstreamConfig:
     port: int
     xclient: bool = True
     tls: str = "none"  # none | starttls | required
+    tls_ca: str | None = None  # CA file that verifies the downstream (required); None: the system's
     timeout: float = 60.0
 
 
@@ -44,6 +46,7 @@ class DownstreamConfig:
 class TLSConfig:
     cert: str
     key: str
+    ciphers: str | None = None  # OpenSSL cipher list for TLS 1.2; None: Python's default
 
 
 @dataclass(frozen=True)
@@ -317,6 +320,20 @@ def _file_mode(value: Any) -> int:
     return mode
 
 
+def _ciphers(value: Any) -> str | None:
+    """An OpenSSL cipher list, checked here by OpenSSL itself so that a typo is a config error
+    and not a gate that fails to start (or to reload)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f'expected an OpenSSL cipher list like "ECDHE+AESGCM:!aNULL", got {value!r}')
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(value)
+    except ssl.SSLError:
+        raise ValueError(f"OpenSSL selects no cipher from {value!r}") from None
+    return value
+
+
 def _metrics(value: Any) -> tuple[str, int] | None:
     return None if value is None else _address(value)
 
@@ -338,6 +355,19 @@ def _existing_file(value: Any, base: str) -> str:
     path = _path(value, base)
     if not os.path.isfile(path):
         raise ValueError(f"no such file: {path}")
+    return path
+
+
+def _ca_file(value: Any, base: str) -> str | None:
+    """A CA file (PEM), loaded once here so that a file OpenSSL cannot read is a config
+    error; null: the system's trust store."""
+    if value is None:
+        return None
+    path = _existing_file(value, base)
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(f"not a CA file OpenSSL can load ({getattr(e, 'reason', None) or e}): {path}") from None
     return path
 
 
@@ -386,9 +416,11 @@ def _schema(base: str, policies_base: str) -> _Section:
         "workers": _workers,
         "downstream": _Section(DownstreamConfig, {
             "host": _host, "port": _port, "xclient": boolean,
-            "tls": one_of("none", "starttls", "required"), "timeout": _timeout}),
+            "tls": one_of("none", "starttls", "required"),
+            "tls_ca": partial(_ca_file, base=base), "timeout": _timeout}),
         "tls": _Section(TLSConfig, {"cert": partial(_existing_file, base=base),
-                                    "key": partial(_existing_file, base=base)}, nullable=True),
+                                    "key": partial(_existing_file, base=base),
+                                    "ciphers": _ciphers}, nullable=True),
         "proxy_protocol": _Section(ProxyProtocol, {"trusted": _Each(_cidr, min_items=1)},
                                    nullable=True, scalar=_proxy_switch),
         "state": partial(_state, base=base),

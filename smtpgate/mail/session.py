@@ -58,6 +58,8 @@ class Session:
     helo: str | None = None
     esmtp: bool = False
     tls: bool = False
+    tls_version: str | None = None  # what STARTTLS negotiated: "TLSv1.3"
+    tls_cipher: str | None = None   # and the cipher: "TLS_AES_256_GCM_SHA384"
     proto: str = "SMTP"
     #: what rules reported at CONNECT and HELO (``fcrdns``); transactions have their own
     results: Results = field(default_factory=Results)

@@ -558,6 +558,7 @@ def log_transaction(tx: Transaction, reply: Reply | None, stage: str) -> None:
     """The one log line per transaction; ``extra`` carries the fields for the JSON format."""
     fields = {
         "tx": tx.id, "client": tx.session.client_ip, "helo": tx.session.helo,
+        "tls": tx.session.tls_version, "cipher": tx.session.tls_cipher,
         "from": tx.sender, "to": [r.address for r in tx.recipients],
         "policy": getattr(tx.policy, "name", None), "stage": stage,
         "size": tx.message.size if tx.message else None,

@@ -25,7 +25,7 @@ import re
 import socket
 import ssl
 
-from aiosmtpd.smtp import SMTP, syntax
+from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from . import inflight
 from ..mail.addresses import AddressError, helo_refusal, parse_path
@@ -185,6 +185,13 @@ class GateSMTP(SMTP):
             if self.transport is not None:
                 self.transport.close()
             return "421 4.4.2 Connection lost"
+        if isinstance(error, TLSSetupException):  # aiosmtpd closes the connection after it
+            cause = error.__cause__
+            log.info("session %s client=%s: TLS handshake failed: %s",
+                     self.gsession.id if self.gsession else "-",
+                     self.gsession.client_ip if self.gsession else "-",
+                     getattr(cause, "reason", None) or cause or "connection closed")
+            return "421 4.7.0 TLS handshake failed"
         log.error("unexpected error in session %s", self.gsession.id if self.gsession else "-",
                   exc_info=error)
         return "451 4.3.0 Local error in processing, try again later"
@@ -317,6 +324,10 @@ class GateSMTP(SMTP):
 
     def _tls_state(self) -> None:
         self.gsession.tls = self._tls_protocol is not None
+        if self.gsession.tls and self.gsession.tls_version is None:
+            tls = self.transport.get_extra_info("ssl_object")
+            if tls is not None:
+                self.gsession.tls_version, self.gsession.tls_cipher = tls.version(), tls.cipher()[0]
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None):

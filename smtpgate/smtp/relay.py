@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import socket
+import ssl
 
 import aiosmtplib
 from aiosmtplib import SMTPException, SMTPResponseException
@@ -88,22 +90,59 @@ class Downstream:
         return self._smtp is not None and self._smtp.is_connected
 
     async def open(self, session) -> None:
-        """Connect, EHLO, then XCLIENT as the real client when configured and offered."""
+        """Connect, EHLO, STARTTLS as ``downstream.tls`` says, then XCLIENT as the real client
+        when configured and offered."""
         if self.connected:
             return
-        tls = self.cfg.tls
-        smtp = aiosmtplib.SMTP(hostname=self.cfg.host, port=self.cfg.port, timeout=self.cfg.timeout,
-                               local_hostname=self.local_hostname,
-                               start_tls={"none": False, "starttls": None, "required": True}[tls],
-                               validate_certs=tls == "required")
-        with self._failures(opening=smtp):
-            await smtp.connect()
-            _nodelay(smtp)
-            await smtp.ehlo()
-            self.capabilities.update(smtp.esmtp_extensions)
-            if self.cfg.xclient and "xclient" in smtp.esmtp_extensions:
-                await self._xclient(smtp, session)
+        smtp = first = self._client()
+        try:
+            with self._failures(opening=first):
+                await smtp.connect()
+                _nodelay(smtp)
+                await smtp.ehlo()
+                if self.cfg.tls != "none":
+                    smtp = await self._starttls(smtp)  # may be a new, plain connection
+                self.capabilities.update(smtp.esmtp_extensions)
+                if self.cfg.xclient and "xclient" in smtp.esmtp_extensions:
+                    await self._xclient(smtp, session)
+        except RelayError:
+            smtp.close()
+            raise
         self._smtp = smtp
+
+    def _client(self) -> "aiosmtplib.SMTP":
+        return aiosmtplib.SMTP(hostname=self.cfg.host, port=self.cfg.port, timeout=self.cfg.timeout,
+                               local_hostname=self.local_hostname, start_tls=False)
+
+    async def _starttls(self, smtp: "aiosmtplib.SMTP") -> "aiosmtplib.SMTP":
+        """``required``: TLS with a certificate verified against ``tls_ca`` (or the system's
+        store) for the name ``downstream.host``, or a failure (451 4.4.1 to the client) before
+        any MAIL is sent. ``starttls`` (Postfix's "may"): TLS, unverified, when offered; plain
+        text when not offered or when the handshake fails (on a new connection)."""
+        required = self.cfg.tls == "required"
+        if "starttls" not in smtp.esmtp_extensions:
+            if required:
+                raise SMTPException("no STARTTLS offered, and downstream.tls is required")
+            return smtp
+        try:
+            await smtp.starttls(tls_context=_client_tls_context(self.cfg.tls, self.cfg.tls_ca))
+            await smtp.ehlo()
+            return smtp
+        except FAILURES as exc:
+            if required:
+                raise
+            log.warning("downstream %s:%s: STARTTLS failed: %s; relaying in plain text "
+                        "(downstream.tls: starttls)", self.cfg.host, self.cfg.port, exc)
+        smtp.close()
+        plain = self._client()
+        try:
+            await plain.connect()
+            _nodelay(plain)
+            await plain.ehlo()
+        except FAILURES:
+            plain.close()
+            raise
+        return plain
 
     async def _xclient(self, smtp, session) -> None:
         offered = set(smtp.esmtp_extensions["xclient"].upper().split())
@@ -252,6 +291,30 @@ class Downstream:
             self._smtp.close()
         self._smtp = None
         self.in_transaction = False
+
+
+_TLS_CONTEXTS: dict[tuple, ssl.SSLContext] = {}
+
+
+def _client_tls_context(mode: str, ca: str | None) -> ssl.SSLContext | None:
+    """The client context for ``downstream.tls``, built once per mode and CA file version
+    (loading a trust store costs milliseconds; a session must not pay it)."""
+    if mode == "none":
+        return None
+    try:
+        stamp = os.stat(ca).st_mtime_ns if ca else None
+    except OSError:
+        stamp = None  # gone since the configuration was read: the load below says so
+    key = (mode, ca, stamp)
+    ctx = _TLS_CONTEXTS.get(key)
+    if ctx is None:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if mode != "required":
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        _TLS_CONTEXTS.clear()  # only the current configuration's context is kept
+        _TLS_CONTEXTS[key] = ctx
+    return ctx
 
 
 async def probe(cfg, local_hostname: str, capabilities: Capabilities) -> bool:
