@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import smtplib
-import socket
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -85,11 +85,14 @@ def postmap(etc: Path, *names: str) -> None:
                        capture_output=True, timeout=30)
 
 
-def send(port: int, source: str, recipients: list[str], body: bytes = BODY):
-    """One transaction from ``source``: the RCPT replies and the final reply (None when no
-    recipient was accepted)."""
+def send(port: int, source: str, recipients: list[str], body: bytes = BODY, tls: bool = False):
+    """One transaction from ``source`` (``tls``: after STARTTLS): the RCPT replies and the
+    final reply (None when no recipient was accepted)."""
     with smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=(source, 0)) as s:
         s.ehlo("client.test")
+        if tls:
+            assert s.starttls(context=ssl._create_unverified_context())[0] == 220
+            s.ehlo("client.test")
         assert s.mail(SENDER)[0] == 250
         replies = [s.rcpt(r) for r in recipients]
         final = s.data(body) if any(code == 250 for code, _ in replies) else None
@@ -155,6 +158,7 @@ def test_layout_b_postfix_on_25_the_gate_as_its_proxy_filter(tmp_path, gate_fact
     services = re.sub(r"^smtp(\s+)inet", r"127.0.0.1:{port}\1inet", services, flags=re.M)
     services = services.replace("127.0.0.1:2525", f"127.0.0.1:{gate.port}")
     services = services.replace("127.0.0.1:10025", f"127.0.0.1:{back}")
+    services += "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n"  # as in Debian's master.cf
 
     def prepare(etc: Path) -> None:
         postmap(etc, "recipient_access")
@@ -168,7 +172,7 @@ def test_layout_b_postfix_on_25_the_gate_as_its_proxy_filter(tmp_path, gate_fact
                        files={"recipient_access": block("B", "recipient_access")}, prepare=prepare)
     postfix_instances.append(pf)
 
-    replies, final = send(pf.port, CLIENT, [RECIPIENT, GONE])
+    replies, final = send(pf.port, CLIENT, [RECIPIENT, GONE], tls=True)
     assert replies[0][0] == 250
     assert replies[1] == (550, REFUSAL)  # the front Postfix's own refusal
     code, text = final
@@ -178,7 +182,8 @@ def test_layout_b_postfix_on_25_the_gate_as_its_proxy_filter(tmp_path, gate_fact
     # The second Postfix (behind the gate) logs the real client, not the gate nor the front.
     line = pf.wait_for_log(rf"{qid}: client=unknown\[{re.escape(CLIENT)}\]:\d+.*orig_queue_id=(\w+)")
     log = gate.wait_for_log(f"tx={line.group(1)}")
-    assert f"client={CLIENT}" in log and "forwarder_id=" in log
+    assert f"client={CLIENT}" in log and f"queued as {qid}" in log
+    pf.wait_for_log(rf"proxy-accept: END-OF-MESSAGE: 250 2\.0\.0 Ok: queued as {qid};.*proto=ESMTP")
     [msg] = relay.wait_for_messages(1)
     assert msg.data.endswith(BODY)
 
