@@ -23,7 +23,7 @@ from ..mail.addresses import Address, AddressError, normalise_domain, parse_path
 from ..mail.session import Recipient, Session, TraceEntry, Transaction, new_id
 from ..errors import RelayError, StoreError
 from ..mail.message import Message
-from ..pipeline.runner import publish_outcome, run_delivered, run_end, run_stage
+from ..pipeline.runner import publish_outcome, run_delivered, run_disconnect, run_end, run_stage
 from ..mail.reply import Reply
 from ..pipeline.verdict import ACCEPT, DISCARD, QUARANTINE, Verdict
 from .forwarding import XCLIENT_ATTRIBUTES, XFORWARD_ATTRIBUTES
@@ -157,6 +157,7 @@ class Conversation:
         # What EHLO offers is fixed for the connection, as the front's reader is.
         self._hostname = self.runtime.config.hostname
         self._size_offered = self.runtime.config.limits.max_message_size
+        self._connect_rules = ()  # the rules whose CONNECT ran: their on_disconnect runs at close
         # The TCP peer is in trusted_forwarders (the front says so): XCLIENT/XFORWARD accepted.
         self.forwarder = False
         # What a forwarder said of the real client's greeting outlives its own HELO/EHLO.
@@ -198,11 +199,22 @@ class Conversation:
         self.greeted = False
 
     # --- commands --------------------------------------------------------------------------
-    async def connect(self) -> None:
+    async def connect(self) -> Reply | None:
+        """Run the CONNECT stage. A ``421`` verdict (a connection limit) is returned: the
+        caller says it and closes at once, as 421 means (RFC 5321 §3.8); any other
+        refusal waits for MAIL (``_session_verdict``)."""
         trace: list[TraceEntry] = []
         policy = self.runtime.policies.session_policy
+        self._connect_rules = policy.rules
         verdict = await run_stage(policy.rules, "connect", (self.session,), trace)
+        if verdict is not None and verdict.code == 421:
+            self.session.data.setdefault("trace", []).extend(trace)
+            reply = verdict.reply("connect")
+            log.info("session %s: client %s refused at connect: %s", self.session.id,
+                     self.session.client_ip, verdict.reason or reply)
+            return reply
         self._session_verdict(verdict, trace)
+        return None
 
     async def greet(self, name: str, esmtp: bool, starttls: bool = False) -> Reply:
         """HELO/EHLO (``name`` already checked): the reply, EHLO's listing ``starttls`` when
@@ -247,15 +259,19 @@ class Conversation:
         The driver then calls ``rerun_session_rules()``."""
         return await self._run("XFORWARD", forwarded)
 
-    async def rerun_session_rules(self) -> None:
+    async def rerun_session_rules(self) -> Reply | None:
         """After XCLIENT/XFORWARD: CONNECT (and HELO, when greeted) rules see the real client,
-        not the forwarder they saw when the TCP connection was made."""
-        await self.connect()
+        not the forwarder they saw when the TCP connection was made. A ``421`` from CONNECT
+        (a connection limit of the real client) is returned, as ``connect()`` does."""
+        refusal = await self.connect()
+        if refusal is not None:
+            return refusal
         if self.greeted and self.session.helo:
             trace: list[TraceEntry] = []
             policy = self.runtime.policies.session_policy
             verdict = await run_stage(policy.rules, "helo", (self.session,), trace)
             self._session_verdict(verdict, trace)
+        return None
 
     async def refused_data(self, reply: Reply) -> Reply:
         """The message was refused while being read (size, line length, memory): the
@@ -266,6 +282,8 @@ class Conversation:
     async def close(self) -> None:
         await self._abandon()
         await self.relay.close()
+        rules, self._connect_rules = self._connect_rules, ()
+        await run_disconnect(rules, self.session)
 
     # --- steps (the table's Run cells) ---------------------------------------------------------
     async def _greet(self, name: str, esmtp: bool, starttls: bool) -> Reply:
@@ -289,6 +307,10 @@ class Conversation:
         if open, was told the old client: closed, so the next MAIL opens it as the new one."""
         session = self.session
         await self.relay.close()
+        # As if the forwarder's connection ended: what CONNECT took for it is given back
+        # (a connection slot), before its address and session.data are gone.
+        rules, self._connect_rules = self._connect_rules, ()
+        await run_disconnect(rules, session)
         session.data, session.verdict = {}, None
         if new_session:  # XCLIENT: unnamed attributes are unknown, not the forwarder's
             self._forwarded_helo = self._forwarded_proto = None

@@ -157,7 +157,10 @@ class GateSMTP(SMTP):
         """Runs where aiosmtpd would send 220 (after PROXY): limits, then CONNECT rules."""
         if not await self._count_client(first=True):
             return False
-        await self.conv.connect()
+        refusal = await self.conv.connect()
+        if refusal is not None:  # 421 (a connection limit): say it and close at once
+            await self.hang_up(refusal)
+            return False
         return True
 
     async def _count_client(self, first: bool) -> bool:
@@ -461,8 +464,7 @@ class GateSMTP(SMTP):
             return
         self._set_rset_state()
         self.session.extended_smtp = False
-        if await self._count_client(first=False):  # as at connect: limits, CONNECT rules, 220
-            await self.conv.rerun_session_rules()
+        if await self._rerun_connect():  # as at connect: limits, CONNECT rules, then 220
             await self._write(greeting)
 
     async def smtp_XFORWARD(self, arg: str | None):
@@ -470,11 +472,21 @@ class GateSMTP(SMTP):
         if forwarded is None:
             return
         reply = await self.conv.xforward(forwarded)
-        if reply.is_positive and await self._count_client(first=False):
-            await self.conv.rerun_session_rules()
+        if not reply.is_positive:
             await self._write(reply)
-        elif not reply.is_positive:
+        elif await self._rerun_connect():
             await self._write(reply)
+
+    async def _rerun_connect(self) -> bool:
+        """After XCLIENT/XFORWARD named the real client: its connection limits and CONNECT
+        rules, as at connect; False once a 421 is said and the connection closed."""
+        if not await self._count_client(first=False):
+            return False
+        refusal = await self.conv.rerun_session_rules()
+        if refusal is not None:
+            await self.hang_up(refusal)
+            return False
+        return True
 
     async def _forwarded(self, command: str, arg: str | None):
         """XCLIENT/XFORWARD's checked attributes, or None once the refusal is written (an
@@ -514,3 +526,11 @@ def _declared_size(params: list[str]) -> int:
 
 
 _background: set[asyncio.Task] = set()
+
+
+async def settle(timeout: float) -> None:
+    """Wait (at most ``timeout`` seconds) for the closing work of ended sessions — their
+    downstream sessions, the rules' ``on_disconnect`` (a shared connection slot given back) —
+    so that shutdown closes the stores after it, not under it."""
+    if _background:
+        await asyncio.wait(set(_background), timeout=timeout)

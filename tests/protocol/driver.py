@@ -81,7 +81,7 @@ class Client:
                 step = self.conv.xclient if verb == "XCLIENT" else self.conv.xforward
                 reply = await step(forwarded)
                 if reply.is_positive:
-                    await self.conv.rerun_session_rules()
+                    reply = await self.conv.rerun_session_rules() or reply  # a 421: closed
         else:
             raise ValueError(f"not a command the conversation takes: {line}")
         return str(reply)

@@ -220,12 +220,14 @@ def test_two_worker_processes_on_one_sqlite_file_lose_no_event(tmp_path):
 async def test_sqlite_senders_and_greylist_share_one_file_with_their_own_versions(tmp_path):
     stores = open_stores(f"sqlite://{tmp_path / 'state.db'}")
     assert stores.senders.db is stores.greylist.db  # one connection, one thread per process
+    assert stores.limits.db is stores.greylist.db
     await put(stores.senders, record())
     await stores.greylist.get("c", "s", "r")
     await stores.close()
     conn = sqlite3.connect(tmp_path / "state.db")
+    from smtpgate.stores.limits_sqlite import LIMITS_SCHEMA
     assert dict(conn.execute("SELECT component, version FROM meta")) == {
-        "greylist": len(GREYLIST_SCHEMA), "senders": len(SENDERS_SCHEMA)}
+        "greylist": len(GREYLIST_SCHEMA), "senders": len(SENDERS_SCHEMA), "limits": len(LIMITS_SCHEMA)}
 
 
 async def test_sqlite_a_database_opened_before_the_sender_store_is_migrated_on_use(tmp_path):
