@@ -164,6 +164,8 @@ class Conversation:
         self._forwarded_helo: str | None = None
         self._forwarded_proto: str | None = None
         self._forwarded_ident: str | None = None
+        self._identified = False  # a forwarder named the real client
+        self._connect_pending = False  # CONNECT waits for that (see connect())
 
     # --- sequencing ----------------------------------------------------------------------
     @property
@@ -202,7 +204,16 @@ class Conversation:
     async def connect(self) -> Reply | None:
         """Run the CONNECT stage. A ``421`` verdict (a connection limit) is returned: the
         caller says it and closes at once, as 421 means (RFC 5321 §3.8); any other
-        refusal waits for MAIL (``_session_verdict``)."""
+        refusal waits for MAIL (``_session_verdict``).
+
+        From a trusted forwarder the stage waits until XCLIENT/XFORWARD names the real client
+        (``rerun_session_rules``), or, if none does, for the first MAIL: run now, it would be
+        about the forwarder, and take its connection slots (the limits rule) for every
+        session it carries."""
+        if self.forwarder and not self._identified:
+            self._connect_pending = True
+            return None
+        self._connect_pending = False
         trace: list[TraceEntry] = []
         policy = self.runtime.policies.session_policy
         self._connect_rules = policy.rules
@@ -312,6 +323,7 @@ class Conversation:
         rules, self._connect_rules = self._connect_rules, ()
         await run_disconnect(rules, session)
         session.data, session.verdict = {}, None
+        self._identified = True
         if new_session:  # XCLIENT: unnamed attributes are unknown, not the forwarder's
             self._forwarded_helo = self._forwarded_proto = None
             session.helo, session.client_name = None, None
@@ -372,6 +384,11 @@ class Conversation:
             return problem
         if sender is not None and not sender.is_ascii and not _smtputf8(params):
             return self._refuse_non_ascii("MAIL", sender, NEED_SMTPUTF8_SENDER)
+        if self._connect_pending:  # a forwarder that never named a client: CONNECT about itself
+            self._identified = True
+            refusal = await self.connect()
+            if refusal is not None:
+                return refusal
         tx = Transaction(new_id(), self.session, str(sender) if sender else "", list(params),
                          started=time.monotonic())
         tx.trace.extend(self.session.data.get("trace", ()))

@@ -350,7 +350,11 @@ class GateSMTP(SMTP):
         if getattr(self.gate, "draining", False):
             await self.hang_up(Reply(421, f"{self.hostname} Service shutting down", "4.3.2"))
             return
-        await self._write(await self.conv.mail(path.address, path.params))
+        reply = await self.conv.mail(path.address, path.params)
+        if reply.code == 421:  # CONNECT's connection limit, run late for a silent forwarder
+            await self.hang_up(reply)
+            return
+        await self._write(reply)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None):

@@ -63,7 +63,8 @@ async def test_xclient_starts_a_new_session_as_the_real_client():
     assert await client.send(MAIL) == "503 5.5.1 Error: send HELO first"
     await client.send(EHLO)  # the forwarder's own name does not replace the HELO= it gave
     assert await client.walk(MAIL, RCPT, "DATA") == ["250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.0.0 Ok: queued"]
-    assert watcher.seen[0] == ("connect", "127.0.0.1", None)
+    # CONNECT about the forwarder ran at its own first MAIL (it had named nobody yet)
+    assert [e for e in watcher.seen if e[0] == "connect"][0] == ("connect", "127.0.0.1", None)
     assert ("connect", "192.0.2.7", "mx.client.example") in watcher.seen
     assert watcher.seen[-1] == ("mail", "192.0.2.7", 4711, "mx.client.example", "real.client.example",
                                 "ESMTP", "192.0.2.7")
@@ -121,3 +122,43 @@ def test_xtext_and_special_values():
     got = forwarding.parse("XFORWARD", "ADDR=[UNAVAILABLE] NAME=[TEMPUNAVAIL] HELO=a+2Bb IDENT=Q1")
     assert (got.addr, got.name, got.helo, got.ident) == (None, None, "a+b", "Q1")
     assert forwarding.parse("XCLIENT", "addr=::ffff:192.0.2.1").addr == "192.0.2.1"
+
+
+class Slots(Rule):
+    """A connection slot per client taken at CONNECT, given back at disconnect (as limits)."""
+
+    name = "slots"
+
+    def setup(self):
+        self.held = []
+
+    async def on_connect(self, session):
+        self.held.append(session.client_ip)
+        session.data["slot"] = session.client_ip
+
+    async def on_disconnect(self, session):
+        self.held.remove(session.data.pop("slot"))
+
+
+async def test_connect_waits_for_the_real_client_and_the_slot_follows_it():
+    slots = Slots({}, None)
+    client = await Client([slots], forwarder=True, client_ip="127.0.0.1").connect()
+    await client.send(EHLO)
+    assert slots.held == []  # nothing taken for the forwarder itself
+    await client.send("XFORWARD ADDR=192.0.2.8")
+    assert slots.held == ["192.0.2.8"]
+    await client.walk(MAIL, RCPT, "DATA")
+    await client.send("XFORWARD ADDR=192.0.2.9")  # the next client on the same connection
+    assert slots.held == ["192.0.2.9"]
+    await client.close()
+    assert slots.held == []
+
+
+async def test_a_forwarder_that_names_nobody_runs_connect_at_mail_about_itself():
+    slots = Slots({}, None)
+    client = await Client([slots], forwarder=True, client_ip="127.0.0.1").connect()
+    await client.send(EHLO)
+    assert await client.walk(MAIL, RCPT) == ["250 2.1.0 Ok", "250 2.1.5 Ok"]
+    assert slots.held == ["127.0.0.1"]
+    await client.close()
+    assert slots.held == []
