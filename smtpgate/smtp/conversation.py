@@ -327,15 +327,17 @@ class Conversation:
         if new_session:  # XCLIENT: unnamed attributes are unknown, not the forwarder's
             self._forwarded_helo = self._forwarded_proto = None
             session.helo, session.client_name = None, None
+        # A named attribute replaces the old value even when the forwarder does not know it
+        # ([UNAVAILABLE]): the old value was another client's.
         if fwd.addr is not None:
             if fwd.addr != session.client_ip:
                 session.client_name = None  # the old name was the old address's
             session.client_ip = fwd.addr
         if fwd.port is not None:
             session.client_port = fwd.port
-        if fwd.name is not None:
+        if "NAME" in fwd.given:
             session.client_name = fwd.name
-        if fwd.helo is not None:
+        if "HELO" in fwd.given:
             session.helo = self._forwarded_helo = fwd.helo
         if fwd.proto is not None:
             session.proto = self._forwarded_proto = fwd.proto

@@ -42,6 +42,7 @@ class Forwarded:
     helo: str | None = None
     proto: str | None = None
     ident: str | None = None  # XFORWARD: the forwarder's queue id, for the logs
+    given: frozenset[str] = frozenset()  # the attributes named, known or not
 
 
 def xtext_decode(value: str) -> str:
@@ -107,4 +108,4 @@ def _checked(command: str, values: dict[str, str | None]) -> Forwarded:
             raise bad(key.lower())
     return Forwarded(addr=addr, port=int(port) if port is not None else None,
                      name=values.get("NAME"), helo=values.get("HELO"), proto=proto,
-                     ident=values.get("IDENT"))
+                     ident=values.get("IDENT"), given=frozenset(values))

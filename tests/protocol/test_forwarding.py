@@ -162,3 +162,13 @@ async def test_a_forwarder_that_names_nobody_runs_connect_at_mail_about_itself()
     assert slots.held == ["127.0.0.1"]
     await client.close()
     assert slots.held == []
+
+
+async def test_an_unknown_value_replaces_the_previous_clients():
+    client = await client_with(Watcher({}, None))
+    await client.send(EHLO)
+    await client.send("XFORWARD ADDR=192.0.2.8 NAME=mx.one.example HELO=one.example")
+    assert (client.session.client_name, client.session.helo) == ("mx.one.example", "one.example")
+    await client.send("XFORWARD ADDR=192.0.2.9 NAME=[UNAVAILABLE] HELO=[UNAVAILABLE]")
+    assert (client.session.client_name, client.session.helo) == (None, None)
+    await client.close()
