@@ -14,9 +14,9 @@ from smtpgate.stores import Stores, make_allow, open_stores
 from smtpgate.testing import FakeClock, FakeResolver, Harness
 from smtpgate_rules.fcrdns import Fcrdns
 from smtpgate_rules.greylist import Greylist, normalise_sender
-from tests.unit.test_stores import delete_redis_keys, new_prefix, redis_state, require_redis
+from tests.support.constants import T0
+from tests.support.redisproc import delete_redis_keys, new_prefix, redis_state, require_redis
 
-T0 = 1_767_225_600.0  # FakeClock's start: 2026-01-01T00:00:00Z
 DAY = 86400
 FIRST = "451 4.7.1 Greylisted, please try again in 300 seconds (after 2026-01-01T00:05:00Z)"
 

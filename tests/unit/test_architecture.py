@@ -4,7 +4,8 @@ import pathlib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
+from tests.support.constants import ROOT
+
 PRODUCT = ROOT / "smtpgate"
 
 # Each outside library is imported by exactly one product module (the translation boundary).
