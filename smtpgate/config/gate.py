@@ -89,13 +89,18 @@ class ProxyProtocol:
         object.__setattr__(self, "trusted", tuple(self.trusted))
 
     def trusts(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.trusted if net.version == addr.version)
+        return in_networks(ip, self.trusted)
+
+
+def in_networks(ip: str, networks) -> bool:
+    """Whether ``ip`` (an IPv4-mapped IPv6 address as its IPv4 one) is in one of ``networks``."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks if net.version == addr.version)
 
 
 LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -118,6 +123,8 @@ class GateConfig:
     downstream: DownstreamConfig
     tls: TLSConfig | None = None
     proxy_protocol: ProxyProtocol | None = None  # None: off
+    # Peers whose XCLIENT/XFORWARD name the real client (a Postfix smtpd_proxy_filter); empty: none
+    trusted_forwarders: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
     state: str
     quarantine: str
     quarantine_keep: float = 30 * 86400.0  # seconds a held message is kept; 0: for ever
@@ -423,6 +430,7 @@ def _schema(base: str, policies_base: str) -> _Section:
                                     "ciphers": _ciphers}, nullable=True),
         "proxy_protocol": _Section(ProxyProtocol, {"trusted": _Each(_cidr, min_items=1)},
                                    nullable=True, scalar=_proxy_switch),
+        "trusted_forwarders": _Each(_cidr),
         "state": partial(_state, base=base),
         "quarantine": partial(_path, base=base),
         "quarantine_keep": _keep,

@@ -26,6 +26,7 @@ from ..mail.message import Message
 from ..pipeline.runner import publish_outcome, run_delivered, run_disconnect, run_end, run_stage
 from ..mail.reply import Reply
 from ..pipeline.verdict import ACCEPT, DISCARD, QUARANTINE, Verdict
+from .forwarding import XCLIENT_ATTRIBUTES, XFORWARD_ATTRIBUTES
 from .relay_api import Relay
 
 log = logging.getLogger("smtpgate.transaction")
@@ -48,6 +49,13 @@ NEED_SMTPUTF8_SENDER = Reply(553, "Non-ASCII sender address requires SMTPUTF8", 
 NEED_SMTPUTF8_RCPT = Reply(553, "Non-ASCII recipient address requires SMTPUTF8", "5.6.7")
 CANNOT_HOLD = Reply(451, "Local error in processing (quarantine unavailable), try again later", "4.3.0")
 RCPT_PARAMS = Reply(555, "RCPT TO parameters not supported", "5.5.4")
+IN_TRANSACTION = Reply(503, "Error: MAIL transaction in progress", "5.5.1")
+FORWARDED = Reply(250, "Ok", "2.0.0")
+
+
+def not_forwarder(command: str) -> Reply:
+    """XCLIENT/XFORWARD from a peer outside ``trusted_forwarders``: refused, whatever the state."""
+    return Reply(550, f"{command} is not accepted from clients", "5.7.0")
 
 
 # --- the state table (RFC 5321 §4.1.4, §3.3) ------------------------------------------------
@@ -69,6 +77,8 @@ class Step(enum.Enum):
     DATA = "354, the message, on_data, relayed: the downstream's reply"
     DATA_LOST = "354, the message dropped: 451 4.4.2; ends the transaction"
     RSET = "250; ends any transaction"
+    XCLIENT = "220 again: a new session as the real client (limits, on_connect); HELO/EHLO next"
+    XFORWARD = "250; the real client's attributes; on_connect and on_helo run again"
 
 
 @dataclass(frozen=True)
@@ -80,24 +90,27 @@ class Refuse:
     early: bool = False
 
 
-COMMANDS = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET")
+COMMANDS = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "XCLIENT", "XFORWARD")
+FORWARDING = ("XCLIENT", "XFORWARD")  # from trusted_forwarders only (not_forwarder otherwise)
 # The two early refusals come before any argument is looked at; the other refusals follow
 # the syntax check (a malformed nested MAIL gets its 501), as the gate has always answered.
 _HELO_FIRST, _NEED_MAIL = Refuse(NEED_HELO, early=True), Refuse(NEED_MAIL, early=True)
+_IN_TX = Refuse(IN_TRANSACTION, early=True)  # XCLIENT_README/XFORWARD_README: not between MAIL and DOT
 TABLE: dict[State, dict[str, Step | Refuse]] = {
     state: dict(zip(COMMANDS, cells)) for state, cells in {
-        #                 HELO        EHLO        MAIL                 RCPT            DATA                RSET
-        State.GREET:     (Step.GREET, Step.GREET, _HELO_FIRST,         _HELO_FIRST,    _HELO_FIRST,        Step.RSET),
-        State.READY:     (Step.GREET, Step.GREET, Step.MAIL,           _NEED_MAIL,     Refuse(NEED_MAIL),  Step.RSET),
-        State.MAIL:      (Step.GREET, Step.GREET, Refuse(NESTED_MAIL), Step.RCPT,      Refuse(NEED_RCPT),  Step.RSET),
-        State.RCPT:      (Step.GREET, Step.GREET, Refuse(NESTED_MAIL), Step.RCPT,      Step.DATA,          Step.RSET),
-        State.MAIL_LOST: (Step.GREET, Step.GREET, Refuse(NESTED_MAIL), Refuse(BROKEN), Refuse(NEED_RCPT),  Step.RSET),
-        State.RCPT_LOST: (Step.GREET, Step.GREET, Refuse(NESTED_MAIL), Refuse(BROKEN), Step.DATA_LOST,     Step.RSET),
+        #                 HELO        EHLO        MAIL                 RCPT            DATA                RSET       XCLIENT       XFORWARD
+        State.GREET:     (Step.GREET, Step.GREET, _HELO_FIRST,         _HELO_FIRST,    _HELO_FIRST,        Step.RSET, Step.XCLIENT, Step.XFORWARD),
+        State.READY:     (Step.GREET, Step.GREET, Step.MAIL,           _NEED_MAIL,     Refuse(NEED_MAIL),  Step.RSET, Step.XCLIENT, Step.XFORWARD),
+        State.MAIL:      (Step.GREET, Step.GREET, Refuse(NESTED_MAIL), Step.RCPT,      Refuse(NEED_RCPT),  Step.RSET, _IN_TX,       _IN_TX),
+        State.RCPT:      (Step.GREET, Step.GREET, Refuse(NESTED_MAIL), Step.RCPT,      Step.DATA,          Step.RSET, _IN_TX,       _IN_TX),
+        State.MAIL_LOST: (Step.GREET, Step.GREET, Refuse(NESTED_MAIL), Refuse(BROKEN), Refuse(NEED_RCPT),  Step.RSET, _IN_TX,       _IN_TX),
+        State.RCPT_LOST: (Step.GREET, Step.GREET, Refuse(NESTED_MAIL), Refuse(BROKEN), Step.DATA_LOST,     Step.RSET, _IN_TX,       _IN_TX),
     }.items()
 }
 # Answered by the front the same in every state, never changing it: NOOP, HELP, VRFY, EXPN,
-# QUIT, AUTH, BDAT, XCLIENT, XFORWARD and unknown commands. A completed STARTTLS returns to
-# GREET (RFC 3207 §4.2: the client greets again).
+# QUIT, AUTH, BDAT and unknown commands. A completed STARTTLS returns to GREET (RFC 3207
+# §4.2: the client greets again). XCLIENT and XFORWARD follow the table only from a peer in
+# ``trusted_forwarders``; anyone else gets ``not_forwarder`` in every state.
 
 
 def describe() -> str:
@@ -145,6 +158,14 @@ class Conversation:
         self._hostname = self.runtime.config.hostname
         self._size_offered = self.runtime.config.limits.max_message_size
         self._connect_rules = ()  # the rules whose CONNECT ran: their on_disconnect runs at close
+        # The TCP peer is in trusted_forwarders (the front says so): XCLIENT/XFORWARD accepted.
+        self.forwarder = False
+        # What a forwarder said of the real client's greeting outlives its own HELO/EHLO.
+        self._forwarded_helo: str | None = None
+        self._forwarded_proto: str | None = None
+        self._forwarded_ident: str | None = None
+        self._identified = False  # a forwarder named the real client
+        self._connect_pending = False  # CONNECT waits for that (see connect())
 
     # --- sequencing ----------------------------------------------------------------------
     @property
@@ -160,12 +181,16 @@ class Conversation:
     def refusal(self, command: str, early: bool = False) -> Reply | None:
         """The reply if ``command`` is out of sequence now (``early``: only the refusals given
         before its arguments are read), else None."""
+        if command in FORWARDING and not self.forwarder:
+            return not_forwarder(command)
         cell = TABLE[self.state][command]
         if isinstance(cell, Refuse) and (cell.early or not early):
             return cell.reply
         return None
 
     async def _run(self, command: str, *args) -> Reply:
+        if command in FORWARDING and not self.forwarder:
+            return not_forwarder(command)
         cell = TABLE[self.state][command]
         if isinstance(cell, Refuse):
             return cell.reply
@@ -179,7 +204,16 @@ class Conversation:
     async def connect(self) -> Reply | None:
         """Run the CONNECT stage. A ``421`` verdict (a connection limit) is returned: the
         caller says it and closes at once, as 421 means (RFC 5321 §3.8); any other
-        refusal waits for MAIL (``_session_verdict``)."""
+        refusal waits for MAIL (``_session_verdict``).
+
+        From a trusted forwarder the stage waits until XCLIENT/XFORWARD names the real client
+        (``rerun_session_rules``), or, if none does, for the first MAIL: run now, it would be
+        about the forwarder, and take its connection slots (the limits rule) for every
+        session it carries."""
+        if self.forwarder and not self._identified:
+            self._connect_pending = True
+            return None
+        self._connect_pending = False
         trace: list[TraceEntry] = []
         policy = self.runtime.policies.session_policy
         self._connect_rules = policy.rules
@@ -225,6 +259,31 @@ class Conversation:
     async def rset(self) -> Reply:
         return await self._run("RSET")
 
+    async def xclient(self, forwarded) -> Reply:
+        """XCLIENT from a trusted forwarder (``forwarded``: a checked ``forwarding.Forwarded``):
+        the session starts again as the real client's (Postfix's XCLIENT_README). The reply is
+        the new greeting; the driver then runs ``connect()`` again, as at the start."""
+        return await self._run("XCLIENT", forwarded)
+
+    async def xforward(self, forwarded) -> Reply:
+        """XFORWARD from a trusted forwarder: the real client's attributes for what follows.
+        The driver then calls ``rerun_session_rules()``."""
+        return await self._run("XFORWARD", forwarded)
+
+    async def rerun_session_rules(self) -> Reply | None:
+        """After XCLIENT/XFORWARD: CONNECT (and HELO, when greeted) rules see the real client,
+        not the forwarder they saw when the TCP connection was made. A ``421`` from CONNECT
+        (a connection limit of the real client) is returned, as ``connect()`` does."""
+        refusal = await self.connect()
+        if refusal is not None:
+            return refusal
+        if self.greeted and self.session.helo:
+            trace: list[TraceEntry] = []
+            policy = self.runtime.policies.session_policy
+            verdict = await run_stage(policy.rules, "helo", (self.session,), trace)
+            self._session_verdict(verdict, trace)
+        return None
+
     async def refused_data(self, reply: Reply) -> Reply:
         """The message was refused while being read (size, line length, memory): the
         transaction ends, the client gets ``reply``."""
@@ -240,9 +299,53 @@ class Conversation:
     # --- steps (the table's Run cells) ---------------------------------------------------------
     async def _greet(self, name: str, esmtp: bool, starttls: bool) -> Reply:
         self.greeted = True
-        self.session.helo, self.session.esmtp = name, esmtp
-        self.session.proto = "ESMTP" if esmtp else "SMTP"
+        self.session.helo, self.session.esmtp = self._forwarded_helo or name, esmtp
+        self.session.proto = self._forwarded_proto or ("ESMTP" if esmtp else "SMTP")
         return self._ehlo_reply(starttls) if esmtp else Reply(250, self._hostname)
+
+    async def _xclient(self, forwarded) -> Reply:
+        await self._become(forwarded, new_session=True)
+        self.greeted = False  # a new session: the forwarder greets again
+        return Reply(220, f"{self._hostname} ESMTP smtpgate")
+
+    async def _xforward(self, forwarded) -> Reply:
+        await self._become(forwarded, new_session=False)
+        return FORWARDED
+
+    async def _become(self, fwd, new_session: bool) -> None:
+        """Take the forwarder's word for who the client is. What rules kept of the session
+        (``session.data``, a session verdict) was about someone else: gone. The downstream,
+        if open, was told the old client: closed, so the next MAIL opens it as the new one."""
+        session = self.session
+        await self.relay.close()
+        # As if the forwarder's connection ended: what CONNECT took for it is given back
+        # (a connection slot), before its address and session.data are gone.
+        rules, self._connect_rules = self._connect_rules, ()
+        await run_disconnect(rules, session)
+        session.data, session.verdict = {}, None
+        self._identified = True
+        if new_session:  # XCLIENT: unnamed attributes are unknown, not the forwarder's
+            self._forwarded_helo = self._forwarded_proto = None
+            session.helo, session.client_name = None, None
+        # A named attribute replaces the old value even when the forwarder does not know it
+        # ([UNAVAILABLE]): the old value was another client's.
+        if fwd.addr is not None:
+            if fwd.addr != session.client_ip:
+                session.client_name = None  # the old name was the old address's
+            session.client_ip = fwd.addr
+        if fwd.port is not None:
+            session.client_port = fwd.port
+        if "NAME" in fwd.given:
+            session.client_name = fwd.name
+        if "HELO" in fwd.given:
+            session.helo = self._forwarded_helo = fwd.helo
+        if fwd.proto is not None:
+            session.proto = self._forwarded_proto = fwd.proto
+            session.esmtp = fwd.proto != "SMTP"
+        if fwd.ident is not None:
+            self._forwarded_ident = fwd.ident
+        if self._forwarded_ident:
+            session.data["forwarder_ident"] = self._forwarded_ident
 
     def _ehlo_reply(self, starttls: bool) -> Reply:
         """Only what the gate and the downstream both handle (no CHUNKING, AUTH, XCLIENT)."""
@@ -251,6 +354,9 @@ class Conversation:
         if caps.size:
             size = min(size, caps.size) if size else caps.size
         lines = [self._hostname, "PIPELINING"]
+        if self.forwarder:
+            lines += ["XCLIENT " + " ".join(XCLIENT_ATTRIBUTES),
+                      "XFORWARD " + " ".join(XFORWARD_ATTRIBUTES)]
         if size:
             lines.append(f"SIZE {size}")
         if caps.eightbitmime:
@@ -280,6 +386,11 @@ class Conversation:
             return problem
         if sender is not None and not sender.is_ascii and not _smtputf8(params):
             return self._refuse_non_ascii("MAIL", sender, NEED_SMTPUTF8_SENDER)
+        if self._connect_pending:  # a forwarder that never named a client: CONNECT about itself
+            self._identified = True
+            refusal = await self.connect()
+            if refusal is not None:
+                return refusal
         tx = Transaction(new_id(), self.session, str(sender) if sender else "", list(params),
                          started=time.monotonic())
         tx.trace.extend(self.session.data.get("trace", ()))
@@ -567,4 +678,6 @@ def log_transaction(tx: Transaction, reply: Reply | None, stage: str) -> None:
         "results": {**tx.session.results.as_dict(), **tx.results.as_dict()},
         "ms": round((time.monotonic() - tx.started) * 1000, 1),
     }
+    if tx.session.data.get("forwarder_ident"):  # the forwarding Postfix's queue id (XFORWARD IDENT)
+        fields["forwarder_id"] = tx.session.data["forwarder_ident"]
     log.info("transaction", extra={"fields": fields})

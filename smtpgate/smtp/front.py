@@ -10,7 +10,8 @@ Which command is allowed when is the conversation's table (conversation.py), not
   end-of-data rule as a search for CRLF.CRLF, dot-unstuffing, bare CR/LF normalised to CRLF
   so the downstream can never see an end of data the gate did not, the size and line-length
   limits), keeping one copy of the message; past ``max_inflight_data`` DATA gets 452 4.3.1;
-- stray BDAT, XCLIENT and XFORWARD are refused, and BDAT's chunk is swallowed, not parsed;
+- stray BDAT is refused and its chunk swallowed, not parsed; XCLIENT and XFORWARD are taken
+  only from a peer in ``trusted_forwarders`` (forwarding.py parses them), refused otherwise;
 - every command passes one counter (``_Commands``) and every reply one writer, where the
   per-session caps (greetings, RSETs, junk commands, errors) answer 421 and close;
 - connections are counted across workers (``connections.py``), and a PROXY header is read
@@ -28,7 +29,9 @@ import ssl
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from . import inflight
+from ..config.gate import in_networks
 from ..mail.addresses import AddressError, helo_refusal, parse_path
+from . import forwarding
 from .connections import ConnectionTracker, client_key
 from .conversation import Conversation
 from .datadecoder import NO_STORAGE, READ_CHUNK, DataDecoder
@@ -127,6 +130,9 @@ class GateSMTP(SMTP):
         self.gsession = Session(new_id(), ip.removeprefix("::ffff:") if "." in ip else ip,
                                 int(peer[1]) if len(peer) > 1 else 0)
         self.conv = Conversation(self.gate, self.gsession, self.gate.new_relay())
+        # The TCP peer, not a PROXY header's address: the forwarder is who we talk to.
+        self.conv.forwarder = in_networks(self.gsession.client_ip,
+                                          self.gate.runtime.config.trusted_forwarders)
         self.tracker.protocols.add(self)
         proxy = self.gate.runtime.config.proxy_protocol
         if proxy is not None and not proxy.trusts(self.gsession.client_ip):
@@ -149,19 +155,32 @@ class GateSMTP(SMTP):
 
     async def _greet(self) -> bool:
         """Runs where aiosmtpd would send 220 (after PROXY): limits, then CONNECT rules."""
-        limits = self.gate.runtime.config.limits
-        key = client_key(self.gsession.client_ip, limits.ipv6_client_prefix)
-        self.tracker.open(key)
-        self._client_key = key
-        over = (self.tracker.total > limits.max_connections
-                or self.tracker.per_client(key) > limits.max_connections_per_client)
-        if over:
-            await self.hang_up(Reply(421, f"{self.hostname} Too many connections, try again later",
-                                     "4.7.0"))
+        if not await self._count_client(first=True):
             return False
         refusal = await self.conv.connect()
         if refusal is not None:  # 421 (a connection limit): say it and close at once
             await self.hang_up(refusal)
+            return False
+        return True
+
+    async def _count_client(self, first: bool) -> bool:
+        """Count the session under its client (again after XCLIENT/XFORWARD named the real
+        one); past a limit: 421 and closed. A trusted forwarder carries many clients' sessions,
+        so it is held to the total only, never to the per-client limit."""
+        limits = self.gate.runtime.config.limits
+        key = client_key(self.gsession.client_ip, limits.ipv6_client_prefix)
+        if key == self._client_key:
+            return True
+        if self._client_key is not None:
+            self.tracker.close(self._client_key)
+        self.tracker.open(key)
+        self._client_key = key
+        over = (first and self.tracker.total > limits.max_connections) or (
+            self.tracker.per_client(key) > limits.max_connections_per_client
+            and not (first and self.conv.forwarder))
+        if over:
+            await self.hang_up(Reply(421, f"{self.hostname} Too many connections, try again later",
+                                     "4.7.0"))
             return False
         return True
 
@@ -342,7 +361,11 @@ class GateSMTP(SMTP):
         if getattr(self.gate, "draining", False):
             await self.hang_up(Reply(421, f"{self.hostname} Service shutting down", "4.3.2"))
             return
-        await self._write(await self.conv.mail(path.address, path.params))
+        reply = await self.conv.mail(path.address, path.params)
+        if reply.code == 421:  # CONNECT's connection limit, run late for a silent forwarder
+            await self.hang_up(reply)
+            return
+        await self._write(reply)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None):
@@ -447,10 +470,49 @@ class GateSMTP(SMTP):
         await self._write(Reply(502, "BDAT not supported: CHUNKING is not offered", "5.5.1"))
 
     async def smtp_XCLIENT(self, arg: str | None):
-        await self._write(Reply(550, "XCLIENT is not accepted from clients", "5.7.0"))
+        forwarded = await self._forwarded("XCLIENT", arg)
+        if forwarded is None:
+            return
+        greeting = await self.conv.xclient(forwarded)
+        if greeting.code != 220:
+            await self._write(greeting)
+            return
+        self._set_rset_state()
+        self.session.extended_smtp = False
+        if await self._rerun_connect():  # as at connect: limits, CONNECT rules, then 220
+            await self._write(greeting)
 
     async def smtp_XFORWARD(self, arg: str | None):
-        await self._write(Reply(550, "XFORWARD is not accepted from clients", "5.7.0"))
+        forwarded = await self._forwarded("XFORWARD", arg)
+        if forwarded is None:
+            return
+        reply = await self.conv.xforward(forwarded)
+        if not reply.is_positive:
+            await self._write(reply)
+        elif await self._rerun_connect():
+            await self._write(reply)
+
+    async def _rerun_connect(self) -> bool:
+        """After XCLIENT/XFORWARD named the real client: its connection limits and CONNECT
+        rules, as at connect; False once a 421 is said and the connection closed."""
+        if not await self._count_client(first=False):
+            return False
+        refusal = await self.conv.rerun_session_rules()
+        if refusal is not None:
+            await self.hang_up(refusal)
+            return False
+        return True
+
+    async def _forwarded(self, command: str, arg: str | None):
+        """XCLIENT/XFORWARD's checked attributes, or None once the refusal is written (an
+        untrusted peer, mid-transaction, a malformed argument)."""
+        if await self._out_of_sequence(command):
+            return None
+        try:
+            return forwarding.parse(command, arg)
+        except forwarding.ForwardError as e:
+            await self._write(e.reply)
+            return None
 
     async def smtp_STARTTLS(self, arg: str | None):
         if not self.tls_context:  # not offered: "not implemented", not aiosmtpd's 454 (retry)

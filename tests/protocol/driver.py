@@ -9,6 +9,7 @@ from smtpgate.mail.addresses import parse_path
 from smtpgate.mail.session import Session, new_id
 from smtpgate.pipeline.policy import Policy, PolicySet
 from smtpgate.runtime.gate import Runtime
+from smtpgate.smtp import forwarding
 from smtpgate.smtp.conversation import Conversation
 from smtpgate.smtp.relay import failure
 from smtpgate.testing import FakeRelay, Harness
@@ -21,9 +22,11 @@ LOST = {f"rcpt:{LOST_RECIPIENT}": failure(ConnectionResetError("reset by peer"))
 
 class Client:
     def __init__(self, rules=(), *, relay_replies: dict | None = None, capabilities=None,
-                 policies: dict[str, list] | None = None, client_ip: str = "192.0.2.1"):
+                 policies: dict[str, list] | None = None, client_ip: str = "192.0.2.1",
+                 forwarder: bool = False):
         """``rules``: the ``default`` policy's (governing example.com); ``policies``: more,
-        by domain (each its own policy named after it)."""
+        by domain (each its own policy named after it); ``forwarder``: the peer is in
+        ``trusted_forwarders`` (XCLIENT/XFORWARD accepted)."""
         self.harness = Harness(rules)
         if policies:
             default = self.harness.runtime.policies.session_policy
@@ -37,6 +40,7 @@ class Client:
         self.relay = FakeRelay({**LOST, **(relay_replies or {})}, capabilities)
         self.session = Session(new_id(), client_ip)
         self.conv = Conversation(self.harness.gate, self.session, self.relay)
+        self.conv.forwarder = forwarder
 
     @property
     def state(self) -> str:
@@ -67,6 +71,17 @@ class Client:
             reply = self.conv.refusal("DATA") or await self.conv.data(message)
         elif verb == "RSET":
             reply = await self.conv.rset()
+        elif verb in ("XCLIENT", "XFORWARD"):  # as the front: sequence, syntax, step, rules again
+            reply = self.conv.refusal(verb, early=True)
+            if reply is None:
+                try:
+                    forwarded = forwarding.parse(verb, arg)
+                except forwarding.ForwardError as e:
+                    return str(e.reply)
+                step = self.conv.xclient if verb == "XCLIENT" else self.conv.xforward
+                reply = await step(forwarded)
+                if reply.is_positive:
+                    reply = await self.conv.rerun_session_rules() or reply  # a 421: closed
         else:
             raise ValueError(f"not a command the conversation takes: {line}")
         return str(reply)

@@ -27,7 +27,8 @@ REACH = {
 }
 LINES = {"HELO": "HELO client.example", "EHLO": "EHLO client.example",
          "MAIL": "MAIL FROM:<b@sender.example>", "RCPT": "RCPT TO:<other@example.com>",
-         "DATA": "DATA", "RSET": "RSET"}
+         "DATA": "DATA", "RSET": "RSET",
+         "XCLIENT": "XCLIENT ADDR=192.0.2.9 NAME=[UNAVAILABLE]", "XFORWARD": "XFORWARD ADDR=192.0.2.9"}
 
 NEED_HELO = "503 5.5.1 Error: send HELO first"
 NEED_MAIL = "503 5.5.1 Error: need MAIL command"
@@ -35,6 +36,7 @@ NEED_RCPT = "503 5.5.1 Error: need RCPT command"
 NESTED = "503 5.5.1 Error: nested MAIL command"
 BROKEN = "451 4.4.2 Transaction aborted after a downstream failure, try again later"
 QUEUED = "250 2.0.0 Ok: queued"
+IN_TX = "503 5.5.1 Error: MAIL transaction in progress"
 
 # state        command  the reply starts with      next state   messages relayed
 CASES = [
@@ -74,9 +76,24 @@ CASES = [
     ("RCPT_LOST", "RCPT", BROKEN,                   "RCPT_LOST", 0),
     ("RCPT_LOST", "DATA", BROKEN,                   "READY",     0),  # the message is read, then dropped
     ("RCPT_LOST", "RSET", "250 2.0.0 Ok",           "READY",     0),
+    # XCLIENT/XFORWARD from a trusted forwarder (anyone else: 550 5.7.0 in every state)
+    ("GREET",     "XCLIENT",  "220 localhost",      "GREET",     0),
+    ("GREET",     "XFORWARD", "250 2.0.0 Ok",       "GREET",     0),
+    ("READY",     "XCLIENT",  "220 localhost",      "GREET",     0),  # a new session: greet again
+    ("READY",     "XFORWARD", "250 2.0.0 Ok",       "READY",     0),
+    ("MAIL",      "XCLIENT",  IN_TX,                "MAIL",      0),
+    ("MAIL",      "XFORWARD", IN_TX,                "MAIL",      0),
+    ("RCPT",      "XCLIENT",  IN_TX,                "RCPT",      0),
+    ("RCPT",      "XFORWARD", IN_TX,                "RCPT",      0),
+    ("MAIL_LOST", "XCLIENT",  IN_TX,                "MAIL_LOST", 0),
+    ("MAIL_LOST", "XFORWARD", IN_TX,                "MAIL_LOST", 0),
+    ("RCPT_LOST", "XCLIENT",  IN_TX,                "RCPT_LOST", 0),
+    ("RCPT_LOST", "XFORWARD", IN_TX,                "RCPT_LOST", 0),
 ]
 # Refused before the command's arguments are read (the others once their syntax is checked).
-EARLY = {("GREET", "MAIL"), ("GREET", "RCPT"), ("GREET", "DATA"), ("READY", "RCPT")}
+EARLY = {("GREET", "MAIL"), ("GREET", "RCPT"), ("GREET", "DATA"), ("READY", "RCPT")} | {
+    (state, command) for state in ("MAIL", "RCPT", "MAIL_LOST", "RCPT_LOST")
+    for command in ("XCLIENT", "XFORWARD")}
 
 
 def test_the_cases_cover_the_table():
@@ -87,7 +104,7 @@ def test_the_cases_cover_the_table():
 @pytest.mark.parametrize("state,command,reply,after,relayed", CASES,
                          ids=[f"{s}-{c}" for s, c, *_ in CASES])
 async def test_state_x_command(state, command, reply, after, relayed):
-    client = await Client().connect()
+    client = await Client(forwarder=True).connect()
     for line in REACH[state]:
         await client.send(line)
     assert client.state == state

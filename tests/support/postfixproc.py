@@ -276,24 +276,49 @@ def _mkdir(path: Path, owner: str, group: str | None, mode: int) -> None:
     os.chmod(path, mode)
 
 
+def _without(base: str, overrides: str) -> str:
+    """main.cf ``base`` less the parameters ``overrides`` sets (continuation lines included),
+    so Postfix does not warn of each one overridden."""
+    names = set(re.findall(r"^(\w+)\s*=", overrides, re.M))
+    out, skipping = [], False
+    for line in base.splitlines(keepends=True):
+        if line[:1] not in (" ", "\t"):
+            m = re.match(r"(\w+)\s*=", line)
+            skipping = bool(m and m.group(1) in names)
+        if not skipping:
+            out.append(line)
+    return "".join(out)
+
+
 def write_postfix_folder(folder: Path, *, port: int, relay_port: int, data: Path,
-                         smtpd_options: tuple[str, ...] = ()) -> None:
+                         smtpd_options: tuple[str, ...] = (), services: str | None = None,
+                         main_cf: str = "", files: dict[str, str] | None = None) -> None:
     """Write config_directory and queue_directory into folder, and the data_directory.
     ``smtpd_options`` (``name=value``, no spaces; ``{etc}`` is the config_directory) are
-    given to the smtpd service as master.cf ``-o`` overrides of main.cf."""
+    given to the smtpd service as master.cf ``-o`` overrides of main.cf. ``services``
+    replaces that smtpd line with master.cf lines of the caller's (``{port}``: the port to
+    listen on); ``main_cf`` is appended to main.cf (a later setting wins); ``files`` are
+    written into the config_directory. ``{etc}`` is the config_directory in all three."""
     folder.mkdir(parents=True, exist_ok=True)
     etc, queue = folder / "etc", folder / "queue"
     etc.mkdir(exist_ok=True)
     os.chmod(folder, 0o755)
     os.chmod(etc, 0o755)
     overrides = "".join(f" -o {o.replace('{etc}', str(etc))}" for o in smtpd_options)
-    (etc / "master.cf").write_text(MASTER_CF.format(listen=f"{LOOPBACK}:{port}")
-                                   .replace(" smtpd\n", f" smtpd{overrides}\n", 1))
-    (etc / "main.cf").write_text(MAIN_CF.format(
+    master_cf = (MASTER_CF.format(listen=f"{LOOPBACK}:{port}")
+                 .replace(" smtpd\n", f" smtpd{overrides}\n", 1))
+    if services is not None:
+        first, _, rest = master_cf.partition("\n")
+        master_cf = services.replace("{port}", str(port)).replace("{etc}", str(etc)).rstrip("\n") + "\n" + rest
+    (etc / "master.cf").write_text(master_cf)
+    (etc / "main.cf").write_text(_without(MAIN_CF, main_cf).format(
         etc=etc, queue=queue, data=data, folder=folder, log=folder / "postfix.log",
-        daemon_directory=DAEMON_DIRECTORY, myhostname=MYHOSTNAME, relay_port=relay_port))
+        daemon_directory=DAEMON_DIRECTORY, myhostname=MYHOSTNAME, relay_port=relay_port)
+        + main_cf.replace("{etc}", str(etc)))
     (etc / "recipient_access").write_text(f"{REJECTED_RECIPIENT} {REJECT_TEXT}\n")
     (etc / "client_access").write_text("0.0.0.0/0 INFO postfix-test accepted recipient\n")
+    for name, text in (files or {}).items():
+        (etc / name).write_text(text.replace("{etc}", str(etc)))
     # The queue layout Postfix's postfix-files describes (owner, group, mode).
     _mkdir(queue, "root", "root", 0o755)
     _mkdir(queue / "pid", "root", "root", 0o755)
@@ -311,8 +336,12 @@ def write_postfix_folder(folder: Path, *, port: int, relay_port: int, data: Path
 
 
 def start_postfix(folder: Path, *, relay_port: int, start_timeout: float = START_TIMEOUT,
-                  smtpd_options: tuple[str, ...] = ()) -> PostfixProcess:
-    """Write the instance into folder, start its master, wait until smtpd's port listens."""
+                  smtpd_options: tuple[str, ...] = (), services: str | None = None,
+                  main_cf: str = "", files: dict[str, str] | None = None,
+                  prepare=None) -> PostfixProcess:
+    """Write the instance into folder, start its master, wait until smtpd's port listens.
+    ``services``, ``main_cf``, ``files``: see write_postfix_folder; ``prepare(etc)`` runs
+    once they are written (e.g. ``postmap`` for the maps), before master starts."""
     require_tool("postfix")
     master = os.path.join(DAEMON_DIRECTORY, "master")
     if not os.access(master, os.X_OK):
@@ -333,7 +362,13 @@ def start_postfix(folder: Path, *, relay_port: int, start_timeout: float = START
         # binds it, and master then exits 1 without a word (no postlogd yet, no syslog).
         port = free_port()
         write_postfix_folder(folder, port=port, relay_port=relay_port, data=scratch / "data",
-                             smtpd_options=smtpd_options)
+                             smtpd_options=smtpd_options, services=services, main_cf=main_cf,
+                             files=files)
+        if prepare is not None:
+            prepare(folder / "etc")
+            past = time.time() - 60  # what it made is dated back too (see write_postfix_folder)
+            for path in (folder / "etc").iterdir():
+                os.utime(path, (past, past))
         with open(folder / "master.out", "ab") as out:
             # -d: stay in the foreground, keep stdout/stderr; own session, so master leads
             # the process group its children inherit (stop() relies on it).

@@ -381,3 +381,22 @@ def test_session_caps_and_dns_limits_are_read(tmp_path):
         "gate.yaml:1:22: limits.max_errors: expected a whole number of 1 or more, got 0",
         "gate.yaml:1:45: limits.ipv6_client_prefix: expected a prefix length 1-128, got 129",
     ]
+
+
+def test_trusted_forwarders(tmp_path):
+    import ipaddress
+    assert load_gate_config(None).trusted_forwarders == []  # empty by default: nobody
+    path = write(tmp_path / "gate.yaml", """
+        trusted_forwarders: [127.0.0.1/32, "::1", 10.1.0.0/16]
+        """)
+    assert list(load_gate_config(path).trusted_forwarders) == [
+        ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"),
+        ipaddress.ip_network("10.1.0.0/16")]
+    bad = write(tmp_path / "bad.yaml", """
+        trusted_forwarders:
+          - 127.0.0.1/32
+          - 10.0.0.0/33
+        """)
+    assert problems_of(bad) == [
+        "bad.yaml:3:5: trusted_forwarders[1]: expected an address or network like "
+        "\"10.0.0.0/8\" or \"::1\", got '10.0.0.0/33'"]
