@@ -46,6 +46,23 @@ def serve(cli_path: str | None) -> int:
     return supervise(cli_path, runtime, cfg.workers)
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+_early_stop = False  # SIGTERM/SIGINT came before the event loop could handle it
+
+
+def _note_early_stop(_sig, _frame) -> None:
+    global _early_stop
+    _early_stop = True
+
+
+def _handle_signals_early() -> None:
+    """Until the event loop handles them: a stop is remembered (then drained), a reload is
+    moot (the worker is loading the current configuration anyway)."""
+    signal.signal(signal.SIGTERM, _note_early_stop)
+    signal.signal(signal.SIGINT, _note_early_stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def run_worker(cli_path, runtime, housekeeper: bool = False,
                tracker: ConnectionTracker | None = None,
                notifier: SystemdNotifier | WorkerPipe | None = None,
@@ -54,6 +71,7 @@ def run_worker(cli_path, runtime, housekeeper: bool = False,
     ``tracker``: its slot in the gate's connection table (a table of its own when alone).
     ``notifier``: told when the worker serves, reloads, stops, and every ``watchdog`` seconds
     that its event loop still runs (systemd itself, or the pipe to the supervisor)."""
+    _handle_signals_early()
     try:
         import uvloop
         uvloop.install()
@@ -99,16 +117,7 @@ async def _serve(cli_path, runtime, housekeeper: bool = False,
     gate.draining = False
     tracker = tracker or ConnectionTracker()
     gate.tls_context = _tls_context(cfg)  # replaced by a reload
-    await probe(cfg.downstream, cfg.hostname, gate.capabilities)
-    servers = []
-    for host, port in cfg.listen:
-        servers.append(await loop.create_server(
-            lambda: GateSMTP(gate, tracker, gate.tls_context), host, port, reuse_port=True,
-            backlog=1024))
-        log.info("listening on %s:%s, relaying to %s:%s", host, port,
-                 cfg.downstream.host, cfg.downstream.port)
     notifier = notifier or SystemdNotifier("")
-    purging = asyncio.ensure_future(_purge_quarantine(gate)) if housekeeper else None
     stop = asyncio.Event()
 
     def on_stop() -> None:
@@ -119,9 +128,21 @@ async def _serve(cli_path, runtime, housekeeper: bool = False,
         notifier.reloading()
         asyncio.ensure_future(_reload(gate, cli_path, notifier))
 
+    # Signals are handled before the first socket listens: a SIGTERM at any moment drains.
     loop.add_signal_handler(signal.SIGTERM, on_stop)
     loop.add_signal_handler(signal.SIGINT, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
+    if _early_stop:  # asked to stop before the event loop ran
+        on_stop()
+    await probe(cfg.downstream, cfg.hostname, gate.capabilities)
+    servers = []
+    for host, port in cfg.listen:
+        servers.append(await loop.create_server(
+            lambda: GateSMTP(gate, tracker, gate.tls_context), host, port, reuse_port=True,
+            backlog=1024))
+        log.info("listening on %s:%s, relaying to %s:%s", host, port,
+                 cfg.downstream.host, cfg.downstream.port)
+    purging = asyncio.ensure_future(_purge_quarantine(gate)) if housekeeper else None
     # Ready once it listens and its signals are handled (a SIGTERM right after must drain).
     notifier.ready(f"listening on {', '.join(f'{h}:{p}' for h, p in cfg.listen)}")
     beating = asyncio.ensure_future(_heartbeat(notifier, watchdog)) if watchdog else None
@@ -265,21 +286,26 @@ def supervise(cli_path, runtime, workers: int) -> int:
         table.clear(slot)
         read_end, write_end = os.pipe()
         parent = os.getpid()
+        # Signals wait while the child swaps the supervisor's handlers for a worker's: a
+        # SIGTERM right after the fork is then a drain in the worker, never a forward.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:
             signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _handle_signals_early()
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             os.close(wake_read)
             os.close(wake_write)
             os.close(read_end)
             for other in children.values():
                 os.close(other.fd)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
             _die_with_parent(parent)
             code = run_worker(cli_path, _current(cli_path, runtime, reloads),
                               housekeeping, ConnectionTracker(table, slot),
                               WorkerPipe(write_end), watchdog)
             os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(write_end)
         children[pid] = _Worker(slot, read_end)
         if housekeeping:
