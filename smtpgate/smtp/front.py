@@ -28,6 +28,7 @@ import ssl
 from aiosmtpd.smtp import SMTP, syntax
 
 from . import inflight
+from .. import metrics
 from ..mail.addresses import AddressError, helo_refusal, parse_path
 from .connections import ConnectionTracker, client_key
 from .conversation import Conversation
@@ -142,6 +143,7 @@ class GateSMTP(SMTP):
             if self._client_key is not None:
                 self.tracker.close(self._client_key)
                 self._client_key = None
+                metrics.connection_closed()
             if self.conv is not None:
                 task = asyncio.ensure_future(self.conv.close())
                 _background.add(task)
@@ -153,9 +155,11 @@ class GateSMTP(SMTP):
         key = client_key(self.gsession.client_ip, limits.ipv6_client_prefix)
         self.tracker.open(key)
         self._client_key = key
+        metrics.connection_opened()
         over = (self.tracker.total > limits.max_connections
                 or self.tracker.per_client(key) > limits.max_connections_per_client)
         if over:
+            metrics.connection_refused()
             await self.hang_up(Reply(421, f"{self.hostname} Too many connections, try again later",
                                      "4.7.0"))
             return False

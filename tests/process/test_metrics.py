@@ -1,0 +1,141 @@
+"""``metrics: HOST:PORT``: a real gate of two workers scraped over HTTP after a known mix of
+traffic (the figures sum every worker's), and its ``/healthz`` following the downstream."""
+from __future__ import annotations
+
+import os
+import re
+import smtplib
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.support.gateproc import free_port, wait_until
+
+POLICIES = {
+    "default.yaml": "domains: [example.com]\nrules: []\n",
+    "grey.yaml": "domains: [grey.example]\nrules:\n  - greylist: {delay: 10m}\n",
+}
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no http_proxy
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$')
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with _DIRECT.open(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The exposition's samples as {'name{label="v",...}': value}, labels sorted."""
+    status, text = get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200, text
+    samples = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m and not line.startswith("#"):
+            labels = ",".join(sorted(re.findall(r'\w+="[^"]*"', m.group(2) or "")))
+            samples[f"{m.group(1)}{{{labels}}}" if labels else m.group(1)] = float(m.group(3))
+    return samples
+
+
+def worker_of(gate_pid: int, gate_port: int, client_port: int) -> int | None:
+    """The worker process holding the gate's end of the connection from client_port (/proc)."""
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == gate_port and int(f[2].rsplit(":", 1)[1], 16) == client_port:
+                inode = f[9]
+    if inode is None:
+        return None
+    for pid in Path(f"/proc/{gate_pid}/task/{gate_pid}/children").read_text().split():
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return int(pid)
+            except OSError:
+                continue
+    return None
+
+
+@pytest.mark.timeout(90)
+def test_two_workers_scraped_after_a_known_mix_then_healthz_follows_the_downstream(
+        gate_factory, downstream):
+    mport = free_port()
+    gate = gate_factory(policies=POLICIES, config={"workers": 2, "metrics": f"127.0.0.1:{mport}"})
+    assert wait_until(lambda: "listening" in get(f"http://127.0.0.1:{mport}/healthz")[1]
+                      or get(f"http://127.0.0.1:{mport}/healthz")[0] == 200, 20)
+    before = scrape(mport)
+    workers: Counter[int] = Counter()
+
+    def session(rcpt: str) -> None:
+        with smtplib.SMTP(gate.host, gate.port, timeout=10) as client:
+            client.ehlo("client.test")
+            workers[worker_of(gate.pid, gate.port, client.sock.getsockname()[1])] += 1
+            try:
+                client.sendmail("alice@sender.test", [rcpt], b"Subject: hi\r\n\r\nhello\r\n")
+            except smtplib.SMTPRecipientsRefused:
+                pass
+
+    delivered = 0
+    for rcpt in ["bob@example.com"] * 3 + ["eve@elsewhere.test"] * 2 + ["carol@grey.example"]:
+        session(rcpt)
+        delivered += rcpt.endswith("example.com")
+    while len(workers) < 2 and delivered < 40:  # until both workers served (the kernel picks)
+        session("bob@example.com")
+        delivered += 1
+    assert len(workers) == 2 and None not in workers, workers
+    downstream.wait_for_messages(delivered)
+    sessions = sum(workers.values())
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    after = scrape(mport)
+    assert wait_until(lambda: scrape(mport)["smtpgate_connections_open"] == 0, 10)
+    assert delta("smtpgate_connections_total") == sessions
+    assert delta("smtpgate_connections_refused_total") == 0
+    assert delta('smtpgate_transactions_total{reply_class="2xx",rule="none"}') == delivered
+    assert delta('smtpgate_transactions_total{reply_class="5xx",rule="gate"}') == 2
+    assert delta('smtpgate_transactions_total{reply_class="4xx",rule="greylist"}') == 1
+    assert delta('smtpgate_rule_verdicts_total{action="reject",rule="gate",shadow="false"}') == 2
+    assert delta('smtpgate_rule_verdicts_total{action="tempfail",rule="greylist",shadow="false"}') == 1
+    assert delta('smtpgate_rule_duration_seconds_count{rule="greylist"}') == 1
+    assert delta("smtpgate_downstream_data_duration_seconds_count") == delivered
+    assert after["smtpgate_quarantine_messages"] == 0
+    assert delta("smtpgate_store_errors_total") == 0
+
+    assert get(f"http://127.0.0.1:{mport}/healthz") == (200, "ok\n")
+    downstream.stop()
+    assert wait_until(lambda: get(f"http://127.0.0.1:{mport}/healthz")[0] == 503, 20)
+    status, reason = get(f"http://127.0.0.1:{mport}/healthz")
+    assert status == 503 and "downstream" in reason, reason
+    assert gate.stop() == 0
+
+
+def test_single_process_gate_serves_metrics_and_frees_its_directory(gate_factory):
+    mport = free_port()
+    gate = gate_factory(config={"workers": 1, "metrics": f"127.0.0.1:{mport}"})
+    assert wait_until(lambda: get(f"http://127.0.0.1:{mport}/healthz")[0] == 200, 20)
+    with smtplib.SMTP(gate.host, gate.port, timeout=10) as client:
+        client.sendmail("alice@sender.test", ["bob@example.com"], b"Subject: hi\r\n\r\nhi\r\n")
+    samples = scrape(mport)
+    assert samples['smtpgate_transactions_total{reply_class="2xx",rule="none"}'] == 1
+    assert get(f"http://127.0.0.1:{mport}/nothing")[0] == 404
+    assert gate.stop() == 0
+    assert "metrics: serving /metrics and /healthz on 127.0.0.1" in gate.log_text()
+
+
+def test_a_taken_metrics_port_refuses_to_start(gate_factory, tmp_path):
+    import socket
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(BaseException):
+            gate_factory(config={"workers": 2, "metrics": f"127.0.0.1:{port}"})
+    log = (tmp_path / "gate0" / "gate.log").read_text()
+    assert f"metrics: cannot listen on 127.0.0.1:{port}" in log, log
