@@ -197,6 +197,8 @@ async def _load_and_swap(gate: Gate, cli_path) -> None:
         return
     if runtime.config.listen != gate.runtime.config.listen:
         log.warning("listen addresses changed: that takes a restart, the rest is reloaded")
+    if runtime.config.metrics != gate.runtime.config.metrics:
+        log.warning("metrics address changed: that takes a restart, the rest is reloaded")
     old = gate.runtime
     gate.swap(runtime)
     if old.stores is not None and old.stores is not runtime.stores:

@@ -139,3 +139,21 @@ def test_a_taken_metrics_port_refuses_to_start(gate_factory, tmp_path):
             gate_factory(config={"workers": 2, "metrics": f"127.0.0.1:{port}"})
     log = (tmp_path / "gate0" / "gate.log").read_text()
     assert f"metrics: cannot listen on 127.0.0.1:{port}" in log, log
+
+
+def test_every_metric_is_in_the_operations_guide(gate_factory):
+    """docs/operations.md's table names exactly what smtpgate/metrics.py defines, and every
+    family a real gate exposes is in it."""
+    repo = Path(__file__).resolve().parents[2]
+    doc = (repo / "docs" / "operations.md").read_text()
+    section = doc[doc.index("## Metrics"):doc.index("### `/healthz`")]
+    documented = set(re.findall(r"^\| `(smtpgate_\w+)`", section, re.M))
+    source = (repo / "smtpgate" / "metrics.py").read_text()
+    defined = {name + ("_total" if kind == "Counter" else "") for kind, name in
+               re.findall(r'(Counter|Gauge|Histogram|GaugeMetricFamily)\(\s*"(smtpgate_\w+)"', source)}
+    assert documented == defined
+    mport = free_port()
+    gate_factory(config={"metrics": f"127.0.0.1:{mport}"})
+    assert wait_until(lambda: get(f"http://127.0.0.1:{mport}/healthz")[0] == 200, 20)
+    exposed = {re.sub(r"_(bucket|count|sum)$", "", name.split("{")[0]) for name in scrape(mport)}
+    assert exposed <= documented, exposed - documented
