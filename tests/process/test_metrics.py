@@ -157,3 +157,48 @@ def test_every_metric_is_in_the_operations_guide(gate_factory):
     assert wait_until(lambda: get(f"http://127.0.0.1:{mport}/healthz")[0] == 200, 20)
     exposed = {re.sub(r"_(bucket|count|sum)$", "", name.split("{")[0]) for name in scrape(mport)}
     assert exposed <= documented, exposed - documented
+
+
+def test_dns_queries_and_cache_hits(gate_factory, downstream):
+    from tests.support.dnsserver import DnsServer
+    policy = ("domains: [example.com]\nrules:\n  - dnsbl:\n      check_private: true\n"
+              "      lists: [{zone: bl.test, answers: [127.0.0.2]}]\n")
+    with DnsServer({"bl.test": {"2.0.0.127": {"A": "127.0.0.2"}}}) as ns:
+        mport = free_port()
+        gate = gate_factory(policies={"default.yaml": policy}, config={
+            "metrics": f"127.0.0.1:{mport}", "dns": {"nameservers": [f"127.0.0.1:{ns.port}"]}})
+        for _ in range(2):  # the second asks the cache (the NXDOMAIN is kept its negative TTL)
+            with smtplib.SMTP(gate.host, gate.port, timeout=10) as client:
+                client.sendmail("alice@sender.test", ["bob@example.com"], b"Subject: x\r\n\r\nx\r\n")
+        downstream.wait_for_messages(2)
+        samples = scrape(mport)
+        assert ns.count("1.0.0.127.bl.test", "A") == 1
+        assert samples['smtpgate_dns_queries_total{type="A"}'] == len(ns.queries) == 1
+        assert samples["smtpgate_dns_cache_hits_total"] == 1
+        assert samples['smtpgate_rule_verdicts_total{action="continue",rule="dnsbl",shadow="false"}'] == 4  # MAIL and RCPT
+        assert samples['smtpgate_rule_duration_seconds_count{rule="dnsbl"}'] == 4
+        gate.stop()
+
+
+def test_a_killed_worker_keeps_its_counts_and_drops_its_open_connections(gate_factory):
+    import signal
+    mport = free_port()
+    gate = gate_factory(config={"workers": 2, "metrics": f"127.0.0.1:{mport}"})
+    healthz = f"http://127.0.0.1:{mport}/healthz"
+    assert wait_until(lambda: get(healthz)[0] == 200, 20)
+    base = scrape(mport)["smtpgate_connections_total"]
+    with smtplib.SMTP(gate.host, gate.port, timeout=10) as client:
+        client.sendmail("alice@sender.test", ["bob@example.com"], b"Subject: x\r\n\r\nx\r\n")
+    held = smtplib.SMTP(gate.host, gate.port, timeout=10)
+    held.ehlo("client.test")
+    victim = worker_of(gate.pid, gate.port, held.sock.getsockname()[1])
+    assert victim is not None
+    assert scrape(mport)["smtpgate_connections_open"] == 1
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: scrape(mport)["smtpgate_connections_open"] == 0, 10)
+    held.close()
+    assert wait_until(lambda: get(healthz)[0] == 200, 20)  # the replacement listens
+    samples = scrape(mport)
+    assert samples["smtpgate_connections_total"] == base + 2
+    assert samples['smtpgate_transactions_total{reply_class="2xx",rule="none"}'] == 1
+    assert gate.stop() == 0
