@@ -202,3 +202,30 @@ def test_a_killed_worker_keeps_its_counts_and_drops_its_open_connections(gate_fa
     assert samples["smtpgate_connections_total"] == base + 2
     assert samples['smtpgate_transactions_total{reply_class="2xx",rule="none"}'] == 1
     assert gate.stop() == 0
+
+
+def test_quarantine_size_and_store_errors(gate_factory, downstream, tmp_path):
+    from tests.support import attachment_samples as S
+    raw = S.multipart(S.text_part(), S.part(S.pe(), "a.exe"))
+    policy = "domains: [example.com]\nrules:\n  - attachments: {action: quarantine}\n"
+    broken = tmp_path / "not-a-folder"
+    broken.write_text("a file where the quarantine Maildir should be\n")
+    for quarantine, reply in ((tmp_path / "q", 554), (broken, 451)):
+        mport = free_port()
+        gate = gate_factory(policies={"default.yaml": policy},
+                            config={"metrics": f"127.0.0.1:{mport}", "quarantine": str(quarantine)})
+        with smtplib.SMTP(gate.host, gate.port, timeout=10) as client:
+            client.ehlo("client.test")
+            client.mail("alice@sender.test")
+            client.rcpt("bob@example.com")
+            assert client.data(raw)[0] == reply
+        samples = scrape(mport)
+        if reply == 554:
+            assert samples["smtpgate_quarantine_messages"] == 1
+            assert samples['smtpgate_transactions_total{reply_class="5xx",rule="attachments"}'] == 1
+            assert samples["smtpgate_store_errors_total"] == 0
+        else:
+            assert "smtpgate_quarantine_messages" not in samples  # not a Maildir: not counted
+            assert samples['smtpgate_transactions_total{reply_class="4xx",rule="gate"}'] == 1
+            assert samples["smtpgate_store_errors_total"] == 1
+        assert gate.stop() == 0
