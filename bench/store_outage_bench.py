@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from tests.support.downstream import CapturingDownstream  # noqa: E402
 from tests.support.gateproc import start_gate  # noqa: E402
-from tests.process.test_store_faults import PrivateRedis  # noqa: E402
+from tests.support.redisproc import PrivateRedis  # noqa: E402
 
 POLICIES = {"default.yaml": "domains: [example.com]\nrules:\n  - greylist: {on_error: accept}\n"}
 MESSAGE = b"Subject: outage\r\n\r\nhello\r\n"

@@ -1,32 +1,39 @@
 """smtpgate: an inline SMTP mail firewall.
 
 The public plugin API is what this module exports; rules (first-party ones in ``rules/``
-included) import nothing else from smtpgate.
+included) import nothing else from smtpgate, except ``smtpgate.testing`` in their tests and
+``smtpgate.cli_api`` in a command of their own. docs/writing-rules.md lists every name with
+one line each ("The public API").
 """
-from .mail.addresses import Address, AddressError, parse_address
-from .clock import Clock
-from .mail.session import Event, Recipient, Session, TraceEntry, Transaction
-from .errors import ConfigError, OptionError, PluginError, RelayError, StoreError
-from .mail.message import Message
-from .pipeline.options import (Option, anything, boolean, duration, integer, list_of, mapping_of, network,
-                               number, one_of, regex, size, string)
-from .mail.reply import Reply
-from .resolver import DnsError, reverse_name
-from .pipeline.rule import GateContext, Rule
-from .stores.greylist import Params as GreylistParams
-from .pipeline.verdict import Verdict
+from .errors import ConfigError, OptionError, PluginError, StoreError
 from .machines.machine import KNOWN_EVENTS, Machine, MachineError, SenderState, Transition
-from .machines.rule import MachineRule, client_key, sender_key, state
+from .machines.rule import MachineRule, state
+from .mail.addresses import AddressError, parse_address
+from .mail.keys import client_key, sender_key
+from .mail.message import Message
+from .mail.reply import Reply
+from .mail.session import Event, Recipient, Session, TraceEntry, Transaction
+from .pipeline.options import (Option, anything, boolean, duration, integer, list_of, mapping_of, network,
+                               number, one_of, prefix_length, regex, size, string)
+from .pipeline.rule import Rule
+from .pipeline.verdict import Verdict
+from .resolver import DnsError, reverse_name
+from .stores.greylist import Params as GreylistParams
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Address", "AddressError", "Clock", "ConfigError", "GateContext", "Message", "Option", "OptionError",
-    "GreylistParams", "PluginError", "Recipient", "RelayError", "Reply", "Rule", "Session", "StoreError",
-    "TraceEntry", "Transaction", "Verdict", "__version__",
-    "DnsError", "reverse_name",
+    # a rule, its options and its answer
+    "Rule", "Option", "Verdict",
     "anything", "boolean", "duration", "integer", "list_of", "mapping_of", "network", "number",
-    "one_of", "parse_address", "regex", "size", "string",
-    "Event", "KNOWN_EVENTS", "Machine", "MachineError", "MachineRule", "SenderState", "Transition",
-    "client_key", "sender_key", "state",
+    "one_of", "prefix_length", "regex", "size", "string",
+    # what the hooks are given
+    "Session", "Transaction", "Recipient", "Message", "Reply", "Event", "TraceEntry",
+    # helpers for what rules look at
+    "parse_address", "sender_key", "client_key", "reverse_name", "GreylistParams",
+    # errors a rule raises or meets
+    "OptionError", "PluginError", "ConfigError", "StoreError", "DnsError", "AddressError",
+    # per-key state machines
+    "MachineRule", "Machine", "Transition", "state", "SenderState", "MachineError", "KNOWN_EVENTS",
+    "__version__",
 ]

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import metrics
 from .smtp.connections import ConnectionTable, ConnectionTracker
 from .errors import ConfigError, PluginError, StoreError
-from .smtp.front import GateSMTP
+from .smtp.front import GateSMTP, settle
 from .runtime.gate import Gate
 from .runtime.loading import load_runtime
 from .stores.quarantine import MaildirQuarantine
@@ -25,6 +25,7 @@ from .units import format_duration
 
 log = logging.getLogger("smtpgate.server")
 SHUTDOWN_GRACE = 60.0  # seconds to let transactions in flight finish after SIGTERM
+SETTLE_GRACE = 5.0  # seconds for ended sessions to close downstream and give back store slots
 PURGE_INTERVAL = 86400.0  # the quarantine's retention is enforced at start-up, then daily
 
 
@@ -147,6 +148,7 @@ async def _serve(cli_path, runtime, housekeeper: bool = False,
     for proto in list(tracker.protocols):
         await proto.hang_up(bye)
     await asyncio.sleep(0)  # let connection_lost callbacks close downstream sessions
+    await settle(SETTLE_GRACE)  # and give back what the sessions held in the stores
     if gate.runtime.stores is not None:
         await gate.runtime.stores.close()
     if beating is not None:

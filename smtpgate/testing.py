@@ -15,8 +15,9 @@ the server logs::
 """
 from __future__ import annotations
 
-import dataclasses
+import os
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Iterable
 
 from .clock import Clock
@@ -32,7 +33,7 @@ from .pipeline.rule import GateContext, Rule
 from .stores import Stores, open_stores
 
 __all__ = ["FakeClock", "FakeQuarantine", "FakeRelay", "FakeResolver", "Harness", "Dialogue", "Relayed", "run_rule",
-           "message"]
+           "message", "load_plugin"]
 
 
 class FakeClock(Clock):
@@ -294,6 +295,17 @@ def _with_clock(resolver, clock):
     return resolver
 
 
-def replace_limits(config, **limits):
-    """A copy of ``config`` with some ``limits`` changed (for limit tests)."""
-    return dataclasses.replace(config, limits=dataclasses.replace(config.limits, **limits))
+def load_plugin(path) -> ModuleType:
+    """Load a plugin file by its path, as the gate loads a file of a ``plugins:`` folder,
+    and return its module: ``SubjectWords = load_plugin(HERE / "subject_words.py").SubjectWords``.
+    The gate's load-time checks apply (hooks, signatures, options, a name another installed
+    rule has): PluginError naming the file and line, as ``smtpgate check-config`` would."""
+    from .errors import PluginError
+    from .pipeline.plugins import PluginRegistry
+    installed: list = []  # an installed rule's own problems are not this plugin's
+    registry = PluginRegistry.load(problems=installed)
+    problems: list = []
+    module = registry.load_file(os.fspath(path), problems)
+    if problems:
+        raise PluginError("\n".join(map(str, problems)))
+    return module

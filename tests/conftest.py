@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 
-
+from tests.support.clockfile import ClockFile
 from tests.support.downstream import CapturingDownstream
+from tests.support import redisproc
 from tests.support.gateproc import (
     GateProcess,
+    Plugins,
     SinkProcess,
     free_port as _free_port,
     require_tool as _require_tool,
@@ -39,6 +41,28 @@ def free_port() -> Callable[..., int]:
 def require_tool() -> Callable[[str], str]:
     """`require_tool(name) -> path`: skip if missing, or fail when CI=true."""
     return _require_tool
+
+
+@pytest.fixture
+def gate_clock(tmp_path: Path) -> ClockFile:
+    """The wall clock of gates started with `env=gate_clock.env` (and their CLI): `.advance(seconds)`."""
+    return ClockFile(tmp_path / "gate-clock")
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A `state:` URL several gates can share, once per backend: a SQLite file in tmp_path, or
+    the shared Redis under a key prefix of this test's own (its keys deleted afterwards; name
+    it before gate_factory so the gates stop first)."""
+    if request.param == "sqlite":
+        yield f"sqlite://{tmp_path / 'shared-state.db'}"
+        return
+    redisproc.require_redis()
+    prefix = redisproc.new_prefix()
+    try:
+        yield redisproc.redis_state(prefix)
+    finally:
+        redisproc.delete_redis_keys(prefix)
 
 
 @pytest.fixture
@@ -66,6 +90,8 @@ def downstream(downstream_factory) -> CapturingDownstream:
 def gate_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., GateProcess]]:
     """`start(policies=None, config=None, plugins=None, downstream_port=None, env=None) -> GateProcess`.
 
+    `plugins`: files (`[PLUGINS / "crasher.py"]`, tests/data/plugins) or {file name: source or file}.
+
     Writes tmp_path/gateN/{gate.yaml, policies/, plugins/}; listens on 127.0.0.1:<free port>;
     relays to `downstream_port`, or, when None, to this test's `downstream` fixture.
     Teardown stops every started gate by PID (SIGTERM, then SIGKILL after 10s), asserts nothing.
@@ -74,7 +100,7 @@ def gate_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cal
 
     def start(policies: Mapping[str, str] | None = None,
               config: Mapping[str, Any] | None = None,
-              plugins: Mapping[str, str] | None = None,
+              plugins: Plugins | None = None,
               downstream_port: int | None = None,
               env: Mapping[str, str] | None = None) -> GateProcess:
         if downstream_port is None:

@@ -1,12 +1,10 @@
 """The example plugin's own tests, written as a plugin author would: through smtpgate.testing."""
-import os
-import sys
+import pathlib
 
-sys.path.insert(0, os.path.dirname(__file__))
+from smtpgate.testing import Harness, load_plugin, message, run_rule
 
-from subject_words import SubjectWords  # noqa: E402
-
-from smtpgate.testing import Harness, message, run_rule  # noqa: E402
+# Loaded as the gate loads a file of its plugins: folder, with the same checks.
+SubjectWords = load_plugin(pathlib.Path(__file__).with_name("subject_words.py")).SubjectWords
 
 
 async def test_rejects_a_listed_phrase():

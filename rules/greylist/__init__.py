@@ -8,6 +8,10 @@ greylisted any more. Senders that retry from a pool of addresses (big providers)
 by their domain instead of the network: a configured list, or an SPF pass another rule
 published in ``tx.data["spf"]``.
 
+Host-name whitelists (``whitelist_client_names``) read the name the fcrdns rule verified at
+CONNECT (``verified_client_name``): greylist makes no DNS lookups of its own, so that rule
+must come before it in the policy.
+
 Written only against the public plugin API, like any user's plugin. The state lives in the
 gate's greylist store (``self.gate.stores.greylist``, SQLite or Redis by ``state:``).
 Documentation: docs/rules/greylist.md.
@@ -19,48 +23,19 @@ import math
 import re
 from datetime import datetime, timezone
 
-from smtpgate import (GreylistParams, Option, OptionError, Rule, StoreError, Verdict, boolean,
-                      duration, integer, list_of, network, one_of, string)
+from smtpgate import (GreylistParams, Option, OptionError, Rule, StoreError, Verdict, boolean, client_key,
+                      duration, integer, list_of, network, one_of, prefix_length, sender_key, string)
 
 NEVER_GREYLISTED = ("postmaster", "abuse")  # RFC 2142 role accounts: always reachable
 DEFAULT_MESSAGE = "Greylisted, please try again in {wait} seconds (after {after})"
 
 
-# --- sender normalisation ----------------------------------------------------------------
-
-_SRS0 = re.compile(r"^srs0[=+-][^=]+=[^=]+=([^=]+)=(.+)$")
-_SRS1 = re.compile(r"^srs1[=+-][^=]+=[^=]+=[=+-][^=]+=[^=]+=([^=]+)=(.+)$")
-_BATV = re.compile(r"^(?:prvs|msprvs\d*|btv1)=[^=]+=(.+)$")
-_NUMBER_TOKEN = re.compile(r"(?<![^-_.=+])\d+(?![^-_.=+])")
-
+# --- keys: smtpgate's sender and client keys, as every counting rule uses them ----------
 
 def normalise_sender(address: str) -> str:
-    """The sender as a greylist triplet keys it, so one sender keeps one triplet.
-
-    Lower case (local part too: no real MTA varies it between retries); SRS0/SRS1
-    forwarding addresses become the original sender; BATV (``prvs=tag=user``) loses its
-    tag; ``+extension`` goes; numbers that stand alone between separators (VERP and
-    per-message bounce addresses: ``bounce-123-456``) become ``#``. ``""`` (the null sender)
-    stays ``""``."""
-    address = address.strip().strip("<>").lower()
-    if not address or "@" not in address:
-        return address
-    for _ in range(3):  # SRS1 wraps SRS0 wraps BATV: peel at most a few layers
-        local, _, domain = address.rpartition("@")
-        m = _SRS1.match(local) or _SRS0.match(local)
-        if m:
-            address = f"{m.group(2)}@{m.group(1)}"
-            continue
-        m = _BATV.match(local)
-        if m:
-            address = f"{m.group(1)}@{domain}"
-            continue
-        break
-    local, _, domain = address.rpartition("@")
-    if not local.startswith('"'):
-        local = local.split("+", 1)[0] or local
-        local = _NUMBER_TOKEN.sub("#", local)
-    return f"{local}@{domain.rstrip('.')}"
+    """The sender as a greylist triplet keys it (``smtpgate.sender_key``), so one sender
+    keeps one triplet; ``""`` (the null sender) stays ``""``."""
+    return sender_key(address) or address.strip().strip("<>").lower()
 
 
 def normalise_recipient(address: str) -> str:
@@ -68,15 +43,6 @@ def normalise_recipient(address: str) -> str:
 
 
 # --- option types ----------------------------------------------------------------------
-
-def prefix_length(longest: int):
-    def convert(value):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= longest:
-            raise ValueError(f"expected a prefix length 0-{longest}, got {value!r}")
-        return value
-    convert.__name__ = f"prefix length 0-{longest}"
-    return convert
-
 
 _LABELS = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_-]*[a-z0-9])?\.)*[a-z0-9_](?:[a-z0-9_-]*[a-z0-9])?$")
 
@@ -131,6 +97,19 @@ class _Matcher:
         return address in self.addresses or ("@" in address and self.domain(address.rpartition("@")[2]))
 
 
+# --- what the fcrdns rule found ----------------------------------------------------------
+
+_NO_FCRDNS = object()
+
+
+def verified_client_name(session):
+    """The fcrdns rule's result for the session: the verified name, None (looked up, no
+    name), or ``_NO_FCRDNS`` (the rule did not run). The one place that knows where fcrdns
+    publishes (docs/rules/fcrdns.md)."""
+    found = session.data.get("fcrdns")
+    return _NO_FCRDNS if found is None else found.get("name")
+
+
 # --- the rule --------------------------------------------------------------------------
 
 class Greylist(Rule):
@@ -178,19 +157,13 @@ class Greylist(Rule):
         self._senders = _Matcher(self.whitelist_senders)
         self._recipients = _Matcher(self.whitelist_recipients)
         self._pooled = _Matcher(self.pooled_senders)
+        self._warned = False  # whitelist_client_names without the fcrdns rule: said once
 
     # -- keys ----------------------------------------------------------------------------
     def client_network(self, ip: str) -> str:
         """``192.0.2.0/24`` (``ipv4_prefix``), ``2001:db8:1::/64`` (``ipv6_prefix``);
         IPv4-mapped IPv6 counts as IPv4; anything that is not an address is kept as written."""
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return ip.lower()
-        if addr.version == 6 and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        length = self.ipv4_prefix if addr.version == 4 else self.ipv6_prefix
-        return str(ipaddress.ip_network(f"{addr}/{length}", strict=False))
+        return client_key(ip, self.ipv4_prefix, self.ipv6_prefix) or ip.lower()
 
     def pool_domain(self, sender: str, spf=None) -> str | None:
         """The domain a pooled sender is keyed by, or None (key by network)."""
@@ -214,8 +187,9 @@ class Greylist(Rule):
         return client, normalise_sender(sender), normalise_recipient(recipient)
 
     # -- static exemptions ---------------------------------------------------------------
-    async def exemption(self, session, sender: str, recipient: str, *, lookup_names=True) -> str | None:
-        """Why this recipient is not greylisted at all (no store involved), or None."""
+    async def exemption(self, session, sender: str, recipient: str, *, client_names=True) -> str | None:
+        """Why this recipient is not greylisted at all (no store involved), or None;
+        ``client_names=False`` leaves out ``whitelist_client_names`` (the CLI has no session)."""
         local = recipient.rpartition("@")[0].lower()
         if local in NEVER_GREYLISTED:
             return f"{local} is never greylisted"
@@ -224,59 +198,30 @@ class Greylist(Rule):
         if not sender and self.null_sender == "skip":
             return "null sender (null_sender: skip)"
         if self._clients:
-            try:
-                addr = ipaddress.ip_address(session.client_ip.split("%", 1)[0])
-            except ValueError:
-                addr = None
-            if addr is not None and addr.version == 6 and addr.ipv4_mapped is not None:
-                addr = addr.ipv4_mapped
+            key = client_key(session.client_ip)
+            addr = ipaddress.ip_address(key) if key else None
             if addr is not None and any(addr.version == n.version and addr in n for n in self._clients):
                 return "whitelisted client"
         if sender and self._senders and (self._senders.address(sender)
                                          or self._senders.address(normalise_sender(sender))):
             return "whitelisted sender"
-        if self._client_names and lookup_names:
-            name = await self._client_name(session)
+        if self._client_names and client_names:
+            name = self._client_name(session)
             if name and self._client_names.domain(name):
                 return f"whitelisted client name {name}"
         return None
 
-    async def _client_name(self, session) -> str | None:
-        """The session's verified name, else forward-confirmed reverse DNS through the
-        gate's resolver (an unconfirmed PTR is whatever the address's owner wants it to be)."""
-        if session.client_name:
-            return session.client_name.lower().rstrip(".")
-        if "greylist.client_name" in session.data:
-            return session.data["greylist.client_name"]
-        resolver = getattr(self.gate, "resolver", None)
-        if resolver is not None and hasattr(resolver, "for_session"):
-            resolver = resolver.for_session(session)
-        name = None
-        try:
-            if hasattr(resolver, "fcrdns"):
-                name = await resolver.fcrdns(session.client_ip)
-            elif hasattr(resolver, "resolve"):
-                name = await self._fcrdns(resolver, session.client_ip)
-        except Exception as e:  # a DNS failure means "no name", never a crash
-            self.log.info("reverse DNS of %s failed: %s", session.client_ip, e)
-            name = None
-        name = name.lower().rstrip(".") if name else None
-        session.data["greylist.client_name"] = name
-        return name
-
-    @staticmethod
-    async def _fcrdns(resolver, ip: str) -> str | None:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return None
-        if addr.version == 6 and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        for name in (await resolver.resolve(addr.reverse_pointer, "PTR"))[:10]:
-            found = await resolver.resolve(name, "A" if addr.version == 4 else "AAAA")
-            if any(_same_ip(a, addr) for a in found):
-                return name
-        return None
+    def _client_name(self, session) -> str | None:
+        """The client's forward-confirmed host name, as the fcrdns rule found it at CONNECT
+        (or as PROXY/XCLIENT gave it). Greylist does no DNS of its own: without the fcrdns
+        rule before it, only a name the session came with is matched."""
+        found = verified_client_name(session)
+        if found is _NO_FCRDNS and not session.client_name and not self._warned:
+            self._warned = True
+            self.log.warning("whitelist_client_names needs the fcrdns rule (first in the default "
+                             "policy); without it only names given by PROXY/XCLIENT are matched")
+        name = found if isinstance(found, str) else session.client_name
+        return name.lower().rstrip(".") if name else None
 
     # -- the hook ------------------------------------------------------------------------
     def _store(self):
@@ -327,7 +272,7 @@ class Greylist(Rule):
                "options": {"delay": self.delay, "retry_window": self.retry_window, "pass_ttl": self.pass_ttl,
                            "auto_whitelist_after": self.auto_whitelist_after}}
         if session is not None:
-            why = await self.exemption(session, sender, recipient, lookup_names=False)
+            why = await self.exemption(session, sender, recipient, client_names=False)
             if why:
                 out.update(outcome="exempt", reason=why, answer="pass (not greylisted)", passes_from=_utc(now))
                 return out
@@ -348,12 +293,3 @@ class Greylist(Rule):
             out["passes_from"] = _utc(now)
         return out
 
-
-def _same_ip(text: str, addr) -> bool:
-    try:
-        other = ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    if other.version == 6 and other.ipv4_mapped is not None:
-        other = other.ipv4_mapped
-    return other == addr

@@ -14,7 +14,7 @@ docs/rules/senders.md.
 """
 from __future__ import annotations
 
-from smtpgate import MachineRule, Option, Verdict, anything, duration, one_of
+from smtpgate import MachineRule, Option, Verdict, anything, duration, one_of, prefix_length
 
 from .config import KEY_KINDS_DOC, build, error_path
 
@@ -23,15 +23,6 @@ def machine_name(value) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"expected a machine name, got {value!r}")
     return value
-
-
-def prefix_length(longest: int):
-    def convert(value):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= longest:
-            raise ValueError(f"expected a prefix length 0-{longest}, got {value!r}")
-        return value
-    convert.__name__ = f"prefix length 0-{longest}"
-    return convert
 
 
 class Senders(MachineRule):

@@ -1,8 +1,48 @@
-"""Pieces every ``smtpgate`` subcommand shares: --json, counts, loading the runtime."""
+"""Pieces every ``smtpgate`` subcommand shares: the context a contributed command gets,
+--json, counts, tables and times. A rule's command reaches them through ``smtpgate.cli_api``."""
 from __future__ import annotations
 
 import argparse
-import sys
+from datetime import datetime, timezone
+
+
+class CommandContext:
+    """What the handler of a contributed subcommand gets besides its parsed arguments: the
+    configuration path and, on demand, the gate's runtime (its stores and policies, as
+    ``smtpgate serve`` would load them). A contributed command imports nothing else from
+    smtpgate's insides.
+
+    A handler may raise ``smtpgate.ConfigError`` / ``PluginError`` (exit 2, the message
+    printed) or ``smtpgate.StoreError`` (exit 1); anything else is a bug and shows as one."""
+
+    def __init__(self, config_path: str | None):
+        self.config_path = config_path
+        self._runtime = None
+
+    def runtime(self):
+        """The loaded configuration: ``.stores`` (``.greylist``, ``.senders``, ``.limits``;
+        ``await .stores.close()`` when done), ``.policies`` (each with its rule instances
+        ``.rules``; ``.get(name)``), ``.config``."""
+        if self._runtime is None:
+            from ..runtime.loading import load_runtime
+            self._runtime = load_runtime(self.config_path)
+        return self._runtime
+
+    def rules(self, name: str) -> list:
+        """The instances of rule ``name`` in the configuration, the default policy's first."""
+        return [r for _, r in self.policy_rules(lambda r: r.name == name)]
+
+    def policy_rules(self, wanted) -> list[tuple]:
+        """``(policy, rule)`` for each rule instance ``wanted(rule)`` accepts, the default
+        policy's first."""
+        policies = sorted(self.runtime().policies, key=lambda p: p.name != "default")
+        return [(p, r) for p in policies for r in p.rules if wanted(r)]
+
+    def policy_for(self, address: str):
+        """The policy governing an address's domain (as the gate picks it at RCPT), or None."""
+        from ..mail.addresses import normalise_domain
+        domain = address.rpartition("@")[2]
+        return self.runtime().policies.for_domain(normalise_domain(domain)) if domain else None
 
 
 def json_parent() -> argparse.ArgumentParser:
@@ -23,12 +63,16 @@ def positive(text: str) -> int:
     return n
 
 
-def load_runtime_or_report(config_path: str | None, **kwargs):
-    """The runtime, or None after printing every configuration problem (the caller exits 2)."""
-    from ..errors import ConfigError, PluginError
-    from ..runtime.loading import load_runtime
-    try:
-        return load_runtime(config_path, **kwargs)
-    except (ConfigError, PluginError) as e:
-        print(str(e), file=sys.stderr)
+def utc(t: float | None) -> str | None:
+    """Seconds since the epoch as ``2026-01-01T00:05:00Z``; None stays None."""
+    if t is None:
         return None
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def table(rows: list[tuple], header: tuple) -> str:
+    """Rows as aligned text columns under ``header``; None shows as ``-``."""
+    rows = [tuple("-" if c is None else str(c) for c in r) for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)

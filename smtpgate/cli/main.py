@@ -2,16 +2,35 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 
 from .. import __version__
-from .greylist import add_parser as add_greylist_parser
+from .common import CommandContext
 from .quarantine import add_parser as add_quarantine_parser
-from .senders import add_parser as add_senders_parser
 from .state import add_parser as add_state_parser
 
+#: the entry-point group through which a package adds an ``smtpgate`` subcommand
+COMMANDS_GROUP = "smtpgate.commands"
 
-def _parser() -> argparse.ArgumentParser:
+
+def _contributed(sub, common) -> dict:
+    """``{command: handler}`` from the ``smtpgate.commands`` entry points. Each entry point
+    names ``add_parser(subparsers, common) -> handler``; ``add_parser`` adds the subparser
+    named like the entry point, ``handler(args, context: CommandContext) -> exit status``.
+    A broken one is reported on stderr and left out: it must not take the gate's own
+    commands (``serve`` first) down with it."""
+    handlers = {}
+    for ep in sorted(importlib.metadata.entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            handlers[ep.name] = ep.load()(sub, common)
+        except Exception as e:  # a third party's bug: say which, carry on
+            print(f"smtpgate: command {ep.name!r} ({ep.value}) not loaded: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+    return handlers
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict]:
     # -c goes before or after the subcommand's own words: both parsers know it; the
     # subparser's copy must not overwrite a value given before the subcommand.
     common = argparse.ArgumentParser(add_help=False)
@@ -35,17 +54,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="one JSON document on stdout")
     t.add_argument("--show-message", action="store_true",
                    help="print the message as it would be relayed")
-    add_greylist_parser(sub, common)
     add_quarantine_parser(sub, common)
-    add_senders_parser(sub, common)
     add_state_parser(sub, common)
     sub.add_parser("version", parents=[common], help="print the version")
-    return p
+    return p, _contributed(sub, common)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser, contributed = _parser()
+    args = parser.parse_args(argv)
     config = getattr(args, "config", None)
+    if args.command in contributed:
+        return _run_contributed(contributed[args.command], args, config)
     if args.command == "version":
         print(f"smtpgate {__version__}")
         return 0
@@ -58,12 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "try":
         from .trycmd import try_command
         return try_command(args, config)
-    if args.command == "greylist":
-        from .greylist import greylist_command
-        return greylist_command(args, config)
-    if args.command == "senders":
-        from .senders import senders_command
-        return senders_command(args, config)
     if args.command == "state":
         from .state import state_command
         return state_command(args, config)
@@ -71,6 +85,18 @@ def main(argv: list[str] | None = None) -> int:
         from .quarantine import quarantine_command
         return quarantine_command(args, config)
     return 2
+
+
+def _run_contributed(handler, args, config: str | None) -> int:
+    from ..errors import ConfigError, PluginError, StoreError
+    try:
+        return int(handler(args, CommandContext(config)) or 0)
+    except (ConfigError, PluginError) as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except StoreError as e:
+        print(f"smtpgate {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

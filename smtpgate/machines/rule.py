@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import inspect
 import ipaddress
-import re
 from typing import Callable
 
+from ..mail.keys import client_key, sender_key
 from ..mail.session import Event
 from ..errors import OptionError, PluginError, StoreError
 from .machine import Machine, MachineError, SenderState, known_events
@@ -35,44 +35,6 @@ from ..pipeline.rule import Rule
 
 KEY_KINDS = ("sender", "sender_domain", "client_ip", "client_net")
 STAGES = ("mail", "rcpt", "data")
-
-_BATV = re.compile(r"^(?:prvs|msprvs\d*|btv1)=[^=]+=(.+)$")
-_SRS = re.compile(r"^srs[01][=+-].*=([^=]+)=([^=]+)$")
-_NUMBER = re.compile(r"(?<![^-_.=+])\d+(?![^-_.=+])")
-
-
-def sender_key(address: str) -> str | None:
-    """A sender address as a machine keys it: lower case, the original sender of an SRS
-    address, BATV tags and ``+extensions`` dropped, stand-alone numbers (VERP) as ``#``.
-    None for the null sender."""
-    address = address.strip().strip("<>").lower()
-    if not address or "@" not in address:
-        return None
-    local, _, domain = address.rpartition("@")
-    m = _SRS.match(local)
-    if m:
-        local, domain = m.group(2), m.group(1)
-    m = _BATV.match(local)
-    if m:
-        local = m.group(1)
-    if not local.startswith('"'):
-        local = _NUMBER.sub("#", local.split("+", 1)[0] or local)
-    return f"{local}@{domain.rstrip('.')}"
-
-
-def client_key(ip: str, prefix: int | None = None, prefix6: int | None = None) -> str | None:
-    """An address as written canonically (IPv4-mapped IPv6 as IPv4); with prefixes, its
-    network (``192.0.2.0/24``, ``2001:db8::/64``). None if ``ip`` is not an address."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0].strip("[]"))
-    except ValueError:
-        return None
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    length = prefix if addr.version == 4 else prefix6
-    if length is None:
-        return str(addr)
-    return str(ipaddress.ip_network(f"{addr}/{length}", strict=False))
 
 
 def state(name: str, at: str = "mail") -> Callable:

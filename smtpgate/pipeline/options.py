@@ -49,34 +49,40 @@ class Option:
 # Converters. Each has a readable __name__ for docs and error messages.
 
 def string(value: Any) -> str:
+    """Text."""
     if not isinstance(value, str):
         raise ValueError(f"expected text, got {value!r}")
     return value
 
 
 def integer(value: Any) -> int:
+    """A whole number (``true``/``false`` are not numbers)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected a whole number, got {value!r}")
     return value
 
 
 def number(value: Any) -> float:
+    """A number, as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"expected a number, got {value!r}")
     return float(value)
 
 
 def boolean(value: Any) -> bool:
+    """``true`` or ``false``."""
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {value!r}")
     return value
 
 
 def duration(value: Any) -> float:
+    """Seconds, from a number or ``"90s"``, ``"5m"``, ``"2h"``, ``"35d"``."""
     return parse_duration(value)
 
 
 def size(value: Any) -> int:
+    """Bytes, from a number or ``"512KB"``, ``"10MB"``."""
     return parse_size(value)
 
 
@@ -89,6 +95,7 @@ def network(value: Any):
 
 
 def regex(value: Any) -> re.Pattern:
+    """A compiled regular expression."""
     try:
         return re.compile(string(value))
     except re.error as e:
@@ -96,10 +103,12 @@ def regex(value: Any) -> re.Pattern:
 
 
 def anything(value: Any) -> Any:
+    """The YAML value as it is (the rule checks it in ``setup``)."""
     return value
 
 
 def list_of(item: Callable[[Any], Any]) -> Callable[[Any], list]:
+    """A list of ``item``s; a single value is a list of one, nothing an empty list."""
     def convert(value: Any) -> list:
         if value is None:
             return []
@@ -117,6 +126,7 @@ def list_of(item: Callable[[Any], Any]) -> Callable[[Any], list]:
 
 
 def mapping_of(value_type: Callable[[Any], Any] = anything) -> Callable[[Any], dict]:
+    """A mapping of text keys to ``value_type`` values."""
     def convert(value: Any) -> dict:
         if value is None:
             return {}
@@ -134,9 +144,21 @@ def mapping_of(value_type: Callable[[Any], Any] = anything) -> Callable[[Any], d
 
 
 def one_of(*choices: str) -> Callable[[Any], str]:
+    """One of the ``choices``, exactly as written."""
     def convert(value: Any) -> str:
         if value not in choices:
             raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
         return value
     convert.__name__ = " | ".join(choices)
+    return convert
+
+
+def prefix_length(longest: int) -> Callable[[Any], int]:
+    """A network prefix length from 0 to ``longest`` (32 for IPv4, 128 for IPv6): the
+    network a client is keyed by (``smtpgate.client_key``)."""
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= longest:
+            raise ValueError(f"expected a prefix length 0-{longest}, got {value!r}")
+        return value
+    convert.__name__ = f"prefix length 0-{longest}"
     return convert

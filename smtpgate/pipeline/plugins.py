@@ -80,14 +80,19 @@ class PluginRegistry:
             problems.append(Problem(folder, None, None, f"cannot read the plugins folder: {e.strerror or e}"))
             return
         for filename in names:
-            path = os.path.join(folder, filename)
-            try:
-                module = _import_file(path)
-            except Exception as e:
-                problems.append(_import_problem(path, e))
-                continue
-            for rule_cls in _rule_classes(module):
-                self._add_reporting(rule_cls, path, problems)
+            self.load_file(os.path.join(folder, filename), problems)
+
+    def load_file(self, path: str, problems: list[Problem]) -> ModuleType | None:
+        """One plugin file: imported under a module name unique to its path, each rule class
+        in it checked and registered. The module, or None if it could not be imported."""
+        try:
+            module = _import_file(path)
+        except Exception as e:
+            problems.append(_import_problem(path, e))
+            return None
+        for rule_cls in _rule_classes(module):
+            self._add_reporting(rule_cls, path, problems)
+        return module
 
     def _add_reporting(self, rule_cls: type[Rule], source: str, problems: list[Problem]) -> None:
         try:

@@ -17,6 +17,7 @@ HOOKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "on_data": ("data", ("tx",)),
     "on_delivered": ("delivered", ("tx", "reply")),
     "on_end": ("end", ("tx", "reply")),  # the transaction ended, however (reply None: abandoned)
+    "on_disconnect": ("disconnect", ("session",)),  # the session ended, however (after on_connect ran)
 }
 STAGES = tuple(stage for stage, _ in HOOKS.values())
 # Keys every rule entry accepts besides its own options.

@@ -148,6 +148,19 @@ def _record(tx, name: str, rule: str, why) -> None:
     tx.events.append(Event(name, rule, None if why is None else " ".join(str(why).split())[:200]))
 
 
+async def run_disconnect(rules, session) -> None:
+    """``on_disconnect`` hooks observe the end of a session whose CONNECT stage ran (to
+    release what ``on_connect`` took, e.g. a connection slot). A crash is logged, nothing else:
+    the client is gone."""
+    for rule in rules:
+        if getattr(rule, "on_disconnect", None) is None:
+            continue
+        try:
+            await rule.on_disconnect(session)
+        except Exception as exc:
+            _log_crash(rule, "on_disconnect", exc)
+
+
 async def run_end(rules, tx, reply, trace: list[TraceEntry]) -> None:
     """``on_end`` hooks observe a finished transaction (whatever its outcome; ``reply`` is the
     last reply the client got for it, None when it was abandoned). A hook may return a short

@@ -64,11 +64,6 @@ class Verdict:
                    enhanced: str | None = "5.7.1", reason: str | None = None) -> "Verdict":
         return cls(QUARANTINE, code, enhanced, text, reason or text)
 
-    @property
-    def is_decisive(self) -> bool:
-        """Ends the stage for this item (everything but a plain accept of a single rule does)."""
-        return True
-
     def reply(self, stage: str) -> Reply:
         """The reply the client gets for this verdict at ``stage``."""
         if self.action in (ACCEPT, DISCARD):
@@ -77,8 +72,3 @@ class Verdict:
             return Reply(self.code or 451, self.text or "Try again later", self.enhanced or "4.7.1")
         default_code = 554 if stage in ("data", "connect") else 550
         return Reply(self.code or default_code, self.text or "Rejected", self.enhanced or "5.7.1")
-
-    def describe(self) -> str:
-        if self.action in (ACCEPT, DISCARD):
-            return self.action
-        return f"{self.action} {self.reply('rcpt') if self.action != QUARANTINE else self.code}"

@@ -23,9 +23,10 @@ one subscriber usually holds a whole /64 and could rotate addresses within it.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import mmap
 import os
+
+from ..mail import keys
 
 WIDTH = 32_768  # buckets per sketch row
 DEPTH = 4  # sketch rows: 512 KiB per worker in all
@@ -34,17 +35,9 @@ _SLOT_WORDS = 1 + DEPTH * WIDTH  # [total, sketch...], 32-bit counters
 
 def client_key(ip: str, ipv6_prefix: int = 64) -> str:
     """What one client is for the per-client limit: an IPv4 address (IPv4-mapped IPv6 too),
-    or the IPv6 network of ``ipv6_prefix`` bits; anything else (a Unix socket) as it is."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped:
-            return str(addr.ipv4_mapped)
-        drop = 128 - ipv6_prefix
-        return f"{ipaddress.IPv6Address(int(addr) >> drop << drop)}/{ipv6_prefix}"
-    return str(addr)
+    or the IPv6 network of ``ipv6_prefix`` bits (``smtpgate.client_key``, as the limits rule
+    counts ``connections``); anything else (a Unix socket) as it is."""
+    return keys.client_key(ip, None, ipv6_prefix) or ip
 
 
 class ConnectionTable:

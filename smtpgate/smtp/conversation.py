@@ -24,7 +24,7 @@ from ..mail.session import Recipient, Session, TraceEntry, Transaction, new_id
 from .. import metrics
 from ..errors import RelayError, StoreError
 from ..mail.message import Message
-from ..pipeline.runner import publish_outcome, run_delivered, run_end, run_stage
+from ..pipeline.runner import publish_outcome, run_delivered, run_disconnect, run_end, run_stage
 from ..mail.reply import Reply
 from ..pipeline.verdict import ACCEPT, DISCARD, QUARANTINE, Verdict
 from .relay_api import Relay
@@ -145,6 +145,7 @@ class Conversation:
         # What EHLO offers is fixed for the connection, as the front's reader is.
         self._hostname = self.runtime.config.hostname
         self._size_offered = self.runtime.config.limits.max_message_size
+        self._connect_rules = ()  # the rules whose CONNECT ran: their on_disconnect runs at close
 
     # --- sequencing ----------------------------------------------------------------------
     @property
@@ -176,11 +177,22 @@ class Conversation:
         self.greeted = False
 
     # --- commands --------------------------------------------------------------------------
-    async def connect(self) -> None:
+    async def connect(self) -> Reply | None:
+        """Run the CONNECT stage. A ``421`` verdict (a connection limit) is returned: the
+        caller says it and closes at once, as 421 means (RFC 5321 §3.8); any other
+        refusal waits for MAIL (``_session_verdict``)."""
         trace: list[TraceEntry] = []
         policy = self.runtime.policies.session_policy
+        self._connect_rules = policy.rules
         verdict = await run_stage(policy.rules, "connect", (self.session,), trace)
+        if verdict is not None and verdict.code == 421:
+            self.session.data.setdefault("trace", []).extend(trace)
+            reply = verdict.reply("connect")
+            log.info("session %s: client %s refused at connect: %s", self.session.id,
+                     self.session.client_ip, verdict.reason or reply)
+            return reply
         self._session_verdict(verdict, trace)
+        return None
 
     async def greet(self, name: str, esmtp: bool, starttls: bool = False) -> Reply:
         """HELO/EHLO (``name`` already checked): the reply, EHLO's listing ``starttls`` when
@@ -223,6 +235,8 @@ class Conversation:
     async def close(self) -> None:
         await self._abandon()
         await self.relay.close()
+        rules, self._connect_rules = self._connect_rules, ()
+        await run_disconnect(rules, self.session)
 
     # --- steps (the table's Run cells) ---------------------------------------------------------
     async def _greet(self, name: str, esmtp: bool, starttls: bool) -> Reply:

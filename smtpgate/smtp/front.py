@@ -163,7 +163,10 @@ class GateSMTP(SMTP):
             await self.hang_up(Reply(421, f"{self.hostname} Too many connections, try again later",
                                      "4.7.0"))
             return False
-        await self.conv.connect()
+        refusal = await self.conv.connect()
+        if refusal is not None:  # 421 (a connection limit): say it and close at once
+            await self.hang_up(refusal)
+            return False
         return True
 
     @property
@@ -469,3 +472,11 @@ def _declared_size(params: list[str]) -> int:
 
 
 _background: set[asyncio.Task] = set()
+
+
+async def settle(timeout: float) -> None:
+    """Wait (at most ``timeout`` seconds) for the closing work of ended sessions — their
+    downstream sessions, the rules' ``on_disconnect`` (a shared connection slot given back) —
+    so that shutdown closes the stores after it, not under it."""
+    if _background:
+        await asyncio.wait(set(_background), timeout=timeout)

@@ -26,7 +26,7 @@ class Dialogue:
     @property
     def reply(self) -> Reply:
         """The reply that decided the transaction: the last one given."""
-        for stage in ("data", "rcpt", "mail"):
+        for stage in ("data", "rcpt", "mail", "connect"):
             value = self.replies.get(stage)
             if isinstance(value, list):  # RCPT decides only when no recipient got through
                 value = value[-1] if value and not any(r.is_positive for r in value) else None
@@ -43,7 +43,12 @@ async def simulate(gate, message: bytes, sender: str, recipients: list[str], *,
     conv = Conversation(gate, session, gate.new_relay())
     out = Dialogue()
     captured: list[Transaction] = []
-    await conv.connect()
+    refusal = await conv.connect()
+    if refusal is not None:  # 421 at connect: the gate closes the connection
+        out.replies["connect"] = refusal
+        out.trace = session.data.get("trace", [])
+        await conv.close()
+        return out
     await conv.helo(helo, True)
     sender_path = parse_path(f"<{sender}>" if not sender.startswith("<") else sender, smtputf8=True)
     out.replies["mail"] = reply = await conv.mail(sender_path.address, sender_path.params)

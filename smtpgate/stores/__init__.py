@@ -17,11 +17,12 @@ from ..errors import StoreError
 from .redis_url import is_redis_url
 from .greylist import (AllowEntry, Attempt, Entry, GreylistStore, Params, Selector, Stats,
                        make_allow, triplet_value)
+from .limits import LimitsStore
 from .senders import SenderRecord, SenderStore
 
 __all__ = ["AllowEntry", "Attempt", "Entry", "GreylistStore", "Params", "Selector", "Stats",
            "Stores", "make_allow", "open_greylist_store", "open_stores", "triplet_value",
-           "SenderRecord", "SenderStore", "open_sender_store"]
+           "SenderRecord", "SenderStore", "open_sender_store", "LimitsStore", "open_limits_store"]
 
 
 def open_greylist_store(url: str) -> GreylistStore:
@@ -49,9 +50,21 @@ def open_sender_store(url: str, db=None) -> SenderStore:
                      '"rediss://…" or "redis+sentinel://HOST:PORT/SERVICE/DB"')
 
 
+def open_limits_store(url: str, db=None) -> LimitsStore:
+    """The limits store ``url`` names (no I/O yet); ``db``: a SQLite database to share."""
+    if is_redis_url(url):
+        from .limits_redis import RedisLimitsStore
+        return RedisLimitsStore(url)
+    if url.startswith("sqlite://"):
+        from .limits_sqlite import SqliteLimitsStore
+        return SqliteLimitsStore(url, db)
+    raise StoreError(f'unknown state URL {url!r}: expected "sqlite:///PATH", "redis://HOST:PORT/DB", '
+                     '"rediss://…" or "redis+sentinel://HOST:PORT/SERVICE/DB"')
+
+
 class Stores:
     def __init__(self, url: str, clock=None, greylist: GreylistStore | None = None,
-                 senders: SenderStore | None = None):
+                 senders: SenderStore | None = None, limits: LimitsStore | None = None):
         self.url = url
         self.clock = clock
         #: the greylist store (``smtpgate.stores.greylist.GreylistStore``)
@@ -59,10 +72,13 @@ class Stores:
         #: the sender-state store (``smtpgate.stores.senders.SenderStore``); on SQLite it
         #: shares the greylist's database (``sqlite://:memory:`` included)
         self.senders = senders if senders is not None else open_sender_store(url, getattr(self.greylist, "db", None))
+        #: the limits rule's counters (``smtpgate.stores.limits.LimitsStore``), same database
+        self.limits = limits if limits is not None else open_limits_store(url, getattr(self.greylist, "db", None))
 
     async def close(self) -> None:
         await self.greylist.close()
         await self.senders.close()
+        await self.limits.close()
 
 
 def open_stores(url: str, clock=None) -> Stores:

@@ -39,6 +39,7 @@ class Part:
 PARTS: list[Part] = [
     Part("greylist", lambda stores: stores.greylist),
     Part("senders", lambda stores: stores.senders),
+    Part("limits", lambda stores: stores.limits),
 ]
 
 

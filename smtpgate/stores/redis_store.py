@@ -244,7 +244,8 @@ def _allow_from_json(key: str, text) -> AllowEntry:
     return AllowEntry(d["kind"], d["value"], key, d["created"], d.get("expires"), d.get("note", ""))
 
 
-def _glob_escape(text: str) -> str:
+def glob_escape(text: str) -> str:
+    """``text`` matched literally in a SCAN MATCH pattern (every Redis store scans its own prefix)."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
@@ -440,7 +441,7 @@ class RedisGreylistStore(GreylistStore):
         out: list[Entry] = []
 
         async def run(r):
-            pattern = _glob_escape(self.prefix + "t:") + "*"
+            pattern = glob_escape(self.prefix + "t:") + "*"
             async for page in _pages(r, pattern):
                 pipe = r.pipeline(transaction=False)
                 for k in page:
@@ -528,7 +529,7 @@ class RedisGreylistStore(GreylistStore):
         allows = await self.allow_entries()
         if allows:
             yield allows
-        pattern = _glob_escape(self.prefix + "t:") + "*"
+        pattern = glob_escape(self.prefix + "t:") + "*"
         cursor = 0
         while True:  # one SCAN page per call: the server never blocks, memory stays bounded
             async def page(r, at=cursor):

@@ -25,7 +25,7 @@ from collections import Counter
 from typing import Any
 
 from ..errors import StoreError
-from .redis_store import RedisLink, redact
+from .redis_store import RedisLink, glob_escape, redact
 from .senders import ChangeFn, SenderRecord, SenderStore
 
 CONTENTION_TIMEOUT = 10.0
@@ -104,7 +104,7 @@ class RedisSenderStore(SenderStore):
 
     async def records(self, machine=None, state=None, limit=None) -> list[SenderRecord]:
         out: list[SenderRecord] = []
-        pattern = _glob_escape(self.prefix + (f"{machine}:" if machine is not None else "")) + "*"
+        pattern = glob_escape(self.prefix + (f"{machine}:" if machine is not None else "")) + "*"
 
         async def run(r):
             cursor = 0
@@ -137,7 +137,7 @@ class RedisSenderStore(SenderStore):
 
     # -- moving to another store (portable.py) -----------------------------------------
     async def export_batches(self):
-        pattern = _glob_escape(self.prefix) + "*"
+        pattern = glob_escape(self.prefix) + "*"
         cursor = 0
         while True:  # one SCAN page per call
             async def page(r, at=cursor):
@@ -172,6 +172,3 @@ class RedisSenderStore(SenderStore):
     async def close(self) -> None:
         await self.link.close()
 
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

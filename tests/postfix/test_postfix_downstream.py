@@ -17,12 +17,12 @@ import socket
 
 import pytest
 
-from tests.support.gateproc import wait_until
+from tests.support.waiting import wait_until
 from tests.support.postfixproc import MYHOSTNAME, REJECTED_RECIPIENT, postfix_downstream, start_postfix  # noqa: F401 (fixture)
 from smtpgate.stores.quarantine import MaildirQuarantine
 from smtpgate.testing import Harness
 from smtpgate_rules.attachments import Attachments
-from tests.process.test_quarantine import RAW, cli, write_config
+from tests.support.quarantine import RAW, cli, write_config
 
 SENDER = "alice@sender.test"
 QUEUED = re.compile(r"^2\.0\.0 Ok: queued as ([0-9A-F]{6,})$")
@@ -83,17 +83,8 @@ def split_received(arrived: bytes, original: bytes) -> bytes:
 def gate_log_tx(gate, pattern: str, timeout: float = 10.0) -> re.Match:
     """Wait for the gate's transaction log line matching `pattern` (a regex)."""
     rx = re.compile(pattern, re.M)
-    holder: list[re.Match] = []
-
-    def seen() -> bool:
-        m = rx.search(gate.log_text())
-        if m:
-            holder.append(m)
-        return m is not None
-
-    if not wait_until(seen, timeout):
-        pytest.fail(f"gate log never matched {pattern!r}\n--- gate log ---\n{gate.log_text()}", pytrace=False)
-    return holder[0]
+    return wait_until(lambda: rx.search(gate.log_text()), timeout,
+                      what=lambda: f"the gate log to match {pattern!r}\n--- gate log ---\n{gate.log_text()}")
 
 
 class Raw:

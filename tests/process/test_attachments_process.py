@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import smtplib
-from pathlib import Path
 
 import pytest
 
 from tests.support import attachment_samples as S
-from tests.support.gateproc import wait_until
+from tests.support.waiting import wait_until
+from tests.support.constants import CORPUS
 
 EXE = S.part(S.pe(), "invoice.pdf.exe")
 RAW = S.multipart(S.text_part(), EXE, S.part(b"%PDF-1.4 fine", "fine.pdf", ctype="application/pdf"))
@@ -110,7 +110,7 @@ def test_several_workers_share_the_quarantine(gate_factory, downstream):
                                   "missing-content-type.raw", "bad-header-wrap.raw"])
 def test_low_quality_corpus_passes_the_real_gate(gate_factory, downstream, name):
     import re
-    path = Path(__file__).resolve().parent.parent / "data" / "corpus" / "enmime" / "low-quality" / name
+    path = CORPUS / "enmime" / "low-quality" / name
     raw = re.sub(rb"(?<!\r)\n", b"\r\n", path.read_bytes())
     raw += b"" if raw.endswith(b"\r\n") else b"\r\n"
     gate = gate_factory(policies=policy("{action: strip}"))

@@ -4,19 +4,8 @@ runs and before the downstream gets the message; other fields stay, and a messag
 one arrives byte for byte."""
 import json
 
-# A rule that shows what the rules see: it records the Authentication-Results ids in a header.
-SEEN_PLUGIN = '''
-from smtpgate import Rule
+from tests.support.constants import PLUGINS
 
-
-class SeenAuthResults(Rule):
-    name = "seen_authres"
-
-    async def on_data(self, tx):
-        ids = [v.split(";")[0].strip() for v in tx.message.get_all("Authentication-Results")]
-        tx.message.prepend_header("X-Seen-AR", ",".join(ids) or "none")
-        return None
-'''
 POLICY = "domains: [example.com]\nrules:\n  - seen_authres: {}\n"
 
 FORGED = (b"Authentication-Results: Gate.Test; spf=pass smtp.mailfrom=bank.example\r\n"
@@ -31,7 +20,7 @@ CLEAN = (b"Received: from mx.other.example by mx.other.example\r\n"
 
 
 def test_forged_fields_are_removed_before_rules_and_downstream(gate_factory, downstream):
-    gate = gate_factory(policies={"default.yaml": POLICY}, plugins={"seen": SEEN_PLUGIN},
+    gate = gate_factory(policies={"default.yaml": POLICY}, plugins=[PLUGINS / "seen_authres.py"],
                         config={"log": {"format": "json", "level": "info"}})
     with gate.smtp() as c:
         c.ehlo()

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
-from tests.support.gateproc import wait_until
+from tests.support.procinfo import children_of
+from tests.support.waiting import wait_until
 from smtpgate.smtp.connections import ConnectionTable, client_key
 
 
@@ -64,8 +64,7 @@ def greeted(address) -> tuple[socket.socket, bytes]:
 
 
 def workers_of(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
+    return sorted(children_of(pid))
 
 
 def test_per_client_limit_holds_across_two_workers(gate_factory):

@@ -23,11 +23,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.downstream import CapturingDownstream
+from tests.support.constants import CORPUS, EXAMPLE_PLUGIN
 from tests.support.gateproc import start_gate
 from smtpgate.testing import Harness
 
-CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"  # third-party messages, see its README
-EXAMPLE_PLUGIN = Path(__file__).resolve().parent.parent.parent / "examples" / "plugins" / "subject_words.py"
 NO_MATCH = "zq-no-subject-holds-this-phrase-qz"
 
 

@@ -19,8 +19,8 @@ import threading
 
 import pytest
 
-from tests.support.gateproc import wait_until
-from tests.process.test_operations import children_of, socket_inodes
+from tests.support.waiting import wait_until
+from tests.support.procinfo import children_of, socket_inodes
 from tests.process.test_relay import MSG, raw
 
 

@@ -20,6 +20,7 @@ from tests.support.gateproc import (
     wait_listening,
     write_gate_folder,
 )
+from tests.support.waiting import wait_until
 
 MSG = b"From: a@sender.test\r\nTo: user@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -393,7 +394,7 @@ def test_write_gate_folder(tmp_path):
 
 
 LISTENER = """
-import signal, socket, sys, time
+import signal, socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
 if sys.argv[2] == "ignore":
@@ -401,7 +402,7 @@ if sys.argv[2] == "ignore":
 else:
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
 while True:
-    time.sleep(0.05)
+    signal.pause()  # until SIGTERM (or SIGKILL)
 """
 
 
@@ -433,3 +434,11 @@ def test_require_tool_skips_or_fails(monkeypatch):
     with pytest.raises(pytest.skip.Exception):
         require_tool_fn("no-such-tool-smtpgate")
     assert free_port_fn() > 0
+
+
+def test_wait_until_returns_what_held_or_says_what_it_waited_for():
+    seen = iter([None, 0, "ready"])
+    assert wait_until(lambda: next(seen), 5, interval=0) == "ready"
+    assert wait_until(lambda: [], 0.05) == []  # no `what`: the caller decides what a timeout means
+    with pytest.raises(pytest.fail.Exception, match=r"waited 0.05s in vain for the moon"):
+        wait_until(lambda: False, 0.05, what=lambda: "the moon")

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from tests.support.rawsmtp import RawSMTP
-from tests.process.test_quarantine import cli, hold, write_config
+from tests.support.quarantine import cli, hold, write_config
 
 MSG = b"From: a@sender.test\r\nTo: user@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
 LONG = "a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 63  # 255 octets

@@ -20,7 +20,8 @@ import pytest
 from smtpgate.cli.main import main
 
 from smtpgate.stores import Params, make_allow, open_greylist_store, triplet_value
-from tests.unit.test_stores import delete_redis_keys, new_prefix, redis_state, require_redis
+from tests.support.redisproc import (UNREACHABLE_REDIS_URL, delete_redis_keys, new_prefix, redis_state,
+                                     require_redis)
 
 POLICY = """domains: [example.com]
 rules:
@@ -256,10 +257,10 @@ def test_exit_codes_for_configuration_and_store_failures(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "state" in done.stderr
     down = tmp_path / "down.yaml"
-    down.write_text("state: redis://127.0.0.1:1/0?socket_connect_timeout=0.5\n")
+    down.write_text(f"state: {UNREACHABLE_REDIS_URL}?socket_connect_timeout=0.5\n")
     done = subprocess.run([sys.executable, "-m", "smtpgate", "greylist", "list", "-c", str(down)],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and "Redis redis://127.0.0.1:1/0" in done.stderr
+    assert done.returncode == 1 and f"Redis {UNREACHABLE_REDIS_URL}" in done.stderr
     assert done.stdout == ""
 
 

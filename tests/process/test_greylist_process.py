@@ -1,14 +1,9 @@
 """The greylist in the real gate process (`smtpgate serve`), relaying to the capturing
-downstream. These are the only greylist tests that wait for real time: a 2 s delay."""
+downstream. The delay (2 s) passes on the gates' own clock (`gate_clock`), not in real time."""
 from __future__ import annotations
 
 import json
 import smtplib
-import time
-
-import pytest
-
-from tests.unit.test_stores import delete_redis_keys, new_prefix, redis_state, require_redis
 
 POLICIES = {"default.yaml": "domains: [example.com]\nrules:\n  - greylist: {delay: 2s}\n"}
 MESSAGE = b"From: alice@sender.test\r\nTo: bob@example.com\r\nSubject: greylist\r\n\r\nhello\r\n"
@@ -26,16 +21,15 @@ def send(gate, sender="alice@sender.test", rcpt="bob@example.com"):
     return 250, ""
 
 
-def test_first_attempt_deferred_retry_after_the_delay_delivered(gate_factory, downstream):
-    gate = gate_factory(policies=POLICIES)
-    started = time.monotonic()
+def test_first_attempt_deferred_retry_after_the_delay_delivered(gate_factory, downstream, gate_clock):
+    gate = gate_factory(policies=POLICIES, env=gate_clock.env)
     code, text = send(gate)
     assert code == 451 and text.startswith("4.7.1 Greylisted, please try again in 2 seconds (after ")
     assert downstream.messages == []
     pending = json.loads(gate.cli("greylist", "list", "--pending", "--json").stdout)  # while it runs
     assert [(e["client"], e["sender"], e["recipient"]) for e in pending["entries"]] == \
         [("127.0.0.0/24", "alice@sender.test", "bob@example.com")]
-    time.sleep(max(0.0, 3.0 - (time.monotonic() - started)))
+    gate_clock.advance(3)
     assert send(gate) == (250, "")
     [msg] = downstream.wait_for_messages(1)
     assert msg.rcpts == ["bob@example.com"] and b"Subject: greylist" in msg.data
@@ -44,23 +38,11 @@ def test_first_attempt_deferred_retry_after_the_delay_delivered(gate_factory, do
     assert sum(stats["retry_delays"].values()) == 1
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
-def test_a_triplet_greylisted_before_a_restart_passes_after_it(gate_factory, downstream, tmp_path, backend):
-    prefix = new_prefix()
-    if backend == "redis":
-        require_redis()
-        state = redis_state(prefix)
-    else:
-        state = f"sqlite://{tmp_path / 'shared-state.db'}"
-    try:
-        first = gate_factory(policies=POLICIES, config={"state": state})
-        started = time.monotonic()
-        assert send(first)[0] == 451
-        assert first.stop() == 0
-        second = gate_factory(policies=POLICIES, config={"state": state})
-        time.sleep(max(0.0, 2.2 - (time.monotonic() - started)))
-        assert send(second) == (250, "")
-        assert len(downstream.wait_for_messages(1)) == 1
-    finally:
-        if backend == "redis":
-            delete_redis_keys(prefix)
+def test_a_triplet_greylisted_before_a_restart_passes_after_it(state_url, gate_factory, downstream, gate_clock):
+    first = gate_factory(policies=POLICIES, config={"state": state_url}, env=gate_clock.env)
+    assert send(first)[0] == 451
+    assert first.stop() == 0
+    second = gate_factory(policies=POLICIES, config={"state": state_url}, env=gate_clock.env)
+    gate_clock.advance(3)
+    assert send(second) == (250, "")
+    assert len(downstream.wait_for_messages(1)) == 1

@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from tests.support.rawsmtp import read_until_closed
+from tests.support.waiting import wait_until
 
 ENHANCED = re.compile(rb"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}")
 BODY = b"Subject: limits\r\n\r\nsmall message\r\n"
@@ -57,27 +59,15 @@ class Raw:
 
     def closed_within(self, timeout: float) -> bool:
         """True when the peer closes (EOF or reset) within timeout; replies read meanwhile are recorded."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                return False
-            except ConnectionResetError:
-                return True
-            if not chunk:
-                if self.buf:
-                    self.replies.append(("(before close)", self.buf.split(b"\r\n")))
-                    self.buf = b""
-                return True
-            self.buf += chunk
-            while b"\r\n" in self.buf:
-                line, _, self.buf = self.buf.partition(b"\r\n")
-                self.replies.append(("(before close)", [line]))
+        closed, got = read_until_closed(self.sock, timeout)
+        self.buf += got
+        while b"\r\n" in self.buf:
+            line, _, self.buf = self.buf.partition(b"\r\n")
+            self.replies.append(("(before close)", [line]))
+        if closed and self.buf:
+            self.replies.append(("(before close)", self.buf.split(b"\r\n")))
+            self.buf = b""
+        return closed
 
     # -- writing
     def send(self, data: bytes) -> None:
@@ -146,15 +136,16 @@ def greeted(gate, source: str | None = None) -> Raw:
 
 def greeted_eventually(gate, source: str | None = None, timeout: float = 5.0) -> Raw:
     """A new connection that gets 220, retried while the gate still counts a just-closed one."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def greeted_now() -> Raw | None:
         c = connect(gate, source)
         code, text = c.greeting()
         if code == 220:
             return c
         c.close()
-        assert code == 421 and time.monotonic() < deadline, text
-        time.sleep(0.02)
+        assert code == 421, text
+        return None
+
+    return wait_until(greeted_now, timeout, what=f"a 220 greeting for {source or 'the default source'}")
 
 
 def assert_refused_421(gate, source: str | None = None) -> Raw:

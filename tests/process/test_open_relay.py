@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.rawsmtp import RawSMTP
 from tests.support.downstream import CapturingDownstream
+from tests.support.constants import PLUGINS
 from tests.support.gateproc import start_gate
 
 POLICIES = {
@@ -187,23 +188,11 @@ def test_postmaster_is_always_accepted(relay_gate, spelling):
     assert msg.rcpts == [spelling.strip("<>")]
 
 
-POSTMASTER_ONLY_RULE = '''
-from smtpgate import Rule, Verdict
-
-
-class RefuseEveryone(Rule):
-    name = "refuse_everyone"
-
-    async def on_rcpt(self, tx, rcpt):
-        return Verdict.reject("nobody here")
-'''
-
-
 @pytest.mark.parametrize("spelling", POSTMASTER)
 def test_postmaster_skips_rcpt_rules(gate_factory, downstream, spelling):
     """RCPT rules are not run for postmaster: a rule refusing every recipient cannot stop it."""
     gate = gate_factory(policies={"default.yaml": "domains: [example.com]\nrules:\n  - refuse_everyone: {}\n"},
-                        plugins={"refuse_everyone.py": POSTMASTER_ONLY_RULE})
+                        plugins=[PLUGINS / "refuse_everyone.py"])
     c = Client(gate)
     c.mail()
     refused = c.rcpt("user@example.com")

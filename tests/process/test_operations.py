@@ -15,16 +15,17 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import smtpgate
-from tests.support.gateproc import free_port, is_listening, wait_until, write_gate_folder
+from tests.support.constants import EXAMPLE_PLUGIN, PLUGINS
+from tests.support.procinfo import children_of, listening_inodes, proc_stat, socket_inodes
+from tests.support.rawsmtp import read_until_closed
+from tests.support.gateproc import Plugins, free_port, is_listening, plugin_files
+from tests.support.waiting import wait_until
 
-REPO = Path(__file__).resolve().parent.parent.parent
-EXAMPLE_PLUGIN = (REPO / "examples" / "plugins" / "subject_words.py").read_text()
 BODY = b"Subject: operations\r\n\r\nhello\r\n"
 FROM = "a@sender.test"
 RCPT = "user@example.com"
@@ -65,19 +66,9 @@ class Raw:
 
     def closed_within(self, timeout: float) -> bool:
         """True when the peer closes within timeout (whatever it sends before that is kept in buf)."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                return False
-            except ConnectionResetError:
-                return True
-            if not chunk:
-                return True
-            self.buf += chunk
-        return False
+        closed, got = read_until_closed(self.sock, timeout)
+        self.buf += got
+        return closed
 
     def close(self) -> None:
         self.sock.close()
@@ -213,13 +204,13 @@ def test_sighup_reloads_policies_and_refuses_a_broken_config(gate_factory, downs
 
 # ---------------------------------------------------------------------------- check-config
 def write_config(folder: Path, *, extra: str = "", policy: str = "domains: [example.com]\nrules: []\n",
-                 plugins: dict[str, str] | None = None) -> Path:
+                 plugins: Plugins | None = None) -> Path:
     """A gate.yaml whose line numbers the tests know: `extra` starts at line 9."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "policies").mkdir(exist_ok=True)
     (folder / "plugins").mkdir(exist_ok=True)
     (folder / "policies" / "default.yaml").write_text(policy)
-    for name, text in (plugins or {}).items():
+    for name, text in plugin_files(plugins or {}).items():
         (folder / "plugins" / name).write_text(text)
     q = json.dumps  # a JSON string is a YAML string, whatever the path holds
     lines = [
@@ -248,16 +239,7 @@ rules:
   - subject_words: {action: maybe}
   - no_such_rule: {}
 """
-MISSPELT_HOOK = '''\
-from smtpgate import Rule
-
-
-class Misspelt(Rule):
-    name = "misspelt"
-
-    async def on_rcpt_to(self, tx, rcpt):
-        return None
-'''
+MISSPELT_HOOK = PLUGINS / "misspelt.py"  # a hook name check-config must catch
 
 
 def test_check_config_accepts_a_fine_config(tmp_path):
@@ -397,53 +379,6 @@ def test_no_command_exits_2(tmp_path):
 
 
 # ---------------------------------------------------------------------------- workers
-def _stat(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()  # [0] state, [1] ppid, ... [19] starttime
-
-
-def children_of(pid: int) -> dict[int, str]:
-    """pid -> starttime of every process whose parent is pid."""
-    out = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            fields = _stat(int(name))
-            if fields and int(fields[1]) == pid:
-                out[int(name)] = fields[19]
-    return out
-
-
-def listening_inodes(port: int) -> set[str]:
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            next(f)
-            for row in f:
-                cols = row.split()
-                if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(cols[9])
-    return inodes
-
-
-def socket_inodes(pid: int) -> set[str]:
-    out = set()
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return out
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            out.add(target[8:-1])
-    return out
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
 def test_two_workers_share_the_port_and_stop_together(gate_factory, downstream):
     gate = gate_factory(config={"workers": 2})
@@ -463,5 +398,5 @@ def test_two_workers_share_the_port_and_stop_together(gate_factory, downstream):
     assert sorted(m.message()["Subject"] for m in msgs) == sorted(f"n{i}" for i in range(20))
     assert gate.stop() == 0
     for pid, started in workers.items():
-        fields = _stat(pid)
+        fields = proc_stat(pid)
         assert fields is None or fields[19] != started, f"worker {pid} outlived the supervisor"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 
 from tests.support.gateproc import write_gate_folder
+from tests.support.rawsmtp import read_until_closed
 
 HEADER = b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 25\r\n"
 BODY = b"Subject: proxy\r\n\r\nhello\r\n"
@@ -18,21 +18,10 @@ def connect(gate, source: str) -> socket.socket:
     return socket.create_connection(gate.address, timeout=10, source_address=(source, 0))
 
 
-def read_until_closed(s: socket.socket, timeout: float = 5.0) -> bytes | None:
+def sent_before_closing(s: socket.socket, timeout: float = 5.0) -> bytes | None:
     """Everything the gate sent before closing, or None if it kept the connection open."""
-    got, deadline = b"", time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        s.settimeout(left)
-        try:
-            chunk = s.recv(4096)
-        except socket.timeout:
-            return None
-        except ConnectionResetError:
-            return got
-        if not chunk:
-            return got
-        got += chunk
-    return None
+    closed, got = read_until_closed(s, timeout)
+    return got if closed else None
 
 
 def send_message(s: socket.socket) -> list[bytes]:
@@ -63,11 +52,11 @@ def test_an_untrusted_peer_is_closed_without_a_greeting_and_logged_once(gate_fac
     gate = gate_factory(config={"proxy_protocol": {"trusted": ["127.0.0.2", "192.0.2.0/24"]}})
     with connect(gate, "127.0.0.1") as s:
         s.sendall(HEADER)  # a well-formed header, from the wrong peer
-        assert read_until_closed(s) == b""
+        assert sent_before_closing(s) == b""
     log = gate.wait_for_log("not a trusted PROXY protocol source")
     assert log.count("not a trusted PROXY") == 1 and "client=127.0.0.1" in log
     with connect(gate, "127.0.0.3") as s:  # silent: closed all the same, no greeting
-        assert read_until_closed(s) == b""
+        assert sent_before_closing(s) == b""
     assert downstream.messages == []
     with connect(gate, "127.0.0.2") as s:  # the trusted peer is still served
         s.sendall(HEADER)

@@ -11,29 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import attachment_samples as S
+from tests.support.quarantine import RAW, cli, hold, write_config
 
 from smtpgate import StoreError  # noqa: E402
 from smtpgate.cli.main import main  # noqa: E402
 from smtpgate.stores.quarantine import MaildirQuarantine  # noqa: E402
 from smtpgate.testing import Harness  # noqa: E402
 from smtpgate_rules.attachments import Attachments  # noqa: E402
-
-RAW = S.multipart(S.text_part(), S.part(S.pe(), "a.exe"))
-
-
-def hold(folder: Path, raw: bytes = RAW, **send) -> tuple[MaildirQuarantine, str, object]:
-    """Send ``raw`` through an attachments rule that quarantines into a real Maildir."""
-    store = MaildirQuarantine(str(folder))
-    h = Harness([(Attachments, {"action": "quarantine"})])
-    h.gate.quarantine = store
-    send.setdefault("client_ip", "198.51.100.7")
-    send.setdefault("helo", "mail.sender.example")
-    result = asyncio.run(h.send(raw, **send))
-    assert result.reply.code == 554
-    qid = result.trace[-1].reason.removeprefix("held as ")
-    return store, qid, result
-
 
 # --- the store --------------------------------------------------------------------------------
 def test_put_writes_original_bytes_and_a_sidecar(tmp_path):
@@ -113,21 +97,6 @@ def test_unwritable_quarantine_is_a_store_error(tmp_path):
 
 
 # --- the commands -----------------------------------------------------------------------------
-def write_config(tmp_path: Path, downstream_port: int = 9, xclient: bool = True) -> str:
-    (tmp_path / "policies").mkdir(exist_ok=True)
-    (tmp_path / "policies" / "default.yaml").write_text("domains: [example.com]\nrules: []\n")
-    path = tmp_path / "gate.yaml"
-    path.write_text(f"hostname: gate.test\nquarantine: {tmp_path / 'q'}\npolicies: {tmp_path / 'policies'}\n"
-                    f"downstream: {{host: 127.0.0.1, port: {downstream_port}, xclient: {str(xclient).lower()}, timeout: 5s}}\n")
-    return str(path)
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_list_show_delete(tmp_path, capsys):
     config = write_config(tmp_path)
     code, out, _ = cli(capsys, "quarantine", "list", "--json", "-c", config)

@@ -21,41 +21,15 @@ import pytest
 
 from tests.support.rawsmtp import RawSMTP
 from tests.support.downstream import CapturingDownstream
+from tests.support.constants import PLUGINS
 from tests.support.gateproc import GateProcess, in_ci
+from tests.support.waiting import wait_until
 
 MSG = b"From: a@sender.test\r\nTo: user@example.com\r\nSubject: hello\r\n\r\nhello world\r\n"
 
 # --------------------------------------------------------------------------- plugins
-REJECTOR = '''
-from smtpgate import Rule, Verdict
-
-
-class Rejector(Rule):
-    name = "rejector"
-
-    async def on_data(self, tx):
-        return Verdict.reject("Message looks like spam", reason="test rejector")
-'''
-
-CRASHER = '''
-from smtpgate import Rule
-
-
-class Crasher(Rule):
-    """Raises at RCPT for crash-rcpt@... and at DATA for a Subject holding "crash-data"."""
-
-    name = "crasher"
-
-    async def on_rcpt(self, tx, rcpt):
-        if rcpt.local.lower() == "crash-rcpt":
-            raise RuntimeError("kaboom in on_rcpt")
-        return None
-
-    async def on_data(self, tx):
-        if "crash-data" in (tx.message.get("Subject") or ""):
-            raise ZeroDivisionError("kaboom in on_data")
-        return None
-'''
+REJECTOR = [PLUGINS / "rejector.py"]
+CRASHER = [PLUGINS / "crasher.py"]
 
 
 def policy(rule_line: str) -> dict[str, str]:
@@ -116,11 +90,8 @@ def tx_ids(gate: GateProcess) -> list[str]:
 
 
 def wait_tx_logged(gate: GateProcess, n: int = 1, timeout: float = 5.0) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while len(tx_ids(gate)) < n:
-        if time.monotonic() > deadline:
-            pytest.fail(f"gate logged {len(tx_ids(gate))} transaction lines, wanted {n}\n{gate.log_text()}")
-        time.sleep(0.02)
+    wait_until(lambda: len(tx_ids(gate)) >= n, timeout,
+               what=lambda: f"{n} transaction lines; the gate logged {len(tx_ids(gate))}\n{gate.log_text()}")
     return tx_ids(gate)
 
 
@@ -390,7 +361,7 @@ def test_421_at_rcpt_gives_451_442_and_a_new_downstream_connection_serves_the_ne
 
 # =========================================================================== rules
 def test_rule_rejecting_at_data_never_sends_data_downstream(gate_factory, downstream):
-    gate = gate_factory(policies=policy("rejector: {}"), plugins={"rejector": REJECTOR})
+    gate = gate_factory(policies=policy("rejector: {}"), plugins=REJECTOR)
     with raw(gate) as c:
         assert c.send_mail() == b"554 5.7.1 Message looks like spam\r\n"
     downstream.wait_for_command(b"RSET")
@@ -401,7 +372,7 @@ def test_rule_rejecting_at_data_never_sends_data_downstream(gate_factory, downst
 
 
 def test_shadow_rule_delivers_and_logs(gate_factory, downstream):
-    gate = gate_factory(policies=policy("rejector: {mode: shadow}"), plugins={"rejector": REJECTOR})
+    gate = gate_factory(policies=policy("rejector: {mode: shadow}"), plugins=REJECTOR)
     with raw(gate) as c:
         assert c.send_mail().startswith(b"250 2.0.0 ")
     [msg] = downstream.wait_for_messages(1)
@@ -413,7 +384,7 @@ def test_shadow_rule_delivers_and_logs(gate_factory, downstream):
 
 
 def test_rule_crash_at_rcpt_is_451_430_and_the_next_transaction_delivers(gate_factory, downstream):
-    gate = gate_factory(policies=policy("crasher: {}"), plugins={"crasher": CRASHER})
+    gate = gate_factory(policies=policy("crasher: {}"), plugins=CRASHER)
     with raw(gate) as c:
         assert c.cmd("MAIL FROM:<a@sender.test>").startswith(b"250 ")
         r = c.cmd("RCPT TO:<crash-rcpt@example.com>")
@@ -429,7 +400,7 @@ def test_rule_crash_at_rcpt_is_451_430_and_the_next_transaction_delivers(gate_fa
 
 
 def test_rule_crash_at_data_is_451_430_and_the_next_transaction_delivers(gate_factory, downstream):
-    gate = gate_factory(policies=policy("crasher: {}"), plugins={"crasher": CRASHER})
+    gate = gate_factory(policies=policy("crasher: {}"), plugins=CRASHER)
     crashing = MSG.replace(b"Subject: hello", b"Subject: crash-data")
     with raw(gate) as c:
         r = c.send_mail(body=crashing)
@@ -444,7 +415,7 @@ def test_rule_crash_at_data_is_451_430_and_the_next_transaction_delivers(gate_fa
 
 
 def test_rule_crash_with_on_error_accept_delivers(gate_factory, downstream):
-    gate = gate_factory(policies=policy("crasher: {on_error: accept}"), plugins={"crasher": CRASHER})
+    gate = gate_factory(policies=policy("crasher: {on_error: accept}"), plugins=CRASHER)
     crashing = MSG.replace(b"Subject: hello", b"Subject: crash-data")
     with raw(gate) as c:
         assert c.send_mail(rcpt="crash-rcpt@example.com", body=crashing).startswith(b"250 2.0.0 ")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+from tests.support.constants import ROOT
+
 DEFAULT = "domains: [example.com]\nrules: []\n"
 
 

@@ -17,8 +17,9 @@ from smtpgate import Event
 from smtpgate.cli.main import main
 from smtpgate.stores import open_sender_store
 from smtpgate_rules.senders import Senders
-from tests.unit.test_machine import parse_dot
-from tests.unit.test_stores import delete_redis_keys, new_prefix, redis_state, require_redis
+from tests.support.dot import parse_dot
+from tests.support.redisproc import (UNREACHABLE_REDIS_URL, delete_redis_keys, new_prefix, redis_state,
+                                     require_redis)
 
 POLICY = "domains: [example.com]\nrules:\n  - senders: {}\n  - greylist: {}\n"
 NETS = """domains: [nets.example]
@@ -197,7 +198,7 @@ def test_list_of_an_empty_state_is_empty(gate):
 
 
 def test_a_store_failure_exits_1(tmp_path):
-    gate = Gate(tmp_path, "redis://127.0.0.1:1/0")
+    gate = Gate(tmp_path, UNREACHABLE_REDIS_URL)
     assert "Redis" in gate.cli("list", expect=1).stderr
 
 

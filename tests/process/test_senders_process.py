@@ -1,34 +1,19 @@
 """The senders rule in the real gate (`smtpgate serve`), relaying to the capturing downstream:
-a sender walked from new to trusted and from trusted to blocked (short windows in the
-policy; the only waits are the greylist's 1 s delay, a 1 s min_time and a 2 s ttl), and
-concurrent transactions of one sender through two gate processes on one state."""
+a sender walked from new to trusted and from trusted to blocked (the greylist's delay, the
+min_time in probation and the block's ttl pass on the gate's own clock, `gate_clock`; the
+windows are wide enough that real time spent meanwhile does not count), and concurrent
+transactions of one sender through two gate processes on one state."""
 from __future__ import annotations
 
 import json
 import smtplib
 import threading
-import time
 
-import pytest
-
-from tests.unit.test_stores import delete_redis_keys, new_prefix, redis_state, require_redis
+from tests.support.constants import PLUGINS
 
 SENDER = "Alice@Sender.Test"
 KEY = "alice@sender.test"
 MESSAGE = b"From: alice@sender.test\r\nTo: bob@example.com\r\nSubject: senders\r\n\r\nhello\r\n"
-
-TRAPS = '''
-from smtpgate import Rule, Verdict
-
-
-class RefuseTraps(Rule):
-    name = "refuse_traps"
-
-    async def on_rcpt(self, tx, rcpt):
-        if rcpt.local.startswith("trap"):
-            return Verdict.reject("No such user here", 550, "5.1.1")
-        return None
-'''
 
 POLICIES = {"default.yaml": """
 domains: [example.com]
@@ -40,17 +25,17 @@ rules:
             delivered: probation
         probation:
           events:
-            delivered: {to: trusted, count: 2, within: 1m, min_time: 1s}
+            delivered: {to: trusted, count: 2, within: 1h, min_time: 1s}
         trusted:
           skip: [greylist]
           events:
-            rejected: {to: suspect, count: 2, within: 1m}
+            rejected: {to: suspect, count: 2, within: 1h}
         suspect:
           events:
-            rejected: {to: blocked, count: 2, within: 1m}
+            rejected: {to: blocked, count: 2, within: 1h}
         blocked:
           reject: "554 5.7.1 Sender {key} is blocked"
-          ttl: 2s
+          ttl: 1h
           decay_to: suspect
   - refuse_traps: {}
   - greylist: {delay: 1s}
@@ -77,21 +62,15 @@ def show(gate) -> dict:
     return json.loads(done.stdout)
 
 
-def sleep_until(t: float) -> None:
-    time.sleep(max(0.0, t - time.monotonic()))
-
-
-def test_a_sender_walks_from_new_to_trusted_and_from_trusted_to_blocked(gate_factory, downstream):
-    gate = gate_factory(policies=POLICIES, plugins={"traps.py": TRAPS})
-    started = time.monotonic()
+def test_a_sender_walks_from_new_to_trusted_and_from_trusted_to_blocked(gate_factory, downstream, gate_clock):
+    gate = gate_factory(policies=POLICIES, plugins=[PLUGINS / "refuse_traps.py"], env=gate_clock.env)
     assert send(gate)[0] == 451  # new: greylisted like anyone
     assert show(gate)["state"] == "new"
-    sleep_until(started + 1.1)
+    gate_clock.advance(1.1)  # the greylist's delay
     assert send(gate) == (250, "")  # the retry passes: delivered -> probation
     assert show(gate)["state"] == "probation"
-    in_probation = time.monotonic()
     assert send(gate) == (250, "")
-    sleep_until(in_probation + 1.1)
+    gate_clock.advance(1.1)  # min_time in probation
     assert send(gate) == (250, "")  # 2 deliveries after a second in probation -> trusted
     assert show(gate)["state"] == "trusted"
 
@@ -102,7 +81,6 @@ def test_a_sender_walks_from_new_to_trusted_and_from_trusted_to_blocked(gate_fac
     assert send(gate, "dave@example.com")[0] == 451  # suspect: greylisted again
     assert send(gate, "trap1@example.com")[0] == 550
     assert send(gate, "trap2@example.com")[0] == 550  # -> blocked
-    blocked_at = time.monotonic()
     assert send(gate) == (554, f"5.7.1 Sender {KEY} is blocked")
     assert send(gate, "postmaster@example.com")[0] == 554  # refused at MAIL: every recipient
 
@@ -118,7 +96,7 @@ def test_a_sender_walks_from_new_to_trusted_and_from_trusted_to_blocked(gate_fac
 
     listed = json.loads(gate.cli("senders", "list", "--state", "blocked", "--json").stdout)
     assert [k["key"] for k in listed["keys"]] == [KEY]
-    sleep_until(blocked_at + 2.2)
+    gate_clock.advance(3600 + 60)  # the block's ttl
     assert show(gate)["state"] == "suspect"  # the block decayed (read lazily)
     assert send(gate, "erin@example.com")[0] == 451  # suspect again: greylisted, not refused
     assert "rules=senders:mail:reject,senders:end:continue" in gate.log_text()
@@ -134,37 +112,25 @@ rules:
 """}
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
-def test_concurrent_transactions_of_one_sender_through_two_gates_lose_no_event(gate_factory, downstream,
-                                                                              tmp_path, backend):
-    prefix = new_prefix()
-    if backend == "redis":
-        require_redis()
-        state = redis_state(prefix)
-    else:
-        state = f"sqlite://{tmp_path / 'shared-state.db'}"
-    try:
-        gates = [gate_factory(policies=CONCURRENT, config={"state": state}) for _ in range(2)]
-        results, errors = [], []
+def test_concurrent_transactions_of_one_sender_through_two_gates_lose_no_event(state_url, gate_factory, downstream):
+    gates = [gate_factory(policies=CONCURRENT, config={"state": state_url}) for _ in range(2)]
+    results, errors = [], []
 
-        def client(gate, n):
-            try:
-                for _ in range(n):
-                    results.append(send(gate))
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
+    def client(gate, n):
+        try:
+            for _ in range(n):
+                results.append(send(gate))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
 
-        threads = [threading.Thread(target=client, args=(gates[i % 2], 5)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert errors == [] and results == [(250, "")] * 40
-        downstream.wait_for_messages(40)
-        doc = show(gates[0])
-        assert doc["counts"] == {"delivered": 40}  # not one lost
-        assert doc["state"] == "busy"
-        assert [(h["from"], h["to"]) for h in doc["history"]] == [("new", "busy")]  # the guard held once
-    finally:
-        if backend == "redis":
-            delete_redis_keys(prefix)
+    threads = [threading.Thread(target=client, args=(gates[i % 2], 5)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and results == [(250, "")] * 40
+    downstream.wait_for_messages(40)
+    doc = show(gates[0])
+    assert doc["counts"] == {"delivered": 40}  # not one lost
+    assert doc["state"] == "busy"
+    assert [(h["from"], h["to"]) for h in doc["history"]] == [("new", "busy")]  # the guard held once

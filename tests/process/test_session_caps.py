@@ -5,8 +5,8 @@ starts afresh after an accepted message (as Postfix's junk and hard error limits
 from __future__ import annotations
 
 import socket
-import time
 
+from tests.support.rawsmtp import read_until_closed
 
 BODY = b"Subject: caps\r\n\r\nhello\r\n"
 
@@ -37,19 +37,9 @@ class Client:
 
     def closed_within(self, timeout: float) -> bool:
         """True when the gate closes the connection (and has nothing more to say) in time."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                return False
-            except ConnectionResetError:
-                return True
-            if not chunk:
-                return True
-            self.buf += chunk
-        return False
+        closed, got = read_until_closed(self.sock, timeout)
+        self.buf += got
+        return closed
 
     def close(self) -> None:
         self.sock.close()

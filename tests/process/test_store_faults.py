@@ -15,16 +15,13 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-import signal
 import smtplib
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
-import redis
 
-from tests.support.gateproc import free_port, require_tool, stop_pid, wait_listening, wait_until
+from tests.support.redisproc import PrivateRedis
+from tests.support.waiting import wait_until
 from smtpgate import StoreError
 from smtpgate.stores.breaker import Breaker
 
@@ -170,51 +167,6 @@ async def test_calls_in_flight_when_the_store_died_do_not_lengthen_the_backoff()
 
 
 # =========================================================================== a private Redis
-class PrivateRedis:
-    """``redis-server`` on a free loopback port, without persistence; killed and restarted
-    by PID, always on the same port."""
-
-    def __init__(self, folder: Path) -> None:
-        self.binary = require_tool("redis-server")
-        self.folder = folder
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-        folder.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> PrivateRedis:
-        log = open(self.folder / "redis.log", "ab")
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.folder)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-        wait_listening(self.proc, [("127.0.0.1", self.port)], 10.0,
-                       lambda: (self.folder / "redis.log").read_text(errors="replace"))
-        return self
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        stop_pid(self.proc, signal.SIGKILL)
-
-    def freeze(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.thaw()
-            stop_pid(self.proc)
-
-
 @pytest.fixture
 def private_redis(tmp_path):
     server = PrivateRedis(tmp_path / "redis").start()

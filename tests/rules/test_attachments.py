@@ -3,17 +3,16 @@ archives, Office, TNEF, forwarded messages), its actions, its options, and the c
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.support import attachment_samples as S
+from tests.support.constants import CORPUS
 
 from smtpgate import OptionError, Verdict  # noqa: E402
 from smtpgate.testing import Harness, run_rule  # noqa: E402
 from smtpgate_rules.attachments import Attachments  # noqa: E402
 
-CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"
 
 
 async def verdict_of(raw: bytes, **options):

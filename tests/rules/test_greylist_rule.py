@@ -12,10 +12,11 @@ from smtpgate import ConfigError, OptionError, Rule, StoreError
 from smtpgate.pipeline.plugins import PluginRegistry
 from smtpgate.stores import Stores, make_allow, open_stores
 from smtpgate.testing import FakeClock, FakeResolver, Harness
+from smtpgate_rules.fcrdns import Fcrdns
 from smtpgate_rules.greylist import Greylist, normalise_sender
-from tests.unit.test_stores import delete_redis_keys, new_prefix, redis_state, require_redis
+from tests.support.constants import T0
+from tests.support.redisproc import delete_redis_keys, new_prefix, redis_state, require_redis
 
-T0 = 1_767_225_600.0  # FakeClock's start: 2026-01-01T00:00:00Z
 DAY = 86400
 FIRST = "451 4.7.1 Greylisted, please try again in 300 seconds (after 2026-01-01T00:05:00Z)"
 
@@ -220,11 +221,21 @@ def ptr_records(ip, name, forward):
     ("trusted.example", "out-7.mail.trusted.example", [], False),
     ("trusted.example", "mail.other.example", ["192.0.2.1"], False),
 ])
-async def test_client_name_by_forward_confirmed_reverse_dns(make, suffix, name, forward, exempt):
+async def test_client_name_as_the_fcrdns_rule_found_it(make, suffix, name, forward, exempt):
     resolver = ptr_records("192.0.2.1", name, forward)
-    h = make({"whitelist_client_names": [suffix]}, resolver=resolver)
+    h = make({"whitelist_client_names": [suffix]}, rules_before=[(Fcrdns, {})], resolver=resolver)
     assert ((await h.send(client_ip="192.0.2.1")).reply.code == 250) is exempt
-    assert any(q[1] == "PTR" for q in resolver.queries)
+    assert [q[1] for q in resolver.queries].count("PTR") == 1  # fcrdns asked; greylist did not again
+
+
+async def test_greylist_makes_no_dns_lookups_of_its_own(make, caplog):
+    resolver = ptr_records("192.0.2.1", "out-7.mail.trusted.example", ["192.0.2.1"])
+    h = make({"whitelist_client_names": ["trusted.example"]}, resolver=resolver)
+    assert (await h.send(client_ip="192.0.2.1")).reply.code == 451  # no fcrdns rule: no name
+    assert (await h.send(client_ip="192.0.2.1")).reply.code == 451
+    assert resolver.queries == []
+    said = [r.message for r in caplog.records if "needs the fcrdns rule" in r.message]
+    assert len(said) == 1  # the admin is told, once
 
 
 async def test_no_dns_is_asked_without_name_whitelists(make):
@@ -234,12 +245,9 @@ async def test_no_dns_is_asked_without_name_whitelists(make):
     assert resolver.queries == []
 
 
-async def test_a_failing_resolver_means_no_name(make):
-    class Broken(FakeResolver):
-        async def resolve(self, name, rdtype="A"):
-            raise OSError("SERVFAIL")
-
-    h = make({"whitelist_client_names": ["trusted.example"]}, resolver=Broken())
+async def test_a_failing_fcrdns_lookup_means_no_name(make):
+    resolver = FakeResolver({(ipaddress.ip_address("192.0.2.1").reverse_pointer, "PTR"): "SERVFAIL"})
+    h = make({"whitelist_client_names": ["trusted.example"]}, rules_before=[(Fcrdns, {})], resolver=resolver)
     assert (await h.send()).reply.code == 451
 
 

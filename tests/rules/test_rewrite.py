@@ -2,7 +2,6 @@
 conditions, the trace, shadow mode and header injection from both sides."""
 import re
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -11,6 +10,7 @@ from smtpgate.testing import Harness, run_rule
 from smtpgate_rules.rewrite.headers import Unreadable, add_prefix, decode, has_tag, rewrite_addresses
 from smtpgate_rules.rewrite.maps import AddressMap
 from smtpgate_rules.rewrite import Rewrite
+from tests.support.constants import CORPUS
 
 RENAME = {"@old.example": "@new.example"}
 
@@ -486,7 +486,6 @@ async def test_any_rule_that_edits_gets_its_changes_named_in_the_trace():
 
 
 # ---------------------------------------------------------------------------- the test corpus
-CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"
 CORPUS_FILES = sorted(p for p in CORPUS.rglob("*") if p.is_file()
                       and not p.name.upper().startswith(("LICENSE", "README"))) if CORPUS.is_dir() else []
 EDITED = {"from", "to", "cc", "reply-to", "sender", "subject"}

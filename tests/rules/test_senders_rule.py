@@ -3,7 +3,6 @@ pair of the default machine, what states do, the pipeline's events, keys, decay,
 mode, validation, and the Python API for plugin authors as a user writes it."""
 from __future__ import annotations
 
-import pathlib
 
 import pytest
 import yaml
@@ -14,8 +13,8 @@ from smtpgate.testing import FakeClock, Harness, message
 from smtpgate_rules.senders.defaults import DEFAULT_INITIAL, DEFAULT_STATES
 from smtpgate_rules.greylist import Greylist
 from smtpgate_rules.senders import Senders
+from tests.support.constants import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 KEY = "sender@sender.example"  # the harness's default sender
 DAY = 86400
 

@@ -17,7 +17,6 @@ HELO name and MAIL FROM, and the result(s) the RFC allows). The zone is served b
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import yaml
@@ -25,8 +24,9 @@ import yaml
 from smtpgate.resolver import DnsAnswer, DnsError
 from smtpgate_rules.spf.check import check_helo, check_mailfrom
 from smtpgate.testing import FakeResolver
+from tests.support.constants import DATA
 
-SUITE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "spf", "rfc7208-tests.yml")
+SUITE = DATA / "spf" / "rfc7208-tests.yml"
 RECEIVER = "receiver.example"  # %{r}
 
 

@@ -37,7 +37,8 @@ import dns.rdatatype
 import dns.rrset
 import dns.zone
 
-LOOPBACK = "127.0.0.1"
+from tests.support.constants import LOOPBACK
+
 IN = dns.rdataclass.IN
 
 

@@ -54,6 +54,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.support.constants import LOOPBACK
+
 __all__ = ["CapturingDownstream", "Captured", "Session", "unstuff", "decode_xtext"]
 
 GREETING_NAME = "downstream.test"
@@ -174,7 +176,7 @@ class CapturingDownstream:
         xclient: bool = True,
         xforward: bool = True,
         size: int | None = DEFAULT_SIZE,
-        host: str = "127.0.0.1",
+        host: str = LOOPBACK,
         port: int = 0,
         hostname: str = GREETING_NAME,
         xclient_attrs: Collection[str] = XCLIENT_ATTRS,

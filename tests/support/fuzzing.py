@@ -17,7 +17,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, settings
 
 from tests.support.downstream import Captured, CapturingDownstream
-from tests.support.gateproc import GateProcess, wait_until
+from tests.support.gateproc import GateProcess
+from tests.support.procinfo import children_of
+from tests.support.waiting import wait_until
 
 SESSION_DEADLINE = 10.0  # seconds for one fuzzed session to be answered and closed
 TRACEBACK = "Traceback (most recent call last)"
@@ -110,13 +112,7 @@ def probe(address: tuple[str, int]) -> str | None:
 
 def worker_pids(pid: int) -> set[int]:
     """The direct children of pid (the gate's workers), from /proc."""
-    children: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            children.update(int(c) for c in task.read_text().split())
-        except OSError:
-            continue
-    return children
+    return set(children_of(pid))
 
 
 def start_fuzz_gate(start_gate, folder: Path, **kwargs) -> FuzzGate:

@@ -14,18 +14,17 @@ import smtplib
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from tests.support.constants import LOOPBACK, START_TIMEOUT, STOP_TIMEOUT
+from tests.support.waiting import wait_until
+
 DEFAULT_POLICIES = {"default.yaml": "domains: [example.com]\nrules: []\n"}
-START_TIMEOUT = 20.0   # seconds for the gate to listen (imports, plugin loading, SQLite)
-STOP_TIMEOUT = 10.0    # seconds between SIGTERM and SIGKILL
-LOOPBACK = "127.0.0.1"
 EXTRA_TOOL_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")  # smtp-sink lives in /usr/sbin
 
 
@@ -70,16 +69,6 @@ def deep_merge(base: dict, over: Mapping) -> dict:
     return out
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> bool:
-    """Poll predicate until true or timeout; return whether it held (for files, processes)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-    return True
-
-
 def _listening_ports() -> set[int] | None:
     """Ports in LISTEN state per /proc/net/tcp{,6}; None if /proc is not available."""
     ports: set[int] = set()
@@ -122,19 +111,15 @@ def parse_hostport(text: str) -> tuple[str, int]:
 def wait_listening(proc: subprocess.Popen, addrs: list[tuple[str, int]], timeout: float,
                    describe: Callable[[], str]) -> None:
     """Block until every addr listens; pytest.fail with describe() if proc exits or time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if all(is_listening(h, p) for h, p in addrs):
-            return
-        try:
-            rc = proc.wait(timeout=0.05)  # doubles as the poll interval
-        except subprocess.TimeoutExpired:
-            rc = None
-        if rc is not None:
-            pytest.fail(f"process exited with {rc} before listening on {addrs}\n{describe()}", pytrace=False)
-        if time.monotonic() >= deadline:
-            stop_pid(proc)
-            pytest.fail(f"process did not listen on {addrs} within {timeout}s\n{describe()}", pytrace=False)
+    def ready() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"process exited with {proc.returncode} before listening on {addrs}\n{describe()}",
+                        pytrace=False)
+        return all(is_listening(h, p) for h, p in addrs)
+
+    if not wait_until(ready, timeout, interval=0.05):
+        stop_pid(proc)
+        pytest.fail(f"process did not listen on {addrs} within {timeout}s\n{describe()}", pytrace=False)
 
 
 def stop_pid(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
@@ -188,9 +173,8 @@ class GateProcess:
 
     def wait_for_log(self, text: str, timeout: float = 5.0, start: int = 0) -> str:
         """Wait until `text` appears in the log (after character offset `start`); return the log."""
-        if not wait_until(lambda: text in self.log_text()[start:], timeout):
-            pytest.fail(f"gate log never showed {text!r} within {timeout}s\n--- gate log ---\n{self.log_text()}",
-                        pytrace=False)
+        wait_until(lambda: text in self.log_text()[start:], timeout,
+                   what=lambda: f"{text!r} in the gate log\n--- gate log ---\n{self.log_text()}")
         return self.log_text()
 
     def is_running(self) -> bool:
@@ -226,10 +210,20 @@ class GateProcess:
                 f"--- gate stdout ---\n{self.stdout_text()}")
 
 
+Plugins = Mapping[str, "str | Path"] | Iterable[Path]
+
+
+def plugin_files(plugins: Plugins) -> dict[str, str]:
+    """{file name: source} from {name: source text or file} or from files (tests/data/plugins/...)."""
+    items = plugins.items() if isinstance(plugins, Mapping) else ((p.name, p) for p in plugins)
+    return {(name if str(name).endswith(".py") else f"{name}.py"):
+            (src if isinstance(src, str) else Path(src).read_text()) for name, src in items}
+
+
 def write_gate_folder(folder: Path, *, port: int, downstream_port: int,
                       policies: Mapping[str, str] | None = None,
                       config: Mapping[str, Any] | None = None,
-                      plugins: Mapping[str, str] | None = None) -> tuple[Path, dict]:
+                      plugins: Plugins | None = None) -> tuple[Path, dict]:
     """Write gate.yaml, policies/ and plugins/ into folder; return (gate.yaml path, config)."""
     folder.mkdir(parents=True, exist_ok=True)
     pol_dir = folder / "policies"
@@ -248,8 +242,8 @@ def write_gate_folder(folder: Path, *, port: int, downstream_port: int,
     if plugins:
         plug_dir = folder / "plugins"
         plug_dir.mkdir(exist_ok=True)
-        for name, text in plugins.items():
-            (plug_dir / (name if name.endswith(".py") else name + ".py")).write_text(text)
+        for name, text in plugin_files(plugins).items():
+            (plug_dir / name).write_text(text)
         base["plugins"] = [str(plug_dir)]
     cfg = deep_merge(base, config or {})
     path = folder / "gate.yaml"
@@ -260,7 +254,7 @@ def write_gate_folder(folder: Path, *, port: int, downstream_port: int,
 def start_gate(folder: Path, *, downstream_port: int,
                policies: Mapping[str, str] | None = None,
                config: Mapping[str, Any] | None = None,
-               plugins: Mapping[str, str] | None = None,
+               plugins: Plugins | None = None,
                env: Mapping[str, str] | None = None,
                start_timeout: float = START_TIMEOUT) -> GateProcess:
     """Write the folder, start `python -m smtpgate serve -c gate.yaml`, wait until it listens."""
@@ -302,8 +296,8 @@ class SinkProcess:
 
     def wait_for_messages(self, n: int, timeout: float = 10.0) -> dict[str, int]:
         """Wait until smtp-sink counted n messages. (It prints counters when a session ends.)"""
-        if not wait_until(lambda: self.counts().get("mesg", 0) >= n, timeout):
-            pytest.fail(f"smtp-sink counted {self.counts()} within {timeout}s, wanted mesg>={n}", pytrace=False)
+        wait_until(lambda: self.counts().get("mesg", 0) >= n, timeout,
+                   what=lambda: f"smtp-sink to count mesg>={n}; it counted {self.counts()}")
         return self.counts()
 
     def stop(self) -> int:

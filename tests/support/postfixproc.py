@@ -51,12 +51,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.gateproc import LOOPBACK, free_port, in_ci, require_tool, stop_pid, wait_until
+from tests.support.constants import LOOPBACK, START_TIMEOUT, STOP_TIMEOUT
+from tests.support.gateproc import free_port, in_ci, require_tool, stop_pid
+from tests.support.waiting import wait_until
 
 DAEMON_DIRECTORY = "/usr/lib/postfix/sbin"
-START_TIMEOUT = 20.0
 START_ATTEMPTS = 3
-STOP_TIMEOUT = 10.0
 REJECTED_RECIPIENT = "nobody@example.com"
 REJECT_TEXT = "550 5.1.1 User unknown"
 MYHOSTNAME = "postfix.test"
@@ -181,18 +181,8 @@ class PostfixProcess:
     def wait_for_log(self, pattern: str, timeout: float = 10.0, start: int = 0) -> re.Match:
         """Wait until the regular expression `pattern` matches a log line after `start`."""
         rx = re.compile(pattern, re.M)
-        found: list[re.Match] = []
-
-        def seen() -> bool:
-            m = rx.search(self.log_text()[start:])
-            if m:
-                found.append(m)
-            return m is not None
-
-        if not wait_until(seen, timeout, 0.02):
-            pytest.fail(f"postfix log never matched {pattern!r} within {timeout}s\n{self.describe(start)}",
-                        pytrace=False)
-        return found[0]
+        return wait_until(lambda: rx.search(self.log_text()[start:]), timeout,
+                          what=lambda: f"postfix log to match {pattern!r}\n{self.describe(start)}")
 
     def queue_ids(self, start: int = 0) -> list[str]:
         """Queue ids smtpd assigned (its `QUEUEID: client=...` lines), after `start`."""
@@ -337,7 +327,7 @@ def start_postfix(folder: Path, *, relay_port: int, start_timeout: float = START
     scratch = Path(tempfile.mkdtemp(prefix="smtpgate-postfix-"))
     os.chmod(scratch, 0o711)
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "MAIL_CONFIG": str(folder / "etc"), "LANG": "C"}
-    rc = None
+    rc_seen = None
     for _attempt in range(START_ATTEMPTS):
         # A fresh port per attempt: another process may take a free port before master
         # binds it, and master then exits 1 without a word (no postlogd yet, no syslog).
@@ -351,20 +341,14 @@ def start_postfix(folder: Path, *, relay_port: int, start_timeout: float = START
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         pf = PostfixProcess(proc, folder, port, relay_port, scratch)
-        deadline = time.monotonic() + start_timeout
-        while rc is None:
-            if _listens(proc.pid, port):
-                return pf
-            try:
-                rc = proc.wait(timeout=0.05)  # doubles as the poll interval
-            except subprocess.TimeoutExpired:
-                pass
-            if rc is None and time.monotonic() >= deadline:
-                pf.stop()
-                pytest.fail(f"postfix master did not listen on {LOOPBACK}:{port} within "
-                            f"{start_timeout}s\n{pf.describe()}", pytrace=False)
+        if not wait_until(lambda: proc.poll() is not None or _listens(proc.pid, port), start_timeout, 0.05):
+            pf.stop()
+            pytest.fail(f"postfix master did not listen on {LOOPBACK}:{port} within "
+                        f"{start_timeout}s\n{pf.describe()}", pytrace=False)
+        if proc.poll() is None:
+            return pf
+        rc_seen = proc.returncode
         _reap_group(proc.pid, STOP_TIMEOUT)
-        rc_seen, rc = rc, None
     shutil.rmtree(scratch, ignore_errors=True)
     pytest.fail(f"postfix master exited with {rc_seen} before listening, {START_ATTEMPTS} times "
                 f"(it says nothing when it cannot bind its port or use its folders)\n{pf.describe()}",

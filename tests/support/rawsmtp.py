@@ -2,6 +2,24 @@
 from __future__ import annotations
 
 import socket
+import time
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bool, bytes]:
+    """Read until the peer closes (EOF or reset) or ``timeout`` runs out: (closed, the bytes read)."""
+    got, deadline = b"", time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            break
+        except ConnectionResetError:
+            return True, got
+        if not chunk:
+            return True, got
+        got += chunk
+    return False, got
 
 
 class RawSMTP:
@@ -36,6 +54,10 @@ class RawSMTP:
         assert r.startswith(b"354"), r
         self.send(body + b".\r\n")
         return self.reply()
+
+    def closed_within(self, timeout: float) -> bool:
+        """True when the gate closes the connection within ``timeout`` (anything it sends first is dropped)."""
+        return read_until_closed(self.sock, timeout)[0]
 
     def close(self) -> None:
         self.f.close()

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
+from tests.support.constants import ROOT
+
 BENCH = ROOT / "bench"
 TIMEOUT = 60
 

@@ -64,11 +64,12 @@ def test_folder_plugins_are_loaded(tmp_path):
 def test_imported_rule_classes_are_not_registered_twice(tmp_path):
     write(tmp_path / "lib" / "shared_rule_mod.py", GOOD)
     write(tmp_path / "rules" / "uses.py", """
-        import sys
-        sys.path.insert(0, %r)
-        from shared_rule_mod import Slow  # imported, not defined here
-        sys.path.pop(0)
-        """ % str(tmp_path / "lib"))
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("shared_rule_mod", %r)
+        shared = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(shared)
+        Slow = shared.Slow  # imported, not defined here
+        """ % str(tmp_path / "lib" / "shared_rule_mod.py"))
     assert PluginRegistry.load([str(tmp_path / "rules")], entry_points=False).names() == []
 
 

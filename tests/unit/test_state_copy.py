@@ -76,6 +76,8 @@ def fill(url: str) -> None:
             await machine.feed(stores.senders, "alice@sender.test", [Event("delivered", "test")], now - 30)
             await machine.feed(stores.senders, "mallory@spam.test",
                                [Event(e, "test") for e in ("greylisted", "rejected", "rejected")], now - 20)
+            await stores.limits.hit([("client", "192.0.2.1", 86400.0, 100, True)], now - 10)
+            await stores.limits.connect("192.0.2.1", "gate:1", 10, now, 3600)  # a live session: not copied
         finally:
             await stores.close()
     asyncio.run(go())
@@ -101,10 +103,12 @@ def test_sqlite_to_redis_to_sqlite(tmp_path):
         # the long-expired triplet is past the day the stores keep it: counted, not copied
         assert "greylist: 1 pending, 1 passed, 2 allow entries (1 expired for good, not copied)" in there.stdout
         assert "senders: 2 records" in there.stdout
+        assert "limits: 1 counters" in there.stdout
         back = smtpgate("state", "copy", middle, last, "--json")
         assert back.returncode == 0, back.stderr
         assert json.loads(back.stdout)["copied"] == {"greylist": {"allow": 2, "passed": 1, "pending": 1},
-                                                     "senders": {"records": 2, "skipped": 0}}
+                                                     "senders": {"records": 2, "skipped": 0},
+                                                     "limits": {"counters": 1, "skipped": 0}}
 
         del want["greylist"]["entries"][2]
         want["greylist"]["count"] = 2

@@ -8,14 +8,12 @@ from __future__ import annotations
 import ast
 import asyncio
 import ipaddress
-import os
 import pathlib
 import random
 import sqlite3
 import subprocess
 import sys
 import textwrap
-import uuid
 
 import pytest
 
@@ -23,49 +21,13 @@ from smtpgate import StoreError
 from smtpgate.stores import Params, Selector, make_allow, open_greylist_store, triplet_value
 from smtpgate.stores.greylist import DELAY_BUCKETS, GRACE, client_allow_key, masked_hex
 from smtpgate.stores.sqlite_store import GREYLIST_SCHEMA, SqliteGreylistStore
+from tests.support.constants import T0
+from tests.support.redisproc import (REDIS_URL, UNREACHABLE_REDIS_URL, delete_redis_keys, new_prefix,
+                                     redis_state, require_redis)
+from tests.support.constants import ROOT
 
-REDIS_URL = os.environ.get("SMTPGATE_TEST_REDIS", "redis://127.0.0.1:6379/15")
-T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 P = Params(delay=300, retry_window=2 * 86400, pass_ttl=35 * 86400, auto_whitelist_after=0)
 C, S, R = "192.0.2.0/24", "alice@sender.example", "bob@example.com"
-ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
-
-
-# --- helpers the other greylist test modules import too --------------------------------------
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
-def require_redis() -> None:
-    """Skip when no Redis answers on REDIS_URL; under CI=true that is a failure."""
-    import redis
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=1).ping()
-    except (redis.RedisError, OSError) as e:
-        msg = f"Redis is not reachable at {REDIS_URL}: {e}"
-        if in_ci():
-            pytest.fail(msg + " [CI=true: a missing Redis is a failure]", pytrace=False)
-        pytest.skip(msg)
-
-
-def redis_state(prefix: str) -> str:
-    return f"{REDIS_URL}?prefix={prefix}"
-
-
-def new_prefix() -> str:
-    return f"smtpgate-test-{uuid.uuid4().hex}:"
-
-
-def delete_redis_keys(prefix: str) -> int:
-    """Delete only this test's keys (SCAN by the prefix, never FLUSHDB)."""
-    import redis
-    r = redis.Redis.from_url(REDIS_URL)
-    pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
-    keys = list(r.scan_iter(match=pattern, count=1000))
-    if keys:
-        r.delete(*keys)
-    return len(keys)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -405,8 +367,8 @@ async def test_state_survives_a_restart(make_store):
 
 
 async def test_an_unreachable_redis_is_a_store_error():
-    store = open_greylist_store("redis://127.0.0.1:1/0?socket_connect_timeout=0.5")
-    with pytest.raises(StoreError, match="Redis redis://127.0.0.1:1/0"):
+    store = open_greylist_store(f"{UNREACHABLE_REDIS_URL}?socket_connect_timeout=0.5")
+    with pytest.raises(StoreError, match=f"Redis {UNREACHABLE_REDIS_URL}"):
         await attempt(store, T0)
     await store.close()
 

@@ -6,6 +6,9 @@ pooled domains and normalisation), because the command asks that very rule insta
 Safe while gates run: SQLite in WAL mode, every write a short transaction; Redis with
 atomic scripts and SCAN.
 
+Contributed by the greylist rule through the ``smtpgate.commands`` entry point
+(pyproject.toml), as a third-party rule ships its own command (docs/writing-rules.md).
+
 Exit status: 0 done, 1 the store failed, 2 bad arguments or configuration.
 """
 from __future__ import annotations
@@ -15,9 +18,10 @@ import asyncio
 import ipaddress
 import json
 import sys
-from datetime import datetime, timezone
+import time
 
-from .common import json_parent, load_runtime_or_report, positive
+from smtpgate import Session, StoreError, duration
+from smtpgate.cli_api import GreylistSelector, json_parent, make_allow, positive, table, triplet_value, utc
 
 RULE_NAME = "greylist"
 DEFAULT_AUTO_WHITELIST_AFTER = 5
@@ -29,8 +33,8 @@ class UsageError(Exception):
 
 # --- argument parsing ---------------------------------------------------------------------
 
-def add_parser(sub, common: argparse.ArgumentParser) -> None:
-    """Register ``greylist`` and its commands on the main parser's subparsers."""
+def add_parser(sub, common: argparse.ArgumentParser):
+    """The ``smtpgate.commands`` entry point: add ``greylist`` and return its handler."""
     g = sub.add_parser("greylist", parents=[common], help="greylist entries: list, show, allow, "
                                                           "delete, purge, stats")
     gsub = g.add_subparsers(dest="greylist_command", metavar="COMMAND", required=True)
@@ -72,17 +76,16 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 
     gsub.add_parser("stats", parents=[common, out], help="pending, passed, auto-whitelisted, pass "
                                                          "rate, retry delays")
+    return greylist_command
 
 
 # --- running ---------------------------------------------------------------------------
 
-def greylist_command(args, config_path: str | None) -> int:
-    from ..errors import StoreError
-    runtime = load_runtime_or_report(config_path)
-    if runtime is None:
-        return 2
+def greylist_command(args, context) -> int:
+    """The handler: ``context`` is smtpgate's ``CommandContext`` (the runtime on demand)."""
+    context.runtime()  # a configuration error is reported (exit 2) before anything else
     try:
-        doc, text = asyncio.run(_run(args, runtime))
+        doc, text = asyncio.run(_run(args, context))
     except UsageError as e:
         print(f"smtpgate greylist {args.greylist_command}: {e}", file=sys.stderr)
         return 2
@@ -96,48 +99,27 @@ def greylist_command(args, config_path: str | None) -> int:
     return 0
 
 
-async def _run(args, runtime):
-    from ..clock import Clock
-    store = runtime.stores.greylist
+async def _run(args, context):
+    stores = context.runtime().stores
     try:
         handler = {"list": _list, "show": _show, "allow": _allow, "delete": _delete,
                    "purge": _purge, "stats": _stats}[args.greylist_command]
-        return await handler(args, runtime, store, Clock().now())
+        return await handler(args, context, stores.greylist, time.time())
     finally:
-        await runtime.stores.close()
+        await stores.close()
 
 
 # --- helpers ---------------------------------------------------------------------------
 
-def utc(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _any_rule(context):
+    """The default policy's greylist rule (else another policy's), or None."""
+    found = context.rules(RULE_NAME)
+    return found[0] if found else None
 
 
-def table(rows: list[tuple], header: tuple) -> str:
-    rows = [tuple("-" if c is None else str(c) for c in r) for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    return "\n".join(lines)
-
-
-def _rules(runtime):
-    """Greylist rule instances, the default policy's first."""
-    policies = sorted(runtime.policies, key=lambda p: p.name != "default")
-    return [(p, r) for p in policies for r in p.rules if r.name == RULE_NAME]
-
-
-def _any_rule(runtime):
-    found = _rules(runtime)
-    return found[0][1] if found else None
-
-
-def _rule_for(runtime, recipient: str):
+def _rule_for(context, recipient: str):
     """(policy, greylist rule or None) for the recipient's domain; (None, None) if ungoverned."""
-    from ..mail.addresses import normalise_domain
-    domain = recipient.rpartition("@")[2]
-    policy = runtime.policies.for_domain(normalise_domain(domain)) if domain else None
+    policy = context.policy_for(recipient)
     if policy is None:
         return None, None
     return policy, next((r for r in policy.rules if r.name == RULE_NAME), None)
@@ -148,11 +130,11 @@ def _sender_arg(text: str) -> str:
     return "" if text in ("<>", "") else text
 
 
-def _normalise_sender(runtime, sender: str) -> str:
+def _normalise_sender(context, sender: str) -> str:
     sender = _sender_arg(sender)
     if sender.startswith("@"):
         return sender.lower()
-    rule = _any_rule(runtime)
+    rule = _any_rule(context)
     return rule.normalise_sender(sender) if rule is not None else sender.lower()
 
 
@@ -165,16 +147,16 @@ def _client_selector(text: str) -> str:
         raise UsageError(f"--client: expected an IP address or network (or domain:DOMAIN), got {text!r}") from None
 
 
-def _triplet_key(runtime, client: str, sender: str, recipient: str) -> tuple[str, str, str]:
+def _triplet_key(context, client: str, sender: str, recipient: str) -> tuple[str, str, str]:
     try:
         ipaddress.ip_address(client)
     except ValueError:
         raise UsageError(f"expected the client's IP address, got {client!r}") from None
     if "@" not in recipient:
         raise UsageError(f"expected a recipient address, got {recipient!r}")
-    policy, rule = _rule_for(runtime, recipient)
+    policy, rule = _rule_for(context, recipient)
     if rule is None:
-        rule = _any_rule(runtime)
+        rule = _any_rule(context)
     if rule is None:
         raise UsageError("no policy uses the greylist rule, so there is no key to compute")
     return rule.key_for(client, _sender_arg(sender), recipient)
@@ -192,20 +174,18 @@ def _allow_doc(a) -> dict:
             "note": a.note}
 
 
-def _selector(args, runtime):
-    from ..stores import Selector
+def _selector(args, context):
     if args.client:
-        return Selector(client=_client_selector(args.client))
+        return GreylistSelector(client=_client_selector(args.client))
     if args.sender:
-        return Selector(sender=_normalise_sender(runtime, args.sender) or "<>")
-    client, sender, recipient = _triplet_key(runtime, *args.triplet)
-    return Selector(client=client, sender=sender or "<>", recipient=recipient)
+        return GreylistSelector(sender=_normalise_sender(context, args.sender) or "<>")
+    client, sender, recipient = _triplet_key(context, *args.triplet)
+    return GreylistSelector(client=client, sender=sender or "<>", recipient=recipient)
 
 
 # --- commands ----------------------------------------------------------------------------
 
-async def _list(args, runtime, store, now):
-    from ..stores import Selector
+async def _list(args, context, store, now):
     if args.state == "allowed":
         allowed = await store.allow_entries()
         if args.limit:
@@ -214,9 +194,9 @@ async def _list(args, runtime, store, now):
         rows = [(d["kind"], d["value"], d["created"], d["expires"] or "never", d["note"]) for d in docs]
         text = table(rows, ("KIND", "VALUE", "CREATED", "EXPIRES", "NOTE")) if rows else "no allow entries"
         return {"allowed": docs, "count": len(docs)}, text
-    selector = Selector(state=args.state,
+    selector = GreylistSelector(state=args.state,
                         client=_client_selector(args.client) if args.client else None,
-                        sender=(_normalise_sender(runtime, args.sender) or "<>") if args.sender else None,
+                        sender=(_normalise_sender(context, args.sender) or "<>") if args.sender else None,
                         recipient=args.recipient.lower() if args.recipient else None)
     entries = await store.entries(selector, now, args.limit)
     docs = [_entry_doc(e, now) for e in entries]
@@ -228,8 +208,7 @@ async def _list(args, runtime, store, now):
     return {"entries": docs, "count": len(docs), "limit": args.limit}, text
 
 
-async def _show(args, runtime, store, now):
-    from ..mail.session import Session
+async def _show(args, context, store, now):
     try:
         ipaddress.ip_address(args.client)
     except ValueError:
@@ -237,7 +216,7 @@ async def _show(args, runtime, store, now):
     if "@" not in args.recipient:
         raise UsageError(f"expected a recipient address, got {args.recipient!r}")
     sender = _sender_arg(args.sender)
-    policy, rule = _rule_for(runtime, args.recipient)
+    policy, rule = _rule_for(context, args.recipient)
     doc: dict = {"client": args.client, "sender": sender or "<>", "recipient": args.recipient,
                  "policy": policy.name if policy else None, "now": utc(now)}
     if policy is None:
@@ -290,13 +269,11 @@ def _show_text(doc) -> str:
     return "\n".join(lines)
 
 
-async def _allow(args, runtime, store, now):
-    from ..stores import make_allow, triplet_value
-    from ..units import parse_duration
+async def _allow(args, context, store, now):
     ttl = None
     if args.ttl is not None:
         try:
-            ttl = parse_duration(args.ttl)
+            ttl = duration(args.ttl)
         except ValueError as e:
             raise UsageError(f"--ttl: {e}") from None
     if args.client and _client_selector(args.client).startswith("domain:"):
@@ -305,12 +282,12 @@ async def _allow(args, runtime, store, now):
         if args.client:
             entry = make_allow("client", _client_selector(args.client), now, ttl, args.note)
         elif args.sender:
-            sender = _normalise_sender(runtime, args.sender)
+            sender = _normalise_sender(context, args.sender)
             if sender and "@" not in sender:
                 raise UsageError(f"--sender: expected ADDR or @DOMAIN, got {args.sender!r}")
             entry = make_allow("sender", sender or "<>", now, ttl, args.note)
         else:
-            entry = make_allow("triplet", triplet_value(*_triplet_key(runtime, *args.triplet)), now, ttl, args.note)
+            entry = make_allow("triplet", triplet_value(*_triplet_key(context, *args.triplet)), now, ttl, args.note)
     except ValueError as e:
         raise UsageError(str(e)) from None
     await store.add_allow(entry)
@@ -319,13 +296,13 @@ async def _allow(args, runtime, store, now):
     return {"allowed": doc}, f"allowed {entry.kind} {entry.value} {until}"
 
 
-async def _delete(args, runtime, store, now):
-    triplets, allows = await store.delete(_selector(args, runtime))
+async def _delete(args, context, store, now):
+    triplets, allows = await store.delete(_selector(args, context))
     doc = {"deleted": {"triplets": triplets, "allow_entries": allows}}
     return doc, f"deleted {triplets} triplet(s) and {allows} allow entr{'y' if allows == 1 else 'ies'}"
 
 
-async def _purge(args, runtime, store, now):
+async def _purge(args, context, store, now):
     triplets, allows = await store.purge(now, dry_run=args.dry_run)
     counts = {"triplets": triplets, "allow_entries": allows}
     verb = "would purge" if args.dry_run else "purged"
@@ -333,8 +310,8 @@ async def _purge(args, runtime, store, now):
     return doc, f"{verb} {triplets} expired triplet(s) and {allows} expired allow entr{'y' if allows == 1 else 'ies'}"
 
 
-async def _stats(args, runtime, store, now):
-    rule = _any_rule(runtime)
+async def _stats(args, context, store, now):
+    rule = _any_rule(context)
     threshold = rule.auto_whitelist_after if rule is not None else DEFAULT_AUTO_WHITELIST_AFTER
     st = await store.stats(now, threshold)
     doc = st.as_dict()

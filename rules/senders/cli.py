@@ -6,6 +6,9 @@ the ``default`` policy's machine rule (``senders``, or a plugin's ``MachineRule`
 (``Alice+x@Example.org`` -> ``alice@example.org``, ``192.0.2.7`` -> ``192.0.2.0/24`` for
 ``client_net``). Safe while gates run: every write is one atomic store update.
 
+Contributed by the senders rule through the ``smtpgate.commands`` entry point
+(pyproject.toml); it serves every ``smtpgate.MachineRule``, a plugin's too.
+
 Exit status: 0 done (``list`` with no machine in any policy lists nothing), 1 the store
 failed, 2 bad arguments or configuration.
 """
@@ -16,16 +19,18 @@ import asyncio
 import copy
 import json
 import sys
+import time
 
-from .common import json_parent, load_runtime_or_report, positive
-from .greylist import table, utc
+from smtpgate import MachineError, MachineRule, StoreError
+from smtpgate.cli_api import json_parent, positive, table, utc
 
 
 class UsageError(Exception):
     """A bad argument: exit 2."""
 
 
-def add_parser(sub, common: argparse.ArgumentParser) -> None:
+def add_parser(sub, common: argparse.ArgumentParser):
+    """The ``smtpgate.commands`` entry point: add ``senders`` and return its handler."""
     s = sub.add_parser("senders", parents=[common], help="sender state machines: list, show, set, reset, graph")
     ssub = s.add_subparsers(dest="senders_command", metavar="COMMAND", required=True)
     out = json_parent()
@@ -49,21 +54,20 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("key", metavar="KEY")
 
     ssub.add_parser("graph", parents=[common, which], help="the machine as Graphviz DOT")
+    return senders_command
 
 
-def senders_command(args, config_path: str | None) -> int:
-    from ..errors import StoreError
-    runtime = load_runtime_or_report(config_path)
-    if runtime is None:
-        return 2
+def senders_command(args, context) -> int:
+    """The handler: ``context`` is smtpgate's ``CommandContext`` (the runtime on demand)."""
+    runtime = context.runtime()
     try:
-        if _nothing_to_list(args, runtime):
+        if _nothing_to_list(args, context):
             asyncio.run(runtime.stores.close())
             doc = {"machine": None, "key_kind": None, "keys": [], "count": 0}
             text = "no keys (no policy uses a sender state machine)"
             print(json.dumps(doc, indent=2) if args.json else text)
             return 0
-        rule = machine_rule(runtime, args.machine, args.policy)
+        rule = machine_rule(context, args.machine, args.policy)
         if args.senders_command == "graph":
             print(rule.machine.to_dot(), end="")
             return 0
@@ -78,33 +82,31 @@ def senders_command(args, config_path: str | None) -> int:
     return 0
 
 
-def _nothing_to_list(args, runtime) -> bool:
+def _nothing_to_list(args, context) -> bool:
     """``list`` with no machine anywhere (and none asked for by name) is an empty listing,
     as ``greylist list`` is for a state nothing wrote to."""
     return (args.senders_command == "list" and args.machine is None and args.policy is None
-            and not machine_rules(runtime))
+            and not machine_rules(context))
 
 
-def machine_rules(runtime) -> list:
+def machine_rules(context) -> list:
     """Machine rule instances, the default policy's first, one per machine name."""
-    from ..machines.rule import MachineRule
     found, names = [], set()
-    for policy in sorted(runtime.policies, key=lambda p: p.name != "default"):
-        for rule in policy.rules:
-            if isinstance(rule, MachineRule) and rule.machine.name not in names:
-                names.add(rule.machine.name)
-                found.append((policy, rule))
+    for policy, rule in context.policy_rules(lambda r: isinstance(r, MachineRule)):
+        if rule.machine.name not in names:
+            names.add(rule.machine.name)
+            found.append((policy, rule))
     return found
 
 
-def machine_rule(runtime, machine: str | None, policy: str | None):
-    found = machine_rules(runtime)
+def machine_rule(context, machine: str | None, policy: str | None):
+    runtime = context.runtime()
+    found = machine_rules(context)
     if not found:
         raise UsageError("no policy uses a sender state machine (the senders rule)")
     if policy is not None:
         if runtime.policies.get(policy) is None:
             raise UsageError(f"no policy named {policy!r} (policies: {', '.join(p.name for p in runtime.policies)})")
-        from ..machines.rule import MachineRule
         own = [r for r in runtime.policies.get(policy).rules if isinstance(r, MachineRule)]
         found = [(runtime.policies.get(policy), r) for r in own]
         if not found:
@@ -118,10 +120,9 @@ def machine_rule(runtime, machine: str | None, policy: str | None):
 
 
 async def _run(args, runtime, rule):
-    from ..clock import Clock
     try:
         handler = {"list": _list, "show": _show, "set": _set, "reset": _reset}[args.senders_command]
-        return await handler(args, rule, runtime.stores.senders, Clock().now())
+        return await handler(args, rule, runtime.stores.senders, time.time())
     finally:
         await runtime.stores.close()
 
@@ -197,7 +198,6 @@ async def _show(args, rule, store, now):
 
 
 async def _set(args, rule, store, now):
-    from ..machines.machine import MachineError
     machine = rule.machine
     key = _key(rule, args.key)
     if any(c in args.reason for c in "\r\n\x00"):

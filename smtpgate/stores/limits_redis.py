@@ -1,0 +1,236 @@
+"""The Redis limits store (``state: redis://HOST:PORT/DB[?prefix=NAME]``): the counters a fleet
+of gates shares.
+
+Keys (``P`` = the prefix): ``Plim:r:<kind>:<window>:<value>`` (hash: ``b`` the current bucket
+number, ``p`` and ``c`` the previous and current counts), expiring when both buckets have
+passed; ``Plim:c:<client>`` (sorted set: one member per open session, scored by its expiry).
+
+A check is one round trip: a Lua script that reads every counter of the transaction,
+decides (``limits.decide``, mirrored line for line) and counts — atomically, so two gates
+racing on one counter can never both take its last place. Connections likewise: one script
+drops expired members, counts and adds. Connections come from this store's own
+``RedisLink`` (first use opens it; the process's circuit breaker for the server is shared
+with the other stores).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter as TallyCounter
+
+from .limits import CONNECTIONS, Counter, LimitsStore, RateCheck, RateOutcome
+from .redis_store import RedisLink, glob_escape
+
+SCAN_COUNT = 1000
+
+# KEYS: the counters. ARGV: 1 now, then per key: window, max, count (1/0).
+# Returns {allowed (1/0), retry_at ('' if allowed), estimate per key...}
+HIT_LUA = """
+local now = tonumber(ARGV[1])
+local function fmt(x) return string.format('%.17g', x) end
+local ok, retry, est_out, slid = 1, nil, {}, {}
+for i = 1, #KEYS do
+  local w, mx = tonumber(ARGV[i * 3 - 1]), tonumber(ARGV[i * 3])
+  local k = math.floor(now / w)
+  local h = redis.call('HMGET', KEYS[i], 'b', 'p', 'c')
+  local b, p, c = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
+  if b == nil then p, c = 0, 0
+  elseif b == k - 1 then p, c = c, 0
+  elseif b ~= k then p, c = 0, 0 end
+  local est = p * (1 - (now - k * w) / w) + c
+  est_out[i] = fmt(est)
+  local need = (ARGV[i * 3 + 1] == '1') and 1 or 0
+  if est + need > mx then
+    ok = 0
+    local room, at = mx - need, 0
+    if c <= room then at = k * w + w * (1 - (room - c) / p)
+    else at = k * w + w + w * (1 - room / c) end
+    if retry == nil or at > retry then retry = at end
+  end
+  slid[i] = {k, p, c, w}
+end
+if ok == 1 then
+  for i = 1, #KEYS do
+    if ARGV[i * 3 + 1] == '1' then
+      local s = slid[i]
+      redis.call('HSET', KEYS[i], 'b', s[1], 'p', s[2], 'c', s[3] + 1)
+      redis.call('EXPIRE', KEYS[i], math.max(1, math.ceil((s[1] + 2) * s[4] - now)))
+    end
+  end
+end
+return {ok, retry and fmt(retry) or '', unpack(est_out)}
+"""
+
+# KEYS: 1 the client's set. ARGV: 1 member, 2 cap, 3 now, 4 ttl. Returns {added, live before}.
+CONNECT_LUA = """
+local now, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+local live = redis.call('ZCARD', KEYS[1])
+if live >= tonumber(ARGV[2]) then return {0, live} end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+if redis.call('TTL', KEYS[1]) < ttl then redis.call('EXPIRE', KEYS[1], math.ceil(ttl)) end
+return {1, live}
+"""
+
+# KEYS: 1 the client's set. ARGV: 1 member, 2 expiry, 3 ttl. Only a member still there.
+TOUCH_LUA = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZADD', KEYS[1], tonumber(ARGV[2]), ARGV[1])
+  if redis.call('TTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]))) end
+end
+return 1
+"""
+
+
+def _s(value) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+
+
+class RedisLimitsStore(LimitsStore):
+    def __init__(self, url: str, prefix: str | None = None):
+        self.url = url
+        self.link = RedisLink(url, {"hit": HIT_LUA, "connect": CONNECT_LUA, "touch": TOUCH_LUA})
+        self.prefix = (prefix if prefix is not None else self.link.options["prefix"]) + "lim:"
+
+    def rate_key(self, kind: str, window: float, value: str) -> str:
+        return f"{self.prefix}r:{kind}:{window:g}:{value}"
+
+    def connections_key(self, client: str) -> str:
+        return f"{self.prefix}c:{client}"
+
+    async def hit(self, checks: list[RateCheck], now: float) -> RateOutcome:
+        checks = [RateCheck(*c) for c in checks]
+        if not checks:
+            return RateOutcome(True)
+        keys = [self.rate_key(c.kind, c.window, c.value) for c in checks]
+        args: list = [repr(float(now))]
+        for c in checks:
+            args += [repr(float(c.window)), int(c.max), "1" if c.count else "0"]
+        reply = await self.link.run(lambda r: self.link.scripts["hit"](keys=keys, args=args))
+        ok, retry, *estimates = reply
+        outcome = RateOutcome(int(ok) == 1, [float(_s(e)) for e in estimates])
+        if not outcome.allowed:
+            outcome.retry_at = float(_s(retry))
+            outcome.refused = [i for i, (e, c) in enumerate(zip(outcome.estimates, checks))
+                               if e + (1 if c.count else 0) > c.max]
+        return outcome
+
+    def _parse(self, key: str) -> tuple[str, float, str] | None:
+        kind, _, rest = key[len(self.prefix) + 2:].partition(":")
+        window, _, value = rest.partition(":")
+        try:
+            return kind, float(window), value
+        except ValueError:
+            return None
+
+    async def counters(self, kind=None, value=None, limit=None) -> list[Counter]:
+        pattern = glob_escape(f"{self.prefix}r:" + (f"{kind}:" if kind else "")) + "*"
+        out: list[Counter] = []
+
+        async def run(r):
+            cursor = 0
+            while True:
+                cursor, keys = await r.scan(cursor=cursor, match=pattern, count=SCAN_COUNT)
+                names = [p for p in (self._parse(_s(k)) for k in keys) if p and (value is None or p[2] == value)]
+                if names:
+                    pipe = r.pipeline(transaction=False)
+                    for k, w, v in names:
+                        pipe.hmget(self.rate_key(k, w, v), "b", "p", "c")
+                    for (k, w, v), (b, p, c) in zip(names, await pipe.execute()):
+                        if b is not None:
+                            out.append(Counter(k, v, w, int(b), int(p or 0), int(c or 0)))
+                if int(cursor) == 0:
+                    break
+        await self.link.run(run)
+        out.sort(key=lambda c: (c.bucket * c.window, c.current), reverse=True)
+        return out[:limit] if limit is not None else out
+
+    async def reset(self, kind, value) -> int:
+        if kind == CONNECTIONS:
+            key = self.connections_key(value)
+
+            async def drop(r):
+                n = await r.zcard(key)
+                await r.delete(key)
+                return n
+            return int(await self.link.run(drop))
+        keys = [self.rate_key(c.kind, c.window, c.value) for c in await self.counters(kind, value)]
+        if not keys:
+            return 0
+        return int(await self.link.run(lambda r: r.delete(*keys)))
+
+    async def connect(self, client, member, cap, now, ttl) -> tuple[bool, int]:
+        key = self.connections_key(client)
+        args = [member, int(cap), repr(float(now)), repr(float(ttl))]
+        added, live = await self.link.run(lambda r: self.link.scripts["connect"](keys=[key], args=args))
+        return int(added) == 1, int(live)
+
+    async def touch(self, client, member, now, ttl) -> None:
+        key = self.connections_key(client)
+        await self.link.run(lambda r: self.link.scripts["touch"](
+            keys=[key], args=[member, repr(float(now + ttl)), repr(float(ttl))]))
+
+    async def disconnect(self, client, member) -> None:
+        key = self.connections_key(client)
+        await self.link.run(lambda r: r.zrem(key, member))
+
+    async def connections(self, client=None, now=0.0, limit=None) -> dict[str, int]:
+        pattern = glob_escape(self.connections_key(client) if client is not None else f"{self.prefix}c:")
+        pattern += "" if client is not None else "*"
+        found: dict[str, int] = {}
+
+        async def run(r):
+            cursor = 0
+            while True:
+                cursor, keys = await r.scan(cursor=cursor, match=pattern, count=SCAN_COUNT)
+                if keys:
+                    pipe = r.pipeline(transaction=False)
+                    for k in keys:
+                        pipe.zcount(k, repr(float(now)), "+inf")
+                    for k, n in zip(keys, await pipe.execute()):
+                        if int(n):
+                            found[_s(k)[len(self.prefix) + 2:]] = int(n)
+                if int(cursor) == 0:
+                    break
+        await self.link.run(run)
+        ranked = sorted(found.items(), key=lambda kv: kv[1], reverse=True)
+        return dict(ranked[:limit] if limit is not None else ranked)
+
+    # -- moving to another store (portable.py) -----------------------------------------
+    async def export_batches(self):
+        pattern = glob_escape(f"{self.prefix}r:") + "*"
+        cursor = 0
+        while True:  # one SCAN page per call
+            async def page(r, at=cursor):
+                following, keys = await r.scan(cursor=at, match=pattern, count=SCAN_COUNT)
+                names = [p for p in (self._parse(_s(k)) for k in keys) if p]
+                found = []
+                if names:
+                    pipe = r.pipeline(transaction=False)
+                    for k, w, v in names:
+                        pipe.hmget(self.rate_key(k, w, v), "b", "p", "c")
+                    found = [Counter(k, v, w, int(b), int(p or 0), int(c or 0))
+                             for (k, w, v), (b, p, c) in zip(names, await pipe.execute()) if b is not None]
+                return int(following), found
+            cursor, found = await self.link.run(page)
+            if found:
+                yield found
+            if cursor == 0:
+                return
+
+    async def import_batch(self, items, now) -> TallyCounter:
+        kept = [c for c in items if c.expires > now]
+
+        async def run(r):
+            pipe = r.pipeline(transaction=False)
+            for c in kept:
+                key = self.rate_key(c.kind, c.window, c.value)
+                pipe.hset(key, mapping={"b": c.bucket, "p": c.previous, "c": c.current})
+                pipe.expire(key, max(1, math.ceil(c.expires - now)))
+            await pipe.execute()
+        if kept:
+            await self.link.run(run)
+        return TallyCounter(counters=len(kept), skipped=len(items) - len(kept))
+
+    async def close(self) -> None:
+        await self.link.close()
+
