@@ -165,6 +165,7 @@ class GateSMTP(SMTP):
             return False
         refusal = await self.conv.connect()
         if refusal is not None:  # 421 (a connection limit): say it and close at once
+            metrics.connection_refused()
             await self.hang_up(refusal)
             return False
         return True

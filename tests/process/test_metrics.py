@@ -229,3 +229,32 @@ def test_quarantine_size_and_store_errors(gate_factory, downstream, tmp_path):
             assert samples['smtpgate_transactions_total{reply_class="4xx",rule="gate"}'] == 1
             assert samples["smtpgate_store_errors_total"] == 1
         assert gate.stop() == 0
+
+
+def test_connections_refused_by_max_connections_and_by_the_limits_rule(gate_factory, tmp_path):
+    mport = free_port()
+    policy = "domains: [example.com]\nrules:\n  - limits: {connections: 1}\n"
+    gate = gate_factory(policies={"default.yaml": policy}, config={
+        "metrics": f"127.0.0.1:{mport}", "state": f"sqlite://{tmp_path}/state.db",
+        "limits": {"max_connections": 2, "max_connections_per_client": 5}})
+    assert wait_until(lambda: get(f"http://127.0.0.1:{mport}/healthz")[0] == 200, 20)
+    base = scrape(mport)
+
+    def greeting(source: str) -> int:
+        client = smtplib.SMTP(timeout=10, source_address=(source, 0))
+        code = client.connect(gate.host, gate.port)[0]
+        opened.append(client)
+        return code
+
+    opened: list[smtplib.SMTP] = []
+    assert greeting("127.0.0.1") == 220
+    assert greeting("127.0.0.1") == 421  # the limits rule: one at a time per client
+    assert wait_until(lambda: scrape(mport)["smtpgate_connections_open"] == 1, 10)
+    assert greeting("127.0.0.2") == 220
+    assert greeting("127.0.0.3") == 421  # max_connections: 2
+    after = scrape(mport)
+    assert after["smtpgate_connections_refused_total"] - base.get("smtpgate_connections_refused_total", 0) == 2
+    assert after["smtpgate_connections_total"] - base["smtpgate_connections_total"] == 4
+    for client in opened:
+        client.close()
+    assert wait_until(lambda: scrape(mport)["smtpgate_connections_open"] == 0, 10)
