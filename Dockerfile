@@ -64,12 +64,13 @@ WORKDIR /var/lib/smtpgate
 VOLUME ["/etc/smtpgate", "/var/lib/smtpgate", "/var/lib/smtpgate/quarantine"]
 # The sample config listens on 2525; publish it as 25 (-p 25:2525).
 EXPOSE 2525
-# Healthy when the gate greets with 220 on its port (SMTPGATE_HEALTH=HOST:PORT when your
-# gate.yaml listens elsewhere). A 421 (draining, or at max_connections) counts as unhealthy.
-# When metrics land (issue 12), `GET /healthz` on the metrics port replaces this probe.
-ENV SMTPGATE_HEALTH=127.0.0.1:2525
+# Healthy when GET /healthz on the metrics port answers 200 (listeners up, downstream
+# answering): set SMTPGATE_METRICS=HOST:PORT to your gate.yaml's `metrics:` (-e ...).
+# Without it, healthy when the gate greets with 220 on its port (SMTPGATE_HEALTH=HOST:PORT
+# when your gate.yaml listens elsewhere); a 421 (draining, or at max_connections) is unhealthy.
+ENV SMTPGATE_HEALTH=127.0.0.1:2525 SMTPGATE_METRICS=
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, socket, sys\nhost, _, port = os.environ['SMTPGATE_HEALTH'].rpartition(':')\ntry:\n    with socket.create_connection((host.strip('[]'), int(port)), timeout=5) as s:\n        greeting = s.makefile('rb').readline()\n        s.sendall(b'QUIT\\r\\n')\nexcept OSError as e:\n    sys.exit(f'unhealthy: {e}')\nsys.exit(0 if greeting.startswith(b'220') else f'unhealthy: {greeting!r}')"]
+    CMD ["python", "-c", "import os, socket, sys, urllib.request\nmetrics = os.environ.get('SMTPGATE_METRICS')\nif metrics:\n    try:\n        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f'http://{metrics}/healthz', timeout=5):\n            sys.exit(0)\n    except OSError as e:\n        body = e.read().decode(errors='replace').strip() if hasattr(e, 'read') else ''\n        sys.exit(f'unhealthy: {e} {body}'.rstrip())\nhost, _, port = os.environ['SMTPGATE_HEALTH'].rpartition(':')\ntry:\n    with socket.create_connection((host.strip('[]'), int(port)), timeout=5) as s:\n        greeting = s.makefile('rb').readline()\n        s.sendall(b'QUIT\\r\\n')\nexcept OSError as e:\n    sys.exit(f'unhealthy: {e}')\nsys.exit(0 if greeting.startswith(b'220') else f'unhealthy: {greeting!r}')"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["smtpgate"]
 CMD ["serve", "-c", "/etc/smtpgate/gate.yaml"]

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from . import metrics
 from .clock import Clock
 from .errors import SmtpgateError
 
@@ -230,6 +231,7 @@ class BaseResolver(_Lookups):
         if hit is not None:
             if hit[0] > self._clock().monotonic():
                 self._cache.move_to_end(key)
+                metrics.dns_cache_hit()
                 return hit[1]
             del self._cache[key]
         return None
@@ -340,6 +342,7 @@ class Resolver(BaseResolver):
         return r
 
     async def _query(self, name: str, rdtype: str) -> DnsAnswer:
+        metrics.dns_query(rdtype)
         dns = _dnspython()
         try:
             qname = dns.name.from_text(name)

@@ -9,7 +9,9 @@ import signal
 import ssl
 import sys
 import time
+from pathlib import Path
 
+from . import metrics
 from .smtp.connections import ConnectionTable, ConnectionTracker
 from .errors import ConfigError, PluginError, StoreError
 from .smtp.front import GateSMTP, settle
@@ -37,13 +39,33 @@ def serve(cli_path: str | None) -> int:
     cfg = runtime.config
     from .logs import setup_logging
     setup_logging(cfg.log.format, cfg.log.level)
-    if cfg.metrics is not None:
-        log.warning("metrics: %s:%s is accepted but not served yet (not implemented): ignored",
-                    *cfg.metrics)
-    if cfg.workers <= 1:
-        return run_worker(cli_path, runtime, housekeeper=True,
-                          notifier=SystemdNotifier(), watchdog=watchdog_interval())
-    return supervise(cli_path, runtime, cfg.workers)
+    # metrics: the private multiprocess directory is made before any fork, removed at exit
+    metrics_dir = metrics.prepare() if cfg.metrics is not None else None
+    try:
+        if cfg.workers <= 1:
+            served = _serve_metrics(cfg, metrics.listening)
+            if served is False:
+                return 1
+            return run_worker(cli_path, runtime, housekeeper=True,
+                              notifier=SystemdNotifier(), watchdog=watchdog_interval())
+        return supervise(cli_path, runtime, cfg.workers)
+    finally:
+        if metrics_dir is not None:
+            metrics.cleanup(metrics_dir)
+
+
+def _serve_metrics(cfg, listeners):
+    """Start /metrics and /healthz when ``metrics:`` is set: the server, None, or False when
+    its port cannot be bound (the gate then refuses to start, as for its SMTP port)."""
+    if cfg.metrics is None:
+        return None
+    try:
+        return metrics.MetricsServer(
+            cfg.metrics, Path(cfg.quarantine) if cfg.quarantine else None, listeners,
+            (cfg.downstream.host, cfg.downstream.port)).start()
+    except OSError as e:
+        log.error("metrics: cannot listen on %s:%s: %s", *cfg.metrics, e)
+        return False
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -145,11 +167,13 @@ async def _serve(cli_path, runtime, housekeeper: bool = False,
     purging = asyncio.ensure_future(_purge_quarantine(gate)) if housekeeper else None
     # Ready once it listens and its signals are handled (a SIGTERM right after must drain).
     notifier.ready(f"listening on {', '.join(f'{h}:{p}' for h, p in cfg.listen)}")
+    metrics.set_listening(True)
     beating = asyncio.ensure_future(_heartbeat(notifier, watchdog)) if watchdog else None
     await stop.wait()
 
     log.info("stopping: no new connections, finishing transactions in flight")
     gate.draining = True
+    metrics.set_listening(False)
     if purging is not None:
         purging.cancel()
     for server in servers:
@@ -219,6 +243,8 @@ async def _load_and_swap(gate: Gate, cli_path) -> None:
         return
     if runtime.config.listen != gate.runtime.config.listen:
         log.warning("listen addresses changed: that takes a restart, the rest is reloaded")
+    if runtime.config.metrics != gate.runtime.config.metrics:
+        log.warning("metrics address changed: that takes a restart, the rest is reloaded")
     old = gate.runtime
     gate.swap(runtime)
     gate.tls_context = tls_context  # connections from now on; open ones keep their session
@@ -301,6 +327,8 @@ def supervise(cli_path, runtime, workers: int) -> int:
             for other in children.values():
                 os.close(other.fd)
             _die_with_parent(parent)
+            if served:
+                served.forget()
             code = run_worker(cli_path, _current(cli_path, runtime, reloads),
                               housekeeping, ConnectionTracker(table, slot),
                               WorkerPipe(write_end), watchdog)
@@ -318,11 +346,21 @@ def supervise(cli_path, runtime, workers: int) -> int:
     signal.set_wakeup_fd(wake_write)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: None)
+    stopping = False
+
+    def listeners() -> str | None:  # for /healthz, from the metrics thread
+        serving = sum(1 for w in list(children.values()) if w.serving)
+        if stopping:
+            return "stopping"
+        return None if serving == workers else f"{serving} of {workers} workers listening"
+
+    served = _serve_metrics(runtime.config, listeners)
+    if served is False:
+        return 1
     for slot in range(workers):
         spawn(slot, housekeeping=slot == 0)
     log.info("started %d worker processes", workers)
 
-    stopping = False
     ready_sent = False
     reloading: set[int] = set()  # pids that have not yet reloaded since the last SIGHUP
     next_ping = time.monotonic() + watchdog if watchdog else None
@@ -377,6 +415,7 @@ def supervise(cli_path, runtime, workers: int) -> int:
         except ChildProcessError:
             code = 0
         exit_code = os.waitstatus_to_exitcode(code)
+        metrics.worker_died(pid)
         if not stopping:
             log.error("worker %d exited with %s; starting another", pid, exit_code)
             if time.monotonic() - worker.started < 1.0:
@@ -416,4 +455,6 @@ def supervise(cli_path, runtime, workers: int) -> int:
             ping_watchdog()
             next_ping = time.monotonic() + watchdog
     signal.set_wakeup_fd(-1)
+    if served:
+        served.stop()
     return status

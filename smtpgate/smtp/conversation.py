@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from ..mail.addresses import Address, AddressError, normalise_domain, parse_path, relay_refusal
 from ..mail.session import Recipient, Session, TraceEntry, Transaction, new_id
+from .. import metrics
 from ..errors import RelayError, StoreError
 from ..mail.message import Message
 from ..pipeline.runner import publish_outcome, run_delivered, run_disconnect, run_end, run_stage
@@ -681,3 +682,4 @@ def log_transaction(tx: Transaction, reply: Reply | None, stage: str) -> None:
     if tx.session.data.get("forwarder_ident"):  # the forwarding Postfix's queue id (XFORWARD IDENT)
         fields["forwarder_id"] = tx.session.data["forwarder_ident"]
     log.info("transaction", extra={"fields": fields})
+    metrics.transaction_ended(reply.code if reply is not None else None, tx.trace)

@@ -29,6 +29,7 @@ import ssl
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from . import inflight
+from .. import metrics
 from ..config.gate import in_networks
 from ..mail.addresses import AddressError, helo_refusal, parse_path
 from . import forwarding
@@ -148,6 +149,7 @@ class GateSMTP(SMTP):
             if self._client_key is not None:
                 self.tracker.close(self._client_key)
                 self._client_key = None
+                metrics.connection_closed()
             if self.conv is not None:
                 task = asyncio.ensure_future(self.conv.close())
                 _background.add(task)
@@ -155,10 +157,12 @@ class GateSMTP(SMTP):
 
     async def _greet(self) -> bool:
         """Runs where aiosmtpd would send 220 (after PROXY): limits, then CONNECT rules."""
+        metrics.connection_opened()
         if not await self._count_client(first=True):
             return False
         refusal = await self.conv.connect()
         if refusal is not None:  # 421 (a connection limit): say it and close at once
+            metrics.connection_refused()
             await self.hang_up(refusal)
             return False
         return True
@@ -179,6 +183,7 @@ class GateSMTP(SMTP):
             self.tracker.per_client(key) > limits.max_connections_per_client
             and not (first and self.conv.forwarder))
         if over:
+            metrics.connection_refused()
             await self.hang_up(Reply(421, f"{self.hostname} Too many connections, try again later",
                                      "4.7.0"))
             return False

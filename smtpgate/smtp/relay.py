@@ -14,11 +14,13 @@ import os
 import re
 import socket
 import ssl
+import time
 
 import aiosmtplib
 from aiosmtplib import SMTPException, SMTPResponseException
 
 from ..mail.addresses import helo_refusal
+from .. import metrics
 from ..errors import RelayError
 from ..mail.reply import Reply
 from .relay_api import Capabilities, Relay
@@ -196,10 +198,12 @@ class Downstream:
         pieces = [raw] if isinstance(raw, (bytes, bytearray, memoryview)) else raw
         if not any(len(p) for p in pieces):
             return await self._empty_data()
+        began = time.monotonic()
         with self._failures():
             start = await smtp.execute_command(b"DATA")
             if start.code == 354:
                 response = await self._send_body(smtp, pieces)
+        metrics.downstream_data(time.monotonic() - began)
         if start.code != 354 or response.code != 250:
             failed = start if start.code != 354 else response
             reply = self._check(Reply.from_downstream(failed.code, failed.message))

@@ -1,6 +1,6 @@
 """Deployment artefacts checked against real tools: the example systemd unit
-(``systemd-analyze``), the Dockerfile's health probe run against a real gate, and what
-``smtpgate serve`` says about the not yet served ``metrics:``.
+(``systemd-analyze``), the Dockerfile's health probe run against a real gate (its SMTP
+greeting, or ``/healthz`` when ``metrics:`` is served).
 
 Building and running the image is not part of the tests: it takes a container engine and the
 base image from Docker Hub.
@@ -150,14 +150,22 @@ def test_dockerfile_health_probe_refuses_a_4xx_greeting(tmp_path):
 
 
 # ---------------------------------------------------------------------------- metrics
-def test_serve_warns_that_metrics_are_not_served_yet(gate_factory):
+def test_dockerfile_health_probe_asks_healthz_when_metrics_are_set(gate_factory, downstream):
+    """SMTPGATE_METRICS=HOST:PORT: the probe is GET /healthz (downstream included)."""
     port = free_port()
-    gate = gate_factory(config={"metrics": f"127.0.0.1:{port}"})
-    log = gate.wait_for_log("not served yet")
-    [line] = [line for line in log.splitlines() if "metrics" in line]
-    assert line.split()[1] == "warning" and f"127.0.0.1:{port}" in line, line
+    gate = gate_factory(config={"workers": 2, "metrics": f"127.0.0.1:{port}"})
+    env = {"SMTPGATE_HEALTH": "127.0.0.1:1", "SMTPGATE_METRICS": f"127.0.0.1:{port}"}
+
+    def probe() -> subprocess.CompletedProcess:
+        return subprocess.run(health_probe(), env=env, capture_output=True, text=True, timeout=30)
+
+    from tests.support.gateproc import wait_until
+    assert wait_until(lambda: probe().returncode == 0, 20), probe().stderr
+    downstream.stop()
+    assert wait_until(lambda: probe().returncode == 1, 20)
+    sick = probe()
+    assert sick.stderr.startswith("unhealthy: HTTP Error 503") and "downstream" in sick.stderr, sick.stderr
     assert gate.stop() == 0
-    assert gate.log_text().count("not served yet") == 1
 
 
 def test_serve_says_nothing_about_metrics_when_not_configured(gate_factory):
