@@ -9,7 +9,6 @@ dropped a batch at a time as checks go by.
 from __future__ import annotations
 
 from collections import Counter as TallyCounter
-from typing import Any
 
 from .limits import CONNECTIONS, Counter, LimitsStore, RateCheck, RateOutcome, decide
 from .sqlite_store import BATCH, SqliteComponentStore, write_transaction
