@@ -16,18 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import json
-import sys
 
-from smtpgate import Session, StoreError, duration
-from smtpgate.cli_api import GreylistSelector, json_parent, make_allow, positive, table, triplet_value, utc
+from smtpgate import Session, duration
+from smtpgate.cli_api import (GreylistSelector, UsageError, answer, json_parent, make_allow, positive, table,
+                              triplet_value, utc)
 
 RULE_NAME = "greylist"
 DEFAULT_AUTO_WHITELIST_AFTER = 5
-
-
-class UsageError(Exception):
-    """A bad argument: exit 2."""
 
 
 # --- argument parsing ---------------------------------------------------------------------
@@ -83,19 +78,7 @@ def add_parser(sub, common: argparse.ArgumentParser):
 def greylist_command(args, context) -> int:
     """The handler: ``context`` is smtpgate's ``CommandContext`` (the runtime on demand)."""
     context.runtime()  # a configuration error is reported (exit 2) before anything else
-    try:
-        doc, text = asyncio.run(_run(args, context))
-    except UsageError as e:
-        print(f"smtpgate greylist {args.greylist_command}: {e}", file=sys.stderr)
-        return 2
-    except StoreError as e:
-        print(f"smtpgate greylist {args.greylist_command}: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(doc, indent=2, ensure_ascii=False))
-    else:
-        print(text)
-    return 0
+    return answer(f"greylist {args.greylist_command}", lambda: asyncio.run(_run(args, context)), args.json)
 
 
 async def _run(args, context):

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import sys
 
-from smtpgate.cli_api import json_parent, positive, table
+from smtpgate.cli_api import UsageError, answer, json_parent, positive, table
 
 from . import KINDS, Limits, human, utc
 
@@ -43,21 +41,13 @@ def add_parser(sub, common: argparse.ArgumentParser):
     return limits_command
 
 
-class UsageError(Exception):
-    """A bad KEY: exit 2."""
-
-
 def limits_command(args, context) -> int:
     """The handler: ``context`` is smtpgate's ``CommandContext`` (the runtime on demand)."""
     runtime = context.runtime()
     rule = (context.rules("limits") or [Limits({})])[0]  # its key normalisation and limits
-    try:
-        doc, text = asyncio.run(_run(args, runtime.stores.limits, rule, context.now()))
-    except UsageError as e:
-        print(f"smtpgate limits {args.limits_command}: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(doc, indent=2, ensure_ascii=False) if args.json else text)
-    return 0
+    return answer(f"limits {args.limits_command}",
+                  lambda: asyncio.run(_run(args, runtime.stores.limits, rule, context.now())), args.json,
+                  store_errors=False)  # a StoreError: main's ``smtpgate limits: …``, exit 1
 
 
 async def _run(args, store, rule, now):

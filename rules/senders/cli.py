@@ -17,15 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import json
-import sys
 
-from smtpgate import MachineError, MachineRule, StoreError
-from smtpgate.cli_api import json_parent, positive, table, utc
-
-
-class UsageError(Exception):
-    """A bad argument: exit 2."""
+from smtpgate import MachineError, MachineRule
+from smtpgate.cli_api import UsageError, answer, json_parent, positive, table, utc
 
 
 def add_parser(sub, common: argparse.ArgumentParser):
@@ -59,26 +53,18 @@ def add_parser(sub, common: argparse.ArgumentParser):
 def senders_command(args, context) -> int:
     """The handler: ``context`` is smtpgate's ``CommandContext`` (the runtime on demand)."""
     runtime = context.runtime()
-    try:
+
+    def work():
         if _nothing_to_list(args, context):
             asyncio.run(runtime.stores.close())
-            doc = {"machine": None, "key_kind": None, "keys": [], "count": 0}
-            text = "no keys (no policy uses a sender state machine)"
-            print(json.dumps(doc, indent=2) if args.json else text)
-            return 0
+            return ({"machine": None, "key_kind": None, "keys": [], "count": 0},
+                    "no keys (no policy uses a sender state machine)")
         rule = machine_rule(context, args.machine, args.policy)
         if args.senders_command == "graph":
             print(rule.machine.to_dot(), end="")
-            return 0
-        doc, text = asyncio.run(_run(args, runtime, rule, context.now()))
-    except UsageError as e:
-        print(f"smtpgate senders {args.senders_command}: {e}", file=sys.stderr)
-        return 2
-    except StoreError as e:
-        print(f"smtpgate senders {args.senders_command}: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(doc, indent=2, ensure_ascii=False) if args.json else text)
-    return 0
+            return None
+        return asyncio.run(_run(args, runtime, rule, context.now()))
+    return answer(f"senders {args.senders_command}", work, getattr(args, "json", False))
 
 
 def _nothing_to_list(args, context) -> bool:

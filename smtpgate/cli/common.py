@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from datetime import datetime, timezone
+from typing import Callable
 
 
 class CommandContext:
@@ -49,6 +52,32 @@ class CommandContext:
         from ..mail.addresses import normalise_domain
         domain = address.rpartition("@")[2]
         return self.runtime().policies.for_domain(normalise_domain(domain)) if domain else None
+
+
+class UsageError(Exception):
+    """A bad argument: the command exits 2 with this message."""
+
+
+def answer(command: str, work: Callable[[], tuple | None], as_json: bool, *,
+           store_errors: bool = True, ascii_json: bool = False) -> int:
+    """Run one subcommand's ``work()`` and report it as every smtpgate command does: its
+    ``(doc, text)`` printed (the doc as JSON with ``as_json``), exit 0; None when it wrote
+    its output itself. A UsageError exits 2, a StoreError 1 (unless ``store_errors`` is
+    False: the caller's caller reports it), the message on stderr after ``smtpgate COMMAND:``."""
+    from ..errors import StoreError
+    caught = (StoreError,) if store_errors else ()
+    try:
+        result = work()
+    except UsageError as e:
+        print(f"smtpgate {command}: {e}", file=sys.stderr)
+        return 2
+    except caught as e:
+        print(f"smtpgate {command}: {e}", file=sys.stderr)
+        return 1
+    if result is not None:
+        doc, text = result
+        print(json.dumps(doc, indent=2, ensure_ascii=ascii_json) if as_json else text)
+    return 0
 
 
 def json_parent() -> argparse.ArgumentParser:

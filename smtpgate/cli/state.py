@@ -13,16 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import sys
 import time
 
-from .common import json_parent
-
-
-class UsageError(Exception):
-    """A bad argument: exit 2."""
+from .common import UsageError, answer, json_parent
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -35,26 +29,19 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 
 
 def state_command(args, config_path: str | None) -> int:
-    from ..errors import StoreError
-    try:
-        source, target = _urls(args.source, args.target)
-        counts = asyncio.run(_copy(source, target))
-    except UsageError as e:
-        print(f"smtpgate state {args.state_command}: {e}", file=sys.stderr)
-        return 2
-    except StoreError as e:
-        print(f"smtpgate state {args.state_command}: {e}", file=sys.stderr)
-        return 1
+    return answer(f"state {args.state_command}", lambda: _copied(args.source, args.target), args.json,
+                  ascii_json=True)
+
+
+def _copied(source_text: str, target_text: str) -> tuple[dict, str]:
+    source, target = _urls(source_text, target_text)
+    counts = asyncio.run(_copy(source, target))
     shown_source, shown_target = _shown(source), _shown(target)
-    if args.json:
-        doc = {"from": shown_source, "to": shown_target,
-               "copied": {part: dict(sorted(c.items())) for part, c in counts.items()}}
-        print(json.dumps(doc, indent=2))
-    else:
-        print(f"copied {shown_source} -> {shown_target}")
-        for part, c in counts.items():
-            print(f"  {part}: {_describe(part, c)}")
-    return 0
+    doc = {"from": shown_source, "to": shown_target,
+           "copied": {part: dict(sorted(c.items())) for part, c in counts.items()}}
+    text = "\n".join([f"copied {shown_source} -> {shown_target}",
+                      *(f"  {part}: {_describe(part, c)}" for part, c in counts.items())])
+    return doc, text
 
 
 def _urls(source_text: str, target_text: str) -> tuple[str, str]:

@@ -73,6 +73,7 @@ def _command(text: str = "Syntax: MAIL FROM:<address> / RCPT TO:<address>") -> A
 # --- character classes -------------------------------------------------------------------
 
 _ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
+_DOT_ATEXT = _ATEXT | {"."}  # a dot-string's characters (RFC 5321 4.1.2)
 # Lenient domain characters for parsing: LDH, dots and underscores (seen in the wild);
 # relay_refusal() is the strict check.
 _DOMAIN_ASCII = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
@@ -187,18 +188,22 @@ class _Parser:
         if not _utf8_ok(ch):
             raise _syntax()
 
-    def domain(self) -> str:
+    def take(self, allowed: frozenset[str]) -> str:
+        """The run from here of characters in ``allowed`` and non-ASCII ones (which need SMTPUTF8)."""
         start = self.i
         while self.i < len(self.s):
             ch = self.s[self.i]
-            if ch in _DOMAIN_ASCII:
+            if ch in allowed:
                 pass
             elif ord(ch) > 0x7F:
                 self.non_ascii(ch)
             else:
                 break
             self.i += 1
-        dom = self.s[start:self.i]
+        return self.s[start:self.i]
+
+    def domain(self) -> str:
+        dom = self.take(_DOMAIN_ASCII)
         if not dom:
             raise _syntax("Bad address syntax: missing domain")
         # Leading dots and empty labels are syntax errors; one trailing dot (an absolute
@@ -277,16 +282,7 @@ class _Parser:
             if text == '""':
                 raise _syntax("Bad address syntax: empty local part")
         else:
-            while self.i < len(self.s):
-                ch = self.s[self.i]
-                if ch in _ATEXT or ch == ".":
-                    pass
-                elif ord(ch) > 0x7F:
-                    self.non_ascii(ch)
-                else:
-                    break
-                self.i += 1
-            text = self.s[start:self.i]
+            text = self.take(_DOT_ATEXT)
             if not text:
                 raise _syntax("Bad address syntax: empty local part")
             if any(not atom for atom in text.split(".")):

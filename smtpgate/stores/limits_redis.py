@@ -18,9 +18,7 @@ import math
 from collections import Counter as TallyCounter
 
 from .limits import CONNECTIONS, Counter, LimitsStore, RateCheck, RateOutcome
-from .redis_store import RedisLink, glob_escape
-
-SCAN_COUNT = 1000
+from .redis_store import RedisComponentStore, as_text, glob_escape, scan_keys
 
 # KEYS: the counters. ARGV: 1 now, then per key: window, max, count (1/0).
 # Returns {allowed (1/0), retry_at ('' if allowed), estimate per key...}
@@ -81,15 +79,9 @@ return 1
 """
 
 
-def _s(value) -> str:
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
-
-
-class RedisLimitsStore(LimitsStore):
-    def __init__(self, url: str, prefix: str | None = None):
-        self.url = url
-        self.link = RedisLink(url, {"hit": HIT_LUA, "connect": CONNECT_LUA, "touch": TOUCH_LUA})
-        self.prefix = (prefix if prefix is not None else self.link.options["prefix"]) + "lim:"
+class RedisLimitsStore(RedisComponentStore, LimitsStore):
+    key_prefix = "lim:"
+    scripts = {"hit": HIT_LUA, "connect": CONNECT_LUA, "touch": TOUCH_LUA}
 
     def rate_key(self, kind: str, window: float, value: str) -> str:
         return f"{self.prefix}r:{kind}:{window:g}:{value}"
@@ -107,9 +99,9 @@ class RedisLimitsStore(LimitsStore):
             args += [repr(float(c.window)), int(c.max), "1" if c.count else "0"]
         reply = await self.link.run(lambda r: self.link.scripts["hit"](keys=keys, args=args))
         ok, retry, *estimates = reply
-        outcome = RateOutcome(int(ok) == 1, [float(_s(e)) for e in estimates])
+        outcome = RateOutcome(int(ok) == 1, [float(as_text(e)) for e in estimates])
         if not outcome.allowed:
-            outcome.retry_at = float(_s(retry))
+            outcome.retry_at = float(as_text(retry))
             outcome.refused = [i for i, (e, c) in enumerate(zip(outcome.estimates, checks))
                                if e + (1 if c.count else 0) > c.max]
         return outcome
@@ -122,24 +114,24 @@ class RedisLimitsStore(LimitsStore):
         except ValueError:
             return None
 
+    async def _read_counters(self, r, names: list[tuple[str, float, str]]) -> list[Counter]:
+        """The counters ``names`` (kind, window, value) name, in one pipeline; gone ones left out."""
+        if not names:
+            return []
+        pipe = r.pipeline(transaction=False)
+        for k, w, v in names:
+            pipe.hmget(self.rate_key(k, w, v), "b", "p", "c")
+        return [Counter(k, v, w, int(b), int(p or 0), int(c or 0))
+                for (k, w, v), (b, p, c) in zip(names, await pipe.execute()) if b is not None]
+
     async def counters(self, kind=None, value=None, limit=None) -> list[Counter]:
         pattern = glob_escape(f"{self.prefix}r:" + (f"{kind}:" if kind else "")) + "*"
         out: list[Counter] = []
 
         async def run(r):
-            cursor = 0
-            while True:
-                cursor, keys = await r.scan(cursor=cursor, match=pattern, count=SCAN_COUNT)
-                names = [p for p in (self._parse(_s(k)) for k in keys) if p and (value is None or p[2] == value)]
-                if names:
-                    pipe = r.pipeline(transaction=False)
-                    for k, w, v in names:
-                        pipe.hmget(self.rate_key(k, w, v), "b", "p", "c")
-                    for (k, w, v), (b, p, c) in zip(names, await pipe.execute()):
-                        if b is not None:
-                            out.append(Counter(k, v, w, int(b), int(p or 0), int(c or 0)))
-                if int(cursor) == 0:
-                    break
+            async for keys in scan_keys(r, pattern):
+                names = [p for p in (self._parse(as_text(k)) for k in keys) if p and (value is None or p[2] == value)]
+                out.extend(await self._read_counters(r, names))
         await self.link.run(run)
         out.sort(key=lambda c: (c.bucket * c.window, c.current), reverse=True)
         return out[:limit] if limit is not None else out
@@ -179,18 +171,13 @@ class RedisLimitsStore(LimitsStore):
         found: dict[str, int] = {}
 
         async def run(r):
-            cursor = 0
-            while True:
-                cursor, keys = await r.scan(cursor=cursor, match=pattern, count=SCAN_COUNT)
-                if keys:
-                    pipe = r.pipeline(transaction=False)
-                    for k in keys:
-                        pipe.zcount(k, repr(float(now)), "+inf")
-                    for k, n in zip(keys, await pipe.execute()):
-                        if int(n):
-                            found[_s(k)[len(self.prefix) + 2:]] = int(n)
-                if int(cursor) == 0:
-                    break
+            async for keys in scan_keys(r, pattern):
+                pipe = r.pipeline(transaction=False)
+                for k in keys:
+                    pipe.zcount(k, repr(float(now)), "+inf")
+                for k, n in zip(keys, await pipe.execute()):
+                    if int(n):
+                        found[as_text(k)[len(self.prefix) + 2:]] = int(n)
         await self.link.run(run)
         ranked = sorted(found.items(), key=lambda kv: kv[1], reverse=True)
         return dict(ranked[:limit] if limit is not None else ranked)
@@ -198,24 +185,11 @@ class RedisLimitsStore(LimitsStore):
     # -- moving to another store (portable.py) -----------------------------------------
     async def export_batches(self):
         pattern = glob_escape(f"{self.prefix}r:") + "*"
-        cursor = 0
-        while True:  # one SCAN page per call
-            async def page(r, at=cursor):
-                following, keys = await r.scan(cursor=at, match=pattern, count=SCAN_COUNT)
-                names = [p for p in (self._parse(_s(k)) for k in keys) if p]
-                found = []
-                if names:
-                    pipe = r.pipeline(transaction=False)
-                    for k, w, v in names:
-                        pipe.hmget(self.rate_key(k, w, v), "b", "p", "c")
-                    found = [Counter(k, v, w, int(b), int(p or 0), int(c or 0))
-                             for (k, w, v), (b, p, c) in zip(names, await pipe.execute()) if b is not None]
-                return int(following), found
-            cursor, found = await self.link.run(page)
-            if found:
-                yield found
-            if cursor == 0:
-                return
+
+        async def read(r, keys):
+            return await self._read_counters(r, [p for p in (self._parse(as_text(k)) for k in keys) if p])
+        async for found in self._scan_batches(pattern, read):
+            yield found
 
     async def import_batch(self, items, now) -> TallyCounter:
         kept = [c for c in items if c.expires > now]
@@ -230,7 +204,4 @@ class RedisLimitsStore(LimitsStore):
         if kept:
             await self.link.run(run)
         return TallyCounter(counters=len(kept), skipped=len(items) - len(kept))
-
-    async def close(self) -> None:
-        await self.link.close()
 

@@ -9,12 +9,9 @@ dropped a batch at a time as checks go by.
 from __future__ import annotations
 
 from collections import Counter as TallyCounter
-from typing import Any
 
-from ..config import sqlite_path
-from ..errors import StoreError
 from .limits import CONNECTIONS, Counter, LimitsStore, RateCheck, RateOutcome, decide
-from .sqlite_store import BATCH, GC_EVERY, SqliteDatabase, migrate, write_transaction
+from .sqlite_store import BATCH, SqliteComponentStore, write_transaction
 
 COMPONENT = "limits"
 # Version N is LIMITS_SCHEMA[:N]. Never edit a step that has shipped: append a new one.
@@ -30,24 +27,9 @@ LIMITS_SCHEMA: tuple[tuple[str, ...], ...] = (
 _RATE_COLUMNS = "kind, value, span, bucket, previous, current"  # span: the window
 
 
-class SqliteLimitsStore(LimitsStore):
-    def __init__(self, url: str, db: SqliteDatabase | None = None):
-        path = sqlite_path(url)
-        if path is None:
-            raise StoreError(f"not a sqlite:// state URL: {url!r}")
-        self.url = url
-        self.db = db or SqliteDatabase(path)
-        self.db.migrations[COMPONENT] = LIMITS_SCHEMA
-        self._ready: set[int] = set()  # ids of connections known to be migrated
-        self._last_gc = -float("inf")
-
-    async def _run(self, fn, *args) -> Any:
-        def call(conn, *a):
-            if id(conn) not in self._ready:  # a database another store opened before us
-                migrate(conn, COMPONENT, LIMITS_SCHEMA)
-                self._ready.add(id(conn))
-            return fn(conn, *a)
-        return await self.db.run(call, *args)
+class SqliteLimitsStore(SqliteComponentStore, LimitsStore):
+    component = COMPONENT
+    schema = LIMITS_SCHEMA
 
     async def hit(self, checks: list[RateCheck], now: float) -> RateOutcome:
         checks = [RateCheck(*c) for c in checks]
@@ -66,8 +48,7 @@ class SqliteLimitsStore(LimitsStore):
                                   for c in writes])
             return outcome
         outcome = await self._run(run)
-        if now - self._last_gc >= GC_EVERY:
-            self._last_gc = now
+        if self._sweep_due(now):
             await self._run(self._sweep, now)
         return outcome
 
@@ -146,14 +127,8 @@ class SqliteLimitsStore(LimitsStore):
 
     # -- moving to another store (portable.py) -----------------------------------------
     async def export_batches(self):
-        after = None
-        while True:  # in key order, a page at a time
-            rows = await self._run(self._page, after)
-            if rows:
-                yield [Counter(*row) for row in rows]
-            if len(rows) < BATCH:
-                return
-            after = rows[-1][:3]
+        async for rows in self._pages(self._run, self._page, 3):
+            yield [Counter(*row) for row in rows]
 
     @staticmethod
     def _page(conn, after):
@@ -175,6 +150,3 @@ class SqliteLimitsStore(LimitsStore):
         if kept:
             await self._run(write)
         return TallyCounter(counters=len(kept), skipped=len(items) - len(kept))
-
-    async def close(self) -> None:
-        await self.db.close()

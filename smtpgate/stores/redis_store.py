@@ -235,12 +235,13 @@ def _num(text) -> float | None:
     return float(text) if text != "" else None
 
 
-def _s(value) -> str:
+def as_text(value) -> str:
+    """A reply from redis-py (bytes or not) as text."""
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
 def _allow_from_json(key: str, text) -> AllowEntry:
-    d = json.loads(_s(text))
+    d = json.loads(as_text(text))
     return AllowEntry(d["kind"], d["value"], key, d["created"], d.get("expires"), d.get("note", ""))
 
 
@@ -370,17 +371,58 @@ def _is_outage(exc: BaseException) -> bool:
     return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError))
 
 
-class RedisGreylistStore(GreylistStore):
+class RedisComponentStore:
+    """What every Redis store shares: its own ``RedisLink`` (with the Lua ``scripts`` it
+    registers), its keys under the URL's prefix (or ``prefix``) plus ``key_prefix``, and
+    its export a SCAN page at a time."""
+    key_prefix: str
+    scripts: dict[str, str] = {}
+
     def __init__(self, url: str, prefix: str | None = None):
         self.url = url
-        self.link = RedisLink(url, {"attempt": ATTEMPT_LUA, "lens": REBUILD_LENS_LUA, "import": IMPORT_LUA,
-                                    "export": EXPORT_LUA})
-        self.prefix = (prefix if prefix is not None else self.link.options["prefix"]) + "gl:"
-        self.k_allow, self.k_lens, self.k_stats = (self.prefix + "allow", self.prefix + "allowlens",
-                                                   self.prefix + "stats")
+        self.link = RedisLink(url, self.scripts)
+        self.prefix = (prefix if prefix is not None else self.link.options["prefix"]) + self.key_prefix
 
     async def _do(self, coro_fn):
         return await self.link.run(coro_fn)
+
+    async def _scan_batches(self, pattern: str, read):
+        """``await read(r, keys)`` for each SCAN page of the keys ``pattern`` matches, one call
+        a page (the server never blocks, memory stays bounded); its non-empty lists."""
+        cursor = 0
+        while True:
+            async def page(r, at=cursor):
+                following, keys = await r.scan(cursor=at, match=pattern, count=SCAN_COUNT)
+                return int(following), (await read(r, keys) if keys else [])
+            cursor, found = await self._do(page)
+            if found:
+                yield found
+            if cursor == 0:
+                return
+
+    async def close(self) -> None:
+        await self.link.close()
+
+
+async def scan_keys(r, pattern):
+    """The keys ``pattern`` matches, a SCAN page (a list) at a time, on the connection ``r``."""
+    cursor = 0
+    while True:
+        cursor, keys = await r.scan(cursor=cursor, match=pattern, count=SCAN_COUNT)
+        if keys:
+            yield keys
+        if int(cursor) == 0:
+            break
+
+
+class RedisGreylistStore(RedisComponentStore, GreylistStore):
+    key_prefix = "gl:"
+    scripts = {"attempt": ATTEMPT_LUA, "lens": REBUILD_LENS_LUA, "import": IMPORT_LUA, "export": EXPORT_LUA}
+
+    def __init__(self, url: str, prefix: str | None = None):
+        super().__init__(url, prefix)
+        self.k_allow, self.k_lens, self.k_stats = (self.prefix + "allow", self.prefix + "allowlens",
+                                                   self.prefix + "stats")
 
     def triplet_key(self, client, sender, recipient) -> str:
         return f"{self.prefix}t:{triplet_value(client, sender, recipient)}"
@@ -403,19 +445,19 @@ class RedisGreylistStore(GreylistStore):
         res = await self._do(lambda r: self.link.scripts["attempt"](keys=keys, args=args))
         (outcome, exists, first, last, attempts, passed, passed_at, retry_delay, expires,
          allow_key, allow_json, count) = res
-        outcome = _s(outcome)
+        outcome = as_text(outcome)
         entry = None
         if int(exists):
             entry = Entry(client, sender, recipient, _num(first), _num(last), int(attempts), bool(int(passed)),
                           _num(passed_at), _num(retry_delay), _num(expires))
-        allow = _allow_from_json(_s(allow_key), allow_json) if _s(allow_key) else None
+        allow = _allow_from_json(as_text(allow_key), allow_json) if as_text(allow_key) else None
         count = int(count)
         return Attempt(outcome, entry, allow, None if count < 0 else count)
 
     # -- reads -------------------------------------------------------------------------
     @staticmethod
     def _entry(data: dict) -> Entry | None:
-        d = {_s(k): _s(v) for k, v in data.items()}
+        d = {as_text(k): as_text(v) for k, v in data.items()}
         if "first" not in d:
             return None
         return Entry(d["client"], d["sender"], d["recipient"], float(d["first"]), float(d["last"]),
@@ -431,7 +473,7 @@ class RedisGreylistStore(GreylistStore):
 
     async def allow_entries(self, now=None) -> list[AllowEntry]:
         data = await self._do(lambda r: r.hgetall(self.k_allow))
-        out = [_allow_from_json(_s(k), v) for k, v in data.items()]
+        out = [_allow_from_json(as_text(k), v) for k, v in data.items()]
         if now is not None:
             out = [a for a in out if a.live(now)]
         return sorted(out, key=lambda a: a.created)
@@ -442,7 +484,7 @@ class RedisGreylistStore(GreylistStore):
 
         async def run(r):
             pattern = glob_escape(self.prefix + "t:") + "*"
-            async for page in _pages(r, pattern):
+            async for page in scan_keys(r, pattern):
                 pipe = r.pipeline(transaction=False)
                 for k in page:
                     pipe.hgetall(k)
@@ -517,7 +559,7 @@ class RedisGreylistStore(GreylistStore):
             st.auto_whitelisted = sum(1 for n in per_client.values() if n >= auto_whitelist_after)
         st.allow_entries = len(await self.allow_entries(now))
         for k, v in (await self._do(lambda r: r.hgetall(self.k_stats))).items():
-            name, value = _s(k), int(v)
+            name, value = as_text(k), int(v)
             if name.startswith("delay:"):
                 st.retry_delays[name[6:]] = value
             else:
@@ -530,23 +572,17 @@ class RedisGreylistStore(GreylistStore):
         if allows:
             yield allows
         pattern = glob_escape(self.prefix + "t:") + "*"
-        cursor = 0
-        while True:  # one SCAN page per call: the server never blocks, memory stays bounded
-            async def page(r, at=cursor):
-                following, keys = await r.scan(cursor=at, match=pattern, count=SCAN_COUNT)
-                found = []
-                if keys:
-                    hashes = json.loads(_s(await self.link.scripts["export"](keys=keys, args=[])))
-                    for flat in hashes:  # a key gone since the SCAN: an empty (JSON {}) list
-                        e = self._entry(dict(zip(flat[::2], flat[1::2]))) if flat else None
-                        if e is not None:
-                            found.append(e)
-                return int(following), found
-            cursor, found = await self._do(page)
-            if found:
-                yield found
-            if cursor == 0:
-                return
+
+        async def read(r, keys):
+            found = []
+            hashes = json.loads(as_text(await self.link.scripts["export"](keys=keys, args=[])))
+            for flat in hashes:  # a key gone since the SCAN: an empty (JSON {}) list
+                e = self._entry(dict(zip(flat[::2], flat[1::2]))) if flat else None
+                if e is not None:
+                    found.append(e)
+            return found
+        async for found in self._scan_batches(pattern, read):
+            yield found
 
     async def import_batch(self, items, now) -> Counter:
         kinds = [import_kind(item, now) for item in items]
@@ -569,16 +605,3 @@ class RedisGreylistStore(GreylistStore):
         if kept:
             await self._do(run)
         return Counter(kinds)
-
-    async def close(self) -> None:
-        await self.link.close()
-
-
-async def _pages(r, pattern):
-    cursor = 0
-    while True:
-        cursor, keys = await r.scan(cursor=cursor, match=pattern, count=SCAN_COUNT)
-        if keys:
-            yield keys
-        if int(cursor) == 0:
-            break

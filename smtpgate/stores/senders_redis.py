@@ -25,11 +25,10 @@ from collections import Counter
 from typing import Any
 
 from ..errors import StoreError
-from .redis_store import RedisLink, glob_escape, redact
+from .redis_store import RedisComponentStore, as_text, glob_escape, redact, scan_keys
 from .senders import ChangeFn, SenderRecord, SenderStore
 
 CONTENTION_TIMEOUT = 10.0
-SCAN_COUNT = 1000
 
 # KEYS[1] the record; ARGV: 1 the version read ('' = absent), 2 the new doc ('' = delete),
 # 3 the new version, 4 seconds to live (>= 1)
@@ -46,20 +45,14 @@ return 1
 """
 
 
-def _s(value) -> str:
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+class RedisSenderStore(RedisComponentStore, SenderStore):
+    key_prefix = "sm:"
+    scripts = {"cas": CAS_LUA}
 
-
-class RedisSenderStore(SenderStore):
     def __init__(self, url: str, prefix: str | None = None):
-        self.url = url
-        self.link = RedisLink(url, {"cas": CAS_LUA})
-        self.prefix = (prefix if prefix is not None else self.link.options["prefix"]) + "sm:"
+        super().__init__(url, prefix)
         #: compare-and-sets lost to another writer (and retried), since this store was made
         self.retries = 0
-
-    async def _do(self, coro_fn):
-        return await self.link.run(coro_fn)
 
     def record_key(self, machine: str, key: str) -> str:
         return f"{self.prefix}{machine}:{key}"
@@ -68,7 +61,7 @@ class RedisSenderStore(SenderStore):
         version, doc = await r.hmget(self.record_key(machine, key), "v", "doc")
         if version is None or doc is None:
             return "", None
-        return _s(version), SenderRecord.from_json(doc)
+        return as_text(version), SenderRecord.from_json(doc)
 
     async def get(self, machine, key) -> SenderRecord | None:
         async def run(r):
@@ -107,20 +100,10 @@ class RedisSenderStore(SenderStore):
         pattern = glob_escape(self.prefix + (f"{machine}:" if machine is not None else "")) + "*"
 
         async def run(r):
-            cursor = 0
-            while True:
-                cursor, keys = await r.scan(cursor=cursor, match=pattern, count=SCAN_COUNT)
-                if keys:
-                    pipe = r.pipeline(transaction=False)
-                    for k in keys:
-                        pipe.hget(k, "doc")
-                    for doc in await pipe.execute():
-                        if doc is not None:
-                            rec = SenderRecord.from_json(doc)
-                            if (machine is None or rec.machine == machine) and (state is None or rec.state == state):
-                                out.append(rec)
-                if int(cursor) == 0:
-                    break
+            async for keys in scan_keys(r, pattern):
+                for rec in await _read_records(r, keys):
+                    if (machine is None or rec.machine == machine) and (state is None or rec.state == state):
+                        out.append(rec)
         await self._do(run)
         out.sort(key=lambda rec: rec.seen, reverse=True)
         return out[:limit] if limit is not None else out
@@ -138,22 +121,8 @@ class RedisSenderStore(SenderStore):
     # -- moving to another store (portable.py) -----------------------------------------
     async def export_batches(self):
         pattern = glob_escape(self.prefix) + "*"
-        cursor = 0
-        while True:  # one SCAN page per call
-            async def page(r, at=cursor):
-                following, keys = await r.scan(cursor=at, match=pattern, count=SCAN_COUNT)
-                found = []
-                if keys:
-                    pipe = r.pipeline(transaction=False)
-                    for k in keys:
-                        pipe.hget(k, "doc")
-                    found = [SenderRecord.from_json(doc) for doc in await pipe.execute() if doc is not None]
-                return int(following), found
-            cursor, found = await self._do(page)
-            if found:
-                yield found
-            if cursor == 0:
-                return
+        async for found in self._scan_batches(pattern, _read_records):
+            yield found
 
     async def import_batch(self, items, now) -> Counter:
         kept = [rec for rec in items if rec.expires > now]
@@ -169,6 +138,11 @@ class RedisSenderStore(SenderStore):
             await self._do(run)
         return Counter(records=len(kept), skipped=len(items) - len(kept))
 
-    async def close(self) -> None:
-        await self.link.close()
+
+async def _read_records(r, keys) -> list[SenderRecord]:
+    """The records at ``keys``, in one pipeline; a key gone since the SCAN left out."""
+    pipe = r.pipeline(transaction=False)
+    for k in keys:
+        pipe.hget(k, "doc")
+    return [SenderRecord.from_json(doc) for doc in await pipe.execute() if doc is not None]
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from ..config import sqlite_path
-from ..errors import StoreError
 from .senders import ChangeFn, SenderRecord, SenderStore
-from .sqlite_store import BATCH, GC_EVERY, SqliteDatabase, migrate, write_transaction
+from .sqlite_store import BATCH, SqliteComponentStore, write_transaction
 
 COMPONENT = "senders"
 # Version N is SENDERS_SCHEMA[:N]. Never edit a step that has shipped: append a new one.
@@ -29,24 +27,9 @@ SENDERS_SCHEMA: tuple[tuple[str, ...], ...] = (
 )
 
 
-class SqliteSenderStore(SenderStore):
-    def __init__(self, url: str, db: SqliteDatabase | None = None):
-        path = sqlite_path(url)
-        if path is None:
-            raise StoreError(f"not a sqlite:// state URL: {url!r}")
-        self.url = url
-        self.db = db or SqliteDatabase(path)
-        self.db.migrations[COMPONENT] = SENDERS_SCHEMA
-        self._ready: set[int] = set()  # ids of connections known to be migrated
-        self._last_gc = -float("inf")
-
-    async def _run(self, fn, *args) -> Any:
-        def call(conn, *a):
-            if id(conn) not in self._ready:  # a database another store opened before us
-                migrate(conn, COMPONENT, SENDERS_SCHEMA)
-                self._ready.add(id(conn))
-            return fn(conn, *a)
-        return await self.db.run(call, *args)
+class SqliteSenderStore(SqliteComponentStore, SenderStore):
+    component = COMPONENT
+    schema = SENDERS_SCHEMA
 
     async def get(self, machine, key) -> SenderRecord | None:
         def read(conn):
@@ -72,8 +55,7 @@ class SqliteSenderStore(SenderStore):
                                  (machine, key, new.state, new.seen, new.expires, new.to_json()))
             return result
         result = await self._run(run)
-        if now is not None and now - self._last_gc >= GC_EVERY:
-            self._last_gc = now
+        if now is not None and self._sweep_due(now):
             await self._run(self._sweep, now)
         return result
 
@@ -118,14 +100,8 @@ class SqliteSenderStore(SenderStore):
 
     # -- moving to another store (portable.py) -----------------------------------------
     async def export_batches(self):
-        after = None
-        while True:  # in key order, a page at a time
-            rows = await self._run(self._page, after)
-            if rows:
-                yield [SenderRecord.from_json(doc) for _, _, doc in rows]
-            if len(rows) < BATCH:
-                return
-            after = rows[-1][:2]
+        async for rows in self._pages(self._run, self._page, 2):
+            yield [SenderRecord.from_json(doc) for _, _, doc in rows]
 
     @staticmethod
     def _page(conn, after):
@@ -146,6 +122,3 @@ class SqliteSenderStore(SenderStore):
         if kept:
             await self._run(write)
         return Counter(records=len(kept), skipped=len(items) - len(kept))
-
-    async def close(self) -> None:
-        await self.db.close()

@@ -160,6 +160,55 @@ def migrate(conn: sqlite3.Connection, component: str, steps: Sequence[Sequence[s
     return target
 
 
+class SqliteComponentStore:
+    """What every SQLite store shares: its tables (``component``, migrated by ``schema``) in a
+    database file it may share with the other stores (``db``), the calls on its thread, the
+    pace of its sweeps and its paged export."""
+    component: str
+    schema: Sequence[Sequence[str]]
+
+    def __init__(self, url: str, db: SqliteDatabase | None = None):
+        path = sqlite_path(url)
+        if path is None:
+            raise StoreError(f"not a sqlite:// state URL: {url!r}")
+        self.url = url
+        self.db = db or SqliteDatabase(path)
+        self.db.migrations[self.component] = self.schema
+        self._ready: set[int] = set()  # ids of connections known to be migrated
+        self._last_gc = -float("inf")
+
+    async def _run(self, fn, *args) -> Any:
+        """``db.run``, migrating first a connection another store opened before this one."""
+        def call(conn, *a):
+            if id(conn) not in self._ready:
+                migrate(conn, self.component, self.schema)
+                self._ready.add(id(conn))
+            return fn(conn, *a)
+        return await self.db.run(call, *args)
+
+    def _sweep_due(self, now: float) -> bool:
+        """True (and the clock restarted) once GC_EVERY seconds of store time have passed."""
+        if now - self._last_gc < GC_EVERY:
+            return False
+        self._last_gc = now
+        return True
+
+    async def _pages(self, run, page, key_length: int):
+        """The rows ``run(page, after)`` returns, in key order, BATCH at a time (``after``: the
+        last row's first ``key_length`` columns): no long read transaction."""
+        after = None
+        while True:
+            rows = await run(page, after)
+            if rows:
+                yield rows
+            if len(rows) < BATCH:
+                return
+            after = rows[-1][:key_length]
+
+    async def close(self) -> None:
+        await self.db.close()
+
+
 # Version N is GREYLIST_SCHEMA[:N]. Never edit a step that has shipped: append a new one.
 GREYLIST_SCHEMA: tuple[tuple[str, ...], ...] = (
     # 1: the triplets
@@ -209,23 +258,16 @@ def _count(conn, name: str, by: int = 1) -> None:
                  "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (name, by))
 
 
-class SqliteGreylistStore(GreylistStore):
-    def __init__(self, url: str, db: SqliteDatabase | None = None):
-        path = sqlite_path(url)
-        if path is None:
-            raise StoreError(f"not a sqlite:// state URL: {url!r}")
-        self.url = url
-        self.db = db or SqliteDatabase(path)
-        self.db.migrations["greylist"] = GREYLIST_SCHEMA
-        self._last_gc = -float("inf")
+class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
+    component = "greylist"
+    schema = GREYLIST_SCHEMA
 
     # -- the decisive operation --------------------------------------------------------
     async def attempt(self, client, sender, recipient, *, now, params: Params, client_ip=None,
                       dry_run=False) -> Attempt:
         key = (client, sender, recipient)
         result = await self.db.run(self._attempt, key, now, params, client_ip, dry_run)
-        if not dry_run and now - self._last_gc >= GC_EVERY:
-            self._last_gc = now
+        if not dry_run and self._sweep_due(now):
             await self.db.run(self._sweep, now - GRACE)
         return result
 
@@ -406,14 +448,8 @@ class SqliteGreylistStore(GreylistStore):
         allows = await self.allow_entries()
         if allows:
             yield allows
-        after = None
-        while True:  # in key order, a page at a time: no long read transaction
-            rows = await self.db.run(self._page, after)
-            if rows:
-                yield [_entry(r) for r in rows]
-            if len(rows) < BATCH:
-                return
-            after = rows[-1][:3]
+        async for rows in self._pages(self.db.run, self._page, 3):
+            yield [_entry(r) for r in rows]
 
     @staticmethod
     def _page(conn, after):
@@ -436,6 +472,3 @@ class SqliteGreylistStore(GreylistStore):
         if kept:
             await self.db.run(write)
         return Counter(kinds)
-
-    async def close(self) -> None:
-        await self.db.close()

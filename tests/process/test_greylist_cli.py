@@ -8,20 +8,16 @@ user does; the detailed tests call the same `main(argv)` in this process (a subp
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import subprocess
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
-from smtpgate.cli.main import main
-
 from smtpgate.stores import Params, make_allow, open_greylist_store, triplet_value
-from tests.support.redisproc import (UNREACHABLE_REDIS_URL, delete_redis_keys, new_prefix, redis_state,
-                                     require_redis)
+from tests.support.cligate import CliGate
+from tests.support.redisproc import UNREACHABLE_REDIS_URL
 
 POLICY = """domains: [example.com]
 rules:
@@ -31,33 +27,15 @@ OTHER = "domains: [other.example]\nrules: []\n"
 P = Params(600, 2 * 86400, 35 * 86400, 2)
 
 
-class Gate:
+class Gate(CliGate):
     """A gate.yaml, its policies and its store, for the CLI to work on."""
 
     def __init__(self, folder, state, subprocess_=False):
-        self.folder, self.state, self.subprocess = folder, state, subprocess_
-        (folder / "policies").mkdir()
-        (folder / "policies" / "default.yaml").write_text(POLICY)
-        (folder / "policies" / "other.yaml").write_text(OTHER)
-        self.config = folder / "gate.yaml"
-        self.config.write_text(f"state: {json.dumps(state)}\npolicies: policies\n")  # quoted: "prefix=x:"
+        super().__init__(folder, state, {"default": POLICY, "other": OTHER}, subprocess_)
 
     def cli(self, *args, config_first=False, expect=0):
         c = ["-c", str(self.config)]
-        argv = [*(c if config_first else []), *args, *([] if config_first else c)]
-        if self.subprocess:
-            argv = [sys.executable, "-m", "smtpgate", *argv]
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=self.folder)
-        else:
-            out, err = io.StringIO(), io.StringIO()
-            with redirect_stdout(out), redirect_stderr(err):
-                try:
-                    code = main(argv)
-                except SystemExit as e:  # argparse's usage errors
-                    code = e.code
-            done = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
-        assert done.returncode == expect, f"{argv}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-        return done
+        return self.run_cli([*(c if config_first else []), *args, *([] if config_first else c)], expect)
 
     def json(self, *args, **kw):
         return json.loads(self.cli(*args, "--json", **kw).stdout)
@@ -79,25 +57,14 @@ class Gate:
         return self.run(lambda store: store.get(client, sender, recipient))
 
 
-def _gate(request, tmp_path, subprocess_=False):
-    prefix = new_prefix()
-    if request.param == "redis":
-        require_redis()
-        state = redis_state(prefix)
-    else:
-        state = f"sqlite://{tmp_path / 'state.db'}"
-    request.addfinalizer(lambda: request.param == "redis" and delete_redis_keys(prefix))
-    return Gate(tmp_path, state, subprocess_)
+@pytest.fixture
+def gate(state_url, tmp_path):
+    return Gate(tmp_path, state_url)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def gate(request, tmp_path):
-    return _gate(request, tmp_path)
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def gate_subprocess(request, tmp_path):
-    return _gate(request, tmp_path, subprocess_=True)
+@pytest.fixture
+def gate_subprocess(state_url, tmp_path):
+    return Gate(tmp_path, state_url, subprocess_=True)
 
 
 def fill(g: Gate, now: float):

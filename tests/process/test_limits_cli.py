@@ -8,8 +8,6 @@ import asyncio
 import importlib.metadata
 import io
 import json
-import subprocess
-import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
 
@@ -18,7 +16,7 @@ import pytest
 from smtpgate.cli import main as cli_main
 from smtpgate.stores import open_limits_store
 
-from tests.unit.test_stores import delete_redis_keys, new_prefix, redis_state, require_redis
+from tests.support.cligate import CliGate
 
 POLICY = """domains: [example.com]
 rules:
@@ -31,29 +29,12 @@ rules:
 """
 
 
-class Gate:
+class Gate(CliGate):
     def __init__(self, folder, state):
-        self.folder, self.state = folder, state
-        (folder / "policies").mkdir()
-        (folder / "policies" / "default.yaml").write_text(POLICY)
-        self.config = folder / "gate.yaml"
-        self.config.write_text(f"state: {json.dumps(state)}\npolicies: policies\n")
+        super().__init__(folder, state, {"default": POLICY})
 
     def cli(self, *args, expect=0, subprocess_=False):
-        argv = ["limits", *args, "-c", str(self.config)]
-        if subprocess_:
-            done = subprocess.run([sys.executable, "-m", "smtpgate", *argv], capture_output=True, text=True,
-                                  timeout=60, cwd=self.folder)
-        else:
-            out, err = io.StringIO(), io.StringIO()
-            with redirect_stdout(out), redirect_stderr(err):
-                try:
-                    code = cli_main.main(argv)
-                except SystemExit as e:  # argparse's usage errors
-                    code = e.code
-            done = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
-        assert done.returncode == expect, f"{argv}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-        return done
+        return self.run_cli(["limits", *args, "-c", str(self.config)], expect, subprocess_)
 
     def json(self, *args):
         return json.loads(self.cli(*args, "--json").stdout)
@@ -75,17 +56,9 @@ class Gate:
         asyncio.run(go())
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def gate(request, tmp_path):
-    prefix = new_prefix()
-    if request.param == "redis":
-        require_redis()
-        state = redis_state(prefix)
-    else:
-        state = f"sqlite://{tmp_path / 'state.db'}"
-    yield Gate(tmp_path, state)
-    if request.param == "redis":
-        delete_redis_keys(prefix)
+@pytest.fixture
+def gate(state_url, tmp_path):
+    return Gate(tmp_path, state_url)
 
 
 def test_list_shows_every_counter_with_its_limit(gate):

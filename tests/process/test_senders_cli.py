@@ -17,9 +17,9 @@ from smtpgate import Event
 from smtpgate.cli.main import main
 from smtpgate.stores import open_sender_store
 from smtpgate_rules.senders import Senders
+from tests.support.cligate import CliGate
 from tests.support.dot import parse_dot
-from tests.support.redisproc import (UNREACHABLE_REDIS_URL, delete_redis_keys, new_prefix, redis_state,
-                                     require_redis)
+from tests.support.redisproc import UNREACHABLE_REDIS_URL
 
 POLICY = "domains: [example.com]\nrules:\n  - senders: {}\n  - greylist: {}\n"
 NETS = """domains: [nets.example]
@@ -33,32 +33,14 @@ rules:
 """
 
 
-class Gate:
+class Gate(CliGate):
     """A gate.yaml, its policies and its state, for the CLI to work on."""
 
     def __init__(self, folder, state, subprocess_=False):
-        self.folder, self.state, self.subprocess = folder, state, subprocess_
-        (folder / "policies").mkdir()
-        (folder / "policies" / "default.yaml").write_text(POLICY)
-        (folder / "policies" / "nets.yaml").write_text(NETS)
-        self.config = folder / "gate.yaml"
-        self.config.write_text(f"state: {json.dumps(state)}\npolicies: policies\n")
+        super().__init__(folder, state, {"default": POLICY, "nets": NETS}, subprocess_)
 
     def cli(self, *args, expect=0):
-        argv = ["senders", *args, "-c", str(self.config)]
-        if self.subprocess:
-            done = subprocess.run([sys.executable, "-m", "smtpgate", *argv], capture_output=True, text=True,
-                                  timeout=60, cwd=self.folder)
-        else:
-            out, err = io.StringIO(), io.StringIO()
-            with redirect_stdout(out), redirect_stderr(err):
-                try:
-                    code = main(argv)
-                except SystemExit as e:  # argparse's usage errors
-                    code = e.code
-            done = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
-        assert done.returncode == expect, f"{argv}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-        return done
+        return self.run_cli(["senders", *args, "-c", str(self.config)], expect)
 
     def json(self, *args):
         return json.loads(self.cli(*args, "--json").stdout)
@@ -76,17 +58,9 @@ class Gate:
         return asyncio.run(go())
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def gate(request, tmp_path):
-    prefix = new_prefix()
-    if request.param == "redis":
-        require_redis()
-        state = redis_state(prefix)
-    else:
-        state = f"sqlite://{tmp_path / 'state.db'}"
-    yield Gate(tmp_path, state)
-    if request.param == "redis":
-        delete_redis_keys(prefix)
+@pytest.fixture
+def gate(state_url, tmp_path):
+    return Gate(tmp_path, state_url)
 
 
 def test_list_show_set_reset(gate):

@@ -9,29 +9,17 @@ import pytest
 from smtpgate.stores import open_limits_store
 from smtpgate.stores.limits import Counter, RateCheck, decide, retry_time
 
-from tests.unit.test_stores import delete_redis_keys, new_prefix, redis_state, require_redis
+from tests.support.stores import backend, store_maker  # noqa: F401 (backend: a fixture)
 
 HOUR = 3600.0
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z: a bucket boundary for every window here
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-async def make_store(request, tmp_path):
+@pytest.fixture
+async def make_store(backend, tmp_path):
     """`make_store()` -> another store on this test's state (each call: another gate)."""
-    if request.param == "redis":
-        require_redis()
-    prefix = new_prefix()
-    url = f"sqlite://{tmp_path / 'state.db'}" if request.param == "sqlite" else redis_state(prefix)
-    made = []
-
-    def make():
-        made.append(open_limits_store(url))
-        return made[-1]
-    yield make
-    for store in made:
-        await store.close()
-    if request.param == "redis":
-        delete_redis_keys(prefix)
+    async with store_maker(open_limits_store, backend, tmp_path) as make:
+        yield make
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ from smtpgate.stores.senders import HISTORY_MAX, Change, SenderRecord
 from smtpgate.stores.senders_sqlite import SENDERS_SCHEMA
 from smtpgate.stores.sqlite_store import GREYLIST_SCHEMA
 from tests.support.constants import ROOT, T0
-from tests.support.redisproc import UNREACHABLE_REDIS_URL, delete_redis_keys, new_prefix, redis_state, require_redis
+from tests.support.redisproc import UNREACHABLE_REDIS_URL
+from tests.support.stores import backend, store_maker  # noqa: F401 (backend: a fixture)
 
 
 # A machine whose guards need exact counts: 10 hits to leave a, 10 more to leave b.
@@ -30,31 +31,11 @@ COUNTER = Machine("counter", {"a": {"hit": Transition("b", count=10)},
                               "c": {}}, initial="a")
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def backend(request) -> str:
-    if request.param == "redis":
-        require_redis()
-    return request.param
-
-
 @pytest.fixture
 async def make_store(backend, tmp_path):
     """`make_store()` -> a new store instance on this test's state (each call: another gate)."""
-    made = []
-    prefix = new_prefix()
-    url = f"sqlite://{tmp_path / 'state.db'}" if backend == "sqlite" else redis_state(prefix)
-
-    def make():
-        store = open_sender_store(url)
-        made.append(store)
-        return store
-
-    make.url, make.made = url, made
-    yield make
-    for store in made:
-        await store.close()
-    if backend == "redis":
-        delete_redis_keys(prefix)
+    async with store_maker(open_sender_store, backend, tmp_path) as make:
+        yield make
 
 
 def _with_pool_timeout(make_store, seconds: int):

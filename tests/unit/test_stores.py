@@ -24,37 +24,18 @@ from smtpgate.stores.sqlite_store import GREYLIST_SCHEMA, SqliteGreylistStore
 from tests.support.constants import T0
 from tests.support.redisproc import (REDIS_URL, UNREACHABLE_REDIS_URL, delete_redis_keys, new_prefix,
                                      redis_state, require_redis)
+from tests.support.stores import backend, store_maker  # noqa: F401 (backend: a fixture)
 from tests.support.constants import ROOT
 
 P = Params(delay=300, retry_window=2 * 86400, pass_ttl=35 * 86400, auto_whitelist_after=0)
 C, S, R = "192.0.2.0/24", "alice@sender.example", "bob@example.com"
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def backend(request) -> str:
-    if request.param == "redis":
-        require_redis()
-    return request.param
-
-
 @pytest.fixture
 async def make_store(backend, tmp_path):
     """`make_store()` -> a new store on this test's state (each call: another "gate")."""
-    made = []
-    prefix = new_prefix()
-    url = f"sqlite://{tmp_path / 'state.db'}" if backend == "sqlite" else redis_state(prefix)
-
-    def make():
-        store = open_greylist_store(url)
-        made.append(store)
-        return store
-
-    make.url = url
-    yield make
-    for store in made:
-        await store.close()
-    if backend == "redis":
-        delete_redis_keys(prefix)
+    async with store_maker(open_greylist_store, backend, tmp_path) as make:
+        yield make
 
 
 @pytest.fixture
