@@ -33,7 +33,7 @@ from .resolver import DEFAULT_SESSION_BUDGET, BaseResolver, DnsAnswer, DnsError
 from .pipeline.rule import GateContext, Rule, check_rule_class
 from .stores import Stores, open_stores
 
-__all__ = ["FakeClock", "FakeQuarantine", "FakeRelay", "FakeResolver", "Harness", "Dialogue", "Relayed", "run_rule",
+__all__ = ["CommandResult", "run_command", "FakeClock", "FakeQuarantine", "FakeRelay", "FakeResolver", "Harness", "Dialogue", "Relayed", "run_rule",
            "message", "load_plugin"]
 
 
@@ -314,6 +314,32 @@ def load_plugin(path) -> ModuleType:
     if problems:
         raise PluginError("\n".join(map(str, problems)))
     return module
+
+
+@dataclass
+class CommandResult:
+    """What ``run_command`` saw: the exit status and what was printed."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_command(argv: list[str], commands: dict | None = None) -> CommandResult:
+    """Run ``smtpgate ARGV`` in this process, with ``commands`` (``{name: add_parser}``)
+    added as a package's ``smtpgate.commands`` entry points would add them, so a plugin's
+    tests try its own command without installing it:
+    ``run_command(["subject-words", "--json", "-c", cfg], {"subject-words": add_parser})``."""
+    import contextlib
+    import io
+    from .cli.main import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv, commands)
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 2
+    return CommandResult(code, out.getvalue(), err.getvalue())
 
 
 def _source_of(cls: type) -> str:

@@ -1,16 +1,12 @@
 """The example plugin's own tests, written as a plugin author would: through smtpgate.testing."""
-import importlib.metadata
 import json
 import pathlib
-from contextlib import redirect_stdout
-from io import StringIO
 
-from smtpgate.cli import main as cli_main
-
-from smtpgate.testing import Harness, load_plugin, message, run_rule
+from smtpgate.testing import Harness, load_plugin, message, run_command, run_rule
 
 # Loaded as the gate loads a file of its plugins: folder, with the same checks.
-SubjectWords = load_plugin(pathlib.Path(__file__).with_name("subject_words.py")).SubjectWords
+plugin = load_plugin(pathlib.Path(__file__).with_name("subject_words.py"))
+SubjectWords = plugin.SubjectWords
 
 
 async def test_rejects_a_listed_phrase():
@@ -46,22 +42,16 @@ async def test_reports_what_it_found_for_later_rules():
     assert clean.outcome == "pass"
 
 
-def test_its_command_lists_what_each_policy_looks_for(tmp_path, monkeypatch):
-    """The command arrives as an installed package's would: through smtpgate.commands."""
+def test_its_command_lists_what_each_policy_looks_for(tmp_path):
+    """The command as `smtpgate subject-words` runs it once a package registers add_parser."""
     here = pathlib.Path(__file__).parent
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "default.yaml").write_text(
         'domains: [example.com]\nrules:\n  - subject_words: {words: ["wire transfer"], action: reject}\n')
     (tmp_path / "gate.yaml").write_text(
         f"policies: policies\nplugins: [{json.dumps(str(here))}]\nstate: sqlite:///./state.db\n")
-    module = SubjectWords.__module__
-    eps = [importlib.metadata.EntryPoint("subject-words", f"{module}:add_parser", "smtpgate.commands")]
-    real = importlib.metadata.entry_points
-    monkeypatch.setattr(cli_main.importlib.metadata, "entry_points",
-                        lambda group: eps if group == "smtpgate.commands" else real(group=group))
-    out = StringIO()
-    with redirect_stdout(out):
-        code = cli_main.main(["subject-words", "--json", "-c", str(tmp_path / "gate.yaml")])
-    assert code == 0
-    assert json.loads(out.getvalue()) == {
+    ran = run_command(["subject-words", "--json", "-c", str(tmp_path / "gate.yaml")],
+                      {"subject-words": plugin.add_parser})
+    assert ran.code == 0, ran.stderr
+    assert json.loads(ran.stdout) == {
         "policies": [{"policy": "default", "words": ["wire transfer"], "action": "reject"}]}

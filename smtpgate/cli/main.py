@@ -14,14 +14,16 @@ from .state import add_parser as add_state_parser
 COMMANDS_GROUP = "smtpgate.commands"
 
 
-def _contributed(sub, common) -> dict:
+def _contributed(sub, common, extra: dict | None = None) -> dict:
     """``{command: handler}`` from the ``smtpgate.commands`` entry points. Each entry point
     names ``add_parser(subparsers, common) -> handler``; ``add_parser`` adds the subparser
     named like the entry point, ``handler(args, context: CommandContext) -> exit status``.
     A broken one is reported on stderr and left out: it must not take the gate's own
     commands (``serve`` first) down with it."""
-    handlers = {}
+    handlers = {name: add_parser(sub, common) for name, add_parser in (extra or {}).items()}
     for ep in sorted(importlib.metadata.entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        if ep.name in handlers:  # a plugin's test brings its own (smtpgate.testing.run_command)
+            continue
         try:
             handlers[ep.name] = ep.load()(sub, common)
         except Exception as e:  # a third party's bug: say which, carry on
@@ -30,7 +32,7 @@ def _contributed(sub, common) -> dict:
     return handlers
 
 
-def _parser() -> tuple[argparse.ArgumentParser, dict]:
+def _parser(extra: dict | None = None) -> tuple[argparse.ArgumentParser, dict]:
     # -c goes before or after the subcommand's own words: both parsers know it; the
     # subparser's copy must not overwrite a value given before the subcommand.
     common = argparse.ArgumentParser(add_help=False)
@@ -57,11 +59,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     add_quarantine_parser(sub, common)
     add_state_parser(sub, common)
     sub.add_parser("version", parents=[common], help="print the version")
-    return p, _contributed(sub, common)
+    return p, _contributed(sub, common, extra)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser, contributed = _parser()
+def main(argv: list[str] | None = None, commands: dict | None = None) -> int:
+    """``commands``: ``{name: add_parser}`` added as if installed through the entry points."""
+    parser, contributed = _parser(commands)
     args = parser.parse_args(argv)
     config = getattr(args, "config", None)
     if args.command in contributed:
