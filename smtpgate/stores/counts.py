@@ -2,8 +2,8 @@
 by machine and state, read from the thread that serves a scrape.
 
 A scrape must stay cheap and never hang on a dead store:
-- SQLite: a short read-only connection per scrape (WAL: it never waits for a writer), COUNTs
-  over the existing indexes, cut off after ``SQLITE_DEADLINE`` seconds.
+- SQLite: a short read-only connection per scrape (``sqlite_store.read_only``; WAL: it never
+  waits for a writer), COUNTs over the existing indexes, cut off after ``SQLITE_DEADLINE``.
 - Redis: counting needs a SCAN of the key space, so it is never done by a scrape. A scrape
   answers the last count and, when that is older than ``REDIS_REFRESH`` seconds, starts one
   recount in a background thread (bounded by ``REDIS_DEADLINE``).
@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
-from urllib.parse import quote
 
 from ..clock import Clock
+from ..errors import StoreError
 from .redis_url import is_redis_url
 
 log = logging.getLogger("smtpgate.metrics")
@@ -51,43 +50,36 @@ class SqliteCounts:
         self.on_error = on_error
 
     def read(self) -> Counts | None:
+        from .sqlite_store import read_only
+        now = Clock().now()
         try:
-            return self._count(Clock().now())
-        except sqlite3.OperationalError as e:
-            if "unable to open" in str(e):  # no database yet: nothing stored
-                return Counts({"pending": 0, "passed": 0})
-            log.warning("metrics: cannot count the entries in %s: %s", self.path, e)
-        except sqlite3.Error as e:
-            log.warning("metrics: cannot count the entries in %s: %s", self.path, e)
-        self.on_error()
-        return None
+            counts = read_only(self.path, lambda conn: _count_sqlite(conn, now), SQLITE_DEADLINE)
+        except StoreError as e:
+            log.warning("metrics: cannot count the entries: %s", e)
+            self.on_error()
+            return None
+        return counts if counts is not None else Counts({"pending": 0, "passed": 0})  # no file yet
 
-    def _count(self, now: float) -> Counts:
-        conn = sqlite3.connect(f"file:{quote(self.path)}?mode=ro", uri=True, timeout=0.5,
-                               isolation_level=None, check_same_thread=False)
-        deadline = time.monotonic() + SQLITE_DEADLINE
-        conn.set_progress_handler(lambda: time.monotonic() > deadline, 10000)  # interrupts
-        try:
-            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            counts = Counts({"pending": 0, "passed": 0})
-            if "greylist" in tables:
-                # a covering scan of greylist_client_passed (client, passed, expires)
-                for passed, n in conn.execute(
-                        "SELECT passed, count(*) FROM greylist INDEXED BY greylist_client_passed "
-                        "WHERE expires >= ? GROUP BY passed", (now,)):
-                    counts.greylist["passed" if passed else "pending"] += n
-            if "senders" in tables:
-                # every record by the senders_state index, less the few expired not yet purged
-                for machine, state, n in conn.execute(
-                        "SELECT machine, state, count(*) FROM senders GROUP BY machine, state"):
-                    counts.senders[(machine, state)] = n
-                for machine, state, n in conn.execute(
-                        "SELECT machine, state, count(*) FROM senders INDEXED BY senders_expires "
-                        "WHERE expires < ? GROUP BY machine, state", (now,)):
-                    counts.senders[(machine, state)] -= n
-            return counts
-        finally:
-            conn.close()
+
+def _count_sqlite(conn, now: float) -> Counts:
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    counts = Counts({"pending": 0, "passed": 0})
+    if "greylist" in tables:
+        # a covering scan of greylist_client_passed (client, passed, expires)
+        for passed, n in conn.execute(
+                "SELECT passed, count(*) FROM greylist INDEXED BY greylist_client_passed "
+                "WHERE expires >= ? GROUP BY passed", (now,)):
+            counts.greylist["passed" if passed else "pending"] += n
+    if "senders" in tables:
+        # every record by the senders_state index, less the few expired ones not yet purged
+        for machine, state, n in conn.execute(
+                "SELECT machine, state, count(*) FROM senders GROUP BY machine, state"):
+            counts.senders[(machine, state)] = n
+        for machine, state, n in conn.execute(
+                "SELECT machine, state, count(*) FROM senders INDEXED BY senders_expires "
+                "WHERE expires < ? GROUP BY machine, state", (now,)):
+            counts.senders[(machine, state)] -= n
+    return counts
 
 
 class RedisCounts:
