@@ -156,12 +156,36 @@ def dns_cache_hit() -> None:
 
 # --- serving (supervisor, or a gate of one process) --------------------------------------
 
-def _at_scrape(quarantine: Path | None):
-    """Figures read when scraped, not kept by workers: the quarantine's waiting messages."""
+def _store_error() -> None:
+    if _m is not None:
+        _m.store_errors.inc()
+
+
+def _at_scrape(quarantine: Path | None, state: str | None):
+    """Figures read when scraped, not kept by workers: the quarantine's waiting messages,
+    the state's entry counts (``stores/counts.py``: cheap, bounded, left out on failure)."""
     from prometheus_client.core import GaugeMetricFamily
+    from .stores.counts import counter_for
+    entries = counter_for(state, _store_error) if state else None
 
     class AtScrape:
         def collect(self):
+            counts = entries.read() if entries is not None else None
+            if counts is not None:
+                greylist = GaugeMetricFamily("smtpgate_greylist_entries",
+                                             "Live greylist triplets by state", labels=["state"])
+                for state_name, n in sorted(counts.greylist.items()):
+                    greylist.add_metric([state_name], n)
+                yield greylist
+                senders = GaugeMetricFamily("smtpgate_sender_entries",
+                                            "Live sender-state records by machine and state",
+                                            labels=["machine", "state"])
+                for (machine, state_name), n in sorted(counts.senders.items()):
+                    senders.add_metric([machine, state_name], n)
+                yield senders
+            yield from self.quarantine()
+
+        def quarantine(self):
             if quarantine is None:
                 return
             try:
@@ -194,12 +218,13 @@ class MetricsServer:
     """/metrics and /healthz on a small threaded HTTP server (a daemon thread)."""
 
     def __init__(self, address: tuple[str, int], quarantine: Path | None,
-                 listeners: Callable[[], str | None], downstream: tuple[str, int]) -> None:
+                 listeners: Callable[[], str | None], downstream: tuple[str, int],
+                 state: str | None = None) -> None:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
-        registry.register(_at_scrape(quarantine))
+        registry.register(_at_scrape(quarantine, state))
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:

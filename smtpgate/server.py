@@ -62,7 +62,7 @@ def _serve_metrics(cfg, listeners):
     try:
         return metrics.MetricsServer(
             cfg.metrics, Path(cfg.quarantine) if cfg.quarantine else None, listeners,
-            (cfg.downstream.host, cfg.downstream.port)).start()
+            (cfg.downstream.host, cfg.downstream.port), cfg.state).start()
     except OSError as e:
         log.error("metrics: cannot listen on %s:%s: %s", *cfg.metrics, e)
         return False

@@ -19,6 +19,7 @@ import sqlite3
 import time
 from collections import Counter
 from typing import Any, Callable, Sequence
+from urllib.parse import quote
 
 from ..config import sqlite_path
 from ..errors import StoreError
@@ -109,6 +110,27 @@ def write_transaction(conn: sqlite3.Connection):
             conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def read_only(path: str, fn: Callable[[sqlite3.Connection], Any], deadline: float) -> Any:
+    """``fn(connection)`` on a short read-only connection of its own, cut off after
+    ``deadline`` seconds (for a reader that must not wait: a metrics scrape). None when the
+    database does not exist yet; StoreError when it cannot be read."""
+    if not os.path.exists(path):
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=0.5,
+                               isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as e:
+        raise StoreError(f"SQLite {path}: {e}") from None
+    stop_at = time.monotonic() + deadline
+    conn.set_progress_handler(lambda: time.monotonic() > stop_at, 10_000)  # interrupts the query
+    try:
+        return fn(conn)
+    except sqlite3.Error as e:
+        raise StoreError(f"SQLite {path}: {e}") from None
+    finally:
+        conn.close()
 
 
 def _use_wal(conn: sqlite3.Connection) -> None:
