@@ -44,11 +44,11 @@ run: $(VENV)/.installed-run
 # debconf's "No configuration" leaves the MTA unconfigured.
 tools:
 	@missing=""; \
-	for t in smtp-sink smtp-source swaks; do \
+	for t in smtp-sink smtp-source swaks sqlite3 openssl systemd-analyze; do \
 	  command -v "$$t" >/dev/null 2>&1 || [ -x "/usr/sbin/$$t" ] || missing="$$missing $$t"; \
 	done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
-	echo "installing Debian packages postfix (daemon not started) and swaks; missing:$$missing"; \
+	echo "installing Debian packages postfix (daemon not started), swaks, sqlite3, openssl, systemd; missing:$$missing"; \
 	created=0; \
 	if [ ! -e /usr/sbin/policy-rc.d ]; then \
 	  printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null; \
@@ -58,7 +58,7 @@ tools:
 	trap 'if [ "$$created" = 1 ]; then $(SUDO) rm -f /usr/sbin/policy-rc.d; fi' EXIT; \
 	echo "postfix postfix/main_mailer_type select No configuration" | $(SUDO) debconf-set-selections; \
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
-	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix swaks
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix swaks sqlite3 openssl systemd
 
 test: $(VENV)/.installed-test tools
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.gateproc import free_port
+from tests.support.gateproc import free_port, require_tool
 
 REPO = Path(__file__).resolve().parent.parent.parent
 UNIT = REPO / "examples" / "systemd" / "smtpgate.service"
@@ -51,13 +50,8 @@ def test_unit_is_a_notify_service_reloaded_by_sighup():
 
 @pytest.fixture
 def systemd_analyze() -> str:
-    # Not one of the tools `make test` installs (Debian's systemd package is big and brings
-    # an init system), so it is skipped when absent, also under CI=true.
-    found = shutil.which("systemd-analyze")
-    if not found:
-        pytest.skip("systemd-analyze is not installed (Debian package systemd; make test does "
-                    "not install it): the example unit is not verified")
-    return found
+    # `make tools` installs it (Debian package systemd): missing under CI=true is a failure.
+    return require_tool("systemd-analyze")
 
 
 @pytest.fixture
@@ -181,9 +175,7 @@ GREYLIST_POLICY = "domains: [example.com]\nrules:\n  - greylist: {delay: 10m}\n"
 def test_sqlite_backup_of_a_running_gate_as_the_doc_says(gate_factory):
     """docs/operations.md: `sqlite3 state.db ".backup COPY"` while the gate runs (WAL) gives
     a whole, consistent copy."""
-    sqlite3 = shutil.which("sqlite3")
-    if not sqlite3:
-        pytest.skip("sqlite3 (Debian package sqlite3) is not installed; make test does not install it")
+    sqlite3 = require_tool("sqlite3")  # `make tools` installs it
     gate = gate_factory(policies={"default.yaml": GREYLIST_POLICY})
     senders = [f"s{n}@sender{n}.test" for n in range(3)]
     for sender in senders:
