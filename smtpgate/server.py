@@ -173,6 +173,7 @@ async def _serve(cli_path, runtime, housekeeper: bool = False,
 
     log.info("stopping: no new connections, finishing transactions in flight")
     gate.draining = True
+    await gate.pool.close(timeout=0)  # idle downstream sessions QUIT; none is kept from now on
     metrics.set_listening(False)
     if purging is not None:
         purging.cancel()
@@ -186,6 +187,7 @@ async def _serve(cli_path, runtime, housekeeper: bool = False,
         await proto.hang_up(bye)
     await asyncio.sleep(0)  # let connection_lost callbacks close downstream sessions
     await settle(SETTLE_GRACE)  # and give back what the sessions held in the stores
+    await gate.pool.close(timeout=SETTLE_GRACE)  # their QUITs said
     if gate.runtime.stores is not None:
         await gate.runtime.stores.close()
     if beating is not None:

@@ -33,6 +33,15 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 @dataclass(frozen=True)
+class PoolConfig:
+    """Idle downstream sessions each worker keeps for the next client (smtp/pool.py)."""
+
+    size: int = 8  # idle sessions kept per worker; 0: none (a new connection per client)
+    idle: float = 30.0  # seconds an idle session is kept
+    max_uses: int = 100  # clients one session serves before it is closed
+
+
+@dataclass(frozen=True)
 class DownstreamConfig:
     host: str
     port: int
@@ -40,6 +49,7 @@ class DownstreamConfig:
     tls: str = "none"  # none | starttls | required
     tls_ca: str | None = None  # CA file that verifies the downstream (required); None: the system's
     timeout: float = 60.0
+    pool: PoolConfig = field(default_factory=PoolConfig)
 
 
 @dataclass(frozen=True)
@@ -201,6 +211,12 @@ def _port(value: Any, lowest: int = 1) -> int:
 def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"expected a whole number of 1 or more, got {value!r}")
+    return value
+
+
+def _count_or_zero(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number of 0 or more, got {value!r}")
     return value
 
 
@@ -424,7 +440,9 @@ def _schema(base: str, policies_base: str) -> _Section:
         "downstream": _Section(DownstreamConfig, {
             "host": _host, "port": _port, "xclient": boolean,
             "tls": one_of("none", "starttls", "required"),
-            "tls_ca": partial(_ca_file, base=base), "timeout": _timeout}),
+            "tls_ca": partial(_ca_file, base=base), "timeout": _timeout,
+            "pool": _Section(PoolConfig, {"size": _count_or_zero, "idle": _timeout,
+                                          "max_uses": _count})}),
         "tls": _Section(TLSConfig, {"cert": partial(_existing_file, base=base),
                                     "key": partial(_existing_file, base=base),
                                     "ciphers": _ciphers}, nullable=True),

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..clock import Clock
-from ..smtp.relay import Capabilities, Downstream
+from ..smtp.pool import SessionPool
+from ..smtp.relay import Capabilities, Downstream, farewell
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,17 @@ class Gate:
         self.capabilities = Capabilities()
         self.relay_factory = relay_factory or _downstream
         self.quarantine = quarantine
+        pool = runtime.config.downstream.pool
+        # This process's idle downstream sessions (the real relay's; a FakeRelay ignores it).
+        self.pool = SessionPool(pool.size, pool.idle, pool.max_uses, farewell)
 
     def swap(self, runtime: Runtime) -> None:
-        """Conversations pick the new runtime up at their next transaction."""
+        """Conversations pick the new runtime up at their next transaction; idle downstream
+        sessions opened under the old configuration are closed."""
         self.runtime = runtime
+        pool = runtime.config.downstream.pool
+        self.pool.size, self.pool.idle, self.pool.max_uses = pool.size, pool.idle, pool.max_uses
+        self.pool.renew()
 
     def new_relay(self):
         return self.relay_factory(self)
@@ -38,4 +46,4 @@ class Gate:
 
 def _downstream(gate: Gate) -> Downstream:
     cfg = gate.runtime.config
-    return Downstream(cfg.downstream, cfg.hostname, gate.capabilities)
+    return Downstream(cfg.downstream, cfg.hostname, gate.capabilities, gate.pool)

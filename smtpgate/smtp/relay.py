@@ -1,9 +1,11 @@
 """The downstream session (``Downstream``, the real ``Relay``): the only module that imports aiosmtplib.
 
-One downstream connection per client session, opened at the first MAIL and kept for the
-session's later transactions. Replies come back as ``Reply`` values to pass through; every
-way the downstream can fail (refused, reset, timeout, 421) becomes, in ``failure()``, a
-``RelayError`` carrying the ``451 4.4.x`` the client gets instead — never a 250.
+One downstream session per client session, opened at the first MAIL and kept for the
+session's later transactions; with ``downstream.pool`` it is taken from the worker's idle
+sessions (pool.py) and given back at the end when its last exchange was a delivered message.
+Replies come back as ``Reply`` values to pass through; every way the downstream can fail
+(refused, reset, timeout, 421) becomes, in ``failure()``, a ``RelayError`` carrying the
+``451 4.4.x`` the client gets instead — never a 250.
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ from ..mail.addresses import helo_refusal
 from .. import metrics
 from ..errors import RelayError
 from ..mail.reply import Reply
+from .pool import Pooled, SessionPool
 from .relay_api import Capabilities, Relay
 
-__all__ = ["Capabilities", "Downstream", "Relay", "failure", "probe"]
+__all__ = ["Capabilities", "Downstream", "Relay", "failure", "farewell", "probe"]
 
 log = logging.getLogger("smtpgate.relay")
 
@@ -80,22 +83,64 @@ def _attribute(value: str | None) -> str:
 class Downstream:
     """One connection to the MTA behind the gate."""
 
-    def __init__(self, cfg, local_hostname: str, capabilities: Capabilities | None = None):
+    def __init__(self, cfg, local_hostname: str, capabilities: Capabilities | None = None,
+                 pool: SessionPool | None = None):
         self.cfg = cfg
         self.local_hostname = local_hostname
         self.capabilities = capabilities or Capabilities()
+        self.pool = pool
+        # Sessions opened under this configuration: a pool renewed by a reload since then
+        # does not take them back.
+        self._generation = pool.generation if pool is not None else 0
         self._smtp: aiosmtplib.SMTP | None = None
+        self._entry: Pooled | None = None
         self.in_transaction = False
+        # The last exchange delivered a message: Postfix has forgiven the session's errors
+        # and junk commands (smtpd resets both then), so the next client may have it.
+        self._reusable = False
 
     @property
     def connected(self) -> bool:
         return self._smtp is not None and self._smtp.is_connected
 
     async def open(self, session) -> None:
-        """Connect, EHLO, STARTTLS as ``downstream.tls`` says, then XCLIENT as the real client
-        when configured and offered."""
+        """An idle pooled session greeted again as this client (``_resume``), or a new
+        connection: connect, EHLO, STARTTLS as ``downstream.tls`` says, then XCLIENT as the
+        real client when configured and offered."""
         if self.connected:
             return
+        self._reusable = False
+        if self.pool is not None and self.pool.enabled:
+            while (entry := self.pool.take()) is not None:
+                if await self._resume(entry, session):
+                    self._smtp, self._entry = entry.smtp, entry
+                    return
+        await self._connect(session)
+
+    async def _resume(self, entry: Pooled, session) -> bool:
+        """Make a pooled session this client's: XCLIENT + EHLO as it (Postfix starts a new
+        session at XCLIENT, keeping no earlier transaction; every attribute is sent, so none
+        of the previous client's survives), or RSET when the gate sends no XCLIENT (the
+        session then only ever carried the gate's own name). It doubles as the health check:
+        False (the session closed) when it fails, and the caller tries the next one."""
+        smtp = entry.smtp
+        try:
+            if entry.xclient:
+                await self._xclient(smtp, session)
+                if session.esmtp:  # a HELO answer lists no keywords: keep what we knew
+                    self.capabilities.update(smtp.esmtp_extensions)
+            else:
+                response = await smtp.execute_command(b"RSET")
+                if response.code != 250:
+                    raise SMTPResponseException(response.code, response.message)
+            return True
+        except FAILURES as exc:
+            log.info("downstream %s:%s: pooled session failed its check (%s); not used",
+                     self.cfg.host, self.cfg.port, exc or type(exc).__name__)
+            smtp.close()
+            return False
+
+    async def _connect(self, session) -> None:
         smtp = first = self._client()
         try:
             with self._failures(opening=first):
@@ -105,12 +150,15 @@ class Downstream:
                 if self.cfg.tls != "none":
                     smtp = await self._starttls(smtp)  # may be a new, plain connection
                 self.capabilities.update(smtp.esmtp_extensions)
-                if self.cfg.xclient and "xclient" in smtp.esmtp_extensions:
+                xclient = self.cfg.xclient and "xclient" in smtp.esmtp_extensions
+                if xclient:
                     await self._xclient(smtp, session)
         except RelayError:
             smtp.close()
             raise
         self._smtp = smtp
+        if self.pool is not None:
+            self._entry = Pooled(smtp, self._generation, xclient)
 
     def _client(self) -> "aiosmtplib.SMTP":
         return aiosmtplib.SMTP(hostname=self.cfg.host, port=self.cfg.port, timeout=self.cfg.timeout,
@@ -177,6 +225,7 @@ class Downstream:
     async def mail(self, wire_sender: str, params: list[str], ident: str | None = None,
                    utf8: bool = False) -> Reply:
         smtp = self._require()
+        self._reusable = False
         if ident and "IDENT" in smtp.esmtp_extensions.get("xforward", "").upper().split():
             await self._command(b"XFORWARD", f"IDENT={xtext(ident)}".encode())
         reply = await self._command(b"MAIL", b"FROM:" + _enc(wire_sender, utf8),
@@ -212,6 +261,7 @@ class Downstream:
             await self.reset()
         else:
             reply = Reply.from_downstream(response.code, response.message)
+            self._reusable = True
         self.in_transaction = False
         return reply
 
@@ -250,12 +300,17 @@ class Downstream:
             pass  # already closed; the next transaction reconnects
 
     async def close(self) -> None:
+        """Back to the pool when its last exchange delivered a message (see ``_reusable``);
+        otherwise QUIT."""
         smtp, self._smtp = self._smtp, None
-        if smtp is not None and smtp.is_connected:
-            try:
-                await asyncio.wait_for(smtp.quit(), timeout=5)
-            except FAILURES:  # saying goodbye: nobody to tell
-                smtp.close()
+        entry, self._entry = self._entry, None
+        if smtp is None:
+            return
+        if entry is not None and self._reusable and not self.in_transaction:
+            self._reusable = False
+            self.pool.give(entry)  # it closes what it does not keep
+            return
+        await farewell(smtp)
 
     def _require(self):
         if not self.connected:
@@ -293,8 +348,17 @@ class Downstream:
     def _drop(self) -> None:
         if self._smtp is not None:
             self._smtp.close()
-        self._smtp = None
-        self.in_transaction = False
+        self._smtp = self._entry = None
+        self.in_transaction = self._reusable = False
+
+
+async def farewell(smtp) -> None:
+    """QUIT a downstream session we are done with; never raises."""
+    if smtp.is_connected:
+        try:
+            await asyncio.wait_for(smtp.quit(), timeout=5)
+        except FAILURES:  # saying goodbye: nobody to tell
+            smtp.close()
 
 
 _TLS_CONTEXTS: dict[tuple, ssl.SSLContext] = {}

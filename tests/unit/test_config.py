@@ -400,3 +400,17 @@ def test_trusted_forwarders(tmp_path):
     assert problems_of(bad) == [
         "bad.yaml:3:5: trusted_forwarders[1]: expected an address or network like "
         "\"10.0.0.0/8\" or \"::1\", got '10.0.0.0/33'"]
+
+
+def test_downstream_pool(tmp_path):
+    from smtpgate.config.gate import PoolConfig
+    assert load_gate_config(None).downstream.pool == PoolConfig(size=8, idle=30.0, max_uses=100)
+    path = write(tmp_path / "gate.yaml", "downstream: {pool: {size: 0, idle: 2m}}\n")
+    assert load_gate_config(path).downstream.pool == PoolConfig(size=0, idle=120.0, max_uses=100)
+    bad = write(tmp_path / "bad.yaml", "downstream: {pool: {size: -1, idle: 0, max_uses: 0, ttl: 1}}\n")
+    assert problems_of(bad) == [
+        "bad.yaml:1:27: downstream.pool.size: expected a whole number of 0 or more, got -1",
+        "bad.yaml:1:37: downstream.pool.idle: expected a duration above zero, got 0",
+        "bad.yaml:1:50: downstream.pool.max_uses: expected a whole number of 1 or more, got 0",
+        "bad.yaml:1:53: downstream.pool.ttl: unknown key (known: size, idle, max_uses)",
+    ]

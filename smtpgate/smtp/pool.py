@@ -1,0 +1,117 @@
+"""Idle downstream sessions kept for the next client (``downstream.pool``), one pool per worker.
+
+A client connection that ends after a delivered message gives its downstream session back
+here instead of QUIT; the next client's first MAIL takes it (``relay.Downstream.open``) and
+greets it again as itself (XCLIENT + EHLO, or RSET when no XCLIENT is sent), which is also
+the health check: a session that fails it is closed and the next one (or a new connection)
+is used, so a dead pooled session never reaches a client. A session is held by one client
+at a time (taking removes it), lives at most ``max_uses`` clients, waits at most ``idle``
+seconds, and the pool keeps at most ``size`` of them. A reload (``renew``), a drain or a
+shutdown (``close``) closes the idle ones; sessions in use then close when given back.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+
+@dataclass(eq=False)
+class Pooled:
+    """One downstream connection (an ``aiosmtplib.SMTP``) and what the pool knows of it."""
+
+    smtp: Any
+    generation: int
+    xclient: bool  # opened with XCLIENT: every later client is named with it too
+    uses: int = 0  # clients it served
+    idle_since: float = field(default_factory=time.monotonic)
+
+
+class SessionPool:
+    def __init__(self, size: int, idle: float, max_uses: int,
+                 farewell: Callable[[Any], Awaitable[None]]):
+        """``farewell(smtp)``: QUIT a session leaving the pool, never raising (relay.py's:
+        only it speaks to aiosmtplib)."""
+        self.size, self.idle, self.max_uses = size, idle, max_uses
+        self._farewell = farewell
+        self.generation = 0  # bumped by renew(): older sessions are not taken back
+        self._idle: list[Pooled] = []  # most recently given back last (taken first)
+        self._closed = False
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Task] = set()
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0 and not self._closed
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def take(self) -> Pooled | None:
+        """The most recently used idle session still inside ``idle``, or None; expired ones
+        found on the way are closed."""
+        now = time.monotonic()
+        while self._idle:
+            entry = self._idle.pop()
+            if now - entry.idle_since <= self.idle and entry.smtp.is_connected:
+                return entry
+            self._retire(entry)
+        return None
+
+    def give(self, entry: Pooled) -> None:
+        """Back from a client: kept for the next one, or closed (pool full or closed, used up,
+        from before a reload, the connection gone)."""
+        entry.uses += 1
+        keep = (self.enabled and entry.generation == self.generation
+                and entry.uses < self.max_uses and entry.smtp.is_connected)
+        if not keep:
+            self._retire(entry)
+            return
+        entry.idle_since = time.monotonic()
+        self._idle.append(entry)
+        while len(self._idle) > self.size:
+            self._retire(self._idle.pop(0))
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self.idle, self._sweep)
+
+    def renew(self) -> None:
+        """A reload: the downstream settings may have changed; idle sessions are closed and
+        sessions in use are not taken back."""
+        self.generation += 1
+        self._retire_all()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Drain or shutdown: no session is kept from now on; the idle ones say QUIT."""
+        self._closed = True
+        self._retire_all()
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=timeout)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        cutoff = time.monotonic() - self.idle
+        expired = [e for e in self._idle if e.idle_since < cutoff]
+        self._idle = [e for e in self._idle if e.idle_since >= cutoff]
+        for entry in expired:
+            self._retire(entry)
+        if self._idle:
+            wait = self._idle[0].idle_since + self.idle - time.monotonic()
+            self._sweeper = asyncio.get_running_loop().call_later(max(wait, 0.05), self._sweep)
+
+    def _retire_all(self) -> None:
+        entries, self._idle = self._idle, []
+        for entry in entries:
+            self._retire(entry)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def _retire(self, entry: Pooled) -> None:
+        """QUIT in the background (Postfix logs a clean disconnect, not a lost connection)."""
+        if not entry.smtp.is_connected:
+            entry.smtp.close()
+            return
+        task = asyncio.ensure_future(self._farewell(entry.smtp))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)

@@ -1,0 +1,173 @@
+"""``downstream.pool``: idle downstream sessions reused by the next client connection, against
+the capturing downstream (which counts connections and records every command)."""
+from __future__ import annotations
+
+import signal
+import socket
+
+from tests.support.waiting import wait_until
+
+MSG = b"Subject: pooled\r\n\r\nhello\r\n"
+
+
+def send(gate, sender: str = "a@sender.test", rcpt: str = "user@example.com") -> int:
+    """One client connection, one message; the client's port (XCLIENT PORT=)."""
+    with gate.smtp() as c:
+        port = c.sock.getsockname()[1]
+        assert c.sendmail(sender, [rcpt], MSG) == {}
+    return port
+
+
+def verbs(session) -> list[str]:
+    return [line.split(b" ", 1)[0].decode().upper() for line in session.transcript]
+
+
+def relay_sessions(ds) -> list:
+    """Downstream sessions that carried a client (not the start-up probe)."""
+    return [s for s in ds.sessions if {"MAIL", "XCLIENT", "RSET"} & set(verbs(s))]
+
+
+def test_the_next_client_reuses_the_session_greeted_again_as_itself(gate, downstream):
+    before = downstream.connections
+    ports = [send(gate, f"s{n}@sender.test") for n in range(3)]
+    msgs = downstream.wait_for_messages(3)
+    assert downstream.connections - before == 1
+    assert len({m.session for m in msgs}) == 1
+    assert [m.xclient["PORT"] for m in msgs] == [str(p) for p in ports]
+    sess = downstream.sessions[msgs[0].session]
+    # each client: XCLIENT then EHLO again before its MAIL; no RSET needed (XCLIENT starts
+    # a new downstream session) and no QUIT until the gate stops
+    assert verbs(sess) == ["EHLO"] + ["XCLIENT", "EHLO", "XFORWARD", "MAIL", "RCPT", "DATA"] * 3
+
+
+def connect(gate, source: str):
+    s = socket.create_connection(gate.address, timeout=10, source_address=(source, 0))
+    return s, s.makefile("rb")
+
+
+def reply(f) -> bytes:
+    while True:
+        line = f.readline()
+        if line[3:4] != b"-":
+            return line
+
+
+def say(s, f, line: bytes) -> bytes:
+    s.sendall(line + b"\r\n")
+    return reply(f)
+
+
+def deliver(s, f) -> None:
+    for line in (b"MAIL FROM:<a@sender.test>", b"RCPT TO:<user@example.com>"):
+        assert say(s, f, line).startswith(b"250 ")
+    assert say(s, f, b"DATA").startswith(b"354 ")
+    s.sendall(MSG + b".\r\n")
+    assert reply(f).startswith(b"250 ")
+    assert say(s, f, b"QUIT").startswith(b"221 ")
+
+
+def test_xclient_of_the_next_client_carries_nothing_of_the_previous_one(gate_factory, downstream):
+    gate = gate_factory(config={"trusted_forwarders": ["127.0.0.2/32"]})
+    s, f = connect(gate, "127.0.0.2")  # a forwarder naming client A, with a host name
+    with s:
+        assert reply(f).startswith(b"220 ")
+        assert say(s, f, b"EHLO forwarder.test").startswith(b"250 ")
+        assert say(s, f, b"XCLIENT ADDR=203.0.113.9 PORT=40001 NAME=a.client.example "
+                         b"HELO=a.client.example PROTO=ESMTP").startswith(b"220 ")
+        assert say(s, f, b"EHLO a.client.example").startswith(b"250 ")
+        deliver(s, f)
+    downstream.wait_for_messages(1)
+    s, f = connect(gate, "127.0.0.3")  # client B: no name, HELO (not EHLO)
+    with s:
+        assert reply(f).startswith(b"220 ")
+        assert say(s, f, b"HELO b.client.test").startswith(b"250 ")
+        deliver(s, f)
+    a, b = downstream.wait_for_messages(2)
+    assert a.session == b.session  # one downstream session served both
+    assert a.xclient["NAME"] == "a.client.example" and a.xclient["ADDR"] == "203.0.113.9"
+    assert b.xclient == {"ADDR": "127.0.0.3", "NAME": "[UNAVAILABLE]", "HELO": "b.client.test",
+                         "PROTO": "SMTP", "PORT": b.xclient["PORT"]}
+    assert b.xclient["PORT"] != "40001"
+    assert b.helo == "b.client.test" and not b.esmtp  # greeted as B did: HELO
+    [_, second] = [line for line in downstream.sessions[b.session].transcript
+                   if line.startswith(b"XCLIENT ")]
+    assert b"a.client.example" not in second and b"203.0.113.9" not in second
+
+
+def test_a_pooled_session_that_fails_its_check_is_never_seen_by_the_client(gate, downstream):
+    before = downstream.connections
+    send(gate)
+    downstream.wait_for_messages(1)
+    # the pooled session answers its XCLIENT with 421 and closes: the gate connects anew
+    downstream.replies["XCLIENT"] = ["421 4.4.2 downstream.test closing"]
+    send(gate, "b@sender.test")
+    first, second = downstream.wait_for_messages(2)
+    assert downstream.connections - before == 2
+    assert first.session != second.session
+    assert second.mail_from == "b@sender.test"
+    assert "pooled session failed its check" in gate.wait_for_log("pooled session failed")
+
+
+def test_a_session_without_a_delivery_at_its_end_is_not_kept(gate, downstream):
+    downstream.replies["RCPT:nobody@example.com"] = "550 5.1.1 User unknown"
+    before = downstream.connections
+    with gate.smtp() as c:
+        refused = c.sendmail("a@sender.test", ["user@example.com", "nobody@example.com"], MSG)
+        assert list(refused) == ["nobody@example.com"]  # delivered to the other: kept
+    with gate.smtp() as c:
+        c.ehlo()
+        assert c.mail("b@sender.test")[0] == 250
+        assert c.rcpt("nobody@example.com")[0] == 550  # its errors would be the next one's
+    send(gate, "c@sender.test")
+    msgs = downstream.wait_for_messages(2)
+    assert downstream.connections - before == 2
+    sessions = relay_sessions(downstream)
+    assert verbs(sessions[0])[-1] == "QUIT"  # the second client's session said goodbye
+    assert msgs[1].session == sessions[1].index
+
+
+def test_without_xclient_a_reused_session_is_checked_with_rset(gate_factory, downstream):
+    gate = gate_factory(config={"downstream": {"xclient": False}})
+    before = downstream.connections
+    send(gate)
+    send(gate, "b@sender.test")
+    a, b = downstream.wait_for_messages(2)
+    assert downstream.connections - before == 1 and a.session == b.session
+    assert verbs(downstream.sessions[a.session]) == [
+        "EHLO", "XFORWARD", "MAIL", "RCPT", "DATA", "RSET", "XFORWARD", "MAIL", "RCPT", "DATA"]
+
+
+def test_size_0_opens_a_connection_per_client(gate_factory, downstream):
+    gate = gate_factory(config={"downstream": {"pool": {"size": 0}}})
+    before = downstream.connections
+    send(gate)
+    send(gate, "b@sender.test")
+    a, b = downstream.wait_for_messages(2)
+    assert downstream.connections - before == 2 and a.session != b.session
+
+
+def test_max_uses_bounds_the_clients_of_one_session(gate_factory, downstream):
+    gate = gate_factory(config={"downstream": {"pool": {"max_uses": 2}}})
+    before = downstream.connections
+    for n in range(3):
+        send(gate, f"s{n}@sender.test")
+    msgs = downstream.wait_for_messages(3)
+    assert downstream.connections - before == 2
+    assert msgs[0].session == msgs[1].session != msgs[2].session
+    assert verbs(downstream.sessions[msgs[0].session])[-1] == "QUIT"
+
+
+def test_reload_and_shutdown_close_the_idle_sessions(gate, downstream):
+    send(gate)
+    [msg] = downstream.wait_for_messages(1)
+    pooled = downstream.sessions[msg.session]
+    gate.send_signal(signal.SIGHUP)
+    gate.wait_for_log("configuration reloaded")
+    wait_until(lambda: pooled.closed, 5, what="the idle session closed at reload")
+    assert verbs(pooled)[-1] == "QUIT"
+    send(gate, "b@sender.test")  # a new session after the reload...
+    _, second = downstream.wait_for_messages(2)
+    assert second.session != msg.session
+    assert gate.stop() == 0  # ...closed with QUIT at shutdown
+    assert downstream.sessions[second.session].closed
+    assert verbs(downstream.sessions[second.session])[-1] == "QUIT"
