@@ -98,6 +98,10 @@ class Downstream:
         # The last exchange delivered a message: Postfix has forgiven the session's errors
         # and junk commands (smtpd resets both then), so the next client may have it.
         self._reusable = False
+        # After XCLIENT, Postfix authorises a further XCLIENT by the named client's address
+        # (smtpd_authorized_xclient_hosts), not the gate's: its EHLO then lists XCLIENT only
+        # if that client is in the list. A session it is not listed in is never pooled.
+        self._renamable = False
 
     @property
     def connected(self) -> bool:
@@ -109,7 +113,7 @@ class Downstream:
         real client when configured and offered."""
         if self.connected:
             return
-        self._reusable = False
+        self._reusable = self._renamable = False
         if self.pool is not None and self.pool.enabled:
             while (entry := self.pool.take()) is not None:
                 if await self._resume(entry, session):
@@ -126,7 +130,9 @@ class Downstream:
         smtp = entry.smtp
         try:
             if entry.xclient:
-                await self._xclient(smtp, session)
+                if "xclient" not in smtp.esmtp_extensions:  # never sent unnamed: not this one
+                    raise SMTPException("XCLIENT not offered to this session any more")
+                self._renamable = await self._xclient(smtp, session)
                 if session.esmtp:  # a HELO answer lists no keywords: keep what we knew
                     self.capabilities.update(smtp.esmtp_extensions)
             else:
@@ -152,7 +158,7 @@ class Downstream:
                 self.capabilities.update(smtp.esmtp_extensions)
                 xclient = self.cfg.xclient and "xclient" in smtp.esmtp_extensions
                 if xclient:
-                    await self._xclient(smtp, session)
+                    self._renamable = await self._xclient(smtp, session)
         except RelayError:
             smtp.close()
             raise
@@ -194,8 +200,12 @@ class Downstream:
             raise
         return plain
 
-    async def _xclient(self, smtp, session) -> None:
-        offered = set(smtp.esmtp_extensions["xclient"].upper().split())
+    async def _xclient(self, smtp, session) -> bool:
+        """XCLIENT as the client, then its greeting again; whether the downstream's answer to
+        that greeting still offers XCLIENT (unknown after a HELO: False)."""
+        offered = set(smtp.esmtp_extensions.get("xclient", "").upper().split())
+        if not offered:
+            return False
         ip = session.client_ip
         # Every value is encoded, whoever supplied it (the client's HELO, a quarantined
         # message's stored session): nothing in it can become another attribute.
@@ -219,8 +229,9 @@ class Downstream:
         ok = bool(helo) and helo_refusal(helo) is None
         if session.esmtp:
             await smtp.ehlo(hostname=helo if ok else None)
-        else:
-            await smtp.helo(hostname=helo if ok else None)
+            return "xclient" in smtp.esmtp_extensions
+        await smtp.helo(hostname=helo if ok else None)
+        return False
 
     async def mail(self, wire_sender: str, params: list[str], ident: str | None = None,
                    utf8: bool = False) -> Reply:
@@ -306,7 +317,8 @@ class Downstream:
         entry, self._entry = self._entry, None
         if smtp is None:
             return
-        if entry is not None and self._reusable and not self.in_transaction:
+        if (entry is not None and self._reusable and not self.in_transaction
+                and (self._renamable or not entry.xclient)):
             self._reusable = False
             self.pool.give(entry)  # it closes what it does not keep
             return
@@ -349,7 +361,7 @@ class Downstream:
         if self._smtp is not None:
             self._smtp.close()
         self._smtp = self._entry = None
-        self.in_transaction = self._reusable = False
+        self.in_transaction = self._reusable = self._renamable = False
 
 
 async def farewell(smtp) -> None:

@@ -207,6 +207,72 @@ def test_xclient_with_proxy_protocol_client(gate_factory, postfix_downstream):
     assert b"127.0.0.1" not in received
 
 
+def _proxied_delivery(gate, proxy: bytes, greeting: bytes) -> str:
+    """One client connection through the gate (its address from a PROXY header): the queue id."""
+    raw = Raw(gate.address)
+    try:
+        raw.send(proxy + b"\r\n")
+        assert raw.reply().startswith(b"220 ")
+        assert raw.cmd(greeting).startswith(b"250")
+        assert raw.cmd(b"MAIL FROM:<alice@sender.test>").startswith(b"250")
+        assert raw.cmd(b"RCPT TO:<user@example.com>").startswith(b"250")
+        assert raw.cmd(b"DATA").startswith(b"354")
+        final = raw.cmd(stuff(MESSAGE) + b".")
+        assert raw.cmd(b"QUIT").startswith(b"221")
+    finally:
+        raw.close()
+    return queue_id((int(final[:3]), final[4:].rstrip(b"\r\n")))
+
+
+def test_pooled_session_greeted_again_carries_only_the_next_clients_attributes(
+        gate_factory, downstream_factory, tmp_path):
+    """downstream.pool against Postfix, which authorises XCLIENT after an XCLIENT by the
+    *named* client's address: with the gate-facing smtpd allowing XCLIENT from any address
+    (only the gate can reach it), the second client's message goes through the same smtpd
+    session, re-greeted with XCLIENT + HELO, and Postfix sees only the second client."""
+    relay = downstream_factory()
+    postfix = start_postfix(tmp_path / "postfix", relay_port=relay.port,
+                            smtpd_options=("smtpd_authorized_xclient_hosts=0.0.0.0/0,[::]/0",))
+    try:
+        gate = gate_factory(downstream_port=postfix.port, config={"proxy_protocol": True})
+        first = _proxied_delivery(gate, b"PROXY TCP4 203.0.113.7 127.0.0.1 40123 25",
+                                  b"EHLO first.client.test")
+        second = _proxied_delivery(gate, b"PROXY TCP4 198.51.100.8 127.0.0.1 40999 25",
+                                   b"HELO second.client.test")
+        a = postfix.wait_for_log(rf"smtpd\[(\d+)\]: {first}: client=unknown\[203\.0\.113\.7\]:40123\b")
+        b = postfix.wait_for_log(rf"smtpd\[(\d+)\]: {second}: client=unknown\[198\.51\.100\.8\]:40999\b")
+        assert a.group(1) == b.group(1)
+        # one session served both: the start-up probe's connection, then only this one
+        assert len(re.findall(r": connect from ", postfix.log_text())) == 2
+        postfix.wait_for_log(r"info: RCPT from unknown\[198\.51\.100\.8\]:40999: .*proto=SMTP "
+                             r"helo=<second\.client\.test>")
+        assert "pooled session failed" not in gate.log_text()
+        msgs = relay.wait_for_messages(2, timeout=10)
+        [received] = [split_received(m.data, MESSAGE) for m in msgs
+                      if f" id {second}".encode() in m.data[:400]]
+        assert received.startswith(b"Received: from second.client.test (unknown [198.51.100.8])"), received
+        assert b"first.client.test" not in received and b"203.0.113.7" not in received
+    finally:
+        postfix.stop()
+
+
+def test_a_session_postfix_will_not_let_rename_is_not_pooled(gate_factory, postfix_downstream):
+    """With Postfix's XCLIENT allowed from the gate's address only (the usual set-up), a session
+    named as an outside client cannot take another XCLIENT: the gate closes it instead of
+    pooling it, and the next client gets a new session, without any error."""
+    postfix = postfix_downstream
+    gate = gate_factory(downstream_port=postfix.port, config={"proxy_protocol": True})
+    first = _proxied_delivery(gate, b"PROXY TCP4 203.0.113.7 127.0.0.1 40123 25", b"EHLO first.client.test")
+    second = _proxied_delivery(gate, b"PROXY TCP4 198.51.100.8 127.0.0.1 40999 25", b"EHLO second.client.test")
+    postfix.wait_for_log(rf"smtpd\[(\d+)\]: {first}: client=unknown\[203\.0\.113\.7\]:40123\b")
+    postfix.wait_for_log(rf"smtpd\[(\d+)\]: {second}: client=unknown\[198\.51\.100\.8\]:40999\b")
+    postfix.wait_for_log(r"disconnect from unknown\[203\.0\.113\.7\]:40123 .*quit=1")  # said QUIT
+    assert "insufficient authorization" not in postfix.log_text()
+    assert "pooled session failed" not in gate.log_text()
+    # the start-up probe, the first client's session, the second's
+    assert len(re.findall(r": connect from ", postfix.log_text())) == 3
+
+
 def test_xforward_ident_carries_the_gate_transaction_id(gate_factory, postfix_downstream):
     """The gate's `tx=` id (its one log line per transaction) reaches Postfix as XFORWARD
     IDENT and shows in Postfix's log line for that very queue id."""
