@@ -421,8 +421,10 @@ _BARE_LINE_END = re.compile(rb"\r\n|\r(?!\n)|\n")
 def dot_stuffed(pieces):
     """DATA as sent, in chunks of at most about WRITE_CHUNK: the pieces made CRLF-only, a dot
     doubled at every line start, a CRLF added if the message lacks a final one, then the
-    final dot. A chunk never ends with a CR whose LF opens the next one."""
-    line_start, carry = True, b""
+    final dot — in the same chunk as the message's end, so that a message of one chunk is
+    one write (one segment on the wire, one wake-up of the downstream). A chunk never ends
+    with a CR whose LF opens the next one."""
+    line_start, carry, held = True, b"", b""
     for piece in pieces:
         view = memoryview(piece)
         for offset in range(0, len(view), WRITE_CHUNK):
@@ -432,12 +434,11 @@ def dot_stuffed(pieces):
             else:
                 carry = b""
             if chunk:
-                chunk, line_start = _stuff(chunk, line_start)
-                yield chunk
-    if carry:  # a bare CR at the very end
-        yield b"\r\n.\r\n"
-    else:
-        yield b".\r\n" if line_start else b"\r\n.\r\n"
+                if held:
+                    yield held
+                held, line_start = _stuff(chunk, line_start)
+    # a bare CR at the very end, or a last line without its CRLF: one is added
+    yield held + (b".\r\n" if line_start and not carry else b"\r\n.\r\n")
 
 
 def _stuff(chunk: bytes, line_start: bool) -> tuple[bytes, bool]:

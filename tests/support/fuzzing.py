@@ -85,14 +85,12 @@ class FuzzGate:
         """Accepted messages relayed for the client session with this source port."""
         port = str(client_port)
         with self.ds._cond:
-            return [m for m in self.ds.messages[since:]
-                    if self.ds.sessions[m.session].xclient.get("PORT") == port]
+            return [m for m in self.ds.messages[since:] if m.xclient.get("PORT") == port]
 
     def rejected_from(self, client_port: int, since: int = 0) -> list[Captured]:
         port = str(client_port)
         with self.ds._cond:
-            return [m for m in self.ds.rejected[since:]
-                    if self.ds.sessions[m.session].xclient.get("PORT") == port]
+            return [m for m in self.ds.rejected[since:] if m.xclient.get("PORT") == port]
 
 
 def probe(address: tuple[str, int]) -> str | None:
@@ -118,7 +116,9 @@ def worker_pids(pid: int) -> set[int]:
 def start_fuzz_gate(start_gate, folder: Path, **kwargs) -> FuzzGate:
     """A started downstream and a two-worker gate relaying to it (stop both with stop_fuzz_gate)."""
     ds = CapturingDownstream().start()
-    config = {"workers": 2, **kwargs.pop("config", {})}
+    # No pool of downstream sessions: settle() knows a client is done when its downstream
+    # session closed (tests/process/test_downstream_pool.py covers the pool).
+    config = {"workers": 2, "downstream": {"pool": {"size": 0}}, **kwargs.pop("config", {})}
     gate = start_gate(folder, downstream_port=ds.port, config=config, **kwargs)
     fg = FuzzGate(gate, ds)
     # the master forks its workers after it listens: wait until both are there
