@@ -22,6 +22,7 @@ one subscriber usually holds a whole /64 and could rotate addresses within it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 import os
@@ -31,8 +32,10 @@ from ..mail import keys
 WIDTH = 32_768  # buckets per sketch row
 DEPTH = 4  # sketch rows: 512 KiB per worker in all
 _SLOT_WORDS = 1 + DEPTH * WIDTH  # [total, sketch...], 32-bit counters
+_RECENT_KEYS = 4096  # keys whose buckets a process keeps (forgotten all at once when full)
 
 
+@functools.lru_cache(maxsize=_RECENT_KEYS)  # parsing an address costs more than the rest of the count
 def client_key(ip: str, ipv6_prefix: int = 64) -> str:
     """What one client is for the per-client limit: an IPv4 address (IPv4-mapped IPv6 too),
     or the IPv6 network of ``ipv6_prefix`` bits (``smtpgate.client_key``, as the limits rule
@@ -48,8 +51,18 @@ class ConnectionTable:
         self._map = mmap.mmap(-1, slots * _SLOT_WORDS * 4)  # anonymous, MAP_SHARED
         self._words = memoryview(self._map).cast("I")
         self._salt = os.urandom(16)
+        self._recent: dict[str, list[int]] = {}  # this process's key -> buckets
 
     def _buckets(self, key: str) -> list[int]:
+        # A connection looks its key up three times (open, count, close); clients come back.
+        buckets = self._recent.get(key)
+        if buckets is None:
+            if len(self._recent) >= _RECENT_KEYS:
+                self._recent.clear()
+            buckets = self._recent[key] = self._hash(key)
+        return buckets
+
+    def _hash(self, key: str) -> list[int]:
         digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=4 * DEPTH,
                                  key=self._salt).digest()
         return [1 + row * WIDTH + int.from_bytes(digest[4 * row:4 * row + 4], "little") % WIDTH
