@@ -318,7 +318,7 @@ class Downstream:
         if smtp is None:
             return
         if (entry is not None and self._reusable and not self.in_transaction
-                and (self._renamable or not entry.xclient)):
+                and (self._renamable or not entry.xclient) and self.pool.enabled):
             self._reusable = False
             self.pool.give(entry)  # it closes what it does not keep
             return

@@ -171,3 +171,15 @@ def test_reload_and_shutdown_close_the_idle_sessions(gate, downstream):
     assert gate.stop() == 0  # ...closed with QUIT at shutdown
     assert downstream.sessions[second.session].closed
     assert verbs(downstream.sessions[second.session])[-1] == "QUIT"
+
+
+def test_an_idle_session_is_closed_after_idle(gate_factory, downstream):
+    gate = gate_factory(config={"downstream": {"pool": {"idle": "200ms"}}})
+    send(gate)
+    [msg] = downstream.wait_for_messages(1)
+    pooled = downstream.sessions[msg.session]
+    wait_until(lambda: pooled.closed, 10, what="the idle session closed")
+    assert verbs(pooled)[-1] == "QUIT"
+    send(gate, "b@sender.test")  # the next client: a new connection
+    _, second = downstream.wait_for_messages(2)
+    assert second.session != msg.session
