@@ -25,6 +25,9 @@ from smtpgate_rules.attachments import Attachments
 from tests.support.quarantine import RAW, cli, write_config
 
 SENDER = "alice@sender.test"
+# Tests that read Postfix's "disconnect from" line for a client's session: without the pool,
+# that session ends with its client (a pooled one would wait for the next client).
+NO_POOL = {"downstream": {"pool": {"size": 0}}}
 QUEUED = re.compile(r"^2\.0\.0 Ok: queued as ([0-9A-F]{6,})$")
 
 MESSAGE = (
@@ -155,7 +158,7 @@ def test_xclient_postfix_sees_the_real_client_and_its_helo(gate_factory, postfix
     """Postfix accepts the gate's XCLIENT: its log names the client's own address, port and
     HELO (not the gate's connection), and so does the Received header it adds."""
     postfix = postfix_downstream
-    gate = gate_factory(downstream_port=postfix.port)
+    gate = gate_factory(downstream_port=postfix.port, config=NO_POOL)
     with gate.smtp(local_hostname="helo.client.test") as c:
         client_port = c.sock.getsockname()[1]
         c.ehlo()
@@ -332,7 +335,7 @@ def test_several_transactions_share_one_postfix_session(gate_factory, postfix_do
     """Three transactions over one client connection: one downstream session (the gate
     reuses it), three distinct queue ids, three messages delivered."""
     postfix = postfix_downstream
-    gate = gate_factory(downstream_port=postfix.port)
+    gate = gate_factory(downstream_port=postfix.port, config=NO_POOL)
     qids = []
     with gate.smtp() as c:
         client_port = c.sock.getsockname()[1]
@@ -393,7 +396,7 @@ def test_smuggling_attempt_yields_exactly_one_postfix_message(gate_factory, post
     """`\\n.\\n` then `MAIL FROM` inside DATA, over a raw socket: through the gate, Postfix
     queues and delivers exactly one message, which carries the would-be commands as text."""
     postfix = postfix_downstream
-    gate = gate_factory(downstream_port=postfix.port)
+    gate = gate_factory(downstream_port=postfix.port, config=NO_POOL)
     body = SMUGGLING_BODY
     raw = Raw(gate.address)
     try:
@@ -485,7 +488,7 @@ def test_hostile_greeting_sets_no_login_in_postfix_and_cannot_relay(gate_factory
     to Postfix as one encoded attribute: Postfix never logs a login, refuses to relay, and
     records the client's address literal HELO as sent."""
     postfix = postfix_sasl
-    gate = gate_factory(downstream_port=postfix.port, policies=BOTH_DOMAINS)
+    gate = gate_factory(downstream_port=postfix.port, policies=BOTH_DOMAINS, config=NO_POOL)
     raw = Raw(gate.address)
     try:
         assert raw.reply().startswith(b"220 ")
