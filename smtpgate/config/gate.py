@@ -36,7 +36,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 class PoolConfig:
     """Idle downstream sessions each worker keeps for the next client (smtp/pool.py)."""
 
-    size: int = 8  # idle sessions kept per worker; 0: none (a new connection per client)
+    size: int = 0  # idle sessions kept per worker; 0 (the default): a new connection per client
     idle: float = 30.0  # seconds an idle session is kept
     max_uses: int = 100  # clients one session serves before it is closed
 

@@ -25,9 +25,6 @@ from smtpgate_rules.attachments import Attachments
 from tests.support.quarantine import RAW, cli, write_config
 
 SENDER = "alice@sender.test"
-# Tests that read Postfix's "disconnect from" line for a client's session: without the pool,
-# that session ends with its client (a pooled one would wait for the next client).
-NO_POOL = {"downstream": {"pool": {"size": 0}}}
 QUEUED = re.compile(r"^2\.0\.0 Ok: queued as ([0-9A-F]{6,})$")
 
 MESSAGE = (
@@ -158,7 +155,7 @@ def test_xclient_postfix_sees_the_real_client_and_its_helo(gate_factory, postfix
     """Postfix accepts the gate's XCLIENT: its log names the client's own address, port and
     HELO (not the gate's connection), and so does the Received header it adds."""
     postfix = postfix_downstream
-    gate = gate_factory(downstream_port=postfix.port, config=NO_POOL)
+    gate = gate_factory(downstream_port=postfix.port)
     with gate.smtp(local_hostname="helo.client.test") as c:
         client_port = c.sock.getsockname()[1]
         c.ehlo()
@@ -210,6 +207,9 @@ def test_xclient_with_proxy_protocol_client(gate_factory, postfix_downstream):
     assert b"127.0.0.1" not in received
 
 
+POOL = {"downstream": {"pool": {"size": 8}}}
+
+
 def _proxied_delivery(gate, proxy: bytes, greeting: bytes) -> str:
     """One client connection through the gate (its address from a PROXY header): the queue id."""
     raw = Raw(gate.address)
@@ -237,7 +237,7 @@ def test_pooled_session_greeted_again_carries_only_the_next_clients_attributes(
     postfix = start_postfix(tmp_path / "postfix", relay_port=relay.port,
                             smtpd_options=("smtpd_authorized_xclient_hosts=0.0.0.0/0,[::]/0",))
     try:
-        gate = gate_factory(downstream_port=postfix.port, config={"proxy_protocol": True})
+        gate = gate_factory(downstream_port=postfix.port, config={"proxy_protocol": True, **POOL})
         first = _proxied_delivery(gate, b"PROXY TCP4 203.0.113.7 127.0.0.1 40123 25",
                                   b"EHLO first.client.test")
         second = _proxied_delivery(gate, b"PROXY TCP4 198.51.100.8 127.0.0.1 40999 25",
@@ -264,7 +264,7 @@ def test_a_session_postfix_will_not_let_rename_is_not_pooled(gate_factory, postf
     named as an outside client cannot take another XCLIENT: the gate closes it instead of
     pooling it, and the next client gets a new session, without any error."""
     postfix = postfix_downstream
-    gate = gate_factory(downstream_port=postfix.port, config={"proxy_protocol": True})
+    gate = gate_factory(downstream_port=postfix.port, config={"proxy_protocol": True, **POOL})
     first = _proxied_delivery(gate, b"PROXY TCP4 203.0.113.7 127.0.0.1 40123 25", b"EHLO first.client.test")
     second = _proxied_delivery(gate, b"PROXY TCP4 198.51.100.8 127.0.0.1 40999 25", b"EHLO second.client.test")
     postfix.wait_for_log(rf"smtpd\[(\d+)\]: {first}: client=unknown\[203\.0\.113\.7\]:40123\b")
@@ -335,7 +335,7 @@ def test_several_transactions_share_one_postfix_session(gate_factory, postfix_do
     """Three transactions over one client connection: one downstream session (the gate
     reuses it), three distinct queue ids, three messages delivered."""
     postfix = postfix_downstream
-    gate = gate_factory(downstream_port=postfix.port, config=NO_POOL)
+    gate = gate_factory(downstream_port=postfix.port)
     qids = []
     with gate.smtp() as c:
         client_port = c.sock.getsockname()[1]
@@ -396,7 +396,7 @@ def test_smuggling_attempt_yields_exactly_one_postfix_message(gate_factory, post
     """`\\n.\\n` then `MAIL FROM` inside DATA, over a raw socket: through the gate, Postfix
     queues and delivers exactly one message, which carries the would-be commands as text."""
     postfix = postfix_downstream
-    gate = gate_factory(downstream_port=postfix.port, config=NO_POOL)
+    gate = gate_factory(downstream_port=postfix.port)
     body = SMUGGLING_BODY
     raw = Raw(gate.address)
     try:
@@ -488,7 +488,7 @@ def test_hostile_greeting_sets_no_login_in_postfix_and_cannot_relay(gate_factory
     to Postfix as one encoded attribute: Postfix never logs a login, refuses to relay, and
     records the client's address literal HELO as sent."""
     postfix = postfix_sasl
-    gate = gate_factory(downstream_port=postfix.port, policies=BOTH_DOMAINS, config=NO_POOL)
+    gate = gate_factory(downstream_port=postfix.port, policies=BOTH_DOMAINS)
     raw = Raw(gate.address)
     try:
         assert raw.reply().startswith(b"220 ")

@@ -171,10 +171,7 @@ def test_sigkill_under_load_loses_nothing_acknowledged(gate_factory, downstream,
     """``gate``: the one process of a one-worker gate; ``worker``: the busiest of two
     workers (the supervisor starts another and the gate goes on)."""
     downstream.delays["DATA_END"] = 0.02  # a real MTA takes a moment to queue
-    # No pool: below, the downstream sessions all closing is how the test knows the dead
-    # process's clients are done (idle pooled sessions of the other worker would stay open).
-    gate = gate_factory(config={"workers": 1 if victim == "gate" else 2,
-                                "downstream": {"pool": {"size": 0}}})
+    gate = gate_factory(config={"workers": 1 if victim == "gate" else 2})
     if victim == "worker":
         assert wait_until(lambda: len(children_of(gate.pid)) == 2, 20), gate.log_text()
     stop = threading.Event()

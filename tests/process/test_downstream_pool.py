@@ -8,6 +8,14 @@ import socket
 from tests.support.waiting import wait_until
 
 MSG = b"Subject: pooled\r\n\r\nhello\r\n"
+POOL = {"size": 8}  # downstream.pool is off by default
+
+
+def pooled(gate_factory, **config):
+    """A gate with the pool on (``pool``: its other keys), relaying to ``downstream``."""
+    pool = {**POOL, **config.pop("pool", {})}
+    downstream = {**config.pop("downstream", {}), "pool": pool}
+    return gate_factory(config={**config, "downstream": downstream})
 
 
 def send(gate, sender: str = "a@sender.test", rcpt: str = "user@example.com") -> int:
@@ -27,7 +35,8 @@ def relay_sessions(ds) -> list:
     return [s for s in ds.sessions if {"MAIL", "XCLIENT", "RSET"} & set(verbs(s))]
 
 
-def test_the_next_client_reuses_the_session_greeted_again_as_itself(gate, downstream):
+def test_the_next_client_reuses_the_session_greeted_again_as_itself(gate_factory, downstream):
+    gate = pooled(gate_factory)
     before = downstream.connections
     ports = [send(gate, f"s{n}@sender.test") for n in range(3)]
     msgs = downstream.wait_for_messages(3)
@@ -67,7 +76,7 @@ def deliver(s, f) -> None:
 
 
 def test_xclient_of_the_next_client_carries_nothing_of_the_previous_one(gate_factory, downstream):
-    gate = gate_factory(config={"trusted_forwarders": ["127.0.0.2/32"]})
+    gate = pooled(gate_factory, trusted_forwarders=["127.0.0.2/32"])
     s, f = connect(gate, "127.0.0.2")  # a forwarder naming client A, with a host name
     with s:
         assert reply(f).startswith(b"220 ")
@@ -94,7 +103,8 @@ def test_xclient_of_the_next_client_carries_nothing_of_the_previous_one(gate_fac
     assert b"a.client.example" not in second and b"203.0.113.9" not in second
 
 
-def test_a_pooled_session_that_fails_its_check_is_never_seen_by_the_client(gate, downstream):
+def test_a_pooled_session_that_fails_its_check_is_never_seen_by_the_client(gate_factory, downstream):
+    gate = pooled(gate_factory)
     before = downstream.connections
     send(gate)
     downstream.wait_for_messages(1)
@@ -108,7 +118,8 @@ def test_a_pooled_session_that_fails_its_check_is_never_seen_by_the_client(gate,
     assert "pooled session failed its check" in gate.wait_for_log("pooled session failed")
 
 
-def test_a_session_without_a_delivery_at_its_end_is_not_kept(gate, downstream):
+def test_a_session_without_a_delivery_at_its_end_is_not_kept(gate_factory, downstream):
+    gate = pooled(gate_factory)
     downstream.replies["RCPT:nobody@example.com"] = "550 5.1.1 User unknown"
     before = downstream.connections
     with gate.smtp() as c:
@@ -127,7 +138,7 @@ def test_a_session_without_a_delivery_at_its_end_is_not_kept(gate, downstream):
 
 
 def test_without_xclient_a_reused_session_is_checked_with_rset(gate_factory, downstream):
-    gate = gate_factory(config={"downstream": {"xclient": False}})
+    gate = pooled(gate_factory, downstream={"xclient": False})
     before = downstream.connections
     send(gate)
     send(gate, "b@sender.test")
@@ -137,8 +148,7 @@ def test_without_xclient_a_reused_session_is_checked_with_rset(gate_factory, dow
         "EHLO", "XFORWARD", "MAIL", "RCPT", "DATA", "RSET", "XFORWARD", "MAIL", "RCPT", "DATA"]
 
 
-def test_size_0_opens_a_connection_per_client(gate_factory, downstream):
-    gate = gate_factory(config={"downstream": {"pool": {"size": 0}}})
+def test_by_default_a_connection_per_client(gate, downstream):
     before = downstream.connections
     send(gate)
     send(gate, "b@sender.test")
@@ -147,7 +157,7 @@ def test_size_0_opens_a_connection_per_client(gate_factory, downstream):
 
 
 def test_max_uses_bounds_the_clients_of_one_session(gate_factory, downstream):
-    gate = gate_factory(config={"downstream": {"pool": {"max_uses": 2}}})
+    gate = pooled(gate_factory, pool={"max_uses": 2})
     before = downstream.connections
     for n in range(3):
         send(gate, f"s{n}@sender.test")
@@ -157,14 +167,15 @@ def test_max_uses_bounds_the_clients_of_one_session(gate_factory, downstream):
     assert verbs(downstream.sessions[msgs[0].session])[-1] == "QUIT"
 
 
-def test_reload_and_shutdown_close_the_idle_sessions(gate, downstream):
+def test_reload_and_shutdown_close_the_idle_sessions(gate_factory, downstream):
+    gate = pooled(gate_factory)
     send(gate)
     [msg] = downstream.wait_for_messages(1)
-    pooled = downstream.sessions[msg.session]
+    kept = downstream.sessions[msg.session]
     gate.send_signal(signal.SIGHUP)
     gate.wait_for_log("configuration reloaded")
-    wait_until(lambda: pooled.closed, 5, what="the idle session closed at reload")
-    assert verbs(pooled)[-1] == "QUIT"
+    wait_until(lambda: kept.closed, 5, what="the idle session closed at reload")
+    assert verbs(kept)[-1] == "QUIT"
     send(gate, "b@sender.test")  # a new session after the reload...
     _, second = downstream.wait_for_messages(2)
     assert second.session != msg.session
@@ -174,12 +185,12 @@ def test_reload_and_shutdown_close_the_idle_sessions(gate, downstream):
 
 
 def test_an_idle_session_is_closed_after_idle(gate_factory, downstream):
-    gate = gate_factory(config={"downstream": {"pool": {"idle": "200ms"}}})
+    gate = pooled(gate_factory, pool={"idle": "200ms"})
     send(gate)
     [msg] = downstream.wait_for_messages(1)
-    pooled = downstream.sessions[msg.session]
-    wait_until(lambda: pooled.closed, 10, what="the idle session closed")
-    assert verbs(pooled)[-1] == "QUIT"
+    kept = downstream.sessions[msg.session]
+    wait_until(lambda: kept.closed, 10, what="the idle session closed")
+    assert verbs(kept)[-1] == "QUIT"
     send(gate, "b@sender.test")  # the next client: a new connection
     _, second = downstream.wait_for_messages(2)
     assert second.session != msg.session

@@ -116,9 +116,7 @@ def worker_pids(pid: int) -> set[int]:
 def start_fuzz_gate(start_gate, folder: Path, **kwargs) -> FuzzGate:
     """A started downstream and a two-worker gate relaying to it (stop both with stop_fuzz_gate)."""
     ds = CapturingDownstream().start()
-    # No pool of downstream sessions: settle() knows a client is done when its downstream
-    # session closed (tests/process/test_downstream_pool.py covers the pool).
-    config = {"workers": 2, "downstream": {"pool": {"size": 0}}, **kwargs.pop("config", {})}
+    config = {"workers": 2, **kwargs.pop("config", {})}
     gate = start_gate(folder, downstream_port=ds.port, config=config, **kwargs)
     fg = FuzzGate(gate, ds)
     # the master forks its workers after it listens: wait until both are there

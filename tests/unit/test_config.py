@@ -404,9 +404,9 @@ def test_trusted_forwarders(tmp_path):
 
 def test_downstream_pool(tmp_path):
     from smtpgate.config.gate import PoolConfig
-    assert load_gate_config(None).downstream.pool == PoolConfig(size=8, idle=30.0, max_uses=100)
-    path = write(tmp_path / "gate.yaml", "downstream: {pool: {size: 0, idle: 2m}}\n")
-    assert load_gate_config(path).downstream.pool == PoolConfig(size=0, idle=120.0, max_uses=100)
+    assert load_gate_config(None).downstream.pool == PoolConfig(size=0, idle=30.0, max_uses=100)
+    path = write(tmp_path / "gate.yaml", "downstream: {pool: {size: 4, idle: 2m}}\n")
+    assert load_gate_config(path).downstream.pool == PoolConfig(size=4, idle=120.0, max_uses=100)
     bad = write(tmp_path / "bad.yaml", "downstream: {pool: {size: -1, idle: 0, max_uses: 0, ttl: 1}}\n")
     assert problems_of(bad) == [
         "bad.yaml:1:27: downstream.pool.size: expected a whole number of 0 or more, got -1",
