@@ -211,7 +211,8 @@ class Downstream:
         # message's stored session): nothing in it can become another attribute.
         attrs = {
             "PORT": _attribute(str(session.client_port)),
-            "PROTO": _attribute(session.proto),
+            # XCLIENT_README: SMTP or ESMTP only; Postfix refuses ESMTPS/ESMTPSA with 501
+            "PROTO": "SMTP" if (session.proto or "").upper() == "SMTP" else "ESMTP",
             "HELO": _attribute(session.helo),
             # Postfix applies NAME and ADDR last; sending them last keeps that order explicit.
             "NAME": _attribute(session.client_name),

@@ -180,6 +180,27 @@ def test_xclient_postfix_sees_the_real_client_and_its_helo(gate_factory, postfix
     assert received.startswith(b"Received: from helo.client.test (unknown [127.0.0.1])"), received
 
 
+def test_a_starttls_client_is_named_with_a_proto_postfix_takes(gate_factory, postfix_downstream,
+                                                               tmp_path, require_tool):
+    """A client that used STARTTLS is ESMTPS in the gate's log, but XCLIENT PROTO takes only
+    SMTP or ESMTP (Postfix answered ESMTPS with 501, and the client got 451 4.4.1 at MAIL)."""
+    import ssl
+    from tests.support.testca import TestCA
+    postfix = postfix_downstream
+    ca = TestCA(tmp_path / "ca", require_tool("openssl"))
+    cert, key = ca.issue("served", ["127.0.0.1"], serial=1)
+    gate = gate_factory(downstream_port=postfix.port, config={"tls": {"cert": str(cert), "key": str(key)}})
+    with gate.smtp(local_hostname="tls.client.test") as c:
+        client_port = c.sock.getsockname()[1]
+        c.starttls(context=ssl.create_default_context(cafile=str(ca.cert)))
+        c.ehlo()
+        assert c.mail(SENDER)[0] == 250
+        assert c.rcpt("user@example.com")[0] == 250
+        queue_id(c.data(MESSAGE))
+    postfix.wait_for_log(r"info: RCPT from unknown\[127\.0\.0\.1\]:%d: .*proto=ESMTP "
+                         r"helo=<tls\.client\.test>" % client_port)
+
+
 def test_xclient_with_proxy_protocol_client(gate_factory, postfix_downstream):
     """With `proxy_protocol: true`, the address from the PROXY v1 header is what the gate
     hands Postfix: Postfix logs client=unknown[203.0.113.7] and its Received header names it."""

@@ -29,7 +29,8 @@ def test_starttls_offered_and_used(gate_factory, downstream, cert):
         client.sendmail("a@sender.test", ["user@example.com"], b"Subject: tls\r\n\r\nhi\r\n")
     [msg] = downstream.wait_for_messages(1)
     assert msg.data == b"Subject: tls\r\n\r\nhi\r\n"
-    assert msg.xclient.get("PROTO") == "ESMTPS"
+    # XCLIENT PROTO is SMTP or ESMTP only: Postfix refuses ESMTPS (tests/postfix)
+    assert msg.xclient.get("PROTO") == "ESMTP"
 
 
 def test_no_starttls_without_tls_config(gate):
