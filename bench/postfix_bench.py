@@ -86,6 +86,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--workloads", default="par50_conn,seq1_conn")
     ap.add_argument("--systems", default=ALL)
+    ap.add_argument("--sink", action="store_true",
+                    help="smtp-sink as the downstream instead of Postfix (the same A/B, no queue)")
     a = ap.parse_args()
     wls, systems = a.workloads.split(","), a.systems.split(",")
     work = Path(tempfile.mkdtemp(prefix="smtpgate-postfix-bench-"))
@@ -94,21 +96,22 @@ def main() -> int:
                  work / "sink.log")
     wait_until(lambda: listening(sink_port), 10, what="smtp-sink")
     main_cf = "relay_domains = bench.test\nsmtpd_recipient_restrictions = reject_unauth_destination\n"
-    postfix = start_postfix(work / "postfix", relay_port=sink_port, main_cf=main_cf)
+    postfix = None if a.sink else start_postfix(work / "postfix", relay_port=sink_port, main_cf=main_cf)
+    down = sink_port if a.sink else postfix.port
     results: dict[str, dict[str, float]] = {}
     try:
         for system in systems:
             port = free_port()
             if system == "direct":
-                results[system] = measure(system, postfix.port, None, wls, a.runs)
+                results[system] = measure(system, down, None, wls, a.runs)
                 continue
             if system == "floor":
                 proc = start([str(VENV / "python"), str(BENCH / "floor_relay.py"), "--listen", str(port),
-                              "--down", str(postfix.port), "--uvloop", "--workers", "2"],
+                              "--down", str(down), "--uvloop", "--workers", "2"],
                              work / "floor.log")
             else:
                 pool = 0 if system == "gate-nopool" else 8
-                cfg = gate_config(work / system, port, postfix.port, pool)
+                cfg = gate_config(work / system, port, down, pool)
                 proc = start([str(VENV / "smtpgate"), "serve", "-c", str(cfg)], work / f"{system}.log")
             try:
                 wait_until(lambda: listening(port), 30, what=system)
@@ -117,10 +120,11 @@ def main() -> int:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(30)
     finally:
-        postfix.stop()
+        if postfix is not None:
+            postfix.stop()
         stop_pid(sink)
     base = results.get("floor")
-    print(f"\nPostfix as the downstream, messages/s (N_PAR={os.environ.get('N_PAR', 10000)}, "
+    print(f"\n{'smtp-sink' if a.sink else 'Postfix'} as the downstream, messages/s (N_PAR={os.environ.get('N_PAR', 10000)}, "
           f"N_SEQ={os.environ.get('N_SEQ', 3000)}, median of {a.runs}); logs in {work}")
     print("| system | " + " | ".join(wls) + " |\n|---|" + "---:|" * len(wls))
     for system, rates in results.items():
