@@ -181,6 +181,18 @@ class Message:
         self._set_head(line + self._header_block())
         self.changes.append(Change("add", name, None, value, self._current_rule))
 
+    def prepend_fields(self, fields: list[tuple[str, str]]) -> None:
+        """Add ``[(name, value), ...]`` above every other field, in that order, as one edit:
+        every field is checked first, so a bad one raises ValueError and nothing changes.
+        Unlike ``prepend_header``, a value may be folded (CRLF, then a space or tab, then
+        text on that line), as signature fields are; other CR, LF and NUL are refused."""
+        lines = [_folded_field_line(name, value) for name, value in fields]
+        if not lines:
+            return
+        self._set_head(b"".join(lines) + self._header_block())
+        self.changes.extend(Change("add", name, None, " ".join(value.split()), self._current_rule)
+                            for name, value in fields)
+
     def remove_header(self, name: str) -> int:
         """Delete every instance of ``name``; returns how many went."""
         gone = [f for f in self.fields if f.name.lower() == name.lower()]
@@ -380,6 +392,22 @@ def _header_end(raw: bytes) -> int:
 def _field(name: bytes, parts: list[bytes], start: int, end: int) -> HeaderField:
     value = b"\r\n".join(parts).decode("utf-8", "surrogateescape").strip()
     return HeaderField(name.decode("ascii", "replace"), value, start, end)
+
+
+def check_folded_field(name: str, value: str) -> None:
+    """ValueError unless ``Name: value`` is one field: a good name, CR and LF only as
+    folding (CRLF, white space, text), no NUL."""
+    _folded_field_line(name, value)
+
+
+def _folded_field_line(name: str, value: str) -> bytes:
+    if not isinstance(name, str) or not isinstance(value, str):
+        raise ValueError("a header field's name and value are text")
+    if not _FIELD_NAME.match(name.encode("ascii", "replace")):
+        raise ValueError(f"bad header name {name!r}")
+    if _BAD_FOLDING.search(value) or value.endswith(("\r", "\n")):
+        raise ValueError(f"header value for {name} holds CR, LF or NUL outside folding")
+    return f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
 
 
 def _field_line(name: str, value: str) -> bytes:

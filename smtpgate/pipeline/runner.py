@@ -7,7 +7,10 @@ ignored, its envelope and message edits and ``tx.skip`` calls are undone, its re
 marked shadow and its events reach no state machine); a rule that raises is logged with its
 traceback (a StoreError: one line) and turns into ``451 4.3.0`` unless it is set
 ``on_error: accept``. What a rule adds to ``tx.results`` during a hook goes into that hook's
-trace entry.
+trace entry. At the seal stage each hook gets a fresh ``Seal`` to stage header fields on;
+they are prepended together once the hook returned, never for a shadow rule, a refusing
+verdict or a hook that raised, and a hook that edits the message itself fails
+(``pipeline/seal.py``).
 """
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ import time
 
 from ..mail.session import TraceEntry
 from ..errors import StoreError
-from ..mail.message import describe_changes
+from ..mail.message import Change, describe_changes
 from .rule import SIGNATURES, hook_parameters
+from .seal import Seal, check_untouched
 from .verdict import ACCEPT, Verdict
 
 log = logging.getLogger("smtpgate.pipeline")
@@ -51,7 +55,9 @@ def _arguments(stage: str, args: tuple) -> dict:
         out["rcpt"] = args[1]
     elif stage in ("delivered", "end"):
         out["reply"] = args[1]
-    if stage in ("data", "delivered", "end"):
+    elif stage == "seal":
+        out["seal"] = args[1] if len(args) > 1 else None
+    if stage in ("data", "seal", "delivered", "end"):
         out["message"] = tx.message
     return out
 
@@ -107,6 +113,10 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
                                     None, 0.0, shadow, recipient))
             continue
         mark = message.checkpoint() if message is not None else None
+        seal = None
+        if stage == "seal":  # a fresh one per hook: what it stages is its own, all or none
+            seal = available["seal"] = Seal()
+            args = (args[0], seal)
         before = getattr(target, slot[2]) if slot else None
         skips_before = dict(skipped) if shadow and skipped is not None else None
         results._current = (rule.name, shadow)
@@ -118,6 +128,8 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
             verdict = await _call(rule, hook_name, args, available)
             if verdict is not None and not isinstance(verdict, Verdict):
                 raise TypeError(f"hook returned {type(verdict).__name__}, expected Verdict or None")
+            if seal is not None:
+                check_untouched(message, mark)
         except Exception as exc:  # a plugin's bug must never reach the client as a traceback
             ms = (time.perf_counter() - started) * 1000
             _log_crash(rule, hook_name, exc)
@@ -144,8 +156,12 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
             changed.append(f"{slot[0]} <{before}> -> <{getattr(target, slot[2])}>")
             if shadow:
                 setattr(target, slot[2], before)
+        if seal is not None and not shadow and (verdict is None or verdict.action == ACCEPT):
+            message.prepend_fields(seal.fields)  # checked when staged: cannot fail half-way
         if mark is not None and len(message.changes) > mark[1]:
             changed.append(describe_changes(message.changes[mark[1]:]))
+        elif seal and shadow:
+            changed.append(describe_changes(Change("add", name, None, value) for name, value in seal.fields))
         if shadow and mark is not None:
             message.rollback(mark)
         if skips_before is not None:
