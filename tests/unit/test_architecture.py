@@ -12,6 +12,7 @@ PRODUCT = ROOT / "smtpgate"
 ONE_IMPORTER = {
     "aiosmtpd": {"smtp/front.py"},
     "aiosmtplib": {"smtp/relay.py"},
+    "authres": {"pipeline/authheader.py"},
     "dns": {"resolver.py"},  # dnspython
     "yaml": {"config/yamlsrc.py"},
 }
