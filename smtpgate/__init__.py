@@ -13,7 +13,7 @@ from .mail.keys import client_key, sender_key
 from .mail.message import Message
 from .mail.reply import Reply
 from .mail.session import Event, Recipient, Session, TraceEntry, Transaction
-from .pipeline.results import Results, RuleResult
+from .pipeline.results import AuthResult, Results, RuleResult
 from .pipeline.options import (Option, anything, boolean, duration, integer, list_of, mapping_of, network,
                                number, one_of, prefix_length, regex, size, string)
 from .pipeline.rule import Rule
@@ -31,7 +31,7 @@ __all__ = [
     # what the hooks are given
     "Session", "Transaction", "Recipient", "Message", "Reply", "Event", "TraceEntry",
     # the one channel rules report through (tx.results, session.results)
-    "Results", "RuleResult",
+    "Results", "RuleResult", "AuthResult",
     # helpers for what rules look at
     "parse_address", "sender_key", "client_key", "reverse_name", "GreylistParams",
     # errors a rule raises or meets

@@ -119,6 +119,9 @@ class Transaction:
     machine_owners: dict[str, Any] = field(default_factory=dict, repr=False)
     #: (stage, Reply) for each answer of the downstream, for the pipeline's own events
     downstream_replies: list = field(default_factory=list)
+    #: the value of the Authentication-Results header the gate wrote after DATA (its
+    #: authserv-id first), None when it wrote none; what a later stage (an ARC seal) reads
+    authentication_results: str | None = None
 
     @property
     def sender_domain(self) -> str:

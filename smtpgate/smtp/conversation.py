@@ -25,6 +25,7 @@ from ..mail.session import Recipient, Session, TraceEntry, Transaction, new_id
 from .. import metrics
 from ..errors import RelayError, StoreError
 from ..mail.message import Message
+from ..pipeline.authheader import add_authentication_results
 from ..pipeline.runner import publish_outcome, run_delivered, run_disconnect, run_end, run_stage
 from ..mail.reply import Reply
 from ..pipeline.verdict import ACCEPT, DISCARD, QUARANTINE, Verdict
@@ -524,6 +525,7 @@ class Conversation:
         if self._progress.relayed == 0:  # every recipient was discarded
             await self.relay.reset()
             return await self._end(tx, OK_DATA, deliver_hooks=True)
+        add_authentication_results(tx, self.runtime.config.hostname)  # the rules' auth results, under our id
         # The message is final: seal-stage rules sign what will be relayed (only adding fields).
         verdict = await run_stage(tx.policy.rules, "seal", (tx,), tx.trace, message=tx.message)
         if verdict is not None and verdict.action != ACCEPT:

@@ -12,6 +12,7 @@ PRODUCT = ROOT / "smtpgate"
 ONE_IMPORTER = {
     "aiosmtpd": {"smtp/front.py"},
     "aiosmtplib": {"smtp/relay.py"},
+    "authres": {"pipeline/authheader.py"},
     "dns": {"resolver.py"},  # dnspython
     "yaml": {"config/yamlsrc.py"},
 }
@@ -38,6 +39,7 @@ def test_each_outside_library_has_one_importer(library):
 # Outside libraries first-party rules use, each imported by one module of rules/ only.
 RULES_ONE_IMPORTER = {
     "olefile": {"attachments/content.py"},
+    "dkim": {"dkim/verify.py"},  # dkimpy
 }
 
 
