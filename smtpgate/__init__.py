@@ -17,6 +17,7 @@ from .pipeline.results import AuthResult, Results, RuleResult
 from .pipeline.options import (Option, anything, boolean, duration, integer, list_of, mapping_of, network,
                                number, one_of, prefix_length, regex, size, string)
 from .pipeline.rule import Rule
+from .pipeline.seal import Seal
 from .pipeline.verdict import Verdict
 from .resolver import DnsError, reverse_name
 from .stores.greylist import Params as GreylistParams
@@ -29,7 +30,7 @@ __all__ = [
     "anything", "boolean", "duration", "integer", "list_of", "mapping_of", "network", "number",
     "one_of", "prefix_length", "regex", "size", "string",
     # what the hooks are given
-    "Session", "Transaction", "Recipient", "Message", "Reply", "Event", "TraceEntry",
+    "Session", "Transaction", "Recipient", "Message", "Reply", "Event", "TraceEntry", "Seal",
     # the one channel rules report through (tx.results, session.results)
     "Results", "RuleResult", "AuthResult",
     # helpers for what rules look at

@@ -7,7 +7,8 @@ pass or fail). At the seal stage, after every rule's ``on_data`` and after the g
 that header, a new ARC set (ARC-Seal, ARC-Message-Signature, ARC-Authentication-Results) is
 staged over the message as it will be relayed: the ARC-Authentication-Results carries the
 gate's own results, so the next hop can trust them for a message the gate changed. A failed
-chain is sealed on with ``cv=fail``; a chain an earlier hop already ended is not sealed.
+chain is sealed on with ``cv=fail``; a chain an earlier hop already sealed with ``cv=fail``
+is not sealed again (RFC 8617 §5.1.1: it has ended).
 """
 from __future__ import annotations
 
@@ -121,14 +122,17 @@ class Arc(Rule):
             tx.results.add(self, err="not sealed: no arc result of this transaction in the gate's "
                                      "Authentication-Results")
             return None
+        if record.data["chain"]["ended"]:
+            tx.results.add(self, msg="not sealed: an earlier hop ended the chain with cv=fail")
+            return None
         gate_id, _, results = ours.partition(";")
         authserv_id = self.authserv_id or gate_id.split()[0]
         raw = _with_results(message, authserv_id, results)
         args = (raw, self._pem, self.domain, self.selector, authserv_id, self.headers or None,
                 int(self.clock.now()))
         fields = await asyncio.to_thread(chain.seal, *args) if len(raw) > self.thread_above else chain.seal(*args)
-        if not fields:
-            tx.results.add(self, msg="not sealed: the chain was ended by an earlier hop (cv=fail)")
+        if not fields:  # dkimpy found no result of ours (cannot happen: we put one there)
+            tx.results.add(self, err="not sealed: dkimpy found no Authentication-Results to seal")
             return None
         for name, value in fields:
             seal.prepend(name, value)

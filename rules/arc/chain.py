@@ -40,17 +40,19 @@ class Chain:
     """An incoming chain's validation: ``cv`` is ``none``, ``pass`` or ``fail``; ``instances``
     its sets (highest i=), ``reason`` why it failed, ``signers`` each set's sealing domain
     (newest first), ``oldest_pass`` the lowest instance whose AMS still verifies (RFC 8617
-    §7.2 header.oldest-pass; 0 if none checked)."""
+    §7.2 header.oldest-pass; 0 if none checked); ``ended``: an earlier hop sealed it with
+    ``cv=fail``, so it fails and no sealer may add to it (RFC 8617 §5.1.1)."""
 
     cv: str
     instances: int = 0
     reason: str | None = None
     signers: list[str] = field(default_factory=list)
     oldest_pass: int = 0
+    ended: bool = False
 
     def as_dict(self) -> dict:
         return {"cv": self.cv, "instances": self.instances, "reason": self.reason,
-                "signers": self.signers, "oldest_pass": self.oldest_pass}
+                "signers": self.signers, "oldest_pass": self.oldest_pass, "ended": self.ended}
 
 
 def key_names(raw: bytes) -> list[str]:
@@ -86,11 +88,9 @@ def verify_chain(raw: bytes, keys: dict[str, str | None]) -> Chain:
     instances = max((s["instance"] for s in sets), default=0)
     signers = [_text(s.get("as-domain", b"")) for s in sets]
     passed = [s["instance"] for s in sets if s.get("ams-valid")]
-    if cv is None:  # an earlier hop sealed cv=fail: the chain stays failed (RFC 8617 §5.2)
-        cv = b"fail"
-    result = _text(cv)
+    result = "fail" if cv is None else _text(cv)  # None: an earlier hop sealed cv=fail
     return Chain(result, instances, None if result in ("pass", "none") else reason, signers,
-                 min(passed, default=0))
+                 min(passed, default=0), ended=cv is None)
 
 
 def check_private_key(pem: bytes) -> bytes:
@@ -119,7 +119,7 @@ def seal(raw: bytes, pem: bytes, domain: str, selector: str, authserv_id: str,
     ARC-Message-Signature, ARC-Authentication-Results), values folded with CRLF. dkimpy
     builds the ARC-Authentication-Results from the message's Authentication-Results fields
     of ``authserv_id`` and takes cv from their ``arc`` result. [] when it seals nothing
-    (no such field, or a chain ended by an earlier cv=fail). DKIMException on failure."""
+    (no such field). DKIMException on failure."""
     signer = dkim.ARC(raw, logger=_QUIET, signature_algorithm=b"rsa-sha256")
     include = [h.encode() for h in headers] if headers else signer.default_sign_headers()
     fields = signer.sign(selector.encode(), domain.encode(), pem, authserv_id.encode(),

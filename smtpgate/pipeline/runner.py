@@ -157,7 +157,9 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
             if shadow:
                 setattr(target, slot[2], before)
         if seal is not None and not shadow and (verdict is None or verdict.action == ACCEPT):
+            message._current_rule = rule.name  # the changes are the rule's, in the trace
             message.prepend_fields(seal.fields)  # checked when staged: cannot fail half-way
+            message._current_rule = None
         if mark is not None and len(message.changes) > mark[1]:
             changed.append(describe_changes(message.changes[mark[1]:]))
         elif seal and shadow:

@@ -151,6 +151,19 @@ async def test_broken_chain_is_fail_and_sealed_on_with_cv_fail(ns, gate_key, key
         ("arc", "fail")]
 
 
+async def test_a_chain_an_earlier_hop_sealed_with_cv_fail_is_not_sealed_again(ns, gate_key, keys):
+    first = arc_hop(RAW, keys["fwd"], "fwd.example", "arc", "arc=none").replace(b"second line", b"altered")
+    second = arc_hop(first, keys["fwd"], "fwd.example", "arc", "arc=fail")  # that hop saw it fail
+    assert b"cv=fail" in second.partition(b"\r\n\r\n")[0]
+    h = harness(ns, gate_key)
+    result = await h.send(second)
+    found = chain_of(result)
+    assert (found["cv"], found["ended"], found["instances"]) == ("fail", True, 2)
+    assert b"i=3" not in h.relayed[0].data
+    assert "ended the chain" in result.transaction.results.get("arc").msg[0]
+    assert [r.result for r in gate_header(h.relayed[0].data).results if r.method == "arc"] == ["fail"]
+
+
 async def test_a_chain_whose_key_is_missing_fails(ns, gate_key, keys):
     forwarded = arc_hop(RAW, keys["fwd"], "fwd.example", "gone", "arc=none")
     result = await harness(ns, gate_key).send(forwarded)
@@ -171,7 +184,8 @@ async def test_a_key_lookup_timeout_fails_the_chain_or_defers(ns, gate_key, keys
 async def test_unsealed_message_is_cv_none_and_sealed_i1(ns, gate_key):
     h = harness(ns, gate_key)
     result = await h.send(RAW)
-    assert chain_of(result) == {"cv": "none", "instances": 0, "reason": None, "signers": [], "oldest_pass": 0}
+    assert chain_of(result) == {"cv": "none", "instances": 0, "reason": None, "signers": [], "oldest_pass": 0,
+                                 "ended": False}
     cv, _, _ = dkim.arc_verify(h.relayed[0].data, dnsfunc=txt_lookup(ns))
     assert cv == b"pass"
 
@@ -303,3 +317,16 @@ def test_a_bad_key_is_refused_at_load(tmp_path, openssl, content, problem):
 def test_bad_options_are_refused(gate_key, options, problem):
     with pytest.raises(OptionError, match=problem):
         Arc({"key": gate_key, "selector": "s", "domain": "example.org", **options}, None)
+
+
+def test_check_config_names_the_file_and_line_of_a_bad_key(tmp_path):
+    from smtpgate.config import check_config
+    (tmp_path / "bad.pem").write_text("not a key\n")
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "default.yaml").write_text(
+        "domains: [example.com]\nrules:\n  - arc:\n      selector: s\n      domain: example.org\n"
+        f"      key: {tmp_path / 'bad.pem'}\n")
+    (tmp_path / "gate.yaml").write_text("policies: policies\n")
+    [problem] = map(str, check_config(str(tmp_path / "gate.yaml")))
+    assert problem == (f"{tmp_path}/policies/default.yaml:6:12: rules[0].arc.key: {tmp_path / 'bad.pem'}: "
+                       "not a PEM file (no -----BEGIN line)")

@@ -175,3 +175,11 @@ def test_prepend_fields_is_all_or_none_and_allows_only_folding():
     assert m.raw == b"X-A: 1;\r\n 2\r\nX-B: 3\r\n" + raw
     assert [(c.op, c.header, c.after) for c in m.changes] == [("add", "X-A", "1; 2"), ("add", "X-B", "3")]
     assert m.get("X-A") == "1;\r\n 2"
+
+
+async def test_the_staged_fields_are_the_rule_s_changes():
+    result = await Harness([sealer()]).send()
+    changes = result.transaction.message.changes
+    assert [(c.op, c.header, c.rule) for c in changes] == [
+        ("add", "X-Seen-Subject", "sealer"), ("add", "X-Seal", "sealer"), ("add", "X-Seal-Sig", "sealer"),
+        ("add", "X-Seal-Res", "sealer")]
