@@ -16,7 +16,8 @@ import asyncio
 
 import re
 
-from smtpgate import DnsError, Message, Option, OptionError, Rule, Verdict, list_of, one_of, size, string
+from smtpgate import (DnsError, Message, Option, OptionError, Rule, Verdict, integer, list_of, one_of,
+                      size, string)
 from . import chain
 
 
@@ -57,6 +58,8 @@ class Arc(Rule):
                                         "default: the gate's (its hostname)")
     on_dns_error = Option(one_of("accept", "tempfail"), "accept",
                           "a chain's key lookup failed: the chain fails (accept), or 451 4.7.29")
+    max_sets = Option(integer, 10, "a chain of more ARC sets fails unchecked (each set costs a body "
+                                   "hash and two key operations; RFC 8617 allows 50)")
     thread_above = Option(size, "256k", "messages larger than this are verified and sealed in a worker thread")
 
     def setup(self):
@@ -71,6 +74,8 @@ class Arc(Rule):
             raise OptionError("key", f"{self.key}: {e}") from None
         if self.headers and "from" not in self.headers:
             raise OptionError("headers", "must include from (RFC 6376 §5.4)")
+        if not 1 <= self.max_sets <= 50:
+            raise OptionError("max_sets", f"expected 1 to 50 (RFC 8617's instance range), got {self.max_sets}")
 
     # --- DATA: the incoming chain ------------------------------------------------------
     async def on_data(self, tx, message):
@@ -79,6 +84,10 @@ class Arc(Rule):
             raise RuntimeError("arc needs the gate's resolver")
         raw = message.received  # the chain as it arrived, whatever rules before us changed
         big = len(raw) > self.thread_above
+        sets = chain.count_sets(raw)
+        if sets > self.max_sets:  # not worth checking: refuse the cost, not the message
+            self._report(tx, chain.Chain("fail", sets, f"{sets} ARC sets, more than max_sets {self.max_sets}"))
+            return None
         names = chain.key_names(raw)
         keys, failed = await self._fetch_keys(resolver.for_session(tx.session), names)
         if failed and self.on_dns_error == "tempfail":
@@ -130,7 +139,12 @@ class Arc(Rule):
         raw = _with_results(message, authserv_id, results)
         args = (raw, self._pem, self.domain, self.selector, authserv_id, self.headers or None,
                 int(self.clock.now()))
-        fields = await asyncio.to_thread(chain.seal, *args) if len(raw) > self.thread_above else chain.seal(*args)
+        try:
+            fields = await asyncio.to_thread(chain.seal, *args) if len(raw) > self.thread_above \
+                else chain.seal(*args)
+        except chain.SealFailed as e:  # the message itself is unsealable: relayed as it is
+            tx.results.add(self, err=f"not sealed: {e}")
+            return None
         if not fields:  # dkimpy found no result of ours (cannot happen: we put one there)
             tx.results.add(self, err="not sealed: dkimpy found no Authentication-Results to seal")
             return None

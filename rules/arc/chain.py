@@ -28,11 +28,18 @@ _NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_]
 NEVER_SIGNED = frozenset([h.decode() for h in dkim.DKIM.SHOULD_NOT]
                          + ["authentication-results", "arc-seal", "arc-message-signature",
                             "arc-authentication-results"])
+# dkimpy's parser raises IndexError, not its own error, for a header section opening with a
+# continuation line: either way the message's header section is not one it can read
+_UNPARSEABLE = (dkim.DKIMException, IndexError)
 MIN_BITS = 1024  # RFC 8301 §3.2: shorter RSA keys must not be used
 
 
 class KeyProblem(ValueError):
     """The configured private key cannot sign ARC (why, in one line)."""
+
+
+class SealFailed(Exception):
+    """dkimpy could not seal this message (why, in one line): e.g. it has no From field."""
 
 
 @dataclass
@@ -53,6 +60,11 @@ class Chain:
     def as_dict(self) -> dict:
         return {"cv": self.cv, "instances": self.instances, "reason": self.reason,
                 "signers": self.signers, "oldest_pass": self.oldest_pass, "ended": self.ended}
+
+
+def count_sets(raw: bytes) -> int:
+    """How many ARC-Seal fields the header section holds (what validating would cost)."""
+    return sum(1 for name, _ in _headers(raw) if name.lower() == b"arc-seal")
 
 
 def key_names(raw: bytes) -> list[str]:
@@ -83,8 +95,8 @@ def verify_chain(raw: bytes, keys: dict[str, str | None]) -> Chain:
 
     try:
         cv, sets, reason = dkim.ARC(raw, logger=_QUIET).verify(dnsfunc=lookup)
-    except dkim.DKIMException as e:
-        return Chain("fail", reason=_text(e))
+    except _UNPARSEABLE as e:
+        return Chain("fail", reason=_why(e)) if count_sets(raw) else Chain("none")
     instances = max((s["instance"] for s in sets), default=0)
     signers = [_text(s.get("as-domain", b"")) for s in sets]
     passed = [s["instance"] for s in sets if s.get("ams-valid")]
@@ -119,11 +131,14 @@ def seal(raw: bytes, pem: bytes, domain: str, selector: str, authserv_id: str,
     ARC-Message-Signature, ARC-Authentication-Results), values folded with CRLF. dkimpy
     builds the ARC-Authentication-Results from the message's Authentication-Results fields
     of ``authserv_id`` and takes cv from their ``arc`` result. [] when it seals nothing
-    (no such field). DKIMException on failure."""
-    signer = dkim.ARC(raw, logger=_QUIET, signature_algorithm=b"rsa-sha256")
-    include = [h.encode() for h in headers] if headers else signer.default_sign_headers()
-    fields = signer.sign(selector.encode(), domain.encode(), pem, authserv_id.encode(),
-                         include_headers=include, timestamp=timestamp)
+    (no such field). ``SealFailed`` when dkimpy cannot seal it."""
+    try:
+        signer = dkim.ARC(raw, logger=_QUIET, signature_algorithm=b"rsa-sha256")
+        include = [h.encode() for h in headers] if headers else signer.default_sign_headers()
+        fields = signer.sign(selector.encode(), domain.encode(), pem, authserv_id.encode(),
+                             include_headers=include, timestamp=timestamp)
+    except _UNPARSEABLE as e:
+        raise SealFailed(_why(e)) from None
     out = []
     for line in fields:
         name, _, value = line.decode("utf-8", "surrogateescape").partition(":")
@@ -132,10 +147,18 @@ def seal(raw: bytes, pem: bytes, domain: str, selector: str, authserv_id: str,
 
 
 def _headers(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """The header fields, as dkimpy splits them; for a header section it cannot parse, the
+    lines that start a field (enough to count and name ARC fields)."""
     try:
         return dkim.rfc822_parse(raw)[0]
-    except dkim.DKIMException:
-        return []
+    except _UNPARSEABLE:
+        end = raw.find(b"\r\n\r\n")
+        lines = raw[:end if end >= 0 else len(raw)].split(b"\r\n")
+        return [tuple(line.split(b":", 1)) for line in lines if b":" in line and line[:1] not in b" \t"]
+
+
+def _why(e: Exception) -> str:
+    return _text(e) if isinstance(e, dkim.DKIMException) else "header section not parseable"
 
 
 def _text(value) -> str:

@@ -58,11 +58,11 @@ def gate_key(tmp_path, keys):
     return str(path)
 
 
-def harness(ns, gate_key, options=None, rules=(), arc_entry=None):
+def harness(ns, gate_key, options=None, rules=(), arc_entry=None, dkim_rule=True):
     """dkim, arc, then ``rules`` (they run after arc at DATA, like an edit)."""
     resolver = Resolver([ns.address], timeout=0.3, attempts=1)
     arc = arc_entry or (Arc, {"key": gate_key, "selector": "seal", "domain": GATE, **(options or {})})
-    return Harness([(Dkim, {}), arc, *rules], resolver=resolver, hostname=GATE,
+    return Harness([(Dkim, {})] * dkim_rule + [arc, *rules], resolver=resolver, hostname=GATE,
                    clock=FakeClock(time.time()))
 
 
@@ -330,3 +330,37 @@ def test_check_config_names_the_file_and_line_of_a_bad_key(tmp_path):
     [problem] = map(str, check_config(str(tmp_path / "gate.yaml")))
     assert problem == (f"{tmp_path}/policies/default.yaml:6:12: rules[0].arc.key: {tmp_path / 'bad.pem'}: "
                        "not a PEM file (no -----BEGIN line)")
+
+
+async def test_a_message_dkimpy_cannot_seal_is_relayed_without_a_set(ns, gate_key):
+    no_from = RAW.replace(b"From: alice@example.org\r\n", b"")
+    h = harness(ns, gate_key)
+    result = await h.send(no_from)
+    assert result.reply.code == 250
+    assert b"ARC-" not in h.relayed[0].data.partition(b"\r\n\r\n")[0]
+    assert "From header field MUST be signed" in result.transaction.results.get("arc").err[0]
+
+
+async def test_a_header_section_dkimpy_cannot_parse_is_none_or_fail_never_a_crash(ns, gate_key):
+    garbage = b"no colon here\r\n" + RAW
+    h = harness(ns, gate_key, dkim_rule=False)
+    result = await h.send(garbage)
+    assert result.reply.code == 250
+    assert chain_of(result)["cv"] == "none"
+    assert "Unexpected characters" in result.transaction.results.get("arc").err[0]  # not sealed
+    sealed = b"ARC-Seal: i=1; cv=none; a=rsa-sha256; d=fwd.example; s=arc; b=AAAA\r\n" + garbage
+    result = await h.send(sealed)
+    assert result.reply.code == 250 and chain_of(result)["cv"] == "fail"
+
+
+async def test_more_sets_than_max_sets_fail_unchecked(ns, gate_key, keys):
+    forwarded = RAW
+    for i in range(3):
+        forwarded = arc_hop(forwarded, keys["fwd"], "fwd.example", "arc", "arc=none" if i == 0 else "arc=pass",
+                            authserv_id=f"hop{i}.fwd.example")
+    result = await harness(ns, gate_key).send(forwarded)
+    assert (chain_of(result)["cv"], chain_of(result)["instances"]) == ("pass", 3)
+    before = ns.count("arc._domainkey.fwd.example")
+    result = await harness(ns, gate_key, {"max_sets": 2}).send(forwarded)
+    assert chain_of(result)["cv"] == "fail" and "more than max_sets 2" in chain_of(result)["reason"]
+    assert ns.count("arc._domainkey.fwd.example") == before  # nothing looked up

@@ -13,12 +13,13 @@ from tests.support.dkimkeys import Key
 
 
 def arc_hop(raw: bytes, key: Key, domain: str, selector: str, results: str,
-            timestamp: int | None = None) -> bytes:
+            authserv_id: str | None = None) -> bytes:
     """``raw`` as a hop ``domain`` relays it: its Authentication-Results (``results``, e.g.
-    ``"dkim=pass header.d=example.org; arc=none"``) and the ARC set it seals over them."""
-    stamped = f"Authentication-Results: {domain}; {results}\r\n".encode() + raw
-    fields = dkim.arc_sign(stamped, selector.encode(), domain.encode(), key.private, domain.encode(),
-                           timestamp=timestamp)
+    ``"dkim=pass header.d=example.org; arc=none"``) under ``authserv_id`` (default: the
+    domain; give each hop its own) and the ARC set it seals over them."""
+    authserv_id = authserv_id or domain
+    stamped = f"Authentication-Results: {authserv_id}; {results}\r\n".encode() + raw
+    fields = dkim.arc_sign(stamped, selector.encode(), domain.encode(), key.private, authserv_id.encode())
     assert fields, "dkimpy sealed nothing"
     return b"".join(fields) + stamped
 
