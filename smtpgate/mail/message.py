@@ -177,8 +177,7 @@ class Message:
     # --- editing -----------------------------------------------------------------------
     def prepend_header(self, name: str, value: str) -> None:
         """Add ``Name: value`` above every other field (the way trace headers go)."""
-        line = _field_line(name, value)
-        self._set_head(line + self._header_block())
+        self._put_on_top(_field_line(name, value))
         self.changes.append(Change("add", name, None, value, self._current_rule))
 
     def prepend_fields(self, fields: list[tuple[str, str]]) -> None:
@@ -189,7 +188,7 @@ class Message:
         lines = [_folded_field_line(name, value) for name, value in fields]
         if not lines:
             return
-        self._set_head(b"".join(lines) + self._header_block())
+        self._put_on_top(b"".join(lines))
         self.changes.extend(Change("add", name, None, " ".join(value.split()), self._current_rule)
                             for name, value in fields)
 
@@ -305,6 +304,15 @@ class Message:
         self._head, self._body, self._joined = None, (raw,), raw
         self._fields, self._email, self._edited = None, None, True
 
+    def _put_on_top(self, lines: bytes) -> None:
+        """Insert whole field lines above every field. A header section that starts with
+        continuation lines (invalid, RFC 5322 §2.2.3, yet seen in real mail) keeps them first:
+        under a new field they would become its continuation, and a client could write into
+        a field the gate vouches for (`` ; dkim=pass`` onto its Authentication-Results)."""
+        head = self._header_block()
+        at = _orphan_lines_end(head)
+        self._set_head(head[:at] + lines + head[at:] if at else lines + head)
+
     def _set_head(self, head: bytes) -> None:
         self._header_block()  # the body split off first
         self._head, self._joined = head, None
@@ -381,6 +389,16 @@ def _skip_cfws(text: str, pos: int) -> int | None:
             return pos
         pos += 1
     return None if depth else pos
+
+def _orphan_lines_end(head: bytes) -> int:
+    """The offset past the continuation lines (space or tab first) a header section opens
+    with: 0 for a well-formed one."""
+    pos = 0
+    while head[pos:pos + 1] in (b" ", b"\t"):
+        nl = head.find(b"\r\n", pos)
+        pos = len(head) if nl < 0 else nl + 2
+    return pos
+
 
 def _header_end(raw: bytes) -> int:
     if raw.startswith(b"\r\n"):

@@ -104,3 +104,20 @@ def test_try_shows_the_seal_stage(arc_gate, ns, keys, tmp_path):
         ("data", "dkim"), ("data", "arc"), ("data", "rewrite"), ("seal", "arc")]
     assert [c["header"] for c in doc["changes"] if c["rule"] == "arc"] == [
         "ARC-Seal", "ARC-Message-Signature", "ARC-Authentication-Results"]
+
+
+def test_a_leading_continuation_line_cannot_join_the_gate_s_results(gate_factory, downstream, ns, keys, tmp_path):
+    # Invalid but seen in real mail: it stays first, above the set and the gate's header,
+    # attached to nothing (dkimpy cannot parse such a header section: no set, reported).
+    key = tmp_path / "arc.pem"
+    key.write_bytes(keys["gate"].private)
+    policy = (f"domains: [example.com]\nrules:\n  - arc: {{key: {key}, selector: arc2026, domain: example.com}}\n")
+    gate = gate_factory(policies={"default.yaml": policy},
+                        config={"dns": {"nameservers": [f"127.0.0.1:{ns.port}"], "timeout": "1s"}})
+    folded = b" ; dkim=pass header.d=bank.example\r\n" + MESSAGE
+    send(gate, folded)
+    [got] = downstream.wait_for_messages(1)
+    first, second, rest = got.data.split(b"\r\n", 2)
+    assert first == b" ; dkim=pass header.d=bank.example"
+    assert second == b"Authentication-Results: gate.test; arc=none smtp.remote-ip=127.0.0.1"
+    assert rest == MESSAGE
