@@ -40,7 +40,7 @@ class Dmarc(Rule):
                           "the policy lookup failed (temperror): accept or 451 4.7.1")
 
     #: where pct sampling takes its numbers (``random()`` in [0, 1)); a test sets its own
-    random = random.Random()
+    random = random.SystemRandom()  # no state a forked worker would share
 
     def setup(self):
         self._soften = {k.lower().rstrip("."): v for k, v in self.soften.items()}
