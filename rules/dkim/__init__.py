@@ -34,7 +34,7 @@ class Dkim(Rule):
     on_dns_error = Option(one_of("accept", "tempfail"), "tempfail",
                           "a listed or required domain's key lookup failed: 451 4.7.20 or accept")
     max_signatures = Option(integer, 5, "signatures checked per message (the rest: neutral, not checked)")
-    thread_above = Option(size, "256k", "messages larger than this are verified in a worker thread")
+    thread_above = Option(size, "128k", "messages larger than this are verified in a worker thread")
 
     def setup(self):
         self._domains = [d.lower().rstrip(".") for d in self.domains]

@@ -119,4 +119,5 @@ def _signature(index: int, value: bytes) -> Signature:
 
 
 def _text(e: Exception) -> str:
-    return " ".join(str(e).split())[:160] or type(e).__name__
+    """dkimpy's message without its parenthesised detail (base64 blobs): ``body hash mismatch``."""
+    return " ".join(str(e).split(" (")[0].split())[:160] or type(e).__name__

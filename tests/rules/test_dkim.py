@@ -9,6 +9,7 @@ import pytest
 from smtpgate.resolver import Resolver
 from smtpgate.testing import FakeClock, FakeResolver, Harness, message
 from smtpgate_rules.dkim import Dkim
+from tests.support.constants import ROOT
 from tests.support.dkimkeys import ed25519_key, rsa_key, sign
 from tests.support.dnsserver import DnsServer
 
@@ -176,3 +177,18 @@ async def test_a_big_message_is_verified_in_a_thread_with_the_same_result(ns, ke
                   "example.org", "rsa")
     result = await harness(ns, {"thread_above": "64k"}).send(signed)
     assert dkim_results(result) == [("example.org", "rsa", "pass")]
+
+
+async def test_rfc8463_example_verifies_with_both_keys():
+    # RFC 8463 Appendix A (tests/data/dkim/, with its licence): Ed25519 and RSA signatures
+    data = ROOT / "tests" / "data" / "dkim"
+    raw = (data / "rfc8463-a3.eml").read_bytes()
+    records = dict(line.split(" ", 1) for line in (data / "rfc8463-a2.keys").read_text().splitlines())
+    zone = {name.split(".football")[0]: {"TXT": text} for name, text in records.items()}
+    with DnsServer({"football.example.com": zone}) as server:
+        h = Harness([(Dkim, {})], resolver=Resolver([server.address], timeout=0.5, attempts=1),
+                    hostname="gate.example")
+        result = await h.send(raw, sender="joe@football.example.com")
+    assert dkim_results(result) == [("football.example.com", "brisbane", "pass"),
+                                    ("football.example.com", "test", "pass")]
+    assert [r.header_a for r in header_of(h).results] == ["ed25519-sha256", "rsa-sha256"]
