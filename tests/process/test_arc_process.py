@@ -36,7 +36,8 @@ def keys():
 
 @pytest.fixture
 def ns(keys):
-    zones = {"example.org": {"s1._domainkey": {"TXT": keys["author"].record}},
+    zones = {"example.org": {"s1._domainkey": {"TXT": keys["author"].record},
+                             "_dmarc": {"TXT": "v=DMARC1; p=reject"}},
              "fwd.example": {"arc._domainkey": {"TXT": keys["fwd"].record}},
              "example.com": {"arc2026._domainkey": {"TXT": keys["gate"].record}}}
     with DnsServer(zones) as server:
@@ -75,6 +76,7 @@ def test_round_trip_subject_tag_breaks_dkim_and_the_seal_carries_dkim_pass(arc_g
     aar = " ".join(ours["aar-value"].decode().split())
     assert aar.startswith(f"i=1; {GATE}; ")
     assert "dkim=pass header.d=example.org header.s=s1" in aar and "arc=none" in aar
+    assert "dmarc=pass header.from=example.org" in aar
     assert newest_seal(got.data).startswith("i=1; cv=none; a=rsa-sha256; d=example.com; s=arc2026;")
     # below the set: the gate's header, then the message exactly as the rules left it
     assert got.data.endswith(signed.replace(b"Subject: quarterly", b"Subject: [external] quarterly"))
@@ -83,7 +85,9 @@ def test_round_trip_subject_tag_breaks_dkim_and_the_seal_carries_dkim_pass(arc_g
 def test_incoming_chains_pass_or_fail_and_are_sealed_on(arc_gate, downstream, ns, keys):
     signed = sign(MESSAGE, keys["author"], "example.org", "s1")
     forwarded = arc_hop(signed, keys["fwd"], "fwd.example", "arc", "dkim=pass header.d=example.org; arc=none")
-    broken = forwarded.replace(b"bye\r\n", b"bye!\r\n")  # changed after the hop sealed it
+    # changed after the hop sealed it, in a field its seal covers and the author's DKIM does not
+    # (so dkim and DMARC still pass and the message is delivered)
+    broken = forwarded.replace(b"Date: Mon, 30 Nov", b"Date: Tue, 30 Nov")
     send(arc_gate, forwarded)
     send(arc_gate, broken)
     good, bad = downstream.wait_for_messages(2)
@@ -101,7 +105,7 @@ def test_try_shows_the_seal_stage(arc_gate, ns, keys, tmp_path):
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     assert [(e["stage"], e["rule"]) for e in doc["trace"] if e["stage"] in ("data", "seal")] == [
-        ("data", "dkim"), ("data", "arc"), ("data", "rewrite"), ("seal", "arc")]
+        ("data", "dkim"), ("data", "dmarc"), ("data", "arc"), ("data", "rewrite"), ("seal", "arc")]
     assert [c["header"] for c in doc["changes"] if c["rule"] == "arc"] == [
         "ARC-Seal", "ARC-Message-Signature", "ARC-Authentication-Results"]
 

@@ -17,6 +17,7 @@ from smtpgate.resolver import Resolver
 from smtpgate.testing import FakeClock, Harness, message
 from smtpgate_rules.arc import Arc, chain
 from smtpgate_rules.dkim import Dkim
+from smtpgate_rules.dmarc import Dmarc
 from smtpgate_rules.rewrite import Rewrite
 from tests.support.arcsets import arc_hop, txt_lookup
 from tests.support.dkimkeys import ed25519_key, rsa_key, sign
@@ -42,7 +43,8 @@ def keys(openssl):
 @pytest.fixture
 def ns(keys):
     zones = {"example.org": {"rsa._domainkey": {"TXT": keys["author"].record},
-                             "ed._domainkey": {"TXT": keys["ed"].record}},
+                             "ed._domainkey": {"TXT": keys["ed"].record},
+                             "_dmarc": {"TXT": "v=DMARC1; p=reject"}},
              "fwd.example": {"arc._domainkey": {"TXT": keys["fwd"].record},
                              "slow._domainkey": {"TXT": keys["fwd"].record}},
              GATE: {"seal._domainkey": {"TXT": keys["gate"].record}}}
@@ -98,7 +100,7 @@ def chain_of(result) -> dict:
 async def test_round_trip_tagged_subject_breaks_dkim_but_the_seal_carries_dkim_pass(ns, gate_key, keys):
     signed = sign(sign(RAW, keys["author"], "example.org", "rsa"), keys["ed"], "example.org", "ed")
     assert dkim.verify(signed, dnsfunc=txt_lookup(ns))
-    h = harness(ns, gate_key, rules=[(Rewrite, {"subject_prefix": "[external] "})])
+    h = harness(ns, gate_key, rules=[(Dmarc, {}), (Rewrite, {"subject_prefix": "[external] "})])
     result = await h.send(signed, sender="alice@example.org")
     assert result.reply.code == 250
     delivered = h.relayed[0].data
@@ -111,7 +113,8 @@ async def test_round_trip_tagged_subject_breaks_dkim_but_the_seal_carries_dkim_p
     assert aar.authserv_id == GATE
     assert [(r.method, r.result, r.header_d, r.header_s) for r in aar.results if r.method == "dkim"] == [
         ("dkim", "pass", "example.org", "ed"), ("dkim", "pass", "example.org", "rsa")]
-    assert [(r.method, r.result) for r in aar.results if r.method == "arc"] == [("arc", "none")]
+    assert [(r.method, r.result) for r in aar.results if r.method in ("arc", "dmarc")] == [
+        ("arc", "none"), ("dmarc", "pass")]
     # the set sits on top, above the gate's own Authentication-Results, in the order RFC 8617 shows
     assert [n for n, _ in dkim.rfc822_parse(delivered)[0][:4]] == [
         b"ARC-Seal", b"ARC-Message-Signature", b"ARC-Authentication-Results", b"Authentication-Results"]
