@@ -13,7 +13,6 @@ is not sealed again (RFC 8617 §5.1.1: it has ended).
 from __future__ import annotations
 
 import asyncio
-
 import re
 
 from smtpgate import (DnsError, Message, Option, OptionError, Rule, Verdict, integer, list_of, one_of,
@@ -26,7 +25,7 @@ _INSTANCE = re.compile(r"(?:^|;)\s*i\s*=\s*(\d+)")
 
 def _hostname(value: str) -> str:
     value = str(value).strip().rstrip(".").lower()
-    if not chain._NAME.match(value):
+    if not chain.DOMAIN_NAME.match(value):
         raise ValueError(f"expected a domain name, got {value!r}")
     return value
 
@@ -145,8 +144,8 @@ class Arc(Rule):
         except chain.SealFailed as e:  # the message itself is unsealable: relayed as it is
             tx.results.add(self, err=f"not sealed: {e}")
             return None
-        if not fields:  # dkimpy found no result of ours (cannot happen: we put one there)
-            tx.results.add(self, err="not sealed: dkimpy found no Authentication-Results to seal")
+        if not fields:  # a chain to extend but no arc result of ours: in shadow mode, ours is left out
+            tx.results.add(self, err="not sealed: the gate's Authentication-Results has no arc result")
             return None
         for name, value in fields:
             seal.prepend(name, value)

@@ -21,7 +21,7 @@ _QUIET = logging.getLogger("smtpgate_rules.arc.dkimpy")
 _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
 _ARC_SIGNED = (b"arc-seal", b"arc-message-signature")
-_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+DOMAIN_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
                    r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 #: header fields a seal may never sign: dkimpy's RFC 6376 list, ours, and those that change
 #: on the way (the gate's own and later hops' trace and authentication fields)
@@ -80,7 +80,7 @@ def key_names(raw: bytes) -> list[str]:
             continue
         d = tags.get(b"d", b"").decode("ascii", "replace").strip().rstrip(".").lower()
         s = tags.get(b"s", b"").decode("ascii", "replace").strip().lower()
-        if _NAME.match(d) and _NAME.match(s) and f"{s}._domainkey.{d}" not in names:
+        if DOMAIN_NAME.match(d) and DOMAIN_NAME.match(s) and f"{s}._domainkey.{d}" not in names:
             names.append(f"{s}._domainkey.{d}")
     return names
 
