@@ -183,3 +183,19 @@ async def test_the_staged_fields_are_the_rule_s_changes():
     assert [(c.op, c.header, c.rule) for c in changes] == [
         ("add", "X-Seen-Subject", "sealer"), ("add", "X-Seal", "sealer"), ("add", "X-Seal-Sig", "sealer"),
         ("add", "X-Seal-Res", "sealer")]
+
+
+async def test_accept_at_seal_keeps_the_rule_s_fields_and_skips_later_sealers():
+    class Accepts(Rule):
+        name = "accepts"
+
+        async def on_seal(self, seal):
+            seal.prepend("X-First", "1")
+            return Verdict.accept("done sealing")
+
+    raw = message()
+    h = Harness([(Accepts, {}), sealer()])
+    result = await h.send(raw)
+    assert result.reply.code == 250
+    assert h.relayed[0].data == b"X-First: 1\r\n" + raw
+    assert [e.rule for e in result.trace if e.stage == "seal"] == ["accepts"]
