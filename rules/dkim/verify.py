@@ -66,7 +66,9 @@ class Checker:
     def __init__(self, raw: bytes):
         try:
             self._dkim = dkim.DKIM(raw, logger=_QUIET)
-        except dkim.DKIMException as e:  # a header section dkimpy cannot parse: nothing verifies
+        # dkimpy raises IndexError, not its own error, on a header section that starts with a
+        # continuation line (real mail does): unparseable either way, never a crash
+        except (dkim.DKIMException, IndexError) as e:  # a header section dkimpy cannot parse: nothing verifies
             self._dkim = None
             head = raw[:raw.find(b"\r\n\r\n") + 1].lower()
             self.signatures = [Signature(0, problem=f"message not parseable: {_text(e)}")] \

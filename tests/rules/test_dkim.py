@@ -192,3 +192,14 @@ async def test_rfc8463_example_verifies_with_both_keys():
     assert dkim_results(result) == [("football.example.com", "brisbane", "pass"),
                                     ("football.example.com", "test", "pass")]
     assert [r.header_a for r in header_of(h).results] == ["ed25519-sha256", "rsa-sha256"]
+
+
+async def test_header_section_starting_with_a_continuation_line_is_relayed_not_a_crash(ns, keys):
+    # real mail does this (corpus: enmime/low-quality/bad-header-start.raw); dkimpy's parser
+    # raises IndexError on it, which must not become a 451 on every retry
+    raw = b" leading continuation\r\n" + sign(RAW, keys["rsa"], "example.org", "rsa")
+    result = await harness(ns).send(raw, sender="alice@example.org")
+    assert result.reply.code == 250
+    sigs = result.transaction.results.get("dkim").data["signatures"]
+    assert [s["result"] for s in sigs] == ["neutral"]
+    assert "not parseable" in sigs[0]["reason"]
