@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..logs import LogField
 from ..pipeline.results import Event, Results, one_line
 from .addresses import Address
 from .message import Message
@@ -45,6 +46,20 @@ class TraceEntry:
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v not in (None, False)}
+
+
+class TraceLog(LogField):
+    """The ``rules`` field of the transaction line: ``rule:stage:action`` per entry in the
+    text line, every entry's ``as_dict()`` in the JSON one."""
+
+    def __init__(self, trace: list[TraceEntry]):
+        self._trace = trace
+
+    def text(self) -> str:
+        return ",".join(f"{e.rule}:{e.stage}:{'shadow-' if e.shadow else ''}{e.action}" for e in self._trace)
+
+    def json(self) -> list[dict]:
+        return [e.as_dict() for e in self._trace]
 
 
 @dataclass

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
+from ..logs import LogField
+
 #: the outcome kinds, in the order a record is summarised
 OUTCOMES = ("fail", "err", "pass", "skip", "msg")
 _EVENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -182,3 +184,24 @@ class Results:
 
 def _name(rule) -> str:
     return str(getattr(rule, "name", rule))
+
+
+class ResultsLog(LogField):
+    """The ``results`` field of the transaction line: the session's records, then the
+    transaction's (a rule's transaction record replaces its session one), rendered only by
+    the formatter that writes the line."""
+
+    def __init__(self, session: Results, tx: Results):
+        self._parts = (session, tx)
+
+    def _merged(self) -> dict[str, RuleResult]:
+        session, tx = self._parts
+        return {**session._records, **tx._records}
+
+    def text(self) -> str:
+        """``spf:pass,dnsbl:shadow-fail`` (what ``Results.summary`` says, for both)."""
+        return ",".join(f"{r.rule}:{'shadow-' if r.shadow else ''}{r.outcome}"
+                        for r in self._merged().values() if r.outcome)
+
+    def json(self) -> dict[str, dict]:
+        return {name: r.as_dict() for name, r in self._merged().items()}
