@@ -2,7 +2,7 @@
 """Where a relayed message's time goes, rule by rule, in process (run by hand; issue 13).
 
 Each case runs the whole offline dialogue (``smtpgate.testing.Harness``: CONNECT, EHLO,
-MAIL, RCPT, DATA, the pipeline, the trace, the log line) on a 10 KB plain-text message like
+MAIL, RCPT, DATA, the pipeline, the trace, the log line) on a 10 KB message like
 ``smtp-source``'s, with a fake downstream and no sockets, so the pipeline's own cost is not
 hidden behind network time. The store-backed rules (``senders``, ``greylist``) get in-memory
 stores that answer at once, so what is measured is the rule and pipeline code, not SQLite
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from smtpgate.logs import TextFormatter  # noqa: E402
+from smtpgate.logs import setup_logging  # noqa: E402
 from smtpgate.stores import Stores  # noqa: E402
 from smtpgate.stores.greylist import Attempt, GreylistStore  # noqa: E402
 from smtpgate.stores.senders import SenderStore  # noqa: E402
@@ -66,12 +66,12 @@ class MemorySenders(SenderStore):
 
 
 def smtp_source_message(size: int = 10 * 1024) -> bytes:
-    """What ``smtp-source -l 10240`` sends: a few headers, then lines of text."""
+    """What ``smtp-source -l 10240`` sends: four headers, then 78-character lines of a digit
+    and X's (which the attachments rule also tries as base64 sent without its header)."""
     head = (b"From: <sender@bench.test>\r\nTo: <rcpt@bench.test>\r\n"
-            b"Date: Mon, 30 Nov 2026 12:00:00 +0000\r\nMessage-Id: <1.2@bench.test>\r\n"
-            b"Subject: bench\r\n\r\n")
-    line = b"La La La La La La La La La La La La La La La La La La La La La La La La La La La La\r\n"
-    return head + line * (size // len(line))
+            b"Date: Mon, 30 Nov 2026 12:00:00 +0000 (UTC)\r\nMessage-Id: <50d4.0003.0000@vm>\r\n\r\n")
+    lines = [b"%d" % (i % 10) + b"X" * 77 for i in range(1, size // 80 + 1)]
+    return head + b"\r\n".join(lines) + b"\r\n"
 
 
 def rules_of(case: str):
@@ -113,10 +113,8 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--sort", default="tottime")
     a = ap.parse_args()
-    handler = logging.StreamHandler(open(os.devnull, "w"))
-    handler.setFormatter(TextFormatter())
-    logging.getLogger().handlers[:] = [handler]
-    logging.getLogger().setLevel(logging.INFO)
+    setup_logging("text", "info")  # as the gate logs, into /dev/null
+    logging.getLogger().handlers[0].setStream(open(os.devnull, "w"))
     raw = smtp_source_message()
 
     if a.profile:
