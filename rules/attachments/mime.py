@@ -311,6 +311,7 @@ def decode(body: bytes, cte: str) -> bytes:
 
 _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 _B64_DELETE = bytes(b for b in range(256) if b not in _B64_ALPHABET)
+_B64_LINE = _B64_ALPHABET + b"\r\n"  # what _LOOKS_B64 allows
 
 
 def decode_base64(body: bytes) -> bytes:
@@ -364,7 +365,10 @@ def decode_uu(body: bytes, limit: int = 64 * 1024 * 1024) -> bytes:
 
 
 def looks_base64(body: bytes) -> bool:
-    return bool(_LOOKS_B64.match(body[:4096])) and len(body.strip()) >= 16
+    """Its first 4096 bytes are at least 16 of the base64 alphabet and line breaks only
+    (``_LOOKS_B64``, tested with a C-speed translate instead of the regex)."""
+    head = body[:4096]
+    return len(head) >= 16 and not head.translate(None, _B64_LINE) and len(body.strip()) >= 16
 
 
 def contents(part: Part) -> list[bytes]:
@@ -391,5 +395,5 @@ def contents(part: Part) -> list[bytes]:
 
 
 def _mostly_long_lines(raw: bytes) -> bool:
-    lines = raw[:8192].split(b"\n")[:40]
+    lines = raw[:8192].split(b"\n", 40)[:40]
     return len(lines) >= 2 and all(len(x.strip()) >= 60 for x in lines[:-2])
