@@ -113,7 +113,7 @@ class _Scanner:
     def embedded_text(self, data: bytes) -> list[str]:
         """uuencoded and yEnc files inside a text body (some readers show them as attachments)."""
         reasons = []
-        if b"begin" not in data and b"=ybegin" not in data:
+        if b"begin" not in data:  # (and so no "=ybegin" either)
             return reasons
         for m in itertools.islice(_UU_BEGIN.finditer(data), 50):
             name = m.group(1).decode("utf-8", "replace").strip()
