@@ -318,12 +318,21 @@ def decode_base64(body: bytes) -> bytes:
     """Characters outside the alphabet are skipped; blocks that end in padding and then go on
     (concatenated encodings) are each decoded; a dangling character is dropped."""
     eq = body.find(b"=")
-    if eq < 0 or not body[eq:].strip(b"=\r\n\t "):  # no padding inside: the fast path
+    clean = None
+    if eq < 0:  # no padding at all: decodable at once when the characters make whole groups
+        clean = body.translate(None, _B64_DELETE)
+        if len(clean) % 4 == 0:  # (else a2b_base64 would decode it all, then refuse it)
+            try:
+                return binascii.a2b_base64(clean)
+            except (binascii.Error, ValueError):
+                pass
+    elif not body[eq:].strip(b"=\r\n\t "):  # padding only at the end: the fast path
         try:
             return binascii.a2b_base64(body)
         except (binascii.Error, ValueError):
             pass
-    clean = body.translate(None, _B64_DELETE)
+    if clean is None:
+        clean = body.translate(None, _B64_DELETE)
     groups = [g for g in clean.split(b"=") if g] if b"=" in clean.rstrip(b"=") else [clean.rstrip(b"=")]
     out = []
     for g in groups:
