@@ -42,8 +42,13 @@ def _results(results: dict) -> str:
 
 
 class TextFormatter(logging.Formatter):
+    _second, _stamp = -1, ""  # the last second formatted: most lines share it with the one before
+
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        stamp = self._stamp
         head = f"{stamp}Z {record.levelname.lower()} {record.name}"
         fields = getattr(record, "fields", None)
         if fields is None:
