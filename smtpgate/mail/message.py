@@ -177,7 +177,16 @@ class Message:
     # --- editing -----------------------------------------------------------------------
     def prepend_header(self, name: str, value: str) -> None:
         """Add ``Name: value`` above every other field (the way trace headers go)."""
-        self._put_on_top(_field_line(name, value))
+        line = _field_line(name, value)
+        head = self._header_block()
+        fields = self._fields
+        self._put_on_top(line)
+        if fields is not None and name.isascii() and head[:1] not in (b" ", b"\t"):
+            # The fields read already stay read, moved down by the new line (what parsing
+            # the new block would give; a leading continuation line would change it).
+            n = len(line)
+            self._fields = [HeaderField(name, value.strip(), 0, n)] + [
+                HeaderField(f.name, f.value, f.start + n, f.end + n) for f in fields]
         self.changes.append(Change("add", name, None, value, self._current_rule))
 
     def prepend_fields(self, fields: list[tuple[str, str]]) -> None:

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
+from ..logs import LogField
+
 #: the outcome kinds, in the order a record is summarised
 OUTCOMES = ("fail", "err", "pass", "skip", "msg")
 _EVENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -34,6 +36,9 @@ def one_line(text, limit: int = 200) -> str | None:
     if text is None:
         return None
     text = str(text)
+    if (text.isprintable() and len(text) <= limit and "  " not in text
+            and not text.startswith(" ") and not text.endswith(" ")):
+        return text  # already one clean line, the usual case: no copies
     if not text.isprintable():
         text = "".join(c if c.isprintable() else " " for c in text)
     text = " ".join(text.split())
@@ -147,17 +152,25 @@ class Results:
         ``record.data``. Returns the record. ``tx.results.add(self, fail="listed in zen",
         data={"score": 2})``."""
         record = self._record(rule)
-        for kind, text in (("pass", pass_), ("fail", fail), ("skip", skip), ("err", err), ("msg", msg)):
-            if text is None:
-                continue
-            line = one_line(text) or ""
-            bucket = getattr(record, _attr(kind))
-            if line not in bucket:
-                bucket.append(line)
-                self._journal.append((record.rule, kind, line))
+        if pass_ is not None:
+            self._note(record, "pass", record.pass_, pass_)
+        if fail is not None:
+            self._note(record, "fail", record.fail, fail)
+        if skip is not None:
+            self._note(record, "skip", record.skip, skip)
+        if err is not None:
+            self._note(record, "err", record.err, err)
+        if msg is not None:
+            self._note(record, "msg", record.msg, msg)
         if data:
             record.data.update(data)
         return record
+
+    def _note(self, record: RuleResult, kind: str, bucket: list[str], text) -> None:
+        line = one_line(text) or ""
+        if line not in bucket:
+            bucket.append(line)
+            self._journal.append((record.rule, kind, line))
 
     def event(self, rule, name: str, why: str | None = None) -> Event:
         """Publish event ``name`` for the sender state machines (``rules/senders``), from
@@ -261,3 +274,24 @@ class Results:
 
 def _name(rule) -> str:
     return str(getattr(rule, "name", rule))
+
+
+class ResultsLog(LogField):
+    """The ``results`` field of the transaction line: the session's records, then the
+    transaction's (a rule's transaction record replaces its session one), rendered only by
+    the formatter that writes the line."""
+
+    def __init__(self, session: Results, tx: Results):
+        self._parts = (session, tx)
+
+    def _merged(self) -> dict[str, RuleResult]:
+        session, tx = self._parts
+        return {**session._records, **tx._records}
+
+    def text(self) -> str:
+        """``spf:pass,dnsbl:shadow-fail`` (what ``Results.summary`` says, for both)."""
+        return ",".join(f"{r.rule}:{'shadow-' if r.shadow else ''}{r.outcome}"
+                        for r in self._merged().values() if r.outcome)
+
+    def json(self) -> dict[str, dict]:
+        return {name: r.as_dict() for name, r in self._merged().items()}

@@ -21,11 +21,12 @@ import time
 from dataclasses import dataclass
 
 from ..mail.addresses import Address, AddressError, normalise_domain, parse_path, relay_refusal
-from ..mail.session import Recipient, Session, TraceEntry, Transaction, new_id
+from ..mail.session import Recipient, Session, TraceEntry, TraceLog, Transaction, new_id
 from .. import metrics
 from ..errors import RelayError, StoreError
 from ..mail.message import Message
 from ..pipeline.authheader import add_authentication_results
+from ..pipeline.results import ResultsLog
 from ..pipeline.runner import publish_outcome, run_delivered, run_disconnect, run_end, run_stage
 from ..mail.reply import Reply
 from ..pipeline.verdict import ACCEPT, DISCARD, QUARANTINE, Verdict
@@ -686,8 +687,8 @@ def log_transaction(tx: Transaction, reply: Reply | None, stage: str) -> None:
         "policy": getattr(tx.policy, "name", None), "stage": stage,
         "size": tx.message.size if tx.message else None,
         "reply": str(reply).split("\r\n")[-1] if reply is not None else "abandoned",
-        "rules": [e.as_dict() for e in tx.trace],
-        "results": {**tx.session.results.as_dict(), **tx.results.as_dict()},
+        "rules": TraceLog(tx.trace),  # rendered by the formatter that writes the line
+        "results": ResultsLog(tx.session.results, tx.results),
         "ms": round((time.monotonic() - tx.started) * 1000, 1),
     }
     if tx.session.data.get("forwarder_ident"):  # the forwarding Postfix's queue id (XFORWARD IDENT)

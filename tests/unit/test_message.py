@@ -16,6 +16,15 @@ def test_reading_does_not_change_bytes():
     assert m.raw == RAW and not m.changed
 
 
+def test_fields_read_before_a_prepend_are_those_of_the_new_block():
+    m = Message([RAW[:30], RAW[30:]])
+    assert m.get("subject") == "hi"  # read once
+    m.prepend_header("X-Tag", "yes")
+    m.prepend_header("X-Other", " spaced ")
+    assert m.fields == Message(m.raw).fields  # kept, moved down: as if read again
+    assert [f.name for f in m.fields][:3] == ["X-Other", "X-Tag", "Received"]
+
+
 def test_prepend_remove_replace_are_surgical():
     m = Message(RAW)
     m.prepend_header("X-Tag", "yes")
