@@ -263,11 +263,6 @@ async def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="do not write bench/results/store-*.md")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    try:
-        import uvloop
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # as the gate runs
-    except ImportError:
-        pass
     results = {}
     tmp = tempfile.mkdtemp(prefix="store-bench-")
     try:
@@ -290,4 +285,9 @@ async def main() -> None:
 MACHINE = machine()
 
 if __name__ == "__main__":
+    try:
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # as the gate runs
+    except ImportError:
+        pass
     asyncio.run(main())

@@ -6,7 +6,11 @@ JSON), expiring with the record.
 a Lua compare-and-set that succeeds only if the version is still the one read. When another
 gate wrote in between, the whole read-change-write is done again on the fresh record (after
 a short random pause), so no event is lost and no guard is decided on a stale record. A key
-that stays contended for ``CONTENTION_TIMEOUT`` seconds is a StoreError.
+that stays contended for ``CONTENTION_TIMEOUT`` seconds is a StoreError. The first try uses
+the record as this process last read or wrote it (``get`` at MAIL, moments before the
+transaction's events): then an event costs one round trip, the compare-and-set, and a stale
+copy only costs the read it would have made anyway. Reads and compare-and-sets of
+concurrent sessions share pipelines (``RedisLink.script``).
 
 Connections come from a pool of this store's own (``redis_store.RedisLink``), opened on
 first use, with the same URL parameters as the greylist store (``prefix``,
@@ -29,6 +33,7 @@ from .redis_store import RedisComponentStore, as_text, glob_escape, redact, scan
 from .senders import ChangeFn, SenderRecord, SenderStore
 
 CONTENTION_TIMEOUT = 10.0
+SEEN_MAX = 4096  # records remembered per process (what update tries its compare-and-set on)
 
 # KEYS[1] the record; ARGV: 1 the version read ('' = absent), 2 the new doc ('' = delete),
 # 3 the new version, 4 seconds to live (>= 1)
@@ -53,47 +58,63 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         super().__init__(url, prefix)
         #: compare-and-sets lost to another writer (and retried), since this store was made
         self.retries = 0
+        self._seen: dict[tuple[str, str], tuple[str, str]] = {}  # (machine, key) -> (version, doc)
 
     def record_key(self, machine: str, key: str) -> str:
         return f"{self.prefix}{machine}:{key}"
 
-    async def _read(self, r, machine, key) -> tuple[str, SenderRecord | None]:
-        version, doc = await r.hmget(self.record_key(machine, key), "v", "doc")
+    async def _read(self, machine, key) -> tuple[str, str | None]:
+        """(version, the record's JSON) as stored, ("", None) when absent."""
+        version, doc = await self.link.command("HMGET", self.record_key(machine, key), "v", "doc")
         if version is None or doc is None:
             return "", None
-        return as_text(version), SenderRecord.from_json(doc)
+        return as_text(version), as_text(doc)
+
+    def _remember(self, machine, key, version: str, doc: str | None) -> None:
+        """Keep what this process last read or wrote of a key (bounded: oldest out first)."""
+        seen = self._seen
+        seen.pop((machine, key), None)
+        if doc is not None:
+            seen[(machine, key)] = (version, doc)
+            if len(seen) > SEEN_MAX:
+                del seen[next(iter(seen))]
 
     async def get(self, machine, key) -> SenderRecord | None:
-        async def run(r):
-            return (await self._read(r, machine, key))[1]
-        return await self._do(run)
+        version, doc = await self._read(machine, key)
+        self._remember(machine, key, version, doc)
+        return SenderRecord.from_json(doc) if doc is not None else None
 
     async def update(self, machine, key, change: ChangeFn, now: float | None = None) -> Any:
         rkey = self.record_key(machine, key)
-
-        async def run(r):
-            deadline = time.monotonic() + CONTENTION_TIMEOUT
-            pause = 0.001
-            while True:
-                version, current = await self._read(r, machine, key)
-                new, result = change(current)
-                if new is None and current is None:
-                    return result
-                if new is None:
-                    args = [version, "", "", 1]
-                else:
-                    new.version = (current.version if current else 0) + 1
-                    ttl = max(1, math.ceil(new.expires - new.seen))
-                    args = [version, new.to_json(), str(new.version), ttl]
-                if int(await self.link.scripts["cas"](keys=[rkey], args=args)):
-                    return result
-                self.retries += 1
-                if time.monotonic() > deadline:
-                    raise StoreError(f"Redis {redact(self.url)}: {machine} {key}: still contended after "
-                                     f"{CONTENTION_TIMEOUT:g}s of retries")
-                await asyncio.sleep(random.uniform(0, pause))  # another gate wrote: read again
-                pause = min(pause * 2, 0.05)
-        return await self._do(run)
+        deadline = time.monotonic() + CONTENTION_TIMEOUT
+        pause = 0.001
+        # First try on the record as this process last saw it (the MAIL stage read it
+        # moments ago): if nobody wrote since, the compare-and-set alone is the one round
+        # trip; if somebody did, it fails and the record is read afresh.
+        known = self._seen.pop((machine, key), None)
+        while True:
+            version, doc = known if known is not None else await self._read(machine, key)
+            known = None
+            current = SenderRecord.from_json(doc) if doc is not None else None
+            new, result = change(current)
+            if new is None and current is None:
+                return result
+            if new is None:
+                args = [version, "", "", 1]
+            else:
+                new.version = (current.version if current else 0) + 1
+                ttl = max(1, math.ceil(new.expires - new.seen))
+                text = new.to_json()
+                args = [version, text, str(new.version), ttl]
+            if int(await self.link.script("cas", [rkey], args)):
+                self._remember(machine, key, args[2], args[1] or None)
+                return result
+            self.retries += 1
+            if time.monotonic() > deadline:
+                raise StoreError(f"Redis {redact(self.url)}: {machine} {key}: still contended after "
+                                 f"{CONTENTION_TIMEOUT:g}s of retries")
+            await asyncio.sleep(random.uniform(0, pause))  # another gate wrote: read again
+            pause = min(pause * 2, 0.05)
 
     async def records(self, machine=None, state=None, limit=None) -> list[SenderRecord]:
         out: list[SenderRecord] = []
@@ -109,6 +130,7 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         return out[:limit] if limit is not None else out
 
     async def delete(self, machine, key) -> bool:
+        self._seen.pop((machine, key), None)
         return bool(await self._do(lambda r: r.delete(self.record_key(machine, key))))
 
     async def purge(self, now) -> int:
