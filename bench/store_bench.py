@@ -207,9 +207,9 @@ async def measure(stores: Stores, kind: str, n: int, count: int, concurrency: in
     return count / wall, cpu / count * 1e6
 
 
-async def bench_backend(backend: str, sizes, count: int, profile: str | None, tmp: str) -> dict:
+async def bench_backend(backend: str, sizes, count: int, profile: str | None, tmp: str, kinds) -> dict:
     out: dict = {}
-    for kind in KINDS:
+    for kind in kinds:
         for n in sizes:
             prefix = f"store-bench-{uuid.uuid4().hex[:12]}:"
             url = f"sqlite://{tmp}/{kind}-{n}.db" if backend == "sqlite" else f"{REDIS}?prefix={prefix}"
@@ -269,6 +269,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backends", default="sqlite,redis")
     ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="greylist,senders,limits")
     ap.add_argument("--decisions", type=int, default=20_000, help="decisions timed per figure (par64)")
     ap.add_argument("--profile", help="BACKEND:KIND: cProfile the par64 run at the largest size")
     ap.add_argument("--no-write", action="store_true", help="do not write bench/results/store-*.md")
@@ -278,7 +279,8 @@ async def main() -> None:
     tmp = tempfile.mkdtemp(prefix="store-bench-")
     try:
         for backend in args.backends.split(","):
-            results[backend] = await bench_backend(backend, sizes, args.decisions, args.profile, tmp)
+            results[backend] = await bench_backend(backend, sizes, args.decisions, args.profile, tmp,
+                                                   args.kinds.split(","))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     head = (f"store decisions per second, one worker (this process), {os.cpu_count()} CPUs, "
