@@ -273,7 +273,12 @@ async def main() -> None:
     ap.add_argument("--decisions", type=int, default=20_000, help="decisions timed per figure (par64)")
     ap.add_argument("--profile", help="BACKEND:KIND: cProfile the par64 run at the largest size")
     ap.add_argument("--no-write", action="store_true", help="do not write bench/results/store-*.md")
+    ap.add_argument("--no-group", action="store_true",
+                    help="SQLite: commit each write alone (for comparison with the group commit)")
     args = ap.parse_args()
+    if args.no_group:
+        from smtpgate.stores.sqlite_store import SqliteDatabase
+        SqliteDatabase.write = SqliteDatabase.call
     sizes = [int(s) for s in args.sizes.split(",")]
     results = {}
     tmp = tempfile.mkdtemp(prefix="store-bench-")

@@ -47,7 +47,7 @@ class SqliteLimitsStore(SqliteComponentStore, LimitsStore):
                                  [(c.kind, c.value, c.window, c.bucket, c.previous, c.current, c.expires)
                                   for c in writes])
             return outcome
-        outcome = await self._call(run)
+        outcome = await self._write(run)
         if self._sweep_due(now):
             await self._run(self._sweep, now)
         return outcome
@@ -96,20 +96,20 @@ class SqliteLimitsStore(SqliteComponentStore, LimitsStore):
                 conn.execute("INSERT OR REPLACE INTO limits_connections (client, member, expires) VALUES (?, ?, ?)",
                              (client, member, now + ttl))
                 return True, live
-        return await self._call(run)
+        return await self._write(run)
 
     async def touch(self, client, member, now, ttl) -> None:
         def run(conn):
             with write_transaction(conn):
                 conn.execute("UPDATE limits_connections SET expires = ? WHERE client = ? AND member = ?",
                              (now + ttl, client, member))
-        await self._call(run)
+        await self._write(run)
 
     async def disconnect(self, client, member) -> None:
         def run(conn):
             with write_transaction(conn):
                 conn.execute("DELETE FROM limits_connections WHERE client = ? AND member = ?", (client, member))
-        await self._call(run)
+        await self._write(run)
 
     async def connections(self, client=None, now=0.0, limit=None) -> dict[str, int]:
         def read(conn):

@@ -10,7 +10,9 @@ that stays contended for ``CONTENTION_TIMEOUT`` seconds is a StoreError. The fir
 the record as this process last read or wrote it (``get`` at MAIL, moments before the
 transaction's events): then an event costs one round trip, the compare-and-set, and a stale
 copy only costs the read it would have made anyway. Reads and compare-and-sets of
-concurrent sessions share pipelines (``RedisLink.script``).
+concurrent sessions share pipelines (``RedisLink.script``), and the updates this process
+has for one key at the same time are applied together, in order, with one compare-and-set
+(the version still goes up by one per update).
 
 Connections come from a pool of this store's own (``redis_store.RedisLink``), opened on
 first use, with the same URL parameters as the greylist store (``prefix``,
@@ -59,6 +61,8 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         #: compare-and-sets lost to another writer (and retried), since this store was made
         self.retries = 0
         self._seen: dict[tuple[str, str], tuple[str, str]] = {}  # (machine, key) -> (version, doc)
+        self._queued: dict[tuple[str, str], list] = {}  # (machine, key) -> [(change, future)] to apply
+        self._draining: dict[tuple[str, str], asyncio.Future] = {}  # (machine, key) -> its _drain task
 
     def record_key(self, machine: str, key: str) -> str:
         return f"{self.prefix}{machine}:{key}"
@@ -85,6 +89,43 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         return SenderRecord.from_json(doc) if doc is not None else None
 
     async def update(self, machine, key, change: ChangeFn, now: float | None = None) -> Any:
+        # The updates of one key that this process's sessions ask for meanwhile are applied
+        # together, in order, in one read-change-write (one compare-and-set): sessions of
+        # one busy sender would otherwise each lose the race to the others and retry.
+        slot = (machine, key)
+        future = asyncio.get_running_loop().create_future()
+        self._queued.setdefault(slot, []).append((change, future))
+        if slot not in self._draining:
+            self._draining[slot] = asyncio.ensure_future(self._drain(machine, key))
+        return await future
+
+    async def _drain(self, machine, key) -> None:
+        """Apply the key's queued updates, a group at a time, until none is left."""
+        slot = (machine, key)
+        try:
+            while self._queued.get(slot):
+                group = [g for g in self._queued.pop(slot) if not g[1].done()]  # not the cancelled
+                if not group:
+                    continue
+                try:
+                    results = await self._apply(machine, key, [change for change, _ in group])
+                except Exception as e:
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(e)
+                    continue
+                for (_, future), result in zip(group, results):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            del self._draining[slot]
+            for _, future in self._queued.pop(slot, ()):  # only when cancelled (closing)
+                if not future.done():
+                    future.set_exception(StoreError(f"Redis {redact(self.url)}: store closed"))
+
+    async def _apply(self, machine, key, changes: list[ChangeFn]) -> list[Any]:
+        """Read, apply ``changes`` in order, compare-and-set; again on a fresh record when
+        another writer came in between. The version goes up by one per change."""
         rkey = self.record_key(machine, key)
         deadline = time.monotonic() + CONTENTION_TIMEOUT
         pause = 0.001
@@ -96,19 +137,22 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
             version, doc = known if known is not None else await self._read(machine, key)
             known = None
             current = SenderRecord.from_json(doc) if doc is not None else None
-            new, result = change(current)
+            base = current.version if current is not None else 0
+            new, results = current, []
+            for change in changes:
+                new, result = change(new)
+                results.append(result)
             if new is None and current is None:
-                return result
+                return results
             if new is None:
                 args = [version, "", "", 1]
             else:
-                new.version = (current.version if current else 0) + 1
+                new.version = base + len(changes)
                 ttl = max(1, math.ceil(new.expires - new.seen))
-                text = new.to_json()
-                args = [version, text, str(new.version), ttl]
+                args = [version, new.to_json(), str(new.version), ttl]
             if int(await self.link.script("cas", [rkey], args)):
                 self._remember(machine, key, args[2], args[1] or None)
-                return result
+                return results
             self.retries += 1
             if time.monotonic() > deadline:
                 raise StoreError(f"Redis {redact(self.url)}: {machine} {key}: still contended after "
@@ -128,6 +172,11 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         await self._do(run)
         out.sort(key=lambda rec: rec.seen, reverse=True)
         return out[:limit] if limit is not None else out
+
+    async def close(self) -> None:
+        if self._draining:  # updates on their way: let them finish (their callers wait)
+            await asyncio.gather(*self._draining.values(), return_exceptions=True)
+        await super().close()
 
     async def delete(self, machine, key) -> bool:
         self._seen.pop((machine, key), None)

@@ -55,7 +55,7 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
                                  "seen = excluded.seen, expires = excluded.expires, doc = excluded.doc",
                                  (machine, key, new.state, new.seen, new.expires, new.to_json()))
             return result
-        result = await self._call(run)
+        result = await self._write(run)
         if now is not None and self._sweep_due(now):
             await self._run(self._sweep, now)
         return result

@@ -60,6 +60,7 @@ class SqliteDatabase:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pid: int | None = None
         self._writes = 0  # on the loop's connection since the last checkpoint
+        self._group: list = []  # (fn, args, future): writes asked this turn (``write``)
         self._checkpoint: asyncio.Future | None = None
         #: calls moved from the loop to the thread because another connection held the lock
         self.waited = 0
@@ -95,25 +96,98 @@ class SqliteDatabase:
         """Run ``fn(connection, *args)`` right on the event loop: for a few indexed statements.
         If the file is locked by another connection, ``fn`` runs again on the thread (so it
         must do nothing but database work, in transactions that roll back on error)."""
-        conn = self._loop_conn
-        if conn is None or self._pid != os.getpid():
-            conn = await self._open_loop_connection()
-        before = conn.total_changes
+        conn = await self._loop_connection()
         try:
-            result = fn(conn, *args)
+            return self._wrote(conn, conn.total_changes, fn(conn, *args))
         except sqlite3.OperationalError as e:
-            if getattr(e, "sqlite_errorcode", 0) & 0xFF in _BUSY and self.path != ":memory:":
-                self.waited += 1
-                return await self.run(fn, *args)
-            raise StoreError(f"SQLite {self.path}: {e}") from None
+            if not self._busy(e):
+                raise StoreError(f"SQLite {self.path}: {e}") from None
         except sqlite3.Error as e:
             raise StoreError(f"SQLite {self.path}: {e}") from None
+        self.waited += 1
+        return await self.run(fn, *args)
+
+    async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``call`` for a write (``fn`` opens its transaction with ``write_transaction``),
+        committed together with the other writes asked in the same turn of the event loop:
+        one transaction for them all (one commit instead of one each), each in a savepoint
+        of its own, so one that fails leaves the others. Every caller gets its answer once
+        the whole group is committed."""
+        await self._loop_connection()
+        future = asyncio.get_running_loop().create_future()
+        self._group.append((fn, args, future))
+        if len(self._group) == 1:
+            asyncio.get_running_loop().call_soon(self._commit_group)
+        return await future
+
+    def _commit_group(self) -> None:
+        group, self._group = [g for g in self._group if not g[2].done()], []  # a cancelled caller: not written
+        conn = self._loop_conn
+        if not group:
+            return
+        if conn is None or len(group) == 1:  # closed meanwhile, or alone: as call()
+            for fn, args, future in group:
+                _settle(future, asyncio.ensure_future(self.call(fn, *args)))
+            return
+        before = conn.total_changes
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            for fn, args, future in group:  # another process writes: each waits on the thread
+                if self._busy(e):
+                    self.waited += 1
+                    _settle(future, asyncio.ensure_future(self.run(fn, *args)))
+                else:
+                    future.set_exception(StoreError(f"SQLite {self.path}: {e}"))
+            return
+        answers = []
+        try:
+            for fn, args, future in group:
+                try:
+                    answers.append((future, fn(conn, *args), None))
+                except sqlite3.Error as e:
+                    answers.append((future, None, StoreError(f"SQLite {self.path}: {e}")))
+                except Exception as e:
+                    answers.append((future, None, e))
+            conn.execute("COMMIT")
+        except BaseException as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = StoreError(f"SQLite {self.path}: {e}") if isinstance(e, sqlite3.Error) else e
+            for fn, args, future in group:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(e, Exception):
+                raise
+            return
+        self._wrote(conn, before, None)
+        for future, result, error in answers:
+            if future.done():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+    def _busy(self, e: sqlite3.Error) -> bool:
+        """Another connection holds the lock (never so for an in-memory database)."""
+        return getattr(e, "sqlite_errorcode", 0) & 0xFF in _BUSY and self.path != ":memory:"
+
+    def _wrote(self, conn: sqlite3.Connection, before: int, result: Any) -> Any:
+        """``result``, after counting a write on the loop's connection (``before``: its
+        total_changes before): every CHECKPOINT_EVERY writes, a checkpoint on the thread."""
         if conn.total_changes != before and self.path != ":memory:":
             self._writes += 1
             if self._writes >= CHECKPOINT_EVERY and self._checkpoint is None:
                 self._writes = 0
                 self._checkpoint = asyncio.ensure_future(self._checkpoint_now())
         return result
+
+    async def _loop_connection(self) -> sqlite3.Connection:
+        conn = self._loop_conn
+        if conn is None or self._pid != os.getpid():
+            conn = await self._open_loop_connection()
+        return conn
 
     async def _checkpoint_now(self) -> None:
         try:
@@ -195,10 +269,36 @@ class SqliteDatabase:
         executor.shutdown(wait=False)
 
 
+def _settle(future: asyncio.Future, task: asyncio.Future) -> None:
+    """When ``task`` is done, give its outcome to ``future`` (unless its caller left)."""
+    def done(t):
+        if future.done():
+            return
+        if t.cancelled():
+            future.cancel()
+        elif t.exception() is not None:
+            future.set_exception(t.exception())
+        else:
+            future.set_result(t.result())
+    task.add_done_callback(done)
+
+
 @contextlib.contextmanager
 def write_transaction(conn: sqlite3.Connection):
     """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on any error): the write lock is taken
-    at once, so a transaction never fails half-way on a lock another process holds."""
+    at once, so a transaction never fails half-way on a lock another process holds. Inside
+    a transaction already open (a group commit: ``SqliteDatabase.write``), a savepoint
+    instead, released, or rolled back alone on an error."""
+    if conn.in_transaction:
+        conn.execute("SAVEPOINT one_write")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK TO one_write")
+            conn.execute("RELEASE one_write")
+            raise
+        conn.execute("RELEASE one_write")
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
@@ -313,6 +413,10 @@ class SqliteComponentStore:
         """``db.call`` (on the event loop: a decision) of ``fn``, on migrated tables."""
         return await self.db.call(self._migrated(fn), *args)
 
+    async def _write(self, fn, *args) -> Any:
+        """``db.write`` (on the event loop, committed with this turn's other writes) of ``fn``."""
+        return await self.db.write(self._migrated(fn), *args)
+
     def _sweep_due(self, now: float) -> bool:
         """True (and the clock restarted) once GC_EVERY seconds of store time have passed."""
         if now - self._last_gc < GC_EVERY:
@@ -395,41 +499,47 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
     async def attempt(self, client, sender, recipient, *, now, params: Params, client_ip=None,
                       dry_run=False) -> Attempt:
         key = (client, sender, recipient)
-        result = await self._call(self._attempt, key, now, params, client_ip, dry_run)
+        if dry_run:
+            result = await self._call(self._attempt, key, now, params, client_ip, dry_run)
+        else:
+            result = await self._write(self._attempt, key, now, params, client_ip, dry_run)
         if not dry_run and self._sweep_due(now):
             await self._run(self._sweep, now - GRACE)
         return result
 
     def _attempt(self, conn, key, now, params: Params, client_ip, dry_run) -> Attempt:
-        conn.execute("BEGIN" if dry_run else "BEGIN IMMEDIATE")
-        try:
-            allow = self._match_allow(conn, key, client_ip, now)
-            row = conn.execute(f"SELECT {_COLUMNS} FROM greylist WHERE client = ? AND sender = ? "
-                               "AND recipient = ?", key).fetchone()
-            entry = _entry(row) if row else None
-            counted: list[int] = []
-
-            def passed_count() -> int:
-                # the decision only needs "at least auto_whitelist_after": count no further
-                # (a dry run, for `greylist show`, counts them all)
-                cap = None if dry_run else params.auto_whitelist_after
-                counted.append(self._passed_count(conn, key[0], now, cap))
-                return counted[-1]
-
-            outcome, new = decide(key, entry, now, params, allowed=allow, passed_count=passed_count)
-            if not dry_run:
-                if new is not None:
-                    conn.execute(f"INSERT OR REPLACE INTO greylist ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                                 (*new.key, new.first_seen, new.last_seen, new.attempts, int(new.passed),
-                                  new.passed_at, new.retry_delay, new.expires))
-                _count(conn, outcome)
-                if outcome == PASSED_NOW:
-                    _count(conn, "delay:" + delay_bucket(new.retry_delay))
-            conn.execute("COMMIT" if not dry_run else "ROLLBACK")
-        except BaseException:
-            if conn.in_transaction:
+        if dry_run:  # read as of now, write nothing
+            conn.execute("BEGIN")
+            try:
+                return self._decide(conn, key, now, params, client_ip, dry_run)
+            finally:
                 conn.execute("ROLLBACK")
-            raise
+        with write_transaction(conn):
+            return self._decide(conn, key, now, params, client_ip, dry_run)
+
+    def _decide(self, conn, key, now, params: Params, client_ip, dry_run) -> Attempt:
+        allow = self._match_allow(conn, key, client_ip, now)
+        row = conn.execute(f"SELECT {_COLUMNS} FROM greylist WHERE client = ? AND sender = ? "
+                           "AND recipient = ?", key).fetchone()
+        entry = _entry(row) if row else None
+        counted: list[int] = []
+
+        def passed_count() -> int:
+            # the decision only needs "at least auto_whitelist_after": count no further
+            # (a dry run, for `greylist show`, counts them all)
+            cap = None if dry_run else params.auto_whitelist_after
+            counted.append(self._passed_count(conn, key[0], now, cap))
+            return counted[-1]
+
+        outcome, new = decide(key, entry, now, params, allowed=allow, passed_count=passed_count)
+        if not dry_run:
+            if new is not None:
+                conn.execute(f"INSERT OR REPLACE INTO greylist ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                             (*new.key, new.first_seen, new.last_seen, new.attempts, int(new.passed),
+                              new.passed_at, new.retry_delay, new.expires))
+            _count(conn, outcome)
+            if outcome == PASSED_NOW:
+                _count(conn, "delay:" + delay_bucket(new.retry_delay))
         return Attempt(outcome, new or entry, allow, counted[-1] if counted else None)
 
     def _match_allow(self, conn, key, client_ip, now) -> AllowEntry | None:
