@@ -125,9 +125,23 @@ class SqliteDatabase:
         conn = self._loop_conn
         if not group:
             return
-        if conn is None or len(group) == 1:  # closed meanwhile, or alone: as call()
-            for fn, args, future in group:
-                _settle(future, asyncio.ensure_future(self.call(fn, *args)))
+        if conn is None:
+            for _, _, future in group:
+                future.set_exception(StoreError(f"SQLite {self.path}: closed"))
+            return
+        if len(group) == 1:  # alone: its own transaction, as call() runs it
+            fn, args, future = group[0]
+            before = conn.total_changes
+            try:
+                future.set_result(self._wrote(conn, before, fn(conn, *args)))
+            except sqlite3.Error as e:
+                if self._busy(e):
+                    self.waited += 1
+                    _settle(future, asyncio.ensure_future(self.run(fn, *args)))
+                else:
+                    future.set_exception(StoreError(f"SQLite {self.path}: {e}"))
+            except Exception as e:
+                future.set_exception(e)
             return
         before = conn.total_changes
         try:
@@ -160,7 +174,7 @@ class SqliteDatabase:
             if not isinstance(e, Exception):
                 raise
             return
-        self._wrote(conn, before, None)
+        self._wrote(conn, before, None, len(group))
         for future, result, error in answers:
             if future.done():
                 continue
@@ -173,11 +187,12 @@ class SqliteDatabase:
         """Another connection holds the lock (never so for an in-memory database)."""
         return getattr(e, "sqlite_errorcode", 0) & 0xFF in _BUSY and self.path != ":memory:"
 
-    def _wrote(self, conn: sqlite3.Connection, before: int, result: Any) -> Any:
-        """``result``, after counting a write on the loop's connection (``before``: its
-        total_changes before): every CHECKPOINT_EVERY writes, a checkpoint on the thread."""
+    def _wrote(self, conn: sqlite3.Connection, before: int, result: Any, writes: int = 1) -> Any:
+        """``result``, after counting ``writes`` on the loop's connection if it changed
+        anything (``before``: its total_changes before): every CHECKPOINT_EVERY writes, a
+        checkpoint on the thread."""
         if conn.total_changes != before and self.path != ":memory:":
-            self._writes += 1
+            self._writes += writes
             if self._writes >= CHECKPOINT_EVERY and self._checkpoint is None:
                 self._writes = 0
                 self._checkpoint = asyncio.ensure_future(self._checkpoint_now())
@@ -252,6 +267,8 @@ class SqliteDatabase:
     async def close(self) -> None:
         if self._forked():
             return
+        if self._group and self._loop_conn is not None:
+            self._commit_group()  # writes asked just before: committed, not dropped
         if self._checkpoint is not None:
             await asyncio.gather(self._checkpoint, return_exceptions=True)
         conn, self._loop_conn, self._opening = self._loop_conn, None, None

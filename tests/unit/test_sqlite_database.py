@@ -88,3 +88,19 @@ async def test_a_broken_database_is_a_store_error(tmp_path):
             await stores.limits.hit([("client", "192.0.2.1", 3600.0, 10, True)], T0)
     finally:
         await stores.close()
+
+
+async def test_closing_commits_the_writes_already_asked(tmp_path):
+    url = f"sqlite://{tmp_path}/state.db"
+    stores = open_stores(url)
+    checks = [("client", "192.0.2.1", 3600.0, 10, True)]
+    await stores.limits.hit(checks, T0)
+    pending = [asyncio.ensure_future(stores.limits.hit(checks, T0)) for _ in range(3)]
+    await asyncio.sleep(0)  # they have asked; their group is not committed yet
+    await stores.close()
+    assert all(p.result().allowed for p in pending)
+    again = open_stores(url)
+    try:
+        assert (await again.limits.counters("client"))[0].current == 4
+    finally:
+        await again.close()
