@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.join(ROOT, "rules"))
 from smtpgate.pipeline.results import Event  # noqa: E402
 from smtpgate.stores import Params, Stores  # noqa: E402
 from smtpgate.stores.limits import Counter  # noqa: E402
-from smtpgate.stores.greylist import Entry  # noqa: E402
+from greylist_bench import delete_prefix as drop_redis  # noqa: E402 (DB 15, as here)
 
 REDIS = "redis://127.0.0.1:6379/15"
 T0 = 1_767_225_600.0
@@ -156,20 +156,6 @@ async def fill_redis(prefix: str, kind: str, n: int) -> None:
             await script(args=[kind, start, min(n, start + 10_000), prefix, repr(NOW), *extra])
     finally:
         await r.aclose()
-
-
-def drop_redis(prefix: str) -> None:
-    import redis
-    r = redis.Redis.from_url(REDIS)
-    batch = []
-    for key in r.scan_iter(match=prefix + "*", count=10_000):
-        batch.append(key)
-        if len(batch) >= 10_000:
-            r.unlink(*batch)
-            batch = []
-    if batch:
-        r.unlink(*batch)
-    r.close()
 
 
 # --- decisions ---------------------------------------------------------------------------
