@@ -412,7 +412,8 @@ class RedisLink:
     async def _execute(self, r, batch) -> list:
         """The batch's replies (a command's error as its reply); a script the server lost
         (a restart, SCRIPT FLUSH) is loaded again and its calls sent once more."""
-        calls = [(args if script is None else (args[0], self.scripts[script].sha, *args[2:])) for args, script, _ in batch]
+        calls = [args if script is None else (args[0], self.scripts[script].sha, *args[2:])
+                 for args, script, _ in batch]
         if len(calls) == 1:
             try:
                 replies = [await r.execute_command(*calls[0])]

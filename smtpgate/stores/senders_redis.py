@@ -27,7 +27,7 @@ import asyncio
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 
 from ..errors import StoreError
@@ -60,7 +60,7 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         super().__init__(url, prefix)
         #: compare-and-sets lost to another writer (and retried), since this store was made
         self.retries = 0
-        self._seen: dict[tuple[str, str], tuple[str, str]] = {}  # (machine, key) -> (version, doc)
+        self._seen: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()  # (machine, key) -> (version, doc)
         self._queued: dict[tuple[str, str], list] = {}  # (machine, key) -> [(change, future)] to apply
         self._draining: dict[tuple[str, str], asyncio.Future] = {}  # (machine, key) -> its _drain task
 
@@ -81,7 +81,7 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         if doc is not None:
             seen[(machine, key)] = (version, doc)
             if len(seen) > SEEN_MAX:
-                del seen[next(iter(seen))]
+                seen.popitem(last=False)
 
     async def get(self, machine, key) -> SenderRecord | None:
         version, doc = await self._read(machine, key)
