@@ -12,13 +12,18 @@
 - At most ``?max_connections=`` (default 32) connections per process; past it an operation
   waits, first come first served, up to ``?pool_timeout=`` seconds (default 5) for a free
   one. Two redis-py behaviours made us queue the operations ourselves (a FIFO semaphore in
-  front of the pool): its default pool raises "Too many connections" at the 101st
-  concurrent command, and its blocking pool is not fair, so under sustained load a waiter
-  can lose every race for a released connection until its timeout (the benchmark hit it).
+  front of a plain pool of the same size): its default pool raises "Too many connections"
+  at the 101st concurrent command, and its blocking pool is not fair, so under sustained
+  load a waiter can lose every race for a released connection until its timeout (the
+  benchmark hit it).
+- The calls the sessions of a process make in one turn of the event loop go together in
+  one pipeline: one connection, one write, one read (``RedisLink.script`` / ``command``);
+  scripts take their arguments packed in one text and answer one text, since redis-py
+  packs and parses every argument and reply element in Python (bench/store_bench.py).
 - ``?prefix=NAME`` in the URL puts every key under ``NAME`` (default ``smtpgate:``), so
   several gate fleets, or tests, can share one database.
-- The decisive operation runs as one Lua script (``register_script``: EVALSHA, with EVAL
-  when the server lost it): read the allow list, the triplet and, when needed, the
+- The decisive operation runs as one Lua script (EVALSHA, loaded again when the server
+  lost it): read the allow list, the triplet and, when needed, the
   client's live passes, decide, write — atomically, so gates racing on one triplet never
   double-count or lose an attempt. The script mirrors ``greylist.decide`` line by line.
 - Every key carries a TTL: a triplet lives until it expires plus ``GRACE``; the
