@@ -165,7 +165,10 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         pattern = glob_escape(self.prefix + (f"{machine}:" if machine is not None else "")) + "*"
 
         async def run(r):
+            seen = set()  # SCAN may return a key twice (the keyspace rehashing meanwhile)
             async for keys in scan_keys(r, pattern):
+                keys = [k for k in keys if k not in seen]
+                seen.update(keys)
                 for rec in await _read_records(r, keys):
                     if (machine is None or rec.machine == machine) and (state is None or rec.state == state):
                         out.append(rec)
@@ -212,6 +215,8 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
 
 async def _read_records(r, keys) -> list[SenderRecord]:
     """The records at ``keys``, in one pipeline; a key gone since the SCAN left out."""
+    if not keys:
+        return []
     pipe = r.pipeline(transaction=False)
     for k in keys:
         pipe.hget(k, "doc")
