@@ -47,6 +47,8 @@ LATENCY_TARGETS = {"gate-empty": (3.0, 4.0), "gate-real-sqlite": (3.0, 4.0), "ga
 def title(label: str) -> str:
     if label in TITLES:
         return TITLES[label]
+    if label.startswith("gate-rule-"):
+        return f"smtpgate, `{label[len('gate-rule-'):]}` alone, SQLite"
     if label.startswith("haraka-"):
         set_, nodes, *nd = label[len("haraka-"):].split("-")
         return (f"Haraka, {nodes[:-1]} node(s), {'TCP_NODELAY' if nd else 'stock (no TCP_NODELAY)'}, "
@@ -154,7 +156,10 @@ def build(run_dir: str) -> dict:
         label, _, reason = line.partition("\t")
         skipped[label] = reason
     ratios = []
-    for name, num, den, target in THROUGHPUT_RATIOS:
+    # each rule of `real` alone (gate-rule-NAME) as a share of the empty policy, for context
+    alone = [(f"{label[len('gate-rule-'):]} alone / empty", label, "gate-empty", None)
+             for label in order if label.startswith("gate-rule-")]
+    for name, num, den, target in THROUGHPUT_RATIOS + alone:
         if num not in systems or den not in systems:
             # a ratio of systems this run chose but could not measure: say so, not nothing
             why = {x: skip_reason(skipped, x) for x in (num, den) if x not in systems}

@@ -13,10 +13,11 @@ from .mail.keys import client_key, sender_key
 from .mail.message import Message
 from .mail.reply import Reply
 from .mail.session import Event, Recipient, Session, TraceEntry, Transaction
-from .pipeline.results import Results, RuleResult
+from .pipeline.results import AuthResult, Results, RuleResult
 from .pipeline.options import (Option, anything, boolean, duration, integer, list_of, mapping_of, network,
                                number, one_of, prefix_length, regex, size, string)
 from .pipeline.rule import Rule
+from .pipeline.seal import Seal
 from .pipeline.verdict import Verdict
 from .resolver import DnsError, reverse_name
 from .stores.greylist import Params as GreylistParams
@@ -29,9 +30,9 @@ __all__ = [
     "anything", "boolean", "duration", "integer", "list_of", "mapping_of", "network", "number",
     "one_of", "prefix_length", "regex", "size", "string",
     # what the hooks are given
-    "Session", "Transaction", "Recipient", "Message", "Reply", "Event", "TraceEntry",
+    "Session", "Transaction", "Recipient", "Message", "Reply", "Event", "TraceEntry", "Seal",
     # the one channel rules report through (tx.results, session.results)
-    "Results", "RuleResult",
+    "Results", "RuleResult", "AuthResult",
     # helpers for what rules look at
     "parse_address", "sender_key", "client_key", "reverse_name", "GreylistParams",
     # errors a rule raises or meets

@@ -1,10 +1,29 @@
-"""Logging set-up: text (key=value) or JSON lines on stderr, one line per transaction."""
+"""Logging set-up: text (key=value) or JSON lines on stderr, one line per transaction.
+
+A field value may be a ``LogField``: the formatter that writes the line asks it for what it
+needs (``text()`` or ``json()``), so the transaction line builds only one of the two.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import sys
 import time
+
+
+class LogField:
+    """A log field rendered on demand: ``text()`` for the key=value line (None: left out),
+    ``json()`` for the JSON line (JSON-friendly values)."""
+
+    def text(self) -> str | None:
+        raise NotImplementedError
+
+    def json(self):
+        raise NotImplementedError
+
+
+def _json_default(value):
+    return value.json() if isinstance(value, LogField) else str(value)
 
 
 def _summary(rules: list[dict]) -> str:
@@ -23,8 +42,13 @@ def _results(results: dict) -> str:
 
 
 class TextFormatter(logging.Formatter):
+    _second, _stamp = -1, ""  # the last second formatted: most lines share it with the one before
+
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        stamp = self._stamp
         head = f"{stamp}Z {record.levelname.lower()} {record.name}"
         fields = getattr(record, "fields", None)
         if fields is None:
@@ -34,7 +58,11 @@ class TextFormatter(logging.Formatter):
             for key, value in fields.items():
                 if value is None or value == []:
                     continue
-                if key == "rules":
+                if isinstance(value, LogField):
+                    value = value.text()
+                    if not value:
+                        continue
+                elif key == "rules":
                     value = _summary(value)
                 elif key == "results":
                     value = _results(value)
@@ -57,7 +85,7 @@ class JsonFormatter(logging.Formatter):
         out.update(getattr(record, "fields", None) or {})
         if record.exc_info:
             out["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return json.dumps(out, default=_json_default)
 
 
 def setup_logging(fmt: str = "text", level: str = "info") -> None:
@@ -66,5 +94,9 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # No formatter here reads the caller's file and line, the thread or the process of a
+    # record: the logging module need not look them up for every line (its HOWTO's advice).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # aiosmtpd logs every command at INFO; keep its chatter for debugging only.
     logging.getLogger("mail.log").setLevel(max(logging.WARNING, root.level))

@@ -15,6 +15,7 @@ the server logs::
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from dataclasses import dataclass
@@ -198,13 +199,14 @@ class Harness:
     """A gate with a fake downstream, built from rules in code or from a gate.yaml.
 
     Keep one harness across sends to test state that lives between transactions (move
-    ``harness.clock`` between them)."""
+    ``harness.clock`` between them). ``hostname``: the gate's name (default: this host's),
+    the authserv-id of the Authentication-Results header the gate writes."""
 
     def __init__(self, rules: Iterable[tuple[type[Rule], dict] | Rule] = (), *,
                  domains: Iterable[str] = ("example.com",), clock: FakeClock | None = None,
                  resolver: FakeResolver | None = None, relay_replies: dict | None = None,
                  session_rules: bool = True, config=None, stores: Stores | None = None,
-                 state: str = "sqlite://:memory:"):
+                 state: str = "sqlite://:memory:", hostname: str | None = None):
         self.clock = clock or FakeClock()
         self.resolver = _with_clock(resolver or FakeResolver(), self.clock)
         # The gate's stores: `stores=` to share them between harnesses (two "gates"), else
@@ -223,6 +225,8 @@ class Harness:
         # One policy named "default": its rules run at every stage, as in a one-policy gate.
         policy = Policy("default" if session_rules else "test", exact, suffixes, built, "<test>")
         config = config or load_gate_config(None)
+        if hostname is not None:  # the gate's name: its greeting, its Authentication-Results id
+            config = dataclasses.replace(config, hostname=hostname)
         self.runtime = Runtime(config, None, PolicySet([policy]), self.stores)
         self.relay_replies = relay_replies
         self._make_gate()

@@ -42,6 +42,11 @@ class Settings:
     archive_max_ratio: float = 100.0
     limits: Limits = field(default_factory=Limits)
 
+    def __post_init__(self):
+        # banned types as a set and a prefix tuple ("type/*" -> "type/"): built once, at load
+        self.exact_types = frozenset(self.types)
+        self.type_prefixes = tuple(t[:-1] for t in self.types if t.endswith("/*"))
+
 
 @dataclass
 class Finding:
@@ -108,7 +113,7 @@ class _Scanner:
     def embedded_text(self, data: bytes) -> list[str]:
         """uuencoded and yEnc files inside a text body (some readers show them as attachments)."""
         reasons = []
-        if b"begin" not in data and b"=ybegin" not in data:
+        if b"begin" not in data:  # (and so no "=ybegin" either)
             return reasons
         for m in itertools.islice(_UU_BEGIN.finditer(data), 50):
             name = m.group(1).decode("utf-8", "replace").strip()
@@ -180,7 +185,7 @@ class _Scanner:
         return _dedupe(reasons)
 
     def _type_banned(self, ctype: str) -> bool:
-        return any(ctype == t or (t.endswith("/*") and ctype.startswith(t[:-1])) for t in self.s.types)
+        return ctype in self.s.exact_types or ctype.startswith(self.s.type_prefixes)
 
     # --- content ---------------------------------------------------------------------------
     def blob(self, data: bytes, name: str, depth: int, attachment_like: bool, where: str) -> list[str]:

@@ -9,6 +9,7 @@ own. Every edit is surgical, recorded in the message's changes and named in the 
 """
 from __future__ import annotations
 
+import logging
 import re
 
 from smtpgate import Option, OptionError, Rule
@@ -86,8 +87,9 @@ class Rewrite(Rule):
         for block in self._data:
             if block.applies(ctx):
                 self._edit(tx.message, block)
-        for c in tx.message.changes[before:]:
-            self.log.info("tx %s: %s %s: %r -> %r", tx.id, c.op, c.header, c.before, c.after)
+        if self.log.isEnabledFor(logging.DEBUG):  # at info, the transaction line names each change
+            for c in tx.message.changes[before:]:
+                self.log.debug("tx %s: %s %s: %r -> %r", tx.id, c.op, c.header, c.before, c.after)
         return None
 
     # --- helpers ---------------------------------------------------------------------------
@@ -116,7 +118,7 @@ class Rewrite(Rule):
             raise ValueError(f"{what} <{old}> rewrites to {new!r}, which is not a valid address")
         if not checked.isascii() and "SMTPUTF8" not in (p.upper() for p in tx.sender_params):
             raise ValueError(f"{what} <{old}> rewrites to <{checked}>, which needs SMTPUTF8")
-        self.log.info("tx %s: %s <%s> -> <%s>", tx.id, what, old, checked)
+        self.log.debug("tx %s: %s <%s> -> <%s>", tx.id, what, old, checked)
         return checked
 
     def _header_address(self, old: str, block: Block) -> str | None:

@@ -4,8 +4,10 @@ The check runs at MAIL (the HELO check once per HELO name, in parallel with it) 
 published at once in ``tx.results`` — ``tx.results.get("spf").data`` is ``{"result": "pass",
 "domain": "example.org", "identity": "mailfrom", ...}`` with the HELO result under ``"helo"``
 — so later rules (the greylist pools senders by an SPF-passed domain) read it. The decision is given at RCPT, like
-other refusals, so ``postmaster`` stays reachable. With ``header: true`` an
-``Authentication-Results`` field (RFC 8601) is prepended at DATA.
+other refusals, so ``postmaster`` stays reachable. Each identity's result is also reported
+as an RFC 8601 auth result (``tx.results.auth``); with ``header: true`` it asks the gate to
+write its ``Authentication-Results`` header (under the gate's ``hostname``), which carries
+it whenever another rule (dkim, dmarc) asks anyway.
 """
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ class Spf(Rule):
     on_permerror = Option(one_of(*ACTIONS), "accept", "result permerror (a broken record)")
     on_dns_error = Option(one_of("accept", "tempfail"), "accept",
                           "result temperror (SERVFAIL, timeout, DNS budget spent): accept or 451 4.7.24")
-    header = Option(boolean, False, "prepend an Authentication-Results header at DATA")
-    authserv_id = Option(string, "", "the authserv-id in that header (and in %{r}); default: this host's name")
+    header = Option(boolean, False, "have the gate write its Authentication-Results header for the "
+                                    "SPF result alone (dkim and dmarc ask for it anyway)")
+    authserv_id = Option(string, "", "the receiving host in %{r} macros; default: this host's name "
+                                      "(the header's authserv-id is the gate's hostname)")
 
     def setup(self):
         self._authserv = self.authserv_id or socket.gethostname() or "localhost"
@@ -83,19 +87,6 @@ class Spf(Rule):
             verdict = self._decide(spf["helo"], "helo")
         return verdict
 
-    async def on_data(self, tx):
-        spf = self._published(tx)
-        if not self.header or spf is None:
-            return None
-        parts = [self._authserv]
-        parts.append(self._resinfo(spf))
-        if "helo" in spf:
-            helo = self._resinfo(spf["helo"])
-            if helo:
-                parts.append(helo)
-        tx.message.prepend_header("Authentication-Results", "; ".join(p for p in parts if p))
-        return None
-
     # --- helpers -------------------------------------------------------------------------
     def _report(self, results, published: dict) -> None:
         """Each identity's result as an outcome (``pass: mailfrom example.org``), the whole
@@ -105,6 +96,7 @@ class Spf(Rule):
             if spf:
                 text = f"{spf.get('identity')} {spf.get('domain') or '-'}: {spf['result']}"
                 results.add(self, **{kinds.get(spf["result"], "msg"): text})
+                self._report_auth(results, spf)
         results.add(self, data=published)
 
     def _published(self, tx) -> dict | None:
@@ -133,13 +125,15 @@ class Spf(Rule):
             return Verdict.tempfail(text, 451, "4." + enhanced, reason=reason)
         return Verdict.reject(text, 550, "5." + enhanced, reason=reason)
 
-    @staticmethod
-    def _resinfo(spf: dict) -> str:
+    def _report_auth(self, results, spf: dict) -> None:
+        """The identity's result for the gate's Authentication-Results header (RFC 8601 §2.7.2):
+        ``spf=pass smtp.mailfrom=a@example.org`` or ``spf=none smtp.helo=mail.example.org``."""
         if spf.get("identity") == "helo":
             name = spf.get("domain", "")
-            return f"spf={spf['result']} smtp.helo={name}" if _TOKEN.match(name or "") else ""
+            results.auth(self, "spf", spf["result"], header=self.header,
+                         smtp_helo=name if _TOKEN.match(name or "") else None)
+            return
         sender = spf.get("sender", "")
         value = sender if _ADDR_SAFE.match(sender) else spf.get("domain", "")
-        if not _TOKEN.match(value.rpartition("@")[2] or "-"):
-            return f"spf={spf['result']}"
-        return f"spf={spf['result']} smtp.mailfrom={value}"
+        results.auth(self, "spf", spf["result"], header=self.header,
+                     smtp_mailfrom=value if _TOKEN.match(value.rpartition("@")[2] or "-") else None)

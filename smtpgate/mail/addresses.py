@@ -77,6 +77,13 @@ _DOT_ATEXT = _ATEXT | {"."}  # a dot-string's characters (RFC 5321 4.1.2)
 # Lenient domain characters for parsing: LDH, dots and underscores (seen in the wild);
 # relay_refusal() is the strict check.
 _DOMAIN_ASCII = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+# _Parser.take's runs of those characters, matched in C (the sets are ASCII only).
+_RUNS = {chars: re.compile("[" + re.escape("".join(sorted(chars))) + "]*")
+         for chars in (_ATEXT, _DOT_ATEXT, _DOMAIN_ASCII)}
+# What parse_path refuses anywhere in the argument: controls (_is_control) and surrogates.
+_BAD_IN_COMMAND = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x1f\x7f-\x9f\s]")  # \s: what str.isspace() says
 _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _LDH_STR = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]\Z")
@@ -190,17 +197,14 @@ class _Parser:
 
     def take(self, allowed: frozenset[str]) -> str:
         """The run from here of characters in ``allowed`` and non-ASCII ones (which need SMTPUTF8)."""
-        start = self.i
-        while self.i < len(self.s):
-            ch = self.s[self.i]
-            if ch in allowed:
-                pass
-            elif ord(ch) > 0x7F:
-                self.non_ascii(ch)
-            else:
-                break
-            self.i += 1
-        return self.s[start:self.i]
+        start, s, run = self.i, self.s, _RUNS[allowed]
+        while True:
+            self.i = run.match(s, self.i).end()  # the ASCII run, in C
+            if self.i < len(s) and ord(s[self.i]) > 0x7F:
+                self.non_ascii(s[self.i])
+                self.i += 1
+                continue
+            return s[start:self.i]
 
     def domain(self) -> str:
         dom = self.take(_DOMAIN_ASCII)
@@ -312,11 +316,11 @@ def parse_path(arg: str, *, smtputf8: bool = False) -> ParsedPath:
     """
     if not isinstance(arg, str):
         raise _command()
-    for ch in arg:
-        if _is_control(ch):
+    bad = _BAD_IN_COMMAND.search(arg)
+    if bad:
+        if _is_control(bad.group()):
             raise AddressError(501, "5.5.2", "Syntax error: control character in command")
-        if 0xD800 <= ord(ch) <= 0xDFFF:
-            raise AddressError(501, "5.5.2", "Syntax error: bad character in command")
+        raise AddressError(501, "5.5.2", "Syntax error: bad character in command")
     p = _Parser(arg, smtputf8)
     while p.peek() == " ":
         p.i += 1
@@ -409,9 +413,9 @@ def relay_refusal(addr: Address) -> str | None:
             return "UUCP bang path in the local part"
         if set(local) & _ROUTING_IN_LOCAL:
             return "routing characters in the local part"
-    if any(_is_control(c) or c.isspace() for c in local) and not addr.is_quoted:
+    if not addr.is_quoted and _CONTROL_OR_SPACE.search(local):
         return "bad characters in the local part"
-    if any(_is_control(c) for c in unquoted):
+    if _CONTROL.search(unquoted):
         return "control characters in the local part"
 
     domain = addr.domain
@@ -424,11 +428,13 @@ def relay_refusal(addr: Address) -> str | None:
     labels = domain.split(".")
     if any(not label for label in labels):
         return "empty label in domain"
-    try:
-        ipaddress.ip_address(domain)
-        return "IP addresses are not accepted as domains"
-    except ValueError:
-        pass
+    # (only digits and dots, or a colon, can make an IP address: skip the exception otherwise)
+    if ":" in domain or not domain.strip("0123456789."):
+        try:
+            ipaddress.ip_address(domain)
+            return "IP addresses are not accepted as domains"
+        except ValueError:
+            pass
     if labels[-1].isascii() and labels[-1].isdigit():
         return "numeric top-level label (an IP address in disguise)"
     if _octets(normalise_domain(domain)) > 253:
@@ -439,8 +445,9 @@ def relay_refusal(addr: Address) -> str | None:
         why = _label_refusal(label)
         if why:
             return why
-    # Belt and braces: the name the policy lookup sees must be these labels, one by one.
-    if normalise_domain(domain) != ".".join(_idna.ToASCII(l).decode("ascii") for l in labels).lower():
+    # Belt and braces: the name the policy lookup sees must be these labels, one by one
+    # (an ASCII label passed as LDH above is its own A-label: nothing to compare).
+    if not domain.isascii() and normalise_domain(domain) != ".".join(_idna.ToASCII(l).decode("ascii") for l in labels).lower():
         return "domain does not normalise label by label"
     return None
 

@@ -8,6 +8,7 @@ all key with these, so ``smtpgate greylist``, ``senders`` and ``limits`` agree o
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -17,6 +18,9 @@ _BATV = re.compile(r"^(?:prvs|msprvs\d*|btv1)=[^=]+=(.+)$")
 _NUMBER_TOKEN = re.compile(r"(?<![^-_.=+])\d+(?![^-_.=+])")
 
 
+# Both are pure functions of their arguments, asked for the same few clients and senders over
+# and over (every rule that counts, on every transaction): remember the recent answers.
+@functools.lru_cache(maxsize=4096)
 def sender_key(address: str) -> str | None:
     """A sender address as one sender, whatever the retry or the forwarder made of it.
 
@@ -45,6 +49,7 @@ def sender_key(address: str) -> str | None:
     return f"{local}@{domain.rstrip('.')}"
 
 
+@functools.lru_cache(maxsize=4096)
 def client_key(ip: str, ipv4_prefix: int | None = None, ipv6_prefix: int | None = None) -> str | None:
     """A client address written canonically (IPv4-mapped IPv6 as IPv4, no zone, no
     brackets); given a prefix length for its family, its network instead (``192.0.2.0/24``,

@@ -178,8 +178,28 @@ class Message:
     def prepend_header(self, name: str, value: str) -> None:
         """Add ``Name: value`` above every other field (the way trace headers go)."""
         line = _field_line(name, value)
-        self._set_head(line + self._header_block())
+        head = self._header_block()
+        fields = self._fields
+        self._put_on_top(line)
+        if fields is not None and name.isascii() and head[:1] not in (b" ", b"\t"):
+            # The fields read already stay read, moved down by the new line (what parsing
+            # the new block would give; a leading continuation line would change it).
+            n = len(line)
+            self._fields = [HeaderField(name, value.strip(), 0, n)] + [
+                HeaderField(f.name, f.value, f.start + n, f.end + n) for f in fields]
         self.changes.append(Change("add", name, None, value, self._current_rule))
+
+    def prepend_fields(self, fields: list[tuple[str, str]]) -> None:
+        """Add ``[(name, value), ...]`` above every other field, in that order, as one edit:
+        every field is checked first, so a bad one raises ValueError and nothing changes.
+        Unlike ``prepend_header``, a value may be folded (CRLF, then a space or tab, then
+        text on that line), as signature fields are; other CR, LF and NUL are refused."""
+        lines = [_folded_field_line(name, value) for name, value in fields]
+        if not lines:
+            return
+        self._put_on_top(b"".join(lines))
+        self.changes.extend(Change("add", name, None, " ".join(value.split()), self._current_rule)
+                            for name, value in fields)
 
     def remove_header(self, name: str) -> int:
         """Delete every instance of ``name``; returns how many went."""
@@ -293,6 +313,15 @@ class Message:
         self._head, self._body, self._joined = None, (raw,), raw
         self._fields, self._email, self._edited = None, None, True
 
+    def _put_on_top(self, lines: bytes) -> None:
+        """Insert whole field lines above every field. A header section that starts with
+        continuation lines (invalid, RFC 5322 §2.2.3, yet seen in real mail) keeps them first:
+        under a new field they would become its continuation, and a client could write into
+        a field the gate vouches for (`` ; dkim=pass`` onto its Authentication-Results)."""
+        head = self._header_block()
+        at = _orphan_lines_end(head)
+        self._set_head(head[:at] + lines + head[at:] if at else lines + head)
+
     def _set_head(self, head: bytes) -> None:
         self._header_block()  # the body split off first
         self._head, self._joined = head, None
@@ -370,6 +399,16 @@ def _skip_cfws(text: str, pos: int) -> int | None:
         pos += 1
     return None if depth else pos
 
+def _orphan_lines_end(head: bytes) -> int:
+    """The offset past the continuation lines (space or tab first) a header section opens
+    with: 0 for a well-formed one."""
+    pos = 0
+    while head[pos:pos + 1] in (b" ", b"\t"):
+        nl = head.find(b"\r\n", pos)
+        pos = len(head) if nl < 0 else nl + 2
+    return pos
+
+
 def _header_end(raw: bytes) -> int:
     if raw.startswith(b"\r\n"):
         return 2
@@ -380,6 +419,22 @@ def _header_end(raw: bytes) -> int:
 def _field(name: bytes, parts: list[bytes], start: int, end: int) -> HeaderField:
     value = b"\r\n".join(parts).decode("utf-8", "surrogateescape").strip()
     return HeaderField(name.decode("ascii", "replace"), value, start, end)
+
+
+def check_folded_field(name: str, value: str) -> None:
+    """ValueError unless ``Name: value`` is one field: a good name, CR and LF only as
+    folding (CRLF, white space, text), no NUL."""
+    _folded_field_line(name, value)
+
+
+def _folded_field_line(name: str, value: str) -> bytes:
+    if not isinstance(name, str) or not isinstance(value, str):
+        raise ValueError("a header field's name and value are text")
+    if not _FIELD_NAME.match(name.encode("ascii", "replace")):
+        raise ValueError(f"bad header name {name!r}")
+    if _BAD_FOLDING.search(value) or value.endswith(("\r", "\n")):
+        raise ValueError(f"header value for {name} holds CR, LF or NUL outside folding")
+    return f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
 
 
 def _field_line(name: str, value: str) -> bytes:

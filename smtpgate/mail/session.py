@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..logs import LogField
 from ..pipeline.results import Event, Results, one_line
 from .addresses import Address
 from .message import Message
@@ -28,7 +29,7 @@ def new_id() -> str:
     return next(_ids)
 
 
-@dataclass
+@dataclass(slots=True)  # one per rule run: slots make them quicker to build
 class TraceEntry:
     """One rule run: what the log line, ``smtpgate try`` and metrics all read."""
 
@@ -44,7 +45,24 @@ class TraceEntry:
     result: str | None = None
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v not in (None, False)}
+        return {k: v for k in _TRACE_FIELDS if (v := getattr(self, k)) not in (None, False)}
+
+
+_TRACE_FIELDS = TraceEntry.__slots__
+
+
+class TraceLog(LogField):
+    """The ``rules`` field of the transaction line: ``rule:stage:action`` per entry in the
+    text line, every entry's ``as_dict()`` in the JSON one."""
+
+    def __init__(self, trace: list[TraceEntry]):
+        self._trace = trace
+
+    def text(self) -> str:
+        return ",".join(f"{e.rule}:{e.stage}:{'shadow-' if e.shadow else ''}{e.action}" for e in self._trace)
+
+    def json(self) -> list[dict]:
+        return [e.as_dict() for e in self._trace]
 
 
 @dataclass
@@ -119,6 +137,9 @@ class Transaction:
     machine_owners: dict[str, Any] = field(default_factory=dict, repr=False)
     #: (stage, Reply) for each answer of the downstream, for the pipeline's own events
     downstream_replies: list = field(default_factory=list)
+    #: the value of the Authentication-Results header the gate wrote after DATA (its
+    #: authserv-id first), None when it wrote none; what a later stage (an ARC seal) reads
+    authentication_results: str | None = None
 
     @property
     def sender_domain(self) -> str:

@@ -21,6 +21,9 @@ HOOKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "on_mail": ("mail", ("tx", "session", "results")),
     "on_rcpt": ("rcpt", ("tx", "rcpt", "session", "results")),
     "on_data": ("data", ("tx", "session", "message", "results")),
+    # the message is final (every on_data ran, the gate's Authentication-Results is on it):
+    # stage header fields on ``seal`` (pipeline/seal.py), never edit the message
+    "on_seal": ("seal", ("tx", "seal", "session", "message", "results")),
     "on_delivered": ("delivered", ("tx", "reply", "session", "message", "results")),
     # the transaction ended, however (reply None: abandoned)
     "on_end": ("end", ("tx", "reply", "session", "message", "results")),
@@ -29,7 +32,7 @@ HOOKS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 # the documented positional signatures (the runner passes the caller's arguments as they are)
 SIGNATURES = {"on_connect": ("session",), "on_helo": ("session",), "on_mail": ("tx",),
-              "on_rcpt": ("tx", "rcpt"), "on_data": ("tx",), "on_delivered": ("tx", "reply"),
+              "on_rcpt": ("tx", "rcpt"), "on_data": ("tx",), "on_seal": ("tx", "seal"), "on_delivered": ("tx", "reply"),
               "on_end": ("tx", "reply")}
 STAGES = tuple(stage for stage, _ in HOOKS.values())
 # Keys every rule entry accepts besides its own options.

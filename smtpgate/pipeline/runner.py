@@ -7,17 +7,21 @@ ignored, its envelope and message edits and ``tx.skip`` calls are undone, its re
 marked shadow and its events reach no state machine); a rule that raises is logged with its
 traceback (a StoreError: one line) and turns into ``451 4.3.0`` unless it is set
 ``on_error: accept``. What a rule adds to ``tx.results`` during a hook goes into that hook's
-trace entry.
+trace entry. At the seal stage each hook gets a fresh ``Seal`` to stage header fields on;
+they are prepended together once the hook returned, never for a shadow rule, a refusing
+verdict or a hook that raised, and a hook that edits the message itself fails
+(``pipeline/seal.py``).
 """
 from __future__ import annotations
 
 import logging
-import time
+from time import perf_counter
 
 from ..mail.session import TraceEntry
 from ..errors import StoreError
-from ..mail.message import describe_changes
-from .rule import SIGNATURES, hook_parameters
+from ..mail.message import Change, describe_changes
+from .rule import HOOKS, SIGNATURES, hook_parameters
+from .seal import Seal, check_untouched
 from .verdict import ACCEPT, Verdict
 
 log = logging.getLogger("smtpgate.pipeline")
@@ -39,6 +43,9 @@ def _log_crash(rule, hook_name: str, exc: Exception) -> None:
 _ENVELOPE = {"mail": ("sender", "tx", "sender"), "rcpt": ("recipient", "rcpt", "address")}
 
 
+_HOOK = {stage: hook for hook, (stage, _) in HOOKS.items()}
+
+
 def _arguments(stage: str, args: tuple) -> dict:
     """Everything a hook of ``stage`` may ask for, by name, from the caller's positional
     ``args`` (``(session,)``, ``(tx,)``, ``(tx, rcpt)``, ``(tx, reply)``)."""
@@ -51,12 +58,14 @@ def _arguments(stage: str, args: tuple) -> dict:
         out["rcpt"] = args[1]
     elif stage in ("delivered", "end"):
         out["reply"] = args[1]
-    if stage in ("data", "delivered", "end"):
+    elif stage == "seal":
+        out["seal"] = args[1] if len(args) > 1 else None
+    if stage in ("data", "seal", "delivered", "end"):
         out["message"] = tx.message
     return out
 
 
-def _call(rule, hook_name: str, args: tuple, available: dict):
+def _call(rule, hook_name: str, stage: str, args: tuple):
     """Call the hook with the arguments it names (checked against HOOKS at load time); a hook
     with the documented positional signature gets the caller's ``args`` as they are."""
     key = (type(rule), hook_name)
@@ -70,16 +79,12 @@ def _call(rule, hook_name: str, args: tuple, available: dict):
         names = _NAMES[key] = None if names == SIGNATURES[hook_name] else names
     if names is None:
         return getattr(rule, hook_name)(*args)
+    available = _arguments(stage, args)
     return getattr(rule, hook_name)(**{n: available[n] for n in names})
 
 
 # (rule class, hook name) -> the argument names the hook asks for (None: the documented ones)
 _NAMES: dict[tuple[type, str], tuple[str, ...] | None] = {}
-
-def _channel(available: dict):
-    """The results a hook's report is traced from: the transaction's, else the session's."""
-    tx = available.get("tx")
-    return tx.results if tx is not None else available["session"].results
 
 
 async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
@@ -91,15 +96,15 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
     already ran this hook for this transaction (inherited by a domain policy from the session
     policy), so no hook runs twice.
     """
-    hook_name = f"on_{stage}"
-    available = _arguments(stage, args)
-    tx = available.get("tx")
+    hook_name = _HOOK[stage]
+    # The transaction's results from MAIL on, the session's at CONNECT and HELO.
+    tx = args[0] if stage not in ("connect", "helo") else None
     skipped = tx.skipped if tx is not None else None
-    results = _channel(available)
+    results = tx.results if tx is not None else args[0].results
     slot = _ENVELOPE.get(stage)
-    target = available[slot[1]] if slot else None
+    target = (tx if stage == "mail" else args[1]) if slot else None
     for rule in rules:
-        if getattr(rule, hook_name, None) is None or rule in skip:
+        if getattr(rule, hook_name, None) is None or (skip and rule in skip):
             continue
         shadow = rule.mode == "shadow"
         if skipped and rule.name in skipped:  # tx.skip(): e.g. a sender state skips greylisting
@@ -107,19 +112,25 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
                                     None, 0.0, shadow, recipient))
             continue
         mark = message.checkpoint() if message is not None else None
+        seal = None
+        if stage == "seal":  # a fresh one per hook: what it stages is its own, all or none
+            seal = Seal()
+            args = (args[0], seal)
         before = getattr(target, slot[2]) if slot else None
         skips_before = dict(skipped) if shadow and skipped is not None else None
         results._current = (rule.name, shadow)
         reported_from = len(results._journal)
         if message is not None:
             message._current_rule = rule.name
-        started = time.perf_counter()
+        started = perf_counter()
         try:
-            verdict = await _call(rule, hook_name, args, available)
+            verdict = await _call(rule, hook_name, stage, args)
             if verdict is not None and not isinstance(verdict, Verdict):
                 raise TypeError(f"hook returned {type(verdict).__name__}, expected Verdict or None")
+            if seal is not None:
+                check_untouched(message, mark)
         except Exception as exc:  # a plugin's bug must never reach the client as a traceback
-            ms = (time.perf_counter() - started) * 1000
+            ms = (perf_counter() - started) * 1000
             _log_crash(rule, hook_name, exc)
             if mark is not None:
                 message.rollback(mark)
@@ -134,23 +145,34 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
         finally:
             if message is not None:
                 message._current_rule = None
-        ms = (time.perf_counter() - started) * 1000
+        ms = (perf_counter() - started) * 1000
         reported = _reported(results, reported_from)
         # The trace names what the rule changed (envelope address, header edits), so a rule
         # that only rewrites, returning None, still leaves a reason; a shadow rule's changes
-        # are named, then undone.
-        changed = []
-        if slot and getattr(target, slot[2]) != before:
-            changed.append(f"{slot[0]} <{before}> -> <{getattr(target, slot[2])}>")
-            if shadow:
-                setattr(target, slot[2], before)
-        if mark is not None and len(message.changes) > mark[1]:
-            changed.append(describe_changes(message.changes[mark[1]:]))
+        # are named, then undone. (Nothing changed, the usual case: no string work.)
+        if seal is not None and not shadow and (verdict is None or verdict.action == ACCEPT):
+            message._current_rule = rule.name  # the changes are the rule's, in the trace
+            message.prepend_fields(seal.fields)  # checked when staged: cannot fail half-way
+            message._current_rule = None
+        changed_text = None
+        edited = mark is not None and len(message.changes) > mark[1]
+        moved = slot is not None and getattr(target, slot[2]) != before
+        staged_in_shadow = seal is not None and shadow and len(seal) > 0
+        if edited or moved or staged_in_shadow:
+            changed = []
+            if moved:
+                changed.append(f"{slot[0]} <{before}> -> <{getattr(target, slot[2])}>")
+                if shadow:
+                    setattr(target, slot[2], before)
+            if edited:
+                changed.append(describe_changes(message.changes[mark[1]:]))
+            elif staged_in_shadow:
+                changed.append(describe_changes(Change("add", name, None, value) for name, value in seal.fields))
+            changed_text = "; ".join(changed) or None
         if shadow and mark is not None:
             message.rollback(mark)
         if skips_before is not None:
             _undo_skips(tx, skips_before, rule)
-        changed_text = "; ".join(changed) or None
         if shadow and changed_text:
             log.info("shadow: rule %s would change at %s: %s (not done)", rule.name, stage, changed_text)
         if verdict is None:
@@ -188,24 +210,24 @@ def _undo_skips(tx, before: dict | None, rule=None) -> None:
 
 async def _observe(rules, stage: str, tx, reply, trace: list[TraceEntry], keep_text: bool) -> None:
     """``on_delivered`` / ``on_end``: hooks that only observe; a crash is logged and traced."""
-    hook_name = f"on_{stage}"
-    available = _arguments(stage, (tx, reply))
-    results = _channel(available)
+    hook_name = _HOOK[stage]
+    results = tx.results
+    args = (tx, reply)
     for rule in rules:
         if getattr(rule, hook_name, None) is None:
             continue
         shadow = rule.mode == "shadow"
         results._current = (rule.name, shadow)
         mark = len(results._journal)
-        started = time.perf_counter()
+        started = perf_counter()
         try:
-            said = await _call(rule, hook_name, (tx, reply), available)
+            said = await _call(rule, hook_name, stage, args)
             action, reason = "continue", said if keep_text and isinstance(said, str) and said else None
         except Exception as exc:
             _log_crash(rule, hook_name, exc)
             action, reason = "error", f"{type(exc).__name__}: {exc}"
         trace.append(TraceEntry(stage, rule.name, action, reason, None,
-                                (time.perf_counter() - started) * 1000, shadow, None,
+                                (perf_counter() - started) * 1000, shadow, None,
                                 _reported(results, mark)))
 
 

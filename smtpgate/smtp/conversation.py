@@ -9,7 +9,8 @@ Flow: CONNECT and HELO run the session policy (``default``). MAIL runs the sessi
 accepted RCPT picks the transaction's policy from the recipient's domain, runs that policy's
 own ``on_mail`` hooks (those it does not share with the session policy), then sends MAIL
 downstream — with the sender as the rules left it — and mirrors each RCPT. DATA runs
-``on_data`` and relays; the client's final reply is the downstream's.
+``on_data``, then ``on_seal`` on the final message, and relays; the client's final reply is
+the downstream's.
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ import time
 from dataclasses import dataclass
 
 from ..mail.addresses import Address, AddressError, normalise_domain, parse_path, relay_refusal
-from ..mail.session import Recipient, Session, TraceEntry, Transaction, new_id
+from ..mail.session import Recipient, Session, TraceEntry, TraceLog, Transaction, new_id
 from .. import metrics
 from ..errors import RelayError, StoreError
 from ..mail.message import Message
+from ..pipeline.authheader import add_authentication_results
+from ..pipeline.results import ResultsLog
 from ..pipeline.runner import publish_outcome, run_delivered, run_disconnect, run_end, run_stage
 from ..mail.reply import Reply
 from ..pipeline.verdict import ACCEPT, DISCARD, QUARANTINE, Verdict
@@ -75,7 +78,7 @@ class Step(enum.Enum):
     GREET = "250 (EHLO: the keywords); ends any transaction; on_helo"
     MAIL = "parameters, on_mail, the downstream opened: 250 or the refusal"
     RCPT = "relay check, policy, on_rcpt, RCPT downstream: its reply"
-    DATA = "354, the message, on_data, relayed: the downstream's reply"
+    DATA = "354, the message, on_data, on_seal, relayed: the downstream's reply"
     DATA_LOST = "354, the message dropped: 451 4.4.2; ends the transaction"
     RSET = "250; ends any transaction"
     XCLIENT = "220 again: a new session as the real client (limits, on_connect); HELO/EHLO next"
@@ -519,14 +522,15 @@ class Conversation:
         if verdict is None or verdict.action == ACCEPT:
             verdict = self._progress.pending
         if verdict is not None and verdict.action != ACCEPT:
-            reply = verdict.reply("data")
-            if verdict.action == QUARANTINE and await self._hold(tx, tx.message.received, verdict) is False:
-                reply = CANNOT_HOLD
-            await self.relay.reset()
-            return await self._end(tx, reply, deliver_hooks=verdict.action == DISCARD)
+            return await self._refuse_data(tx, verdict)
         if self._progress.relayed == 0:  # every recipient was discarded
             await self.relay.reset()
             return await self._end(tx, OK_DATA, deliver_hooks=True)
+        add_authentication_results(tx, self.runtime.config.hostname)  # the rules' auth results, under our id
+        # The message is final: seal-stage rules sign what will be relayed (only adding fields).
+        verdict = await run_stage(tx.policy.rules, "seal", (tx,), tx.trace, message=tx.message)
+        if verdict is not None and verdict.action != ACCEPT:
+            return await self._refuse_data(tx, verdict)
         held = None
         if tx.message.held:  # a rule asked to keep the original while delivering (stripped copy)
             held = await self._hold(tx, tx.message.received,
@@ -543,6 +547,14 @@ class Conversation:
         if held and not reply.is_positive:  # not delivered: the client retries, that copy counts
             await asyncio.to_thread(self.gate.quarantine.delete, held)
         return await self._end(tx, reply, deliver_hooks=True)
+
+    async def _refuse_data(self, tx: Transaction, verdict: Verdict) -> Reply:
+        """End the transaction at DATA with ``verdict``'s refusal (quarantine: held first)."""
+        reply = verdict.reply("data")
+        if verdict.action == QUARANTINE and await self._hold(tx, tx.message.received, verdict) is False:
+            reply = CANNOT_HOLD
+        await self.relay.reset()
+        return await self._end(tx, reply, deliver_hooks=verdict.action == DISCARD)
 
     async def _data_lost(self, raw: bytes | list[bytes]) -> Reply:
         return await self._end(self.tx, BROKEN)
@@ -675,8 +687,8 @@ def log_transaction(tx: Transaction, reply: Reply | None, stage: str) -> None:
         "policy": getattr(tx.policy, "name", None), "stage": stage,
         "size": tx.message.size if tx.message else None,
         "reply": str(reply).split("\r\n")[-1] if reply is not None else "abandoned",
-        "rules": [e.as_dict() for e in tx.trace],
-        "results": {**tx.session.results.as_dict(), **tx.results.as_dict()},
+        "rules": TraceLog(tx.trace),  # rendered by the formatter that writes the line
+        "results": ResultsLog(tx.session.results, tx.results),
         "ms": round((time.monotonic() - tx.started) * 1000, 1),
     }
     if tx.session.data.get("forwarder_ident"):  # the forwarding Postfix's queue id (XFORWARD IDENT)

@@ -5,7 +5,8 @@ Keys (``P`` = the prefix): ``Plim:r:<kind>:<window>:<value>`` (hash: ``b`` the c
 number, ``p`` and ``c`` the previous and current counts), expiring when both buckets have
 passed; ``Plim:c:<client>`` (sorted set: one member per open session, scored by its expiry).
 
-A check is one round trip: a Lua script that reads every counter of the transaction,
+A check is one round trip (shared with the other sessions' calls of the same turn of the
+event loop: ``RedisLink.script``): a Lua script that reads every counter of the transaction,
 decides (``limits.decide``, mirrored line for line) and counts — atomically, so two gates
 racing on one counter can never both take its last place. Connections likewise: one script
 drops expired members, counts and adds. Connections come from this store's own
@@ -20,14 +21,17 @@ from collections import Counter as TallyCounter
 from .limits import CONNECTIONS, Counter, LimitsStore, RateCheck, RateOutcome
 from .redis_store import RedisComponentStore, as_text, glob_escape, scan_keys
 
-# KEYS: the counters. ARGV: 1 now, then per key: window, max, count (1/0).
-# Returns {allowed (1/0), retry_at ('' if allowed), estimate per key...}
+# KEYS: the counters. ARGV[1]: one tab-separated text: now, then per key: window, max,
+# count (1/0) (one argument to encode: redis-py's packing, per argument, is what costs).
+# Returns one tab-separated text: allowed (1/0), retry_at ('' if allowed), estimate per key...
 HIT_LUA = """
-local now = tonumber(ARGV[1])
+local A = {}
+for field in string.gmatch(ARGV[1] .. '\\t', '([^\\t]*)\\t') do A[#A + 1] = field end
+local now = tonumber(A[1])
 local function fmt(x) return string.format('%.17g', x) end
 local ok, retry, est_out, slid = 1, nil, {}, {}
 for i = 1, #KEYS do
-  local w, mx = tonumber(ARGV[i * 3 - 1]), tonumber(ARGV[i * 3])
+  local w, mx = tonumber(A[i * 3 - 1]), tonumber(A[i * 3])
   local k = math.floor(now / w)
   local h = redis.call('HMGET', KEYS[i], 'b', 'p', 'c')
   local b, p, c = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
@@ -36,7 +40,7 @@ for i = 1, #KEYS do
   elseif b ~= k then p, c = 0, 0 end
   local est = p * (1 - (now - k * w) / w) + c
   est_out[i] = fmt(est)
-  local need = (ARGV[i * 3 + 1] == '1') and 1 or 0
+  local need = (A[i * 3 + 1] == '1') and 1 or 0
   if est + need > mx then
     ok = 0
     local room, at = mx - need, 0
@@ -48,14 +52,14 @@ for i = 1, #KEYS do
 end
 if ok == 1 then
   for i = 1, #KEYS do
-    if ARGV[i * 3 + 1] == '1' then
+    if A[i * 3 + 1] == '1' then
       local s = slid[i]
       redis.call('HSET', KEYS[i], 'b', s[1], 'p', s[2], 'c', s[3] + 1)
       redis.call('EXPIRE', KEYS[i], math.max(1, math.ceil((s[1] + 2) * s[4] - now)))
     end
   end
 end
-return {ok, retry and fmt(retry) or '', unpack(est_out)}
+return ok .. '\\t' .. (retry and fmt(retry) or '') .. '\\t' .. table.concat(est_out, '\\t')
 """
 
 # KEYS: 1 the client's set. ARGV: 1 member, 2 cap, 3 now, 4 ttl. Returns {added, live before}.
@@ -94,14 +98,14 @@ class RedisLimitsStore(RedisComponentStore, LimitsStore):
         if not checks:
             return RateOutcome(True)
         keys = [self.rate_key(c.kind, c.window, c.value) for c in checks]
-        args: list = [repr(float(now))]
+        fields = [repr(float(now))]
         for c in checks:
-            args += [repr(float(c.window)), int(c.max), "1" if c.count else "0"]
-        reply = await self.link.run(lambda r: self.link.scripts["hit"](keys=keys, args=args))
-        ok, retry, *estimates = reply
-        outcome = RateOutcome(int(ok) == 1, [float(as_text(e)) for e in estimates])
+            fields += [repr(float(c.window)), str(int(c.max)), "1" if c.count else "0"]
+        reply = await self.link.script("hit", keys, ["\t".join(fields)])
+        ok, retry, *estimates = as_text(reply).split("\t")
+        outcome = RateOutcome(ok == "1", [float(e) for e in estimates])
         if not outcome.allowed:
-            outcome.retry_at = float(as_text(retry))
+            outcome.retry_at = float(retry)
             outcome.refused = [i for i, (e, c) in enumerate(zip(outcome.estimates, checks))
                                if e + (1 if c.count else 0) > c.max]
         return outcome
@@ -153,17 +157,16 @@ class RedisLimitsStore(RedisComponentStore, LimitsStore):
     async def connect(self, client, member, cap, now, ttl) -> tuple[bool, int]:
         key = self.connections_key(client)
         args = [member, int(cap), repr(float(now)), repr(float(ttl))]
-        added, live = await self.link.run(lambda r: self.link.scripts["connect"](keys=[key], args=args))
+        added, live = await self.link.script("connect", [key], args)
         return int(added) == 1, int(live)
 
     async def touch(self, client, member, now, ttl) -> None:
         key = self.connections_key(client)
-        await self.link.run(lambda r: self.link.scripts["touch"](
-            keys=[key], args=[member, repr(float(now + ttl)), repr(float(ttl))]))
+        await self.link.script("touch", [key], [member, repr(float(now + ttl)), repr(float(ttl))])
 
     async def disconnect(self, client, member) -> None:
         key = self.connections_key(client)
-        await self.link.run(lambda r: r.zrem(key, member))
+        await self.link.command("ZREM", key, member)
 
     async def connections(self, client=None, now=0.0, limit=None) -> dict[str, int]:
         pattern = glob_escape(self.connections_key(client) if client is not None else f"{self.prefix}c:")

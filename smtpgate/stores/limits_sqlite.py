@@ -1,8 +1,8 @@
 """The SQLite limits store (``state: sqlite:///PATH``), in the same database file as the
 greylist and sender stores (its own tables, its own schema version in ``meta``).
 
-A check is one short ``BEGIN IMMEDIATE`` transaction on the database thread (the pattern of
-the other SQLite stores): read the counters by primary key, ``limits.decide``, write — so
+A check is one short ``BEGIN IMMEDIATE`` transaction on the event loop (the pattern of the
+other SQLite stores: ``SqliteDatabase.call``): read the counters by primary key, ``limits.decide``, write — so
 workers and the CLI sharing the file never count on a stale counter. Expired rows are
 dropped a batch at a time as checks go by.
 """
@@ -47,7 +47,7 @@ class SqliteLimitsStore(SqliteComponentStore, LimitsStore):
                                  [(c.kind, c.value, c.window, c.bucket, c.previous, c.current, c.expires)
                                   for c in writes])
             return outcome
-        outcome = await self._run(run)
+        outcome = await self._write(run)
         if self._sweep_due(now):
             await self._run(self._sweep, now)
         return outcome
@@ -96,20 +96,20 @@ class SqliteLimitsStore(SqliteComponentStore, LimitsStore):
                 conn.execute("INSERT OR REPLACE INTO limits_connections (client, member, expires) VALUES (?, ?, ?)",
                              (client, member, now + ttl))
                 return True, live
-        return await self._run(run)
+        return await self._write(run)
 
     async def touch(self, client, member, now, ttl) -> None:
         def run(conn):
             with write_transaction(conn):
                 conn.execute("UPDATE limits_connections SET expires = ? WHERE client = ? AND member = ?",
                              (now + ttl, client, member))
-        await self._run(run)
+        await self._write(run)
 
     async def disconnect(self, client, member) -> None:
         def run(conn):
             with write_transaction(conn):
                 conn.execute("DELETE FROM limits_connections WHERE client = ? AND member = ?", (client, member))
-        await self._run(run)
+        await self._write(run)
 
     async def connections(self, client=None, now=0.0, limit=None) -> dict[str, int]:
         def read(conn):

@@ -12,13 +12,18 @@
 - At most ``?max_connections=`` (default 32) connections per process; past it an operation
   waits, first come first served, up to ``?pool_timeout=`` seconds (default 5) for a free
   one. Two redis-py behaviours made us queue the operations ourselves (a FIFO semaphore in
-  front of the pool): its default pool raises "Too many connections" at the 101st
-  concurrent command, and its blocking pool is not fair, so under sustained load a waiter
-  can lose every race for a released connection until its timeout (the benchmark hit it).
+  front of a plain pool of the same size): its default pool raises "Too many connections"
+  at the 101st concurrent command, and its blocking pool is not fair, so under sustained
+  load a waiter can lose every race for a released connection until its timeout (the
+  benchmark hit it).
+- The calls the sessions of a process make in one turn of the event loop go together in
+  one pipeline: one connection, one write, one read (``RedisLink.script`` / ``command``);
+  scripts take their arguments packed in one text and answer one text, since redis-py
+  packs and parses every argument and reply element in Python (bench/store_bench.py).
 - ``?prefix=NAME`` in the URL puts every key under ``NAME`` (default ``smtpgate:``), so
   several gate fleets, or tests, can share one database.
-- The decisive operation runs as one Lua script (``register_script``: EVALSHA, with EVAL
-  when the server lost it): read the allow list, the triplet and, when needed, the
+- The decisive operation runs as one Lua script (EVALSHA, loaded again when the server
+  lost it): read the allow list, the triplet and, when needed, the
   client's live passes, decide, write — atomically, so gates racing on one triplet never
   double-count or lose an attempt. The script mirrors ``greylist.decide`` line by line.
 - Every key carries a TTL: a triplet lives until it expires plus ``GRACE``; the
@@ -46,6 +51,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -57,18 +63,25 @@ from .greylist import (DELAY_BUCKETS, GRACE, AllowEntry, Attempt, Entry, Greylis
 from .redis_url import RedisTarget, parse_redis_url, redact
 
 SCAN_COUNT = 1000
+BATCH_MAX = 256  # calls per pipeline (more wait for the next one, sent at the same time)
 
 _BUCKETS_LUA = "{" + ",".join(f"{{{'math.huge' if math.isinf(b) else int(b)},'{label}'}}"
                               for b, label in DELAY_BUCKETS) + "}"
 
 # KEYS: 1 triplet, 2 client's awl set, 3 allow hash, 4 allow prefix lengths, 5 counters
-# ARGV: 1 now, 2 delay, 3 retry_window, 4 pass_ttl, 5 auto_whitelist_after, 6 dry run (0/1),
-#       7 grace, 8 triplet value, 9 client, 10 sender, 11 recipient, 12 ip family ('' none),
-#       13 ip hex digits, 14.. fixed allow keys (sender, @domain, triplet)
+# ARGV[1]: one text of tab-separated fields (one argument to encode and send instead of a
+# dozen: redis-py's packing and parsing in Python are what a decision costs, not the script):
+#   1 now, 2 delay, 3 retry_window, 4 pass_ttl, 5 auto_whitelist_after, 6 dry run (0/1),
+#   7 grace, 8 triplet value, 9 client, 10 sender, 11 recipient, 12 ip family ('' none),
+#   13 ip hex digits, 14.. fixed allow keys (sender, @domain, triplet)
+# Returns one tab-separated text likewise (outcome, exists, the entry's fields, the allow
+# entry's key, the client's live passes or -1), then the allow entry's JSON.
 ATTEMPT_LUA = """
-local now, delay, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local pass_ttl, awl_after, dry = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
-local grace, member, fam, hex = tonumber(ARGV[7]), ARGV[8], ARGV[12], ARGV[13]
+local A = {}
+for field in string.gmatch(ARGV[1] .. '\t', '([^\t]*)\t') do A[#A + 1] = field end
+local now, delay, window = tonumber(A[1]), tonumber(A[2]), tonumber(A[3])
+local pass_ttl, awl_after, dry = tonumber(A[4]), tonumber(A[5]), A[6] == '1'
+local grace, member, fam, hex = tonumber(A[7]), A[8], A[12], A[13]
 local HEX = '0123456789abcdef'
 local BUCKETS = """ + _BUCKETS_LUA + """
 
@@ -90,7 +103,7 @@ local function fmt(x) if x == nil then return '' end return string.format('%.17g
 
 -- the allow list
 local fields = {}
-for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 14, #A do fields[#fields + 1] = A[i] end
 if fam ~= '' then
   for _, m in ipairs(redis.call('SMEMBERS', KEYS[4])) do
     local f, n = string.match(m, '^(%d)/(%d+)$')
@@ -156,7 +169,7 @@ end
 
 if not dry then
   if outcome ~= 'allowed' then
-    redis.call('HSET', KEYS[1], 'client', ARGV[9], 'sender', ARGV[10], 'recipient', ARGV[11],
+    redis.call('HSET', KEYS[1], 'client', A[9], 'sender', A[10], 'recipient', A[11],
       'first', fmt(first), 'last', fmt(last), 'attempts', attempts, 'passed', passed and '1' or '0',
       'passed_at', fmt(passed_at), 'retry_delay', fmt(retry_delay), 'expires', fmt(expires))
     local ttl = math.ceil(expires - now + grace)
@@ -177,11 +190,14 @@ if not dry then
     end
   end
 end
+local out
 if outcome == 'allowed' and not exists then
-  return {outcome, 0, '', '', 0, 0, '', '', '', allow_key, allow_json, count}
+  out = {outcome, 0, '', '', 0, 0, '', '', '', allow_key, count}
+else
+  out = {outcome, 1, fmt(first), fmt(last), attempts, passed and 1 or 0, fmt(passed_at), fmt(retry_delay),
+         fmt(expires), allow_key, count}
 end
-return {outcome, 1, fmt(first), fmt(last), attempts, passed and 1 or 0, fmt(passed_at), fmt(retry_delay),
-        fmt(expires), allow_key, allow_json, count}
+return table.concat(out, '\t') .. '\t' .. allow_json
 """
 
 # KEYS: 1 allow hash, 2 allow prefix lengths. Rebuild the set from the hash.
@@ -273,6 +289,8 @@ class RedisLink:
         self._client: aioredis.Redis | None = None
         self._sentinel: Sentinel | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._batch: list = []  # (command, script name or None, future) asked this turn
+        self._sending: set[asyncio.Task] = set()
         self._outages_seen = 0
         # Behind Sentinel an outage is usually a failover, over in seconds: probe often so
         # the new primary is found soon after its promotion (breaker.py).
@@ -292,8 +310,10 @@ class RedisLink:
     def _open(self) -> aioredis.Redis:
         t = self.target
         if not t.sentinel:
-            pool = aioredis.BlockingConnectionPool.from_url(
-                t.client_url(), max_connections=t.max_connections, timeout=t.pool_timeout)
+            # A plain pool: the FIFO queue in run() already holds operations to
+            # max_connections, so the pool never runs out (and a blocking pool's own
+            # condition and timer per command would only cost time).
+            pool = aioredis.ConnectionPool.from_url(t.client_url(), max_connections=t.max_connections)
             return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
         # redis-py reads the primary's settings from a plain URL; the Sentinels get the
         # timeouts, their own credentials, and no retries: a dead Sentinel is skipped for
@@ -317,8 +337,11 @@ class RedisLink:
         client = self.client()
         self.breaker.check()  # down: fail now rather than queue for a connection
         try:
-            async with asyncio.timeout(self.options["pool_timeout"]):
-                await self._slots.acquire()
+            if self._slots.locked():  # all taken: wait in line, for pool_timeout at most
+                async with asyncio.timeout(self.options["pool_timeout"]):
+                    await self._slots.acquire()
+            else:
+                await self._slots.acquire()  # free: taken at once, no timer to arm
         except TimeoutError:
             raise StoreError(f"Redis {redact(self.url)}: no connection free within "
                              f"{self.options['pool_timeout']:g}s (max_connections="
@@ -345,6 +368,84 @@ class RedisLink:
         except MasterNotFoundError as e:
             raise self._no_primary(e) from None
 
+    # -- calls made together: one pipeline (one round trip) per loop iteration -------------
+    async def script(self, name: str, keys: list, args: list):
+        """Run the registered script ``name``; the scripts and commands (``command``) that
+        the other sessions of this process ask for in the same turn of the event loop go
+        with it, in one pipeline: one connection, one write, one read for all of them."""
+        return await self._queue(("EVALSHA", None, len(keys), *keys, *args), name)
+
+    async def command(self, *args):
+        """Run one command (``"HMGET", key, field, ...``), batched as ``script``."""
+        return await self._queue(args, None)
+
+    def _queue(self, args: tuple, script: str | None) -> asyncio.Future:
+        self.client()
+        self.breaker.check()  # down: fail now, as run() does
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._batch.append((args, script, future))
+        if len(self._batch) == 1:
+            loop.call_soon(self._send_batch)  # once this turn's sessions have asked
+        return future
+
+    def _send_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        for i in range(0, len(batch), BATCH_MAX):
+            task = asyncio.ensure_future(self._send(batch[i:i + BATCH_MAX]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch) -> None:
+        try:
+            replies = await self.run(lambda r: self._execute(r, batch))
+        except BaseException as e:  # the whole batch failed: every caller hears it
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(e if isinstance(e, Exception) else StoreError(f"Redis: {e!r}"))
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (_, _, future), reply in zip(batch, replies):
+            if future.done():  # the caller was cancelled meanwhile
+                continue
+            if isinstance(reply, RedisError):
+                future.set_exception(StoreError(f"Redis {redact(self.url)}: {type(reply).__name__}: {reply}"))
+            else:
+                future.set_result(reply)
+
+    async def _execute(self, r, batch) -> list:
+        """The batch's replies (a command's error as its reply); a script the server lost
+        (a restart, SCRIPT FLUSH) is loaded again and its calls sent once more."""
+        calls = [args if script is None else (args[0], self.scripts[script].sha, *args[2:])
+                 for args, script, _ in batch]
+        if len(calls) == 1:
+            try:
+                replies = [await r.execute_command(*calls[0])]
+            except RedisError as e:
+                if not isinstance(e, (RedisConnectionError, RedisTimeoutError)):
+                    replies = [e]
+                else:
+                    raise
+        else:
+            pipe = r.pipeline(transaction=False)
+            for call in calls:
+                pipe.execute_command(*call)
+            replies = await pipe.execute(raise_on_error=False)
+        lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if lost:
+            for name in {batch[i][1] for i in lost}:
+                self.scripts[name].sha = await r.script_load(self.scripts[name].script)
+            for i in lost:
+                args, script, _ = batch[i]
+                try:
+                    replies[i] = await r.execute_command(args[0], self.scripts[script].sha, *args[2:])
+                except RedisError as e:
+                    if isinstance(e, (RedisConnectionError, RedisTimeoutError)):
+                        raise
+                    replies[i] = e
+        return replies
+
     def _no_primary(self, exc: MasterNotFoundError) -> RedisConnectionError:
         """redis-py's text holds the repr of every Sentinel client it could not reach (a
         screenful per log line): keep their addresses only."""
@@ -356,6 +457,8 @@ class RedisLink:
         return RedisConnectionError(text)
 
     async def close(self) -> None:
+        if self._sending:  # batches on their way: let them finish (their callers wait)
+            await asyncio.gather(*self._sending, return_exceptions=True)
         client, self._client = self._client, None
         sentinel, self._sentinel = self._sentinel, None
         for closable in (client, sentinel):
@@ -438,19 +541,18 @@ class RedisGreylistStore(RedisComponentStore, GreylistStore):
         member = triplet_value(client, sender, recipient)
         keys = [self.triplet_key(client, sender, recipient), self.awl_key(client), self.k_allow,
                 self.k_lens, self.k_stats]
-        args = [repr(float(now)), repr(float(params.delay)), repr(float(params.retry_window)),
-                repr(float(params.pass_ttl)), int(params.auto_whitelist_after), "1" if dry_run else "0",
-                repr(GRACE), member, client, sender, recipient, fam, hexdigits,
-                *sender_allow_keys(sender), triplet_allow_key(client, sender, recipient)]
-        res = await self._do(lambda r: self.link.scripts["attempt"](keys=keys, args=args))
+        packed = "\t".join((repr(float(now)), repr(float(params.delay)), repr(float(params.retry_window)),
+                            repr(float(params.pass_ttl)), str(int(params.auto_whitelist_after)),
+                            "1" if dry_run else "0", repr(GRACE), member, client, sender, recipient, fam,
+                            hexdigits, *sender_allow_keys(sender), triplet_allow_key(client, sender, recipient)))
+        res = await self.link.script("attempt", keys, [packed])
         (outcome, exists, first, last, attempts, passed, passed_at, retry_delay, expires,
-         allow_key, allow_json, count) = res
-        outcome = as_text(outcome)
+         allow_key, count, allow_json) = as_text(res).split("\t", 11)
         entry = None
         if int(exists):
             entry = Entry(client, sender, recipient, _num(first), _num(last), int(attempts), bool(int(passed)),
                           _num(passed_at), _num(retry_delay), _num(expires))
-        allow = _allow_from_json(as_text(allow_key), allow_json) if as_text(allow_key) else None
+        allow = _allow_from_json(allow_key, allow_json) if allow_key else None
         count = int(count)
         return Attempt(outcome, entry, allow, None if count < 0 else count)
 

@@ -99,7 +99,8 @@ class SenderStore:
 
     async def update(self, machine: str, key: str, change: ChangeFn, now: float | None = None) -> Any:
         """Atomically: read the record, ``change`` it, write the result; return what
-        ``change`` returned second. The stored version goes up by one on every write.
+        ``change`` returned second. The stored version goes up by one on every update
+        (Redis writes a process's concurrent updates of one key at once, versions and all).
         ``now`` (optional) lets the store drop long-expired records as it goes."""
         raise NotImplementedError
 

@@ -6,7 +6,13 @@ JSON), expiring with the record.
 a Lua compare-and-set that succeeds only if the version is still the one read. When another
 gate wrote in between, the whole read-change-write is done again on the fresh record (after
 a short random pause), so no event is lost and no guard is decided on a stale record. A key
-that stays contended for ``CONTENTION_TIMEOUT`` seconds is a StoreError.
+that stays contended for ``CONTENTION_TIMEOUT`` seconds is a StoreError. The first try uses
+the record as this process last read or wrote it (``get`` at MAIL, moments before the
+transaction's events): then an event costs one round trip, the compare-and-set, and a stale
+copy only costs the read it would have made anyway. Reads and compare-and-sets of
+concurrent sessions share pipelines (``RedisLink.script``), and the updates this process
+has for one key at the same time are applied together, in order, with one compare-and-set
+(the version still goes up by one per update).
 
 Connections come from a pool of this store's own (``redis_store.RedisLink``), opened on
 first use, with the same URL parameters as the greylist store (``prefix``,
@@ -21,7 +27,7 @@ import asyncio
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 
 from ..errors import StoreError
@@ -29,6 +35,7 @@ from .redis_store import RedisComponentStore, as_text, glob_escape, redact, scan
 from .senders import ChangeFn, SenderRecord, SenderStore
 
 CONTENTION_TIMEOUT = 10.0
+SEEN_MAX = 4096  # records remembered per process (what update tries its compare-and-set on)
 
 # KEYS[1] the record; ARGV: 1 the version read ('' = absent), 2 the new doc ('' = delete),
 # 3 the new version, 4 seconds to live (>= 1)
@@ -53,54 +60,115 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         super().__init__(url, prefix)
         #: compare-and-sets lost to another writer (and retried), since this store was made
         self.retries = 0
+        self._seen: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()  # (machine, key) -> (version, doc)
+        self._queued: dict[tuple[str, str], list] = {}  # (machine, key) -> [(change, future)] to apply
+        self._draining: dict[tuple[str, str], asyncio.Future] = {}  # (machine, key) -> its _drain task
 
     def record_key(self, machine: str, key: str) -> str:
         return f"{self.prefix}{machine}:{key}"
 
-    async def _read(self, r, machine, key) -> tuple[str, SenderRecord | None]:
-        version, doc = await r.hmget(self.record_key(machine, key), "v", "doc")
+    async def _read(self, machine, key) -> tuple[str, str | None]:
+        """(version, the record's JSON) as stored, ("", None) when absent."""
+        version, doc = await self.link.command("HMGET", self.record_key(machine, key), "v", "doc")
         if version is None or doc is None:
             return "", None
-        return as_text(version), SenderRecord.from_json(doc)
+        return as_text(version), as_text(doc)
+
+    def _remember(self, machine, key, version: str, doc: str | None) -> None:
+        """Keep what this process last read or wrote of a key (bounded: oldest out first)."""
+        seen = self._seen
+        seen.pop((machine, key), None)
+        if doc is not None:
+            seen[(machine, key)] = (version, doc)
+            if len(seen) > SEEN_MAX:
+                seen.popitem(last=False)
 
     async def get(self, machine, key) -> SenderRecord | None:
-        async def run(r):
-            return (await self._read(r, machine, key))[1]
-        return await self._do(run)
+        version, doc = await self._read(machine, key)
+        self._remember(machine, key, version, doc)
+        return SenderRecord.from_json(doc) if doc is not None else None
 
     async def update(self, machine, key, change: ChangeFn, now: float | None = None) -> Any:
-        rkey = self.record_key(machine, key)
+        # The updates of one key that this process's sessions ask for meanwhile are applied
+        # together, in order, in one read-change-write (one compare-and-set): sessions of
+        # one busy sender would otherwise each lose the race to the others and retry.
+        slot = (machine, key)
+        future = asyncio.get_running_loop().create_future()
+        self._queued.setdefault(slot, []).append((change, future))
+        if slot not in self._draining:
+            self._draining[slot] = asyncio.ensure_future(self._drain(machine, key))
+        return await future
 
-        async def run(r):
-            deadline = time.monotonic() + CONTENTION_TIMEOUT
-            pause = 0.001
-            while True:
-                version, current = await self._read(r, machine, key)
-                new, result = change(current)
-                if new is None and current is None:
-                    return result
-                if new is None:
-                    args = [version, "", "", 1]
-                else:
-                    new.version = (current.version if current else 0) + 1
-                    ttl = max(1, math.ceil(new.expires - new.seen))
-                    args = [version, new.to_json(), str(new.version), ttl]
-                if int(await self.link.scripts["cas"](keys=[rkey], args=args)):
-                    return result
-                self.retries += 1
-                if time.monotonic() > deadline:
-                    raise StoreError(f"Redis {redact(self.url)}: {machine} {key}: still contended after "
-                                     f"{CONTENTION_TIMEOUT:g}s of retries")
-                await asyncio.sleep(random.uniform(0, pause))  # another gate wrote: read again
-                pause = min(pause * 2, 0.05)
-        return await self._do(run)
+    async def _drain(self, machine, key) -> None:
+        """Apply the key's queued updates, a group at a time, until none is left."""
+        slot = (machine, key)
+        try:
+            while self._queued.get(slot):
+                group = [g for g in self._queued.pop(slot) if not g[1].done()]  # not the cancelled
+                if not group:
+                    continue
+                try:
+                    results = await self._apply(machine, key, [change for change, _ in group])
+                except Exception as e:
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(e)
+                    continue
+                for (_, future), result in zip(group, results):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            del self._draining[slot]
+            for _, future in self._queued.pop(slot, ()):  # only when cancelled (closing)
+                if not future.done():
+                    future.set_exception(StoreError(f"Redis {redact(self.url)}: store closed"))
+
+    async def _apply(self, machine, key, changes: list[ChangeFn]) -> list[Any]:
+        """Read, apply ``changes`` in order, compare-and-set; again on a fresh record when
+        another writer came in between. The version goes up by one per change."""
+        rkey = self.record_key(machine, key)
+        deadline = time.monotonic() + CONTENTION_TIMEOUT
+        pause = 0.001
+        # First try on the record as this process last saw it (the MAIL stage read it
+        # moments ago): if nobody wrote since, the compare-and-set alone is the one round
+        # trip; if somebody did, it fails and the record is read afresh.
+        known = self._seen.pop((machine, key), None)
+        while True:
+            version, doc = known if known is not None else await self._read(machine, key)
+            known = None
+            current = SenderRecord.from_json(doc) if doc is not None else None
+            base = current.version if current is not None else 0
+            new, results = current, []
+            for change in changes:
+                new, result = change(new)
+                results.append(result)
+            if new is None and current is None:
+                return results
+            if new is None:
+                args = [version, "", "", 1]
+            else:
+                new.version = base + len(changes)
+                ttl = max(1, math.ceil(new.expires - new.seen))
+                args = [version, new.to_json(), str(new.version), ttl]
+            if int(await self.link.script("cas", [rkey], args)):
+                self._remember(machine, key, args[2], args[1] or None)
+                return results
+            self.retries += 1
+            if time.monotonic() > deadline:
+                raise StoreError(f"Redis {redact(self.url)}: {machine} {key}: still contended after "
+                                 f"{CONTENTION_TIMEOUT:g}s of retries")
+            await asyncio.sleep(random.uniform(0, pause))  # another gate wrote: read again
+            pause = min(pause * 2, 0.05)
 
     async def records(self, machine=None, state=None, limit=None) -> list[SenderRecord]:
         out: list[SenderRecord] = []
         pattern = glob_escape(self.prefix + (f"{machine}:" if machine is not None else "")) + "*"
 
         async def run(r):
+            seen = set()  # SCAN may return a key twice (the keyspace rehashing meanwhile)
             async for keys in scan_keys(r, pattern):
+                keys = [k for k in keys if k not in seen]
+                seen.update(keys)
                 for rec in await _read_records(r, keys):
                     if (machine is None or rec.machine == machine) and (state is None or rec.state == state):
                         out.append(rec)
@@ -108,7 +176,13 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         out.sort(key=lambda rec: rec.seen, reverse=True)
         return out[:limit] if limit is not None else out
 
+    async def close(self) -> None:
+        if self._draining:  # updates on their way: let them finish (their callers wait)
+            await asyncio.gather(*self._draining.values(), return_exceptions=True)
+        await super().close()
+
     async def delete(self, machine, key) -> bool:
+        self._seen.pop((machine, key), None)
         return bool(await self._do(lambda r: r.delete(self.record_key(machine, key))))
 
     async def purge(self, now) -> int:
@@ -141,6 +215,8 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
 
 async def _read_records(r, keys) -> list[SenderRecord]:
     """The records at ``keys``, in one pipeline; a key gone since the SCAN left out."""
+    if not keys:
+        return []
     pipe = r.pipeline(transaction=False)
     for k in keys:
         pipe.hget(k, "doc")

@@ -2,8 +2,9 @@
 greylist (its own tables, its own schema version in the ``meta`` table).
 
 ``update`` runs read, change and write inside one ``BEGIN IMMEDIATE`` transaction on the
-database thread: the write lock is taken before the read, so two workers (or a worker and
-the CLI) updating one key queue up instead of deciding on the same old record.
+event loop (``SqliteDatabase.call``; on the database thread when another process holds the
+lock): the write lock is taken before the read, so two workers (or a worker and the CLI)
+updating one key queue up instead of deciding on the same old record.
 Records past their ``expires`` are dropped a batch at a time as updates go by, and by
 ``purge``.
 """
@@ -35,7 +36,7 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
         def read(conn):
             row = conn.execute("SELECT doc FROM senders WHERE machine = ? AND key = ?", (machine, key)).fetchone()
             return SenderRecord.from_json(row[0]) if row else None
-        return await self._run(read)
+        return await self._call(read)
 
     async def update(self, machine, key, change: ChangeFn, now: float | None = None) -> Any:
         def run(conn):
@@ -54,7 +55,7 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
                                  "seen = excluded.seen, expires = excluded.expires, doc = excluded.doc",
                                  (machine, key, new.state, new.seen, new.expires, new.to_json()))
             return result
-        result = await self._run(run)
+        result = await self._write(run)
         if now is not None and self._sweep_due(now):
             await self._run(self._sweep, now)
         return result

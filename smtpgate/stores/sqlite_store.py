@@ -1,10 +1,16 @@
 """The SQLite backend (``state: sqlite:///PATH``): one host, several worker processes, one file.
 
-- WAL journal (readers never wait for the writer), ``synchronous=NORMAL``, ``busy_timeout``;
-  every write is one short ``BEGIN IMMEDIATE`` transaction on indexed rows, so workers and
-  the CLI share the file safely.
-- Each store runs its connection on one thread of its own: the event loop never waits for a
-  lock, a checkpoint or the disk (about 50 µs per call, measured in bench/greylist_bench.py).
+- WAL journal (readers never wait for the writer), ``synchronous=NORMAL`` (a commit writes
+  the WAL without syncing it; a checkpoint syncs), ``busy_timeout``; every write is one
+  short ``BEGIN IMMEDIATE`` transaction on indexed rows, so workers and the CLI share the
+  file safely.
+- A decision (a few indexed statements: µs) runs right on the event loop (``call``), on a
+  connection that never waits: its busy timeout is 0, so when another process holds the
+  write lock the call moves to the database thread, which waits for it (``run``). A thread
+  hop costs more than the statements (bench/store_bench.py: 3-5x fewer decisions per
+  second), so only that rare case and the long work (the CLI's lists and purges, exports,
+  sweeps, checkpoints) pay it. The loop's connection never checkpoints (a checkpoint syncs
+  the disk): every ``CHECKPOINT_EVERY`` writes it asks the thread for a passive one.
 - The schema is versioned per component in a ``meta`` table and migrates itself, in one
   transaction, the first time a newer smtpgate opens the file.
 - This is the only module that imports ``sqlite3``; its errors leave as ``StoreError``.
@@ -34,36 +40,208 @@ BUSY_TIMEOUT_MS = 10_000
 WAL_AUTOCHECKPOINT = 4000
 GC_EVERY = 300.0  # seconds of store time between two sweeps of long-expired rows
 BATCH = 1000  # rows per write transaction in purge and delete: the gate never waits long
+# Writes on the loop's connection between two checkpoints (on the thread): a write adds a
+# few pages to the WAL, so the WAL stays within about WAL_AUTOCHECKPOINT pages.
+CHECKPOINT_EVERY = 1000
+_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: another connection holds the lock
 
 
 class SqliteDatabase:
-    """One connection, used from one dedicated thread, opened on first use (so a worker
-    process forked after loading the configuration opens its own)."""
+    """Two connections, opened on first use (so a worker process forked after loading the
+    configuration opens its own): one used from the event loop for decisions (``call``),
+    one from a dedicated thread for what may wait or take long (``run``). An in-memory
+    database (tests) has one connection, used on the loop."""
 
     def __init__(self, path: str):
         self.path = path
-        self._conn: sqlite3.Connection | None = None
+        self._conn: sqlite3.Connection | None = None  # the thread's
+        self._loop_conn: sqlite3.Connection | None = None
+        self._opening: asyncio.Future | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pid: int | None = None
+        self._writes = 0  # on the loop's connection since the last checkpoint
+        self._group: list = []  # (fn, args, future): writes asked this turn (``write``)
+        self._checkpoint: asyncio.Future | None = None
+        #: calls moved from the loop to the thread because another connection held the lock
+        self.waited = 0
         self.migrations: dict[str, Sequence[Sequence[str]]] = {}
 
+    def _forked(self) -> bool:
+        """True (and every handle forgotten) in a process other than the one that opened them."""
+        if self._pid == os.getpid():
+            return False
+        self._conn = self._loop_conn = self._opening = self._checkpoint = None
+        self._executor = None
+        self._pid = os.getpid()
+        return True
+
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(connection, *args)`` on the database thread."""
-        if self._executor is None or self._pid != os.getpid():
-            self._conn, self._pid = None, os.getpid()
+        """Run ``fn(connection, *args)`` on the database thread (it may wait for a lock)."""
+        if self.path == ":memory:":
+            return await self.call(fn, *args)
+        if self._forked() or self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="smtpgate-sqlite")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self._call, fn, args)
+            return await loop.run_in_executor(self._executor, self._on_thread, fn, args)
         except sqlite3.Error as e:
             raise StoreError(f"SQLite {self.path}: {e}") from None
 
-    def _call(self, fn, args):
+    def _on_thread(self, fn, args):
         if self._conn is None:
             self._conn = self._connect()
         return fn(self._conn, *args)
 
-    def _connect(self) -> sqlite3.Connection:
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(connection, *args)`` right on the event loop: for a few indexed statements.
+        If the file is locked by another connection, ``fn`` runs again on the thread (so it
+        must do nothing but database work, in transactions that roll back on error)."""
+        conn = await self._loop_connection()
+        try:
+            return self._wrote(conn, conn.total_changes, fn(conn, *args))
+        except sqlite3.OperationalError as e:
+            if not self._busy(e):
+                raise StoreError(f"SQLite {self.path}: {e}") from None
+        except sqlite3.Error as e:
+            raise StoreError(f"SQLite {self.path}: {e}") from None
+        self.waited += 1
+        return await self.run(fn, *args)
+
+    async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``call`` for a write (``fn`` opens its transaction with ``write_transaction``),
+        committed together with the other writes asked in the same turn of the event loop:
+        one transaction for them all (one commit instead of one each), each in a savepoint
+        of its own, so one that fails leaves the others. Every caller gets its answer once
+        the whole group is committed."""
+        await self._loop_connection()
+        future = asyncio.get_running_loop().create_future()
+        self._group.append((fn, args, future))
+        if len(self._group) == 1:
+            asyncio.get_running_loop().call_soon(self._commit_group)
+        return await future
+
+    def _commit_group(self) -> None:
+        group, self._group = [g for g in self._group if not g[2].done()], []  # a cancelled caller: not written
+        conn = self._loop_conn
+        if not group:
+            return
+        if conn is None:
+            for _, _, future in group:
+                future.set_exception(StoreError(f"SQLite {self.path}: closed"))
+            return
+        if len(group) == 1:  # alone: its own transaction, as call() runs it
+            fn, args, future = group[0]
+            before = conn.total_changes
+            try:
+                future.set_result(self._wrote(conn, before, fn(conn, *args)))
+            except sqlite3.Error as e:
+                if self._busy(e):
+                    self.waited += 1
+                    _settle(future, asyncio.ensure_future(self.run(fn, *args)))
+                else:
+                    future.set_exception(StoreError(f"SQLite {self.path}: {e}"))
+            except Exception as e:
+                future.set_exception(e)
+            return
+        before = conn.total_changes
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            for fn, args, future in group:  # another process writes: each waits on the thread
+                if self._busy(e):
+                    self.waited += 1
+                    _settle(future, asyncio.ensure_future(self.run(fn, *args)))
+                else:
+                    future.set_exception(StoreError(f"SQLite {self.path}: {e}"))
+            return
+        answers = []
+        try:
+            for fn, args, future in group:
+                try:
+                    answers.append((future, fn(conn, *args), None))
+                except sqlite3.Error as e:
+                    answers.append((future, None, StoreError(f"SQLite {self.path}: {e}")))
+                except Exception as e:
+                    answers.append((future, None, e))
+            conn.execute("COMMIT")
+        except BaseException as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = StoreError(f"SQLite {self.path}: {e}") if isinstance(e, sqlite3.Error) else e
+            for fn, args, future in group:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(e, Exception):
+                raise
+            return
+        self._wrote(conn, before, None, len(group))
+        for future, result, error in answers:
+            if future.done():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+    def _busy(self, e: sqlite3.Error) -> bool:
+        """Another connection holds the lock (never so for an in-memory database)."""
+        return getattr(e, "sqlite_errorcode", 0) & 0xFF in _BUSY and self.path != ":memory:"
+
+    def _wrote(self, conn: sqlite3.Connection, before: int, result: Any, writes: int = 1) -> Any:
+        """``result``, after counting ``writes`` on the loop's connection if it changed
+        anything (``before``: its total_changes before): every CHECKPOINT_EVERY writes, a
+        checkpoint on the thread."""
+        if conn.total_changes != before and self.path != ":memory:":
+            self._writes += writes
+            if self._writes >= CHECKPOINT_EVERY and self._checkpoint is None:
+                self._writes = 0
+                self._checkpoint = asyncio.ensure_future(self._checkpoint_now())
+        return result
+
+    async def _loop_connection(self) -> sqlite3.Connection:
+        conn = self._loop_conn
+        if conn is None or self._pid != os.getpid():
+            conn = await self._open_loop_connection()
+        return conn
+
+    async def _checkpoint_now(self) -> None:
+        try:
+            await self.run(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+        except StoreError:
+            pass  # the next one will do it; the WAL only grows meanwhile
+        finally:
+            self._checkpoint = None
+
+    async def _open_loop_connection(self) -> sqlite3.Connection:
+        """The loop's connection, opened on the thread (switching to WAL and migrating may
+        wait for other processes), then told never to wait nor checkpoint."""
+        self._forked()
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open_loop())
+        try:
+            return await asyncio.shield(self._opening)
+        except BaseException:
+            if self._opening is not None and self._opening.done():
+                self._opening = None  # failed: the next call tries again
+            raise
+
+    async def _open_loop(self) -> sqlite3.Connection:
+        if self.path == ":memory:":
+            conn = self._connect()
+        else:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="smtpgate-sqlite")
+            try:
+                conn = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, lambda: self._connect(check_same_thread=False))
+            except sqlite3.Error as e:
+                raise StoreError(f"SQLite {self.path}: {e}") from None
+            conn.execute("PRAGMA busy_timeout = 0")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self._loop_conn = conn
+        return conn
+
+    def _connect(self, check_same_thread: bool = True) -> sqlite3.Connection:
         if self.path != ":memory:":
             folder = os.path.dirname(self.path)
             if folder:
@@ -71,7 +249,8 @@ class SqliteDatabase:
                     os.makedirs(folder, exist_ok=True)
                 except OSError as e:
                     raise StoreError(f"SQLite {self.path}: cannot create {folder}: {e.strerror}") from None
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=check_same_thread)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             if self.path != ":memory:":
@@ -86,7 +265,16 @@ class SqliteDatabase:
         return conn
 
     async def close(self) -> None:
-        if self._executor is None or self._pid != os.getpid():
+        if self._forked():
+            return
+        if self._group and self._loop_conn is not None:
+            self._commit_group()  # writes asked just before: committed, not dropped
+        if self._checkpoint is not None:
+            await asyncio.gather(self._checkpoint, return_exceptions=True)
+        conn, self._loop_conn, self._opening = self._loop_conn, None, None
+        if conn is not None:
+            conn.close()
+        if self._executor is None:
             return
         executor, self._executor = self._executor, None
 
@@ -98,10 +286,36 @@ class SqliteDatabase:
         executor.shutdown(wait=False)
 
 
+def _settle(future: asyncio.Future, task: asyncio.Future) -> None:
+    """When ``task`` is done, give its outcome to ``future`` (unless its caller left)."""
+    def done(t):
+        if future.done():
+            return
+        if t.cancelled():
+            future.cancel()
+        elif t.exception() is not None:
+            future.set_exception(t.exception())
+        else:
+            future.set_result(t.result())
+    task.add_done_callback(done)
+
+
 @contextlib.contextmanager
 def write_transaction(conn: sqlite3.Connection):
     """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on any error): the write lock is taken
-    at once, so a transaction never fails half-way on a lock another process holds."""
+    at once, so a transaction never fails half-way on a lock another process holds. Inside
+    a transaction already open (a group commit: ``SqliteDatabase.write``), a savepoint
+    instead, released, or rolled back alone on an error."""
+    if conn.in_transaction:
+        conn.execute("SAVEPOINT one_write")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK TO one_write")
+            conn.execute("RELEASE one_write")
+            raise
+        conn.execute("RELEASE one_write")
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
@@ -199,14 +413,26 @@ class SqliteComponentStore:
         self._ready: set[int] = set()  # ids of connections known to be migrated
         self._last_gc = -float("inf")
 
-    async def _run(self, fn, *args) -> Any:
-        """``db.run``, migrating first a connection another store opened before this one."""
+    def _migrated(self, fn):
+        """``fn``, migrating first a connection another store opened before this one."""
         def call(conn, *a):
             if id(conn) not in self._ready:
                 migrate(conn, self.component, self.schema)
                 self._ready.add(id(conn))
             return fn(conn, *a)
-        return await self.db.run(call, *args)
+        return call
+
+    async def _run(self, fn, *args) -> Any:
+        """``db.run`` (on the thread: long work) of ``fn``, on migrated tables."""
+        return await self.db.run(self._migrated(fn), *args)
+
+    async def _call(self, fn, *args) -> Any:
+        """``db.call`` (on the event loop: a decision) of ``fn``, on migrated tables."""
+        return await self.db.call(self._migrated(fn), *args)
+
+    async def _write(self, fn, *args) -> Any:
+        """``db.write`` (on the event loop, committed with this turn's other writes) of ``fn``."""
+        return await self.db.write(self._migrated(fn), *args)
 
     def _sweep_due(self, now: float) -> bool:
         """True (and the clock restarted) once GC_EVERY seconds of store time have passed."""
@@ -247,6 +473,8 @@ GREYLIST_SCHEMA: tuple[tuple[str, ...], ...] = (
      " family TEXT, plen INTEGER, created REAL NOT NULL, expires REAL, note TEXT NOT NULL DEFAULT '')"
      " WITHOUT ROWID",
      "CREATE TABLE greylist_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID"),
+    # 3: the client prefix lengths in use, read by every decision, from an index
+    ("CREATE INDEX greylist_allow_lengths ON greylist_allow (kind, family, plen)",),
 )
 
 _COLUMNS = "client, sender, recipient, first_seen, last_seen, attempts, passed, passed_at, retry_delay, expires"
@@ -288,42 +516,52 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
     async def attempt(self, client, sender, recipient, *, now, params: Params, client_ip=None,
                       dry_run=False) -> Attempt:
         key = (client, sender, recipient)
-        result = await self.db.run(self._attempt, key, now, params, client_ip, dry_run)
+        if dry_run:
+            result = await self._call(self._attempt, key, now, params, client_ip, dry_run)
+        else:
+            result = await self._write(self._attempt, key, now, params, client_ip, dry_run)
         if not dry_run and self._sweep_due(now):
-            await self.db.run(self._sweep, now - GRACE)
+            await self._run(self._sweep, now - GRACE)
         return result
 
     def _attempt(self, conn, key, now, params: Params, client_ip, dry_run) -> Attempt:
-        conn.execute("BEGIN" if dry_run else "BEGIN IMMEDIATE")
-        try:
-            allow = self._match_allow(conn, key, client_ip, now)
-            row = conn.execute(f"SELECT {_COLUMNS} FROM greylist WHERE client = ? AND sender = ? "
-                               "AND recipient = ?", key).fetchone()
-            entry = _entry(row) if row else None
-            counted: list[int] = []
-
-            def passed_count() -> int:
-                counted.append(self._passed_count(conn, key[0], now))
-                return counted[-1]
-
-            outcome, new = decide(key, entry, now, params, allowed=allow, passed_count=passed_count)
-            if not dry_run:
-                if new is not None:
-                    conn.execute(f"INSERT OR REPLACE INTO greylist ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                                 (*new.key, new.first_seen, new.last_seen, new.attempts, int(new.passed),
-                                  new.passed_at, new.retry_delay, new.expires))
-                _count(conn, outcome)
-                if outcome == PASSED_NOW:
-                    _count(conn, "delay:" + delay_bucket(new.retry_delay))
-            conn.execute("COMMIT" if not dry_run else "ROLLBACK")
-        except BaseException:
-            if conn.in_transaction:
+        if dry_run:  # read as of now, write nothing
+            conn.execute("BEGIN")
+            try:
+                return self._decide(conn, key, now, params, client_ip, dry_run)
+            finally:
                 conn.execute("ROLLBACK")
-            raise
+        with write_transaction(conn):
+            return self._decide(conn, key, now, params, client_ip, dry_run)
+
+    def _decide(self, conn, key, now, params: Params, client_ip, dry_run) -> Attempt:
+        allow = self._match_allow(conn, key, client_ip, now)
+        row = conn.execute(f"SELECT {_COLUMNS} FROM greylist WHERE client = ? AND sender = ? "
+                           "AND recipient = ?", key).fetchone()
+        entry = _entry(row) if row else None
+        counted: list[int] = []
+
+        def passed_count() -> int:
+            # the decision only needs "at least auto_whitelist_after": count no further
+            # (a dry run, for `greylist show`, counts them all)
+            cap = None if dry_run else params.auto_whitelist_after
+            counted.append(self._passed_count(conn, key[0], now, cap))
+            return counted[-1]
+
+        outcome, new = decide(key, entry, now, params, allowed=allow, passed_count=passed_count)
+        if not dry_run:
+            if new is not None:
+                conn.execute(f"INSERT OR REPLACE INTO greylist ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                             (*new.key, new.first_seen, new.last_seen, new.attempts, int(new.passed),
+                              new.passed_at, new.retry_delay, new.expires))
+            _count(conn, outcome)
+            if outcome == PASSED_NOW:
+                _count(conn, "delay:" + delay_bucket(new.retry_delay))
         return Attempt(outcome, new or entry, allow, counted[-1] if counted else None)
 
     def _match_allow(self, conn, key, client_ip, now) -> AllowEntry | None:
-        lengths = conn.execute("SELECT DISTINCT family, plen FROM greylist_allow WHERE kind = 'client'").fetchall()
+        lengths = conn.execute("SELECT DISTINCT family, plen FROM greylist_allow INDEXED BY greylist_allow_lengths "
+                               "WHERE kind = 'client'").fetchall()
         keys = client_candidates(client_ip, lengths) + sender_allow_keys(key[1]) + [triplet_allow_key(*key)]
         row = conn.execute(f"SELECT {_ALLOW_COLUMNS} FROM greylist_allow WHERE key IN "
                            f"({','.join('?' * len(keys))}) AND (expires IS NULL OR expires >= ?) LIMIT 1",
@@ -331,9 +569,13 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
         return _allow(row) if row else None
 
     @staticmethod
-    def _passed_count(conn, client, now) -> int:
-        return conn.execute("SELECT count(*) FROM greylist WHERE client = ? AND passed = 1 AND expires >= ?",
-                            (client, now)).fetchone()[0]
+    def _passed_count(conn, client, now, cap: int | None = None) -> int:
+        """The client's live passed triplets, at most ``cap`` of them when given."""
+        if cap is None:
+            return conn.execute("SELECT count(*) FROM greylist WHERE client = ? AND passed = 1 AND expires >= ?",
+                                (client, now)).fetchone()[0]
+        return conn.execute("SELECT count(*) FROM (SELECT 1 FROM greylist WHERE client = ? AND passed = 1 "
+                            "AND expires >= ? LIMIT ?)", (client, now, cap)).fetchone()[0]
 
     @staticmethod
     def _sweep(conn, before: float) -> None:
@@ -349,7 +591,7 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
             row = conn.execute(f"SELECT {_COLUMNS} FROM greylist WHERE client = ? AND sender = ? "
                                "AND recipient = ?", (client, sender, recipient)).fetchone()
             return _entry(row) if row else None
-        return await self.db.run(get)
+        return await self._call(get)
 
     async def passed_count(self, client, now) -> int:
         return await self.db.run(self._passed_count, client, now)

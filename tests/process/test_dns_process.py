@@ -24,7 +24,7 @@ POLICY = """\
 domains: [example.com]
 rules:
   - fcrdns: {}
-  - spf: {header: true, authserv_id: gate.test}
+  - spf: {header: true}
   - dnsbl:
       check_private: true
       lists:
@@ -63,8 +63,9 @@ def test_unlisted_client_is_delivered_with_its_verified_name(dns_gate, downstrea
     [msg] = downstream.wait_for_messages(1)
     assert msg.xclient.get("NAME") == "client1.test"  # the FCrDNS name, not [UNAVAILABLE]
     first, _, rest = msg.data.partition(b"\r\n")
-    assert first == (b"Authentication-Results: gate.test; spf=pass smtp.mailfrom=a@good.test; "
-                     b"spf=none smtp.helo=client1.test")
+    # the gate's one header: fcrdns's iprev rides along with what spf's `header: true` asked for
+    assert first == (b"Authentication-Results: gate.test; iprev=pass (client1.test) policy.iprev=127.0.0.1; "
+                     b"spf=pass smtp.mailfrom=a@good.test; spf=none smtp.helo=client1.test")
     assert rest == MESSAGE
     assert ns.count("1.0.0.127.bl.test") == 1
 

@@ -62,6 +62,8 @@ def test_lenient_base64():
     assert decode_base64(b"TVqQ\r\nAAM*A!\r\n") == b"MZ\x90\x00\x03\x00"  # junk skipped
     assert decode_base64(b"QUI=QUJD") == b"ABABC"                 # concatenated blocks
     assert decode_base64(b"QUJDR") == b"ABC"                       # dangling character
+    assert decode_base64(b"QUJD\r\nRA") == b"ABCD"                  # no padding, no whole groups
+    assert decode_base64(b"QUJD\r\nQUJD\r\n") == b"ABCABC"           # no padding, whole groups
 
 
 # --- names -------------------------------------------------------------------------------

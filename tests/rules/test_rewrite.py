@@ -148,6 +148,22 @@ async def test_regex_result_that_is_no_address_is_a_tempfail_not_a_relay(caplog)
     assert any(e.action == "error" and "not a valid address" in e.reason for e in r.trace)
 
 
+async def test_changes_are_logged_one_by_one_at_debug_only(caplog):
+    # At info the transaction's one log line names every change (its trace); the values of
+    # each change have lines of their own at debug.
+    caplog.set_level("INFO", logger="smtpgate.rule.rewrite")
+    h = Harness([(Rewrite, {"sender_map": RENAME, "add_headers": {"X-Seen": "yes"}})])
+    r = await h.send(BASIC, sender="joe@old.example", recipients=["ann@example.com"])
+    assert [e.reason for e in r.trace if e.rule == "rewrite"] == [
+        "sender <joe@old.example> -> <joe@new.example>", None, "add X-Seen"]
+    assert not [x for x in caplog.records if x.name == "smtpgate.rule.rewrite"]
+    caplog.set_level("DEBUG", logger="smtpgate.rule.rewrite")
+    await h.send(BASIC, sender="joe@old.example", recipients=["ann@example.com"])
+    said = [x.getMessage() for x in caplog.records if x.name == "smtpgate.rule.rewrite"]
+    assert any("sender <joe@old.example> -> <joe@new.example>" in x for x in said)
+    assert any("add X-Seen: None -> 'yes'" in x for x in said)
+
+
 async def test_shadow_mode_names_the_rewrite_and_changes_nothing():
     rule = Rewrite({"sender_map": RENAME, "recipient_map": {"@example.com": "@example.com"},
                     "header_map": RENAME, "subject_prefix": "[EXT] "})

@@ -323,7 +323,7 @@ async def test_rule_dns_budget_spent_is_temperror():
 
 
 async def test_rule_prepends_authentication_results():
-    h = harness({"header": True, "authserv_id": "gate.example"})
+    h = harness({"header": True}, hostname="gate.example")
     result = await h.send(sender="a@sender.example")
     assert result.reply.code == 250
     raw = h.relayed[0].data
@@ -333,8 +333,26 @@ async def test_rule_prepends_authentication_results():
     assert rest == message()
 
 
+async def test_rule_reports_auth_results_and_the_header_parses_with_authres():
+    import authres
+
+    h = harness({}, hostname="gate.example")  # header: false -> recorded, no header
+    result = await h.send(sender="a@sender.example")
+    assert [(a.method, a.result, a.properties) for a in result.transaction.results.auth_results()] == [
+        ("spf", "pass", (("smtp", "mailfrom", "a@sender.example"),)),
+        ("spf", "pass", (("smtp", "helo", "mail.sender.example"),))]
+    assert h.relayed[0].data == message()
+    h = harness({"header": True}, hostname="gate.example")
+    await h.send(sender="a@sender.example")
+    field = h.relayed[0].data.partition(b"\r\n")[0].decode()
+    parsed = authres.AuthenticationResultsHeader.parse(field)
+    assert parsed.authserv_id == "gate.example"
+    assert [(r.method, r.result, r.smtp_mailfrom or r.smtp_helo) for r in parsed.results] == [
+        ("spf", "pass", "a@sender.example"), ("spf", "pass", "mail.sender.example")]
+
+
 async def test_rule_null_sender_uses_the_helo_identity():
-    h = harness({"header": True, "authserv_id": "gate.example"})
+    h = harness({"header": True}, hostname="gate.example")
     result = await h.send(sender="")
     assert result.reply.code == 250
     spf = result.transaction.results.get("spf").data

@@ -20,6 +20,7 @@ TIMEOUT = 60
     ("policies", None),
     ("policies-real", None),
     ("policies-real", "redis://127.0.0.1:6379/13?prefix=smtpgate-bench-test:"),
+    *((f"policies-rules/{rule}", None) for rule in ("senders", "greylist", "attachments", "rewrite")),
 ])
 def test_the_gate_configs_of_the_bench_pass_check_config(tmp_path, policies, state):
     out = tmp_path / "run" / "gate.yaml"
@@ -100,6 +101,16 @@ def test_the_report_computes_issue_13s_ratios_and_marks_the_targets(tmp_path):
     assert text == (results / "20260101T000000Z.md").read_text()
     assert "| smtpgate real (SQLite) / Haraka realistic | – | 3.60 ✓ | – | 1.50 ✗ | ≥ 2.0 |" in text
     assert text in proc.stdout  # what is written is what was printed
+
+
+def test_each_rule_alone_is_given_as_a_share_of_the_empty_policy(tmp_path):
+    proc, results = run_report(tmp_path, {**RATES, "gate-rule-greylist": {"par50_keep": 1500, "seq1_keep": 480}})
+    assert proc.returncode == 0, proc.stderr
+    ratios = {r["name"]: r for r in json.loads((results / "latest.json").read_text())["ratios"]}
+    assert ratios["greylist alone / empty"]["values"] == {"par50_keep": 0.75, "seq1_keep": 0.8}
+    text = (results / "latest.md").read_text()
+    assert "| smtpgate, `greylist` alone, SQLite | – | 1500 |" in text
+    assert "| greylist alone / empty | – | 0.75 | – | 0.80 | (context) |" in text
 
 
 def test_a_system_that_was_not_measured_shows_as_such_in_the_ratios(tmp_path):

@@ -16,6 +16,15 @@ def test_reading_does_not_change_bytes():
     assert m.raw == RAW and not m.changed
 
 
+def test_fields_read_before_a_prepend_are_those_of_the_new_block():
+    m = Message([RAW[:30], RAW[30:]])
+    assert m.get("subject") == "hi"  # read once
+    m.prepend_header("X-Tag", "yes")
+    m.prepend_header("X-Other", " spaced ")
+    assert m.fields == Message(m.raw).fields  # kept, moved down: as if read again
+    assert [f.name for f in m.fields][:3] == ["X-Other", "X-Tag", "Received"]
+
+
 def test_prepend_remove_replace_are_surgical():
     m = Message(RAW)
     m.prepend_header("X-Tag", "yes")
@@ -173,3 +182,19 @@ def test_no_authentication_results_means_no_parsing():
     m = Message(raw)
     assert m.remove_authentication_results("gate.test") == 0
     assert m._fields is None and m.raw is raw  # the cheap byte search said no: nothing parsed
+
+
+def test_fields_put_on_top_never_take_over_a_leading_continuation_line():
+    # Invalid, yet seen in real mail (the corpus has one): the line attached to nothing as it
+    # came, and must not become the continuation of a field the gate adds (its own results).
+    raw = b" ; dkim=pass header.d=bank.example\r\n\tmore\r\nFrom: a@b.example\r\n\r\nbody\r\n"
+    m = Message(raw)
+    m.prepend_header("Authentication-Results", "gate.example; dkim=none")
+    m.prepend_fields([("ARC-Seal", "i=1;\r\n b=x")])
+    assert m.raw == (b" ; dkim=pass header.d=bank.example\r\n\tmore\r\n"
+                     b"ARC-Seal: i=1;\r\n b=x\r\nAuthentication-Results: gate.example; dkim=none\r\n"
+                     b"From: a@b.example\r\n\r\nbody\r\n")
+    assert m.get("Authentication-Results") == "gate.example; dkim=none"
+    m = Message(b"From: a@b.example\r\n\r\nbody\r\n")
+    m.prepend_header("X-A", "1")
+    assert m.raw == b"X-A: 1\r\nFrom: a@b.example\r\n\r\nbody\r\n"

@@ -356,3 +356,28 @@ def test_the_harness_refuses_a_hook_argument_the_gate_would_refuse():
 
     with pytest.raises(PluginError, match=r"test_pipeline.py: .*Wrong: hook on_mail has no argument 'rcpt'"):
         Harness([(Wrong, {})])
+
+
+async def test_the_transaction_line_renders_the_trace_and_results_for_its_format(caplog):
+    # The rules and results fields are rendered by the formatter that writes the line: the
+    # text one sums them up, the JSON one carries every trace entry and record in full.
+    import json
+    from smtpgate.logs import JsonFormatter, TextFormatter
+
+    class Reports(Rule):
+        name = "reports"
+
+        async def on_rcpt(self, tx, rcpt):
+            tx.results.add(self, pass_=f"{rcpt.address}: fine", data={"n": 1})
+
+    caplog.set_level("INFO", logger="smtpgate.transaction")
+    await Harness([(Reports, {})]).send()
+    [record] = [r for r in caplog.records if r.getMessage() == "transaction"]
+    text = TextFormatter().format(record)
+    assert " rules=reports:rcpt:continue results=reports:pass " in text
+    line = json.loads(JsonFormatter().format(record))
+    [entry] = line["rules"]
+    entry.pop("ms", None)  # a duration (left out when 0.0)
+    assert entry == {"stage": "rcpt", "rule": "reports", "action": "continue",
+                     "recipient": "rcpt@example.com", "result": "pass: rcpt@example.com: fine"}
+    assert line["results"] == {"reports": {"pass": ["rcpt@example.com: fine"], "data": {"n": 1}}}

@@ -156,6 +156,15 @@ async def test_feed_current_move_and_hit(store):
 
 # --- concurrency --------------------------------------------------------------------------
 
+async def test_one_gates_concurrent_updates_of_one_key_are_applied_in_order_without_a_race(store):
+    # every session of a busy sender ends at once: one process, one key, 40 updates
+    results = await asyncio.gather(*(COUNTER.feed(store, "busy@x.example", [Event("hit", f"s{i}")], T0 + i)
+                                     for i in range(40)))
+    rec = await store.get("counter", "busy@x.example")
+    assert (rec.counts, rec.version, rec.state) == ({"hit": 40}, 40, "c")
+    assert [state.counts["hit"] for state, _ in results] == list(range(1, 41))  # each saw the ones before
+    assert getattr(store, "retries", 0) == 0  # Redis: applied together, no compare-and-set lost
+
 @pytest.mark.parametrize("n", [25, 200])
 async def test_concurrent_updates_from_two_gates_lose_no_event_and_keep_every_guard(make_store, n):
     if make_store.url.startswith("redis"):

@@ -347,6 +347,22 @@ async def test_state_survives_a_restart(make_store):
     assert (await attempt(again, T0, key=("x", S, R), client_ip="198.51.100.5")).outcome == "allowed"
 
 
+async def test_a_script_the_server_lost_is_loaded_again_alone_and_in_a_pipeline(tmp_path):
+    require_redis()
+    async with store_maker(open_greylist_store, "redis", tmp_path) as make:
+        await _script_lost(make())
+
+
+async def _script_lost(store):
+    assert (await attempt(store, T0)).outcome == "new"
+    script = store.link.scripts["attempt"]
+    for calls in (1, 3):  # one call goes alone, several share a pipeline
+        script.sha = "0" * 40  # as after a restart or SCRIPT FLUSH: the server knows no such script
+        found = await asyncio.gather(*(attempt(store, T0 + 1) for _ in range(calls)))
+        assert [a.outcome for a in found] == ["too_early"] * calls
+    assert (await store.get(C, S, R)).attempts == 5  # each call counted once, none twice
+
+
 async def test_an_unreachable_redis_is_a_store_error():
     store = open_greylist_store(f"{UNREACHABLE_REDIS_URL}?socket_connect_timeout=0.5")
     with pytest.raises(StoreError, match=f"Redis {UNREACHABLE_REDIS_URL}"):

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""cProfile of the real gate (one worker) relaying smtp-source's messages to smtp-sink (run by hand).
+
+    .venv/bin/python bench/profile_gate.py                      # empty policy, seq1_keep
+    .venv/bin/python bench/profile_gate.py --policies bench/policies-real --workload par50_keep
+    .venv/bin/python bench/profile_gate.py --top 30 --sort cumtime
+
+Starts ``smtp-sink`` and ``smtpgate serve`` (bench/gate.yaml, ``workers: 1``, state in a
+temporary folder) under cProfile, sends ``--messages`` 10 KB messages with ``smtp-source``
+(``seq1_keep``: one session, one connection; ``par50_keep``: 50 sessions; ``*_conn``: a
+connection per message), stops the gate with SIGTERM and prints the top of the profile.
+For the ``real`` policies the benchmark's triplet is allowed first, as bench/run.sh does.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pstats
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+VENV_BIN = Path(sys.executable).parent
+WORKLOADS = {"seq1_keep": ["-d", "-s", "1"], "seq1_conn": ["-s", "1"],
+             "par50_keep": ["-d", "-s", "50"], "par50_conn": ["-s", "50"]}
+
+RUNNER = """
+import cProfile, sys
+from smtpgate import server
+prof = cProfile.Profile()
+try:
+    prof.runcall(server.serve, sys.argv[1])
+finally:
+    prof.dump_stats(sys.argv[2])
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args[:3]} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"port {port} never opened")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--policies", default=str(BENCH / "policies"))
+    ap.add_argument("--workload", choices=WORKLOADS, default="seq1_keep")
+    ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--sort", default="tottime")
+    ap.add_argument("--out", help="keep the raw profile here")
+    a = ap.parse_args()
+    sink_port, gate_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        conf, prof = os.path.join(tmp, "gate.yaml"), a.out or os.path.join(tmp, "gate.prof")
+        subprocess.run([sys.executable, str(BENCH / "gateconf.py"), str(BENCH / "gate.yaml"), conf,
+                        "--listen", str(gate_port), "--sink", str(sink_port), "--policies", a.policies],
+                       check=True)
+        with open(conf) as f:
+            text = f.read()
+        with open(conf, "w") as f:  # one worker: the profile sees every message
+            f.write(text.replace("workers: auto", "workers: 1"))
+        if "real" in os.path.basename(a.policies.rstrip("/")):
+            subprocess.run([str(VENV_BIN / "smtpgate"), "greylist", "allow", "-c", conf, "--triplet",
+                            "127.0.0.1", "sender@bench.test", "rcpt@bench.test"], check=True,
+                           stdout=subprocess.DEVNULL)
+        sink = subprocess.Popen(["/usr/sbin/smtp-sink", *(["-u", "nobody"] if os.getuid() == 0 else []),
+                                 "-c", "-m", "4096", f"127.0.0.1:{sink_port}", "1024"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        gate = subprocess.Popen([sys.executable, "-c", RUNNER, conf, prof], cwd=tmp,
+                                stderr=open(os.path.join(tmp, "gate.log"), "w"))
+        try:
+            wait_port(sink_port, sink)
+            wait_port(gate_port, gate)
+            started = time.monotonic()
+            subprocess.run(["/usr/sbin/smtp-source", *WORKLOADS[a.workload], "-m", str(a.messages),
+                            "-l", "10240", "-f", "sender@bench.test", "-t", "rcpt@bench.test",
+                            f"127.0.0.1:{gate_port}"], check=True)
+            wall = time.monotonic() - started
+        finally:
+            gate.send_signal(signal.SIGTERM)
+            gate.wait(30)
+            sink.kill()
+            sink.wait()
+        print(f"{a.messages} messages in {wall:.2f} s under cProfile ({a.messages / wall:.0f}/s)")
+        pstats.Stats(prof).sort_stats(a.sort).print_stats(a.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

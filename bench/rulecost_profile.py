@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Where a relayed message's time goes, rule by rule, in process (run by hand; issue 13).
+
+Each case runs the whole offline dialogue (``smtpgate.testing.Harness``: CONNECT, EHLO,
+MAIL, RCPT, DATA, the pipeline, the trace, the log line) on a 10 KB message like
+``smtp-source``'s, with a fake downstream and no sockets, so the pipeline's own cost is not
+hidden behind network time. The store-backed rules (``senders``, ``greylist``) get in-memory
+stores that answer at once, so what is measured is the rule and pipeline code, not SQLite
+or Redis (bench/greylist_bench.py and bench/limits_bench.py measure the stores).
+
+    .venv/bin/python bench/rulecost_profile.py                        # CPU µs per message, each case
+    .venv/bin/python bench/rulecost_profile.py --profile real --top 15    # cProfile of one case
+
+The log line is written at ``info`` to /dev/null through the gate's own text formatter, as
+``make bench`` runs the gate.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import logging
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from smtpgate.logs import setup_logging  # noqa: E402
+from smtpgate.stores import Stores  # noqa: E402
+from smtpgate.stores.greylist import Attempt, GreylistStore  # noqa: E402
+from smtpgate.stores.senders import SenderStore  # noqa: E402
+from smtpgate.testing import FakeClock, Harness  # noqa: E402
+
+
+class MemoryGreylist(GreylistStore):
+    """Every triplet allowed at once, as in ``make bench`` (the triplet is on the allow list)."""
+
+    async def attempt(self, client, sender, recipient, *, now, params, client_ip=None, dry_run=False):
+        return Attempt("allowed", None)
+
+    async def close(self):
+        pass
+
+
+class MemorySenders(SenderStore):
+    def __init__(self):
+        self.records = {}
+
+    async def get(self, machine, key):
+        return self.records.get((machine, key))
+
+    async def update(self, machine, key, change, now=None):
+        record, out = change(self.records.get((machine, key)))
+        if record is None:
+            self.records.pop((machine, key), None)
+        else:
+            self.records[(machine, key)] = record
+        return out
+
+    async def close(self):
+        pass
+
+
+def smtp_source_message(size: int = 10 * 1024) -> bytes:
+    """What ``smtp-source -l 10240`` sends: four headers, then 78-character lines of a digit
+    and X's (which the attachments rule also tries as base64 sent without its header)."""
+    head = (b"From: <sender@bench.test>\r\nTo: <rcpt@bench.test>\r\n"
+            b"Date: Mon, 30 Nov 2026 12:00:00 +0000 (UTC)\r\nMessage-Id: <50d4.0003.0000@vm>\r\n\r\n")
+    lines = [b"%d" % (i % 10) + b"X" * 77 for i in range(1, size // 80 + 1)]
+    return head + b"\r\n".join(lines) + b"\r\n"
+
+
+def rules_of(case: str):
+    from smtpgate.pipeline.plugins import PluginRegistry
+    registry = PluginRegistry.load()
+    table = {
+        "senders": [("senders", {})],
+        "greylist": [("greylist", {"delay": "5m"})],
+        "attachments": [("attachments", {"action": "strip"})],
+        "rewrite": [("rewrite", {"add_headers": {"X-Bench": "real"}})],
+    }
+    table["real"] = table["senders"] + table["greylist"] + table["attachments"] + table["rewrite"]
+    return [(registry.get(name), opts) for name, opts in table.get(case, [])]
+
+
+CASES = ("empty", "senders", "greylist", "attachments", "rewrite", "real")
+
+
+def harness(case: str) -> Harness:
+    stores = Stores("memory", greylist=MemoryGreylist(), senders=MemorySenders(), limits=object())
+    return Harness(rules_of(case), domains=["bench.test"], clock=FakeClock(), stores=stores)
+
+
+async def run(h: Harness, raw: bytes, n: int) -> float:
+    """CPU µs per message: the process's CPU time, which other work on a shared machine
+    disturbs far less than the wall clock."""
+    started = time.process_time()
+    for _ in range(n):
+        d = await h.send(raw, sender="sender@bench.test", recipients=["rcpt@bench.test"],
+                         client_ip="127.0.0.1", helo="localhost")
+        if d.reply.code != 250:
+            raise SystemExit(f"not relayed: {d.reply}")
+    return (time.process_time() - started) / n * 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--messages", type=int, default=3000)
+    ap.add_argument("--runs", type=int, default=5, help="the fastest of")
+    ap.add_argument("--profile", choices=CASES, help="cProfile this case instead")
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--sort", default="tottime")
+    a = ap.parse_args()
+    setup_logging("text", "info")  # as the gate logs, into /dev/null
+    logging.getLogger().handlers[0].setStream(open(os.devnull, "w"))
+    raw = smtp_source_message()
+
+    if a.profile:
+        h = harness(a.profile)
+        asyncio.run(run(h, raw, 200))  # warm-up
+        prof = cProfile.Profile()
+        prof.enable()
+        asyncio.run(run(h, raw, a.messages))
+        prof.disable()
+        pstats.Stats(prof).sort_stats(a.sort).print_stats(a.top)
+        return 0
+
+    figures = {}
+    for case in CASES:
+        h = harness(case)
+        asyncio.run(run(h, raw, 200))
+        figures[case] = min(asyncio.run(run(h, raw, a.messages)) for _ in range(a.runs))
+    base = figures["empty"]
+    print(f"{'case':<12} {'CPU µs/message':>14} {'share of empty (msg/s)':>24}")
+    for case, us in figures.items():
+        print(f"{case:<12} {us:>14.1f} {base / us:>24.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""dmarc: RFC 7489 at DATA, from the spf rule's published result and the DKIM results.
+
+The author domain is the ``From:`` domain; its policy record is ``_dmarc.<domain>``, else
+``_dmarc.<organisational domain>`` (public suffix list, ``orgdomain.py``), looked up through
+the gate's resolver. DMARC passes when SPF passed for a domain aligned with the author
+domain, or a DKIM signature passed for one (relaxed or strict, as the record says). On a
+failure the domain's policy (``p``; ``sp`` for a subdomain whose record was found at the
+organisational domain), sampled by ``pct``, decides: reject -> ``550 5.7.1`` at end of DATA,
+quarantine -> the quarantine or a header (``on_quarantine``), none -> recorded. ``soften``
+caps that per author domain. Put it after spf and dkim.
+
+No aggregate reports are sent; ``tx.results.get("dmarc").data`` holds what one would need
+(the record's tags with ``rua``, the policy applied and why, each aligned identifier).
+"""
+from __future__ import annotations
+
+import random
+import re
+
+from smtpgate import DnsError, Option, OptionError, Rule, Verdict, mapping_of, one_of, string
+from smtpgate_rules.dkim.author import author_domains
+from .orgdomain import aligned, org_domain
+from .record import POLICIES, Record, parse
+
+_FIELD_NAME = re.compile(r"^[!-9;-~]{1,76}$")
+_WEAKER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
+
+
+class Dmarc(Rule):
+    """Follow the author domain's DMARC policy."""
+
+    name = "dmarc"
+    on_quarantine = Option(one_of("quarantine", "header", "accept"), "quarantine",
+                           "p=quarantine: hold it in the quarantine, or deliver it with quarantine_header")
+    quarantine_header = Option(string, "X-DMARC-Quarantine", "the header added when on_quarantine is header")
+    soften = Option(mapping_of(one_of(*POLICIES)), {},
+                    "author domain (.example.org: subdomains too; *: any) -> the strongest policy "
+                    "applied for it: none or quarantine (reject: no softening)")
+    on_dns_error = Option(one_of("accept", "tempfail"), "accept",
+                          "the policy lookup failed (temperror): accept or 451 4.7.1")
+
+    #: where pct sampling takes its numbers (``random()`` in [0, 1)); a test sets its own
+    random = random.SystemRandom()  # no state a forked worker would share
+
+    def setup(self):
+        self._soften = {k.lower().rstrip("."): v for k, v in self.soften.items()}
+        if not _FIELD_NAME.match(self.quarantine_header):
+            raise OptionError("quarantine_header", f"expected a header name, got {self.quarantine_header!r}")
+
+    async def on_data(self, tx, message):
+        resolver = self.gate.resolver
+        if resolver is None:
+            raise RuntimeError("dmarc needs the gate's resolver")
+        authors = author_domains(message)
+        if len(authors) != 1:
+            why = "no From domain" if not authors else "several From domains"
+            tx.results.add(self, skip=why, data={"result": "none", "reason": why})
+            tx.results.auth(self, "dmarc", "permerror" if authors else "none", reason=why)
+            return None
+        author = authors[0]
+        try:
+            record, policy_domain = await self._lookup(resolver.for_session(tx.session), author)
+        except DnsError as e:
+            tx.results.add(self, err=f"policy lookup failed: {e.kind}",
+                           data={"result": "temperror", "from_domain": author})
+            tx.results.auth(self, "dmarc", "temperror", header_from=author)
+            if self.on_dns_error == "tempfail":
+                return Verdict.tempfail("DMARC policy lookup failed, try again later", 451, "4.7.1",
+                                        reason=f"dmarc temperror for {author}: {e}")
+            return None
+        data = self._evaluate(tx, author, record, policy_domain)
+        tx.results.add(self, data=data)
+        if record is None:
+            tx.results.add(self, skip=f"{author}: no DMARC record")
+            tx.results.auth(self, "dmarc", "none", header_from=author)
+            return None
+        comment = f"p={record.p.upper()} sp={(record.sp or record.p).upper()} dis={data['disposition'].upper()}"
+        tx.results.auth(self, "dmarc", data["result"], comment=comment, header_from=author,
+                        policy_dmarc=data["policy"])
+        if data["result"] == "pass":
+            tx.results.add(self, pass_=f"{author}: aligned {' and '.join(data['aligned'])}")
+            return None
+        tx.results.add(self, fail=f"{author}: policy {data['policy']}, applied {data['disposition']}"
+                                  + (f" ({data['override']})" if data.get("override") else ""))
+        return self._act(message, author, data["disposition"])
+
+    async def _lookup(self, dns, author: str) -> tuple[Record | None, str]:
+        """§6.6.3: the author domain's record, else its organisational domain's."""
+        org = org_domain(author)
+        for domain in dict.fromkeys((author, org)):
+            found = [r for r in map(parse, await dns.resolve(f"_dmarc.{domain}", "TXT")) if r]
+            if len(found) == 1:
+                return found[0], domain
+        return None, author
+
+    def _evaluate(self, tx, author: str, record: Record | None, policy_domain: str) -> dict:
+        """The result, the policy, what is applied and why: everything an aggregate report
+        row would need."""
+        spf = self._spf(tx)
+        dkim = [{"domain": a.get("header", "d"), "selector": a.get("header", "s"), "result": a.result}
+                for a in tx.results.auth_results("dkim") if a.get("header", "d")]
+        data = {"from_domain": author, "org_domain": org_domain(author), "policy_domain": policy_domain,
+                "source_ip": tx.session.client_ip, "envelope_from": tx.sender_domain, "spf": spf, "dkim": dkim}
+        if record is None:
+            return {**data, "result": "none", "policy": "none", "disposition": "none", "aligned": []}
+        found = []
+        if spf and spf["result"] == "pass" and aligned(spf["domain"], author, record.aspf == "s"):
+            spf["aligned"] = True
+            found.append("spf")
+        for d in dkim:
+            d["aligned"] = d["result"] == "pass" and aligned(d["domain"], author, record.adkim == "s")
+        if any(d["aligned"] for d in dkim):
+            found.append("dkim")
+        policy = record.sp if policy_domain != author and record.sp else record.p
+        data.update(record=record.as_dict(), result="pass" if found else "fail", policy=policy,
+                    aligned=found, disposition="none")
+        if found or policy == "none":
+            return data
+        disposition = policy
+        if record.pct < 100:  # §6.6.4: outside the sample, the next weaker policy
+            data["sampled"] = self.random.random() * 100 < record.pct
+            if not data["sampled"]:
+                disposition, data["override"] = _WEAKER[policy], "sampled_out"
+        cap = self._cap(author)
+        if cap is not None and POLICIES.index(cap) < POLICIES.index(disposition):
+            disposition, data["override"] = cap, "local_policy"
+        data["disposition"] = disposition
+        return data
+
+    @staticmethod
+    def _spf(tx) -> dict | None:
+        """The spf rule's published result for the identity DMARC uses: MAIL FROM, or the
+        HELO name for the null sender (§4.1)."""
+        record = tx.results.get("spf")
+        spf = record.data if record is not None and not record.shadow else {}
+        if "result" not in spf or not spf.get("domain"):
+            return None
+        return {"domain": spf["domain"], "result": spf["result"], "identity": spf.get("identity"), "aligned": False}
+
+    def _cap(self, author: str) -> str | None:
+        org = org_domain(author)
+        for key in (author, org):
+            if key in self._soften:
+                return self._soften[key]
+        return next((v for k, v in self._soften.items() if k.startswith(".") and author.endswith(k)),
+                    self._soften.get("*"))
+
+    def _act(self, message, author: str, disposition: str) -> Verdict | None:
+        reason = f"dmarc fail for {author}: {disposition}"
+        if disposition == "reject":
+            return Verdict.reject(f"Unauthenticated email from {author} is not accepted due to its "
+                                  f"domain's DMARC policy", 550, "5.7.1", reason=reason)
+        if disposition != "quarantine" or self.on_quarantine == "accept":
+            return None
+        if self.on_quarantine == "header":
+            message.prepend_header(self.quarantine_header, f"dmarc fail, policy of {author}")
+            return None
+        return Verdict.quarantine(f"Message held for review: DMARC policy of {author}", reason=reason)

@@ -1,0 +1,106 @@
+"""How the SQLite stores run their statements (smtpgate/stores/sqlite_store.py): decisions on
+the event loop, the writes of one loop turn committed together, and the thread taking over
+while another process holds the write lock. Real SQLite files in tmp_path; no test sleeps.
+"""
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from smtpgate import Event, Machine, StoreError
+from smtpgate.stores import open_stores
+from tests.support.constants import T0
+
+ONE_WAY = Machine("oneway", {"a": {"hit": "b"}, "b": {}}, initial="a")
+
+
+def commits(db) -> list[str]:
+    """Record the loop connection's COMMITs from now on (its trace callback)."""
+    seen: list[str] = []
+    db._loop_conn.set_trace_callback(lambda sql: seen.append(sql) if sql.strip().upper() == "COMMIT" else None)
+    return seen
+
+
+async def test_the_writes_of_one_turn_share_one_commit_and_lose_nothing(tmp_path):
+    stores = open_stores(f"sqlite://{tmp_path}/state.db")
+    try:
+        await stores.senders.get("oneway", "warm")  # opens the connection
+        seen = commits(stores.senders.db)
+        keys = [f"s{i}@example.org" for i in range(20)] + ["same@example.org"] * 30
+        await asyncio.gather(*(ONE_WAY.feed(stores.senders, k, [Event("hit", "t")], T0) for k in keys))
+        assert len(seen) == 1  # 50 decisions, one transaction
+        same = await stores.senders.get("oneway", "same@example.org")
+        assert (same.counts, same.version, same.state) == ({"hit": 30}, 30, "b")  # each saw the one before
+        assert len(await stores.senders.records("oneway")) == 21
+    finally:
+        await stores.close()
+
+
+async def test_a_failing_write_leaves_the_others_of_its_group(tmp_path):
+    stores = open_stores(f"sqlite://{tmp_path}/state.db")
+    try:
+        def fails(record):
+            raise ValueError("this change is refused")
+
+        def counts(record):
+            rec = ONE_WAY.settle(record, T0) or ONE_WAY.new_record("ok@example.org", T0)
+            rec.counts["n"] = rec.counts.get("n", 0) + 1
+            return rec, rec.counts["n"]
+        results = await asyncio.gather(stores.senders.update("oneway", "ok@example.org", counts),
+                                       stores.senders.update("oneway", "bad@example.org", fails),
+                                       stores.senders.update("oneway", "ok@example.org", counts),
+                                       return_exceptions=True)
+        assert results[0] == 1 and results[2] == 2
+        assert isinstance(results[1], ValueError)
+        assert await stores.senders.get("oneway", "bad@example.org") is None
+    finally:
+        await stores.close()
+
+
+async def test_a_locked_file_moves_the_decision_to_the_thread_without_stopping_the_loop(tmp_path):
+    path = tmp_path / "state.db"
+    stores = open_stores(f"sqlite://{path}")
+    try:
+        checks = [("client", "192.0.2.1", 3600.0, 10, True)]
+        await stores.limits.hit(checks, T0)
+        other = sqlite3.connect(path, isolation_level=None)  # another process, say the CLI
+        other.execute("BEGIN IMMEDIATE")
+        decision = asyncio.ensure_future(stores.limits.hit(checks, T0))
+        while stores.limits.db.waited == 0:  # the loop goes on meanwhile: this test runs
+            await asyncio.sleep(0)
+        assert not decision.done()
+        other.execute("COMMIT")
+        other.close()
+        assert (await decision).allowed
+        assert (await stores.limits.counters("client"))[0].current == 2
+    finally:
+        await stores.close()
+
+
+async def test_a_broken_database_is_a_store_error(tmp_path):
+    path = tmp_path / "state.db"
+    path.write_bytes(b"not a database" * 100)
+    stores = open_stores(f"sqlite://{path}")
+    try:
+        with pytest.raises(StoreError):
+            await stores.limits.hit([("client", "192.0.2.1", 3600.0, 10, True)], T0)
+    finally:
+        await stores.close()
+
+
+async def test_closing_commits_the_writes_already_asked(tmp_path):
+    url = f"sqlite://{tmp_path}/state.db"
+    stores = open_stores(url)
+    checks = [("client", "192.0.2.1", 3600.0, 10, True)]
+    await stores.limits.hit(checks, T0)
+    pending = [asyncio.ensure_future(stores.limits.hit(checks, T0)) for _ in range(3)]
+    await asyncio.sleep(0)  # they have asked; their group is not committed yet
+    await stores.close()
+    assert all(p.result().allowed for p in pending)
+    again = open_stores(url)
+    try:
+        assert (await again.limits.counters("client"))[0].current == 4
+    finally:
+        await again.close()
