@@ -4,12 +4,15 @@
     .venv/bin/python bench/profile_gate.py                      # empty policy, seq1_keep
     .venv/bin/python bench/profile_gate.py --policies bench/policies-real --workload par50_keep
     .venv/bin/python bench/profile_gate.py --top 30 --sort cumtime
+    .venv/bin/python bench/profile_gate.py --policies bench/policies-real --state redis   # state in Redis
 
 Starts ``smtp-sink`` and ``smtpgate serve`` (bench/gate.yaml, ``workers: 1``, state in a
 temporary folder) under cProfile, sends ``--messages`` 10 KB messages with ``smtp-source``
 (``seq1_keep``: one session, one connection; ``par50_keep``: 50 sessions; ``*_conn``: a
 connection per message), stops the gate with SIGTERM and prints the top of the profile.
 For the ``real`` policies the benchmark's triplet is allowed first, as bench/run.sh does.
+``--state redis`` keeps the state in Redis (``REDIS_URL``, default redis://127.0.0.1:6379/13,
+under a key prefix of its own, deleted afterwards) instead of SQLite in the temporary folder.
 """
 from __future__ import annotations
 
@@ -67,13 +70,17 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--sort", default="tottime")
     ap.add_argument("--out", help="keep the raw profile here")
+    ap.add_argument("--state", choices=("sqlite", "redis"), default="sqlite")
     a = ap.parse_args()
     sink_port, gate_port = free_port(), free_port()
+    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/13")
+    prefix = f"smtpgate-profile-{os.getpid()}:"
+    state = ["--state", f"{redis_url}{'&' if '?' in redis_url else '?'}prefix={prefix}"] if a.state == "redis" else []
     with tempfile.TemporaryDirectory() as tmp:
         conf, prof = os.path.join(tmp, "gate.yaml"), a.out or os.path.join(tmp, "gate.prof")
         subprocess.run([sys.executable, str(BENCH / "gateconf.py"), str(BENCH / "gate.yaml"), conf,
-                        "--listen", str(gate_port), "--sink", str(sink_port), "--policies", a.policies],
-                       check=True)
+                        "--listen", str(gate_port), "--sink", str(sink_port), "--policies", a.policies,
+                        *state], check=True)
         with open(conf) as f:
             text = f.read()
         with open(conf, "w") as f:  # one worker: the profile sees every message
@@ -100,6 +107,9 @@ def main() -> int:
             gate.wait(30)
             sink.kill()
             sink.wait()
+            if a.state == "redis":
+                subprocess.run([sys.executable, str(BENCH / "redisctl.py"), "clean", redis_url, prefix],
+                               check=False, stdout=subprocess.DEVNULL)
         print(f"{a.messages} messages in {wall:.2f} s under cProfile ({a.messages / wall:.0f}/s)")
         pstats.Stats(prof).sort_stats(a.sort).print_stats(a.top)
     return 0

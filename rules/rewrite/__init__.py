@@ -53,6 +53,10 @@ class Rewrite(Rule):
         self._sender = [b for b in self._blocks if b.sender_map]
         self._recipient = [b for b in self._blocks if b.recipient_map]
         self._data = [b for b in self._blocks if b.has_header_ops]
+        if not self._sender and not self._recipient:
+            # Header edits only: nothing to do at MAIL or RCPT, so the pipeline need not call
+            # (nor trace) those hooks for every message.
+            self.on_mail = self.on_rcpt = None
 
     # --- hooks -----------------------------------------------------------------------------
     async def on_mail(self, tx):
