@@ -44,6 +44,7 @@ BATCH = 1000  # rows per write transaction in purge and delete: the gate never w
 # few pages to the WAL, so the WAL stays within about WAL_AUTOCHECKPOINT pages.
 CHECKPOINT_EVERY = 1000
 _BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: another connection holds the lock
+_BARE: set[int] = set()  # ids of connections running a group commit's writes (write_transaction)
 
 
 class SqliteDatabase:
@@ -110,9 +111,9 @@ class SqliteDatabase:
     async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``call`` for a write (``fn`` opens its transaction with ``write_transaction``),
         committed together with the other writes asked in the same turn of the event loop:
-        one transaction for them all (one commit instead of one each), each in a savepoint
-        of its own, so one that fails leaves the others. Every caller gets its answer once
-        the whole group is committed."""
+        one transaction for them all (one commit instead of one each); one that fails gets
+        its error and the others run again without it, so it leaves them unharmed. Every
+        caller gets its answer once the whole group is committed."""
         await self._loop_connection()
         future = asyncio.get_running_loop().create_future()
         self._group.append((fn, args, future))
@@ -155,15 +156,22 @@ class SqliteDatabase:
                     future.set_exception(StoreError(f"SQLite {self.path}: {e}"))
             return
         answers = []
+        failed = None  # (its index in the group, its error): the group is rolled back
+        _BARE.add(id(conn))  # each write's write_transaction: no savepoint of its own
         try:
-            for fn, args, future in group:
+            for i, (fn, args, future) in enumerate(group):
                 try:
                     answers.append((future, fn(conn, *args), None))
                 except sqlite3.Error as e:
-                    answers.append((future, None, StoreError(f"SQLite {self.path}: {e}")))
+                    failed = i, StoreError(f"SQLite {self.path}: {e}")
+                    break
                 except Exception as e:
-                    answers.append((future, None, e))
-            conn.execute("COMMIT")
+                    failed = i, e
+                    break
+            if failed is None:
+                conn.execute("COMMIT")
+            else:
+                conn.execute("ROLLBACK")
         except BaseException as e:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -173,6 +181,17 @@ class SqliteDatabase:
                     future.set_exception(error)
             if not isinstance(e, Exception):
                 raise
+            return
+        finally:
+            _BARE.discard(id(conn))
+        if failed is not None:
+            # A write failed: the group was rolled back whole (cheaper, when none fails, than
+            # a savepoint around each write). It gets its error; the others run again, in
+            # their order, as a group of their own (their functions only do database work).
+            i, error = failed
+            group[i][2].set_exception(error)
+            self._group = group[:i] + group[i + 1:] + self._group
+            self._commit_group()
             return
         self._wrote(conn, before, None, len(group))
         for future, result, error in answers:
@@ -304,8 +323,12 @@ def _settle(future: asyncio.Future, task: asyncio.Future) -> None:
 def write_transaction(conn: sqlite3.Connection):
     """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on any error): the write lock is taken
     at once, so a transaction never fails half-way on a lock another process holds. Inside
-    a transaction already open (a group commit: ``SqliteDatabase.write``), a savepoint
-    instead, released, or rolled back alone on an error."""
+    a group commit (``SqliteDatabase.write``) nothing: the group's transaction is rolled
+    back whole when one write fails, and the others run again. Inside another transaction
+    already open, a savepoint instead, released, or rolled back alone on an error."""
+    if id(conn) in _BARE:
+        yield conn
+        return
     if conn.in_transaction:
         conn.execute("SAVEPOINT one_write")
         try:

@@ -11,6 +11,7 @@ import pytest
 
 from smtpgate import Event, Machine, StoreError
 from smtpgate.stores import open_stores
+from smtpgate.stores.sqlite_store import write_transaction
 from tests.support.constants import T0
 
 ONE_WAY = Machine("oneway", {"a": {"hit": "b"}, "b": {}}, initial="a")
@@ -104,3 +105,26 @@ async def test_closing_commits_the_writes_already_asked(tmp_path):
         assert (await again.limits.counters("client"))[0].current == 4
     finally:
         await again.close()
+
+
+async def test_a_write_failing_half_way_leaves_nothing_and_the_others_everything(tmp_path):
+    # No savepoint per write: the group is rolled back whole and the others run again.
+    stores = open_stores(f"sqlite://{tmp_path}/state.db")
+    try:
+        db = stores.senders.db
+        await db.write(lambda conn: conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY)"))
+        seen = commits(db)
+
+        def put(conn, key, fail=False):
+            with write_transaction(conn):
+                conn.execute("INSERT INTO t VALUES (?)", (key,))
+                if fail:
+                    raise ValueError("refused after its insert")
+            return key
+        results = await asyncio.gather(db.write(put, "a"), db.write(put, "bad", True), db.write(put, "c"),
+                                       return_exceptions=True)
+        assert results[0] == "a" and results[2] == "c" and isinstance(results[1], ValueError)
+        rows = await db.call(lambda conn: [r[0] for r in conn.execute("SELECT k FROM t ORDER BY k")])
+        assert rows == ["a", "c"] and len(seen) == 1  # the two others: committed together, once
+    finally:
+        await stores.close()
