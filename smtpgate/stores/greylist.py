@@ -29,6 +29,7 @@ never reads a clock, so tests move a FakeClock.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from collections import Counter
@@ -250,6 +251,7 @@ def masked_hex(hexdigits: str, plen: int) -> str:
     return out
 
 
+@functools.lru_cache(maxsize=4096)  # every attempt asks it for its client: the same few, mostly
 def ip_hex(ip: str) -> tuple[str, str] | None:
     """("4", 8 hex digits) or ("6", 32 hex digits) for an address; IPv4-mapped IPv6 counts
     as IPv4; None if ``ip`` is not an address."""
