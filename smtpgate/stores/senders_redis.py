@@ -4,12 +4,14 @@ JSON), expiring with the record.
 
 ``update`` is optimistic: read the record, compute the change in Python, then write it with
 a Lua compare-and-set that succeeds only if the version is still the one read. When another
-gate wrote in between, the whole read-change-write is done again on the fresh record (after
-a short random pause), so no event is lost and no guard is decided on a stale record. A key
+gate wrote in between, the change is computed again on the fresh record (at once the first
+time, after a short random pause when the key stays contended), so no event is lost and no
+guard is decided on a stale record. A key
 that stays contended for ``CONTENTION_TIMEOUT`` seconds is a StoreError. The first try uses
 the record as this process last read or wrote it (``get`` at MAIL, moments before the
 transaction's events): then an event costs one round trip, the compare-and-set, and a stale
-copy only costs the read it would have made anyway. Reads and compare-and-sets of
+copy only costs the read it would have made anyway: a lost compare-and-set answers with the
+record as it is now, so the next try goes at once, without a read. Reads and compare-and-sets of
 concurrent sessions share pipelines (``RedisLink.script``), and the updates this process
 has for one key at the same time are applied together, in order, with one compare-and-set
 (the version still goes up by one per update).
@@ -38,10 +40,14 @@ CONTENTION_TIMEOUT = 10.0
 SEEN_MAX = 4096  # records remembered per process (what update tries its compare-and-set on)
 
 # KEYS[1] the record; ARGV: 1 the version read ('' = absent), 2 the new doc ('' = delete),
-# 3 the new version, 4 seconds to live (>= 1)
+# 3 the new version, 4 seconds to live (>= 1). Answers 1, or, when another writer came in
+# between, the record as it is now: {0, version, doc} ('' for absent), for the next try.
 CAS_LUA = """
 local v = redis.call('HGET', KEYS[1], 'v')
-if (v or '') ~= ARGV[1] then return 0 end
+if (v or '') ~= ARGV[1] then
+  local now = redis.call('HMGET', KEYS[1], 'v', 'doc')
+  return {0, now[1] or '', now[2] or ''}
+end
 if ARGV[2] == '' then
   redis.call('DEL', KEYS[1])
 else
@@ -133,6 +139,7 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         # moments ago): if nobody wrote since, the compare-and-set alone is the one round
         # trip; if somebody did, it fails and the record is read afresh.
         known = self._seen.pop((machine, key), None)
+        lost = False  # a compare-and-set was lost already
         while True:
             version, doc = known if known is not None else await self._read(machine, key)
             known = None
@@ -150,15 +157,22 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
                 new.version = base + len(changes)
                 ttl = max(1, math.ceil(new.expires - new.seen))
                 args = [version, new.to_json(), str(new.version), ttl]
-            if int(await self.link.script("cas", [rkey], args)):
+            answer = await self.link.script("cas", [rkey], args)
+            if not isinstance(answer, list):  # 1: written
                 self._remember(machine, key, args[2], args[1] or None)
                 return results
             self.retries += 1
             if time.monotonic() > deadline:
                 raise StoreError(f"Redis {redact(self.url)}: {machine} {key}: still contended after "
                                  f"{CONTENTION_TIMEOUT:g}s of retries")
-            await asyncio.sleep(random.uniform(0, pause))  # another gate wrote: read again
-            pause = min(pause * 2, 0.05)
+            # Another gate wrote: its record came back with the answer, so the next try needs
+            # no read. The first one goes at once; only a key that stays contended backs off.
+            version, doc = as_text(answer[1]), as_text(answer[2])
+            known = (version, doc) if version and doc else ("", None)
+            if lost:
+                await asyncio.sleep(random.uniform(0, pause))
+                pause = min(pause * 2, 0.05)
+            lost = True
 
     async def records(self, machine=None, state=None, limit=None) -> list[SenderRecord]:
         out: list[SenderRecord] = []
