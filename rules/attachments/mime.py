@@ -372,7 +372,8 @@ def looks_base64(body: bytes) -> bool:
 
 
 def contents(part: Part) -> list[bytes]:
-    """Every plausible decoding of a leaf part's body (one, unless its encoding is in doubt)."""
+    """Every plausible decoding of a leaf part's body (one, unless its encoding is in doubt);
+    base64 sent without its header is the scanner's call (``headerless_base64``)."""
     raw = part.raw_body()
     ctes = part.cte or [""]
     out: list[bytes] = []
