@@ -385,21 +385,14 @@ def contents(part: Part) -> list[bytes]:
             out.append(raw)
             if looks_base64(raw):
                 out.append(decode_base64(raw))
+    if len(ctes) == 1 and ctes[0] in ("", "7bit", "8bit") and looks_base64(raw) and \
+            _mostly_long_lines(raw):
+        out.append(decode_base64(raw))  # base64 sent without its header: sniff it as well
     uniq: list[bytes] = []
     for data in out:
         if not any(data is u or data == u for u in uniq):
             uniq.append(data)
     return uniq
-
-
-def headerless_base64(part: Part) -> bytes | None:
-    """The body of a plain (7bit/8bit or unlabelled) leaf part that looks like base64 sent
-    without its header, which some readers decode anyway; None for any other part."""
-    ctes = part.cte or [""]
-    if len(ctes) != 1 or ctes[0] not in ("", "7bit", "8bit"):
-        return None
-    raw = part.raw_body()
-    return raw if looks_base64(raw) and _mostly_long_lines(raw) else None
 
 
 def _mostly_long_lines(raw: bytes) -> bool:

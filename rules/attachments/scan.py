@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from . import archives
 from .content import CONTAINERS, DESCRIPTIONS, HEAD, OPAQUE, inspect_ole, parse_tnef, sniff
-from .mime import Limits, Part, contents, decode_base64, decode_uu, headerless_base64, parse
+from .mime import Limits, Part, contents, decode_uu, parse
 from .names import display, extensions, has_bidi, raw_names, variants
 
 log = logging.getLogger("smtpgate.rule.attachments")
@@ -22,11 +22,6 @@ log = logging.getLogger("smtpgate.rule.attachments")
 _UU_BEGIN = re.compile(rb"(?m)^begin(?:-base64)? [0-7]{3,4} ([^\r\n]+)")
 _YENC_BEGIN = re.compile(rb"(?m)^=ybegin [^\r\n]*?name=([^\r\n]+)")
 _HIDDEN = (b"content-type", b"content-disposition")
-# Headerless base64 (``_Scanner._worth_decoding``): the characters whose decoding is sniffed
-# first (about 3 KB: every start-of-file signature, tar's at 257 included), and the body
-# size past which it is decoded whole anyway (a disk image's descriptors lie past 32 KB).
-_GUESS_HEAD = 4096
-_GUESS_WHOLE = 0x8000 * 4 // 3
 _COMPRESSED_SUFFIX = {".gz": "", ".gzip": "", ".tgz": ".tar", ".taz": ".tar", ".bz2": "",
                       ".tbz": ".tar", ".tbz2": ".tar", ".xz": "", ".txz": ".tar", ".z": ""}
 
@@ -109,28 +104,11 @@ class _Scanner:
         disposition = (part.header("content-disposition") or "").split(";", 1)[0].strip().lower()
         attachment_like = bool(names) or disposition == "attachment" or \
             not part.ctype.startswith(("text/", "multipart/"))
-        found = contents(part)
-        guess = headerless_base64(part)
-        if guess is not None and (names or self._worth_decoding(guess)):  # a named one: as before
-            found.append(decode_base64(guess))
-        for data in found:
+        for data in contents(part):
             reasons += self.blob(data, names[0] if names else "", 0, attachment_like, "")
             if part.ctype.startswith("text/") or part.ctype.startswith("multipart/"):
                 reasons += self.embedded_text(data)
         return _dedupe(reasons), shown
-
-    @staticmethod
-    def _worth_decoding(raw: bytes) -> bool:
-        """Whether a plain body that looks like base64 sent without its header is decoded
-        whole: when its first decoded bytes start a file ``sniff`` knows (executables,
-        scripts, archives, Office, ...), or when it is long enough to hold what is only
-        found further in (ISO/UDF descriptors past 32 KB). Ordinary text that happens to
-        fit the alphabet (digits and letters in long lines) then costs a few hundred bytes
-        of decoding, not the whole body."""
-        if len(raw) > _GUESS_WHOLE:
-            return True
-        head = decode_base64(raw[:_GUESS_HEAD])
-        return head[:2] == b"MZ" or sniff(head) is not None
 
     def embedded_text(self, data: bytes) -> list[str]:
         """uuencoded and yEnc files inside a text body (some readers show them as attachments)."""
