@@ -291,3 +291,19 @@ async def test_many_banned_parts_are_all_stripped_quickly():
     assert result.reply.code == 250
     assert result.message.count(b"This part of the message was removed") == 900
     assert b"filename=" not in result.message
+
+
+# --- base64 sent without its header in a plain body (decoded and sniffed) ---
+@pytest.mark.parametrize("payload, found", [(S.pe, "Windows executable"), (S.iso, "disk image"),
+                                            (lambda: S.zip_of({"a.exe": b"MZ"}), "a.exe")])
+async def test_headerless_base64_in_a_plain_body_is_sniffed(payload, found):
+    raw = S.HEAD + b"\r\n" + S.b64(payload())
+    _, result = await send(raw)
+    assert result.reply.code == 554 and found in result.trace[-1].reason
+
+
+async def test_plain_text_that_only_fits_the_base64_alphabet_passes():
+    # smtp-source's body: long lines of a digit and X's (base64-shaped, nothing inside)
+    body = b"\r\n".join(b"%d" % (i % 10) + b"X" * 77 for i in range(1, 129)) + b"\r\n"
+    h, result = await send(S.HEAD + b"\r\n" + body)
+    assert result.reply.code == 250 and h.relayed[0].data == S.HEAD + b"\r\n" + body
