@@ -16,6 +16,8 @@ import dkim
 from dkim.crypto import UnparsableKeyError, parse_pem_private_key
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from smtpgate_rules.dkim.verify import key_problem
+
 # dkimpy logs every failed signature at error level; a failed chain is our result, not noise
 _QUIET = logging.getLogger("smtpgate_rules.arc.dkimpy")
 _QUIET.addHandler(logging.NullHandler())
@@ -89,9 +91,10 @@ def verify_chain(raw: bytes, keys: dict[str, str | None]) -> Chain:
     """Validate the ARC chain of ``raw`` with the key records in ``keys`` (``key_names``
     -> the TXT text, None: no record)."""
 
-    def lookup(name, timeout=5):  # dkimpy's dnsfunc: only what was fetched
-        text = keys.get(_text(name).rstrip(".").lower())
-        return text.encode() if text else None
+    def lookup(name, timeout=5):  # dkimpy's dnsfunc: only what was fetched, never a costly key
+        name = _text(name).rstrip(".").lower()
+        text = keys.get(name)
+        return text.encode() if text and not key_problem(name, text) else None
 
     try:
         cv, sets, reason = dkim.ARC(raw, logger=_QUIET).verify(dnsfunc=lookup)

@@ -20,7 +20,7 @@ from smtpgate_rules.dkim import Dkim
 from smtpgate_rules.dmarc import Dmarc
 from smtpgate_rules.rewrite import Rewrite
 from tests.support.arcsets import arc_hop, txt_lookup
-from tests.support.dkimkeys import ed25519_key, rsa_key, sign
+from tests.support.dkimkeys import absurd_rsa_record, ed25519_key, rsa_key, sign
 from tests.support.dnsserver import DnsServer
 
 RAW = message(subject="quarterly figures", body="hello\r\nsecond line\r\n").replace(
@@ -367,3 +367,26 @@ async def test_more_sets_than_max_sets_fail_unchecked(ns, gate_key, keys):
     result = await harness(ns, gate_key, {"max_sets": 2}).send(forwarded)
     assert chain_of(result)["cv"] == "fail" and "more than max_sets 2" in chain_of(result)["reason"]
     assert ns.count("arc._domainkey.fwd.example") == before  # nothing looked up
+
+
+async def test_a_flood_of_signing_keys_in_one_set_fails_unchecked(ns, gate_key, keys):
+    # ARC-Seal fields counted against max_sets is not enough: ARC-Message-Signature fields
+    # naming a thousand keys would cost a thousand lookups
+    forwarded = arc_hop(RAW, keys["fwd"], "fwd.example", "arc", "arc=none", authserv_id="hop.fwd.example")
+    flood = b"".join(f"ARC-Message-Signature: i=1; a=rsa-sha256; d=k{i}.fwd.example; s=arc; h=from; "
+                     f"bh=AAAA; b=AAAA\r\n".encode() for i in range(1000))
+    before = len(ns.queries)
+    result = await harness(ns, gate_key).send(flood + forwarded)
+    assert result.reply.code == 250
+    assert chain_of(result)["cv"] == "fail" and "1001 ARC signing keys named" in chain_of(result)["reason"]
+    assert len(ns.queries) - before <= 1  # the dkim rule's lookups only: none for the chain
+
+
+async def test_an_absurd_key_fails_the_chain_unchecked(ns, gate_key, keys, caplog):
+    # dkimpy would take seconds over a key with a 9000-bit public exponent: the rule never
+    # hands it one (the dkim rule's key limits)
+    forwarded = arc_hop(RAW, keys["fwd"], "fwd.example", "arc", "arc=none", authserv_id="hop.fwd.example")
+    ns.set("fwd.example", "arc._domainkey", "TXT", absurd_rsa_record())
+    result = await harness(ns, gate_key, dkim_rule=False).send(forwarded)
+    assert result.reply.code == 250 and chain_of(result)["cv"] == "fail"
+    assert "missing public key: b'arc._domainkey.fwd.example.'" in caplog.text  # dkimpy never had it
