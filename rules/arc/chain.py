@@ -23,6 +23,7 @@ _QUIET = logging.getLogger("smtpgate_rules.arc.dkimpy")
 _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
 _ARC_SIGNED = (b"arc-seal", b"arc-message-signature")
+_ARC_FIELDS = _ARC_SIGNED + (b"arc-authentication-results",)
 DOMAIN_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
                    r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 #: header fields a seal may never sign: dkimpy's RFC 6376 list, ours, and those that change
@@ -101,6 +102,11 @@ def verify_chain(raw: bytes, keys: dict[str, str | None]) -> Chain:
     except _UNPARSEABLE as e:
         return Chain("fail", reason=_why(e)) if count_sets(raw) else Chain("none")
     instances = max((s["instance"] for s in sets), default=0)
+    if cv == dkim.CV_None and any(name.lower() in _ARC_FIELDS for name, _ in _headers(raw)):
+        # ARC fields dkimpy found no instance in (i=0, i=-1, no i=): a broken chain, not none
+        return Chain("fail", reason="ARC fields without a valid instance (i=1 to 50)")
+    if instances > 50:  # RFC 8617 §4.2.1: i= is 1 to 50
+        return Chain("fail", 50, f"instance i={str(instances)[:12]} above 50")
     signers = [_text(s.get("as-domain", b"")) for s in sets]
     passed = [s["instance"] for s in sets if s.get("ams-valid")]
     result = "fail" if cv is None else _text(cv)  # None: an earlier hop sealed cv=fail

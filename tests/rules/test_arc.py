@@ -390,3 +390,17 @@ async def test_an_absurd_key_fails_the_chain_unchecked(ns, gate_key, keys, caplo
     result = await harness(ns, gate_key, dkim_rule=False).send(forwarded)
     assert result.reply.code == 250 and chain_of(result)["cv"] == "fail"
     assert "missing public key: b'arc._domainkey.fwd.example.'" in caplog.text  # dkimpy never had it
+
+
+@pytest.mark.parametrize("instance, reason", [(b"i=0", "without a valid instance"), (b"i=-3", "without a valid instance"),
+                                              (b"i=99", "i=99 above 50"), (b"i=" + b"9" * 40, "above 50")])
+async def test_a_chain_with_an_impossible_instance_fails_and_is_relayed(ns, gate_key, keys, instance, reason):
+    # dkimpy reads ARC fields with no instance in 1..50 as no chain at all (cv=none); a
+    # chain someone broke is a failed one (RFC 8617 §4.2.1), and never a crash
+    forwarded = arc_hop(RAW, keys["fwd"], "fwd.example", "arc", "arc=none", authserv_id="hop.fwd.example")
+    h = harness(ns, gate_key)
+    result = await h.send(forwarded.replace(b"i=1", instance))
+    assert result.reply.code == 250
+    assert chain_of(result)["cv"] == "fail" and reason in chain_of(result)["reason"]
+    assert chain_of(result)["instances"] <= 50
+    assert [r.result for r in gate_header(h.relayed[0].data).results if r.method == "arc"] == ["fail"]
