@@ -404,3 +404,19 @@ async def test_a_chain_with_an_impossible_instance_fails_and_is_relayed(ns, gate
     assert chain_of(result)["cv"] == "fail" and reason in chain_of(result)["reason"]
     assert chain_of(result)["instances"] <= 50
     assert [r.result for r in gate_header(h.relayed[0].data).results if r.method == "arc"] == ["fail"]
+
+
+async def test_dkimpy_never_makes_a_lookup_of_its_own(ns, gate_key, keys, monkeypatch):
+    # every dkimpy default lookup ends in dnsplug._get_txt: a blocking dnspython query on the
+    # event loop. dkim, arc and dmarc verify and seal over the gate's own answers only.
+    def blocking(name, timeout=5):
+        raise AssertionError(f"dkimpy looked up {name!r} itself")
+    monkeypatch.setattr(dkim.dnsplug, "_get_txt", blocking)
+    signed = sign(RAW, keys["author"], "example.org", "rsa")
+    forwarded = arc_hop(signed, keys["fwd"], "fwd.example", "arc", "arc=none", authserv_id="hop.fwd.example")
+    h = harness(ns, gate_key, rules=[(Dmarc, {}), (Rewrite, {"subject_prefix": "[ext] "})])
+    result = await h.send(forwarded)
+    assert result.reply.code == 250
+    assert chain_of(result)["cv"] == "pass"
+    assert [s["result"] for s in result.transaction.results.get("dkim").data["signatures"]] == ["pass"]
+    assert "error" not in [t.action for t in result.transaction.trace]
