@@ -55,7 +55,7 @@ class Arc(Rule):
                                                   "(must include from); default: dkimpy's RFC 6376 list "
                                                   "of those present, From twice")
     authserv_id = Option(_authserv, "", "the authserv-id of the ARC-Authentication-Results; "
-                                        "default: the gate's (its hostname)")
+                                        "default: the gate's (gate.yaml authserv_id, else its hostname)")
     on_dns_error = Option(one_of("accept", "tempfail"), "accept",
                           "a chain's key lookup failed: the chain fails (accept), or 451 4.7.29")
     max_sets = Option(integer, 10, "a chain of more ARC sets fails unchecked (each set costs a body "
