@@ -215,3 +215,15 @@ async def test_several_records_end_policy_discovery(ns):
     result = await h.send(raw("a@two.example.org"), sender="x@other.example", client_ip="203.0.113.9")
     assert result.reply.code == 250
     assert result.transaction.results.get("dmarc").data["result"] == "none"
+
+
+async def test_spf_alignment_relaxed_and_strict(ns):
+    # SPF passes for example.org; the author is a subdomain: relaxed (example.org's record)
+    # aligns, strict (strict.example.org's aspf=s) does not
+    h = harness(ns)
+    result = await h.send(raw("alice@mail.example.org"), sender="bounce@example.org", client_ip=SPF_IP)
+    data = result.transaction.results.get("dmarc").data
+    assert (result.reply.code, data["result"], data["aligned"]) == (250, "pass", ["spf"])
+    result = await h.send(raw("alice@strict.example.org"), sender="bounce@example.org", client_ip=SPF_IP)
+    data = result.transaction.results.get("dmarc").data
+    assert (result.reply.code, data["spf"]["result"], data["spf"]["aligned"]) == (550, "pass", False)
