@@ -32,8 +32,9 @@ NEVER_SIGNED = frozenset([h.decode() for h in dkim.DKIM.SHOULD_NOT]
                          + ["authentication-results", "arc-seal", "arc-message-signature",
                             "arc-authentication-results"])
 # dkimpy's parser raises IndexError, not its own error, for a header section opening with a
-# continuation line: either way the message's header section is not one it can read
-_UNPARSEABLE = (dkim.DKIMException, IndexError)
+# continuation line; a b= that is not base64 raises binascii.Error, undecodable bytes
+# UnicodeDecodeError (both ValueErrors): either way a message it cannot read, never a crash
+_UNPARSEABLE = (dkim.DKIMException, IndexError, ValueError)
 MIN_BITS = 1024  # RFC 8301 §3.2: shorter RSA keys must not be used
 
 
@@ -167,7 +168,9 @@ def _headers(raw: bytes) -> list[tuple[bytes, bytes]]:
 
 
 def _why(e: Exception) -> str:
-    return _text(e) if isinstance(e, dkim.DKIMException) else "header section not parseable"
+    if isinstance(e, (dkim.DKIMException, ValueError)):
+        return _text(e)
+    return "header section not parseable"
 
 
 def _text(value) -> str:

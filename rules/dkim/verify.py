@@ -20,6 +20,11 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 _QUIET = logging.getLogger("smtpgate_rules.dkim.dkimpy")
 _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
+# What dkimpy raises, besides its own errors, on a signature it cannot process: binascii.Error
+# (a ValueError) for a b= that is not base64, ValueError from PyNaCl for an Ed25519 b= of the
+# wrong length, IndexError for an i= as long as d=. A hostile signature, never a crash (a
+# crash is a 451 on every retry).
+_UNPROCESSABLE = (dkim.DKIMException, ValueError, IndexError)
 # An RSA key's cost is its owner's choice: a 16384-bit modulus with a 16384-bit public
 # exponent takes seconds per signature. RFC 8301 §3.1 asks verifiers for 1024 to 4096 bits;
 # keys past these limits are refused unchecked (no signer needs them).
@@ -94,7 +99,7 @@ class Checker:
         d = self._dkim
         try:
             sigtags, include, fields = d.verify_headerprep(sig.index)
-        except dkim.DKIMException as e:
+        except _UNPROCESSABLE as e:
             return Verified(sig, "neutral", _text(e))
         try:
             d.pk, d.keysize, d.ktag, d.seqtlsrpt = dkim.evaluate_pk(sig.key_name, key.encode())
@@ -107,6 +112,8 @@ class Checker:
             ok = d.verify_sig_process(sigtags, include, fields[sig.index], None)
         except dkim.DKIMException as e:
             return Verified(sig, "fail", _text(e))
+        except _UNPROCESSABLE as e:  # not dkimpy's own error, yet about the signature, not us
+            return Verified(sig, "neutral", f"signature not processable: {_text(e)}")
         return Verified(sig, "pass" if ok else "fail", None if ok else "signature did not verify")
 
 

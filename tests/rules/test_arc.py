@@ -420,3 +420,16 @@ async def test_dkimpy_never_makes_a_lookup_of_its_own(ns, gate_key, keys, monkey
     assert chain_of(result)["cv"] == "pass"
     assert [s["result"] for s in result.transaction.results.get("dkim").data["signatures"]] == ["pass"]
     assert "error" not in [t.action for t in result.transaction.trace]
+
+
+async def test_a_seal_dkimpy_trips_over_fails_the_chain_never_a_crash(ns, gate_key, keys):
+    # found by fuzzing: dkimpy's base64 check of bh= looks at b= instead (a slip), so an
+    # ARC-Message-Signature with a byte in bh= that is no base64 raised binascii.Error
+    forwarded = arc_hop(RAW, keys["fwd"], "fwd.example", "arc", "arc=none", authserv_id="hop.fwd.example")
+    start = forwarded.index(b" bh=", forwarded.index(b"ARC-Message-Signature:")) + 4
+    broken = forwarded[:start] + b"\x9a" + forwarded[start + 1:]
+    h = harness(ns, gate_key)
+    result = await h.send(broken)
+    assert result.reply.code == 250
+    assert chain_of(result)["cv"] == "fail"
+    assert "error" not in [t.action for t in result.transaction.trace]

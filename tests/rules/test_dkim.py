@@ -237,3 +237,25 @@ async def test_header_section_starting_with_a_continuation_line_is_relayed_not_a
     sigs = result.transaction.results.get("dkim").data["signatures"]
     assert [s["result"] for s in sigs] == ["neutral"]
     assert "not parseable" in sigs[0]["reason"]
+
+
+async def test_signatures_dkimpy_trips_over_are_neutral_never_a_crash(ns, keys):
+    # found by fuzzing: dkimpy raises IndexError (an i= as long as d=), binascii.Error (a b=
+    # that is not base64 by the time it is decoded) and PyNaCl's ValueError (an Ed25519 b= of
+    # the wrong length) — a crash would be a 451 on every retry
+    ed = sign(RAW, keys["ed"], "example.org", "ed")
+    b_value = ed[ed.index(b" b=") + 3:ed.index(b"\r\n", ed.index(b" b="))]
+    broken = {
+        "i= as long as d=": ed.replace(b"i=@example.org", b"i=example.org"),
+        "b= padding": ed.replace(b_value, b_value[:-3]),
+        "b= too short": ed.replace(b_value, b_value[:-8]),
+        "bh= a character short": ed[:ed.index(b"bh=") + 3]
+        + ed[ed.index(b"bh=") + 4:],
+    }
+    h = harness(ns)
+    for what, raw in broken.items():
+        assert raw != ed, what
+        result = await h.send(raw)
+        assert result.reply.code == 250, what
+        [sig] = result.transaction.results.get("dkim").data["signatures"]
+        assert sig["result"] in ("neutral", "fail"), what
