@@ -36,6 +36,7 @@ ZONES = {
                     "_dmarc.half": {"TXT": "v=DMARC1; p=reject; pct=50"},
                     "_dmarc.two": {"TXT": ["v=DMARC1; p=none", "v=DMARC1; p=none; pct=10"]}},
     "example.co.uk": {"_dmarc": {"TXT": ["v=DMARC1; p=reject; sp=quarantine", "unrelated text"]}},
+    "xn--bnk-qla.example": {"_dmarc": {"TXT": "v=DMARC1; p=reject"}},
     "other.example": {"@": {"TXT": "v=spf1 ip4:192.0.2.1 -all"},
                       "sel._domainkey": {"TXT": KEY.record}},
 }
@@ -227,3 +228,12 @@ async def test_spf_alignment_relaxed_and_strict(ns):
     result = await h.send(raw("alice@strict.example.org"), sender="bounce@example.org", client_ip=SPF_IP)
     data = result.transaction.results.get("dmarc").data
     assert (result.reply.code, data["spf"]["result"], data["spf"]["aligned"]) == (550, "pass", False)
+
+
+async def test_an_internationalised_from_domain_is_looked_up_as_its_a_label(ns):
+    # SMTPUTF8 mail: From: alice@bänk.example has the policy of xn--bnk-qla.example
+    h = harness(ns)
+    utf8 = raw().replace(b"alice@example.org", "alice@bänk.example".encode())
+    result = await h.send(utf8, sender="x@other.example", client_ip="203.0.113.9")
+    assert (result.reply.code, result.reply.enhanced) == (550, "5.7.1")
+    assert result.transaction.results.get("dmarc").data["from_domain"] == "xn--bnk-qla.example"
