@@ -11,6 +11,7 @@ downstream sees under our id is ours alone.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from authres import AuthenticationResult, AuthenticationResultProperty, AuthenticationResultsHeader
 
@@ -31,14 +32,18 @@ def collected(tx) -> list[AuthResult]:
 def header_value(authserv_id: str, results: list[AuthResult]) -> str:
     """The field's value: ``gate.example; spf=pass smtp.mailfrom=a@example.org; dkim=...``
     (``authserv_id; none`` without results). Results that would make the line longer than
-    SMTP allows are left out, the later ones first."""
-    built, length = [], len(AUTH_RESULTS) + 2 + len(authserv_id)
-    for r in results:  # keep what fits, measured one by one: linear in a flood of results
-        one = _result(r)
-        length += 2 + len(str(one))
-        if length > MAX_LINE:
-            break
-        built.append(one)
+    SMTP allows are left out: those of a method reported several times (dkim, one per
+    signature) first, the later ones first; so a message's own signatures can never push
+    its dmarc or arc verdict out of the header."""
+    built = [_result(r) for r in results]
+    repeated = Counter(r.method for r in results)
+    length, keep = len(AUTH_RESULTS) + 2 + len(authserv_id), set()
+    for i in sorted(range(len(built)), key=lambda i: (repeated[results[i].method] > 1, i)):
+        size = 2 + len(str(built[i]))  # measured one by one: linear in a flood of results
+        if length + size <= MAX_LINE:
+            keep.add(i)
+            length += size
+    built = [b for i, b in enumerate(built) if i in keep]
     while True:  # the field as authres writes it decides; at most a few results go here
         value = str(AuthenticationResultsHeader(authserv_id=authserv_id, results=built))
         value = value.partition(": ")[2]

@@ -124,3 +124,19 @@ def test_non_ascii_values_are_written_as_ascii():
     assert parsed.results[0].header_from == "xn--bnk-qla.example"
     assert parsed.results[0].reason == "zu sp?t"
     assert parsed.results[1].properties == []
+
+
+def test_signatures_never_push_the_dmarc_and_arc_results_out():
+    # a message's own (failing) signatures are the one thing a sender can multiply: when the
+    # line is full, dkim results go before the verdicts that are one per message
+    tx = transaction()
+    tx.session.results.auth("fcrdns", "iprev", "pass", policy_iprev="192.0.2.1")
+    for i in range(5):
+        tx.results.auth("dkim", "dkim", "fail", reason="x" * 150, header_d=f"{'d' * 200}{i}.example")
+    tx.results.auth("dmarc", "dmarc", "fail", header_from="example.org")
+    tx.results.auth("arc", "arc", "none")
+    value = add_authentication_results(tx, "gate.example")
+    methods = [r.method for r in parse(value).results]
+    assert methods[0] == "iprev" and methods[-2:] == ["dmarc", "arc"]
+    assert 0 < methods.count("dkim") < 5
+    assert len("Authentication-Results: " + value) <= MAX_LINE
