@@ -433,3 +433,20 @@ async def test_a_seal_dkimpy_trips_over_fails_the_chain_never_a_crash(ns, gate_k
     assert result.reply.code == 250
     assert chain_of(result)["cv"] == "fail"
     assert "error" not in [t.action for t in result.transaction.trace]
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("max_sets: 51", "7:17: rules[0].arc.max_sets: expected 1 to 50 (RFC 8617's instance range), got 51"),
+    ("headers: [to]", "7:16: rules[0].arc.headers: must include from (RFC 6376 §5.4)"),
+    ("headers: [from, received]", "7:16: rules[0].arc.headers: item 1: received must not be signed (it changes on the way)"),
+    ("authserv_id: 'a;b'", "7:20: rules[0].arc.authserv_id: expected a domain name, got 'a;b'"),
+])
+def test_check_config_names_the_file_and_line_of_each_bad_option(tmp_path, gate_key, line, problem):
+    from smtpgate.config import check_config
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "default.yaml").write_text(
+        f"domains: [example.com]\nrules:\n  - arc:\n      selector: s\n      domain: example.org\n"
+        f"      key: {gate_key}\n      {line}\n")
+    (tmp_path / "gate.yaml").write_text("policies: policies\n")
+    assert [str(p) for p in check_config(str(tmp_path / "gate.yaml"))] == [
+        f"{tmp_path}/policies/default.yaml:{problem}"]
