@@ -166,6 +166,7 @@ class Dmarc(Rule):
                     self._soften.get("*"))
 
     def _act(self, message, author: str, disposition: str) -> Verdict | None:
+        author = _shown(author)
         reason = f"dmarc fail for {author}: {disposition}"
         if disposition == "reject":
             return Verdict.reject(f"Unauthenticated email from {author} is not accepted due to its "
@@ -176,3 +177,10 @@ class Dmarc(Rule):
             message.prepend_header(self.quarantine_header, f"dmarc fail, policy of {author}")
             return None
         return Verdict.quarantine(f"Message held for review: DMARC policy of {author}", reason=reason)
+
+
+def _shown(domain: str) -> str:
+    """The author domain as the reply and the header may carry it: printable ASCII. A From
+    domain with a NUL or 8-bit junk still has a policy (its organisational domain's), and
+    writing it raw would crash the rule: a 451 on every retry."""
+    return "".join(c if " " < c < "\x7f" else "?" for c in domain)

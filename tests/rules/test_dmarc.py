@@ -237,3 +237,18 @@ async def test_an_internationalised_from_domain_is_looked_up_as_its_a_label(ns):
     result = await h.send(utf8, sender="x@other.example", client_ip="203.0.113.9")
     assert (result.reply.code, result.reply.enhanced) == (550, "5.7.1")
     assert result.transaction.results.get("dmarc").data["from_domain"] == "xn--bnk-qla.example"
+
+
+@pytest.mark.parametrize("policy, on_quarantine, code", [("reject", "quarantine", 550), ("quarantine", "header", 250),
+                                                          ("quarantine", "quarantine", 554)])
+@pytest.mark.parametrize("junk", [b"x\x00y", "x\u00e4\u200b\x00".encode(), b"x\xffy"])
+async def test_a_from_domain_with_junk_gets_its_policy_never_a_crash(policy, on_quarantine, code, junk):
+    # the domain has no DMARC record of its own but its organisational domain does; writing
+    # it raw into the reply or the header crashed the rule (a 451 on every retry)
+    resolver = FakeResolver({("_dmarc.example.org", "TXT"): f"v=DMARC1; p={policy}"})
+    h = Harness([(Dmarc, {"on_quarantine": on_quarantine})], resolver=resolver)
+    result = await h.send(raw("a@x.example.org").replace(b"a@x.example.org", b"a@" + junk + b".example.org"))
+    assert result.reply.code == code
+    assert "error" not in [t.action for t in result.transaction.trace]
+    if on_quarantine == "header":
+        assert b"X-DMARC-Quarantine: dmarc fail, policy of x" in h.relayed[0].data
