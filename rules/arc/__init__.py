@@ -93,9 +93,9 @@ class Arc(Rule):
             self._report(tx, chain.Chain("fail", sets, f"{len(names)} ARC signing keys named, more than "
                                                        f"two per set of max_sets {self.max_sets}"))
             return None
-        found = await resolver.for_session(tx.session).resolve_many(names, "TXT")
-        failed = next((f"{n}: {a.kind}" for n, a in found.items() if isinstance(a, DnsError)), None)
-        keys = {n: None if isinstance(a, DnsError) else key_record(a) for n, a in found.items()}
+        answers = await resolver.for_session(tx.session).resolve_many(names, "TXT")
+        failed = next((f"{n}: {a.kind}" for n, a in answers.items() if isinstance(a, DnsError)), None)
+        keys = {n: None if isinstance(a, DnsError) else key_record(a) for n, a in answers.items()}
         if failed and self.on_dns_error == "tempfail":
             tx.results.add(self, err=f"key lookup failed: {failed}")
             return Verdict.tempfail("ARC key lookup failed, try again later", 451, "4.7.29",
