@@ -154,6 +154,17 @@ class _Lookups:
     async def resolve(self, name: str, rdtype: str = "A") -> list[str]:
         return list((await self.lookup(name, rdtype)).records)
 
+    async def resolve_many(self, names, rdtype: str = "A") -> dict[str, list[str] | DnsError]:
+        """Each distinct name of ``names`` resolved at once, in order: its records, or the
+        ``DnsError`` its lookup raised (one failure spoils none of the others; any other
+        exception is raised). On a session's view every query counts against its budget."""
+        names = list(dict.fromkeys(names))
+        answers = await asyncio.gather(*(self.resolve(n, rdtype) for n in names), return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, DnsError):
+                raise answer
+        return dict(zip(names, answers))
+
     async def ptr(self, ip: str) -> list[str]:
         """The PTR names of ``ip`` (``[]`` for none or a malformed address)."""
         try:

@@ -17,6 +17,7 @@ import re
 
 from smtpgate import (DnsError, Message, Option, OptionError, Rule, Verdict, integer, list_of, one_of,
                       size, string)
+from smtpgate_rules.dkim.verify import key_record
 from . import chain
 
 
@@ -54,7 +55,7 @@ class Arc(Rule):
                                                   "(must include from); default: dkimpy's RFC 6376 list "
                                                   "of those present, From twice")
     authserv_id = Option(_authserv, "", "the authserv-id of the ARC-Authentication-Results; "
-                                        "default: the gate's (its hostname)")
+                                        "default: the gate's (gate.yaml authserv_id, else its hostname)")
     on_dns_error = Option(one_of("accept", "tempfail"), "accept",
                           "a chain's key lookup failed: the chain fails (accept), or 451 4.7.29")
     max_sets = Option(integer, 10, "a chain of more ARC sets fails unchecked (each set costs a body "
@@ -88,7 +89,13 @@ class Arc(Rule):
             self._report(tx, chain.Chain("fail", sets, f"{sets} ARC sets, more than max_sets {self.max_sets}"))
             return None
         names = chain.key_names(raw)
-        keys, failed = await self._fetch_keys(resolver.for_session(tx.session), names)
+        if len(names) > 2 * self.max_sets:  # each set names at most two keys (AS and AMS)
+            self._report(tx, chain.Chain("fail", sets, f"{len(names)} ARC signing keys named, more than "
+                                                       f"two per set of max_sets {self.max_sets}"))
+            return None
+        answers = await resolver.for_session(tx.session).resolve_many(names, "TXT")
+        failed = next((f"{n}: {a.kind}" for n, a in answers.items() if isinstance(a, DnsError)), None)
+        keys = {n: None if isinstance(a, DnsError) else key_record(a) for n, a in answers.items()}
         if failed and self.on_dns_error == "tempfail":
             tx.results.add(self, err=f"key lookup failed: {failed}")
             return Verdict.tempfail("ARC key lookup failed, try again later", 451, "4.7.29",
@@ -98,19 +105,6 @@ class Arc(Rule):
             found.reason = f"key lookup failed: {failed}"
         self._report(tx, found)
         return None
-
-    async def _fetch_keys(self, dns, names: list[str]) -> tuple[dict, str | None]:
-        """Each key record's TXT text (None: none), and the first failed lookup, if any."""
-        answers = await asyncio.gather(*(dns.resolve(n, "TXT") for n in names), return_exceptions=True)
-        keys, failed = {}, None
-        for name, answer in zip(names, answers):
-            if isinstance(answer, DnsError):
-                keys[name], failed = None, failed or f"{name}: {answer.kind}"
-            elif isinstance(answer, BaseException):
-                raise answer
-            else:  # several TXT records: the one that looks like a key (RFC 6376 §3.6.2.2)
-                keys[name] = next((t for t in answer if "p=" in t), None)
-        return keys, failed
 
     def _report(self, tx, found: chain.Chain) -> None:
         text = f"cv={found.cv}" + (f" ({found.instances} sets)" if found.instances else "")

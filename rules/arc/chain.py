@@ -16,11 +16,14 @@ import dkim
 from dkim.crypto import UnparsableKeyError, parse_pem_private_key
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from smtpgate_rules.dkim.verify import key_problem
+
 # dkimpy logs every failed signature at error level; a failed chain is our result, not noise
 _QUIET = logging.getLogger("smtpgate_rules.arc.dkimpy")
 _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
 _ARC_SIGNED = (b"arc-seal", b"arc-message-signature")
+_ARC_FIELDS = _ARC_SIGNED + (b"arc-authentication-results",)
 DOMAIN_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
                    r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 #: header fields a seal may never sign: dkimpy's RFC 6376 list, ours, and those that change
@@ -29,8 +32,9 @@ NEVER_SIGNED = frozenset([h.decode() for h in dkim.DKIM.SHOULD_NOT]
                          + ["authentication-results", "arc-seal", "arc-message-signature",
                             "arc-authentication-results"])
 # dkimpy's parser raises IndexError, not its own error, for a header section opening with a
-# continuation line: either way the message's header section is not one it can read
-_UNPARSEABLE = (dkim.DKIMException, IndexError)
+# continuation line; a b= that is not base64 raises binascii.Error, undecodable bytes
+# UnicodeDecodeError (both ValueErrors): either way a message it cannot read, never a crash
+_UNPARSEABLE = (dkim.DKIMException, IndexError, ValueError)
 MIN_BITS = 1024  # RFC 8301 §3.2: shorter RSA keys must not be used
 
 
@@ -89,15 +93,21 @@ def verify_chain(raw: bytes, keys: dict[str, str | None]) -> Chain:
     """Validate the ARC chain of ``raw`` with the key records in ``keys`` (``key_names``
     -> the TXT text, None: no record)."""
 
-    def lookup(name, timeout=5):  # dkimpy's dnsfunc: only what was fetched
-        text = keys.get(_text(name).rstrip(".").lower())
-        return text.encode() if text else None
+    def lookup(name, timeout=5):  # dkimpy's dnsfunc: only what was fetched, never a costly key
+        name = _text(name).rstrip(".").lower()
+        text = keys.get(name)
+        return text.encode() if text and not key_problem(name, text) else None
 
     try:
         cv, sets, reason = dkim.ARC(raw, logger=_QUIET).verify(dnsfunc=lookup)
     except _UNPARSEABLE as e:
         return Chain("fail", reason=_why(e)) if count_sets(raw) else Chain("none")
     instances = max((s["instance"] for s in sets), default=0)
+    if cv == dkim.CV_None and any(name.lower() in _ARC_FIELDS for name, _ in _headers(raw)):
+        # ARC fields dkimpy found no instance in (i=0, i=-1, no i=): a broken chain, not none
+        return Chain("fail", reason="ARC fields without a valid instance (i=1 to 50)")
+    if instances > 50:  # RFC 8617 §4.2.1: i= is 1 to 50
+        return Chain("fail", 50, f"instance i={str(instances)[:12]} above 50")
     signers = [_text(s.get("as-domain", b"")) for s in sets]
     passed = [s["instance"] for s in sets if s.get("ams-valid")]
     result = "fail" if cv is None else _text(cv)  # None: an earlier hop sealed cv=fail
@@ -158,7 +168,9 @@ def _headers(raw: bytes) -> list[tuple[bytes, bytes]]:
 
 
 def _why(e: Exception) -> str:
-    return _text(e) if isinstance(e, dkim.DKIMException) else "header section not parseable"
+    if isinstance(e, (dkim.DKIMException, ValueError)):
+        return _text(e)
+    return "header section not parseable"
 
 
 def _text(value) -> str:

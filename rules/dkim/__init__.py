@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 
 from smtpgate import DnsError, Option, Rule, Verdict, integer, list_of, one_of, size, string
-from .author import author_domain
-from .verify import Checker, Verified
+from .author import author_domains
+from .verify import Checker, Verified, key_record
 
 ACTIONS = ("accept", "tempfail", "reject")
 
@@ -48,7 +48,8 @@ class Dkim(Rule):
         big = len(raw) > self.thread_above
         checker = await asyncio.to_thread(Checker, raw) if big else Checker(raw)
         sigs = checker.signatures[:self.max_signatures]
-        keys = await self._fetch_keys(resolver.for_session(tx.session), sigs)
+        found = await resolver.for_session(tx.session).resolve_many((s.key_name for s in sigs if s.key_name), "TXT")
+        keys = {n: a if isinstance(a, DnsError) else key_record(a) for n, a in found.items()}
         now = self.clock.now()
 
         def verify_all() -> list[Verified]:
@@ -56,26 +57,10 @@ class Dkim(Rule):
                     else Verified(s, "temperror", f"key lookup failed: {keys[s.key_name].kind}") for s in sigs]
 
         verified = await asyncio.to_thread(verify_all) if big else verify_all()
-        verified += [Verified(s, "neutral", "not checked: too many signatures")
-                     for s in checker.signatures[self.max_signatures:]]
-        self._report(tx.results, verified)
-        return self._decide(verified, author_domain(message))
+        self._report(tx.results, verified, len(checker.signatures) - len(sigs))
+        return self._decide(verified, author_domains(message))
 
-    async def _fetch_keys(self, dns, sigs) -> dict:
-        """Each distinct key record's TXT text (None: no such record), or the DnsError."""
-        names = list(dict.fromkeys(s.key_name for s in sigs if s.key_name))
-        answers = await asyncio.gather(*(dns.resolve(n, "TXT") for n in names), return_exceptions=True)
-        keys: dict = {}
-        for name, answer in zip(names, answers):
-            if isinstance(answer, DnsError):
-                keys[name] = answer
-            elif isinstance(answer, BaseException):
-                raise answer
-            else:  # RFC 6376 §3.6.2.2: several records, take the one that looks like a key
-                keys[name] = next((t for t in answer if "p=" in t), answer[0] if answer else None)
-        return keys
-
-    def _report(self, results, verified: list[Verified]) -> None:
+    def _report(self, results, verified: list[Verified], unchecked: int) -> None:
         kinds = {"pass": "pass_", "fail": "fail", "temperror": "err", "permerror": "fail"}
         for v in verified:
             s = v.signature
@@ -86,18 +71,22 @@ class Dkim(Rule):
         if not verified:
             results.add(self, skip="no signature")
             results.auth(self, "dkim", "none")
-        results.add(self, data={"signatures": [v.as_dict() for v in verified]})
+        if unchecked:  # one line for all of them: a message may carry thousands
+            results.add(self, msg=f"{unchecked} more signatures not checked (max_signatures {self.max_signatures})")
+        results.add(self, data={"signatures": [v.as_dict() for v in verified], "unchecked": unchecked})
 
-    def _decide(self, verified: list[Verified], author: str | None) -> Verdict | None:
+    def _decide(self, verified: list[Verified], authors: list[str]) -> Verdict | None:
         passed = {v.signature.domain for v in verified if v.result == "pass"}
         for v in verified:
             d = v.signature.domain
             if v.result == "pass" or not d or not _listed(d, self._domains) or d in passed:
                 continue
             return self._refuse(self.on_fail, v, f"dkim {v.result} for {d}: {v.reason}")
-        if author and _listed(author, self._require):
-            if any(author == d or author.endswith("." + d) for d in passed):
-                return None
+        # every From domain is an author (several From addresses or fields): a required one
+        # hidden beside another must still be signed for
+        for author in authors:
+            if not _listed(author, self._require) or any(author == d or author.endswith("." + d) for d in passed):
+                continue
             own = [v for v in verified if author == v.signature.domain or author.endswith("." + v.signature.domain)]
             worst = next((v for v in own if v.result == "temperror"), None)
             return self._refuse(self.on_missing, worst, f"no passing dkim signature for {author}")

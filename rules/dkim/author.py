@@ -8,15 +8,28 @@ from smtpgate import Message
 
 
 def author_domains(message: Message) -> list[str]:
-    """The distinct domains of every ``From:`` address, lower case without a final dot
+    """The distinct domains of every ``From:`` address, lower case without a final dot, in
+    ASCII
     (``[]``: no From with a domain; several: a message DMARC cannot judge, §6.6.1)."""
     values = message.get_all("From")
     found: list[str] = []
     for _, address in getaddresses(values):
-        domain = address.rpartition("@")[2].strip().rstrip(".").lower() if "@" in address else ""
+        domain = _a_label(address.rpartition("@")[2].strip().rstrip(".").lower()) if "@" in address else ""
         if domain and domain not in found:
             found.append(domain)
     return found
+
+
+def _a_label(domain: str) -> str:
+    """An internationalised domain (``From: a@bänk.example``, SMTPUTF8 mail) as DNS and every
+    ``d=`` spell it: ``xn--bnk-qla.example``; what IDNA refuses stays as it is (no record
+    will be found for it)."""
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
 
 
 def author_domain(message: Message) -> str | None:

@@ -20,6 +20,16 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 _QUIET = logging.getLogger("smtpgate_rules.dkim.dkimpy")
 _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
+# What dkimpy raises, besides its own errors, on a signature it cannot process: binascii.Error
+# (a ValueError) for a b= that is not base64, ValueError from PyNaCl for an Ed25519 b= of the
+# wrong length, IndexError for an i= as long as d=. A hostile signature, never a crash (a
+# crash is a 451 on every retry).
+_UNPROCESSABLE = (dkim.DKIMException, ValueError, IndexError)
+# An RSA key's cost is its owner's choice: a 16384-bit modulus with a 16384-bit public
+# exponent takes seconds per signature. RFC 8301 §3.1 asks verifiers for 1024 to 4096 bits;
+# keys past these limits are refused unchecked (no signer needs them).
+MAX_RSA_BITS = 8192
+MAX_EXPONENT_BITS = 64
 _LABELS = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
                      r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 
@@ -89,17 +99,49 @@ class Checker:
         d = self._dkim
         try:
             sigtags, include, fields = d.verify_headerprep(sig.index)
-        except dkim.DKIMException as e:
+        except _UNPROCESSABLE as e:
             return Verified(sig, "neutral", _text(e))
         try:
             d.pk, d.keysize, d.ktag, d.seqtlsrpt = dkim.evaluate_pk(sig.key_name, key.encode())
         except (dkim.DKIMException, ValueError) as e:  # binascii.Error is a ValueError
             return Verified(sig, "permerror", f"bad key record: {_text(e)}")
+        costly = _too_costly(d.ktag, d.pk)
+        if costly:
+            return Verified(sig, "permerror", costly)
         try:
             ok = d.verify_sig_process(sigtags, include, fields[sig.index], None)
         except dkim.DKIMException as e:
             return Verified(sig, "fail", _text(e))
+        except _UNPROCESSABLE as e:  # not dkimpy's own error, yet about the signature, not us
+            return Verified(sig, "neutral", f"signature not processable: {_text(e)}")
         return Verified(sig, "pass" if ok else "fail", None if ok else "signature did not verify")
+
+
+def key_record(texts: list[str]) -> str | None:
+    """The key record among a name's TXT records: the first holding ``p=`` (RFC 6376
+    §3.6.2.2 lets a verifier choose), else the first; None when there are none."""
+    return next((t for t in texts if "p=" in t), texts[0] if texts else None)
+
+
+def key_problem(name: str, text: str) -> str | None:
+    """Why the key record ``text`` is refused before any signature is checked with it (a
+    key too costly to use), else None; a record dkimpy cannot parse is its to report."""
+    try:
+        pk, _, ktag, _ = dkim.evaluate_pk(name, text.encode())
+    except (dkim.DKIMException, ValueError):
+        return None
+    return _too_costly(ktag, pk)
+
+
+def _too_costly(ktag, pk) -> str | None:
+    if ktag != b"rsa" or not pk:
+        return None
+    bits, exponent = pk["modulus"].bit_length(), pk["publicExponent"].bit_length()
+    if bits > MAX_RSA_BITS:
+        return f"RSA key of {bits} bits, more than {MAX_RSA_BITS}"
+    if exponent > MAX_EXPONENT_BITS:
+        return f"RSA public exponent of {exponent} bits, more than {MAX_EXPONENT_BITS}"
+    return None
 
 
 def _signature(index: int, value: bytes) -> Signature:

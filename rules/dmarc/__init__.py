@@ -24,6 +24,9 @@ from .record import POLICIES, Record, parse
 
 _FIELD_NAME = re.compile(r"^[!-9;-~]{1,76}$")
 _WEAKER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
+_SEVERITY = {"none": 0, "quarantine": 1, "reject": 2}
+#: From domains evaluated per message (each costs up to two lookups); MUAs show the first
+MAX_AUTHORS = 5
 
 
 class Dmarc(Rule):
@@ -52,37 +55,52 @@ class Dmarc(Rule):
         if resolver is None:
             raise RuntimeError("dmarc needs the gate's resolver")
         authors = author_domains(message)
-        if len(authors) != 1:
-            why = "no From domain" if not authors else "several From domains"
-            tx.results.add(self, skip=why, data={"result": "none", "reason": why})
-            tx.results.auth(self, "dmarc", "permerror" if authors else "none", reason=why)
+        if not authors:
+            tx.results.add(self, skip="no From domain", data={"result": "none", "reason": "no From domain"})
+            tx.results.auth(self, "dmarc", "none", reason="no From domain")
             return None
-        author = authors[0]
-        try:
-            record, policy_domain = await self._lookup(resolver.for_session(tx.session), author)
-        except DnsError as e:
-            tx.results.add(self, err=f"policy lookup failed: {e.kind}",
-                           data={"result": "temperror", "from_domain": author})
-            tx.results.auth(self, "dmarc", "temperror", header_from=author)
-            if self.on_dns_error == "tempfail":
-                return Verdict.tempfail("DMARC policy lookup failed, try again later", 451, "4.7.1",
-                                        reason=f"dmarc temperror for {author}: {e}")
-            return None
-        data = self._evaluate(tx, author, record, policy_domain)
+        # §6.6.1: several From addresses (or fields) — each domain is an author domain, the
+        # strictest policy among those that fail applies; a hidden p=reject domain is no way out
+        dns = resolver.for_session(tx.session)
+        judged = [await self._judge(tx, dns, author) for author in authors[:MAX_AUTHORS]]
+        if len(authors) > MAX_AUTHORS:
+            tx.results.add(self, msg=f"{len(authors) - MAX_AUTHORS} more From domains not checked")
+        worst = max(judged, key=lambda j: _SEVERITY[j[1]["disposition"] if j[1]["result"] == "fail" else "none"])
+        temperror = next((j for j in judged if j[1]["result"] == "temperror"), None)
+        data = dict(worst[1])
+        if len(judged) > 1:
+            data["authors"] = [j[1] for j in judged]
         tx.results.add(self, data=data)
+        if worst[1]["result"] == "fail" and worst[1]["disposition"] != "none":
+            return self._act(message, worst[0], worst[1]["disposition"])
+        if temperror is not None and self.on_dns_error == "tempfail":
+            return Verdict.tempfail("DMARC policy lookup failed, try again later", 451, "4.7.1",
+                                    reason=f"dmarc temperror for {temperror[0]}: {temperror[1]['error']}")
+        return None
+
+    async def _judge(self, tx, dns, author: str) -> tuple[str, dict]:
+        """One author domain's evaluation, reported (its line, its Authentication-Results
+        entry): ``(author, data)``."""
+        try:
+            record, policy_domain = await self._lookup(dns, author)
+        except DnsError as e:
+            tx.results.add(self, err=f"{author}: policy lookup failed: {e.kind}")
+            tx.results.auth(self, "dmarc", "temperror", header_from=author)
+            return author, {"result": "temperror", "from_domain": author, "disposition": "none", "error": str(e)}
+        data = self._evaluate(tx, author, record, policy_domain)
         if record is None:
             tx.results.add(self, skip=f"{author}: no DMARC record")
             tx.results.auth(self, "dmarc", "none", header_from=author)
-            return None
+            return author, data
         comment = f"p={record.p.upper()} sp={(record.sp or record.p).upper()} dis={data['disposition'].upper()}"
         tx.results.auth(self, "dmarc", data["result"], comment=comment, header_from=author,
                         policy_dmarc=data["policy"])
         if data["result"] == "pass":
             tx.results.add(self, pass_=f"{author}: aligned {' and '.join(data['aligned'])}")
-            return None
-        tx.results.add(self, fail=f"{author}: policy {data['policy']}, applied {data['disposition']}"
-                                  + (f" ({data['override']})" if data.get("override") else ""))
-        return self._act(message, author, data["disposition"])
+        else:
+            tx.results.add(self, fail=f"{author}: policy {data['policy']}, applied {data['disposition']}"
+                                      + (f" ({data['override']})" if data.get("override") else ""))
+        return author, data
 
     async def _lookup(self, dns, author: str) -> tuple[Record | None, str]:
         """§6.6.3: the author domain's record, else its organisational domain's."""
@@ -91,6 +109,8 @@ class Dmarc(Rule):
             found = [r for r in map(parse, await dns.resolve(f"_dmarc.{domain}", "TXT")) if r]
             if len(found) == 1:
                 return found[0], domain
+            if found:  # §6.6.3 step 5: several records end the discovery, DMARC does not apply
+                return None, author
         return None, author
 
     def _evaluate(self, tx, author: str, record: Record | None, policy_domain: str) -> dict:
@@ -146,6 +166,7 @@ class Dmarc(Rule):
                     self._soften.get("*"))
 
     def _act(self, message, author: str, disposition: str) -> Verdict | None:
+        author = _shown(author)
         reason = f"dmarc fail for {author}: {disposition}"
         if disposition == "reject":
             return Verdict.reject(f"Unauthenticated email from {author} is not accepted due to its "
@@ -156,3 +177,10 @@ class Dmarc(Rule):
             message.prepend_header(self.quarantine_header, f"dmarc fail, policy of {author}")
             return None
         return Verdict.quarantine(f"Message held for review: DMARC policy of {author}", reason=reason)
+
+
+def _shown(domain: str) -> str:
+    """The author domain as the reply and the header may carry it: printable ASCII. A From
+    domain with a NUL or 8-bit junk still has a policy (its organisational domain's), and
+    writing it raw would crash the rule: a 451 on every retry."""
+    return "".join(c if " " < c < "\x7f" else "?" for c in domain)

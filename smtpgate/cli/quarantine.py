@@ -226,7 +226,7 @@ async def relay(config, meta: dict, raw: bytes) -> dict:
             out["reply"] = "no recipient accepted"
             await downstream.reset()
             return out
-        reply = await downstream.data(_without_forgeries(raw, config.hostname))
+        reply = await downstream.data(_without_forgeries(raw, config.auth_id))
         out["reply"], out["ok"] = str(reply), reply.is_positive
     except RelayError as exc:
         out["reply"] = f"{exc.reply} ({exc})"

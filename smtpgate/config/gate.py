@@ -128,6 +128,9 @@ class GateConfig:
 
     source: str
     hostname: str = field(default_factory=socket.getfqdn)
+    # the Authentication-Results id the gate writes and removes as forged (RFC 8601 §2.5);
+    # None: the hostname. One id for several MX hosts of an ADMD is common
+    authserv_id: str | None = None
     listen: list[tuple[str, int]]
     workers: int
     downstream: DownstreamConfig
@@ -145,6 +148,11 @@ class GateConfig:
     dns: DnsConfig = field(default_factory=DnsConfig)
     metrics: tuple[str, int] | None = None
     log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def auth_id(self) -> str:
+        """The authserv-id of the gate's Authentication-Results: ``authserv_id``, else ``hostname``."""
+        return self.authserv_id or self.hostname
 
 
 def find_config_path(cli_path: str | None) -> str | None:
@@ -195,6 +203,14 @@ def _hostname(value: Any) -> str:
     if not isinstance(value, str) or not value or any(c.isspace() for c in value):
         raise ValueError(f"expected a host name, got {value!r}")
     return value
+
+
+def _authserv_id(value: Any) -> str:
+    # RFC 8601 §2.2: a value (token or quoted string); a dot-atom domain name is what
+    # everyone uses and what a downstream's filter can match
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.?", value):
+        raise ValueError(f"expected a domain name like example.net, got {value!r}")
+    return value.rstrip(".")
 
 
 def _host(value: Any) -> str:
@@ -435,6 +451,7 @@ class _Section:
 def _schema(base: str, policies_base: str) -> _Section:
     return _Section(GateConfig, {
         "hostname": _hostname,
+        "authserv_id": _authserv_id,
         "listen": _Each(_address, min_items=1),
         "workers": _workers,
         "downstream": _Section(DownstreamConfig, {

@@ -11,6 +11,7 @@ downstream sees under our id is ours alone.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from authres import AuthenticationResult, AuthenticationResultProperty, AuthenticationResultsHeader
 
@@ -31,9 +32,19 @@ def collected(tx) -> list[AuthResult]:
 def header_value(authserv_id: str, results: list[AuthResult]) -> str:
     """The field's value: ``gate.example; spf=pass smtp.mailfrom=a@example.org; dkim=...``
     (``authserv_id; none`` without results). Results that would make the line longer than
-    SMTP allows are left out, the later ones first."""
+    SMTP allows are left out: those of a method reported several times (dkim, one per
+    signature) first, the later ones first; so a message's own signatures can never push
+    its dmarc or arc verdict out of the header."""
     built = [_result(r) for r in results]
-    while True:
+    repeated = Counter(r.method for r in results)
+    length, keep = len(AUTH_RESULTS) + 2 + len(authserv_id), set()
+    for i in sorted(range(len(built)), key=lambda i: (repeated[results[i].method] > 1, i)):
+        size = 2 + len(str(built[i]))  # measured one by one: linear in a flood of results
+        if length + size <= MAX_LINE:
+            keep.add(i)
+            length += size
+    built = [b for i, b in enumerate(built) if i in keep]
+    while True:  # the field as authres writes it decides; at most a few results go here
         value = str(AuthenticationResultsHeader(authserv_id=authserv_id, results=built))
         value = value.partition(": ")[2]
         if len(AUTH_RESULTS) + 2 + len(value) <= MAX_LINE or not built:
@@ -55,7 +66,29 @@ def add_authentication_results(tx, authserv_id: str) -> str | None:
 
 
 def _result(r: AuthResult) -> AuthenticationResult:
-    props = [AuthenticationResultProperty(t, n, v) for t, n, v in r.properties]
-    comment = _COMMENT_UNSAFE.sub(" ", r.comment) if r.comment else None
-    return AuthenticationResult(r.method, result=r.result, result_comment=comment, reason=r.reason,
-                                properties=props)
+    props = [AuthenticationResultProperty(t, n, _ascii_value(v)) for t, n, v in r.properties
+             if _ascii_value(v) is not None]
+    comment = _COMMENT_UNSAFE.sub(" ", _ascii_text(r.comment)) if r.comment else None
+    return AuthenticationResult(r.method, result=r.result, result_comment=comment,
+                                reason=_ascii_text(r.reason) if r.reason else None, properties=props)
+
+
+def _ascii_text(text: str) -> str:
+    """A reason or comment in ASCII: the header must not carry 8-bit text the downstream
+    may not accept (RFC 8601 §2.2 wants RFC 6532 for that), so other characters become ?."""
+    return text if text.isascii() else "".join(c if c.isascii() else "?" for c in text)
+
+
+def _ascii_value(value: str) -> str | None:
+    """A property value in ASCII: an internationalised domain as its A-label
+    (``bänk.example`` -> ``xn--bnk-qla.example``); None (the property is left out) for
+    what has no ASCII form (a UTF-8 local part, a name IDNA refuses)."""
+    if value.isascii():
+        return value
+    local, at, domain = value.rpartition("@")
+    if not local.isascii():
+        return None
+    try:
+        return local + at + domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None

@@ -514,7 +514,7 @@ class Conversation:
         tx = self.tx
         tx.message = Message(raw)
         del raw  # the message holds the only copy from here on
-        forged = tx.message.remove_authentication_results(self.runtime.config.hostname)
+        forged = tx.message.remove_authentication_results(self.runtime.config.auth_id)
         if forged:  # RFC 8601 §5: only we may vouch under our own authserv-id
             tx.trace.append(TraceEntry("data", "gate", "continue",
                                        f"removed {forged} forged Authentication-Results"))
@@ -526,7 +526,7 @@ class Conversation:
         if self._progress.relayed == 0:  # every recipient was discarded
             await self.relay.reset()
             return await self._end(tx, OK_DATA, deliver_hooks=True)
-        add_authentication_results(tx, self.runtime.config.hostname)  # the rules' auth results, under our id
+        add_authentication_results(tx, self.runtime.config.auth_id)  # the rules' auth results, under our id
         # The message is final: seal-stage rules sign what will be relayed (only adding fields).
         verdict = await run_stage(tx.policy.rules, "seal", (tx,), tx.trace, message=tx.message)
         if verdict is not None and verdict.action != ACCEPT:

@@ -85,3 +85,20 @@ def test_forged_header_with_the_gates_id_is_replaced_by_the_gates_own(auth_gate,
     fields = [f for f in got.data.split(b"\r\n\r\n")[0].split(b"\r\n") if f.startswith(b"Authentication-Results")]
     assert len(fields) == 1
     assert authres.all_features().parse(fields[0].decode()).results[-1].result == "pass"
+
+
+def test_authserv_id_names_the_header_and_the_forgeries_removed(gate_factory, ns, downstream, keys):
+    # gate.yaml authserv_id: one id for all the ADMD's MX hosts; fields claiming it are
+    # forged, while the hostname is a name like any other
+    gate = gate_factory(policies={"default.yaml": POLICY},
+                        config={"authserv_id": "example.com",
+                                "dns": {"nameservers": [f"127.0.0.1:{ns.port}"], "timeout": "1s"}})
+    forged = (b"Authentication-Results: EXAMPLE.com; dmarc=pass header.from=example.org\r\n"
+              b"Authentication-Results: gate.test; spf=pass\r\n" + MESSAGE)
+    signed = sign(forged, keys["ed"], "example.org", "ed", headers=("From", "Subject"))
+    with smtplib.SMTP(gate.host, gate.port, timeout=15) as c:
+        assert c.sendmail("bounce@example.org", ["user@example.com"], signed) == {}
+    [got] = downstream.wait_for_messages(1)
+    fields = [f for f in got.data.split(b"\r\n\r\n")[0].split(b"\r\n") if f.startswith(b"Authentication-Results")]
+    assert [authres.all_features().parse(f.decode()).authserv_id for f in fields] == ["example.com", "gate.test"]
+    assert authres.all_features().parse(fields[0].decode()).results[-1].result == "pass"

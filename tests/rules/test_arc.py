@@ -20,7 +20,7 @@ from smtpgate_rules.dkim import Dkim
 from smtpgate_rules.dmarc import Dmarc
 from smtpgate_rules.rewrite import Rewrite
 from tests.support.arcsets import arc_hop, txt_lookup
-from tests.support.dkimkeys import ed25519_key, rsa_key, sign
+from tests.support.dkimkeys import absurd_rsa_record, ed25519_key, rsa_key, sign
 from tests.support.dnsserver import DnsServer
 
 RAW = message(subject="quarterly figures", body="hello\r\nsecond line\r\n").replace(
@@ -367,3 +367,86 @@ async def test_more_sets_than_max_sets_fail_unchecked(ns, gate_key, keys):
     result = await harness(ns, gate_key, {"max_sets": 2}).send(forwarded)
     assert chain_of(result)["cv"] == "fail" and "more than max_sets 2" in chain_of(result)["reason"]
     assert ns.count("arc._domainkey.fwd.example") == before  # nothing looked up
+
+
+async def test_a_flood_of_signing_keys_in_one_set_fails_unchecked(ns, gate_key, keys):
+    # ARC-Seal fields counted against max_sets is not enough: ARC-Message-Signature fields
+    # naming a thousand keys would cost a thousand lookups
+    forwarded = arc_hop(RAW, keys["fwd"], "fwd.example", "arc", "arc=none", authserv_id="hop.fwd.example")
+    flood = b"".join(f"ARC-Message-Signature: i=1; a=rsa-sha256; d=k{i}.fwd.example; s=arc; h=from; "
+                     f"bh=AAAA; b=AAAA\r\n".encode() for i in range(1000))
+    before = len(ns.queries)
+    result = await harness(ns, gate_key).send(flood + forwarded)
+    assert result.reply.code == 250
+    assert chain_of(result)["cv"] == "fail" and "1001 ARC signing keys named" in chain_of(result)["reason"]
+    assert len(ns.queries) - before <= 1  # the dkim rule's lookups only: none for the chain
+
+
+async def test_an_absurd_key_fails_the_chain_unchecked(ns, gate_key, keys, caplog):
+    # dkimpy would take seconds over a key with a 9000-bit public exponent: the rule never
+    # hands it one (the dkim rule's key limits)
+    forwarded = arc_hop(RAW, keys["fwd"], "fwd.example", "arc", "arc=none", authserv_id="hop.fwd.example")
+    ns.set("fwd.example", "arc._domainkey", "TXT", absurd_rsa_record())
+    result = await harness(ns, gate_key, dkim_rule=False).send(forwarded)
+    assert result.reply.code == 250 and chain_of(result)["cv"] == "fail"
+    assert "missing public key: b'arc._domainkey.fwd.example.'" in caplog.text  # dkimpy never had it
+
+
+@pytest.mark.parametrize("instance, reason", [(b"i=0", "without a valid instance"), (b"i=-3", "without a valid instance"),
+                                              (b"i=99", "i=99 above 50"), (b"i=" + b"9" * 40, "above 50")])
+async def test_a_chain_with_an_impossible_instance_fails_and_is_relayed(ns, gate_key, keys, instance, reason):
+    # dkimpy reads ARC fields with no instance in 1..50 as no chain at all (cv=none); a
+    # chain someone broke is a failed one (RFC 8617 §4.2.1), and never a crash
+    forwarded = arc_hop(RAW, keys["fwd"], "fwd.example", "arc", "arc=none", authserv_id="hop.fwd.example")
+    h = harness(ns, gate_key)
+    result = await h.send(forwarded.replace(b"i=1", instance))
+    assert result.reply.code == 250
+    assert chain_of(result)["cv"] == "fail" and reason in chain_of(result)["reason"]
+    assert chain_of(result)["instances"] <= 50
+    assert [r.result for r in gate_header(h.relayed[0].data).results if r.method == "arc"] == ["fail"]
+
+
+async def test_dkimpy_never_makes_a_lookup_of_its_own(ns, gate_key, keys, monkeypatch):
+    # every dkimpy default lookup ends in dnsplug._get_txt: a blocking dnspython query on the
+    # event loop. dkim, arc and dmarc verify and seal over the gate's own answers only.
+    def blocking(name, timeout=5):
+        raise AssertionError(f"dkimpy looked up {name!r} itself")
+    monkeypatch.setattr(dkim.dnsplug, "_get_txt", blocking)
+    signed = sign(RAW, keys["author"], "example.org", "rsa")
+    forwarded = arc_hop(signed, keys["fwd"], "fwd.example", "arc", "arc=none", authserv_id="hop.fwd.example")
+    h = harness(ns, gate_key, rules=[(Dmarc, {}), (Rewrite, {"subject_prefix": "[ext] "})])
+    result = await h.send(forwarded)
+    assert result.reply.code == 250
+    assert chain_of(result)["cv"] == "pass"
+    assert [s["result"] for s in result.transaction.results.get("dkim").data["signatures"]] == ["pass"]
+    assert "error" not in [t.action for t in result.transaction.trace]
+
+
+async def test_a_seal_dkimpy_trips_over_fails_the_chain_never_a_crash(ns, gate_key, keys):
+    # found by fuzzing: dkimpy's base64 check of bh= looks at b= instead (a slip), so an
+    # ARC-Message-Signature with a byte in bh= that is no base64 raised binascii.Error
+    forwarded = arc_hop(RAW, keys["fwd"], "fwd.example", "arc", "arc=none", authserv_id="hop.fwd.example")
+    start = forwarded.index(b" bh=", forwarded.index(b"ARC-Message-Signature:")) + 4
+    broken = forwarded[:start] + b"\x9a" + forwarded[start + 1:]
+    h = harness(ns, gate_key)
+    result = await h.send(broken)
+    assert result.reply.code == 250
+    assert chain_of(result)["cv"] == "fail"
+    assert "error" not in [t.action for t in result.transaction.trace]
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("max_sets: 51", "7:17: rules[0].arc.max_sets: expected 1 to 50 (RFC 8617's instance range), got 51"),
+    ("headers: [to]", "7:16: rules[0].arc.headers: must include from (RFC 6376 §5.4)"),
+    ("headers: [from, received]", "7:16: rules[0].arc.headers: item 1: received must not be signed (it changes on the way)"),
+    ("authserv_id: 'a;b'", "7:20: rules[0].arc.authserv_id: expected a domain name, got 'a;b'"),
+])
+def test_check_config_names_the_file_and_line_of_each_bad_option(tmp_path, gate_key, line, problem):
+    from smtpgate.config import check_config
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "default.yaml").write_text(
+        f"domains: [example.com]\nrules:\n  - arc:\n      selector: s\n      domain: example.org\n"
+        f"      key: {gate_key}\n      {line}\n")
+    (tmp_path / "gate.yaml").write_text("policies: policies\n")
+    assert [str(p) for p in check_config(str(tmp_path / "gate.yaml"))] == [
+        f"{tmp_path}/policies/default.yaml:{problem}"]

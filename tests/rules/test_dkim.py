@@ -10,7 +10,7 @@ from smtpgate.resolver import Resolver
 from smtpgate.testing import FakeClock, FakeResolver, Harness, message
 from smtpgate_rules.dkim import Dkim
 from tests.support.constants import ROOT
-from tests.support.dkimkeys import ed25519_key, rsa_key, sign
+from tests.support.dkimkeys import absurd_rsa_record, ed25519_key, rsa_key, sign
 from tests.support.dnsserver import DnsServer
 
 RAW = message(subject="signed", body="hello\r\nsecond line\r\n").replace(
@@ -168,8 +168,42 @@ async def test_too_many_signatures_are_not_all_checked(ns, keys):
     for _ in range(3):
         signed = sign(signed, keys["ed"], "example.org", "ed")
     result = await harness(ns, {"max_signatures": 2}).send(signed)
-    assert [s["result"] for s in result.transaction.results.get("dkim").data["signatures"]] == [
-        "pass", "pass", "neutral"]
+    data = result.transaction.results.get("dkim").data
+    assert [s["result"] for s in data["signatures"]] == ["pass", "pass"] and data["unchecked"] == 1
+
+
+async def test_a_flood_of_signatures_costs_max_signatures_lookups_and_one_line(ns, keys):
+    one = sign(RAW, keys["ed"], "example.org", "ed")
+    field = one[:len(one) - len(RAW)]  # the DKIM-Signature field sign() prepended
+    flood = b"".join(field.replace(b"d=example.org", f"d=d{i}.example.org".encode()) for i in range(2000))
+    h = harness(ns)
+    result = await h.send(flood + one)
+    record = result.transaction.results.get("dkim")
+    assert result.reply.code == 250
+    assert len(record.data["signatures"]) == 5 and record.data["unchecked"] == 1996
+    assert len(ns.queries) <= 5
+    assert len(header_of(h).results) <= 5
+
+
+async def test_an_absurd_rsa_key_is_refused_unchecked(keys):
+    # a signer's own DNS decides what a key costs: a 16384-bit exponent would cost seconds
+    record = absurd_rsa_record()
+    resolver = FakeResolver({("rsa._domainkey.example.org", "TXT"): record})
+    h = Harness([(Dkim, {})], resolver=resolver, hostname="gate.example", clock=FakeClock(time.time()))
+    result = await h.send(sign(RAW, keys["rsa"], "example.org", "rsa"))
+    (sig,) = result.transaction.results.get("dkim").data["signatures"]
+    assert (sig["result"], sig["reason"]) == ("permerror", "RSA public exponent of 9001 bits, more than 64")
+
+
+async def test_a_required_author_beside_another_from_address_is_still_required(ns, keys):
+    two = RAW.replace(b"From: alice@example.org", b"From: alice@example.org, eve@evil.example")
+    assert two != RAW
+    reply = (await harness(ns, {"require": ["example.org"]}).send(two)).reply
+    assert (reply.code, reply.enhanced) == (550, "5.7.20")
+    again = RAW.replace(b"From: alice@example.org", b"From: eve@evil.example\r\nFrom: alice@example.org")
+    assert (await harness(ns, {"require": ["example.org"]}).send(again)).reply.code == 550
+    signed = sign(two, keys["rsa"], "example.org", "rsa")
+    assert (await harness(ns, {"require": ["example.org"]}).send(signed)).reply.code == 250
 
 
 async def test_a_big_message_is_verified_in_a_thread_with_the_same_result(ns, keys):
@@ -203,3 +237,25 @@ async def test_header_section_starting_with_a_continuation_line_is_relayed_not_a
     sigs = result.transaction.results.get("dkim").data["signatures"]
     assert [s["result"] for s in sigs] == ["neutral"]
     assert "not parseable" in sigs[0]["reason"]
+
+
+async def test_signatures_dkimpy_trips_over_are_neutral_never_a_crash(ns, keys):
+    # found by fuzzing: dkimpy raises IndexError (an i= as long as d=), binascii.Error (a b=
+    # that is not base64 by the time it is decoded) and PyNaCl's ValueError (an Ed25519 b= of
+    # the wrong length) — a crash would be a 451 on every retry
+    ed = sign(RAW, keys["ed"], "example.org", "ed")
+    b_value = ed[ed.index(b" b=") + 3:ed.index(b"\r\n", ed.index(b" b="))]
+    broken = {
+        "i= as long as d=": ed.replace(b"i=@example.org", b"i=example.org"),
+        "b= padding": ed.replace(b_value, b_value[:-3]),
+        "b= too short": ed.replace(b_value, b_value[:-8]),
+        "bh= a character short": ed[:ed.index(b"bh=") + 3]
+        + ed[ed.index(b"bh=") + 4:],
+    }
+    h = harness(ns)
+    for what, raw in broken.items():
+        assert raw != ed, what
+        result = await h.send(raw)
+        assert result.reply.code == 250, what
+        [sig] = result.transaction.results.get("dkim").data["signatures"]
+        assert sig["result"] in ("neutral", "fail"), what

@@ -33,8 +33,10 @@ ZONES = {
                     "_dmarc.strict": {"TXT": "v=DMARC1; p=reject; adkim=s; aspf=s"},
                     "_dmarc.q": {"TXT": "v=DMARC1; p=quarantine"},
                     "_dmarc.n": {"TXT": "v=DMARC1; p=none"},
-                    "_dmarc.half": {"TXT": "v=DMARC1; p=reject; pct=50"}},
+                    "_dmarc.half": {"TXT": "v=DMARC1; p=reject; pct=50"},
+                    "_dmarc.two": {"TXT": ["v=DMARC1; p=none", "v=DMARC1; p=none; pct=10"]}},
     "example.co.uk": {"_dmarc": {"TXT": ["v=DMARC1; p=reject; sp=quarantine", "unrelated text"]}},
+    "xn--bnk-qla.example": {"_dmarc": {"TXT": "v=DMARC1; p=reject"}},
     "other.example": {"@": {"TXT": "v=spf1 ip4:192.0.2.1 -all"},
                       "sel._domainkey": {"TXT": KEY.record}},
 }
@@ -155,10 +157,34 @@ async def test_no_record_and_broken_from_are_recorded_never_refused(ns):
     result = await h.send(raw("a@other.example"), sender="x@nowhere.example", client_ip="203.0.113.9")
     assert result.reply.code == 250
     assert result.transaction.results.get("dmarc").data["result"] == "none"
-    two = raw().replace(b"From: alice@example.org", b"From: alice@example.org, bob@other.example")
-    result = await h.send(two, sender="x@other.example", client_ip="203.0.113.9")
+    nobody = raw().replace(b"From: alice@example.org\r\n", b"From: undisclosed-recipients:;\r\n")
+    result = await h.send(nobody, sender="x@other.example", client_ip="203.0.113.9")
     assert result.reply.code == 250
-    assert [r.result for r in auth_header(h).results if r.method == "dmarc"] == ["permerror"]
+    assert [r.result for r in auth_header(h).results if r.method == "dmarc"] == ["none"]
+
+
+@pytest.mark.parametrize("froms", [b"From: bob@other.example, alice@example.org",
+                                   b"From: bob@other.example\r\nFrom: alice@example.org"])
+async def test_every_from_domain_is_judged_and_the_strictest_failing_policy_applies(ns, froms):
+    # RFC 7489 §6.6.1: a p=reject domain beside another address (or in a second From field)
+    # is not a way around its policy
+    h = harness(ns)
+    two = raw().replace(b"From: alice@example.org", froms)
+    signed = sign(two, KEY, "other.example", "sel")
+    result = await h.send(signed, sender="x@other.example", client_ip="203.0.113.9")
+    assert (result.reply.code, result.reply.enhanced) == (550, "5.7.1")
+    data = result.transaction.results.get("dmarc").data
+    assert data["from_domain"] == "example.org" and data["disposition"] == "reject"
+    assert [(a["from_domain"], a["result"]) for a in data["authors"]] == [
+        ("other.example", "none"), ("example.org", "fail")]
+    if froms.count(b"From:") > 1:
+        return  # dkimpy verifies every From field, so a signature over one of two never passes
+    # both aligned: it passes
+    both = sign(signed, KEY, "example.org", "sel")
+    result = await h.send(both, sender="x@other.example", client_ip="203.0.113.9")
+    assert result.reply.code == 250
+    assert [(r.header_from, r.result) for r in auth_header(h).results if r.method == "dmarc"] == [
+        ("other.example", "none"), ("example.org", "pass")]
 
 
 async def test_policy_lookup_failure_is_temperror():
@@ -181,3 +207,48 @@ def test_bad_quarantine_header_fails_at_load():
     from smtpgate import OptionError
     with pytest.raises(OptionError):
         Harness([(Dmarc, {"quarantine_header": "Bad Header:"})])
+
+
+async def test_several_records_end_policy_discovery(ns):
+    # RFC 7489 §6.6.3 step 5: two records at two.example.org, so DMARC does not apply there,
+    # and example.org's p=reject is not looked up in their place
+    h = harness(ns)
+    result = await h.send(raw("a@two.example.org"), sender="x@other.example", client_ip="203.0.113.9")
+    assert result.reply.code == 250
+    assert result.transaction.results.get("dmarc").data["result"] == "none"
+
+
+async def test_spf_alignment_relaxed_and_strict(ns):
+    # SPF passes for example.org; the author is a subdomain: relaxed (example.org's record)
+    # aligns, strict (strict.example.org's aspf=s) does not
+    h = harness(ns)
+    result = await h.send(raw("alice@mail.example.org"), sender="bounce@example.org", client_ip=SPF_IP)
+    data = result.transaction.results.get("dmarc").data
+    assert (result.reply.code, data["result"], data["aligned"]) == (250, "pass", ["spf"])
+    result = await h.send(raw("alice@strict.example.org"), sender="bounce@example.org", client_ip=SPF_IP)
+    data = result.transaction.results.get("dmarc").data
+    assert (result.reply.code, data["spf"]["result"], data["spf"]["aligned"]) == (550, "pass", False)
+
+
+async def test_an_internationalised_from_domain_is_looked_up_as_its_a_label(ns):
+    # SMTPUTF8 mail: From: alice@bänk.example has the policy of xn--bnk-qla.example
+    h = harness(ns)
+    utf8 = raw().replace(b"alice@example.org", "alice@bänk.example".encode())
+    result = await h.send(utf8, sender="x@other.example", client_ip="203.0.113.9")
+    assert (result.reply.code, result.reply.enhanced) == (550, "5.7.1")
+    assert result.transaction.results.get("dmarc").data["from_domain"] == "xn--bnk-qla.example"
+
+
+@pytest.mark.parametrize("policy, on_quarantine, code", [("reject", "quarantine", 550), ("quarantine", "header", 250),
+                                                          ("quarantine", "quarantine", 554)])
+@pytest.mark.parametrize("junk", [b"x\x00y", "x\u00e4\u200b\x00".encode(), b"x\xffy"])
+async def test_a_from_domain_with_junk_gets_its_policy_never_a_crash(policy, on_quarantine, code, junk):
+    # the domain has no DMARC record of its own but its organisational domain does; writing
+    # it raw into the reply or the header crashed the rule (a 451 on every retry)
+    resolver = FakeResolver({("_dmarc.example.org", "TXT"): f"v=DMARC1; p={policy}"})
+    h = Harness([(Dmarc, {"on_quarantine": on_quarantine})], resolver=resolver)
+    result = await h.send(raw("a@x.example.org").replace(b"a@x.example.org", b"a@" + junk + b".example.org"))
+    assert result.reply.code == code
+    assert "error" not in [t.action for t in result.transaction.trace]
+    if on_quarantine == "header":
+        assert b"X-DMARC-Quarantine: dmarc fail, policy of x" in h.relayed[0].data

@@ -68,3 +68,22 @@ def sign(raw: bytes, key: Key, domain: str, selector: str, *, expires: int | Non
     field = signer.sign(selector.encode(), domain.encode(), key.private, signature_algorithm=key.algorithm,
                         canonicalize=(b"relaxed", b"relaxed"), include_headers=[h.encode() for h in headers])
     return field + raw
+
+
+def absurd_rsa_record() -> str:
+    """A key record no signer needs: a 4096-bit modulus with a 9001-bit public exponent (one
+    verification would cost seconds). Written as DER by hand: no library makes such a key."""
+
+    def der(tag: int, body: bytes) -> bytes:
+        n = len(body)
+        size = bytes([n]) if n < 128 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes(
+            (n.bit_length() + 7) // 8, "big")
+        return bytes([tag]) + size + body
+
+    def integer(v: int) -> bytes:
+        return der(0x02, v.to_bytes(v.bit_length() // 8 + 1, "big"))
+
+    n, e = (1 << 4095) | 1, (1 << 9000) | 1
+    algorithm = der(0x30, der(0x06, b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01") + der(0x05, b""))
+    spki = der(0x30, algorithm + der(0x03, b"\x00" + der(0x30, integer(n) + integer(e))))
+    return "v=DKIM1; k=rsa; p=" + base64.b64encode(spki).decode()

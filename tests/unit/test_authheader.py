@@ -88,3 +88,55 @@ def test_hostile_values_stay_one_line_and_within_smtp_limits():
 
 def test_header_value_without_results_says_none():
     assert header_value("gate.example", []) == "gate.example; none"
+
+
+def test_a_flood_of_results_is_cut_to_one_line_in_linear_work():
+    # a message with thousands of signatures must not cost the loop seconds (the header used
+    # to be rebuilt once per result dropped): count authres builds, not time
+    import authres
+    built = []
+    real = authres.AuthenticationResultsHeader.__str__
+
+    def counting(self):
+        built.append(1)
+        return real(self)
+
+    tx = transaction()
+    for i in range(3000):
+        tx.results.auth("dkim", "dkim", "neutral", reason="not checked", header_d=f"d{i}.example")
+    authres.AuthenticationResultsHeader.__str__ = counting
+    try:
+        value = header_value("gate.example", tx.results.auth_results())
+    finally:
+        authres.AuthenticationResultsHeader.__str__ = real
+    assert len(built) <= 3
+    assert len("Authentication-Results: " + value) <= MAX_LINE
+    assert 0 < len(parse(value).results) < 3000
+
+
+def test_non_ascii_values_are_written_as_ascii():
+    tx = transaction()
+    tx.results.auth("dmarc", "dmarc", "fail", reason="zu spät", header_from="bänk.example")
+    tx.results.auth("spf", "spf", "pass", smtp_mailfrom="jörg@bänk.example")
+    value = add_authentication_results(tx, "gate.example")
+    assert value.isascii()
+    parsed = parse(value)
+    assert parsed.results[0].header_from == "xn--bnk-qla.example"
+    assert parsed.results[0].reason == "zu sp?t"
+    assert parsed.results[1].properties == []
+
+
+def test_signatures_never_push_the_dmarc_and_arc_results_out():
+    # a message's own (failing) signatures are the one thing a sender can multiply: when the
+    # line is full, dkim results go before the verdicts that are one per message
+    tx = transaction()
+    tx.session.results.auth("fcrdns", "iprev", "pass", policy_iprev="192.0.2.1")
+    for i in range(5):
+        tx.results.auth("dkim", "dkim", "fail", reason="x" * 150, header_d=f"{'d' * 200}{i}.example")
+    tx.results.auth("dmarc", "dmarc", "fail", header_from="example.org")
+    tx.results.auth("arc", "arc", "none")
+    value = add_authentication_results(tx, "gate.example")
+    methods = [r.method for r in parse(value).results]
+    assert methods[0] == "iprev" and methods[-2:] == ["dmarc", "arc"]
+    assert 0 < methods.count("dkim") < 5
+    assert len("Authentication-Results: " + value) <= MAX_LINE

@@ -414,3 +414,13 @@ def test_downstream_pool(tmp_path):
         "bad.yaml:1:50: downstream.pool.max_uses: expected a whole number of 1 or more, got 0",
         "bad.yaml:1:53: downstream.pool.ttl: unknown key (known: size, idle, max_uses)",
     ]
+
+
+def test_authserv_id_defaults_to_the_hostname(tmp_path):
+    plain = load_gate_config(write(tmp_path / "a.yaml", "hostname: mx1.example.net\n"))
+    assert (plain.authserv_id, plain.auth_id) == (None, "mx1.example.net")
+    shared = load_gate_config(write(tmp_path / "b.yaml", "hostname: mx1.example.net\nauthserv_id: example.net.\n"))
+    assert shared.auth_id == "example.net"
+    path = write(tmp_path / "c.yaml", "authserv_id: 'example.net; dkim=pass'\n")
+    assert problems_of(path) == [f"{path}:1:14: authserv_id: expected a domain name like example.net, "
+                                 "got 'example.net; dkim=pass'"]

@@ -304,3 +304,18 @@ def test_session_limits_from_gate_config():
     assert (r.session_budget, r.session_queries, r.session_inflight) == (4.0, 7, 3)
     budget = r.for_session(Session("s", "192.0.2.1")).budget
     assert (budget.seconds, budget.max_queries) == (4.0, 7)
+
+
+async def test_resolve_many_answers_each_name_once_and_keeps_failures_apart(ns):
+    r = resolver(ns, session_queries=3)
+    dns = r.for_session(Session("s1", "192.0.2.1"))
+    found = await dns.resolve_many(["host.example.test", "broken.example.test", "HOST.example.test",
+                                    "host.example.test", "nothing.example.test"])
+    assert list(found) == ["host.example.test", "broken.example.test", "HOST.example.test",
+                           "nothing.example.test"]
+    assert found["host.example.test"] == ["192.0.2.55"] and found["nothing.example.test"] == []
+    assert isinstance(found["broken.example.test"], DnsError)
+    assert ns.count("host.example.test") == 1
+    # the session's query budget holds across the batch: a fourth name is refused, not asked
+    more = await dns.resolve_many(["liar.example.test"])
+    assert isinstance(more["liar.example.test"], DnsError) and ns.count("liar.example.test") == 0
