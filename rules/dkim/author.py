@@ -11,7 +11,9 @@ def author_domains(message: Message) -> list[str]:
     """The distinct domains of every ``From:`` address, lower case without a final dot, in
     ASCII
     (``[]``: no From with a domain; several: a message DMARC cannot judge, §6.6.1)."""
-    values = message.get_all("From")
+    # unfolded first (RFC 5322 §2.2.3: CRLF removed, the space kept): parsed folded, a@ex<CRLF>
+    # <SP>ample.org would read as the domain "ex", not what a reader sees, example.org
+    values = [v.replace("\r\n", "").replace("\n", "") for v in message.get_all("From")]
     found: list[str] = []
     for _, address in getaddresses(values):
         domain = _a_label(address.rpartition("@")[2].strip().rstrip(".").lower()) if "@" in address else ""

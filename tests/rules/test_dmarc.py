@@ -252,3 +252,13 @@ async def test_a_from_domain_with_junk_gets_its_policy_never_a_crash(policy, on_
     assert "error" not in [t.action for t in result.transaction.trace]
     if on_quarantine == "header":
         assert b"X-DMARC-Quarantine: dmarc fail, policy of x" in h.relayed[0].data
+
+
+async def test_a_folded_from_address_is_judged_as_a_reader_sees_it(ns):
+    # folded inside the domain, parsed without unfolding it read as the domain "ex" (no
+    # policy): a way around example.org's p=reject
+    h = harness(ns)
+    folded = raw().replace(b"From: alice@example.org", b"From: alice@ex\r\n ample.org")
+    result = await h.send(folded, sender="x@other.example", client_ip="203.0.113.9")
+    assert (result.reply.code, result.reply.enhanced) == (550, "5.7.1")
+    assert result.transaction.results.get("dmarc").data["from_domain"] == "example.org"
