@@ -239,6 +239,8 @@ class Conversation:
     async def after_greeting(self) -> None:
         """The rest of HELO/EHLO, after its reply: any transaction ends, ``on_helo`` runs."""
         await self._abandon()
+        if self.relay.connected:  # the downstream was greeted with the client's old name and
+            await self.relay.close()  # protocol: the next MAIL opens it (or a pooled one) anew
         trace: list[TraceEntry] = []
         policy = self.runtime.policies.session_policy
         verdict = await run_stage(policy.rules, "helo", (self.session,), trace)

@@ -165,3 +165,20 @@ def test_helo_refusal_agrees_with_the_table(name):
     text = name.decode("utf-8", "surrogateescape").strip()
     why = helo_refusal(text)
     assert (why is None) == (helo_attr is not None) and (reason is None or reason in why)
+
+
+@pytest.mark.parametrize("again", ["ehlo", "helo"])
+def test_a_new_greeting_after_a_transaction_reaches_the_downstream_before_the_next_mail(gate, downstream, again):
+    # the downstream session stays open between transactions; a second greeting must not
+    # leave the next transaction under the first greeting's name and protocol
+    with gate.smtp() as c:
+        c.ehlo("before.client.test")
+        assert c.sendmail("a@sender.test", ["user@example.com"], MSG) == {}
+        assert getattr(c, again)("after.client.test")[0] == 250
+        if again == "helo":  # smtplib would still send EHLO's parameters
+            c.does_esmtp, c.esmtp_features = False, {}
+        assert c.sendmail("b@sender.test", ["user@example.com"], MSG) == {}
+    first, second = downstream.wait_for_messages(2)
+    assert first.xclient["HELO"] == "before.client.test"
+    assert second.xclient["HELO"] == "after.client.test" and second.helo == "after.client.test"
+    assert second.xclient["PROTO"] == ("ESMTP" if again == "ehlo" else "SMTP")
