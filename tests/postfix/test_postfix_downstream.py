@@ -201,36 +201,6 @@ def test_a_starttls_client_is_named_with_a_proto_postfix_takes(gate_factory, pos
                          r"helo=<tls\.client\.test>" % client_port)
 
 
-def test_xclient_with_proxy_protocol_client(gate_factory, postfix_downstream):
-    """With `proxy_protocol: true`, the address from the PROXY v1 header is what the gate
-    hands Postfix: Postfix logs client=unknown[203.0.113.7] and its Received header names it."""
-    postfix = postfix_downstream
-    gate = gate_factory(downstream_port=postfix.port, config={"proxy_protocol": True})
-    raw = Raw(gate.address)
-    try:
-        raw.send(b"PROXY TCP4 203.0.113.7 127.0.0.1 40123 25\r\n")
-        assert raw.reply().startswith(b"220 ")
-        assert raw.cmd(b"EHLO proxied.client.test").startswith(b"250")
-        assert raw.cmd(b"MAIL FROM:<alice@sender.test>").startswith(b"250")
-        assert raw.cmd(b"RCPT TO:<user@example.com>").startswith(b"250")
-        assert raw.cmd(b"DATA").startswith(b"354")
-        final = raw.cmd(stuff(MESSAGE) + b".")
-        assert raw.cmd(b"QUIT").startswith(b"221")
-    finally:
-        raw.close()
-    qid = queue_id((int(final[:3]), final[4:].rstrip(b"\r\n")))
-
-    postfix.wait_for_log(rf"smtpd\[\d+\]: {qid}: client=unknown\[203\.0\.113\.7\]:40123\b")
-    postfix.wait_for_log(r"info: RCPT from unknown\[203\.0\.113\.7\]:40123: .*helo=<proxied\.client\.test>")
-    [msg] = postfix.relay.wait_for_messages(1, timeout=10)
-    received = split_received(msg.data, MESSAGE)
-    assert received.startswith(b"Received: from proxied.client.test (unknown [203.0.113.7])"), received
-    assert b"127.0.0.1" not in received
-
-
-POOL = {"downstream": {"pool": {"size": 8}}}
-
-
 def _proxied_delivery(gate, proxy: bytes, greeting: bytes) -> str:
     """One client connection through the gate (its address from a PROXY header): the queue id."""
     raw = Raw(gate.address)
@@ -246,6 +216,24 @@ def _proxied_delivery(gate, proxy: bytes, greeting: bytes) -> str:
     finally:
         raw.close()
     return queue_id((int(final[:3]), final[4:].rstrip(b"\r\n")))
+
+
+def test_xclient_with_proxy_protocol_client(gate_factory, postfix_downstream):
+    """With `proxy_protocol: true`, the address from the PROXY v1 header is what the gate
+    hands Postfix: Postfix logs client=unknown[203.0.113.7] and its Received header names it."""
+    postfix = postfix_downstream
+    gate = gate_factory(downstream_port=postfix.port, config={"proxy_protocol": True})
+    qid = _proxied_delivery(gate, b"PROXY TCP4 203.0.113.7 127.0.0.1 40123 25", b"EHLO proxied.client.test")
+
+    postfix.wait_for_log(rf"smtpd\[\d+\]: {qid}: client=unknown\[203\.0\.113\.7\]:40123\b")
+    postfix.wait_for_log(r"info: RCPT from unknown\[203\.0\.113\.7\]:40123: .*helo=<proxied\.client\.test>")
+    [msg] = postfix.relay.wait_for_messages(1, timeout=10)
+    received = split_received(msg.data, MESSAGE)
+    assert received.startswith(b"Received: from proxied.client.test (unknown [203.0.113.7])"), received
+    assert b"127.0.0.1" not in received
+
+
+POOL = {"downstream": {"pool": {"size": 8}}}
 
 
 def test_pooled_session_greeted_again_carries_only_the_next_clients_attributes(

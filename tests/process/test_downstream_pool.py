@@ -3,8 +3,8 @@ the capturing downstream (which counts connections and records every command).""
 from __future__ import annotations
 
 import signal
-import socket
 
+from tests.support.rawsmtp import connect, reply
 from tests.support.waiting import wait_until
 
 MSG = b"Subject: pooled\r\n\r\nhello\r\n"
@@ -48,17 +48,6 @@ def test_the_next_client_reuses_the_session_greeted_again_as_itself(gate_factory
     # a new downstream session) and no QUIT until the gate stops
     assert verbs(sess) == ["EHLO"] + ["XCLIENT", "EHLO", "XFORWARD", "MAIL", "RCPT", "DATA"] * 3
 
-
-def connect(gate, source: str):
-    s = socket.create_connection(gate.address, timeout=10, source_address=(source, 0))
-    return s, s.makefile("rb")
-
-
-def reply(f) -> bytes:
-    while True:
-        line = f.readline()
-        if line[3:4] != b"-":
-            return line
 
 
 def say(s, f, line: bytes) -> bytes:

@@ -2,22 +2,9 @@
 loopback source addresses, the capturing downstream told the real client."""
 from __future__ import annotations
 
-import socket
+from tests.support.rawsmtp import connect, reply
 
 BODY = b"Subject: forwarded\r\n\r\nhello\r\n"
-
-
-def connect(gate, source: str):
-    s = socket.create_connection(gate.address, timeout=10, source_address=(source, 0))
-    return s, s.makefile("rb")
-
-
-def reply(f) -> bytes:
-    """One whole reply (its last line)."""
-    while True:
-        line = f.readline()
-        if line[3:4] != b"-":
-            return line
 
 
 def ehlo(s, f, name=b"forwarder.test") -> list[bytes]:

@@ -22,6 +22,20 @@ def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bool, bytes]
     return False, got
 
 
+def connect(gate, source: str):
+    """A plain socket to ``gate`` from the loopback address ``source``, and its read file."""
+    s = socket.create_connection(gate.address, timeout=10, source_address=(source, 0))
+    return s, s.makefile("rb")
+
+
+def reply(f) -> bytes:
+    """One whole reply from ``f`` (its last line)."""
+    while True:
+        line = f.readline()
+        if line[3:4] != b"-":
+            return line
+
+
 class RawSMTP:
     """Send exact bytes; read whole (multi-line) replies back as bytes."""
 
