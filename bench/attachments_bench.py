@@ -40,7 +40,8 @@ HEAD = (b"From: Bench <bench@sender.example>\r\nTo: rcpt@example.com\r\nSubject:
         b"Message-ID: <bench@sender.example>\r\nMIME-Version: 1.0\r\n")
 
 
-def text_message(size: int = 10 * 1024) -> bytes:
+def text_body(size: int) -> bytes:
+    """About ``size`` bytes of plain words, CRLF lines (the same text every run)."""
     rnd = random.Random(1)
     words = ["alpha", "beta", "gamma", "delta", "invoice", "meeting", "report", "tomorrow"]
     lines, total = [], 0
@@ -48,7 +49,11 @@ def text_message(size: int = 10 * 1024) -> bytes:
         line = " ".join(rnd.choice(words) for _ in range(12))
         lines.append(line)
         total += len(line) + 2
-    return HEAD + b"Content-Type: text/plain; charset=us-ascii\r\n\r\n" + "\r\n".join(lines).encode() + b"\r\n"
+    return "\r\n".join(lines).encode() + b"\r\n"
+
+
+def text_message(size: int = 10 * 1024) -> bytes:
+    return HEAD + b"Content-Type: text/plain; charset=us-ascii\r\n\r\n" + text_body(size)
 
 
 def big_message(size: int = 2 * 1024 * 1024) -> bytes:

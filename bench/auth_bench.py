@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import smtplib
 import sys
@@ -29,6 +28,8 @@ import tempfile
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
+
+from attachments_bench import text_body  # bench/ is this script's sys.path[0]
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,14 +40,7 @@ HEAD = (b"From: Bench <bench@example.org>\r\nTo: rcpt@example.com\r\nSubject: be
 
 
 def text_message(size: int) -> bytes:
-    rnd = random.Random(1)
-    words = ["alpha", "beta", "gamma", "delta", "invoice", "meeting", "report", "tomorrow"]
-    lines, total = [], 0
-    while total < size:
-        line = " ".join(rnd.choice(words) for _ in range(12))
-        lines.append(line)
-        total += len(line) + 2
-    return HEAD + "\r\n".join(lines).encode() + b"\r\n"
+    return HEAD + text_body(size)
 
 
 def arc_registered() -> bool:
