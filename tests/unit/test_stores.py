@@ -383,21 +383,21 @@ def test_unknown_state_urls_are_refused():
         open_greylist_store("mysql://x")
 
 
-async def test_redis_keys_carry_ttls(backend, make_store):
-    if backend != "redis":
-        pytest.skip("Redis only")
+async def test_redis_keys_carry_ttls(tmp_path):
     import redis.asyncio as aioredis
-    store = make_store()
-    await attempt(store, T0)
-    await attempt(store, T0 + 300, key=(C, "x@y.example", R))
-    await attempt(store, T0 + 600, key=(C, "x@y.example", R))
-    r = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        pending = await r.ttl(store.triplet_key(C, S, R))
-        passed = await r.ttl(store.triplet_key(C, "x@y.example", R))
-        awl = await r.ttl(store.awl_key(C))
-    finally:
-        await r.aclose()
+    require_redis()
+    async with store_maker(open_greylist_store, "redis", tmp_path) as make_store:
+        store = make_store()
+        await attempt(store, T0)
+        await attempt(store, T0 + 300, key=(C, "x@y.example", R))
+        await attempt(store, T0 + 600, key=(C, "x@y.example", R))
+        r = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            pending = await r.ttl(store.triplet_key(C, S, R))
+            passed = await r.ttl(store.triplet_key(C, "x@y.example", R))
+            awl = await r.ttl(store.awl_key(C))
+        finally:
+            await r.aclose()
     assert 2 * 86400 + GRACE - 5 <= pending <= 2 * 86400 + GRACE
     assert P.pass_ttl + GRACE - 5 <= passed <= P.pass_ttl + GRACE
     assert awl >= passed
@@ -481,11 +481,10 @@ def test_sqlite3_and_redis_each_have_one_importer():
     assert _importers("redis") == {"stores/redis_store.py"}
 
 
-async def test_a_busy_redis_store_serves_every_waiter_in_turn(backend, tmp_path):
+async def test_a_busy_redis_store_serves_every_waiter_in_turn():
     """64 tasks sending decisions back to back through 4 connections: none may wait past
     pool_timeout (redis-py's own blocking pool is unfair: a waiter could starve)."""
-    if backend != "redis":
-        pytest.skip("Redis only")
+    require_redis()
     prefix = new_prefix()
     store = open_greylist_store(f"{redis_state(prefix)}&max_connections=4&pool_timeout=1.5")
     jobs = iter(range(4000))
