@@ -20,7 +20,7 @@ import threading
 import pytest
 
 from tests.support.waiting import wait_until
-from tests.support.procinfo import children_of, socket_inodes
+from tests.support.procinfo import ESTABLISHED, children_of, socket_inodes, tcp_inodes
 from tests.process.test_relay import MSG, raw
 
 
@@ -155,15 +155,7 @@ class LoadClient(threading.Thread):
 
 def established_on(pid: int, port: int) -> int:
     """How many accepted connections on `port` the process `pid` holds."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            next(f)
-            for row in f:
-                cols = row.split()
-                if cols[3] == "01" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(cols[9])
-    return len(socket_inodes(pid) & inodes)
+    return len(socket_inodes(pid) & tcp_inodes(port, ESTABLISHED))
 
 
 @pytest.mark.parametrize("victim", ["gate", "worker"])

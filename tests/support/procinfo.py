@@ -25,17 +25,25 @@ def children_of(pid: int) -> dict[int, str]:
     return out
 
 
-def listening_inodes(port: int) -> set[str]:
-    """Inodes of the sockets listening on port (any address), from /proc/net/tcp{,6}."""
+LISTEN, ESTABLISHED = "0A", "01"  # the kernel's TCP states as /proc/net/tcp writes them
+
+
+def tcp_inodes(port: int, state: str) -> set[str]:
+    """Inodes of the sockets on local ``port`` (any address) in ``state``, from /proc/net/tcp{,6}."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
             next(f)
             for row in f:
                 cols = row.split()
-                if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                if cols[3] == state and int(cols[1].rsplit(":", 1)[1], 16) == port:
                     inodes.add(cols[9])
     return inodes
+
+
+def listening_inodes(port: int) -> set[str]:
+    """Inodes of the sockets listening on port (any address)."""
+    return tcp_inodes(port, LISTEN)
 
 
 def socket_inodes(pid: int) -> set[str]:
