@@ -41,6 +41,33 @@ def _results(results: dict) -> str:
     return ",".join(out)
 
 
+_SUMMED = ("rules", "results")  # keys whose list / dict value the text line sums up
+
+
+def _text_value(key: str, value) -> str | None:
+    """A field's value as written in the text line; None: left out."""
+    if value == []:
+        return None
+    if isinstance(value, LogField):
+        text = value.text()
+        return str(text) if text else None
+    if key == "rules":
+        return _summary(value)
+    if key == "results":
+        return _results(value) or None
+    if isinstance(value, list):
+        return ",".join(value)
+    return str(value)
+
+
+def _quoted(value: str) -> str:
+    """``json.dumps(value)``, without its encoder for the usual printable ASCII text (which
+    it would only wrap in quotes: nothing in it needs an escape)."""
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    return json.dumps(value)
+
+
 class TextFormatter(logging.Formatter):
     _second, _stamp = -1, ""  # the last second formatted: most lines share it with the one before
 
@@ -56,22 +83,13 @@ class TextFormatter(logging.Formatter):
         else:
             parts = []
             for key, value in fields.items():
-                if value is None or value == []:
+                if value is None:
                     continue
-                if isinstance(value, LogField):
-                    value = value.text()
-                    if not value:
+                if value.__class__ is not str or key in _SUMMED:  # a plain text is the usual value
+                    value = _text_value(key, value)
+                    if value is None:
                         continue
-                elif key == "rules":
-                    value = _summary(value)
-                elif key == "results":
-                    value = _results(value)
-                    if not value:
-                        continue
-                elif isinstance(value, list):
-                    value = ",".join(value)
-                value = str(value)
-                parts.append(f"{key}={json.dumps(value) if (' ' in value or not value) else value}")
+                parts.append(f"{key}={_quoted(value) if (' ' in value or not value) else value}")
             text = f"{head} {record.getMessage()} {' '.join(parts)}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)

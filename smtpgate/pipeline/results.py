@@ -108,7 +108,9 @@ class RuleResult:
     def outcome(self) -> str | None:
         """The record in one word: ``fail`` beats ``err`` beats ``pass`` beats ``skip``;
         None when it holds only messages or data."""
-        return next((k for k in OUTCOMES[:4] if getattr(self, _attr(k))), None)
+        # OUTCOMES' order, written out: this runs for every record of every log line
+        return ("fail" if self.fail else "err" if self.err else "pass" if self.pass_
+                else "skip" if self.skip else None)
 
     def as_dict(self) -> dict:
         out: dict[str, Any] = {k: list(getattr(self, _attr(k))) for k in OUTCOMES if getattr(self, _attr(k))}
@@ -286,12 +288,16 @@ class ResultsLog(LogField):
 
     def _merged(self) -> dict[str, RuleResult]:
         session, tx = self._parts
-        return {**session._records, **tx._records}
+        return {**session._records, **tx._records} if session._records else tx._records
 
     def text(self) -> str:
         """``spf:pass,dnsbl:shadow-fail`` (what ``Results.summary`` says, for both)."""
-        return ",".join(f"{r.rule}:{'shadow-' if r.shadow else ''}{r.outcome}"
-                        for r in self._merged().values() if r.outcome)
+        out = []
+        for r in self._merged().values():
+            outcome = r.outcome
+            if outcome:
+                out.append(f"{r.rule}:shadow-{outcome}" if r.shadow else f"{r.rule}:{outcome}")
+        return ",".join(out)
 
     def json(self) -> dict[str, dict]:
         return {name: r.as_dict() for name, r in self._merged().items()}

@@ -65,26 +65,26 @@ def _arguments(stage: str, args: tuple) -> dict:
     return out
 
 
-def _call(rule, hook_name: str, stage: str, args: tuple):
-    """Call the hook with the arguments it names (checked against HOOKS at load time); a hook
-    with the documented positional signature gets the caller's ``args`` as they are."""
-    key = (type(rule), hook_name)
+def _call(hook, hook_name: str, stage: str, args: tuple):
+    """Call ``hook`` (the rule's bound hook) with the arguments it names (checked against
+    HOOKS at load time); a hook with the documented positional signature gets the caller's
+    ``args`` as they are."""
+    fn = getattr(hook, "__func__", None)
+    if fn is None:  # not a method (set on the instance): the documented positional order
+        return hook(*args)
+    key = (fn, hook_name)  # by function: a hook set on one instance is looked at on its own
     names = _NAMES.get(key, False)
-    if names is False or hook_name in vars(rule):
-        hook = getattr(rule, hook_name)
-        fn = getattr(hook, "__func__", None)
-        if fn is None:  # not a method (set on the instance): the documented positional order
-            return hook(*args)
+    if names is False:
         names = hook_parameters(fn)
         names = _NAMES[key] = None if names == SIGNATURES[hook_name] else names
     if names is None:
-        return getattr(rule, hook_name)(*args)
+        return hook(*args)
     available = _arguments(stage, args)
-    return getattr(rule, hook_name)(**{n: available[n] for n in names})
+    return hook(**{n: available[n] for n in names})
 
 
-# (rule class, hook name) -> the argument names the hook asks for (None: the documented ones)
-_NAMES: dict[tuple[type, str], tuple[str, ...] | None] = {}
+# (hook function, hook name) -> the argument names it asks for (None: the documented ones)
+_NAMES: dict[tuple, tuple[str, ...] | None] = {}
 
 
 async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
@@ -104,7 +104,8 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
     slot = _ENVELOPE.get(stage)
     target = (tx if stage == "mail" else args[1]) if slot else None
     for rule in rules:
-        if getattr(rule, hook_name, None) is None or (skip and rule in skip):
+        hook = getattr(rule, hook_name, None)
+        if hook is None or (skip and rule in skip):
             continue
         shadow = rule.mode == "shadow"
         if skipped and rule.name in skipped:  # tx.skip(): e.g. a sender state skips greylisting
@@ -124,7 +125,7 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
             message._current_rule = rule.name
         started = perf_counter()
         try:
-            verdict = await _call(rule, hook_name, stage, args)
+            verdict = await _call(hook, hook_name, stage, args)
             if verdict is not None and not isinstance(verdict, Verdict):
                 raise TypeError(f"hook returned {type(verdict).__name__}, expected Verdict or None")
             if seal is not None:
@@ -214,14 +215,15 @@ async def _observe(rules, stage: str, tx, reply, trace: list[TraceEntry], keep_t
     results = tx.results
     args = (tx, reply)
     for rule in rules:
-        if getattr(rule, hook_name, None) is None:
+        hook = getattr(rule, hook_name, None)
+        if hook is None:
             continue
         shadow = rule.mode == "shadow"
         results._current = (rule.name, shadow)
         mark = len(results._journal)
         started = perf_counter()
         try:
-            said = await _call(rule, hook_name, stage, args)
+            said = await _call(hook, hook_name, stage, args)
             action, reason = "continue", said if keep_text and isinstance(said, str) and said else None
         except Exception as exc:
             _log_crash(rule, hook_name, exc)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from ..mail.addresses import parse_path
 from .conversation import Conversation
+from ..mail.message import Message
 from ..mail.session import Session, TraceEntry, Transaction, new_id
 from ..mail.reply import Reply
 
@@ -21,7 +22,13 @@ class Dialogue:
     replies: dict[str, object] = field(default_factory=dict)  # stage -> Reply (rcpt: list)
     trace: list[TraceEntry] = field(default_factory=list)
     transaction: Transaction | None = None
-    message: bytes | None = None  # as it would be relayed
+    #: the relayed transaction's Message: ``message`` joins its bytes only when asked for
+    relayed: Message | None = field(default=None, repr=False)
+
+    @property
+    def message(self) -> bytes | None:
+        """The message as it would be relayed (None when DATA was not reached)."""
+        return self.relayed.raw if self.relayed is not None else None
 
     @property
     def reply(self) -> Reply:
@@ -62,7 +69,7 @@ async def simulate(gate, message: bytes, sender: str, recipients: list[str], *,
         tx = conv.tx
         if tx is not None and tx.recipients:
             out.replies["data"] = await conv.data(message)
-            out.message = tx.message.raw if tx.message else None
+            out.relayed = tx.message
         elif tx is not None:
             await conv.rset()
     if captured:

@@ -381,3 +381,74 @@ async def test_the_transaction_line_renders_the_trace_and_results_for_its_format
     assert entry == {"stage": "rcpt", "rule": "reports", "action": "continue",
                      "recipient": "rcpt@example.com", "result": "pass: rcpt@example.com: fine"}
     assert line["results"] == {"reports": {"pass": ["rcpt@example.com: fine"], "data": {"n": 1}}}
+
+
+def test_the_text_line_quotes_a_value_exactly_as_json_would():
+    # The text formatter wraps plain printable ASCII in quotes itself (no JSON encoder per
+    # field); anything with a quote, a backslash, a control character or non-ASCII text
+    # still goes through json.dumps: the line is the same either way.
+    import json
+    import logging
+    from smtpgate.logs import TextFormatter
+    values = ["250 2.0.0 Ok: queued", "", " ", 'say "hi" there', "back\\slash here", "tab\there x",
+              "nul\x00 x", "del\x7f x", "caf\u00e9 au lait", "\u2028 sep", "no-space", "x" * 300 + " y"]
+    record = logging.LogRecord("smtpgate.transaction", logging.INFO, __file__, 1, "transaction", (), None)
+    record.fields = {f"k{i}": v for i, v in enumerate(values)}
+    line = TextFormatter().format(record)
+    expected = " ".join(f"k{i}={json.dumps(v) if (' ' in v or not v) else v}" for i, v in enumerate(values))
+    assert line.endswith(f" transaction {expected}")
+
+
+def test_the_text_line_writes_every_kind_of_value_as_before():
+    import logging
+    from smtpgate.logs import LogField, TextFormatter
+
+    class Field(LogField):
+        def __init__(self, text):
+            self._text = text
+
+        def text(self):
+            return self._text
+
+    record = logging.LogRecord("smtpgate.transaction", logging.INFO, __file__, 1, "transaction", (), None)
+    record.fields = {"none": None, "empty_list": [], "to": ["a@x.test", "b@x.test"], "size": 10,
+                     "ms": 1.5, "tls": False, "field": Field("a b"), "blank": Field(""),
+                     "rules": [{"rule": "r", "stage": "data", "action": "continue"}], "results": {}}
+    line = TextFormatter().format(record)
+    assert line.endswith(' transaction to=a@x.test,b@x.test size=10 ms=1.5 tls=False field="a b" '
+                         'rules=r:data:continue')
+    record.fields = {}
+    assert TextFormatter().format(record).endswith(" transaction ")
+
+
+async def test_a_hook_set_on_one_instance_gets_the_arguments_it_names():
+    # Argument names are looked up per hook function: a hook put on one instance (not its
+    # class) is called by its own signature, and the class's hook on other instances by theirs.
+    import types
+
+    seen = []
+
+    async def data_hook(self, message, results):
+        seen.append(("instance", message is not None, results is not None))
+
+    class Plain(Rule):
+        name = "plain"
+
+        async def on_data(self, tx):
+            seen.append(("class", tx.message is not None))
+
+    h = Harness([(Plain, {})])
+    await h.send()
+    rule = h.runtime.policies.session_policy.rules[0]
+    rule.on_data = types.MethodType(data_hook, rule)
+    await h.send()
+    rule.on_data = lambda tx: seen.append(("plain function", tx.id)) or _none()
+    await h.send()
+    del rule.on_data
+    await h.send()
+    assert [s[0] for s in seen] == ["class", "instance", "plain function", "class"]
+    assert seen[1] == ("instance", True, True)
+
+
+async def _none():
+    return None
