@@ -53,6 +53,8 @@ class Rewrite(Rule):
         self._sender = [b for b in self._blocks if b.sender_map]
         self._recipient = [b for b in self._blocks if b.recipient_map]
         self._data = [b for b in self._blocks if b.has_header_ops]
+        # Blocks without when/unless apply whatever the envelope: no context to build for them.
+        self._data_context = any(b.conditional for b in self._data)
         if not self._sender and not self._recipient:
             # Header edits only: nothing to do at MAIL or RCPT, so the pipeline need not call
             # (nor trace) those hooks for every message.
@@ -85,8 +87,10 @@ class Rewrite(Rule):
     async def on_data(self, tx):
         if not self._data:
             return None
-        originals = [self._original(tx, "recipients").get(rcpt.address, rcpt.address) for rcpt in tx.recipients]
-        ctx = self._context(tx, originals, tx.message)
+        ctx = None
+        if self._data_context:
+            originals = [self._original(tx, "recipients").get(rcpt.address, rcpt.address) for rcpt in tx.recipients]
+            ctx = self._context(tx, originals, tx.message)
         before = len(tx.message.changes)
         for block in self._data:
             if block.applies(ctx):

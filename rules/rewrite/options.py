@@ -132,7 +132,12 @@ class Block:
     def has_header_ops(self) -> bool:
         return bool(self.header_map or self.add or self.remove or self.replace or self.prefix)
 
-    def applies(self, ctx: Context) -> bool:
+    @property
+    def conditional(self) -> bool:
+        """Whether ``applies`` looks at its context at all."""
+        return bool(self.whens or self.unlesses)
+
+    def applies(self, ctx: Context | None) -> bool:
         return (all(c.matches(ctx, _header_values) for c in self.whens)
                 and not any(c.matches(ctx, _header_values) for c in self.unlesses))
 

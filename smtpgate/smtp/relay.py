@@ -423,9 +423,12 @@ def dot_stuffed(pieces):
     """DATA as sent, in chunks of at most about WRITE_CHUNK: the pieces made CRLF-only, a dot
     doubled at every line start, a CRLF added if the message lacks a final one, then the
     final dot — in the same chunk as the message's end, so that a message of one chunk is
-    one write (one segment on the wire, one wake-up of the downstream). A chunk never ends
-    with a CR whose LF opens the next one."""
-    line_start, carry, held = True, b"", b""
+    one write (one segment on the wire, one wake-up of the downstream). Small pieces go out
+    with what follows them (a rule's header edit makes the header block a piece of its own:
+    it must not cost a write of its own). A chunk never ends with a CR whose LF opens the
+    next one."""
+    line_start, carry = True, b""
+    held, size = [], 0  # stuffed chunks not yet written, together at most about WRITE_CHUNK
     for piece in pieces:
         view = memoryview(piece)
         for offset in range(0, len(view), WRITE_CHUNK):
@@ -435,11 +438,15 @@ def dot_stuffed(pieces):
             else:
                 carry = b""
             if chunk:
-                if held:
-                    yield held
-                held, line_start = _stuff(chunk, line_start)
+                chunk, line_start = _stuff(chunk, line_start)
+                if held and size + len(chunk) > WRITE_CHUNK:
+                    yield b"".join(held)
+                    held, size = [], 0
+                held.append(chunk)
+                size += len(chunk)
     # a bare CR at the very end, or a last line without its CRLF: one is added
-    yield held + (b".\r\n" if line_start and not carry else b"\r\n.\r\n")
+    held.append(b".\r\n" if line_start and not carry else b"\r\n.\r\n")
+    yield b"".join(held)
 
 
 def _stuff(chunk: bytes, line_start: bool) -> tuple[bytes, bool]:

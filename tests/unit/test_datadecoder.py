@@ -110,6 +110,31 @@ def test_relay_chunks_stuff_like_the_whole_message(monkeypatch):
         assert b"".join(relay.dot_stuffed(pieces)) == whole(message), (message, cuts)
 
 
+def test_a_header_block_of_its_own_goes_out_with_the_body():
+    # A rule's header edit leaves the message as two pieces (the new header block, the body
+    # as received): one write, as for the message unedited; large messages still go in
+    # chunks of about WRITE_CHUNK.
+    from smtpgate.mail.message import Message
+    from smtpgate.smtp import relay
+
+    raw = b"From: <a@x.test>\r\nSubject: hi\r\n\r\n" + b"line\r\n" * 2000
+    message = Message(raw)
+    message.prepend_header("X-Bench", "real")
+    assert len(message.pieces()) == 2
+    assert list(relay.dot_stuffed(message.pieces())) == [b"X-Bench: real\r\n" + raw + b".\r\n"]
+    big = Message(b"Subject: big\r\n\r\n" + b"x" * 78 * 10 + b"\r\n" * 10_000)
+    big.prepend_header("X-Bench", "real")
+    chunks = list(relay.dot_stuffed(big.pieces()))
+    assert len(chunks) == 1
+    old_chunk, relay.WRITE_CHUNK = relay.WRITE_CHUNK, 4096
+    try:
+        chunks = list(relay.dot_stuffed(big.pieces()))
+    finally:
+        relay.WRITE_CHUNK = old_chunk
+    assert b"".join(chunks) == big.raw + b".\r\n"
+    assert len(chunks) > 2 and all(len(c) <= 4096 for c in chunks[:-1]) and len(chunks[-1]) <= 4096 + 3
+
+
 def test_random_streams_line_limit_matches_the_longest_line():
     rng = random.Random(998)
     alphabet = [b".", b"\r", b"\n", b"\r\n", b"a", b"bb", b"cccc", b"\r\n."]
