@@ -45,10 +45,22 @@ class TraceEntry:
     result: str | None = None
 
     def as_dict(self) -> dict:
-        return {k: v for k in _TRACE_FIELDS if (v := getattr(self, k)) not in (None, False)}
-
-
-_TRACE_FIELDS = TraceEntry.__slots__
+        """The fields in their order, without those that are None or False (so a duration of
+        0.0 too). Written out: the JSON log line builds one per entry."""
+        out = {"stage": self.stage, "rule": self.rule, "action": self.action}
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.reply is not None:
+            out["reply"] = self.reply
+        if self.ms:
+            out["ms"] = self.ms
+        if self.shadow:
+            out["shadow"] = self.shadow
+        if self.recipient is not None:
+            out["recipient"] = self.recipient
+        if self.result is not None:
+            out["result"] = self.result
+        return out
 
 
 class TraceLog(LogField):

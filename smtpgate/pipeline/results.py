@@ -113,7 +113,17 @@ class RuleResult:
                 else "skip" if self.skip else None)
 
     def as_dict(self) -> dict:
-        out: dict[str, Any] = {k: list(getattr(self, _attr(k))) for k in OUTCOMES if getattr(self, _attr(k))}
+        out: dict[str, Any] = {}  # OUTCOMES' order, written out (once per record per JSON line)
+        if self.fail:
+            out["fail"] = list(self.fail)
+        if self.err:
+            out["err"] = list(self.err)
+        if self.pass_:
+            out["pass"] = list(self.pass_)
+        if self.skip:
+            out["skip"] = list(self.skip)
+        if self.msg:
+            out["msg"] = list(self.msg)
         if self.data:
             out["data"] = self.data
         if self.events:
@@ -129,10 +139,6 @@ def _auth_text(a: AuthResult) -> str:
     """``dkim=fail header.d=example.org (body hash)``: for logs and the trace."""
     props = "".join(f" {t}.{n}={v}" for t, n, v in a.properties)
     return f"{a.method}={a.result}{props}" + (f" ({a.reason})" if a.reason else "")
-
-
-def _attr(kind: str) -> str:
-    return "pass_" if kind == "pass" else kind
 
 
 class Results:

@@ -452,3 +452,27 @@ async def test_a_hook_set_on_one_instance_gets_the_arguments_it_names():
 
 async def _none():
     return None
+
+
+def test_a_trace_entry_and_a_record_as_dicts_keep_their_fields_order_and_omissions():
+    # Both are written out field by field (the JSON log line builds one per entry and per
+    # record): the same dicts as the generic rule, "every field, in order, but None and False".
+    import itertools
+    from smtpgate.mail.session import TraceEntry
+    from smtpgate.pipeline.results import OUTCOMES, RuleResult
+
+    for reason, reply, ms, shadow, recipient, result in itertools.product(
+            (None, "", "why"), (None, "550 5.7.1 no"), (0.0, 0, 1.25), (False, True),
+            (None, "a@x.test"), (None, "pass: ok")):
+        entry = TraceEntry("rcpt", "r", "reject", reason, reply, ms, shadow, recipient, result)
+        generic = {k: v for k in TraceEntry.__slots__ if (v := getattr(entry, k)) not in (None, False)}
+        assert entry.as_dict() == generic and list(entry.as_dict()) == list(generic)
+    record = RuleResult("r", pass_=["p"], fail=["f"], skip=["s"], err=["e"], msg=["m"], data={"n": 1},
+                        events=["x"], shadow=True)
+    assert list(record.as_dict()) == [*OUTCOMES, "data", "events", "shadow"]
+    assert record.as_dict()["pass"] == ["p"] and record.as_dict()["pass"] is not record.pass_
+    assert RuleResult("r", msg=["m"]).as_dict() == {"msg": ["m"]} and RuleResult("r").as_dict() == {}
+    for kinds in itertools.product((False, True), repeat=4):
+        lists = {k: ["t"] if on else [] for k, on in zip(("fail", "err", "pass_", "skip"), kinds)}
+        expected = next((k for k, on in zip(("fail", "err", "pass", "skip"), kinds) if on), None)
+        assert RuleResult("r", **lists).outcome == expected
