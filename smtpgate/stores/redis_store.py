@@ -280,8 +280,11 @@ def _target(url: str) -> RedisTarget:
 
 
 class RedisLink:
-    """What each Redis store holds: its connection pool (opened on first use), the FIFO queue
-    in front of it, its Lua scripts, and the process's circuit breaker for the server
+    """What a process's Redis stores share (``Stores`` hands the first one's to the others;
+    a store opened alone has its own): the connection pool (opened on first use), the FIFO
+    queue in front of it, the stores' Lua scripts, the pipeline of the calls asked in one
+    turn of the event loop (so a sender read, a greylist decision and a compare-and-set of
+    three sessions go in one round trip), and the process's circuit breaker for the server
     (``breaker.py``: a dead server is noticed once, not waited for on every call)."""
 
     def __init__(self, url: str, scripts: dict[str, str] | None = None):
@@ -298,10 +301,21 @@ class RedisLink:
         self._sending: set[asyncio.Task] = set()
         self._wire: WirePool | None = None  # the batched calls' own connections (redis_wire.py)
         self._outages_seen = 0
+        self._users = 0  # stores attached; the last one to close closes the link
         # Behind Sentinel an outage is usually a failover, over in seconds: probe often so
         # the new primary is found soon after its promotion (breaker.py).
         self.breaker = breaker_for("Redis " + self.target.server_name(),
                                    longest=SENTINEL_LONGEST_BACKOFF if self.target.sentinel else None)
+
+    def attach(self, scripts: dict[str, str]) -> "RedisLink":
+        """One more store uses this link, with its scripts (names are unique across stores)."""
+        for name, lua in scripts.items():
+            if self._sources.setdefault(name, lua) != lua:
+                raise ValueError(f"two Redis stores name different scripts {name!r}")
+            if self._client is not None and name not in self.scripts:
+                self.scripts[name] = self._client.register_script(lua)
+        self._users += 1
+        return self
 
     def client(self) -> aioredis.Redis:
         if self._client is None:
@@ -468,6 +482,10 @@ class RedisLink:
         return RedisConnectionError(text)
 
     async def close(self) -> None:
+        if self._users > 1:  # another store still uses it
+            self._users -= 1
+            return
+        self._users = 0
         if self._sending:  # batches on their way: let them finish (their callers wait)
             await asyncio.gather(*self._sending, return_exceptions=True)
         if self._wire is not None:
@@ -508,15 +526,16 @@ def _is_outage(exc: BaseException) -> bool:
 
 
 class RedisComponentStore:
-    """What every Redis store shares: its own ``RedisLink`` (with the Lua ``scripts`` it
-    registers), its keys under the URL's prefix (or ``prefix``) plus ``key_prefix``, and
-    its export a SCAN page at a time."""
+    """What every Redis store shares: a ``RedisLink`` (its own, or ``link``: the one of the
+    process's other stores on the same URL) with its Lua ``scripts`` registered, its keys
+    under the URL's prefix (or ``prefix``) plus ``key_prefix``, and its export a SCAN page
+    at a time."""
     key_prefix: str
     scripts: dict[str, str] = {}
 
-    def __init__(self, url: str, prefix: str | None = None):
+    def __init__(self, url: str, prefix: str | None = None, link: RedisLink | None = None):
         self.url = url
-        self.link = RedisLink(url, self.scripts)
+        self.link = (link if link is not None and link.url == url else RedisLink(url)).attach(self.scripts)
         self.prefix = (prefix if prefix is not None else self.link.options["prefix"]) + self.key_prefix
 
     async def _do(self, coro_fn):
@@ -555,8 +574,8 @@ class RedisGreylistStore(RedisComponentStore, GreylistStore):
     key_prefix = "gl:"
     scripts = {"attempt": ATTEMPT_LUA, "lens": REBUILD_LENS_LUA, "import": IMPORT_LUA, "export": EXPORT_LUA}
 
-    def __init__(self, url: str, prefix: str | None = None):
-        super().__init__(url, prefix)
+    def __init__(self, url: str, prefix: str | None = None, link: RedisLink | None = None):
+        super().__init__(url, prefix, link)
         self.k_allow, self.k_lens, self.k_stats = (self.prefix + "allow", self.prefix + "allowlens",
                                                    self.prefix + "stats")
 

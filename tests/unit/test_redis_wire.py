@@ -8,10 +8,12 @@ import asyncio
 import pytest
 import redis
 
-from smtpgate import StoreError
+from smtpgate import Event, Machine, StoreError
+from smtpgate.stores import Params, Stores
 from smtpgate.stores.breaker import Breaker
 from smtpgate.stores.redis_store import RedisLink
-from tests.support.redisproc import REDIS_URL, PrivateRedis, new_prefix, require_redis
+from tests.support.constants import T0
+from tests.support.redisproc import REDIS_URL, PrivateRedis, delete_redis_keys, new_prefix, require_redis
 
 
 @pytest.fixture
@@ -80,3 +82,40 @@ async def test_a_connection_that_timed_out_is_never_read_again(private_redis):
     finally:
         private_redis.thaw()
         await link.close()
+
+
+async def test_a_processs_redis_stores_share_one_link_and_one_round_trip_per_turn():
+    require_redis()
+    prefix = new_prefix()
+    stores = Stores(f"{REDIS_URL}?prefix={prefix}")
+    link = stores.greylist.link
+    assert stores.senders.link is link and stores.limits.link is link
+    try:
+        params = Params(300, 86400, 35 * 86400, 0)
+        sent = []
+        link.client()
+        real_call = link._wire.call
+
+        async def counting(calls):  # what each round trip carried
+            sent.append([c[0] for c in calls])
+            return await real_call(calls)
+        link._wire.call = counting
+        # a sender read and a greylist decision of two sessions, asked in one turn: one pipeline
+        record, attempt = await asyncio.gather(
+            stores.senders.get("senders", "alice@example.com"),
+            stores.greylist.attempt("192.0.2.0/24", "alice@example.com", "bob@example.com", now=T0, params=params,
+                                    client_ip="192.0.2.1"))
+        assert record is None and attempt.outcome == "new"
+        assert sent == [["HMGET", "EVALSHA"]]
+        machine = Machine("senders", {"new": {"delivered": "known"}, "known": {}}, initial="new")
+        view, _ = await machine.feed(stores.senders, "alice@example.com", [Event("delivered", "t")], T0)
+        assert view.state == "known"
+        # closing one store leaves the link to the others; the last one closes it
+        await stores.greylist.close()
+        assert link._client is not None
+        assert (await stores.senders.get("senders", "alice@example.com")).state == "known"
+    finally:
+        await stores.senders.close()
+        await stores.limits.close()
+        assert link._client is None
+        delete_redis_keys(prefix)
