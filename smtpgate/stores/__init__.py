@@ -37,12 +37,13 @@ def open_greylist_store(url: str) -> GreylistStore:
                      '"rediss://…" or "redis+sentinel://HOST:PORT/SERVICE/DB"')
 
 
-def open_sender_store(url: str, db=None) -> SenderStore:
+def open_sender_store(url: str, db=None, link=None) -> SenderStore:
     """The sender-state store ``url`` names (no I/O yet); ``db``: a SQLite database to share
-    (one file, one connection per process for every store)."""
+    (one file, one connection per process for every store); ``link``: a Redis link to share
+    (one pool, one pipeline per turn of the event loop for every store)."""
     if is_redis_url(url):
         from .senders_redis import RedisSenderStore
-        return RedisSenderStore(url)
+        return RedisSenderStore(url, link=link)
     if url.startswith("sqlite://"):
         from .senders_sqlite import SqliteSenderStore
         return SqliteSenderStore(url, db)
@@ -50,11 +51,11 @@ def open_sender_store(url: str, db=None) -> SenderStore:
                      '"rediss://…" or "redis+sentinel://HOST:PORT/SERVICE/DB"')
 
 
-def open_limits_store(url: str, db=None) -> LimitsStore:
-    """The limits store ``url`` names (no I/O yet); ``db``: a SQLite database to share."""
+def open_limits_store(url: str, db=None, link=None) -> LimitsStore:
+    """The limits store ``url`` names (no I/O yet); ``db`` / ``link``: as open_sender_store."""
     if is_redis_url(url):
         from .limits_redis import RedisLimitsStore
-        return RedisLimitsStore(url)
+        return RedisLimitsStore(url, link=link)
     if url.startswith("sqlite://"):
         from .limits_sqlite import SqliteLimitsStore
         return SqliteLimitsStore(url, db)
@@ -69,11 +70,13 @@ class Stores:
         self.clock = clock
         #: the greylist store (``smtpgate.stores.greylist.GreylistStore``)
         self.greylist = greylist if greylist is not None else open_greylist_store(url)
-        #: the sender-state store (``smtpgate.stores.senders.SenderStore``); on SQLite it
-        #: shares the greylist's database (``sqlite://:memory:`` included)
-        self.senders = senders if senders is not None else open_sender_store(url, getattr(self.greylist, "db", None))
-        #: the limits rule's counters (``smtpgate.stores.limits.LimitsStore``), same database
-        self.limits = limits if limits is not None else open_limits_store(url, getattr(self.greylist, "db", None))
+        # On SQLite the stores share the greylist's database (``sqlite://:memory:`` included),
+        # on Redis its link: one pool, and one pipeline per turn of the event loop for all
+        shared = {"db": getattr(self.greylist, "db", None), "link": getattr(self.greylist, "link", None)}
+        #: the sender-state store (``smtpgate.stores.senders.SenderStore``)
+        self.senders = senders if senders is not None else open_sender_store(url, **shared)
+        #: the limits rule's counters (``smtpgate.stores.limits.LimitsStore``)
+        self.limits = limits if limits is not None else open_limits_store(url, **shared)
 
     async def close(self) -> None:
         await self.greylist.close()

@@ -20,6 +20,9 @@
   one pipeline: one connection, one write, one read (``RedisLink.script`` / ``command``);
   scripts take their arguments packed in one text and answer one text, since redis-py
   packs and parses every argument and reply element in Python (bench/store_bench.py).
+  On a plain ``redis://`` server those pipelines go on connections of our own
+  (``redis_wire.py``: hiredis packing and parsing, no per-call tasks or timers), a
+  quarter of redis-py's CPU per round trip; everything else uses redis-py.
 - ``?prefix=NAME`` in the URL puts every key under ``NAME`` (default ``smtpgate:``), so
   several gate fleets, or tests, can share one database.
 - The decisive operation runs as one Lua script (EVALSHA, loaded again when the server
@@ -45,6 +48,7 @@ import math
 import re
 from collections import Counter
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
@@ -52,7 +56,7 @@ from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StoreError
@@ -61,6 +65,7 @@ from .greylist import (DELAY_BUCKETS, GRACE, AllowEntry, Attempt, Entry, Greylis
                        Selector, Stats, import_kind, ip_hex, sender_allow_keys, triplet_allow_key,
                        triplet_value)
 from .redis_url import RedisTarget, parse_redis_url, redact
+from .redis_wire import WirePool
 
 SCAN_COUNT = 1000
 BATCH_MAX = 256  # calls per pipeline (more wait for the next one, sent at the same time)
@@ -275,8 +280,11 @@ def _target(url: str) -> RedisTarget:
 
 
 class RedisLink:
-    """What each Redis store holds: its connection pool (opened on first use), the FIFO queue
-    in front of it, its Lua scripts, and the process's circuit breaker for the server
+    """What a process's Redis stores share (``Stores`` hands the first one's to the others;
+    a store opened alone has its own): the connection pool (opened on first use), the FIFO
+    queue in front of it, the stores' Lua scripts, the pipeline of the calls asked in one
+    turn of the event loop (so a sender read, a greylist decision and a compare-and-set of
+    three sessions go in one round trip), and the process's circuit breaker for the server
     (``breaker.py``: a dead server is noticed once, not waited for on every call)."""
 
     def __init__(self, url: str, scripts: dict[str, str] | None = None):
@@ -291,11 +299,23 @@ class RedisLink:
         self._slots: asyncio.Semaphore | None = None
         self._batch: list = []  # (command, script name or None, future) asked this turn
         self._sending: set[asyncio.Task] = set()
+        self._wire: WirePool | None = None  # the batched calls' own connections (redis_wire.py)
         self._outages_seen = 0
+        self._users = 0  # stores attached; the last one to close closes the link
         # Behind Sentinel an outage is usually a failover, over in seconds: probe often so
         # the new primary is found soon after its promotion (breaker.py).
         self.breaker = breaker_for("Redis " + self.target.server_name(),
                                    longest=SENTINEL_LONGEST_BACKOFF if self.target.sentinel else None)
+
+    def attach(self, scripts: dict[str, str]) -> "RedisLink":
+        """One more store uses this link, with its scripts (names are unique across stores)."""
+        for name, lua in scripts.items():
+            if self._sources.setdefault(name, lua) != lua:
+                raise ValueError(f"two Redis stores name different scripts {name!r}")
+            if self._client is not None and name not in self.scripts:
+                self.scripts[name] = self._client.register_script(lua)
+        self._users += 1
+        return self
 
     def client(self) -> aioredis.Redis:
         if self._client is None:
@@ -305,7 +325,21 @@ class RedisLink:
                 raise StoreError(f"Redis {redact(self.url)}: {e}") from None
             self._slots = asyncio.Semaphore(self.options["max_connections"])  # FIFO: fair
             self.scripts = {name: self._client.register_script(lua) for name, lua in self._sources.items()}
+            self._wire = self._open_wire()
         return self._client
+
+    def _open_wire(self) -> WirePool | None:
+        """Connections of our own for the batched calls, to a plain ``redis://`` server;
+        TLS, Sentinel and health checks stay with redis-py (None)."""
+        t, settings = self.target, self.target.connection
+        if t.sentinel or t.tls or "health_check_interval" in settings:
+            return None
+        host, port = t.hosts[0]
+        return WirePool(host, port, db=t.db, username=t.username, password=t.password,
+                        client_name=settings.get("client_name"),
+                        timeout=float(settings["socket_timeout"]),
+                        connect_timeout=float(settings["socket_connect_timeout"]),
+                        keepalive=settings.get("socket_keepalive", "").lower() in ("1", "true", "yes", "on"))
 
     def _open(self) -> aioredis.Redis:
         t = self.target
@@ -363,6 +397,8 @@ class RedisLink:
                 await client.connection_pool.disconnect(inuse_connections=False)
             except (RedisError, OSError):
                 pass  # closing a socket to a dead server: nothing to learn
+            if self._wire is not None:
+                self._wire.drop_idle()
         try:
             return await coro_fn(client)
         except MasterNotFoundError as e:
@@ -417,34 +453,23 @@ class RedisLink:
     async def _execute(self, r, batch) -> list:
         """The batch's replies (a command's error as its reply); a script the server lost
         (a restart, SCRIPT FLUSH) is loaded again and its calls sent once more."""
-        calls = [args if script is None else (args[0], self.scripts[script].sha, *args[2:])
-                 for args, script, _ in batch]
-        if len(calls) == 1:
-            try:
-                replies = [await r.execute_command(*calls[0])]
-            except RedisError as e:
-                if not isinstance(e, (RedisConnectionError, RedisTimeoutError)):
-                    replies = [e]
-                else:
-                    raise
-        else:
-            pipe = r.pipeline(transaction=False)
-            for call in calls:
-                pipe.execute_command(*call)
-            replies = await pipe.execute(raise_on_error=False)
+        def calls(items):
+            return [args if script is None else (args[0], self.scripts[script].sha, *args[2:])
+                    for args, script, _ in items]
+        send = self._wire_call if self._wire is not None else lambda c: _redis_py_call(r, c)
+        replies = await send(calls(batch))
         lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if lost:
             for name in {batch[i][1] for i in lost}:
                 self.scripts[name].sha = await r.script_load(self.scripts[name].script)
-            for i in lost:
-                args, script, _ = batch[i]
-                try:
-                    replies[i] = await r.execute_command(args[0], self.scripts[script].sha, *args[2:])
-                except RedisError as e:
-                    if isinstance(e, (RedisConnectionError, RedisTimeoutError)):
-                        raise
-                    replies[i] = e
+            for i, reply in zip(lost, await send(calls([batch[i] for i in lost]))):
+                replies[i] = reply
         return replies
+
+    async def _wire_call(self, calls: list) -> list:
+        """``calls`` on our own connections; error replies as redis-py's exceptions."""
+        return [_reply_error(reply) if isinstance(reply, hiredis.ReplyError) else reply
+                for reply in await self._wire.call(calls)]
 
     def _no_primary(self, exc: MasterNotFoundError) -> RedisConnectionError:
         """redis-py's text holds the repr of every Sentinel client it could not reach (a
@@ -457,8 +482,14 @@ class RedisLink:
         return RedisConnectionError(text)
 
     async def close(self) -> None:
+        if self._users > 1:  # another store still uses it
+            self._users -= 1
+            return
+        self._users = 0
         if self._sending:  # batches on their way: let them finish (their callers wait)
             await asyncio.gather(*self._sending, return_exceptions=True)
+        if self._wire is not None:
+            self._wire.drop_idle()
         client, self._client = self._client, None
         sentinel, self._sentinel = self._sentinel, None
         for closable in (client, sentinel):
@@ -469,21 +500,42 @@ class RedisLink:
                     pass
 
 
+async def _redis_py_call(r, calls: list) -> list:
+    """``calls`` through redis-py, in one pipeline; an error the server answered is its reply."""
+    if len(calls) == 1:
+        try:
+            return [await r.execute_command(*calls[0])]
+        except (RedisConnectionError, RedisTimeoutError):
+            raise
+        except RedisError as e:
+            return [e]
+    pipe = r.pipeline(transaction=False)
+    for call in calls:
+        pipe.execute_command(*call)
+    return await pipe.execute(raise_on_error=False)
+
+
+def _reply_error(reply) -> RedisError:
+    text = str(reply)
+    return NoScriptError(text) if text.startswith("NOSCRIPT") else ResponseError(text)
+
+
 def _is_outage(exc: BaseException) -> bool:
     """A fault of the network or the server's availability, as opposed to an answer."""
     return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError))
 
 
 class RedisComponentStore:
-    """What every Redis store shares: its own ``RedisLink`` (with the Lua ``scripts`` it
-    registers), its keys under the URL's prefix (or ``prefix``) plus ``key_prefix``, and
-    its export a SCAN page at a time."""
+    """What every Redis store shares: a ``RedisLink`` (its own, or ``link``: the one of the
+    process's other stores on the same URL) with its Lua ``scripts`` registered, its keys
+    under the URL's prefix (or ``prefix``) plus ``key_prefix``, and its export a SCAN page
+    at a time."""
     key_prefix: str
     scripts: dict[str, str] = {}
 
-    def __init__(self, url: str, prefix: str | None = None):
+    def __init__(self, url: str, prefix: str | None = None, link: RedisLink | None = None):
         self.url = url
-        self.link = RedisLink(url, self.scripts)
+        self.link = (link if link is not None and link.url == url else RedisLink(url)).attach(self.scripts)
         self.prefix = (prefix if prefix is not None else self.link.options["prefix"]) + self.key_prefix
 
     async def _do(self, coro_fn):
@@ -522,8 +574,8 @@ class RedisGreylistStore(RedisComponentStore, GreylistStore):
     key_prefix = "gl:"
     scripts = {"attempt": ATTEMPT_LUA, "lens": REBUILD_LENS_LUA, "import": IMPORT_LUA, "export": EXPORT_LUA}
 
-    def __init__(self, url: str, prefix: str | None = None):
-        super().__init__(url, prefix)
+    def __init__(self, url: str, prefix: str | None = None, link: RedisLink | None = None):
+        super().__init__(url, prefix, link)
         self.k_allow, self.k_lens, self.k_stats = (self.prefix + "allow", self.prefix + "allowlens",
                                                    self.prefix + "stats")
 

@@ -24,9 +24,13 @@ from typing import Any, AsyncIterator, Callable
 
 #: transitions kept per record (the oldest are dropped)
 HISTORY_MAX = 100
+#: records kept parsed by their JSON text (``SenderRecord.from_json``; oldest out first)
+PARSED_MAX = 1024
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # built once, not per call
 
 
-@dataclass
+@dataclass(frozen=True)  # shared between copies of a record (SenderRecord.copy): never changed
 class Change:
     """One transition in a record's history."""
 
@@ -68,13 +72,29 @@ class SenderRecord:
              "seen": self.seen, "created": self.created, "expires": self.expires, "counts": self.counts,
              "recent": self.recent, "hits": self.hits, "history": [c.as_dict() for c in self.history],
              "version": self.version}
-        return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
+        text = _encode(d)
+        _keep_parsed(text, self.copy())  # what a store writes now, it reads back at the next event
+        return text
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "SenderRecord":
+        # A key's record is read at MAIL and again when the transaction's events are applied,
+        # usually as this process last wrote it: the same text is the same record, so a copy
+        # of the one parsed before is exact (a text written by anyone else misses and is parsed).
+        known = _parsed.get(text)
+        if known is not None:
+            return known.copy()
         d = json.loads(text)
         d["history"] = [Change.from_dict(c) for c in d.get("history", ())]
-        return cls(**d)
+        rec = cls(**d)
+        _keep_parsed(text, rec.copy())
+        return rec
+
+    def copy(self) -> "SenderRecord":
+        """An independent record equal to this one (its mutable parts copied; changes are immutable)."""
+        return SenderRecord(self.machine, self.key, self.state, self.since, self.seen, self.created, self.expires,
+                            dict(self.counts), {event: list(times) for event, times in self.recent.items()},
+                            list(self.hits), list(self.history), self.version)
 
     def add_history(self, change: Change) -> None:
         self.history.append(change)
@@ -84,6 +104,15 @@ class SenderRecord:
         return {"machine": self.machine, "key": self.key, "state": self.state, "since": self.since,
                 "seen": self.seen, "created": self.created, "expires": self.expires,
                 "counts": dict(self.counts), "history": [c.as_dict() for c in self.history]}
+
+
+_parsed: dict[str | bytes, SenderRecord] = {}  # JSON text -> its record, never handed out (copies are)
+
+
+def _keep_parsed(text: str | bytes, rec: SenderRecord) -> None:
+    _parsed[text] = rec
+    if len(_parsed) > PARSED_MAX:
+        del _parsed[next(iter(_parsed))]
 
 
 #: ``change(record or None) -> (record to store or None to delete it, anything to return)``

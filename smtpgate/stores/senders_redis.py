@@ -16,7 +16,8 @@ concurrent sessions share pipelines (``RedisLink.script``), and the updates this
 has for one key at the same time are applied together, in order, with one compare-and-set
 (the version still goes up by one per update).
 
-Connections come from a pool of this store's own (``redis_store.RedisLink``), opened on
+Connections come from the pool the process's Redis stores share (``redis_store.RedisLink``:
+a sender read and a greylist decision asked in one turn go in one pipeline), opened on
 first use, with the same URL parameters as the greylist store (``prefix``,
 ``max_connections``, ``pool_timeout``, redis-py's timeouts); operations wait their turn for
 it first come, first served, and both stores share the process's circuit breaker for the
@@ -62,8 +63,8 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
     key_prefix = "sm:"
     scripts = {"cas": CAS_LUA}
 
-    def __init__(self, url: str, prefix: str | None = None):
-        super().__init__(url, prefix)
+    def __init__(self, url: str, prefix: str | None = None, link=None):
+        super().__init__(url, prefix, link)
         #: compare-and-sets lost to another writer (and retried), since this store was made
         self.retries = 0
         self._seen: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()  # (machine, key) -> (version, doc)

@@ -248,3 +248,30 @@ async def test_sqlite_in_memory_state_holds_both_stores():
     await put(stores.senders, record())
     assert (await stores.senders.get("senders", "alice@example.org")).state == "new"
     await stores.close()
+
+
+def _fresh_parse(text: str) -> SenderRecord:
+    """The record a text stands for, parsed without the cache of SenderRecord.from_json."""
+    import json
+    d = json.loads(text)
+    d["history"] = [Change.from_dict(c) for c in d["history"]]
+    return SenderRecord(**d)
+
+
+def test_a_record_read_back_is_its_text_parsed_and_owned_by_its_reader():
+    rec = SenderRecord("m", "alice@example.com", "probation", T0, T0 + 1, T0, T0 + 90, {"delivered": 2},
+                       {"delivered": [T0, T0 + 1]}, [T0 + 1], [Change(T0, "delivered", "new", "probation", "x", "r")], 7)
+    text = rec.to_json()
+    first = SenderRecord.from_json(text)
+    assert first == rec == _fresh_parse(text)
+    # what one reader changes in place (Machine.settle and fire do) is not what the next one reads
+    first.counts["delivered"] += 1
+    first.recent["delivered"].append(T0 + 2)
+    first.hits.append(T0 + 2)
+    first.history.append(Change(T0 + 2, "manual", "probation", "trusted"))
+    first.state = "trusted"
+    rec.counts["delivered"] = 99  # nor what the writer does with its record afterwards
+    assert SenderRecord.from_json(text) == _fresh_parse(text)
+    assert SenderRecord.from_json(first.to_json()) == first
+    with pytest.raises(AttributeError):  # changes are shared by copies of a record: immutable
+        first.history[0].to = "blocked"

@@ -1,0 +1,121 @@
+"""The batched store calls' own Redis connections (smtpgate/stores/redis_wire.py): every
+caller gets its own replies, logins and databases are honoured, a connection whose replies
+were given up on is never used again. Real Redis servers on loopback; no sleeps."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from smtpgate import Event, Machine, StoreError
+from smtpgate.stores import Params, Stores
+from smtpgate.stores.breaker import Breaker
+from smtpgate.stores.redis_store import RedisLink
+from tests.support.constants import T0
+from tests.support.redisproc import REDIS_URL, PrivateRedis, delete_redis_keys, new_prefix, require_redis
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = PrivateRedis(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def test_plain_urls_use_the_wire_and_the_others_redis_py():
+    assert RedisLink("redis://127.0.0.1:6379/3")._open_wire() is not None
+    assert RedisLink("rediss://127.0.0.1:6379/3")._open_wire() is None
+    assert RedisLink("redis+sentinel://127.0.0.1:26379/main/3")._open_wire() is None
+    assert RedisLink("redis://127.0.0.1:6379/3?health_check_interval=5")._open_wire() is None
+
+
+async def test_each_caller_gets_its_own_reply_across_batches_and_connections():
+    require_redis()
+    link = RedisLink(f"{REDIS_URL}?prefix={new_prefix()}")
+    try:
+        # 600 calls in one turn: three pipelines (BATCH_MAX 256) on three connections at once
+        replies = await asyncio.gather(*(link.command("ECHO", f"value {i}") for i in range(600)))
+        assert replies == [f"value {i}".encode() for i in range(600)]
+        assert link._wire is not None and len(link._wire._idle) == 3
+        # an error the server answered is that caller's StoreError, not the others'
+        ok, bad = await asyncio.gather(link.command("ECHO", "fine"), link.command("NOSUCHCOMMAND"),
+                                       return_exceptions=True)
+        assert ok == b"fine"
+        assert isinstance(bad, StoreError) and "ResponseError" in str(bad)
+    finally:
+        await link.close()
+
+
+async def test_a_login_and_a_database_are_used_and_a_wrong_password_is_an_outage(private_redis):
+    private_redis.client().config_set("requirepass", "s3cret")
+    host_port = private_redis.url.split("//")[1].split("/")[0]
+    link = RedisLink(f"redis://:s3cret@{host_port}/5")
+    try:
+        assert await link.command("SET", "k", "in five") is not None
+        direct = redis.Redis.from_url(f"redis://:s3cret@{host_port}/5")
+        assert direct.get("k") == b"in five"
+        assert redis.Redis.from_url(f"redis://:s3cret@{host_port}/0").get("k") is None
+    finally:
+        await link.close()
+    wrong = RedisLink(f"redis://:wrong@{host_port}/5")
+    try:
+        with pytest.raises(StoreError, match="refused the login"):
+            await wrong.command("GET", "k")
+        assert wrong.breaker.outages == 1  # counted as the server being unusable, like redis-py
+    finally:
+        await wrong.close()
+
+
+async def test_a_connection_that_timed_out_is_never_read_again(private_redis):
+    link = RedisLink(private_redis.url + "?socket_timeout=0.5")
+    try:
+        assert await link.command("SET", "k", "late")
+        private_redis.freeze()  # the GET is written, its answer comes only after the timeout
+        with pytest.raises(StoreError, match="TimeoutError"):
+            await link.command("GET", "k")
+        private_redis.thaw()
+        link.breaker = Breaker("a fresh breaker")  # probe at once instead of after the back-off
+        # the late answer to GET ("late") must not be taken for this call's
+        assert await link.command("ECHO", "mine") == b"mine"
+        assert await link.command("ECHO", "again") == b"again"
+    finally:
+        private_redis.thaw()
+        await link.close()
+
+
+async def test_a_processs_redis_stores_share_one_link_and_one_round_trip_per_turn():
+    require_redis()
+    prefix = new_prefix()
+    stores = Stores(f"{REDIS_URL}?prefix={prefix}")
+    link = stores.greylist.link
+    assert stores.senders.link is link and stores.limits.link is link
+    try:
+        params = Params(300, 86400, 35 * 86400, 0)
+        sent = []
+        link.client()
+        real_call = link._wire.call
+
+        async def counting(calls):  # what each round trip carried
+            sent.append([c[0] for c in calls])
+            return await real_call(calls)
+        link._wire.call = counting
+        # a sender read and a greylist decision of two sessions, asked in one turn: one pipeline
+        record, attempt = await asyncio.gather(
+            stores.senders.get("senders", "alice@example.com"),
+            stores.greylist.attempt("192.0.2.0/24", "alice@example.com", "bob@example.com", now=T0, params=params,
+                                    client_ip="192.0.2.1"))
+        assert record is None and attempt.outcome == "new"
+        assert sent == [["HMGET", "EVALSHA"]]
+        machine = Machine("senders", {"new": {"delivered": "known"}, "known": {}}, initial="new")
+        view, _ = await machine.feed(stores.senders, "alice@example.com", [Event("delivered", "t")], T0)
+        assert view.state == "known"
+        # closing one store leaves the link to the others; the last one closes it
+        await stores.greylist.close()
+        assert link._client is not None
+        assert (await stores.senders.get("senders", "alice@example.com")).state == "known"
+    finally:
+        await stores.senders.close()
+        await stores.limits.close()
+        assert link._client is None
+        delete_redis_keys(prefix)
