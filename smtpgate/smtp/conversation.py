@@ -170,6 +170,10 @@ class Conversation:
         self._forwarded_ident: str | None = None
         self._identified = False  # a forwarder named the real client
         self._connect_pending = False  # CONNECT waits for that (see connect())
+        # The ended transaction's after-work (see after_reply): its coroutine until the
+        # driver says the reply is written, then its task until it is done and awaited.
+        self._after_work = None
+        self._after: asyncio.Future | None = None
 
     # --- sequencing ----------------------------------------------------------------------
     @property
@@ -193,6 +197,8 @@ class Conversation:
         return None
 
     async def _run(self, command: str, *args) -> Reply:
+        if self.after_pending:  # every step sees the previous transaction's after-work done
+            await self.settled()
         if command in FORWARDING and not self.forwarder:
             return not_forwarder(command)
         cell = TABLE[self.state][command]
@@ -239,6 +245,7 @@ class Conversation:
     async def after_greeting(self) -> None:
         """The rest of HELO/EHLO, after its reply: any transaction ends, ``on_helo`` runs."""
         await self._abandon()
+        await self.settled()  # the ended transaction's on_end before on_helo, as ever
         if self.relay.connected:  # the downstream was greeted with the client's old name and
             await self.relay.close()  # protocol: the next MAIL opens it (or a pooled one) anew
         trace: list[TraceEntry] = []
@@ -298,6 +305,7 @@ class Conversation:
 
     async def close(self) -> None:
         await self._abandon()
+        await self.settled()  # the client may be gone (QUIT needs no wait): the work is not
         await self.relay.close()
         rules, self._connect_rules = self._connect_rules, ()
         await run_disconnect(rules, self.session)
@@ -641,19 +649,65 @@ class Conversation:
                    deliver_hooks: bool = False) -> Reply | None:
         self.tx = None
         self._progress = _Progress()
-        if deliver_hooks and reply is not None and tx.policy is not None:
-            await run_delivered(tx.policy.rules, tx, reply, tx.trace)
-        await self._finish(tx, reply, "data" if reply is not None else "rset")
+        await self._finish(tx, reply, "data" if reply is not None else "rset",
+                           delivered=deliver_hooks and reply is not None and tx.policy is not None)
         return reply
 
-    async def _finish(self, tx: Transaction, reply: Reply | None, stage: str) -> None:
-        # Every transaction ends here: the pipeline's own events, the on_end hooks of the
-        # session policy's and the transaction policy's rules (each instance once), the log line.
-        publish_outcome(tx, reply)
+    async def _finish(self, tx: Transaction, reply: Reply | None, stage: str,
+                      delivered: bool = False) -> None:
+        # Every transaction ends here. What observes the end (on_delivered, the pipeline's
+        # events, the on_end hooks, the log line) is deferred until the client has its reply.
+        if self.after_pending:  # never two at once: each transaction's in order
+            await self.settled()
         session_rules = self.runtime.policies.session_policy.rules
         rules = list(session_rules) + [r for r in (tx.policy.rules if tx.policy else ()) if r not in session_rules]
-        await run_end(rules, tx, reply, tx.trace)
-        log_transaction(tx, reply, stage)
+        self._after_work = self._after_end(tx, reply, stage, rules, delivered,
+                                           time.monotonic() - tx.started)
+
+    async def _after_end(self, tx: Transaction, reply: Reply | None, stage: str, rules,
+                         delivered: bool, took: float) -> None:
+        """The after-work of one ended transaction: ``on_delivered`` (``delivered``), the
+        pipeline's own events, the ``on_end`` hooks of the session policy's and the
+        transaction policy's rules (each instance once), the log line. The hooks' crashes are
+        logged and traced by the runner; anything else is logged here: the client's reply
+        is given, nothing may reach it."""
+        try:
+            if delivered:
+                await run_delivered(tx.policy.rules, tx, reply, tx.trace)
+            publish_outcome(tx, reply)
+            await run_end(rules, tx, reply, tx.trace)
+            log_transaction(tx, reply, stage, took)
+        except Exception:
+            log.exception("tx %s: the work after the reply failed", tx.id)
+
+    # --- after the reply ---------------------------------------------------------------
+    # The hooks that observe an ended transaction only observe: the client's reply does not
+    # wait for them (the senders rule's on_end writes to its store: a round trip). The
+    # driver calls after_reply() once the reply is written; every later step of the session
+    # (_run, after_greeting, close) first awaits that work, so the client's next transaction
+    # sees the previous one's effects, and a closing or draining session never loses it.
+    @property
+    def after_pending(self) -> bool:
+        """An ended transaction's after-work is not finished (or not awaited) yet."""
+        return self._after_work is not None or self._after is not None
+
+    def after_reply(self) -> None:
+        """The reply is written: start the ended transaction's after-work, if any."""
+        work = self._after_work
+        if work is not None:
+            self._after_work = None
+            self._after = asyncio.ensure_future(work)
+
+    async def settled(self) -> None:
+        """Wait for the after-work (started now if no reply was written: the client left).
+        Shielded: a command cancelled while it waits (the connection lost) leaves it running,
+        for close() to await."""
+        self.after_reply()
+        task = self._after
+        if task is not None:
+            await asyncio.shield(task)
+            if self._after is task:
+                self._after = None
 
 
 def _smtputf8(params: list[str]) -> bool:
@@ -680,8 +734,9 @@ def _check_mail_params(params: list[str], max_size: int) -> Reply | None:
     return None
 
 
-def log_transaction(tx: Transaction, reply: Reply | None, stage: str) -> None:
-    """The one log line per transaction; ``extra`` carries the fields for the JSON format."""
+def log_transaction(tx: Transaction, reply: Reply | None, stage: str, took: float) -> None:
+    """The one log line per transaction; ``extra`` carries the fields for the JSON format.
+    ``took``: seconds from MAIL to the client's last reply (the after-work not counted)."""
     fields = {
         "tx": tx.id, "client": tx.session.client_ip, "helo": tx.session.helo,
         "tls": tx.session.tls_version, "cipher": tx.session.tls_cipher,
@@ -691,7 +746,7 @@ def log_transaction(tx: Transaction, reply: Reply | None, stage: str) -> None:
         "reply": str(reply).split("\r\n")[-1] if reply is not None else "abandoned",
         "rules": TraceLog(tx.trace),  # rendered by the formatter that writes the line
         "results": ResultsLog(tx.session.results, tx.results),
-        "ms": round((time.monotonic() - tx.started) * 1000, 1),
+        "ms": round(took * 1000, 1),
     }
     if tx.session.data.get("forwarder_ident"):  # the forwarding Postfix's queue id (XFORWARD IDENT)
         fields["forwarder_id"] = tx.session.data["forwarder_ident"]

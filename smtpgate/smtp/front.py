@@ -200,8 +200,9 @@ class GateSMTP(SMTP):
 
     @property
     def busy(self) -> bool:
-        """In a transaction or reading DATA: shutdown waits for it."""
-        return self._in_data or (self.conv is not None and self.conv.tx is not None)
+        """In a transaction, reading DATA, or observing one that ended: shutdown waits for it."""
+        return self._in_data or (self.conv is not None and (self.conv.tx is not None
+                                                            or self.conv.after_pending))
 
     async def hang_up(self, reply: Reply) -> None:
         self._closing = True
@@ -270,6 +271,8 @@ class GateSMTP(SMTP):
             # answered: nobody is listening, and uvloop raises on a write to a closed handle.
             return
         self._writer.write("".join(f"{line}\r\n" for line in lines).encode("utf-8", "replace"))
+        if self.conv is not None:  # the reply is out: what observes an ended transaction runs
+            self.conv.after_reply()
         await self._writer.drain()
         if lines and not self._closing:
             await self._after_reply(lines[0])
