@@ -688,8 +688,8 @@ class Conversation:
     # sees the previous one's effects, and a closing or draining session never loses it.
     @property
     def after_pending(self) -> bool:
-        """An ended transaction's after-work is not finished (or not awaited) yet."""
-        return self._after_work is not None or self._after is not None
+        """An ended transaction's after-work is not finished yet."""
+        return self._after_work is not None or (self._after is not None and not self._after.done())
 
     def after_reply(self) -> None:
         """The reply is written: start the ended transaction's after-work, if any."""

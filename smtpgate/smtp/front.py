@@ -475,6 +475,21 @@ class GateSMTP(SMTP):
         self._set_rset_state()
         await self._write(await self.conv.rset())
 
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str | None):
+        """221 at once; the connection is closed once the session's after-work is done (the
+        last transaction's on_end hooks and log line), so that a client waiting for the close
+        finds their effects (the senders state, the log)."""
+        if arg:
+            await self.push("501 Syntax: QUIT")  # aiosmtpd's replies, as before
+            return
+        await self.push("221 Bye")
+        if self.conv is not None:
+            await self.conv.settled()
+        self._handler_coroutine.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
     async def smtp_BDAT(self, arg: str | None):
         # CHUNKING is never offered; swallow the chunk so its bytes are never read as commands.
         parts = (arg or "").split()
