@@ -10,7 +10,9 @@ accepted RCPT picks the transaction's policy from the recipient's domain, runs t
 own ``on_mail`` hooks (those it does not share with the session policy), then sends MAIL
 downstream — with the sender as the rules left it — and mirrors each RCPT. DATA runs
 ``on_data``, then ``on_seal`` on the final message, and relays; the client's final reply is
-the downstream's.
+the downstream's. What only observes an ended transaction (``on_delivered``, ``on_end``, the
+log line) runs once the driver has written that reply (``after_reply``); the session's next
+step waits for it.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 
 from ..mail.addresses import Address, AddressError, normalise_domain, parse_path, relay_refusal
@@ -172,7 +175,7 @@ class Conversation:
         self._connect_pending = False  # CONNECT waits for that (see connect())
         # The ended transaction's after-work (see after_reply): its coroutine until the
         # driver says the reply is written, then its task until it is done and awaited.
-        self._after_work = None
+        self._after_work: Coroutine | None = None
         self._after: asyncio.Future | None = None
 
     # --- sequencing ----------------------------------------------------------------------
@@ -245,7 +248,7 @@ class Conversation:
     async def after_greeting(self) -> None:
         """The rest of HELO/EHLO, after its reply: any transaction ends, ``on_helo`` runs."""
         await self._abandon()
-        await self.settled()  # the ended transaction's on_end before on_helo, as ever
+        await self.settled(here=True)  # the ended transaction's on_end before on_helo, as ever
         if self.relay.connected:  # the downstream was greeted with the client's old name and
             await self.relay.close()  # protocol: the next MAIL opens it (or a pooled one) anew
         trace: list[TraceEntry] = []
@@ -305,7 +308,7 @@ class Conversation:
 
     async def close(self) -> None:
         await self._abandon()
-        await self.settled()  # the client may be gone (QUIT needs no wait): the work is not
+        await self.settled(here=True)  # the last transaction's after-work, its reply written or not
         await self.relay.close()
         rules, self._connect_rules = self._connect_rules, ()
         await run_disconnect(rules, self.session)
@@ -698,10 +701,16 @@ class Conversation:
             self._after_work = None
             self._after = asyncio.ensure_future(work)
 
-    async def settled(self) -> None:
-        """Wait for the after-work (started now if no reply was written: the client left).
-        Shielded: a command cancelled while it waits (the connection lost) leaves it running,
-        for close() to await."""
+    async def settled(self, here: bool = False) -> None:
+        """Wait for the after-work. Not started yet (no reply was written: the client left,
+        or an offline driver): ``here`` runs it in the caller's task (close(), after_greeting:
+        as the hooks always ran there; no task to make), else in a task of its own. A task is
+        awaited shielded: a command cancelled while it waits (the connection lost) leaves it
+        running, for close() to await."""
+        if here and self._after_work is not None:  # the last task is done (see _finish)
+            work, self._after_work = self._after_work, None
+            await work
+            return
         self.after_reply()
         task = self._after
         if task is not None:

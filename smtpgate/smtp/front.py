@@ -14,6 +14,8 @@ Which command is allowed when is the conversation's table (conversation.py), not
   only from a peer in ``trusted_forwarders`` (forwarding.py parses them), refused otherwise;
 - every command passes one counter (``_Commands``) and every reply one writer, where the
   per-session caps (greetings, RSETs, junk commands, errors) answer 421 and close;
+- QUIT is answered at once, and the connection closed once the session's last transaction
+  is observed (its ``on_end`` hooks, its log line: they run after the client's reply);
 - connections are counted across workers (``connections.py``), and a PROXY header is read
   only from trusted peers: anyone else is hung up on before the greeting.
 """
