@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from functools import partial
 
 from ..mail.addresses import Address, AddressError, normalise_domain, parse_path, relay_refusal
 from ..mail.session import Recipient, Session, TraceEntry, TraceLog, Transaction, new_id
@@ -175,7 +176,7 @@ class Conversation:
         self._connect_pending = False  # CONNECT waits for that (see connect())
         # The ended transaction's after-work (see after_reply): its coroutine until the
         # driver says the reply is written, then its task until it is done and awaited.
-        self._after_work: Coroutine | None = None
+        self._after_work: Coroutine | partial | None = None
         self._after: asyncio.Future | None = None
 
     # --- sequencing ----------------------------------------------------------------------
@@ -664,8 +665,14 @@ class Conversation:
             await self.settled()
         session_rules = self.runtime.policies.session_policy.rules
         rules = list(session_rules) + [r for r in (tx.policy.rules if tx.policy else ()) if r not in session_rules]
-        self._after_work = self._after_end(tx, reply, stage, rules, delivered,
-                                           time.monotonic() - tx.started)
+        took = time.monotonic() - tx.started
+        if _observed(rules, "on_end") or (delivered and _observed(tx.policy.rules, "on_delivered")):
+            self._after_work = self._after_end(tx, reply, stage, rules, delivered, took)
+        else:
+            # No hook to run: run_delivered/run_end would skip every rule (the runner calls
+            # only rules with the hook), add no trace entry and wait for nothing; what is left
+            # is the same events then the same log line, done at once after the reply.
+            self._after_work = partial(_close_the_books, tx, reply, stage, took)
 
     async def _after_end(self, tx: Transaction, reply: Reply | None, stage: str, rules,
                          delivered: bool, took: float) -> None:
@@ -679,9 +686,9 @@ class Conversation:
                 await run_delivered(tx.policy.rules, tx, reply, tx.trace)
             publish_outcome(tx, reply)
             await run_end(rules, tx, reply, tx.trace)
-            log_transaction(tx, reply, stage, took)
         except Exception:
             log.exception("tx %s: the work after the reply failed", tx.id)
+        _close_the_books(tx, reply, stage, took, published=True)
 
     # --- after the reply ---------------------------------------------------------------
     # The hooks that observe an ended transaction only observe: the client's reply does not
@@ -695,11 +702,15 @@ class Conversation:
         return self._after_work is not None or (self._after is not None and not self._after.done())
 
     def after_reply(self) -> None:
-        """The reply is written: start the ended transaction's after-work, if any."""
+        """The reply is written: start the ended transaction's after-work, if any (without
+        hooks to run, it is done here and then: nothing in it can wait, no task is needed)."""
         work = self._after_work
         if work is not None:
             self._after_work = None
-            self._after = asyncio.ensure_future(work)
+            if isinstance(work, Coroutine):
+                self._after = asyncio.ensure_future(work)
+            else:
+                work()
 
     async def settled(self, here: bool = False) -> None:
         """Wait for the after-work. Not started yet (no reply was written: the client left,
@@ -707,7 +718,7 @@ class Conversation:
         as the hooks always ran there; no task to make), else in a task of its own. A task is
         awaited shielded: a command cancelled while it waits (the connection lost) leaves it
         running, for close() to await."""
-        if here and self._after_work is not None:  # the last task is done (see _finish)
+        if here and isinstance(self._after_work, Coroutine):  # the last task is done (_finish)
             work, self._after_work = self._after_work, None
             await work
             return
@@ -717,6 +728,24 @@ class Conversation:
             await asyncio.shield(task)
             if self._after is task:
                 self._after = None
+
+
+def _observed(rules, hook: str) -> bool:
+    """Some rule has ``hook`` (the runner calls only those)."""
+    return any(getattr(rule, hook, None) is not None for rule in rules)
+
+
+def _close_the_books(tx: Transaction, reply: Reply | None, stage: str, took: float,
+                     published: bool = False) -> None:
+    """The end of a transaction's after-work: the pipeline's events unless ``published``
+    already (before the on_end hooks, which read them), then the log line. A failure is
+    logged: the client has its reply, nothing may reach it."""
+    try:
+        if not published:
+            publish_outcome(tx, reply)
+        log_transaction(tx, reply, stage, took)
+    except Exception:
+        log.exception("tx %s: the work after the reply failed", tx.id)
 
 
 def _smtputf8(params: list[str]) -> bool:

@@ -107,3 +107,28 @@ async def test_a_failure_after_the_reply_is_logged_and_the_session_goes_on(monke
     assert [(e.stage, e.action) for e in tx.trace if e.rule == "crashing"] == [("end", "error")]
     assert any("the work after the reply failed" in r.getMessage() for r in caplog.records)
     await c.close()
+
+
+async def test_without_end_hooks_the_log_line_follows_the_reply_at_once(caplog):
+    class OnlyDelivered(Rule):
+        name = "only_delivered"
+        got: list[str] = []
+
+        async def on_delivered(self, tx, reply):
+            self.got.append("delivered")
+
+    for rules, delivered in (((), []), ([(OnlyDelivered, {})], ["delivered"])):
+        OnlyDelivered.got = []
+        c = await Client(rules).connect()
+        await c.walk("EHLO c.example", "MAIL FROM:<a@sender.example>", "RCPT TO:<b@example.com>")
+        with caplog.at_level(logging.INFO, "smtpgate.transaction"):
+            caplog.clear()
+            assert (await c.send("DATA")).startswith("250")
+            assert caplog.messages == [] and OnlyDelivered.got == []  # not before the reply
+            c.conv.after_reply()
+            if delivered:  # a hook to run: in a task of its own, awaited by the next step
+                assert c.conv.after_pending
+                await c.conv.settled()
+            assert not c.conv.after_pending
+            assert caplog.messages == ["transaction"] and OnlyDelivered.got == delivered
+        await c.close()
