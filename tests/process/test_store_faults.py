@@ -244,6 +244,7 @@ def test_redis_killed_mid_session_then_restarted(gate_factory, downstream, priva
         # the store works: allowed, delivered, tracked
         assert transaction(c, "bob@example.com")[-1][0] == 250
         downstream.wait_for_messages(1)
+        gate.wait_for_log("transaction tx=")  # written after the end hooks: senders' write done
         assert private_redis.client().keys("smtpgate:sm:*")
 
         private_redis.kill()
