@@ -10,7 +10,9 @@ accepted RCPT picks the transaction's policy from the recipient's domain, runs t
 own ``on_mail`` hooks (those it does not share with the session policy), then sends MAIL
 downstream — with the sender as the rules left it — and mirrors each RCPT. DATA runs
 ``on_data``, then ``on_seal`` on the final message, and relays; the client's final reply is
-the downstream's.
+the downstream's. What only observes an ended transaction (``on_delivered``, ``on_end``, the
+log line) runs once the driver has written that reply (``after_reply``); the session's next
+step waits for it.
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from functools import partial
 
 from ..mail.addresses import Address, AddressError, normalise_domain, parse_path, relay_refusal
 from ..mail.session import Recipient, Session, TraceEntry, TraceLog, Transaction, new_id
@@ -170,6 +174,10 @@ class Conversation:
         self._forwarded_ident: str | None = None
         self._identified = False  # a forwarder named the real client
         self._connect_pending = False  # CONNECT waits for that (see connect())
+        # The ended transaction's after-work (see after_reply): its coroutine until the
+        # driver says the reply is written, then its task until it is done and awaited.
+        self._after_work: Coroutine | partial | None = None
+        self._after: asyncio.Future | None = None
 
     # --- sequencing ----------------------------------------------------------------------
     @property
@@ -193,6 +201,8 @@ class Conversation:
         return None
 
     async def _run(self, command: str, *args) -> Reply:
+        if self.after_pending:  # every step sees the previous transaction's after-work done
+            await self.settled()
         if command in FORWARDING and not self.forwarder:
             return not_forwarder(command)
         cell = TABLE[self.state][command]
@@ -239,6 +249,7 @@ class Conversation:
     async def after_greeting(self) -> None:
         """The rest of HELO/EHLO, after its reply: any transaction ends, ``on_helo`` runs."""
         await self._abandon()
+        await self.settled(here=True)  # the ended transaction's on_end before on_helo, as ever
         if self.relay.connected:  # the downstream was greeted with the client's old name and
             await self.relay.close()  # protocol: the next MAIL opens it (or a pooled one) anew
         trace: list[TraceEntry] = []
@@ -298,6 +309,7 @@ class Conversation:
 
     async def close(self) -> None:
         await self._abandon()
+        await self.settled(here=True)  # the last transaction's after-work, its reply written or not
         await self.relay.close()
         rules, self._connect_rules = self._connect_rules, ()
         await run_disconnect(rules, self.session)
@@ -641,19 +653,99 @@ class Conversation:
                    deliver_hooks: bool = False) -> Reply | None:
         self.tx = None
         self._progress = _Progress()
-        if deliver_hooks and reply is not None and tx.policy is not None:
-            await run_delivered(tx.policy.rules, tx, reply, tx.trace)
-        await self._finish(tx, reply, "data" if reply is not None else "rset")
+        await self._finish(tx, reply, "data" if reply is not None else "rset",
+                           delivered=deliver_hooks and reply is not None and tx.policy is not None)
         return reply
 
-    async def _finish(self, tx: Transaction, reply: Reply | None, stage: str) -> None:
-        # Every transaction ends here: the pipeline's own events, the on_end hooks of the
-        # session policy's and the transaction policy's rules (each instance once), the log line.
-        publish_outcome(tx, reply)
+    async def _finish(self, tx: Transaction, reply: Reply | None, stage: str,
+                      delivered: bool = False) -> None:
+        # Every transaction ends here. What observes the end (on_delivered, the pipeline's
+        # events, the on_end hooks, the log line) is deferred until the client has its reply.
+        if self.after_pending:  # never two at once: each transaction's in order
+            await self.settled()
         session_rules = self.runtime.policies.session_policy.rules
         rules = list(session_rules) + [r for r in (tx.policy.rules if tx.policy else ()) if r not in session_rules]
-        await run_end(rules, tx, reply, tx.trace)
-        log_transaction(tx, reply, stage)
+        took = time.monotonic() - tx.started
+        if _observed(rules, "on_end") or (delivered and _observed(tx.policy.rules, "on_delivered")):
+            self._after_work = self._after_end(tx, reply, stage, rules, delivered, took)
+        else:
+            # No hook to run: run_delivered/run_end would skip every rule (the runner calls
+            # only rules with the hook), add no trace entry and wait for nothing; what is left
+            # is the same events then the same log line, done at once after the reply.
+            self._after_work = partial(_close_the_books, tx, reply, stage, took)
+
+    async def _after_end(self, tx: Transaction, reply: Reply | None, stage: str, rules,
+                         delivered: bool, took: float) -> None:
+        """The after-work of one ended transaction: ``on_delivered`` (``delivered``), the
+        pipeline's own events, the ``on_end`` hooks of the session policy's and the
+        transaction policy's rules (each instance once), the log line. The hooks' crashes are
+        logged and traced by the runner; anything else is logged here: the client's reply
+        is given, nothing may reach it."""
+        try:
+            if delivered:
+                await run_delivered(tx.policy.rules, tx, reply, tx.trace)
+            publish_outcome(tx, reply)
+            await run_end(rules, tx, reply, tx.trace)
+        except Exception:
+            log.exception("tx %s: the work after the reply failed", tx.id)
+        _close_the_books(tx, reply, stage, took, published=True)
+
+    # --- after the reply ---------------------------------------------------------------
+    # The hooks that observe an ended transaction only observe: the client's reply does not
+    # wait for them (the senders rule's on_end writes to its store: a round trip). The
+    # driver calls after_reply() once the reply is written; every later step of the session
+    # (_run, after_greeting, close) first awaits that work, so the client's next transaction
+    # sees the previous one's effects, and a closing or draining session never loses it.
+    @property
+    def after_pending(self) -> bool:
+        """An ended transaction's after-work is not finished yet."""
+        return self._after_work is not None or (self._after is not None and not self._after.done())
+
+    def after_reply(self) -> None:
+        """The reply is written: start the ended transaction's after-work, if any (without
+        hooks to run, it is done here and then: nothing in it can wait, no task is needed)."""
+        work = self._after_work
+        if work is not None:
+            self._after_work = None
+            if isinstance(work, Coroutine):
+                self._after = asyncio.ensure_future(work)
+            else:
+                work()
+
+    async def settled(self, here: bool = False) -> None:
+        """Wait for the after-work. Not started yet (no reply was written: the client left,
+        or an offline driver): ``here`` runs it in the caller's task (close(), after_greeting:
+        as the hooks always ran there; no task to make), else in a task of its own. A task is
+        awaited shielded: a command cancelled while it waits (the connection lost) leaves it
+        running, for close() to await."""
+        if here and isinstance(self._after_work, Coroutine):  # the last task is done (_finish)
+            work, self._after_work = self._after_work, None
+            await work
+            return
+        self.after_reply()
+        task = self._after
+        if task is not None:
+            await asyncio.shield(task)
+            if self._after is task:
+                self._after = None
+
+
+def _observed(rules, hook: str) -> bool:
+    """Some rule has ``hook`` (the runner calls only those)."""
+    return any(getattr(rule, hook, None) is not None for rule in rules)
+
+
+def _close_the_books(tx: Transaction, reply: Reply | None, stage: str, took: float,
+                     published: bool = False) -> None:
+    """The end of a transaction's after-work: the pipeline's events unless ``published``
+    already (before the on_end hooks, which read them), then the log line. A failure is
+    logged: the client has its reply, nothing may reach it."""
+    try:
+        if not published:
+            publish_outcome(tx, reply)
+        log_transaction(tx, reply, stage, took)
+    except Exception:
+        log.exception("tx %s: the work after the reply failed", tx.id)
 
 
 def _smtputf8(params: list[str]) -> bool:
@@ -680,8 +772,9 @@ def _check_mail_params(params: list[str], max_size: int) -> Reply | None:
     return None
 
 
-def log_transaction(tx: Transaction, reply: Reply | None, stage: str) -> None:
-    """The one log line per transaction; ``extra`` carries the fields for the JSON format."""
+def log_transaction(tx: Transaction, reply: Reply | None, stage: str, took: float) -> None:
+    """The one log line per transaction; ``extra`` carries the fields for the JSON format.
+    ``took``: seconds from MAIL to the client's last reply (the after-work not counted)."""
     fields = {
         "tx": tx.id, "client": tx.session.client_ip, "helo": tx.session.helo,
         "tls": tx.session.tls_version, "cipher": tx.session.tls_cipher,
@@ -691,7 +784,7 @@ def log_transaction(tx: Transaction, reply: Reply | None, stage: str) -> None:
         "reply": str(reply).split("\r\n")[-1] if reply is not None else "abandoned",
         "rules": TraceLog(tx.trace),  # rendered by the formatter that writes the line
         "results": ResultsLog(tx.session.results, tx.results),
-        "ms": round((time.monotonic() - tx.started) * 1000, 1),
+        "ms": round(took * 1000, 1),
     }
     if tx.session.data.get("forwarder_ident"):  # the forwarding Postfix's queue id (XFORWARD IDENT)
         fields["forwarder_id"] = tx.session.data["forwarder_ident"]

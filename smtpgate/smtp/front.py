@@ -14,6 +14,8 @@ Which command is allowed when is the conversation's table (conversation.py), not
   only from a peer in ``trusted_forwarders`` (forwarding.py parses them), refused otherwise;
 - every command passes one counter (``_Commands``) and every reply one writer, where the
   per-session caps (greetings, RSETs, junk commands, errors) answer 421 and close;
+- QUIT is answered at once, and the connection closed once the session's last transaction
+  is observed (its ``on_end`` hooks, its log line: they run after the client's reply);
 - connections are counted across workers (``connections.py``), and a PROXY header is read
   only from trusted peers: anyone else is hung up on before the greeting.
 """
@@ -200,8 +202,9 @@ class GateSMTP(SMTP):
 
     @property
     def busy(self) -> bool:
-        """In a transaction or reading DATA: shutdown waits for it."""
-        return self._in_data or (self.conv is not None and self.conv.tx is not None)
+        """In a transaction, reading DATA, or observing one that ended: shutdown waits for it."""
+        return self._in_data or (self.conv is not None and (self.conv.tx is not None
+                                                            or self.conv.after_pending))
 
     async def hang_up(self, reply: Reply) -> None:
         self._closing = True
@@ -270,6 +273,8 @@ class GateSMTP(SMTP):
             # answered: nobody is listening, and uvloop raises on a write to a closed handle.
             return
         self._writer.write("".join(f"{line}\r\n" for line in lines).encode("utf-8", "replace"))
+        if self.conv is not None:  # the reply is out: what observes an ended transaction runs
+            self.conv.after_reply()
         await self._writer.drain()
         if lines and not self._closing:
             await self._after_reply(lines[0])
@@ -471,6 +476,21 @@ class GateSMTP(SMTP):
             return
         self._set_rset_state()
         await self._write(await self.conv.rset())
+
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str | None):
+        """221 at once; the connection is closed once the session's after-work is done (the
+        last transaction's on_end hooks and log line), so that a client waiting for the close
+        finds their effects (the senders state, the log)."""
+        if arg:
+            await self.push("501 Syntax: QUIT")  # aiosmtpd's replies, as before
+            return
+        await self.push("221 Bye")
+        if self.conv is not None:
+            await self.conv.settled()
+        self._handler_coroutine.cancel()
+        if self.transport is not None:
+            self.transport.close()
 
     async def smtp_BDAT(self, arg: str | None):
         # CHUNKING is never offered; swallow the chunk so its bytes are never read as commands.

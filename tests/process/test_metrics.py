@@ -74,7 +74,7 @@ def test_two_workers_scraped_after_a_known_mix_then_healthz_follows_the_downstre
     workers: Counter[int] = Counter()
 
     def session(rcpt: str) -> None:
-        with smtplib.SMTP(gate.host, gate.port, timeout=10) as client:
+        with gate.smtp() as client:  # its QUIT waits for the end hooks: metrics counted
             client.ehlo("client.test")
             workers[worker_of(gate.pid, gate.port, client.sock.getsockname()[1])] += 1
             try:
@@ -122,7 +122,7 @@ def test_single_process_gate_serves_metrics_and_frees_its_directory(gate_factory
     mport = free_port()
     gate = gate_factory(config={"workers": 1, "metrics": f"127.0.0.1:{mport}"})
     assert wait_until(lambda: get(f"http://127.0.0.1:{mport}/healthz")[0] == 200, 20)
-    with smtplib.SMTP(gate.host, gate.port, timeout=10) as client:
+    with gate.smtp() as client:
         client.sendmail("alice@sender.test", ["bob@example.com"], b"Subject: hi\r\n\r\nhi\r\n")
     samples = scrape(mport)
     assert samples['smtpgate_transactions_total{reply_class="2xx",rule="none"}'] == 1
@@ -168,7 +168,7 @@ def test_dns_queries_and_cache_hits(gate_factory, downstream):
         gate = gate_factory(policies={"default.yaml": policy}, config={
             "metrics": f"127.0.0.1:{mport}", "dns": {"nameservers": [f"127.0.0.1:{ns.port}"]}})
         for _ in range(2):  # the second asks the cache (the NXDOMAIN is kept its negative TTL)
-            with smtplib.SMTP(gate.host, gate.port, timeout=10) as client:
+            with gate.smtp() as client:
                 client.sendmail("alice@sender.test", ["bob@example.com"], b"Subject: x\r\n\r\nx\r\n")
         downstream.wait_for_messages(2)
         samples = scrape(mport)
@@ -187,7 +187,7 @@ def test_a_killed_worker_keeps_its_counts_and_drops_its_open_connections(gate_fa
     healthz = f"http://127.0.0.1:{mport}/healthz"
     assert wait_until(lambda: get(healthz)[0] == 200, 20)
     base = scrape(mport)["smtpgate_connections_total"]
-    with smtplib.SMTP(gate.host, gate.port, timeout=10) as client:
+    with gate.smtp() as client:
         client.sendmail("alice@sender.test", ["bob@example.com"], b"Subject: x\r\n\r\nx\r\n")
     held = smtplib.SMTP(gate.host, gate.port, timeout=10)
     held.ehlo("client.test")
@@ -214,7 +214,7 @@ def test_quarantine_size_and_store_errors(gate_factory, downstream, tmp_path):
         mport = free_port()
         gate = gate_factory(policies={"default.yaml": policy},
                             config={"metrics": f"127.0.0.1:{mport}", "quarantine": str(quarantine)})
-        with smtplib.SMTP(gate.host, gate.port, timeout=10) as client:
+        with gate.smtp() as client:
             client.ehlo("client.test")
             client.mail("alice@sender.test")
             client.rcpt("bob@example.com")

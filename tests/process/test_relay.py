@@ -188,6 +188,7 @@ def test_xclient_addr_for_an_ipv6_client(gate_factory, downstream, free_port):
     sess = downstream.sessions[msg.session]
     [xclient_line] = [line for line in sess.transcript if line.startswith(b"XCLIENT ")]
     assert xclient_line.endswith(b" ADDR=IPV6:::1")
+    wait_tx_logged(gate)  # the log line follows the client's reply
     assert "client=::1" in gate.log_text()
 
 

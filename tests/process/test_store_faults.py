@@ -244,6 +244,7 @@ def test_redis_killed_mid_session_then_restarted(gate_factory, downstream, priva
         # the store works: allowed, delivered, tracked
         assert transaction(c, "bob@example.com")[-1][0] == 250
         downstream.wait_for_messages(1)
+        gate.wait_for_log("transaction tx=")  # written after the end hooks: senders' write done
         assert private_redis.client().keys("smtpgate:sm:*")
 
         private_redis.kill()
@@ -260,6 +261,9 @@ def test_redis_killed_mid_session_then_restarted(gate_factory, downstream, priva
         msgs = downstream.wait_for_messages(16)
         assert all(m.rcpts == [f"user{n}@open.example"] for n, m in enumerate(msgs[1:]))
 
+        # the last transaction's end hooks follow its reply: its log line comes after them
+        wait_until(lambda: gate.log_text().count("transaction tx=") >= 16, 10,
+                   what=lambda: gate.log_text()[-4000:])
         log = gate.log_text()
         # 45 store calls (MAIL and end of senders, RCPT of greylist per transaction)
         assert len(REFUSED.findall(log)) + real_tries(log) >= 45

@@ -141,6 +141,22 @@ def stop_pid(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float =
 
 
 # ---------------------------------------------------------------------------- the gate
+class QuitWaitsForClose(smtplib.SMTP):
+    """After its 221, the gate closes the connection only once the session's after-work is
+    done (the last transaction's on_end hooks, e.g. the senders event, and its log line).
+    This client's QUIT (``quit()`` or leaving ``with``) waits for that close: what a test
+    reads next, the state through the CLI or the log, is complete."""
+
+    def docmd(self, cmd, args=""):
+        reply = super().docmd(cmd, args)
+        if cmd.upper() == "QUIT" and reply[0] == 221 and self.sock is not None:
+            if self.file is None:
+                self.file = self.sock.makefile("rb")
+            while self.file.read(4096):  # until EOF; the socket's timeout bounds the wait
+                pass
+        return reply
+
+
 class GateProcess:
     """One running ``smtpgate serve`` child process and the folder it was configured from."""
 
@@ -195,8 +211,9 @@ class GateProcess:
         return self._exit
 
     def smtp(self, timeout: float = 10.0, local_hostname: str = "client.test") -> smtplib.SMTP:
-        """An smtplib client connected to the gate (greeting read; no EHLO sent yet)."""
-        return smtplib.SMTP(self.host, self.port, local_hostname=local_hostname, timeout=timeout)
+        """An smtplib client connected to the gate (greeting read; no EHLO sent yet); its
+        QUIT returns once the gate closed the connection (see ``QuitWaitsForClose``)."""
+        return QuitWaitsForClose(self.host, self.port, local_hostname=local_hostname, timeout=timeout)
 
     def cli(self, *args: str, timeout: float = 30.0, input: bytes | None = None) -> subprocess.CompletedProcess:
         """Run `python -m smtpgate ARGS... -c gate.yaml` with this gate's config and env."""
