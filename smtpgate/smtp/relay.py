@@ -325,6 +325,8 @@ class Downstream:
                 self._renamable = await self._may_rename(smtp)
             if self._renamable or not entry.xclient:
                 self.pool.give(entry)  # it closes what it does not keep
+                log.debug("downstream %s:%s: session given back to the pool (%d idle)",
+                          self.cfg.host, self.cfg.port, len(self.pool))
                 return
         await farewell(smtp)
 

@@ -251,9 +251,12 @@ def test_pooled_session_greeted_again_carries_only_the_next_clients_attributes(
     postfix = start_postfix(tmp_path / "postfix", relay_port=relay.port,
                             smtpd_options=("smtpd_authorized_xclient_hosts=0.0.0.0/0,[::]/0",))
     try:
-        gate = gate_factory(downstream_port=postfix.port, config={"proxy_protocol": True, **POOL})
+        gate = gate_factory(downstream_port=postfix.port,
+                            config={"proxy_protocol": True, **POOL, "log": {"level": "debug"}})
         first = _proxied_delivery(gate, b"PROXY TCP4 203.0.113.7 127.0.0.1 40123 25",
                                   first_greeting + b" first.client.test")
+        # given back once the client left (after a HELO client: once the gate's EHLO answered)
+        gate.wait_for_log("session given back to the pool")
         second = _proxied_delivery(gate, b"PROXY TCP4 198.51.100.8 127.0.0.1 40999 25",
                                    b"HELO second.client.test")
         a = postfix.wait_for_log(rf"smtpd\[(\d+)\]: {first}: client=unknown\[203\.0\.113\.7\]:40123\b")
