@@ -322,7 +322,9 @@ class Downstream:
         if entry is not None and self._reusable and not self.in_transaction and self.pool.enabled:
             self._reusable = False
             if entry.xclient and self._renamable is None:
-                self._renamable = await self._may_rename(smtp)
+                # a full pool would only keep it by retiring another idle session: no check
+                full = len(self.pool) >= self.pool.size
+                self._renamable = False if full else await self._may_rename(smtp)
             if self._renamable or not entry.xclient:
                 self.pool.give(entry)  # it closes what it does not keep
                 log.debug("downstream %s:%s: session given back to the pool (%d idle)",

@@ -168,6 +168,24 @@ def test_a_helo_clients_session_no_longer_offering_xclient_is_closed(gate_factor
     assert "pooled session failed" not in gate.log_text()
 
 
+def test_a_helo_clients_session_is_not_checked_when_the_pool_is_full(gate_factory, downstream):
+    """Two HELO clients at once, a pool of one: the first one's session fills the pool, so
+    the second one's says QUIT at once instead of an EHLO check."""
+    gate = pooled(gate_factory, pool={"size": 1}, log={"level": "debug"})
+    first, second = gate.smtp(), gate.smtp()
+    for n, c in enumerate((first, second)):
+        assert c.helo()[0] == 250
+        assert c.sendmail(f"s{n}@sender.test", ["user@example.com"], MSG) == {}
+    a, b = downstream.wait_for_messages(2)
+    assert a.session != b.session
+    first.quit()
+    gate.wait_for_log("session given back to the pool (1 idle)")
+    second.quit()
+    wait_until(lambda: downstream.sessions[b.session].closed, 5, what="the second session closed")
+    assert verbs(downstream.sessions[b.session])[-2:] == ["DATA", "QUIT"]
+    assert verbs(downstream.sessions[a.session])[-1] == "EHLO"  # checked, kept
+
+
 def test_without_xclient_a_reused_session_is_checked_with_rset(gate_factory, downstream):
     gate = pooled(gate_factory, downstream={"xclient": False})
     before = downstream.connections
