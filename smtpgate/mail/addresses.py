@@ -84,6 +84,7 @@ _RUNS = {chars: re.compile("[" + re.escape("".join(sorted(chars))) + "]*")
 _BAD_IN_COMMAND = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x1f\x7f-\x9f\s]")  # \s: what str.isspace() says
+_CONTROL_OR_SP = re.compile("[ \x00-\x1f\x7f-\x9f]")  # _is_control, or the space character
 _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _LDH_STR = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]\Z")
@@ -462,7 +463,7 @@ def helo_refusal(name: str) -> str | None:
     """
     if _octets(name) > MAX_DOMAIN:
         return "name longer than 255 octets"
-    if any(ch == " " or _is_control(ch) for ch in name):
+    if _CONTROL_OR_SP.search(name):
         return "spaces or control characters in the name"
     if not name.isascii():
         return "non-ASCII name (send its A-label form)"
@@ -479,7 +480,7 @@ def helo_refusal(name: str) -> str | None:
         if colon and tag.lower() != "ipv6":
             return "not a valid address literal"
         return None
-    if any(ch not in _DOMAIN_ASCII for ch in name):
+    if not _RUNS[_DOMAIN_ASCII].fullmatch(name):  # a character outside _DOMAIN_ASCII
         return "not a domain name or address literal"
     body = name[:-1] if name.endswith(".") else name
     if not body or any(not label for label in body.split(".")):

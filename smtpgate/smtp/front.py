@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import re
 import socket
@@ -57,14 +58,26 @@ _CAPPED = {"max_greetings": "greetings", "max_rsets": "RSETs",
 class _Commands(dict):
     """aiosmtpd's command table (name -> method). Its dispatch loop looks up every command
     line here once, so ``get`` is the one place that sees each command: the session counts it
-    and may answer it with another method (an unknown command's 500, or 421 past a cap)."""
+    and may answer it with another method (an unknown command's 500, or 421 past a cap).
+    Filled on first use of each command (most connections use five of the ~20), not at
+    connect: a name is a command exactly when the class has its ``smtp_`` method."""
 
-    def __init__(self, methods: dict, on_command):
-        super().__init__(methods)
-        self._on_command = on_command
+    def __init__(self, protocol: "GateSMTP"):
+        super().__init__()
+        self._protocol = protocol
+
+    def __missing__(self, command):
+        if command not in self._protocol._smtp_name_set():
+            raise KeyError(command)
+        method = self[command] = getattr(self._protocol, "smtp_" + command)
+        return method
 
     def get(self, command, default=None):
-        return self._on_command(command, super().get(command, default))
+        try:
+            method = self[command]
+        except KeyError:
+            method = default
+        return self._protocol._on_command(command, method)
 
 
 class _Handler:
@@ -95,7 +108,9 @@ class GateSMTP(SMTP):
             data_size_limit=cfg.limits.max_message_size, enable_SMTPUTF8=True,
             decode_data=False, timeout=cfg.limits.command_timeout, tls_context=tls_context,
             proxy_protocol_timeout=cfg.limits.command_timeout if cfg.proxy_protocol else None,
-            auth_require_tls=True)
+            auth_require_tls=True,
+            # else aiosmtpd looks the loop up per connection under warnings.catch_warnings()
+            loop=asyncio.get_running_loop())
         # aiosmtpd keeps command_size_limits on the class and grows it on every EHLO; keep
         # our own, sized for the longest MAIL/RCPT with every parameter we offer.
         self.command_size_limits = collections.defaultdict(lambda: 512, MAIL=1024, RCPT=1024)
@@ -110,8 +125,7 @@ class GateSMTP(SMTP):
         self._command = ""
         self._counts = collections.Counter()  # per-session caps, since the last accepted message
         self._dir_hidden = False
-        self._smtp_methods = _Commands({name[5:]: getattr(self, name) for name in self._smtp_names()},
-                                       self._on_command)
+        self._smtp_methods = _Commands(self)
 
     @classmethod
     def _smtp_names(cls) -> list[str]:
@@ -119,7 +133,17 @@ class GateSMTP(SMTP):
         if names is None:
             names = [n for n in dir(cls) if n.startswith("smtp_")]
             setattr(cls, "_smtp_name_list", names)
+            setattr(cls, "_smtp_commands", frozenset(n[5:] for n in names))
         return names
+
+    @classmethod
+    def _smtp_name_set(cls) -> frozenset[str]:
+        """The command names (``smtp_`` methods without the prefix)."""
+        commands = cls.__dict__.get("_smtp_commands")
+        if commands is None:
+            cls._smtp_names()
+            commands = cls.__dict__["_smtp_commands"]
+        return commands
 
     def __dir__(self):
         # aiosmtpd scans dir(self) (via inspect.getmembers) for smtp_* and auth_* methods on
@@ -257,17 +281,12 @@ class GateSMTP(SMTP):
             return
         if isinstance(status, bytes):
             status = status.decode("utf-8", "replace")
-        m = _REPLY.match(status)
-        if m and m.group(2) == " ":
-            reply = Reply(int(m.group(1)), m.group(3)).with_enhanced()
-            await self._write(reply)
-        else:
-            await self._write_lines([status])
+        await self._write_lines(_own_reply_lines(status))
 
     async def _write(self, reply: Reply) -> None:
         await self._write_lines(reply.lines())
 
-    async def _write_lines(self, lines: list[str]) -> None:
+    async def _write_lines(self, lines: list[str] | tuple[str, ...]) -> None:
         if self.transport is None or self.transport.is_closing():
             # Closed (a goodbye, a timeout, the client gone) while a command was still being
             # answered: nobody is listening, and uvloop raises on a write to a closed handle.
@@ -563,6 +582,16 @@ class GateSMTP(SMTP):
 
     async def smtp_EXPN(self, arg: str | None):
         await self._write(Reply(502, "EXPN is not offered", "5.5.1"))
+
+
+@functools.lru_cache(maxsize=64)  # aiosmtpd says a few fixed texts (221 Bye at every QUIT)
+def _own_reply_lines(status: str) -> tuple[str, ...]:
+    """One of aiosmtpd's own replies as written: with the usual enhanced code when it has
+    none."""
+    m = _REPLY.match(status)
+    if m and m.group(2) == " ":
+        return tuple(Reply(int(m.group(1)), m.group(3)).with_enhanced().lines())
+    return (status,)
 
 
 def _declared_size(params: list[str]) -> int:

@@ -101,7 +101,8 @@ class Downstream:
         # After XCLIENT, Postfix authorises a further XCLIENT by the named client's address
         # (smtpd_authorized_xclient_hosts), not the gate's: its EHLO then lists XCLIENT only
         # if that client is in the list. A session it is not listed in is never pooled.
-        self._renamable = False
+        # None: not known yet (the client said HELO, whose answer lists no keywords).
+        self._renamable: bool | None = False
 
     @property
     def connected(self) -> bool:
@@ -200,9 +201,9 @@ class Downstream:
             raise
         return plain
 
-    async def _xclient(self, smtp, session) -> bool:
+    async def _xclient(self, smtp, session) -> bool | None:
         """XCLIENT as the client, then its greeting again; whether the downstream's answer to
-        that greeting still offers XCLIENT (unknown after a HELO: False)."""
+        that greeting still offers XCLIENT (unknown after a HELO: None)."""
         offered = set(smtp.esmtp_extensions.get("xclient", "").upper().split())
         if not offered:
             return False
@@ -232,7 +233,7 @@ class Downstream:
             await smtp.ehlo(hostname=helo if ok else None)
             return "xclient" in smtp.esmtp_extensions
         await smtp.helo(hostname=helo if ok else None)
-        return False
+        return None
 
     async def mail(self, wire_sender: str, params: list[str], ident: str | None = None,
                    utf8: bool = False) -> Reply:
@@ -312,18 +313,37 @@ class Downstream:
             pass  # already closed; the next transaction reconnects
 
     async def close(self) -> None:
-        """Back to the pool when its last exchange delivered a message (see ``_reusable``);
-        otherwise QUIT."""
+        """Back to the pool when its last exchange delivered a message (see ``_reusable``)
+        and the next client can be named on it; otherwise QUIT."""
         smtp, self._smtp = self._smtp, None
         entry, self._entry = self._entry, None
         if smtp is None:
             return
-        if (entry is not None and self._reusable and not self.in_transaction
-                and (self._renamable or not entry.xclient) and self.pool.enabled):
+        if entry is not None and self._reusable and not self.in_transaction and self.pool.enabled:
             self._reusable = False
-            self.pool.give(entry)  # it closes what it does not keep
-            return
+            if entry.xclient and self._renamable is None:
+                # a full pool would only keep it by retiring another idle session: no check
+                full = len(self.pool) >= self.pool.size
+                self._renamable = False if full else await self._may_rename(smtp)
+            if self._renamable or not entry.xclient:
+                self.pool.give(entry)  # it closes what it does not keep
+                log.debug("downstream %s:%s: session given back to the pool (%d idle)",
+                          self.cfg.host, self.cfg.port, len(self.pool))
+                return
         await farewell(smtp)
+
+    async def _may_rename(self, smtp) -> bool:
+        """After a HELO client (its answer lists no keywords): the gate's own EHLO asks
+        whether the session still offers XCLIENT. Exactly what the client's EHLO would have
+        told (Postfix decides by the address XCLIENT named, not by the greeting), and harmless
+        here: the client's message is delivered and the next client's XCLIENT + greeting
+        replaces every attribute. Any failure: not renamable (then QUIT, or closed)."""
+        try:
+            await smtp.ehlo(timeout=min(self.cfg.timeout, _FAREWELL_TIMEOUT))
+        except FAILURES:
+            smtp.close()
+            return False
+        return "xclient" in smtp.esmtp_extensions
 
     def _require(self):
         if not self.connected:
@@ -365,11 +385,14 @@ class Downstream:
         self.in_transaction = self._reusable = self._renamable = False
 
 
+_FAREWELL_TIMEOUT = 5.0  # seconds for an exchange after the client's last message
+
+
 async def farewell(smtp) -> None:
     """QUIT a downstream session we are done with; never raises."""
     if smtp.is_connected:
         try:
-            await asyncio.wait_for(smtp.quit(), timeout=5)
+            await asyncio.wait_for(smtp.quit(), timeout=_FAREWELL_TIMEOUT)
         except FAILURES:  # saying goodbye: nobody to tell
             smtp.close()
 

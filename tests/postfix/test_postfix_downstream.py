@@ -236,19 +236,27 @@ def test_xclient_with_proxy_protocol_client(gate_factory, postfix_downstream):
 POOL = {"downstream": {"pool": {"size": 8}}}
 
 
+FIRST_GREETINGS = pytest.mark.parametrize("first_greeting", [b"EHLO", b"HELO"])
+
+
+@FIRST_GREETINGS
 def test_pooled_session_greeted_again_carries_only_the_next_clients_attributes(
-        gate_factory, downstream_factory, tmp_path):
+        gate_factory, downstream_factory, tmp_path, first_greeting):
     """downstream.pool against Postfix, which authorises XCLIENT after an XCLIENT by the
     *named* client's address: with the gate-facing smtpd allowing XCLIENT from any address
     (only the gate can reach it), the second client's message goes through the same smtpd
-    session, re-greeted with XCLIENT + HELO, and Postfix sees only the second client."""
+    session, re-greeted with XCLIENT + HELO, and Postfix sees only the second client. After
+    a HELO client the gate's own EHLO is what shows that XCLIENT is still offered."""
     relay = downstream_factory()
     postfix = start_postfix(tmp_path / "postfix", relay_port=relay.port,
                             smtpd_options=("smtpd_authorized_xclient_hosts=0.0.0.0/0,[::]/0",))
     try:
-        gate = gate_factory(downstream_port=postfix.port, config={"proxy_protocol": True, **POOL})
+        gate = gate_factory(downstream_port=postfix.port,
+                            config={"proxy_protocol": True, **POOL, "log": {"level": "debug"}})
         first = _proxied_delivery(gate, b"PROXY TCP4 203.0.113.7 127.0.0.1 40123 25",
-                                  b"EHLO first.client.test")
+                                  first_greeting + b" first.client.test")
+        # given back once the client left (after a HELO client: once the gate's EHLO answered)
+        gate.wait_for_log("session given back to the pool")
         second = _proxied_delivery(gate, b"PROXY TCP4 198.51.100.8 127.0.0.1 40999 25",
                                    b"HELO second.client.test")
         a = postfix.wait_for_log(rf"smtpd\[(\d+)\]: {first}: client=unknown\[203\.0\.113\.7\]:40123\b")
@@ -268,13 +276,16 @@ def test_pooled_session_greeted_again_carries_only_the_next_clients_attributes(
         postfix.stop()
 
 
-def test_a_session_postfix_will_not_let_rename_is_not_pooled(gate_factory, postfix_downstream):
+@FIRST_GREETINGS
+def test_a_session_postfix_will_not_let_rename_is_not_pooled(gate_factory, postfix_downstream,
+                                                             first_greeting):
     """With Postfix's XCLIENT allowed from the gate's address only (the usual set-up), a session
     named as an outside client cannot take another XCLIENT: the gate closes it instead of
     pooling it, and the next client gets a new session, without any error."""
     postfix = postfix_downstream
     gate = gate_factory(downstream_port=postfix.port, config={"proxy_protocol": True, **POOL})
-    first = _proxied_delivery(gate, b"PROXY TCP4 203.0.113.7 127.0.0.1 40123 25", b"EHLO first.client.test")
+    first = _proxied_delivery(gate, b"PROXY TCP4 203.0.113.7 127.0.0.1 40123 25",
+                              first_greeting + b" first.client.test")
     second = _proxied_delivery(gate, b"PROXY TCP4 198.51.100.8 127.0.0.1 40999 25", b"EHLO second.client.test")
     postfix.wait_for_log(rf"smtpd\[(\d+)\]: {first}: client=unknown\[203\.0\.113\.7\]:40123\b")
     postfix.wait_for_log(rf"smtpd\[(\d+)\]: {second}: client=unknown\[198\.51\.100\.8\]:40999\b")

@@ -126,6 +126,66 @@ def test_a_session_without_a_delivery_at_its_end_is_not_kept(gate_factory, downs
     assert msgs[1].session == sessions[1].index
 
 
+def send_after_helo(gate, sender: str) -> None:
+    """One client connection that greets with HELO (as smtp-source does), one message."""
+    with gate.smtp() as c:
+        assert c.helo()[0] == 250
+        assert c.sendmail(sender, ["user@example.com"], MSG) == {}
+
+
+def test_a_helo_clients_session_is_kept_once_the_gates_ehlo_shows_xclient(gate_factory, downstream):
+    """A HELO answer lists no keywords: whether the session may take the next client's
+    XCLIENT is asked with the gate's own EHLO after the client's delivered message."""
+    gate = pooled(gate_factory, log={"level": "debug"})
+    before = downstream.connections
+    for n in range(3):
+        logged = len(gate.log_text())
+        send_after_helo(gate, f"s{n}@sender.test")
+        gate.wait_for_log("session given back to the pool", start=logged)  # once EHLO answered
+    msgs = downstream.wait_for_messages(3)
+    assert downstream.connections - before == 1 and len({m.session for m in msgs}) == 1
+    assert [(m.helo, m.esmtp) for m in msgs] == [("client.test", False)] * 3  # greeted as the client
+    each = ["XCLIENT", "HELO", "XFORWARD", "MAIL", "RCPT", "DATA", "EHLO"]
+    assert verbs(downstream.sessions[msgs[0].session]) == ["EHLO"] + each * 3
+
+
+def test_a_helo_clients_session_no_longer_offering_xclient_is_closed(gate_factory, downstream):
+    """As with Postfix authorising XCLIENT by the named client's address: the EHLO after a
+    HELO client's message lists no XCLIENT, so the session says QUIT and the next client
+    gets a new one, with no failed check."""
+    gate = pooled(gate_factory)
+    downstream.replies["EHLO"] = lambda line: (
+        f"250 {downstream.hostname}\nPIPELINING\nENHANCEDSTATUSCODES" if downstream.messages else None)
+    before = downstream.connections
+    send_after_helo(gate, "a@sender.test")
+    downstream.wait_for_messages(1)
+    first = relay_sessions(downstream)[0]
+    wait_until(lambda: first.closed, 5, what="the first session closed")
+    assert verbs(first)[-2:] == ["EHLO", "QUIT"]
+    send_after_helo(gate, "b@sender.test")
+    a, b = downstream.wait_for_messages(2)
+    assert downstream.connections - before == 2 and a.session != b.session
+    assert "pooled session failed" not in gate.log_text()
+
+
+def test_a_helo_clients_session_is_not_checked_when_the_pool_is_full(gate_factory, downstream):
+    """Two HELO clients at once, a pool of one: the first one's session fills the pool, so
+    the second one's says QUIT at once instead of an EHLO check."""
+    gate = pooled(gate_factory, pool={"size": 1}, log={"level": "debug"})
+    first, second = gate.smtp(), gate.smtp()
+    for n, c in enumerate((first, second)):
+        assert c.helo()[0] == 250
+        assert c.sendmail(f"s{n}@sender.test", ["user@example.com"], MSG) == {}
+    a, b = downstream.wait_for_messages(2)
+    assert a.session != b.session
+    first.quit()
+    gate.wait_for_log("session given back to the pool (1 idle)")
+    second.quit()
+    wait_until(lambda: downstream.sessions[b.session].closed, 5, what="the second session closed")
+    assert verbs(downstream.sessions[b.session])[-2:] == ["DATA", "QUIT"]
+    assert verbs(downstream.sessions[a.session])[-1] == "EHLO"  # checked, kept
+
+
 def test_without_xclient_a_reused_session_is_checked_with_rset(gate_factory, downstream):
     gate = pooled(gate_factory, downstream={"xclient": False})
     before = downstream.connections

@@ -9,6 +9,7 @@ from smtpgate.mail.addresses import (
     Address,
     AddressError,
     ParsedPath,
+    helo_refusal,
     normalise_domain,
     parse_address,
     parse_path,
@@ -422,3 +423,19 @@ def test_fuzz_mutations_never_open_relay():
         assert not set(a.unquoted_local) & set("@%!:,<>[]")
         assert a.domain == "" and a.is_postmaster or a.domain.lower() == "example.com"
     assert accepted > 100  # the fuzzer does reach the accepting path
+
+
+# helo_refusal scans with two regular expressions instead of a loop per character; the
+# characters at the edges of each class (checked against the loop on 400,000 generated names)
+@pytest.mark.parametrize("name, why", [
+    ("client.test", None), ("mail_out-1.example.", None), ("localhost", None), ("192.0.2.1", None),
+    ("[192.0.2.1]", None), ("[IPv6:2001:db8::1]", None),
+    ("a b", "spaces or control"), ("a\tb", "spaces or control"), ("a\x00", "spaces or control"),
+    ("\x1fa", "spaces or control"), ("a\x7f", "spaces or control"), ("a\x80b", "spaces or control"),
+    ("a\x9f", "spaces or control"), ("a\xa0b", "non-ASCII"), ("h\u00e9.test", "non-ASCII"),
+    ("a+b", "not a domain name"), ("a=b", "not a domain name"), ("a]", "not a domain name"),
+    ("a:b", "not a domain name"), ("a/b", "not a domain name"), ("a..b", "empty label"),
+])
+def test_helo_refusal_edges(name, why):
+    got = helo_refusal(name)
+    assert got is None if why is None else why in got
