@@ -92,22 +92,11 @@ def split_params(value: str) -> tuple[str, list[tuple[str, str, str]]]:
             i += 1
         rest = value[i:].replace('"', "").strip()
         if i < n and value[i] == '"':
-            i += 1
-            close = value.find('"', i)
-            close = n if close < 0 else close
-            if "\\" not in value[i:close]:  # nothing escaped: the quoted run as it is
-                out, i = [value[i:close]], close
-            else:
-                out = []
-                while i < n and value[i] != '"':
-                    if value[i] == "\\" and i + 1 < n:
-                        i += 1
-                    out.append(value[i])
-                    i += 1
+            quoted, i = _quoted(value, i + 1)
             i += 1  # the closing quote (or the end)
             semi = value.find(";", i)
             tail = (value[i:] if semi < 0 else value[i:semi]).strip()
-            val = "".join(out) + tail.replace('"', "")  # junk after the quote: readers glue it on
+            val = quoted + tail.replace('"', "")  # junk after the quote: readers glue it on
             i = n if semi < 0 else semi + 1
         else:
             semi = value.find(";", i)
@@ -116,6 +105,26 @@ def split_params(value: str) -> tuple[str, list[tuple[str, str, str]]]:
         if key:
             params.append((key, val, rest))
     return head, params
+
+
+def _quoted(value: str, i: int) -> tuple[str, int]:
+    """The quoted string starting at ``i`` (after its opening quote), backslash escapes
+    undone, and where its closing quote is (or the end)."""
+    close = value.find('"', i)
+    close = len(value) if close < 0 else close
+    if "\\" not in value[i:close]:  # nothing escaped: what _quoted_loop gives, in C
+        return value[i:close], close
+    return _quoted_loop(value, i)
+
+
+def _quoted_loop(value: str, i: int) -> tuple[str, int]:
+    n, out = len(value), []
+    while i < n and value[i] != '"':
+        if value[i] == "\\" and i + 1 < n:
+            i += 1
+        out.append(value[i])
+        i += 1
+    return "".join(out), i
 
 
 def parse_params(value: str) -> tuple[str, dict[str, list[str]]]:
