@@ -232,7 +232,7 @@ def _split(part: Part, limits: Limits, out: Structure) -> None:
     tail = re.escape(dash) + rb"(--)?[ \t]*\r?$"
     first = re.compile(tail, re.M).match(buf, body, end)
     found = [first] if first else []
-    found = itertools.chain(found, re.compile(rb"\n" + tail, re.M).finditer(buf, body, end))
+    found = itertools.chain(found, _matches(re.compile(rb"\n" + tail, re.M), b"\n" + dash, buf, body, end))
     for m in found:
         i, line_end = m.start() + (m.group(0)[:1] == b"\n"), m.end()
         if line_end < end and buf[line_end:line_end + 1] == b"\n":
@@ -261,6 +261,21 @@ def _split(part: Part, limits: Limits, out: Structure) -> None:
         path = f"{part.path}.{n}" if part.path else str(n)
         part.children.append(Part(buf, s, s, max(s, e), path, part.depth + 1, part,
                                   part.spliceable))
+
+
+def _matches(pattern: re.Pattern, prefix: bytes, buf: bytes, pos: int, end: int):
+    """What ``pattern.finditer(buf, pos, end)`` yields when every match starts with
+    ``prefix``: the candidates found by bytes.find (which skips ahead by the length of a long
+    boundary, where the regex engine tries every line), each tried with match, the search
+    going on after a match's end or one past a failed candidate, as finditer's does."""
+    while True:
+        i = buf.find(prefix, pos, end)
+        if i < 0:
+            return
+        m = pattern.match(buf, i, end)
+        if m:
+            yield m
+        pos = m.end() if m else i + 1
 
 
 def trim_break(buf: bytes, start: int, end: int) -> int:

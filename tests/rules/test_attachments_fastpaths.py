@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import random
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from tests.support import attachment_samples as S
 
 from smtpgate_rules.attachments import CONTENT_KINDS, DEFAULT_EXTENSIONS, DEFAULT_TYPES  # noqa: E402
 from smtpgate_rules.attachments.content import SNIFF_WINDOWS, sniff  # noqa: E402
-from smtpgate_rules.attachments.mime import base64_sample, decode_base64  # noqa: E402
+from smtpgate_rules.attachments.mime import _matches, base64_sample, decode_base64  # noqa: E402
 from smtpgate_rules.attachments.names import (_quoted, _quoted_loop, _variants, _visible,  # noqa: E402
                                               display, variants)
 from smtpgate_rules.attachments.scan import Settings, _Scanner, scan  # noqa: E402
@@ -279,3 +280,15 @@ def test_ascii_names_take_the_short_way_to_the_same_variants(name):
 def test_quoted_strings_read_as_with_the_character_loop(value, start):
     start = min(start, len(value))
     assert _quoted(value, start) == _quoted_loop(value, start)
+
+
+# --- boundary delimiters: bytes.find candidates, then match, as finditer finds them ----------
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([b"\n", b"\r\n", b"--", b"b", b"bb", b"x", b" ", b"\t", b"\r"]), max_size=40),
+       st.integers(0, 5), st.integers(0, 5))
+def test_delimiters_are_found_as_finditer_finds_them(pieces, cut_start, cut_end):
+    buf = b"".join(pieces)
+    start, end = min(cut_start, len(buf)), max(min(cut_start, len(buf)), len(buf) - cut_end)
+    pattern = re.compile(rb"\n" + re.escape(b"--bb") + rb"(--)?[ \t]*\r?$", re.M)
+    got = [m.span() for m in _matches(pattern, b"\n--bb", buf, start, end)]
+    assert got == [m.span() for m in pattern.finditer(buf, start, end)]
