@@ -382,7 +382,9 @@ def base64_sample(body: bytes, windows) -> tuple[bytes, bytes] | None:
         start, stop, _ = slice(*window).indices(size)
         if start < stop:
             first, last = start // 3, -(-stop // 3)  # the groups holding these bytes
-            data = decode_base64(chars[4 * first:4 * last])
+            groups = chars[4 * first:4 * last]
+            # whole groups of alphabet characters: a2b_base64 is the decoding; the end: as a whole
+            data = binascii.a2b_base64(groups) if 4 * last <= n else decode_base64(groups)
             out[start:stop] = data[start - 3 * first:stop - 3 * first]
     return bytes(out), chars
 
@@ -436,16 +438,17 @@ def contents(part: Part) -> list[bytes]:
 
 
 def headerless_base64(part: Part) -> bytes | None:
-    """The body, when it may be base64 sent without its header (to be decoded and sniffed as
-    well as read as it is); else None. (Its decoding never equals the body, being shorter.)"""
+    """The body, when it may be base64 sent without its header, if ``mostly_long_lines``
+    too (to be decoded and sniffed as well as read as it is); else None. (Its decoding never
+    equals the body, being shorter.)"""
     ctes = part.cte or [""]
     if len(ctes) != 1 or ctes[0] not in ("", "7bit", "8bit"):
         return None
     raw = part.raw_body()
-    return raw if looks_base64(raw) and _mostly_long_lines(raw) else None
+    return raw if looks_base64(raw) else None
 
 
-def _mostly_long_lines(raw: bytes) -> bool:
+def mostly_long_lines(raw: bytes) -> bool:
     lines = raw[:8192].split(b"\n", 40)[:40]
     # (the shortest of the lines that count, measured in C: what all(len(...) >= 60) says)
     return len(lines) >= 2 and min(map(len, map(bytes.strip, lines[:-2])), default=60) >= 60

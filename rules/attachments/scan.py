@@ -17,7 +17,7 @@ from . import archives
 from .content import (CONTAINERS, DESCRIPTIONS, HEAD, OPAQUE, SNIFF_WINDOWS, inspect_ole,
                       parse_tnef, sniff)
 from .mime import (Limits, Part, base64_sample, contents, decode_base64, decode_uu,
-                   headerless_base64, parse)
+                   headerless_base64, mostly_long_lines, parse)
 from .names import display, extensions, has_bidi, raw_names, variants
 
 log = logging.getLogger("smtpgate.rule.attachments")
@@ -119,8 +119,9 @@ class _Scanner:
             datas = []  # (contents would be its decoding alone)
         else:
             datas = contents(part)
-        guess = headerless_base64(part)
-        if guess is not None and not self.base64_is_inert(guess, name, attachment_like, texty):
+        guess = headerless_base64(part)  # (all three tests must hold: the cheap ones first)
+        if guess is not None and not self.base64_is_inert(guess, name, attachment_like, texty) \
+                and mostly_long_lines(guess):
             datas.append(decode_base64(guess))  # base64 sent without its header: sniff it too
         for data in datas:
             reasons += self.blob(data, name, 0, attachment_like, "")
@@ -154,7 +155,7 @@ class _Scanner:
     def embedded_text(self, data: bytes) -> list[str]:
         """uuencoded and yEnc files inside a text body (some readers show them as attachments)."""
         reasons = []
-        if b"begin" not in data:  # (and so no "=ybegin" either)
+        if b"b" not in data or b"begin" not in data:  # (and so no "=ybegin"; memchr first)
             return reasons
         for m in itertools.islice(_UU_BEGIN.finditer(data), 50):
             name = m.group(1).decode("utf-8", "replace").strip()
@@ -330,6 +331,8 @@ def _may_hide_field(buf: bytes, start: int, stop: int) -> bool:
     """False when ``hidden`` cannot find a field in buf[start:stop], proved in C without
     lower-casing a copy: it only looks at a needle that starts a line (at offset 0 or after
     "\n") and lies wholly in the region, and both needles start with "content-"."""
+    if buf.find(b"-", start, stop) < 0:  # (memchr)
+        return False
     if start == 0 and buf[:8].lower() == b"content-":
         return True
     return _LINE_OF_CONTENT.search(buf, max(start - 1, 0), stop) is not None

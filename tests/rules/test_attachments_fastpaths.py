@@ -182,6 +182,8 @@ def base64_messages() -> list[tuple[str, bytes]]:
         cases.append((f"declared text/plain {n}", S.multipart(S.part(padded, None, "text/plain"))))
         cases.append((f"headerless {n}", S.HEAD + b"\r\n" + S.b64(padded)))
         cases.append((f"headerless LF {n}", S.HEAD + b"\r\n" + S.b64(padded).replace(b"\r\n", b"\n")))
+        cases.append((f"headerless short lines {n}", S.HEAD + b"\r\n" + b"\r\n".join(
+            base64.b64encode(padded)[i:i + 40] for i in range(0, 4 * len(padded) // 3, 40))))
         cases.append((f"headerless long lines {n}",
                       S.HEAD + b"\r\n" + base64.b64encode(padded) + b"\r\n" + base64.b64encode(padded)))
     for offset in range(6):  # "begin" at every alignment of the decoded bytes
