@@ -142,6 +142,8 @@ class _Scanner:
         """
         if len(body) <= _SHORT_BASE64 or _tar_by_name(name):
             return False
+        if sniff(decode_base64(body[:96]), scripts=attachment_like) is not None:
+            return False  # a zip, an Office file...: it will be decoded whole, don't sample it first
         sample = base64_sample(body, SNIFF_WINDOWS)
         if sample is None:
             return False

@@ -235,7 +235,7 @@ def test_plain_base64_is_shortcut(monkeypatch):
     real = decode_base64
     monkeypatch.setattr(scan_module, "decode_base64", lambda b: calls.append(len(b)) or real(b))
     assert report_of(raw)[0] == []
-    assert calls == []
+    assert max(calls, default=0) <= 96  # its first bytes at most, never the whole body
 
 
 @pytest.mark.parametrize("path", sorted(p for p in CORPUS.rglob("*") if p.is_file()
