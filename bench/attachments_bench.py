@@ -83,6 +83,34 @@ def big_message(size: int = 2 * 1024 * 1024) -> bytes:
     return HEAD + b'Content-Type: multipart/mixed; boundary="BENCH"\r\n\r\n' + body
 
 
+def office_message(pdf_size: int = 60 * 1024) -> bytes:
+    """Typical mail with a file, as Thunderbird writes it: a text and an HTML alternative
+    (quoted-printable) and one PDF of ``pdf_size`` bytes, base64. The sender and recipient are
+    ``make bench``'s, so ``bench/rulecost_profile.py --message office`` can relay it."""
+    rnd = random.Random(3)
+    text = text_body(2 * 1024)
+    html = (b"<html><head><meta http-equiv=3D\"content-type\" content=3D\"text/html; charset=3D"
+            b"UTF-8\"></head>\r\n<body>\r\n" + b"".join(b"<p>" + line + b"</p>\r\n"
+                                                  for line in text.split(b"\r\n") if line)
+            + b"</body></html>\r\n")
+    pdf = b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n" + rnd.randbytes(pdf_size - 15)
+    b, a = b"------------fGq2XNbD5ZmEJ0tC1R9mOvzp", b"------------Xk2jnYVO0aWcd9IL8bTy7Q3E"
+    return (b"From: <sender@bench.test>\r\nTo: <rcpt@bench.test>\r\nSubject: the report\r\n"
+            b"Date: Mon, 30 Nov 2026 12:00:00 +0000\r\nMessage-ID: <4f1c2a@bench.test>\r\n"
+            b"MIME-Version: 1.0\r\nUser-Agent: Mozilla Thunderbird\r\nContent-Language: en-US\r\n"
+            b'Content-Type: multipart/mixed; boundary="' + b[2:] + b'"\r\n\r\n'
+            b"This is a multi-part message in MIME format.\r\n" + b + b"\r\n"
+            b'Content-Type: multipart/alternative;\r\n boundary="' + a[2:] + b'"\r\n\r\n'
+            + a + b"\r\nContent-Type: text/plain; charset=UTF-8; format=flowed\r\n"
+            b"Content-Transfer-Encoding: 7bit\r\n\r\n" + text + b"\r\n"
+            + a + b"\r\nContent-Type: text/html; charset=UTF-8\r\n"
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + html + b"\r\n"
+            + a + b"--\r\n\r\n" + b + b'\r\nContent-Type: application/pdf; name="report.pdf"\r\n'
+            b'Content-Disposition: attachment; filename="report.pdf"\r\n'
+            b"Content-Transfer-Encoding: base64\r\n\r\n"
+            + base64.encodebytes(pdf).replace(b"\n", b"\r\n") + b"\r\n" + b + b"--\r\n")
+
+
 # --- in process ------------------------------------------------------------------------------
 async def rate_in_process(rules, raw: bytes, seconds: float) -> tuple[float, int]:
     from smtpgate.testing import Harness

@@ -16,6 +16,11 @@ except ImportError:  # pragma: no cover - exercised only without the dependency
     olefile = None
 
 HEAD = 40 * 1024  # enough for ISO 9660 / UDF volume descriptors at 0x8001..0x9006
+_ISO_DESCRIPTORS = (0x8001, 0x8801, 0x9001)
+#: Every (start, stop) that ``sniff`` reads of data not starting with "MZ" (a PE header may
+#: be anywhere): the first and last 512 bytes and the ISO/UDF descriptors. A test holds sniff
+#: to it; the scanner relies on it to sniff base64 without decoding all of it.
+SNIFF_WINDOWS = ((0, 512), (-512, None)) + tuple((o, o + 5) for o in _ISO_DESCRIPTORS)
 
 #: kinds that are banned by content (``banned_content``), with how the reason reads
 DESCRIPTIONS = {
@@ -71,7 +76,7 @@ def sniff(data: bytes, scripts: bool = True) -> str | None:
         return "chm"
     if h[:8] == b"vhdxfile" or h[:8] == b"conectix":
         return "disk_image"
-    for off in (0x8001, 0x8801, 0x9001):
+    for off in _ISO_DESCRIPTORS:
         if data[off:off + 5] in (b"CD001", b"BEA01", b"NSR02", b"NSR03", b"TEA01"):
             return "disk_image"
     if len(data) >= 512 and (data[-512:-504] == b"conectix" or data[-511:-503] == b"conectix"

@@ -232,7 +232,7 @@ def _split(part: Part, limits: Limits, out: Structure) -> None:
     tail = re.escape(dash) + rb"(--)?[ \t]*\r?$"
     first = re.compile(tail, re.M).match(buf, body, end)
     found = [first] if first else []
-    found = itertools.chain(found, re.compile(rb"\n" + tail, re.M).finditer(buf, body, end))
+    found = itertools.chain(found, _matches(re.compile(rb"\n" + tail, re.M), b"\n" + dash, buf, body, end))
     for m in found:
         i, line_end = m.start() + (m.group(0)[:1] == b"\n"), m.end()
         if line_end < end and buf[line_end:line_end + 1] == b"\n":
@@ -261,6 +261,21 @@ def _split(part: Part, limits: Limits, out: Structure) -> None:
         path = f"{part.path}.{n}" if part.path else str(n)
         part.children.append(Part(buf, s, s, max(s, e), path, part.depth + 1, part,
                                   part.spliceable))
+
+
+def _matches(pattern: re.Pattern, prefix: bytes, buf: bytes, pos: int, end: int):
+    """What ``pattern.finditer(buf, pos, end)`` yields when every match starts with
+    ``prefix``: the candidates found by bytes.find (which skips ahead by the length of a long
+    boundary, where the regex engine tries every line), each tried with match, the search
+    going on after a match's end or one past a failed candidate, as finditer's does."""
+    while True:
+        i = buf.find(prefix, pos, end)
+        if i < 0:
+            return
+        m = pattern.match(buf, i, end)
+        if m:
+            yield m
+        pos = m.end() if m else i + 1
 
 
 def trim_break(buf: bytes, start: int, end: int) -> int:
@@ -310,7 +325,7 @@ def decode(body: bytes, cte: str) -> bytes:
 
 
 _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
-_B64_DELETE = bytes(b for b in range(256) if b not in _B64_ALPHABET)
+B64_DELETE = bytes(b for b in range(256) if b not in _B64_ALPHABET)
 _B64_LINE = _B64_ALPHABET + b"\r\n"  # what _LOOKS_B64 allows
 
 
@@ -320,7 +335,7 @@ def decode_base64(body: bytes) -> bytes:
     eq = body.find(b"=")
     clean = None
     if eq < 0:  # no padding at all: decodable at once when the characters make whole groups
-        clean = body.translate(None, _B64_DELETE)
+        clean = body.translate(None, B64_DELETE)
         if len(clean) % 4 == 0:  # (else a2b_base64 would decode it all, then refuse it)
             try:
                 return binascii.a2b_base64(clean)
@@ -332,7 +347,7 @@ def decode_base64(body: bytes) -> bytes:
         except (binascii.Error, ValueError):
             pass
     if clean is None:
-        clean = body.translate(None, _B64_DELETE)
+        clean = body.translate(None, B64_DELETE)
     groups = [g for g in clean.split(b"=") if g] if b"=" in clean.rstrip(b"=") else [clean.rstrip(b"=")]
     out = []
     for g in groups:
@@ -343,6 +358,35 @@ def decode_base64(body: bytes) -> bytes:
         except (binascii.Error, ValueError):
             continue
     return b"".join(out)
+
+
+def base64_sample(body: bytes, windows) -> tuple[bytes, bytes] | None:
+    """A stand-in for ``decode_base64(body)`` made without decoding all of it, and the base64
+    characters it decodes from: the stand-in has the decoding's length and its bytes in each
+    (start, stop) of ``windows`` (slice bounds), zeros elsewhere. None when padding comes
+    before the body's end (several streams, each decoded alone): decode it all then.
+
+    Why it is the decoding: with padding only at its end the body is one stream, and
+    decode_base64 gives (directly, or after a2b_base64 refused the padding) the a2b_base64 of
+    its alphabet characters, a dangling last one dropped and the last group padded; so the
+    3 bytes at 3k come from characters 4k..4k+3 alone, and a run of whole groups, or a suffix
+    starting on a group (ending as the whole does), decodes to its own stretch of bytes."""
+    eq = body.find(b"=")
+    if eq >= 0 and body[eq:].strip(b"=\r\n\t "):
+        return None
+    chars = body.translate(None, B64_DELETE).rstrip(b"=")
+    n = len(chars)
+    size = n // 4 * 3 + (0, 0, 1, 2)[n % 4]
+    out = bytearray(size)
+    for window in windows:
+        start, stop, _ = slice(*window).indices(size)
+        if start < stop:
+            first, last = start // 3, -(-stop // 3)  # the groups holding these bytes
+            groups = chars[4 * first:4 * last]
+            # whole groups of alphabet characters: a2b_base64 is the decoding; the end: as a whole
+            data = binascii.a2b_base64(groups) if 4 * last <= n else decode_base64(groups)
+            out[start:stop] = data[start - 3 * first:stop - 3 * first]
+    return bytes(out), chars
 
 
 def decode_uu(body: bytes, limit: int = 64 * 1024 * 1024) -> bytes:
@@ -373,7 +417,8 @@ def looks_base64(body: bytes) -> bool:
 
 def contents(part: Part) -> list[bytes]:
     """Every plausible decoding of a leaf part's body (one, unless its encoding is in doubt);
-    base64 sent without its header is the scanner's call (``headerless_base64``)."""
+    base64 sent without its header is apart (``headerless_base64``): the scanner can often
+    tell it holds nothing without decoding it."""
     raw = part.raw_body()
     ctes = part.cte or [""]
     out: list[bytes] = []
@@ -385,9 +430,6 @@ def contents(part: Part) -> list[bytes]:
             out.append(raw)
             if looks_base64(raw):
                 out.append(decode_base64(raw))
-    if len(ctes) == 1 and ctes[0] in ("", "7bit", "8bit") and looks_base64(raw) and \
-            _mostly_long_lines(raw):
-        out.append(decode_base64(raw))  # base64 sent without its header: sniff it as well
     uniq: list[bytes] = []
     for data in out:
         if not any(data is u or data == u for u in uniq):
@@ -395,7 +437,18 @@ def contents(part: Part) -> list[bytes]:
     return uniq
 
 
-def _mostly_long_lines(raw: bytes) -> bool:
+def headerless_base64(part: Part) -> bytes | None:
+    """The body, when it may be base64 sent without its header, if ``mostly_long_lines``
+    too (to be decoded and sniffed as well as read as it is); else None. (Its decoding never
+    equals the body, being shorter.)"""
+    ctes = part.cte or [""]
+    if len(ctes) != 1 or ctes[0] not in ("", "7bit", "8bit"):
+        return None
+    raw = part.raw_body()
+    return raw if looks_base64(raw) else None
+
+
+def mostly_long_lines(raw: bytes) -> bool:
     lines = raw[:8192].split(b"\n", 40)[:40]
     # (the shortest of the lines that count, measured in C: what all(len(...) >= 60) says)
     return len(lines) >= 2 and min(map(len, map(bytes.strip, lines[:-2])), default=60) >= 60

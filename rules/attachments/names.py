@@ -92,17 +92,11 @@ def split_params(value: str) -> tuple[str, list[tuple[str, str, str]]]:
             i += 1
         rest = value[i:].replace('"', "").strip()
         if i < n and value[i] == '"':
-            i += 1
-            out = []
-            while i < n and value[i] != '"':
-                if value[i] == "\\" and i + 1 < n:
-                    i += 1
-                out.append(value[i])
-                i += 1
+            quoted, i = _quoted(value, i + 1)
             i += 1  # the closing quote (or the end)
             semi = value.find(";", i)
             tail = (value[i:] if semi < 0 else value[i:semi]).strip()
-            val = "".join(out) + tail.replace('"', "")  # junk after the quote: readers glue it on
+            val = quoted + tail.replace('"', "")  # junk after the quote: readers glue it on
             i = n if semi < 0 else semi + 1
         else:
             semi = value.find(";", i)
@@ -113,10 +107,33 @@ def split_params(value: str) -> tuple[str, list[tuple[str, str, str]]]:
     return head, params
 
 
+def _quoted(value: str, i: int) -> tuple[str, int]:
+    """The quoted string starting at ``i`` (after its opening quote), backslash escapes
+    undone, and where its closing quote is (or the end)."""
+    close = value.find('"', i)
+    close = len(value) if close < 0 else close
+    if "\\" not in value[i:close]:  # nothing escaped: what _quoted_loop gives, in C
+        return value[i:close], close
+    return _quoted_loop(value, i)
+
+
+def _quoted_loop(value: str, i: int) -> tuple[str, int]:
+    n, out = len(value), []
+    while i < n and value[i] != '"':
+        if value[i] == "\\" and i + 1 < n:
+            i += 1
+        out.append(value[i])
+        i += 1
+    return "".join(out), i
+
+
 def parse_params(value: str) -> tuple[str, dict[str, list[str]]]:
     """The lower-cased head and every value of every parameter: RFC 2231 sections joined in
     numeric order (``*10`` after ``*9``) and decoded; encoded words decoded."""
-    head, raw = split_params(value)
+    return _params(*split_params(value))
+
+
+def _params(head: str, raw: list[tuple[str, str, str]]) -> tuple[str, dict[str, list[str]]]:
     out: dict[str, list[str]] = {}
     sections: dict[str, dict[int, tuple[str, bool]]] = {}
     for key, val, _rest in raw:
@@ -170,10 +187,11 @@ def raw_names(field_values: list[str]) -> list[str]:
     field values (both keys in both fields: senders mix them up)."""
     names: list[str] = []
     for value in field_values:
-        _head, params = parse_params(value)
+        head, raw = split_params(value)
+        _head, params = _params(head, raw)
         for key in NAME_KEYS:
             names.extend(params.get(key, ()))
-        for key, val, rest in split_params(value)[1]:
+        for key, val, rest in raw:
             base = key.split("*", 1)[0]
             if base in NAME_KEYS and rest != val:
                 names.append(decode_words(rest))
@@ -199,8 +217,17 @@ def _clean(name: str) -> str:
 
 def variants(name: str) -> list[str]:
     """The names a reader might save the file under, lower-cased (several where in doubt)."""
-    found = []
     base = re.split(r"[/\\]", name)[-1] if name else name
+    if base.isascii() and base.isprintable():
+        # What _variants makes of printable ASCII (no controls, nothing NFKC maps, no format
+        # characters, only " " as a space): one variant.
+        base = base.rstrip(" .\t")
+        return [base.casefold()] if base else []
+    return _variants(base)
+
+
+def _variants(base: str) -> list[str]:
+    found = []
     for candidate in (base, base.split("\x00", 1)[0], re.split(r"[\x00-\x1f\x7f]", base, 1)[0]):
         for form in (candidate, unicodedata.normalize("NFKC", candidate)):
             cleaned = _clean(form)
@@ -224,6 +251,11 @@ def extensions(variant: str) -> list[str]:
 
 def display(name: str, limit: int = 120) -> str:
     """A name safe to show in a note or a log: controls and bidi tricks made visible."""
+    text = name if name.isascii() and name.isprintable() else _visible(name)  # (ASCII: as is)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _visible(name: str) -> str:
     out = []
     for c in name:
         cat = unicodedata.category(c)
@@ -231,5 +263,4 @@ def display(name: str, limit: int = 120) -> str:
             out.append(f"<U+{ord(c):04X}>")
         else:
             out.append(c)
-    text = "".join(out)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return "".join(out)

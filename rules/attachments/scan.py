@@ -7,14 +7,17 @@ file uninspectable (so it is blocked unless ``uninspectable: allow``), never pas
 """
 from __future__ import annotations
 
+import base64
 import itertools
 import logging
 import re
 from dataclasses import dataclass, field
 
 from . import archives
-from .content import CONTAINERS, DESCRIPTIONS, HEAD, OPAQUE, inspect_ole, parse_tnef, sniff
-from .mime import Limits, Part, contents, decode_uu, parse
+from .content import (CONTAINERS, DESCRIPTIONS, HEAD, OPAQUE, SNIFF_WINDOWS, inspect_ole,
+                      parse_tnef, sniff)
+from .mime import (Limits, Part, base64_sample, contents, decode_base64, decode_uu,
+                   headerless_base64, mostly_long_lines, parse)
 from .names import display, extensions, has_bidi, raw_names, variants
 
 log = logging.getLogger("smtpgate.rule.attachments")
@@ -22,6 +25,12 @@ log = logging.getLogger("smtpgate.rule.attachments")
 _UU_BEGIN = re.compile(rb"(?m)^begin(?:-base64)? [0-7]{3,4} ([^\r\n]+)")
 _YENC_BEGIN = re.compile(rb"(?m)^=ybegin [^\r\n]*?name=([^\r\n]+)")
 _HIDDEN = (b"content-type", b"content-disposition")
+_LINE_OF_CONTENT = re.compile(rb"(?i)\ncontent-")  # what both _HIDDEN start with, on a new line
+#: The base64 of every 3-byte piece of "begin": one of them is in any base64 stream whose
+#: decoding holds "begin" (see ``_Scanner.base64_is_inert``).
+_BEGIN_QUANTA = tuple(base64.b64encode(b"begin"[k:k + 3]) for k in range(3))
+#: Base64 this short is simply decoded (the shortcut pays off on longer bodies).
+_SHORT_BASE64 = 2048
 _COMPRESSED_SUFFIX = {".gz": "", ".gzip": "", ".tgz": ".tar", ".taz": ".tar", ".bz2": "",
                       ".tbz": ".tar", ".tbz2": ".tar", ".xz": "", ".txz": ".tar", ".z": ""}
 
@@ -104,16 +113,51 @@ class _Scanner:
         disposition = (part.header("content-disposition") or "").split(";", 1)[0].strip().lower()
         attachment_like = bool(names) or disposition == "attachment" or \
             not part.ctype.startswith(("text/", "multipart/"))
-        for data in contents(part):
-            reasons += self.blob(data, names[0] if names else "", 0, attachment_like, "")
-            if part.ctype.startswith("text/") or part.ctype.startswith("multipart/"):
+        name = names[0] if names else ""
+        texty = part.ctype.startswith(("text/", "multipart/"))
+        if part.cte == ["base64"] and self.base64_is_inert(part.raw_body(), name, attachment_like, texty):
+            datas = []  # (contents would be its decoding alone)
+        else:
+            datas = contents(part)
+        guess = headerless_base64(part)  # (all three tests must hold: the cheap ones first)
+        if guess is not None and not self.base64_is_inert(guess, name, attachment_like, texty) \
+                and mostly_long_lines(guess):
+            datas.append(decode_base64(guess))  # base64 sent without its header: sniff it too
+        for data in datas:
+            reasons += self.blob(data, name, 0, attachment_like, "")
+            if texty:
                 reasons += self.embedded_text(data)
         return _dedupe(reasons), shown
+
+    def base64_is_inert(self, body: bytes, name: str, attachment_like: bool, texty: bool) -> bool:
+        """True only when the base64 decoding of ``body`` certainly adds no reason to its part
+        (what most attachments and base64-shaped text come to), proved without decoding all of
+        it. False means: decode it and look, as ever. Exact, not a guess:
+        - blob's sniff reads only SNIFF_WINDOWS of data not starting with "MZ", and
+          base64_sample has the decoding's bytes there (and its length): same answer;
+        - embedded_text finds nothing without "begin" ("=ybegin" included); "begin" at any
+          offset fills a whole 3-byte group with "beg", "egi" or "gin", whose base64
+          (_BEGIN_QUANTA) the characters then hold;
+        - a name ending in .tar makes blob try tar on the whole data: not shortcut.
+        """
+        if len(body) <= _SHORT_BASE64 or _tar_by_name(name):
+            return False
+        if sniff(decode_base64(body[:96]), scripts=attachment_like) is not None:
+            return False  # a zip, an Office file...: it will be decoded whole, don't sample it first
+        sample = base64_sample(body, SNIFF_WINDOWS)
+        if sample is None:
+            return False
+        stand_in, chars = sample
+        if stand_in[:2] == b"MZ":
+            return False
+        if texty and any(q in chars for q in _BEGIN_QUANTA if q[:1] in chars):  # (memchr first)
+            return False
+        return sniff(stand_in, scripts=attachment_like) is None
 
     def embedded_text(self, data: bytes) -> list[str]:
         """uuencoded and yEnc files inside a text body (some readers show them as attachments)."""
         reasons = []
-        if b"begin" not in data:  # (and so no "=ybegin" either)
+        if b"b" not in data or b"begin" not in data:  # (and so no "=ybegin"; memchr first)
             return reasons
         for m in itertools.islice(_UU_BEGIN.finditer(data), 50):
             name = m.group(1).decode("utf-8", "replace").strip()
@@ -137,6 +181,8 @@ class _Scanner:
         found: dict[int, Finding] = {}
         hits = 0
         for start, stop in regions:
+            if not _may_hide_field(buf, start, stop):
+                continue
             low = buf[start:stop].lower()
             for needle in _HIDDEN:
                 pos = 0
@@ -191,7 +237,7 @@ class _Scanner:
     def blob(self, data: bytes, name: str, depth: int, attachment_like: bool, where: str) -> list[str]:
         """What is banned about one file's bytes (and, for containers, about what they hold)."""
         kind = sniff(data, scripts=attachment_like)
-        if kind is None and name and variants(name) and variants(name)[0].endswith(".tar"):
+        if kind is None and _tar_by_name(name):
             kind = "tar" if archives.is_tar(data) else None
         if kind is None:
             return []
@@ -283,6 +329,17 @@ class _Scanner:
         return reasons
 
 
+def _may_hide_field(buf: bytes, start: int, stop: int) -> bool:
+    """False when ``hidden`` cannot find a field in buf[start:stop], proved in C without
+    lower-casing a copy: it only looks at a needle that starts a line (at offset 0 or after
+    "\n") and lies wholly in the region, and both needles start with "content-"."""
+    if buf.find(b"-", start, stop) < 0:  # (memchr)
+        return False
+    if start == 0 and buf[:8].lower() == b"content-":
+        return True
+    return _LINE_OF_CONTENT.search(buf, max(start - 1, 0), stop) is not None
+
+
 def _owner(parts: list[Part], offset: int) -> tuple[Part, tuple[int, int] | None]:
     """The deepest part whose body holds ``offset``, or the multipart gap that does."""
     best = parts[0]
@@ -293,6 +350,11 @@ def _owner(parts: list[Part], offset: int) -> tuple[Part, tuple[int, int] | None
         if a <= offset < b:
             return best, (a, b)
     return best, None
+
+
+def _tar_by_name(name: str) -> bool:
+    found = variants(name) if name else None
+    return bool(found) and found[0].endswith(".tar")
 
 
 def _strip_suffix(name: str) -> str:

@@ -1,0 +1,296 @@
+"""The attachments rule's shortcuts give exactly the answer of the long way (issue 13):
+base64 sniffed from the bytes sniff reads (``base64_sample``, ``base64_is_inert``), the
+hidden-header precheck, and the printable-ASCII paths of names. Each is checked against the
+long way it skips, at the edges where the shortcut stops applying."""
+from __future__ import annotations
+
+import base64
+import random
+import re
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tests.support import attachment_samples as S
+
+from smtpgate_rules.attachments import CONTENT_KINDS, DEFAULT_EXTENSIONS, DEFAULT_TYPES  # noqa: E402
+from smtpgate_rules.attachments.content import SNIFF_WINDOWS, sniff  # noqa: E402
+from smtpgate_rules.attachments.mime import _matches, base64_sample, decode_base64  # noqa: E402
+from smtpgate_rules.attachments.names import (_quoted, _quoted_loop, _variants, _visible,  # noqa: E402
+                                              display, variants)
+from smtpgate_rules.attachments.scan import Settings, _Scanner, scan  # noqa: E402
+
+scan_module = sys.modules[_Scanner.__module__]  # (the package's "scan" is the function)
+
+SETTINGS = Settings(extensions=frozenset(DEFAULT_EXTENSIONS), allowed_extensions=frozenset(),
+                    types=tuple(DEFAULT_TYPES), content=frozenset(CONTENT_KINDS))
+CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"
+
+
+def long_way(monkeypatch):
+    """The scanner with every shortcut off: all base64 decoded, every region lower-cased."""
+    monkeypatch.setattr(_Scanner, "base64_is_inert", lambda *a, **k: False)
+    monkeypatch.setattr(scan_module, "_may_hide_field", lambda *a: True)
+
+
+def report_of(raw: bytes):
+    r = scan(raw, SETTINGS)
+    return ([(f.part.path, f.name, f.reasons, f.gap) for f in r.findings], r.untrusted, r.defects)
+
+
+def both_ways(raw: bytes, monkeypatch) -> tuple:
+    short = report_of(raw)
+    with monkeypatch.context() as m:
+        long_way(m)
+        assert report_of(raw) == short
+    return short
+
+
+# --- base64_sample: the decoding's bytes where sniff reads, without decoding it all ----------
+def sample_matches(body: bytes) -> None:
+    full = decode_base64(body)
+    got = base64_sample(body, SNIFF_WINDOWS)
+    if got is None:  # padding inside: several streams, the long way
+        eq = body.find(b"=")
+        assert eq >= 0 and body[eq:].strip(b"=\r\n\t ")
+        return
+    stand_in, _chars = got
+    assert len(stand_in) == len(full)
+    for window in SNIFF_WINDOWS:
+        assert stand_in[slice(*window)] == full[slice(*window)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(min_size=0, max_size=40_000), line=st.sampled_from([0, 60, 76, 77, 1000]),
+       crlf=st.booleans(), padding=st.sampled_from([None, b"", b"=", b"==", b"===", b"= \r\n="]),
+       junk=st.lists(st.tuples(st.integers(0, 60_000), st.sampled_from([b" ", b"*", b"\t", b".", b"\xff"])),
+                     max_size=3),
+       dangling=st.sampled_from([b"", b"Q", b"QU", b"QUI"]))
+def test_base64_sample_has_the_decodings_bytes_in_every_window(data, line, crlf, padding, junk, dangling):
+    text = base64.b64encode(data).rstrip(b"=")
+    if dangling and len(text) % 4 == 0:
+        text += dangling  # a group left short (1, 2 or 3 characters)
+    if padding is not None:
+        text += padding
+    if line:
+        text = b"\n".join(text[i:i + line] for i in range(0, len(text), line))
+    if crlf:
+        text = text.replace(b"\n", b"\r\n")
+    for pos, char in junk:  # characters readers skip, anywhere
+        pos = min(pos, len(text))
+        text = text[:pos] + char + text[pos:]
+    sample_matches(text)
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 511, 512, 513, 1023, 1024, 1025, 0x8000, 0x8001, 0x8005,
+                                  0x8006, 0x9006, 0x9007, 100_000])
+def test_base64_sample_at_the_window_edges(size):
+    data = random.Random(size).randbytes(size)
+    for body in (S.b64(data), base64.b64encode(data), base64.b64encode(data).rstrip(b"="),
+                 S.b64(data) + b"===\r\n", S.b64(data) + S.b64(b"more")):  # the last: two streams
+        sample_matches(body)
+
+
+# --- sniff reads only SNIFF_WINDOWS (unless the data starts with "MZ") ----------------------
+class Reads(bytes):
+    """Bytes that note every range read from them (sniff only slices and asks the length)."""
+
+    def __new__(cls, data: bytes):
+        self = super().__new__(cls, data)
+        self.ranges = []
+        return self
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, _ = key.indices(len(self))
+            if start < stop:
+                self.ranges.append((start, stop))
+            return bytes(self)[key]
+        self.ranges.append((key % len(self), key % len(self) + 1))
+        return bytes(self)[key]
+
+
+def window_ranges(size: int) -> list[tuple[int, int]]:
+    return [slice(*w).indices(size)[:2] for w in SNIFF_WINDOWS]
+
+
+def samples_of_every_kind() -> list[bytes]:
+    out = [S.elf(), S.macho(), S.macho_fat(), S.java_class(), S.dex(), S.script(), S.lnk(), S.iso(),
+           S.udf(), S.vhd_fixed(), S.vhdx(), S.dmg(), S.fat_image(), S.chm(), S.zip_of({"a": b"b"}),
+           S.tar_of({"a": b"b"}), S.gzip_of(b"x"), S.bz2_of(b"x"), S.xz_of(b"x"), S.rar(),
+           S.seven_zip(), S.ole({"x": b"y"}), S.tnef("a.exe", b"MZ"), b"", b"x", b"%PDF-1.7\n"]
+    rnd = random.Random(7)
+    out += [rnd.randbytes(n) for n in (10, 600, 40_000, 0x9010)]
+    # every signature's first bytes on otherwise plain data, so each branch is taken
+    heads = [b"\x7fELF", b"\xca\xfe\xba\xbe", b"dex\n", b"#!/bin/sh\n", b"L\x00\x00\x00", b"PK\x03\x04",
+             b"ITSF", b"conectix", b"\x78\x9f\x3e\x22", b"\x1f\x8b", b"BZh9", b"\xfd7zXZ\x00",
+             b"Rar!\x1a\x07\x00", b"MSCF", b"\x60\xea\x10\x00", b"\x28\xb5\x2f\xfd", b"xar!", b"SIT!",
+             b"xx-lh5-", b"1234567**ACE**"]
+    out += [h + bytes(700) for h in heads] + [bytes(510) + b"\x55\xaa" + bytes(600)]
+    return out
+
+
+@pytest.mark.parametrize("data", samples_of_every_kind(), ids=lambda d: repr(d[:8]))
+def test_sniff_reads_only_its_windows(data):
+    probe = Reads(data)
+    assert sniff(probe, scripts=True) == sniff(data, scripts=True)
+    allowed = window_ranges(len(data))
+    for start, stop in probe.ranges:
+        assert any(a <= start and stop <= b for a, b in allowed), (start, stop)
+
+
+# --- the scanner: with and without the shortcuts, the same report ---------------------------
+def begin_at(offset: int) -> bytes:
+    """Text holding a uuencoded .exe whose "begin" lands at ``offset`` of the decoded bytes."""
+    uu = b"begin 644 evil.exe\nM" + b"!" * 60 + b"\n`\nend\n"
+    return b"a" * offset + b"\n" + uu + b"z" * 3000
+
+
+def v7_tar(name: str, size: int) -> bytes:
+    """An old (V7) tar: no "ustar" magic for sniff to see, only a name can say it is a tar."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    head = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
+    head[257:265] = bytes(8)
+    head[148:156] = b" " * 8
+    head[148:156] = b"%06o\x00 " % sum(head)
+    return bytes(head) + bytes(-(-size // 512) * 512) + bytes(1024)
+
+
+def base64_messages() -> list[tuple[str, bytes]]:
+    big_text = b"x" * 4000
+    cases = [
+        ("smtp-source text", S.HEAD + b"\r\n" + b"\r\n".join(b"%d" % (i % 10) + b"X" * 77
+                                                            for i in range(1, 129)) + b"\r\n"),
+        ("declared pdf", S.multipart(S.text_part(), S.part(b"%PDF-1.7\n" + bytes(60_000), "r.pdf",
+                                                           "application/pdf"))),
+        ("declared exe, pdf name", S.multipart(S.part(S.pe() + bytes(5000), "r.pdf", "application/pdf"))),
+        ("exe past the first 512", S.multipart(S.part(bytes(3000) + S.pe(), "r.bin"))),
+        ("tar by name", S.multipart(S.part(S.tar_of({"a.exe": b"MZ"}) + bytes(3000), "x.tar"))),
+        ("tar by name only", S.multipart(S.part(bytes(4000), "x.tar"))),
+    ]
+    kinds = [S.pe(), S.elf(), S.script(), S.iso(), S.udf(), S.vhd_fixed(), S.dmg(), S.fat_image(),
+             S.zip_of({"a.exe": b"MZ"}), S.gzip_of(S.pe(), "a.exe")]
+    for n, payload in enumerate(kinds):
+        padded = payload + bytes(max(0, 3000 - len(payload)))
+        if payload in (S.vhd_fixed(), S.dmg()):  # their signature is at the end: keep it there
+            padded = bytes(max(0, 3000 - len(payload))) + payload
+        cases.append((f"declared {n}", S.multipart(S.part(padded, "f.bin"))))
+        cases.append((f"declared text/plain {n}", S.multipart(S.part(padded, None, "text/plain"))))
+        cases.append((f"headerless {n}", S.HEAD + b"\r\n" + S.b64(padded)))
+        cases.append((f"headerless LF {n}", S.HEAD + b"\r\n" + S.b64(padded).replace(b"\r\n", b"\n")))
+        cases.append((f"headerless short lines {n}", S.HEAD + b"\r\n" + b"\r\n".join(
+            base64.b64encode(padded)[i:i + 40] for i in range(0, 4 * len(padded) // 3, 40))))
+        cases.append((f"headerless long lines {n}",
+                      S.HEAD + b"\r\n" + base64.b64encode(padded) + b"\r\n" + base64.b64encode(padded)))
+    for offset in range(6):  # "begin" at every alignment of the decoded bytes
+        encoded = S.b64(begin_at(offset))
+        cases.append((f"uuencoded inside base64 text {offset}",
+                      S.multipart(S.part(begin_at(offset), None, "text/plain"))))
+        cases.append((f"uuencoded inside headerless base64 {offset}", S.HEAD + b"\r\n" + encoded))
+        cases.append((f"yEnc inside base64 text {offset}", S.multipart(S.part(
+            b"y" * offset + b"\n=ybegin line=128 size=3 name=x.exe\n" + big_text, None, "text/plain"))))
+    for size in (2000, 2040, 2048, 2049, 2056, 3000):  # both sides of _SHORT_BASE64
+        body = S.b64(S.pe() + bytes(size))[:size]
+        cases.append((f"exe body of {size}", S.multipart(S.part(b"", "f.bin") + body)))
+        cases.append((f"headerless exe of {size}", S.HEAD + b"\r\n" + S.b64(S.pe() + bytes(size))[:size]))
+    cases.append(("v7 tar by name", S.multipart(S.part(v7_tar("a.exe", 3000), "x.tar"))))
+    two_streams = S.b64(b"hello") + S.b64(S.pe() + bytes(3000))
+    cases.append(("two streams", S.multipart(S.part(b"", "f.bin") + two_streams)))
+    return cases
+
+
+@pytest.mark.parametrize("label, raw", base64_messages(), ids=[c[0] for c in base64_messages()])
+def test_base64_shortcut_gives_the_long_ways_answer(label, raw, monkeypatch):
+    both_ways(raw, monkeypatch)
+
+
+def test_the_shortcut_still_finds_what_it_must(monkeypatch):
+    for label, raw in base64_messages():
+        reasons = [r for f in both_ways(raw, monkeypatch)[0] for r in f[2]]
+        if label.startswith(("uuencoded inside", "yEnc inside")):
+            assert any("evil.exe" in r or "x.exe" in r for r in reasons), label
+        if label in ("declared exe, pdf name", "tar by name", "v7 tar by name"):
+            assert reasons, label
+
+
+@pytest.mark.timeout(300)
+def test_mz_with_its_pe_header_far_away_is_decoded_whole(monkeypatch):
+    """An "MZ" file's PE header may be anywhere: past 16 MB the offset needs no zero byte,
+    so only the header itself, outside every window, says PE."""
+    off = 0x01010101
+    data = bytearray(b"\x01" * (off + 4096))  # (the header outside the last 512 bytes too)
+    data[:2], data[0x3C:0x40], data[off:off + 4] = b"MZ", off.to_bytes(4, "little"), b"PE\x00\x00"
+    raw = S.multipart(S.part(bytes(data), "a.bin"))
+    assert any("Windows executable" in r for f in both_ways(raw, monkeypatch)[0] for r in f[2])
+
+
+def test_plain_base64_is_shortcut(monkeypatch):
+    """The shortcut is taken where it should be (else it saves nothing)."""
+    raw = S.multipart(S.text_part(), S.part(b"%PDF-1.7\n" + bytes(60_000), "r.pdf", "application/pdf"))
+    calls = []
+    real = decode_base64
+    monkeypatch.setattr(scan_module, "decode_base64", lambda b: calls.append(len(b)) or real(b))
+    assert report_of(raw)[0] == []
+    assert max(calls, default=0) <= 96  # its first bytes at most, never the whole body
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CORPUS.rglob("*") if p.is_file()
+                                        and p.suffix in (".raw", ".txt", ".eml", "")),
+                         ids=lambda p: str(p.relative_to(CORPUS)))
+def test_corpus_reports_are_the_same_both_ways(path, monkeypatch):
+    both_ways(path.read_bytes(), monkeypatch)
+
+
+# --- hidden header fields: the precheck only skips regions where nothing can be found --------
+@pytest.mark.parametrize("body", [
+    b"Hello\r\nContent-Type: application/octet-stream; name=\"a.exe\"\r\n\r\nMZ\r\n",
+    b"Hello\nCONTENT-DISPOSITION: attachment; filename=a.exe\n",
+    b"content-type: text/plain; name=a.exe\r\nno header block before me\r\n",
+    b"content-type x: y; name=a.exe\r\nhello\r\n",  # no header line: the body starts at offset 0
+    b"Hello content-type: x; name=a.exe (not at a line start)\r\n",
+    b"Hello\r\ncontent-typo: x; name=a.exe\r\n",
+    b"x" * 5000 + b"\r\nContent-Disposition: attachment;\r\n filename=a.scr\r\n",
+])
+def test_hidden_field_precheck_gives_the_long_ways_answer(body, monkeypatch):
+    for raw in (S.HEAD + b"\r\n" + body, body,
+                S.multipart(S.text_part(), preamble=body), S.multipart(S.part(body, None, "text/plain", encoding=""))):
+        both_ways(raw, monkeypatch)
+
+
+@pytest.mark.parametrize("raw", [S.HEAD + b"\r\nHello\nCONTENT-DISPOSITION: attachment; filename=a.exe\n",
+                                 b"content-type x: y; name=a.exe\r\nhello\r\n"])
+def test_hidden_field_is_still_found(raw):
+    assert any("hidden MIME header" in r for f in report_of(raw)[0] for r in f[2])
+
+
+# --- names: the printable-ASCII paths are what the general ones give -------------------------
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=40))
+def test_ascii_names_take_the_short_way_to_the_same_variants(name):
+    base = name.replace("\\", "/").split("/")[-1]
+    assert variants(name) == _variants(base)
+    shown = _visible(name)
+    assert display(name) == (shown if len(shown) <= 120 else shown[:119] + "…")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.sampled_from('ab; ="\\\t.'), max_size=30), st.integers(0, 30))
+def test_quoted_strings_read_as_with_the_character_loop(value, start):
+    start = min(start, len(value))
+    assert _quoted(value, start) == _quoted_loop(value, start)
+
+
+# --- boundary delimiters: bytes.find candidates, then match, as finditer finds them ----------
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([b"\n", b"\r\n", b"--", b"b", b"bb", b"x", b" ", b"\t", b"\r"]), max_size=40),
+       st.integers(0, 5), st.integers(0, 5))
+def test_delimiters_are_found_as_finditer_finds_them(pieces, cut_start, cut_end):
+    buf = b"".join(pieces)
+    start, end = min(cut_start, len(buf)), max(min(cut_start, len(buf)), len(buf) - cut_end)
+    pattern = re.compile(rb"\n" + re.escape(b"--bb") + rb"(--)?[ \t]*\r?$", re.M)
+    got = [m.span() for m in _matches(pattern, b"\n--bb", buf, start, end)]
+    assert got == [m.span() for m in pattern.finditer(buf, start, end)]
