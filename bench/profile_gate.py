@@ -17,7 +17,8 @@ under a key prefix of its own, deleted afterwards) instead of SQLite in the temp
 ``--cpu`` runs the gate without cProfile and prints the CPU time its process spent per
 message while smtp-source ran (user + system of the supervisor and its workers, from /proc):
 what a loaded, shared machine disturbs least, and what cProfile's own cost per call does not
-inflate.
+inflate. Either way the gate's worker sets its garbage collector up itself
+(``smtpgate.runtime.collector``), as in production.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from . import metrics
 from .smtp.connections import ConnectionTable, ConnectionTracker
 from .errors import ConfigError, PluginError, StoreError
 from .smtp.front import GateSMTP, settle
+from .runtime.collector import settle_for_serving
 from .runtime.gate import Gate
 from .runtime.loading import load_runtime
 from .stores.quarantine import MaildirQuarantine
@@ -157,6 +158,7 @@ async def _serve(cli_path, runtime, housekeeper: bool = False,
     if _early_stop:  # asked to stop before the event loop ran
         on_stop()
     await probe(cfg.downstream, cfg.hostname, gate.capabilities)
+    settle_for_serving()  # all is loaded: spare the collector from scanning it per message
     servers = []
     for host, port in cfg.listen:
         servers.append(await loop.create_server(
@@ -252,6 +254,8 @@ async def _load_and_swap(gate: Gate, cli_path) -> None:
     gate.tls_context = tls_context  # connections from now on; open ones keep their session
     if old.stores is not None and old.stores is not runtime.stores:
         await old.stores.close()
+    del old
+    settle_for_serving()  # the new runtime joins what the collector no longer scans
     log.info("configuration reloaded from %s", runtime.config.source)
 
 
