@@ -6,6 +6,7 @@
     .venv/bin/python bench/profile_gate.py --top 30 --sort cumtime
     .venv/bin/python bench/profile_gate.py --policies bench/policies-real --state redis   # state in Redis
     .venv/bin/python bench/profile_gate.py --policies bench/policies-real --cpu   # no cProfile: CPU µs/message
+    .venv/bin/python bench/profile_gate.py --workload par50_conn --gc   # and the share of garbage collection
 
 Starts ``smtp-sink`` and ``smtpgate serve`` (bench/gate.yaml, ``workers: 1``, state in a
 temporary folder) under cProfile, sends ``--messages`` 10 KB messages with ``smtp-source``
@@ -17,12 +18,14 @@ under a key prefix of its own, deleted afterwards) instead of SQLite in the temp
 ``--cpu`` runs the gate without cProfile and prints the CPU time its process spent per
 message while smtp-source ran (user + system of the supervisor and its workers, from /proc):
 what a loaded, shared machine disturbs least, and what cProfile's own cost per call does not
-inflate. Either way the gate's worker sets its garbage collector up itself
+inflate. ``--gc`` adds the CPU its garbage collections took (timed by ``gc.callbacks``).
+Either way the gate's worker sets its garbage collector up itself
 (``smtpgate.runtime.collector``), as in production.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pstats
 import signal
@@ -46,6 +49,31 @@ try:
     prof.runcall(server.serve, sys.argv[1])
 finally:
     prof.dump_stats(sys.argv[2])
+"""
+
+GC_RUNNER = """
+import gc, json, sys, time
+from smtpgate import server
+spent = {"cpu": 0.0, "passes": [0, 0, 0]}
+def timed(phase, info):  # CPU of each collection, from gc's own start/stop callbacks
+    if phase == "start":
+        spent["started"] = time.process_time()
+    else:
+        spent["cpu"] += time.process_time() - spent["started"]
+        spent["passes"][info["generation"]] += 1
+gc.callbacks.append(timed)
+made = server.GateSMTP.connection_made
+def first_made(self, transport):  # counted from the first connection, not the loading
+    spent.update(cpu=0.0, passes=[0, 0, 0])
+    server.GateSMTP.connection_made = made
+    made(self, transport)
+server.GateSMTP.connection_made = first_made
+try:
+    server.serve(sys.argv[1])
+finally:
+    spent["threshold"] = gc.get_threshold()
+    with open(sys.argv[2], "w") as f:
+        json.dump(spent, f)
 """
 
 
@@ -95,7 +123,10 @@ def main() -> int:
     ap.add_argument("--out", help="keep the raw profile here")
     ap.add_argument("--state", choices=("sqlite", "redis"), default="sqlite")
     ap.add_argument("--cpu", action="store_true", help="no cProfile: the gate's CPU µs per message")
+    ap.add_argument("--gc", action="store_true",
+                    help="as --cpu, and the CPU µs per message its garbage collections took")
     a = ap.parse_args()
+    a.cpu = a.cpu or a.gc
     sink_port, gate_port = free_port(), free_port()
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/13")
     prefix = f"smtpgate-profile-{os.getpid()}:"
@@ -116,8 +147,12 @@ def main() -> int:
         sink = subprocess.Popen(["/usr/sbin/smtp-sink", *(["-u", "nobody"] if os.getuid() == 0 else []),
                                  "-c", "-m", "4096", f"127.0.0.1:{sink_port}", "1024"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        command = [str(VENV_BIN / "smtpgate"), "serve", "-c", conf] if a.cpu else \
-            [sys.executable, "-c", RUNNER, conf, prof]
+        if a.gc:
+            command = [sys.executable, "-c", GC_RUNNER, conf, prof]
+        elif a.cpu:
+            command = [str(VENV_BIN / "smtpgate"), "serve", "-c", conf]
+        else:
+            command = [sys.executable, "-c", RUNNER, conf, prof]
         gate = subprocess.Popen(command, cwd=tmp,
                                 stderr=open(os.path.join(tmp, "gate.log"), "w"))
         try:
@@ -141,6 +176,12 @@ def main() -> int:
         if a.cpu:
             print(f"{a.messages} messages in {wall:.2f} s ({a.messages / wall:.0f}/s); the gate's CPU: "
                   f"{cpu / a.messages * 1e6:.0f} µs/message")
+            if a.gc:
+                with open(prof) as f:
+                    spent = json.load(f)
+                print(f"garbage collection: {spent['cpu'] / a.messages * 1e6:.1f} µs/message, passes by "
+                      f"generation {spent['passes']} (from the first connection), thresholds "
+                      f"{tuple(spent['threshold'])}")
             return 0
         print(f"{a.messages} messages in {wall:.2f} s under cProfile ({a.messages / wall:.0f}/s)")
         pstats.Stats(prof).sort_stats(a.sort).print_stats(a.top)
