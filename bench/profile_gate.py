@@ -113,11 +113,19 @@ def gate_cpu(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def memory_mb(pid: int) -> str:
+    """The process's resident memory now and its high-water mark (Linux /proc), in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        kb = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+    return f"{int(kb['VmRSS'].split()[0]) / 1024:.0f} / {int(kb['VmHWM'].split()[0]) / 1024:.0f} MB"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--policies", default=str(BENCH / "policies"))
     ap.add_argument("--workload", choices=WORKLOADS, default="seq1_keep")
     ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument("--size", type=int, default=10240, help="bytes per message (smtp-source -l)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--sort", default="tottime")
     ap.add_argument("--out", help="keep the raw profile here")
@@ -161,10 +169,11 @@ def main() -> int:
             cpu_before = gate_cpu(gate.pid)
             started = time.monotonic()
             subprocess.run(["/usr/sbin/smtp-source", *WORKLOADS[a.workload], "-m", str(a.messages),
-                            "-l", "10240", "-f", "sender@bench.test", "-t", "rcpt@bench.test",
+                            "-l", str(a.size), "-f", "sender@bench.test", "-t", "rcpt@bench.test",
                             f"127.0.0.1:{gate_port}"], check=True)
             wall = time.monotonic() - started
             cpu = gate_cpu(gate.pid) - cpu_before
+            memory = memory_mb(gate.pid)
         finally:
             gate.send_signal(signal.SIGTERM)
             gate.wait(30)
@@ -175,7 +184,7 @@ def main() -> int:
                                check=False, stdout=subprocess.DEVNULL)
         if a.cpu:
             print(f"{a.messages} messages in {wall:.2f} s ({a.messages / wall:.0f}/s); the gate's CPU: "
-                  f"{cpu / a.messages * 1e6:.0f} µs/message")
+                  f"{cpu / a.messages * 1e6:.0f} µs/message; its RSS now / at most: {memory}")
             if a.gc:
                 with open(prof) as f:
                     spent = json.load(f)
