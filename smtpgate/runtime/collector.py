@@ -11,9 +11,9 @@ passes walked the live sessions and everything loaded again. So, once loaded:
   scans again (it also spares the copy-on-write pages of forked workers);
 - a gen-0 threshold of ``GEN0_THRESHOLD`` collects cycles ~14 times less often. Cycles are
   still collected, so memory stays bounded: at most a threshold's worth of cyclic garbage
-  (a few MB) waits for its collection. Thresholds of 5,000-20,000 measured alike
-  (bench/README.md, "Garbage collection"); 50,000 cost more per message again (each pass
-  walks more objects than the caches hold).
+  (a few MB) waits for its collection. 5,000 and 20,000 measured alike, 10,000 sits
+  between them; 50,000 cost more per message again (each pass walks more objects than the
+  caches hold): bench/README.md, "Garbage collection".
 """
 from __future__ import annotations
 
