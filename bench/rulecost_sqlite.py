@@ -71,10 +71,9 @@ def main() -> int:
             return 0
         figures = {case: asyncio.run(measure(case, folder, raw, a.messages, a.runs, False, 0, ""))
                    for case in a.cases.split(",")}
-    base = figures.get("empty", next(iter(figures.values())))
-    print(f"{'case':<12} {'CPU µs/message':>14} {'added to empty':>15}")
+    base = figures.get("empty", 0.0)
     for case, us in figures.items():
-        print(f"{case:<12} {us:>14.1f} {us - base:>15.1f}")
+        print(f"{case:<10} {us:7.1f} CPU µs/message, {us - base:+7.1f} over empty")
     return 0
 
 
