@@ -46,6 +46,8 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
                 row = conn.execute("SELECT doc FROM senders WHERE machine = ? AND key = ?",
                                    (machine, key)).fetchone()
                 current = SenderRecord.from_json(row[0]) if row else None
+                # what was stored, noted first: change may edit the record it is given in place
+                stored = (current.state, current.version) if current is not None else None
                 new, result = change(current)
                 if new is None:
                     if current is not None:
@@ -60,8 +62,8 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
                     # The row exists (read above, under the write lock): a plain UPDATE does what
                     # the upsert would, cheaper; and most events leave the state as it was, so
                     # the state column (and its index) is only set when it changed.
-                    new.version = current.version + 1
-                    if new.state == current.state:
+                    new.version = stored[1] + 1
+                    if new.state == stored[0]:
                         conn.execute(_UPDATE_SAME_STATE, (new.seen, new.expires, new.to_json(), machine, key))
                     else:
                         conn.execute(_UPDATE, (new.state, new.seen, new.expires, new.to_json(), machine, key))
