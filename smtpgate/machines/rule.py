@@ -184,12 +184,17 @@ class MachineRule(Rule):
         if not self._owns(tx):
             return None
         key = self.key_of(tx)
-        tx.results.add(self, data={"key": key})
         if key is None:
+            tx.results.add(self, data={"key": key})
             return None
-        view = await self.current(key)
+        try:
+            view = await self.current(key)
+        except BaseException:
+            tx.results.add(self, data={"key": key})  # on_end feeds the key the store could not read
+            raise
         tx.states[self.machine.name] = view
-        tx.results.add(self, msg=f"{key}: {view.state}", data={"state": view.state})
+        # one entry for what the two steps above would add (the same record, data and trace)
+        tx.results.add(self, msg=f"{key}: {view.state}", data={"key": key, "state": view.state})
         return await self._run(tx, "mail", view, ())
 
     async def on_rcpt(self, tx, rcpt):

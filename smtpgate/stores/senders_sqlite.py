@@ -26,6 +26,8 @@ SENDERS_SCHEMA: tuple[tuple[str, ...], ...] = (
      "CREATE INDEX senders_state ON senders (machine, state)",
      "CREATE INDEX senders_expires ON senders (expires)"),
 )
+_UPDATE = "UPDATE senders SET state = ?, seen = ?, expires = ?, doc = ? WHERE machine = ? AND key = ?"
+_UPDATE_SAME_STATE = "UPDATE senders SET seen = ?, expires = ?, doc = ? WHERE machine = ? AND key = ?"
 
 
 class SqliteSenderStore(SqliteComponentStore, SenderStore):
@@ -44,16 +46,27 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
                 row = conn.execute("SELECT doc FROM senders WHERE machine = ? AND key = ?",
                                    (machine, key)).fetchone()
                 current = SenderRecord.from_json(row[0]) if row else None
+                # what was stored, noted first: change may edit the record it is given in place
+                stored = (current.state, current.version) if current is not None else None
                 new, result = change(current)
                 if new is None:
                     if current is not None:
                         conn.execute("DELETE FROM senders WHERE machine = ? AND key = ?", (machine, key))
-                else:
-                    new.version = (current.version if current else 0) + 1
+                elif current is None:
+                    new.version = 1
                     conn.execute("INSERT INTO senders (machine, key, state, seen, expires, doc) VALUES (?, ?, ?, ?, ?, ?) "
                                  "ON CONFLICT (machine, key) DO UPDATE SET state = excluded.state, "
                                  "seen = excluded.seen, expires = excluded.expires, doc = excluded.doc",
                                  (machine, key, new.state, new.seen, new.expires, new.to_json()))
+                else:
+                    # The row exists (read above, under the write lock): a plain UPDATE does what
+                    # the upsert would, cheaper; and most events leave the state as it was, so
+                    # the state column (and its index) is only set when it changed.
+                    new.version = stored[1] + 1
+                    if new.state == stored[0]:
+                        conn.execute(_UPDATE_SAME_STATE, (new.seen, new.expires, new.to_json(), machine, key))
+                    else:
+                        conn.execute(_UPDATE, (new.state, new.seen, new.expires, new.to_json(), machine, key))
             return result
         result = await self._write(run)
         if now is not None and self._sweep_due(now):

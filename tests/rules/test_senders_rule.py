@@ -344,6 +344,20 @@ async def test_a_store_failure_is_451_unless_on_error_accept(on_error, code):
     await stores.close()
 
 
+async def test_the_mail_record_holds_the_key_and_state_and_keeps_the_key_when_the_store_fails():
+    async with Harness([(Senders, {})]) as h:
+        r = await h.send()
+        assert r.transaction.results.get("senders").data["key"] == KEY and r.transaction.results.get("senders").data["state"] == "new"
+        assert f"{KEY}: new" in r.transaction.results.get("senders").msg
+    stores = Stores("sqlite://:memory:", senders=BrokenStore())
+    async with Harness([(Senders, {})], stores=stores) as h:
+        senders_of(h).on_error = "accept"
+        r = await h.send()
+        assert r.reply.code == 250 and r.transaction.results.get("senders").data["key"] == KEY
+        assert "state" not in r.transaction.results.get("senders").data
+    await stores.close()
+
+
 # --- options ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("options, key, text", [

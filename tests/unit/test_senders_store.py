@@ -105,6 +105,35 @@ async def test_records_filter_by_machine_and_state_most_recent_first(store):
     assert len(await store.records()) == 5
 
 
+async def test_the_columns_lists_and_purge_use_follow_every_update_of_a_stored_record(store):
+    # SQLite sets the state column only when an update changes the state: lists by state,
+    # the most-recent-first order and purge must still see each update's state, seen, expires.
+    await put(store, record(key="a@x.example", seen=T0))
+    await put(store, record(key="b@x.example", seen=T0 + 1))
+    await put(store, record(key="a@x.example", seen=T0 + 2))  # same state, seen and expires later
+    assert [r.key for r in await store.records("senders", "new")] == ["a@x.example", "b@x.example"]
+    await put(store, record(key="a@x.example", state="trusted", seen=T0 + 3))
+    assert [r.key for r in await store.records("senders", "new")] == ["b@x.example"]
+    assert [r.key for r in await store.records("senders", "trusted")] == ["a@x.example"]
+    await put(store, record(key="a@x.example", state="trusted", seen=T0 + 10 ** 8))  # same state, far later
+    assert await store.purge(T0 + 1 + 90 * 86400 + 1) == 1  # b expired; a's expires moved on with it
+    assert [(r.key, r.state, r.version) for r in await store.records()] == [("a@x.example", "trusted", 4)]
+
+
+async def test_a_change_that_edits_the_record_it_is_given_in_place_moves_its_state_in_lists(store):
+    # as Machine.feed does: the record read is changed in place and returned
+    def to_trusted(rec):
+        rec.state, rec.seen, rec.expires = "trusted", rec.seen + 1, rec.expires + 1
+        return rec, None
+    await put(store, record(key="a@x.example"))
+    await store.update("senders", "a@x.example", to_trusted)
+    assert [r.key for r in await store.records("senders", "new")] == []
+    assert [(r.key, r.state, r.version) for r in await store.records("senders", "trusted")] == [
+        ("a@x.example", "trusted", 2)]
+    await store.update("senders", "a@x.example", lambda rec: (rec, None))  # written back unchanged
+    assert [(r.key, r.version) for r in await store.records("senders", "trusted")] == [("a@x.example", 3)]
+
+
 async def test_purge_drops_expired_records(store):
     await put(store, record(key="old@x.example"))
     await put(store, SenderRecord("senders", "new@x.example", "new", T0, T0 + 50, T0, T0 + 10 ** 9))

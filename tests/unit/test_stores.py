@@ -19,7 +19,7 @@ import pytest
 
 from smtpgate import StoreError
 from smtpgate.stores import Params, Selector, make_allow, open_greylist_store, triplet_value
-from smtpgate.stores.greylist import DELAY_BUCKETS, GRACE, client_allow_key, masked_hex
+from smtpgate.stores.greylist import DELAY_BUCKETS, GRACE, client_allow_key, client_candidates, masked_hex
 from smtpgate.stores.sqlite_store import GREYLIST_SCHEMA, SqliteGreylistStore
 from tests.support.constants import T0
 from tests.support.redisproc import (REDIS_URL, UNREACHABLE_REDIS_URL, delete_redis_keys, new_prefix,
@@ -206,6 +206,20 @@ def test_masked_hex_agrees_with_ipaddress():
         hexdigits = f"{n:0{bits // 4}x}"
         assert masked_hex(hexdigits, plen) == f"{int(net.network_address):0{bits // 4}x}"
         assert client_allow_key(str(net))[0] == f"client:{6 if v6 else 4}:{masked_hex(hexdigits, plen)}/{plen}"
+
+
+def test_client_candidates_are_the_allow_keys_of_each_length_in_use_of_the_clients_family():
+    # kept per (address, lengths): asked again with other lengths, an address gets their keys
+    assert client_candidates("192.0.2.77", [("4", 24), ("6", 64), ("4", 32)]) == [
+        "client:4:c0000200/24", "client:4:c000024d/32"]
+    assert client_candidates("192.0.2.77", [("4", 8)]) == ["client:4:c0000000/8"]
+    assert client_candidates("::ffff:192.0.2.77", [("4", 8)]) == ["client:4:c0000000/8"]
+    assert client_candidates("2001:db8::1", [("4", 24), ("6", 32)]) == ["client:6:20010db8" + "0" * 24 + "/32"]
+    assert client_candidates("192.0.2.77", []) == []
+    assert client_candidates("unix-socket", [("4", 24)]) == client_candidates(None, [("4", 24)]) == []
+    keys = client_candidates("192.0.2.77", [("4", 24)])
+    keys.append("changed by its caller")
+    assert client_candidates("192.0.2.77", [("4", 24)]) == ["client:4:c0000200/24"]
 
 
 # --- list, delete, purge, stats ---------------------------------------------------------------
