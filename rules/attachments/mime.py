@@ -17,6 +17,7 @@ import binascii
 import itertools
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .names import parse_params
 
@@ -79,7 +80,7 @@ class Part:
         """The root, or the message inside a message/rfc822 part: its other headers stay."""
         return self.parent is None or self.parent.is_message
 
-    @property
+    @cached_property  # (read a few times per part; ``fields`` are set once, before the first)
     def cte(self) -> list[str]:
         return [v.strip().lower() for v in self.get_all("content-transfer-encoding")]
 
