@@ -18,9 +18,10 @@ except ImportError:  # pragma: no cover - exercised only without the dependency
 HEAD = 40 * 1024  # enough for ISO 9660 / UDF volume descriptors at 0x8001..0x9006
 _ISO_DESCRIPTORS = (0x8001, 0x8801, 0x9001)
 #: Every (start, stop) that ``sniff`` reads of data not starting with "MZ" (a PE header may
-#: be anywhere): the first and last 512 bytes and the ISO/UDF descriptors. A test holds sniff
-#: to it; the scanner relies on it to sniff base64 without decoding all of it.
-SNIFF_WINDOWS = ((0, 512), (-512, None)) + tuple((o, o + 5) for o in _ISO_DESCRIPTORS)
+#: be anywhere): the first 512 bytes, the 9 at 512 from the end (the VHD/DMG footers'
+#: signatures) and the ISO/UDF descriptors. A test holds sniff to it; the scanner relies on
+#: it to sniff base64 without decoding all of it (the fewer bytes, the fewer it decodes).
+SNIFF_WINDOWS = ((0, 512), (-512, -503)) + tuple((o, o + 5) for o in _ISO_DESCRIPTORS)
 
 #: kinds that are banned by content (``banned_content``), with how the reason reads
 DESCRIPTIONS = {

@@ -17,6 +17,7 @@ import binascii
 import itertools
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .names import parse_params
 
@@ -56,6 +57,9 @@ class Part:
     children: list["Part"] = field(default_factory=list)
     #: byte ranges inside this multipart's body that belong to no part (preamble, epilogue)
     gaps: list[tuple[int, int]] = field(default_factory=list)
+    #: the Content-Transfer-Encoding values, lower-case: set with ``fields`` (read a few
+    #: times per part; a plain attribute, no property call). Never mutated: shared default.
+    cte: ClassVar[list[str]] = []
 
     def get_all(self, name: str) -> list[str]:
         return [f.value for f in self.fields if f.name == name]
@@ -78,10 +82,6 @@ class Part:
     def message_level(self) -> bool:
         """The root, or the message inside a message/rfc822 part: its other headers stay."""
         return self.parent is None or self.parent.is_message
-
-    @property
-    def cte(self) -> list[str]:
-        return [v.strip().lower() for v in self.get_all("content-transfer-encoding")]
 
     def raw_body(self) -> bytes:
         return self.buf[self.body:self.end]
@@ -171,6 +171,7 @@ def _read_headers(part: Part, limits: Limits, out: Structure) -> None:
         if cur:
             fields.append(_field(cur, pos))
     part.fields = fields
+    part.cte = [v.strip().lower() for v in part.get_all("content-transfer-encoding")]
     part.body = min(pos, end)
 
 

@@ -142,6 +142,21 @@ def test_sniff_reads_only_its_windows(data):
         assert any(a <= start and stop <= b for a, b in allowed), (start, stop)
 
 
+def test_the_footer_window_is_no_wider_than_what_sniff_reads():
+    """The scanner decodes every byte of a window: the footer one (VHD, DMG signatures)
+    holds just the bytes sniff reads near the end (it once was the last 512 bytes)."""
+    tail = [w for w in SNIFF_WINDOWS if w[0] < 0]
+    read = set()
+    for data in samples_of_every_kind():
+        if len(data) >= 1024:  # (the end apart from the first 512 bytes)
+            probe = Reads(data)
+            sniff(probe, scripts=True)
+            heads = [slice(*w).indices(len(data))[:2] for w in SNIFF_WINDOWS if w[0] >= 0]
+            read |= {i - len(data) for a, b in probe.ranges for i in range(a, b)
+                     if i >= len(data) - 512 and not any(x <= i < y for x, y in heads)}
+    assert tail == [(min(read), max(read) + 1)]
+
+
 # --- the scanner: with and without the shortcuts, the same report ---------------------------
 def begin_at(offset: int) -> bytes:
     """Text holding a uuencoded .exe whose "begin" lands at ``offset`` of the decoded bytes."""
@@ -236,6 +251,19 @@ def test_plain_base64_is_shortcut(monkeypatch):
     monkeypatch.setattr(scan_module, "decode_base64", lambda b: calls.append(len(b)) or real(b))
     assert report_of(raw)[0] == []
     assert max(calls, default=0) <= 96  # its first bytes at most, never the whole body
+
+
+def test_text_shaped_like_base64_is_shortcut_without_decoding(monkeypatch):
+    """smtp-source's body (lines of a digit and X's) reads as headerless base64: text skips
+    the container precheck, so nothing of it is decoded, and the answer stays the same."""
+    body = b"\r\n".join(b"%d" % (i % 10) + b"X" * 77 for i in range(1, 129)) + b"\r\n"
+    raw = S.HEAD + b"\r\n" + body
+    assert both_ways(raw, monkeypatch)[0] == []
+    calls = []
+    real = decode_base64
+    monkeypatch.setattr(scan_module, "decode_base64", lambda b: calls.append(len(b)) or real(b))
+    report_of(raw)
+    assert calls == []
 
 
 @pytest.mark.parametrize("path", sorted(p for p in CORPUS.rglob("*") if p.is_file()
