@@ -178,6 +178,10 @@ class GateSMTP(SMTP):
             transport.close()
 
     def connection_lost(self, error) -> None:
+        if self._handler_coroutine is None:
+            # Called again (aiosmtpd calls it itself after a failed TLS handshake, then the
+            # transport does) after _drop_cycles: all was done the first time.
+            return
         super().connection_lost(error)
         if self in self.tracker.protocols:
             self.tracker.protocols.discard(self)
