@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import functools
 import smtplib
 import socket
+import ssl
 
 import pytest
 from aiosmtpd import smtp as aiosmtpd_smtp
@@ -18,10 +20,12 @@ from aiosmtpd import smtp as aiosmtpd_smtp
 from smtpgate.mail.session import Session
 from smtpgate.runtime.gate import Gate
 from smtpgate.runtime.loading import load_runtime
+from smtpgate.server import _tls_context
 from smtpgate.smtp.connections import ConnectionTracker
 from smtpgate.smtp.conversation import Conversation
 from smtpgate.smtp.front import GateSMTP
 from tests.support.downstream import CapturingDownstream
+from tests.support.testca import TestCA
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -35,9 +39,10 @@ def _alive() -> list[str]:
     return [type(o).__qualname__ for o in gc.get_objects() if isinstance(o, CONNECTION_CLASSES)]
 
 
-async def _freed_without_the_collector(tmp_path, client) -> list[str]:
+async def _freed_without_the_collector(tmp_path, client, tls: str = "") -> list[str]:
     """Run ``client(port)`` (blocking, in a thread) ROUNDS times against a real gate with the
-    collector off; what of the connections is still alive once the gate let them go."""
+    collector off; what of the connections is still alive once the gate let them go.
+    ``tls``: the gate.yaml's ``tls:`` line (STARTTLS offered)."""
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "default.yaml").write_text(
         "domains: [example.com]\n"
@@ -48,13 +53,13 @@ async def _freed_without_the_collector(tmp_path, client) -> list[str]:
             f"hostname: gate.test\nlisten: ['127.0.0.1:0']\nworkers: 1\n"
             f"downstream: {{host: 127.0.0.1, port: {downstream.port}, pool: {{size: 0}}}}\n"
             f"state: sqlite:///{tmp_path}/state.db\nquarantine: {tmp_path}/quarantine\n"
-            f"policies: {tmp_path}/policies\n")
+            f"policies: {tmp_path}/policies\n{tls}")
         runtime = load_runtime(str(tmp_path / "gate.yaml"))
         gate = Gate(runtime)
-        gate.draining, gate.tls_context = False, None
+        gate.draining, gate.tls_context = False, _tls_context(runtime.config)
         tracker = ConnectionTracker()
         server = await asyncio.get_running_loop().create_server(
-            lambda: GateSMTP(gate, tracker, None), "127.0.0.1", 0)
+            lambda: GateSMTP(gate, tracker, gate.tls_context), "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
             await asyncio.to_thread(client, port)  # a first one: caches, lazy imports
@@ -102,3 +107,17 @@ def _hang_up_mid_transaction(port: int) -> None:
 @pytest.mark.parametrize("client", [_relay_and_quit, _refused_and_quit, _hang_up_mid_transaction])
 async def test_a_finished_connection_leaves_nothing_to_the_collector(tmp_path, client):
     assert await _freed_without_the_collector(tmp_path, client) == []
+
+
+def _starttls_relay_and_quit(port: int, ca: TestCA) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+        c.starttls(context=ssl.create_default_context(cafile=str(ca.cert)))
+        c.sendmail("a@sender.test", ["user@example.com"], MESSAGE)
+
+
+async def test_a_finished_starttls_connection_leaves_nothing_to_the_collector(tmp_path, require_tool):
+    ca = TestCA(tmp_path / "ca", require_tool("openssl"))
+    cert, key = ca.issue("served", ["127.0.0.1", "gate.test"], serial=1)
+    tls = f"tls: {{cert: {cert}, key: {key}}}\n"
+    client = functools.partial(_starttls_relay_and_quit, ca=ca)
+    assert await _freed_without_the_collector(tmp_path, client, tls) == []
