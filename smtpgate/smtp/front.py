@@ -193,8 +193,7 @@ class GateSMTP(SMTP):
                 task = asyncio.ensure_future(self.conv.close())
                 _background.add(task)
                 task.add_done_callback(_background.discard)
-        if self._handler_coroutine is not None:
-            self._handler_coroutine.add_done_callback(self._drop_cycles)
+        self._handler_coroutine.add_done_callback(self._drop_cycles)
 
     def _drop_cycles(self, handler: asyncio.Task) -> None:
         """The connection is lost and its command loop has ended: nothing runs for it any
@@ -202,8 +201,14 @@ class GateSMTP(SMTP):
         writer, the ended task and the exception it ended with, whose frames hold it), so
         that reference counting frees the connection at once instead of the cyclic
         collector, whose passes cost the gate CPU per message (issue 13)."""
-        if not handler.cancelled() and handler.exception() is not None:
-            handler.exception().__traceback__ = None
+        error = None if handler.cancelled() else handler.exception()
+        if error is not None:
+            # aiosmtpd ends its loop by raising a reset connection: no error of ours. Anything
+            # else is said here (asyncio would have, once the task was collected).
+            if not isinstance(error, ConnectionError):
+                log.error("session %s: the command loop failed",
+                          self.gsession.id if self.gsession else "-", exc_info=error)
+            error.__traceback__ = None
         self._handler_coroutine = None
         self._smtp_methods = None  # its bound methods, and _Commands._protocol
         self._client_connected_cb = None  # asyncio's StreamReaderProtocol keeps it

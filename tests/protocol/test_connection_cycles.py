@@ -13,6 +13,7 @@ import functools
 import smtplib
 import socket
 import ssl
+import struct
 
 import pytest
 from aiosmtpd import smtp as aiosmtpd_smtp
@@ -104,7 +105,16 @@ def _hang_up_mid_transaction(port: int) -> None:
     c.close()
 
 
-@pytest.mark.parametrize("client", [_relay_and_quit, _refused_and_quit, _hang_up_mid_transaction])
+def _reset_mid_transaction(port: int) -> None:
+    c = smtplib.SMTP("127.0.0.1", port, timeout=10)
+    c.ehlo("client.test")
+    c.mail("a@sender.test")
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()  # linger 0: a TCP reset, the gate reads ConnectionResetError
+
+
+@pytest.mark.parametrize("client", [_relay_and_quit, _refused_and_quit, _hang_up_mid_transaction,
+                                    _reset_mid_transaction])
 async def test_a_finished_connection_leaves_nothing_to_the_collector(tmp_path, client):
     assert await _freed_without_the_collector(tmp_path, client) == []
 
