@@ -1,11 +1,11 @@
 """The cyclic garbage collector's settings for a serving worker (issue 13).
 
 What a worker loads (configuration, policies, compiled patterns, libraries) lives as long
-as the worker, and each connection leaves ~50 objects in reference cycles (protocol,
-transport, streams, session, tasks, the exceptions of its end with their frames) that only
-the collector frees. At CPython's default gen-0 threshold (700 net allocations) the gate
-collected about once per 8 messages with 50 sessions at once, and its gen-1 and gen-2
-passes walked the live sessions and everything loaded again. So, once loaded:
+as the worker. A finished connection is freed by reference counting (``smtp/front.py``
+breaks its cycles when it ends), but a relayed message still leaves some cyclic garbage,
+and at CPython's default gen-0 threshold (700 net allocations) the gate collected about once
+per 8 messages with 50 sessions at once, its gen-1 and gen-2 passes walking the live
+sessions and everything loaded again. So, once loaded:
 
 - ``gc.freeze()`` moves what exists into the permanent generation, which no collection
   scans again (it also spares the copy-on-write pages of forked workers);
