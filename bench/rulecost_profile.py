@@ -6,10 +6,13 @@ MAIL, RCPT, DATA, the pipeline, the trace, the log line) on a 10 KB message like
 ``smtp-source``'s, with a fake downstream and no sockets, so the pipeline's own cost is not
 hidden behind network time. The store-backed rules (``senders``, ``greylist``) get in-memory
 stores that answer at once, so what is measured is the rule and pipeline code, not SQLite
-or Redis (bench/greylist_bench.py and bench/limits_bench.py measure the stores).
+or Redis (bench/store_bench.py measures the stores); ``--state sqlite`` gives them a real
+SQLite file instead (the bench triplet on the allow list, as ``make bench`` has it), so the
+store's own CPU per message (SQL, JSON, the group commit) is in the figure.
 
     .venv/bin/python bench/rulecost_profile.py                        # CPU µs per message, each case
     .venv/bin/python bench/rulecost_profile.py --profile real --top 15    # cProfile of one case
+    .venv/bin/python bench/rulecost_profile.py --state sqlite --cases empty,senders,greylist,real
 
 The log line is written at ``info`` to /dev/null through the gate's own text formatter, as
 ``make bench`` runs the gate; the garbage collector has a serving worker's settings
@@ -24,6 +27,7 @@ import logging
 import os
 import pstats
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from smtpgate.logs import setup_logging  # noqa: E402
 from smtpgate.runtime.collector import settle_for_serving  # noqa: E402
-from smtpgate.stores import Stores  # noqa: E402
+from smtpgate.stores import Stores, make_allow, triplet_value  # noqa: E402
 from smtpgate.stores.greylist import Attempt, GreylistStore  # noqa: E402
 from smtpgate.stores.senders import SenderStore  # noqa: E402
 from smtpgate.testing import FakeClock, Harness  # noqa: E402
@@ -44,6 +48,11 @@ class MemoryGreylist(GreylistStore):
     async def attempt(self, client, sender, recipient, *, now, params, client_ip=None, dry_run=False):
         return Attempt("allowed", None)
 
+    async def close(self):
+        pass
+
+
+class NoLimits:
     async def close(self):
         pass
 
@@ -92,9 +101,36 @@ def rules_of(case: str):
 CASES = ("empty", "senders", "greylist", "attachments", "rewrite", "real")
 
 
-def harness(case: str) -> Harness:
-    stores = Stores("memory", greylist=MemoryGreylist(), senders=MemorySenders(), limits=object())
-    return Harness(rules_of(case), domains=["bench.test"], clock=FakeClock(), stores=stores)
+async def open_stores(state: str, folder: str, case: str, clock: FakeClock) -> Stores:
+    if state == "memory":
+        return Stores("memory", greylist=MemoryGreylist(), senders=MemorySenders(), limits=NoLimits())
+    stores = Stores(f"sqlite:///{folder}/{case}.db", clock)
+    # the greylist keys the client by its /24 (default); allow the bench triplet outright
+    await stores.greylist.add_allow(make_allow("triplet", triplet_value(
+        "127.0.0.0/24", "sender@bench.test", "rcpt@bench.test"), clock.now(), None))
+    return stores
+
+
+async def measure(case: str, a, raw: bytes, folder: str) -> float | None:
+    """One case in one event loop (a SQLite store's loop connection belongs to it): a
+    warm-up, the collector as a serving worker has it, then the fastest of ``a.runs`` (or,
+    with ``--profile``, one cProfiled run)."""
+    clock = FakeClock()
+    stores = await open_stores(a.state, folder, case, clock)
+    h = Harness(rules_of(case), domains=["bench.test"], clock=clock, stores=stores)
+    try:
+        await run(h, raw, 200)  # warm-up
+        settle_for_serving()
+        if a.profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            await run(h, raw, a.messages)
+            prof.disable()
+            pstats.Stats(prof).sort_stats(a.sort).print_stats(a.top)
+            return None
+        return min([await run(h, raw, a.messages) for _ in range(a.runs)])
+    finally:
+        await stores.close()
 
 
 async def run(h: Harness, raw: bytes, n: int) -> float:
@@ -119,6 +155,8 @@ def main() -> int:
     ap.add_argument("--message", choices=("smtp-source", "office"), default="smtp-source",
                     help="smtp-source's 10 KB text, or text + HTML + a 60 KB PDF (attachments_bench)")
     ap.add_argument("--cases", default=",".join(CASES), help="which cases, comma-separated")
+    ap.add_argument("--state", choices=("memory", "sqlite"), default="memory",
+                    help="the store-backed rules' stores: answering at once, or a real SQLite file")
     a = ap.parse_args()
     setup_logging("text", "info")  # as the gate logs, into /dev/null
     logging.getLogger().handlers[0].setStream(open(os.devnull, "w"))
@@ -128,23 +166,11 @@ def main() -> int:
     else:
         raw = smtp_source_message()
 
-    if a.profile:
-        h = harness(a.profile)
-        asyncio.run(run(h, raw, 200))  # warm-up
-        settle_for_serving()  # the garbage collector as a serving worker has it
-        prof = cProfile.Profile()
-        prof.enable()
-        asyncio.run(run(h, raw, a.messages))
-        prof.disable()
-        pstats.Stats(prof).sort_stats(a.sort).print_stats(a.top)
-        return 0
-
-    figures = {}
-    for case in a.cases.split(","):
-        h = harness(case)
-        asyncio.run(run(h, raw, 200))
-        settle_for_serving()
-        figures[case] = min(asyncio.run(run(h, raw, a.messages)) for _ in range(a.runs))
+    with tempfile.TemporaryDirectory() as folder:
+        if a.profile:
+            asyncio.run(measure(a.profile, a, raw, folder))
+            return 0
+        figures = {case: asyncio.run(measure(case, a, raw, folder)) for case in a.cases.split(",")}
     base = figures.get("empty", next(iter(figures.values())))
     print(f"{'case':<12} {'CPU µs/message':>14} {'share of empty (msg/s)':>24}")
     for case, us in figures.items():
