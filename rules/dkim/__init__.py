@@ -53,8 +53,12 @@ class Dkim(Rule):
         now = self.clock.now()
 
         def verify_all() -> list[Verified]:
-            return [checker.verify(s, keys.get(s.key_name), now) if not isinstance(keys.get(s.key_name), DnsError)
-                    else Verified(s, "temperror", f"key lookup failed: {keys[s.key_name].kind}") for s in sigs]
+            out = []
+            for s in sigs:
+                key = keys.get(s.key_name)
+                out.append(Verified(s, "temperror", f"key lookup failed: {key.kind}") if isinstance(key, DnsError)
+                           else checker.verify(s, key, now))
+            return out
 
         verified = await asyncio.to_thread(verify_all) if big else verify_all()
         self._report(tx.results, verified, len(checker.signatures) - len(sigs))

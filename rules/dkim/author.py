@@ -32,9 +32,3 @@ def _a_label(domain: str) -> str:
         return domain.encode("idna").decode("ascii")
     except UnicodeError:
         return domain
-
-
-def author_domain(message: Message) -> str | None:
-    """The one author domain, None when there is none or more than one."""
-    found = author_domains(message)
-    return found[0] if len(found) == 1 else None

@@ -224,15 +224,9 @@ def _port(value: Any, lowest: int = 1) -> int:
     return value
 
 
-def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected a whole number of 1 or more, got {value!r}")
-    return value
-
-
-def _count_or_zero(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"expected a whole number of 0 or more, got {value!r}")
+def _count(value: Any, lowest: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise ValueError(f"expected a whole number of {lowest} or more, got {value!r}")
     return value
 
 
@@ -458,7 +452,7 @@ def _schema(base: str, policies_base: str) -> _Section:
             "host": _host, "port": _port, "xclient": boolean,
             "tls": one_of("none", "starttls", "required"),
             "tls_ca": partial(_ca_file, base=base), "timeout": _timeout,
-            "pool": _Section(PoolConfig, {"size": _count_or_zero, "idle": _timeout,
+            "pool": _Section(PoolConfig, {"size": partial(_count, lowest=0), "idle": _timeout,
                                           "max_uses": _count})}),
         "tls": _Section(TLSConfig, {"cert": partial(_existing_file, base=base),
                                     "key": partial(_existing_file, base=base),

@@ -66,8 +66,8 @@ def add_authentication_results(tx, authserv_id: str) -> str | None:
 
 
 def _result(r: AuthResult) -> AuthenticationResult:
-    props = [AuthenticationResultProperty(t, n, _ascii_value(v)) for t, n, v in r.properties
-             if _ascii_value(v) is not None]
+    props = [AuthenticationResultProperty(t, n, a) for t, n, v in r.properties
+             if (a := _ascii_value(v)) is not None]
     comment = _COMMENT_UNSAFE.sub(" ", _ascii_text(r.comment)) if r.comment else None
     return AuthenticationResult(r.method, result=r.result, result_comment=comment,
                                 reason=_ascii_text(r.reason) if r.reason else None, properties=props)
