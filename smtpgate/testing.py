@@ -15,10 +15,9 @@ the server logs::
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Iterable
 
@@ -235,7 +234,7 @@ class Harness:
         policy = Policy("default" if session_rules else "test", exact, suffixes, built, "<test>")
         config = config or load_gate_config(None)
         if hostname is not None:  # the gate's name: its greeting, its Authentication-Results id
-            config = dataclasses.replace(config, hostname=hostname)
+            config = replace(config, hostname=hostname)
         self.runtime = Runtime(config, None, PolicySet([policy]), self.stores)
         self.relay_replies = relay_replies
         self._make_gate()

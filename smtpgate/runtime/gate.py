@@ -37,8 +37,7 @@ class Gate:
         sessions opened under the old configuration are closed."""
         self.runtime = runtime
         pool = runtime.config.downstream.pool
-        self.pool.size, self.pool.idle, self.pool.max_uses = pool.size, pool.idle, pool.max_uses
-        self.pool.renew()
+        self.pool.renew(pool.size, pool.idle, pool.max_uses)
 
     def new_relay(self):
         return self.relay_factory(self)

@@ -131,9 +131,7 @@ class GateSMTP(SMTP):
     def _smtp_names(cls) -> list[str]:
         names = cls.__dict__.get("_smtp_name_list")
         if names is None:
-            names = [n for n in dir(cls) if n.startswith("smtp_")]
-            setattr(cls, "_smtp_name_list", names)
-            setattr(cls, "_smtp_commands", frozenset(n[5:] for n in names))
+            names = cls._smtp_name_list = [n for n in dir(cls) if n.startswith("smtp_")]
         return names
 
     @classmethod
@@ -141,8 +139,7 @@ class GateSMTP(SMTP):
         """The command names (``smtp_`` methods without the prefix)."""
         commands = cls.__dict__.get("_smtp_commands")
         if commands is None:
-            cls._smtp_names()
-            commands = cls.__dict__["_smtp_commands"]
+            commands = cls._smtp_commands = frozenset(n[5:] for n in cls._smtp_names())
         return commands
 
     def __dir__(self):

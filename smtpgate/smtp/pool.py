@@ -75,9 +75,10 @@ class SessionPool:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(self.idle, self._sweep)
 
-    def renew(self) -> None:
-        """A reload: the downstream settings may have changed; idle sessions are closed and
-        sessions in use are not taken back."""
+    def renew(self, size: int, idle: float, max_uses: int) -> None:
+        """A reload, with its settings: the downstream ones may have changed too; idle
+        sessions are closed and sessions in use are not taken back."""
+        self.size, self.idle, self.max_uses = size, idle, max_uses
         self.generation += 1
         self._retire_all()
 
