@@ -55,8 +55,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StoreError
@@ -287,12 +286,12 @@ class RedisLink:
     three sessions go in one round trip), and the process's circuit breaker for the server
     (``breaker.py``: a dead server is noticed once, not waited for on every call)."""
 
-    def __init__(self, url: str, scripts: dict[str, str] | None = None):
+    def __init__(self, url: str):
         self.url = url
         self.target = _target(url)
         self.options = {"prefix": self.target.prefix, "max_connections": self.target.max_connections,
                         "pool_timeout": self.target.pool_timeout}
-        self._sources = dict(scripts or {})
+        self._sources: dict[str, str] = {}  # the stores' scripts (``attach``)
         self.scripts: dict = {}
         self._client: aioredis.Redis | None = None
         self._sentinel: Sentinel | None = None

@@ -80,13 +80,18 @@ class SqliteDatabase:
         """Run ``fn(connection, *args)`` on the database thread (it may wait for a lock)."""
         if self.path == ":memory:":
             return await self.call(fn, *args)
-        if self._forked() or self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="smtpgate-sqlite")
+        self._forked()
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self._on_thread, fn, args)
+            return await loop.run_in_executor(self._thread(), self._on_thread, fn, args)
         except sqlite3.Error as e:
             raise StoreError(f"SQLite {self.path}: {e}") from None
+
+    def _thread(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The database thread (started on first use)."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="smtpgate-sqlite")
+        return self._executor
 
     def _on_thread(self, fn, args):
         if self._conn is None:
@@ -136,11 +141,7 @@ class SqliteDatabase:
             try:
                 future.set_result(self._wrote(conn, before, fn(conn, *args)))
             except sqlite3.Error as e:
-                if self._busy(e):
-                    self.waited += 1
-                    _settle(future, asyncio.ensure_future(self.run(fn, *args)))
-                else:
-                    future.set_exception(StoreError(f"SQLite {self.path}: {e}"))
+                self._failed_on_loop(future, fn, args, e)
             except Exception as e:
                 future.set_exception(e)
             return
@@ -149,11 +150,7 @@ class SqliteDatabase:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
             for fn, args, future in group:  # another process writes: each waits on the thread
-                if self._busy(e):
-                    self.waited += 1
-                    _settle(future, asyncio.ensure_future(self.run(fn, *args)))
-                else:
-                    future.set_exception(StoreError(f"SQLite {self.path}: {e}"))
+                self._failed_on_loop(future, fn, args, e)
             return
         answers = []
         failed = None  # (its index in the group, its error): the group is rolled back
@@ -161,7 +158,7 @@ class SqliteDatabase:
         try:
             for i, (fn, args, future) in enumerate(group):
                 try:
-                    answers.append((future, fn(conn, *args), None))
+                    answers.append((future, fn(conn, *args)))
                 except sqlite3.Error as e:
                     failed = i, StoreError(f"SQLite {self.path}: {e}")
                     break
@@ -194,13 +191,19 @@ class SqliteDatabase:
             self._commit_group()
             return
         self._wrote(conn, before, None, len(group))
-        for future, result, error in answers:
-            if future.done():
-                continue
-            if error is not None:
-                future.set_exception(error)
-            else:
+        for future, result in answers:
+            if not future.done():
                 future.set_result(result)
+
+    def _failed_on_loop(self, future: asyncio.Future, fn, args, e: sqlite3.Error) -> None:
+        """``fn`` met ``e`` on the loop's connection: if another connection holds the lock,
+        ``fn`` runs on the thread, which waits for it, and its outcome goes to ``future``;
+        otherwise ``future`` gets the error."""
+        if self._busy(e):
+            self.waited += 1
+            _settle(future, asyncio.ensure_future(self.run(fn, *args)))
+        else:
+            future.set_exception(StoreError(f"SQLite {self.path}: {e}"))
 
     def _busy(self, e: sqlite3.Error) -> bool:
         """Another connection holds the lock (never so for an in-memory database)."""
@@ -248,11 +251,9 @@ class SqliteDatabase:
         if self.path == ":memory:":
             conn = self._connect()
         else:
-            if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="smtpgate-sqlite")
             try:
                 conn = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, lambda: self._connect(check_same_thread=False))
+                    self._thread(), lambda: self._connect(check_same_thread=False))
             except sqlite3.Error as e:
                 raise StoreError(f"SQLite {self.path}: {e}") from None
             conn.execute("PRAGMA busy_timeout = 0")
