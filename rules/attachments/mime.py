@@ -439,9 +439,9 @@ def contents(part: Part) -> list[bytes]:
 
 
 def headerless_base64(part: Part) -> bytes | None:
-    """The body, when it may be base64 sent without its header, if ``mostly_long_lines``
-    too (to be decoded and sniffed as well as read as it is); else None. (Its decoding never
-    equals the body, being shorter.)"""
+    """The body, when it may be base64 sent without its header (to be decoded and sniffed as
+    well as read as it is); else None. The caller also wants ``mostly_long_lines``, tested
+    after this cheaper check. (Its decoding never equals the body, being shorter.)"""
     ctes = part.cte or [""]
     if len(ctes) != 1 or ctes[0] not in ("", "7bit", "8bit"):
         return None
