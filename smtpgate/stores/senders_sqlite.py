@@ -2,21 +2,29 @@
 greylist (its own tables, its own schema version in the ``meta`` table).
 
 ``update`` runs read, change and write inside one ``BEGIN IMMEDIATE`` transaction on the
-event loop (``SqliteDatabase.call``; on the database thread when another process holds the
+event loop (``SqliteDatabase.write``; on the database thread when another process holds the
 lock): the write lock is taken before the read, so two workers (or a worker and the CLI)
-updating one key queue up instead of deciding on the same old record.
+updating one key queue up instead of deciding on the same old record. Its first try is
+cheaper, a compare-and-set as the Redis store does: the change is applied to the record as
+this process last read or wrote it (``get`` at MAIL, moments before the transaction's
+events) and written by one ``UPDATE ... WHERE doc = <the text read>``. The text holds the
+record's version, which every write bumps, so an unchanged text is an unchanged record and
+the update is exact; when another writer came in between, nothing is written and the
+locked read-change-write runs as above.
 Records past their ``expires`` are dropped a batch at a time as updates go by, and by
 ``purge``.
 """
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 
 from .senders import ChangeFn, SenderRecord, SenderStore
 from .sqlite_store import BATCH, SqliteComponentStore, write_transaction
 
 COMPONENT = "senders"
+SEEN_MAX = 4096  # records remembered per process (what update tries its compare-and-set on)
+ABSENT = ""  # remembered for a key read as absent (a record's text is never empty)
 # Version N is SENDERS_SCHEMA[:N]. Never edit a step that has shipped: append a new one.
 SENDERS_SCHEMA: tuple[tuple[str, ...], ...] = (
     # 1: one row per (machine, key); the record itself as JSON, the columns lists filter on
@@ -34,44 +42,86 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
     component = COMPONENT
     schema = SENDERS_SCHEMA
 
+    def __init__(self, url: str, db=None):
+        super().__init__(url, db)
+        self._seen: OrderedDict[tuple[str, str], str] = OrderedDict()  # (machine, key) -> its text or ABSENT
+
+    def _remember(self, machine, key, doc: str) -> None:
+        """Keep what this process last read or wrote of a key (bounded: oldest out first)."""
+        seen = self._seen
+        seen.pop((machine, key), None)
+        seen[(machine, key)] = doc
+        if len(seen) > SEEN_MAX:
+            seen.popitem(last=False)
+
     async def get(self, machine, key) -> SenderRecord | None:
         def read(conn):
             row = conn.execute("SELECT doc FROM senders WHERE machine = ? AND key = ?", (machine, key)).fetchone()
-            return SenderRecord.from_json(row[0]) if row else None
-        return await self._call(read)
+            return row[0] if row else ABSENT
+        doc = await self._call(read)
+        self._remember(machine, key, doc)
+        return SenderRecord.from_json(doc) if doc else None
 
     async def update(self, machine, key, change: ChangeFn, now: float | None = None) -> Any:
-        def run(conn):
-            with write_transaction(conn):
-                row = conn.execute("SELECT doc FROM senders WHERE machine = ? AND key = ?",
-                                   (machine, key)).fetchone()
-                current = SenderRecord.from_json(row[0]) if row else None
-                # what was stored, noted first: change may edit the record it is given in place
-                stored = (current.state, current.version) if current is not None else None
-                new, result = change(current)
-                if new is None:
-                    if current is not None:
-                        conn.execute("DELETE FROM senders WHERE machine = ? AND key = ?", (machine, key))
-                elif current is None:
-                    new.version = 1
-                    conn.execute("INSERT INTO senders (machine, key, state, seen, expires, doc) VALUES (?, ?, ?, ?, ?, ?) "
-                                 "ON CONFLICT (machine, key) DO UPDATE SET state = excluded.state, "
-                                 "seen = excluded.seen, expires = excluded.expires, doc = excluded.doc",
-                                 (machine, key, new.state, new.seen, new.expires, new.to_json()))
-                else:
-                    # The row exists (read above, under the write lock): a plain UPDATE does what
-                    # the upsert would, cheaper; and most events leave the state as it was, so
-                    # the state column (and its index) is only set when it changed.
-                    new.version = stored[1] + 1
-                    if new.state == stored[0]:
-                        conn.execute(_UPDATE_SAME_STATE, (new.seen, new.expires, new.to_json(), machine, key))
-                    else:
-                        conn.execute(_UPDATE, (new.state, new.seen, new.expires, new.to_json(), machine, key))
-            return result
-        result = await self._write(run)
+        known = self._seen.get((machine, key))
+        result, doc = await self._write(self._update_row, machine, key, change, known)
+        self._remember(machine, key, doc)
         if now is not None and self._sweep_due(now):
             await self._run(self._sweep, now)
         return result
+
+    @classmethod
+    def _update_row(cls, conn, machine, key, change: ChangeFn, known: str | None) -> tuple[Any, str]:
+        """(what ``change`` returned, the text now stored or ABSENT): by compare-and-set on
+        ``known`` if that is still what is stored, else read and written under the lock.
+        Database work only (it may run again on the thread)."""
+        if known is not None:
+            done = cls._write_change(conn, machine, key, change, known, True)
+            if done is not None:
+                return done
+        with write_transaction(conn):
+            row = conn.execute("SELECT doc FROM senders WHERE machine = ? AND key = ?",
+                               (machine, key)).fetchone()
+            return cls._write_change(conn, machine, key, change, row[0] if row else ABSENT, False)
+
+    @staticmethod
+    def _write_change(conn, machine, key, change: ChangeFn, doc: str, cas: bool) -> tuple[Any, str] | None:
+        """Apply ``change`` to the record ``doc`` (ABSENT: none) and write what it returns.
+        ``cas`` (compare-and-set): only if ``doc`` is still what is stored, in one statement
+        (its own transaction, or the group's), else nothing is done: None. Without it the
+        caller holds the write lock and read ``doc`` under it."""
+        current = SenderRecord.from_json(doc) if doc else None
+        # what was stored, noted first: change may edit the record it is given in place
+        stored = (current.state, current.version) if current is not None else None
+        new, result = change(current)
+        guard, guard_args = (" AND doc = ?", (doc,)) if cas else ("", ())
+        if new is None:
+            if current is None:  # nothing to write, if there is still nothing stored
+                gone = not cas or conn.execute("SELECT 1 FROM senders WHERE machine = ? AND key = ?",
+                                               (machine, key)).fetchone() is None
+                return (result, ABSENT) if gone else None
+            n = conn.execute("DELETE FROM senders WHERE machine = ? AND key = ?" + guard,
+                             (machine, key, *guard_args)).rowcount
+            return (result, ABSENT) if n else None
+        if current is None:
+            new.version = 1
+            text = new.to_json()
+            # under the lock the row is known absent; by compare-and-set, one written since
+            # makes the insert do nothing (its rowcount 0)
+            n = conn.execute("INSERT INTO senders (machine, key, state, seen, expires, doc) VALUES (?, ?, ?, ?, ?, ?) "
+                             "ON CONFLICT (machine, key) DO NOTHING",
+                             (machine, key, new.state, new.seen, new.expires, text)).rowcount
+            return (result, text) if n else None
+        # The row exists (read above, under the write lock, or as the compare-and-set
+        # checks): a plain UPDATE; and most events leave the state as it was, so the state
+        # column (and its index) is only set when it changed.
+        new.version = stored[1] + 1
+        text = new.to_json()
+        if new.state == stored[0]:
+            n = conn.execute(_UPDATE_SAME_STATE + guard, (new.seen, new.expires, text, machine, key, *guard_args)).rowcount
+        else:
+            n = conn.execute(_UPDATE + guard, (new.state, new.seen, new.expires, text, machine, key, *guard_args)).rowcount
+        return (result, text) if n else None
 
     @staticmethod
     def _sweep(conn, now) -> int:
