@@ -62,6 +62,7 @@ class SqliteCounts:
 
 
 def _count_sqlite(conn, now: float) -> Counts:
+    from .senders_sqlite import EXPIRED, EXPIRES_SLACK
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     counts = Counts({"pending": 0, "passed": 0})
     if "greylist" in tables:
@@ -75,9 +76,10 @@ def _count_sqlite(conn, now: float) -> Counts:
         for machine, state, n in conn.execute(
                 "SELECT machine, state, count(*) FROM senders GROUP BY machine, state"):
             counts.senders[(machine, state)] = n
+        # (the expires column may run ahead of a record's own expiry: senders_sqlite.EXPIRED)
         for machine, state, n in conn.execute(
                 "SELECT machine, state, count(*) FROM senders INDEXED BY senders_expires "
-                "WHERE expires < ? GROUP BY machine, state", (now,)):
+                f"WHERE {EXPIRED} GROUP BY machine, state", (now + EXPIRES_SLACK, now)):
             counts.senders[(machine, state)] -= n
     return counts
 

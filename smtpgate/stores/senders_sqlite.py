@@ -13,6 +13,13 @@ the update is exact; when another writer came in between, nothing is written and
 locked read-change-write runs as above.
 Records past their ``expires`` are dropped a batch at a time as updates go by, and by
 ``purge``.
+
+The ``expires`` column (indexed, for those sweeps) is not the record's expiry but an upper
+bound of it, at most ``EXPIRES_SLACK`` later: an event moves a record's expiry on, and
+rewriting the column (and its index) each time cost more than the rest of the update, so it
+is only moved, ``EXPIRES_SLACK`` ahead, when the expiry leaves that window. Whoever asks
+which records are expired looks up ``expires < now + EXPIRES_SLACK`` in the index and keeps
+those whose own ``expires`` (in ``doc``) is past: the same records as an exact column gives.
 """
 from __future__ import annotations
 
@@ -24,7 +31,15 @@ from .sqlite_store import BATCH, SqliteComponentStore, write_transaction
 
 COMPONENT = "senders"
 SEEN_MAX = 4096  # records remembered per process (what update tries its compare-and-set on)
-ABSENT = ""  # remembered for a key read as absent (a record's text is never empty)
+ABSENT = ("", None)  # (text, expires column) remembered for a key read as absent
+#: seconds the ``expires`` column may run ahead of the record's own expiry (see above)
+EXPIRES_SLACK = 3600.0
+# (the state changed?, the expires column moves?) -> the statement (the row's key appended)
+_UPDATES = {(state, column): "UPDATE senders SET " + ", ".join(
+    (["state = ?"] if state else []) + ["seen = ?"] + (["expires = ?"] if column else []) + ["doc = ?"])
+    + " WHERE machine = ? AND key = ?" for state in (False, True) for column in (False, True)}
+#: the records past their expiry at ?2, by the index (?1 = ?2 + EXPIRES_SLACK)
+EXPIRED = "expires < ? AND json_extract(doc, '$.expires') < ?"
 # Version N is SENDERS_SCHEMA[:N]. Never edit a step that has shipped: append a new one.
 SENDERS_SCHEMA: tuple[tuple[str, ...], ...] = (
     # 1: one row per (machine, key); the record itself as JSON, the columns lists filter on
@@ -34,8 +49,6 @@ SENDERS_SCHEMA: tuple[tuple[str, ...], ...] = (
      "CREATE INDEX senders_state ON senders (machine, state)",
      "CREATE INDEX senders_expires ON senders (expires)"),
 )
-_UPDATE = "UPDATE senders SET state = ?, seen = ?, expires = ?, doc = ? WHERE machine = ? AND key = ?"
-_UPDATE_SAME_STATE = "UPDATE senders SET seen = ?, expires = ?, doc = ? WHERE machine = ? AND key = ?"
 
 
 class SqliteSenderStore(SqliteComponentStore, SenderStore):
@@ -44,35 +57,38 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
 
     def __init__(self, url: str, db=None):
         super().__init__(url, db)
-        self._seen: OrderedDict[tuple[str, str], str] = OrderedDict()  # (machine, key) -> its text or ABSENT
+        #: (machine, key) -> (its text, its expires column), or ABSENT: as last read or written
+        self._seen: OrderedDict[tuple[str, str], tuple[str, float | None]] = OrderedDict()
 
-    def _remember(self, machine, key, doc: str) -> None:
+    def _remember(self, machine, key, row: tuple[str, float | None]) -> None:
         """Keep what this process last read or wrote of a key (bounded: oldest out first)."""
         seen = self._seen
         seen.pop((machine, key), None)
-        seen[(machine, key)] = doc
+        seen[(machine, key)] = row
         if len(seen) > SEEN_MAX:
             seen.popitem(last=False)
 
     async def get(self, machine, key) -> SenderRecord | None:
-        def read(conn):
-            row = conn.execute("SELECT doc FROM senders WHERE machine = ? AND key = ?", (machine, key)).fetchone()
-            return row[0] if row else ABSENT
-        doc = await self._call(read)
-        self._remember(machine, key, doc)
-        return SenderRecord.from_json(doc) if doc else None
+        row = await self._call(self._read_row, machine, key)
+        self._remember(machine, key, row)
+        return SenderRecord.from_json(row[0]) if row[0] else None
+
+    @staticmethod
+    def _read_row(conn, machine, key) -> tuple[str, float | None]:
+        row = conn.execute("SELECT doc, expires FROM senders WHERE machine = ? AND key = ?", (machine, key)).fetchone()
+        return row or ABSENT
 
     async def update(self, machine, key, change: ChangeFn, now: float | None = None) -> Any:
         known = self._seen.get((machine, key))
-        result, doc = await self._write(self._update_row, machine, key, change, known)
-        self._remember(machine, key, doc)
+        result, row = await self._write(self._update_row, machine, key, change, known)
+        self._remember(machine, key, row)
         if now is not None and self._sweep_due(now):
             await self._run(self._sweep, now)
         return result
 
     @classmethod
-    def _update_row(cls, conn, machine, key, change: ChangeFn, known: str | None) -> tuple[Any, str]:
-        """(what ``change`` returned, the text now stored or ABSENT): by compare-and-set on
+    def _update_row(cls, conn, machine, key, change: ChangeFn, known) -> tuple[Any, tuple[str, float | None]]:
+        """(what ``change`` returned, the row now stored or ABSENT): by compare-and-set on
         ``known`` if that is still what is stored, else read and written under the lock.
         Database work only (it may run again on the thread)."""
         if known is not None:
@@ -80,21 +96,20 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
             if done is not None:
                 return done
         with write_transaction(conn):
-            row = conn.execute("SELECT doc FROM senders WHERE machine = ? AND key = ?",
-                               (machine, key)).fetchone()
-            return cls._write_change(conn, machine, key, change, row[0] if row else ABSENT, False)
+            return cls._write_change(conn, machine, key, change, cls._read_row(conn, machine, key), False)
 
     @staticmethod
-    def _write_change(conn, machine, key, change: ChangeFn, doc: str, cas: bool) -> tuple[Any, str] | None:
-        """Apply ``change`` to the record ``doc`` (ABSENT: none) and write what it returns.
-        ``cas`` (compare-and-set): only if ``doc`` is still what is stored, in one statement
-        (its own transaction, or the group's), else nothing is done: None. Without it the
-        caller holds the write lock and read ``doc`` under it."""
+    def _write_change(conn, machine, key, change: ChangeFn, row, cas: bool):
+        """Apply ``change`` to the record of ``row`` (its text and expires column; ABSENT:
+        none) and write what it returns. ``cas`` (compare-and-set): only if ``row`` is still
+        what is stored, in one statement (its own transaction, or the group's), else nothing
+        is done: None. Without it the caller holds the write lock and read ``row`` under it."""
+        doc, column = row
         current = SenderRecord.from_json(doc) if doc else None
         # what was stored, noted first: change may edit the record it is given in place
         stored = (current.state, current.version) if current is not None else None
         new, result = change(current)
-        guard, guard_args = (" AND doc = ?", (doc,)) if cas else ("", ())
+        guard, guard_args = (" AND doc = ? AND expires = ?", row) if cas else ("", ())
         if new is None:
             if current is None:  # nothing to write, if there is still nothing stored
                 gone = not cas or conn.execute("SELECT 1 FROM senders WHERE machine = ? AND key = ?",
@@ -105,29 +120,29 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
             return (result, ABSENT) if n else None
         if current is None:
             new.version = 1
-            text = new.to_json()
+            written = new.to_json(), new.expires + EXPIRES_SLACK
             # under the lock the row is known absent; by compare-and-set, one written since
             # makes the insert do nothing (its rowcount 0)
             n = conn.execute("INSERT INTO senders (machine, key, state, seen, expires, doc) VALUES (?, ?, ?, ?, ?, ?) "
                              "ON CONFLICT (machine, key) DO NOTHING",
-                             (machine, key, new.state, new.seen, new.expires, text)).rowcount
-            return (result, text) if n else None
+                             (machine, key, new.state, new.seen, written[1], written[0])).rowcount
+            return (result, written) if n else None
         # The row exists (read above, under the write lock, or as the compare-and-set
-        # checks): a plain UPDATE; and most events leave the state as it was, so the state
-        # column (and its index) is only set when it changed.
+        # checks): a plain UPDATE, which sets the state column (and its index) only when the
+        # state changed, and the expires column only when the expiry left its window.
         new.version = stored[1] + 1
-        text = new.to_json()
-        if new.state == stored[0]:
-            n = conn.execute(_UPDATE_SAME_STATE + guard, (new.seen, new.expires, text, machine, key, *guard_args)).rowcount
-        else:
-            n = conn.execute(_UPDATE + guard, (new.state, new.seen, new.expires, text, machine, key, *guard_args)).rowcount
-        return (result, text) if n else None
+        moved = new.state != stored[0]
+        keep = new.expires <= column <= new.expires + EXPIRES_SLACK
+        written = new.to_json(), column if keep else new.expires + EXPIRES_SLACK
+        args = ((new.state,) if moved else ()) + (new.seen,) + (() if keep else (written[1],))
+        n = conn.execute(_UPDATES[moved, not keep] + guard, (*args, written[0], machine, key, *guard_args)).rowcount
+        return (result, written) if n else None
 
     @staticmethod
     def _sweep(conn, now) -> int:
         with write_transaction(conn):
             return conn.execute("DELETE FROM senders WHERE (machine, key) IN (SELECT machine, key FROM senders "
-                                "WHERE expires < ? LIMIT ?)", (now, BATCH)).rowcount
+                                f"WHERE {EXPIRED} LIMIT ?)", (now + EXPIRES_SLACK, now, BATCH)).rowcount
 
     async def records(self, machine=None, state=None, limit=None) -> list[SenderRecord]:
         def read(conn):
