@@ -8,8 +8,9 @@ The store does not know the machines. Its decisive operation is ``update(machine
 change)``: read the record, call ``change(record or None)`` — a pure function returning
 ``(new record or None to delete, result)``; it gets a freshly read record of its own and
 may change it in place — and write what it returned, *atomically*:
-SQLite runs it inside one ``BEGIN IMMEDIATE`` transaction, Redis as a compare-and-set on
-the record's version, retried when another gate wrote in between. So gates and workers
+SQLite runs it inside one ``BEGIN IMMEDIATE`` transaction (or, first, as a compare-and-set
+on the record read at MAIL), Redis as a compare-and-set on the record's version, retried
+when another gate wrote in between. So gates and workers
 updating one sender at once never lose an event and never decide on a stale record.
 ``change`` may be called more than once (Redis retries); it must not have side effects.
 
