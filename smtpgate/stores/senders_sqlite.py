@@ -7,19 +7,20 @@ lock): the write lock is taken before the read, so two workers (or a worker and 
 updating one key queue up instead of deciding on the same old record. Its first try is
 cheaper, a compare-and-set as the Redis store does: the change is applied to the record as
 this process last read or wrote it (``get`` at MAIL, moments before the transaction's
-events) and written by one ``UPDATE ... WHERE doc = <the text read>``. The text holds the
-record's version, which every write bumps, so an unchanged text is an unchanged record and
-the update is exact; when another writer came in between, nothing is written and the
-locked read-change-write runs as above.
+events) and written by one ``UPDATE ... WHERE doc = <the text read> AND expires = <the
+column read>``. The text holds the record's version, which every write bumps, so an
+unchanged text is an unchanged record and the update is exact; when another writer came in
+between, nothing is written and the locked read-change-write runs as above.
 Records past their ``expires`` are dropped a batch at a time as updates go by, and by
 ``purge``.
 
 The ``expires`` column (indexed, for those sweeps) is not the record's expiry but an upper
 bound of it, at most ``EXPIRES_SLACK`` later: an event moves a record's expiry on, and
-rewriting the column (and its index) each time cost more than the rest of the update, so it
-is only moved, ``EXPIRES_SLACK`` ahead, when the expiry leaves that window. Whoever asks
-which records are expired looks up ``expires < now + EXPIRES_SLACK`` in the index and keeps
-those whose own ``expires`` (in ``doc``) is past: the same records as an exact column gives.
+rewriting the column (and its index) each time made an update's statement a third dearer
+(about 15 µs instead of 10, raw sqlite3 on a WAL file), so it is only moved,
+``EXPIRES_SLACK`` ahead, when the expiry leaves that window. Whoever asks which records are
+expired looks up ``expires < now + EXPIRES_SLACK`` in the index and keeps those whose own
+``expires`` (in ``doc``) is past: the same records as an exact column gives.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ _UPDATES = {(state, column): "UPDATE senders SET " + ", ".join(
     + " WHERE machine = ? AND key = ?" for state in (False, True) for column in (False, True)}
 #: the records past their expiry at ?2, by the index (?1 = ?2 + EXPIRES_SLACK)
 EXPIRED = "expires < ? AND json_extract(doc, '$.expires') < ?"
+
 # Version N is SENDERS_SCHEMA[:N]. Never edit a step that has shipped: append a new one.
 SENDERS_SCHEMA: tuple[tuple[str, ...], ...] = (
     # 1: one row per (machine, key); the record itself as JSON, the columns lists filter on
