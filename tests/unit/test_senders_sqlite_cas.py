@@ -99,6 +99,21 @@ async def test_a_key_deleted_between_mail_and_the_event_starts_again(tmp_path):
         await cli.close()
 
 
+async def test_the_sweep_drops_the_expired_records_whose_column_runs_ahead_and_only_them(tmp_path):
+    store = open_sender_store(f"sqlite://{tmp_path / 'state.db'}")
+    try:
+        await COUNTER.feed(store, "old", [Event("hit")], T0)  # expires T0 + 1000, column an hour later
+        await COUNTER.feed(store, "live", [Event("hit")], T0 + 500)  # expires T0 + 1500
+        raw = sqlite3.connect(tmp_path / "state.db")
+        assert raw.execute("SELECT expires FROM senders WHERE key = 'old'").fetchone()[0] > T0 + 1001
+        # an update with the store's clock sweeps (the first one, then every GC_EVERY)
+        await store.update("counter", "other", lambda rec: (None, None), now=T0 + 1001)
+        assert [key for (key,) in raw.execute("SELECT key FROM senders")] == ["live"]
+        raw.close()
+    finally:
+        await store.close()
+
+
 # --- the same records as a store that applies every change to what is stored ---------------
 
 class Reference:
