@@ -118,13 +118,25 @@ class SqliteDatabase:
         committed together with the other writes asked in the same turn of the event loop:
         one transaction for them all (one commit instead of one each); one that fails gets
         its error and the others run again without it, so it leaves them unharmed. Every
-        caller gets its answer once the whole group is committed."""
+        caller gets its answer once the whole group is committed.
+
+        The first write of a turn leads: it yields once (the turn's other writes join the
+        group meanwhile), commits the group and, unless it had to wait on the thread, goes
+        on with its answer at once; the others wake up with theirs."""
         await self._loop_connection()
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._group.append((fn, args, future))
-        if len(self._group) == 1:
-            asyncio.get_running_loop().call_soon(self._commit_group)
-        return await future
+        if len(self._group) > 1:
+            return await future
+        try:
+            await asyncio.sleep(0)
+        except BaseException:  # cancelled: the others' writes still go, without this one
+            future.cancel()
+            loop.call_soon(self._commit_group)
+            raise
+        self._commit_group()
+        return future.result() if future.done() else await future
 
     def _commit_group(self) -> None:
         group, self._group = [g for g in self._group if not g[2].done()], []  # a cancelled caller: not written

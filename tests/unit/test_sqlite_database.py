@@ -128,3 +128,28 @@ async def test_a_write_failing_half_way_leaves_nothing_and_the_others_everything
         assert rows == ["a", "c"] and len(seen) == 1  # the two others: committed together, once
     finally:
         await stores.close()
+
+
+async def test_a_first_writer_cancelled_before_the_commit_leaves_the_others_of_its_turn(tmp_path):
+    # the first write of a turn leads the group (it yields once, then commits): cancelled
+    # meanwhile, it is not written and the writes that joined it still are
+    stores = open_stores(f"sqlite://{tmp_path}/state.db")
+    db = stores.senders.db
+    try:
+        await db.run(lambda conn: conn.execute("CREATE TABLE t (v INTEGER)"))
+        await db.call(lambda conn: None)  # the loop's connection open
+
+        def put(conn, v):
+            with write_transaction(conn):
+                conn.execute("INSERT INTO t VALUES (?)", (v,))
+            return v
+        first = asyncio.ensure_future(db.write(put, 1))
+        others = [asyncio.ensure_future(db.write(put, v)) for v in (2, 3)]
+        await asyncio.sleep(0)  # all three asked: the first waits for the turn's end
+        first.cancel()
+        assert await asyncio.gather(*others) == [2, 3]
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert await db.call(lambda conn: [v for (v,) in conn.execute("SELECT v FROM t ORDER BY v")]) == [2, 3]
+    finally:
+        await stores.close()
