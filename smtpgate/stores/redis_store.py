@@ -18,8 +18,8 @@
   benchmark hit it).
 - The calls the sessions of a process make in one turn of the event loop go together in
   one pipeline: one connection, one write, one read (``RedisLink.script`` / ``command``);
-  scripts take their arguments packed in one text and answer one text, since redis-py
-  packs and parses every argument and reply element in Python (bench/store_bench.py).
+  the greylist script answers one text, since redis-py parses every reply element in
+  Python (bench/store_bench.py).
   On a plain ``redis://`` server those pipelines go on connections of our own
   (``redis_wire.py``: hiredis packing and parsing, no per-call tasks or timers), a
   quarter of redis-py's CPU per round trip; everything else uses redis-py.
@@ -73,21 +73,19 @@ _BUCKETS_LUA = "{" + ",".join(f"{{{'math.huge' if math.isinf(b) else int(b)},'{l
                               for b, label in DELAY_BUCKETS) + "}"
 
 # KEYS: 1 triplet, 2 client's awl set, 3 allow hash, 4 allow prefix lengths, 5 counters
-# ARGV[1]: one text of tab-separated fields (one argument to encode and send instead of a
-# dozen: redis-py's packing and parsing in Python are what a decision costs, not the script):
-#   1 now, 2 delay, 3 retry_window, 4 pass_ttl, 5 auto_whitelist_after, 6 dry run (0/1),
+# ARGV: 1 now, 2 delay, 3 retry_window, 4 pass_ttl, 5 auto_whitelist_after, 6 dry run (0/1),
 #   7 grace, 8 triplet value, 9 client, 10 sender, 11 recipient, 12 ip family ('' none),
 #   13 ip hex digits, 14.. fixed allow keys (sender, @domain, triplet)
-# Returns one tab-separated text likewise (outcome, exists, the entry's fields, the allow
-# entry's key, the client's live passes or -1), then the allow entry's JSON.
+# (separate arguments: hiredis packs them in C, and splitting one packed text in Lua cost
+# the server more than the rest of an allowed decision together.)
+# Returns one tab-separated text (outcome, exists, the entry's fields, the allow entry's
+# key, the client's live passes or -1), then the allow entry's JSON.
 ATTEMPT_LUA = """
-local A = {}
-for field in string.gmatch(ARGV[1] .. '\t', '([^\t]*)\t') do A[#A + 1] = field end
+local A = ARGV
 local now, delay, window = tonumber(A[1]), tonumber(A[2]), tonumber(A[3])
 local pass_ttl, awl_after, dry = tonumber(A[4]), tonumber(A[5]), A[6] == '1'
 local grace, member, fam, hex = tonumber(A[7]), A[8], A[12], A[13]
 local HEX = '0123456789abcdef'
-local BUCKETS = """ + _BUCKETS_LUA + """
 
 local function masked(h, plen)  -- greylist.masked_hex
   local full, rem = math.floor(plen / 4), plen % 4
@@ -104,6 +102,11 @@ local function masked(h, plen)  -- greylist.masked_hex
   return out
 end
 local function fmt(x) if x == nil then return '' end return string.format('%.17g', x) end
+local function live(v)  -- an allow entry's JSON; one naming no expiry needs no decoding
+  if not string.find(v, '"expires"', 1, true) then return true end
+  local x = cjson.decode(v).expires
+  return type(x) ~= 'number' or now <= x
+end
 
 -- the allow list
 local fields = {}
@@ -117,12 +120,9 @@ end
 local allow_key, allow_json = '', ''
 local vals = redis.call('HMGET', KEYS[3], unpack(fields))
 for i, v in ipairs(vals) do
-  if v then
-    local a = cjson.decode(v)
-    if type(a.expires) ~= 'number' or now <= a.expires then
-      allow_key, allow_json = fields[i], v
-      break
-    end
+  if v and live(v) then
+    allow_key, allow_json = fields[i], v
+    break
   end
 end
 
@@ -186,7 +186,7 @@ if not dry then
   end
   redis.call('HINCRBY', KEYS[5], outcome, 1)
   if outcome == 'passed_now' then
-    for _, b in ipairs(BUCKETS) do
+    for _, b in ipairs(""" + _BUCKETS_LUA + """) do
       if retry_delay < b[1] then
         redis.call('HINCRBY', KEYS[5], 'delay:' .. b[2], 1)
         break
@@ -592,11 +592,11 @@ class RedisGreylistStore(RedisComponentStore, GreylistStore):
         member = triplet_value(client, sender, recipient)
         keys = [self.triplet_key(client, sender, recipient), self.awl_key(client), self.k_allow,
                 self.k_lens, self.k_stats]
-        packed = "\t".join((repr(float(now)), repr(float(params.delay)), repr(float(params.retry_window)),
-                            repr(float(params.pass_ttl)), str(int(params.auto_whitelist_after)),
-                            "1" if dry_run else "0", repr(GRACE), member, client, sender, recipient, fam,
-                            hexdigits, *sender_allow_keys(sender), triplet_allow_key(client, sender, recipient)))
-        res = await self.link.script("attempt", keys, [packed])
+        args = (repr(float(now)), repr(float(params.delay)), repr(float(params.retry_window)),
+                repr(float(params.pass_ttl)), str(int(params.auto_whitelist_after)), "1" if dry_run else "0",
+                repr(GRACE), member, client, sender, recipient, fam, hexdigits, *sender_allow_keys(sender),
+                triplet_allow_key(client, sender, recipient))
+        res = await self.link.script("attempt", keys, args)
         (outcome, exists, first, last, attempts, passed, passed_at, retry_delay, expires,
          allow_key, count, allow_json) = as_text(res).split("\t", 11)
         entry = None

@@ -186,6 +186,17 @@ async def test_allow_entries_expire(store):
     assert await store.allow_entries() == []
 
 
+async def test_an_allow_entry_note_naming_expires_changes_nothing(store):
+    # Redis reads an entry's expiry only when its JSON names one: a note that does must
+    # neither make a lasting entry expire nor an expired one live
+    await store.add_allow(make_allow("sender", "@lasting.example", T0, None, note='expires'))
+    await store.add_allow(make_allow("sender", "@gone.example", T0, 60, note='"expires": null'))
+    assert (await attempt(store, T0 + 60, key=(C, "a@gone.example", R))).outcome == "allowed"
+    assert (await attempt(store, T0 + 61, key=(C, "a@gone.example", R))).outcome == "new"
+    found = await attempt(store, T0 + 10 ** 6, key=(C, "a@lasting.example", R))
+    assert (found.outcome, found.allow.note, found.allow.expires) == ("allowed", "expires", None)
+
+
 def test_allow_values_are_checked():
     with pytest.raises(ValueError):
         make_allow("client", "not-a-network", T0, None)
