@@ -11,12 +11,15 @@ SQLite file instead (the bench triplet on the allow list, as ``make bench`` has 
 store's own CPU per message (SQL, JSON, the group commit) is in the figure; ``--state redis``
 puts it on the Redis server at 127.0.0.1:6379 (DB 15, a fresh key prefix per case, deleted
 afterwards) and also reports the server's CPU per message (``INFO cpu`` before and after each
-run: the server shares the gate's cores, so its time counts as much as the gate's).
+run: the server shares the gate's cores, so its time counts as much as the gate's);
+``--commands`` adds what it ran per message (``INFO commandstats``, scripts' inner commands
+included).
 
     .venv/bin/python bench/rulecost_profile.py                        # CPU µs per message, each case
     .venv/bin/python bench/rulecost_profile.py --profile real --top 15    # cProfile of one case
     .venv/bin/python bench/rulecost_profile.py --state sqlite --cases empty,senders,greylist,real
     .venv/bin/python bench/rulecost_profile.py --state redis --cases empty,senders,greylist,real
+    .venv/bin/python bench/rulecost_profile.py --state redis --cases real --runs 1 --commands
 
 The log line is written at ``info`` to /dev/null through the gate's own text formatter, as
 ``make bench`` runs the gate; the garbage collector has a serving worker's settings
@@ -117,6 +120,23 @@ def redis_server_cpu() -> float:
     return info["used_cpu_user"] + info["used_cpu_sys"]
 
 
+def redis_commandstats() -> dict[str, tuple[int, int]]:
+    """The server's commands so far: name -> (calls, µs), those inside scripts included."""
+    import redis
+    return {name: (s["calls"], s["usec"]) for name, s in redis.Redis.from_url(REDIS).info("commandstats").items()}
+
+
+def commands_per_message(before: dict, after: dict, messages: int) -> str:
+    """``name calls/message (µs/call)`` of what the server ran meanwhile, busiest first
+    (another client of the same server would be counted too)."""
+    out = []
+    for name, (calls, usec) in after.items():
+        c, u = calls - before.get(name, (0, 0))[0], usec - before.get(name, (0, 0))[1]
+        if c >= messages / 2:
+            out.append((u, f"{name} {c / messages:.2f} ({u / c:.1f} µs)"))
+    return ", ".join(text for _, text in sorted(out, reverse=True))
+
+
 async def open_stores(state: str, folder: str, case: str, clock: FakeClock) -> Stores:
     if state == "memory":
         return Stores("memory", greylist=MemoryGreylist(), senders=MemorySenders(), limits=NoLimits())
@@ -152,9 +172,11 @@ async def measure(case: str, a, raw: bytes, folder: str) -> tuple[float, float |
             return None
         figures = []
         for _ in range(a.runs):
-            before = redis_server_cpu() if server else 0.0
+            before, commands = (redis_server_cpu(), redis_commandstats()) if server else (0.0, None)
             gate = await run(h, raw, a.messages)
             figures.append((gate, (redis_server_cpu() - before) / a.messages * 1e6 if server else None))
+            if server and a.commands:
+                print(f"{case}: {commands_per_message(commands, redis_commandstats(), a.messages)}")
         return min(figures, key=lambda f: f[0] + (f[1] or 0.0))
     finally:
         prefix = stores.greylist.link.options["prefix"] if a.state == "redis" else None
@@ -184,6 +206,8 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--sort", default="tottime")
     ap.add_argument("--cpu", action="store_true", help="profile CPU time, not the wall clock")
+    ap.add_argument("--commands", action="store_true",
+                    help="with --state redis: the server's commands per message and their µs (INFO commandstats)")
     ap.add_argument("--message", choices=("smtp-source", "office"), default="smtp-source",
                     help="smtp-source's 10 KB text, or text + HTML + a 60 KB PDF (attachments_bench)")
     ap.add_argument("--cases", default=",".join(CASES), help="which cases, comma-separated")

@@ -295,9 +295,9 @@ class RedisLink:
         self.scripts: dict = {}
         self._client: aioredis.Redis | None = None
         self._sentinel: Sentinel | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: _Slots | None = None
         self._batch: list = []  # (command, script name or None, future) asked this turn
-        self._sending: set[asyncio.Task] = set()
+        self._sending: set[asyncio.Future] = set()  # batches out (tasks, or futures of _send_now)
         self._wire: WirePool | None = None  # the batched calls' own connections (redis_wire.py)
         self._outages_seen = 0
         self._users = 0  # stores attached; the last one to close closes the link
@@ -322,7 +322,7 @@ class RedisLink:
                 self._client = self._open()
             except (ValueError, TypeError) as e:
                 raise StoreError(f"Redis {redact(self.url)}: {e}") from None
-            self._slots = asyncio.Semaphore(self.options["max_connections"])  # FIFO: fair
+            self._slots = _Slots(self.options["max_connections"])  # FIFO: fair
             self.scripts = {name: self._client.register_script(lua) for name, lua in self._sources.items()}
             self._wire = self._open_wire()
         return self._client
@@ -382,9 +382,12 @@ class RedisLink:
         try:
             return await self.breaker.run(lambda: self._fresh_then(coro_fn, client), _is_outage)
         except (RedisError, OSError) as e:
-            raise StoreError(f"Redis {redact(self.url)}: {type(e).__name__}: {e}") from None
+            raise self._failure(e) from None
         finally:
             self._slots.release()
+
+    def _failure(self, e: Exception) -> StoreError:
+        return StoreError(f"Redis {redact(self.url)}: {type(e).__name__}: {e}")
 
     async def _fresh_then(self, coro_fn, client):
         # After an outage (noticed by this store or another one on the server), the idle
@@ -427,9 +430,50 @@ class RedisLink:
     def _send_batch(self) -> None:
         batch, self._batch = self._batch, []
         for i in range(0, len(batch), BATCH_MAX):
-            task = asyncio.ensure_future(self._send(batch[i:i + BATCH_MAX]))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            part = batch[i:i + BATCH_MAX]
+            if not self._send_now(part):
+                self._track(asyncio.ensure_future(self._send(part)))
+
+    def _track(self, sending: asyncio.Future) -> None:
+        self._sending.add(sending)
+        sending.add_done_callback(self._sending.discard)
+
+    def _send_now(self, batch) -> bool:
+        """Write ``batch`` at once on an idle connection of our own when nothing calls for a
+        coroutine (the server up, no outage since the connections were opened, a slot
+        free): no task, and the callers hear their replies in the turn they come in, two
+        turns of the event loop sooner than through ``_send``. False: nothing sent."""
+        breaker = self.breaker
+        if (self._wire is None or breaker.is_down or self._outages_seen != breaker.outages
+                or not self._slots.take_now()):
+            return False
+        out = asyncio.get_running_loop().create_future()  # what close() waits for
+        if not self._wire.send(self._calls(batch), lambda result: self._sent(batch, result, out)):
+            self._slots.release()  # no idle connection: _send opens one
+            return False
+        self._sending.add(out)
+        return True
+
+    def _sent(self, batch, result, out: asyncio.Future) -> None:
+        """The end of a ``_send_now`` batch, accounted as ``run`` accounts one."""
+        self._slots.release()
+        self._sending.discard(out)
+        out.set_result(None)
+        if isinstance(result, Exception):  # a fault of the connection: an outage
+            self.breaker.ended(False, result, _is_outage)
+            error = self._failure(result)
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        self.breaker.ended(False)
+        replies = _wire_replies(result)
+        lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if lost:  # the server lost a script: those calls go the long way, which loads it again
+            self._track(asyncio.ensure_future(self._send([batch[i] for i in lost])))
+            batch, replies = ([b for i, b in enumerate(batch) if i not in lost],
+                              [r for i, r in enumerate(replies) if i not in lost])
+        self._deliver(batch, replies)
 
     async def _send(self, batch) -> None:
         try:
@@ -441,6 +485,9 @@ class RedisLink:
             if not isinstance(e, Exception):
                 raise
             return
+        self._deliver(batch, replies)
+
+    def _deliver(self, batch, replies) -> None:
         for (_, _, future), reply in zip(batch, replies):
             if future.done():  # the caller was cancelled meanwhile
                 continue
@@ -449,26 +496,27 @@ class RedisLink:
             else:
                 future.set_result(reply)
 
+    def _calls(self, batch) -> list:
+        """The batch's commands, its scripts called by their SHA."""
+        return [args if script is None else (args[0], self.scripts[script].sha, *args[2:])
+                for args, script, _ in batch]
+
     async def _execute(self, r, batch) -> list:
         """The batch's replies (a command's error as its reply); a script the server lost
         (a restart, SCRIPT FLUSH) is loaded again and its calls sent once more."""
-        def calls(items):
-            return [args if script is None else (args[0], self.scripts[script].sha, *args[2:])
-                    for args, script, _ in items]
         send = self._wire_call if self._wire is not None else lambda c: _redis_py_call(r, c)
-        replies = await send(calls(batch))
+        replies = await send(self._calls(batch))
         lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if lost:
             for name in {batch[i][1] for i in lost}:
                 self.scripts[name].sha = await r.script_load(self.scripts[name].script)
-            for i, reply in zip(lost, await send(calls([batch[i] for i in lost]))):
+            for i, reply in zip(lost, await send(self._calls([batch[i] for i in lost]))):
                 replies[i] = reply
         return replies
 
     async def _wire_call(self, calls: list) -> list:
         """``calls`` on our own connections; error replies as redis-py's exceptions."""
-        return [_reply_error(reply) if isinstance(reply, hiredis.ReplyError) else reply
-                for reply in await self._wire.call(calls)]
+        return _wire_replies(await self._wire.call(calls))
 
     def _no_primary(self, exc: MasterNotFoundError) -> RedisConnectionError:
         """redis-py's text holds the repr of every Sentinel client it could not reach (a
@@ -514,9 +562,25 @@ async def _redis_py_call(r, calls: list) -> list:
     return await pipe.execute(raise_on_error=False)
 
 
+def _wire_replies(replies: list) -> list:
+    """Replies from our own connections, their errors as redis-py's exceptions."""
+    return [_reply_error(reply) if isinstance(reply, hiredis.ReplyError) else reply for reply in replies]
+
+
 def _reply_error(reply) -> RedisError:
     text = str(reply)
     return NoScriptError(text) if text.startswith("NOSCRIPT") else ResponseError(text)
+
+
+class _Slots(asyncio.Semaphore):
+    """The FIFO queue in front of the connections, which also hands a free slot over
+    without a coroutine (``take_now``: what ``acquire`` does when it need not wait)."""
+
+    def take_now(self) -> bool:
+        if self.locked():
+            return False
+        self._value -= 1
+        return True
 
 
 def _is_outage(exc: BaseException) -> bool:
