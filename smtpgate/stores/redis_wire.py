@@ -90,9 +90,11 @@ class WireConnection:
             asyncio.get_running_loop().call_soon(done, wire.failed)
             return
         wire.replies, wire.want, wire.done = [], len(commands), done
-        wire.timer = asyncio.get_running_loop().call_later(
-            self._timeout, wire._fail, TimeoutError(f"Redis did not answer within {self._timeout:g}s"))
+        wire.timer = asyncio.get_running_loop().call_later(self._timeout, self._timed_out)
         wire.transport.write(b"".join(hiredis.pack_command(c) for c in commands))
+
+    def _timed_out(self) -> None:
+        self._wire._fail(TimeoutError(f"Redis did not answer within {self._timeout:g}s"))
 
     async def call(self, commands: list[tuple]) -> list:
         """The replies to ``commands``; the fault raised."""
