@@ -22,7 +22,12 @@
   Python (bench/store_bench.py).
   On a plain ``redis://`` server those pipelines go on connections of our own
   (``redis_wire.py``: hiredis packing and parsing, no per-call tasks or timers), a
-  quarter of redis-py's CPU per round trip; everything else uses redis-py.
+  quarter of redis-py's CPU per round trip; everything else uses redis-py. When a
+  connection is idle, the server up and a slot free (the usual case), the pipeline is
+  written by the loop callback that gathered it and its callers are answered in the turn
+  the replies come in (``_send_now``): no task, two turns of the event loop fewer per
+  round trip; otherwise it takes the long way (``_send``: a task that may wait for a slot,
+  open a connection, probe a server marked down, load a lost script).
 - ``?prefix=NAME`` in the URL puts every key under ``NAME`` (default ``smtpgate:``), so
   several gate fleets, or tests, can share one database.
 - The decisive operation runs as one Lua script (EVALSHA, loaded again when the server
