@@ -48,6 +48,7 @@ use, ``4/24``), ``Pgl:stats`` (hash: outcome and retry-delay counters).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import re
@@ -268,6 +269,11 @@ def as_text(value) -> str:
 def _allow_from_json(key: str, text) -> AllowEntry:
     d = json.loads(as_text(text))
     return AllowEntry(d["kind"], d["value"], key, d["created"], d.get("expires"), d.get("note", ""))
+
+
+#: the allow entries decisions matched, by their key and JSON: a busy entry (a relay's
+#: network, the bench triplet) is parsed once, not per message (entries are frozen: shared)
+_matched_allow = functools.lru_cache(maxsize=256)(_allow_from_json)
 
 
 def glob_escape(text: str) -> str:
@@ -672,7 +678,7 @@ class RedisGreylistStore(RedisComponentStore, GreylistStore):
         if int(exists):
             entry = Entry(client, sender, recipient, _num(first), _num(last), int(attempts), bool(int(passed)),
                           _num(passed_at), _num(retry_delay), _num(expires))
-        allow = _allow_from_json(allow_key, allow_json) if allow_key else None
+        allow = _matched_allow(allow_key, allow_json) if allow_key else None
         count = int(count)
         return Attempt(outcome, entry, allow, None if count < 0 else count)
 

@@ -197,6 +197,14 @@ async def test_an_allow_entry_note_naming_expires_changes_nothing(store):
     assert (found.outcome, found.allow.note, found.allow.expires) == ("allowed", "expires", None)
 
 
+async def test_a_replaced_allow_entry_is_answered_as_it_now_is(store):
+    # Redis keeps the entries it matched parsed, by their JSON: a replaced one is read afresh
+    for note, ttl in (("first", None), ("second", 600), ("first", None)):
+        await store.add_allow(make_allow("sender", "@often.example", T0, ttl, note=note))
+        found = (await attempt(store, T0, key=(C, "a@often.example", R))).allow
+        assert (found.note, found.expires) == (note, None if ttl is None else T0 + ttl)
+
+
 def test_allow_values_are_checked():
     with pytest.raises(ValueError):
         make_allow("client", "not-a-network", T0, None)
