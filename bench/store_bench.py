@@ -193,14 +193,20 @@ def job_for(stores: Stores, kind: str, i: int):
                                      NOW)
 
 
-async def run_all(jobs, concurrency: int) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) to run every job, ``concurrency`` at once."""
+async def run_all(jobs, concurrency: int, took: list | None = None) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) to run every job, ``concurrency`` at once;
+    each job's wall seconds appended to ``took`` if given."""
     it = iter(jobs)
     started, cpu = time.perf_counter(), time.process_time()
 
     async def worker():
         for job in it:
+            if took is None:
+                await job()
+                continue
+            t = time.perf_counter()
             await job()
+            took.append(time.perf_counter() - t)
     async with asyncio.TaskGroup() as tg:
         for _ in range(concurrency):
             tg.create_task(worker())
@@ -208,27 +214,32 @@ async def run_all(jobs, concurrency: int) -> tuple[float, float]:
 
 
 async def measure(stores: Stores, kind: str, n: int, count: int, concurrency: int,
-                  seed: int = 0, start=None) -> tuple[float, float]:
+                  seed: int = 0, start=None, took: list | None = None) -> tuple[float, float]:
     """(decisions per second, CPU µs of this process per decision); ``start``: called
-    between the warm-up and the timed run (the processes of ``--processes`` meet there)."""
+    between the warm-up and the timed run (the processes of ``--processes`` meet there);
+    ``took``: as run_all's."""
     rng = random.Random(concurrency + seed * 1000)
     jobs = [job_for(stores, kind, rng.randrange(n)) for _ in range(count)]
     await run_all(jobs[:200], concurrency)  # warm: connections, statements, scripts
     if start is not None:
         start()
-    wall, cpu = await run_all(jobs, concurrency)
+    wall, cpu = await run_all(jobs, concurrency, took)
     return count / wall, cpu / count * 1e6
 
 
 def one_of_several(url: str, kind: str, n: int, count: int, concurrency: int, seed: int, barrier, answers) -> None:
     """A worker process of ``--processes``: its own stores on ``url``, its own keys, timed
-    from the moment every process is warm; puts (rate, CPU µs, waited, WAL restarts)."""
+    from the moment every process is warm; puts (rate, CPU µs, waited, WAL restarts, p50 and
+    p99 ms of a decision)."""
     async def run():
         stores = Stores(url)
         try:
-            rate = await measure(stores, kind, n, count, concurrency, seed, barrier.wait)
+            took: list[float] = []
+            rate = await measure(stores, kind, n, count, concurrency, seed, barrier.wait, took)
+            took.sort()
             db = getattr(getattr(stores, kind), "db", None)
-            answers.put((*rate, getattr(db, "waited", 0), getattr(db, "restarts", 0)))
+            answers.put((*rate, getattr(db, "waited", 0), getattr(db, "restarts", 0),
+                         took[len(took) // 2] * 1e3, took[int(len(took) * 0.99)] * 1e3))
         finally:
             await stores.close()
     use_uvloop()
@@ -247,9 +258,9 @@ def several(processes: int, url: str, kind: str, n: int, count: int, concurrency
     got = [answers.get(timeout=600) for _ in procs]
     for p in procs:
         p.join()
-    for rate, cpu, waited, restarts in got:
-        print(f"      one process: {rate:9,.0f} /s  {cpu:6.0f} µs CPU each  moved to the thread (busy) "
-              f"{waited:6,} ({waited / count:.1%})  WAL restarts {restarts}", flush=True)
+    for rate, cpu, waited, restarts, p50, p99 in got:
+        print(f"      one process: {rate:9,.0f} /s  {cpu:6.0f} µs CPU each  p50/p99 {p50:.2f}/{p99:.2f} ms  "
+              f"moved to the thread (busy) {waited:6,} ({waited / count:.1%})  WAL restarts {restarts}", flush=True)
     return sum(g[0] for g in got), sum(g[1] for g in got) / len(got)
 
 
