@@ -47,6 +47,9 @@ CHECKPOINT_EVERY = 1000
 # WAL frames (pages) past which a checkpoint makes the WAL start over, holding this process's
 # writes for as long (``_checkpoint_now``): 16,000 frames, about 64 MB on disk.
 RESTART_FRAMES = 16_000
+# Bytes a restarted WAL file is cut back to (SQLite keeps the file at its largest size): one
+# that grew before RESTART_FRAMES existed (GBs under steady load) shrinks at its first restart.
+WAL_SIZE_LIMIT = 128 * 2**20
 # How long that restart waits for another process's locks before it leaves the WAL's
 # restart to the next checkpoint.
 RESTART_WAIT_MS = 50
@@ -308,6 +311,7 @@ class SqliteDatabase:
                 _use_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             for component, steps in self.migrations.items():
                 migrate(conn, component, steps)
         except BaseException:
