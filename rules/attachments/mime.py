@@ -22,6 +22,11 @@ from typing import ClassVar
 from .names import parse_params
 
 _FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+# One field of a plain header block (``_plain_fields``): its name, the rest of its first line
+# and its continuation lines, each line ending in LF or CRLF, no other CR anywhere.
+_PLAIN_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:([^\r\n]*)\r?\n((?:[ \t][^\r\n]*\r?\n)*)")
+_PLAIN_CONTINUATION = re.compile(rb"([^\r\n]*)\r?\n")
+_BLANK_LINE = re.compile(rb"\r?\n")
 _LOOKS_B64 = re.compile(rb"^[A-Za-z0-9+/=\r\n]{16,}$")  # no spaces: prose is not base64
 MESSAGE_TYPES = ("message/rfc822", "message/global", "message/news")
 
@@ -132,11 +137,56 @@ def parse(raw: bytes, limits: Limits | None = None) -> Structure:
 def _read_headers(part: Part, limits: Limits, out: Structure) -> None:
     buf, pos, end = part.buf, part.start, part.end
     limit = min(end, pos + limits.max_header_size)
-    fields: list[Field] = []
-    cur: list | None = None  # [name, [value lines], start]
     if buf.startswith(b"From ", pos) and part.parent is None:  # an mbox separator line
         nl = buf.find(b"\n", pos, end)
         pos = end if nl < 0 else nl + 1
+    fields = _plain_fields(buf, pos, end, limit)
+    if fields is None:
+        _read_fields(part, buf, pos, end, limit, limits, out)
+        return
+    part.fields, pos = fields
+    part.cte = [v.strip().lower() for v in part.get_all("content-transfer-encoding")]
+    part.body = min(pos, end)
+
+
+def _plain_fields(buf: bytes, pos: int, end: int, limit: int) -> tuple[list[Field], int] | None:
+    """A header block of plain lines, read by one regex match per field: each line ends in
+    LF or CRLF with no other CR in it, and the block ends in a blank line before ``limit``.
+    Then ``_read_fields`` would give the same fields and body start (it strips a line's
+    trailing CRs and LF, and it cuts a field at the next line that does not continue it);
+    None for anything else (no blank line, a bare CR, a line that is no field, a block over
+    the limit, ...): the long way reads it."""
+    fields: list[Field] = []
+    match = _PLAIN_FIELD.match
+    while True:
+        m = match(buf, pos, end)
+        if m is None:
+            break
+        name, first, more = m.groups()
+        if more:
+            lines = [first] + _PLAIN_CONTINUATION.findall(more)
+            raw = b" ".join(x.strip(b" \t") for x in lines)
+        else:
+            raw = first.strip(b" \t")
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            value = raw.decode("latin-1")
+        fields.append(Field(name.decode("ascii").lower(), value.strip(), pos, m.end()))
+        pos = m.end()
+    if pos >= limit:  # (the blank line too: the long way checks each line's start)
+        return None
+    blank = _BLANK_LINE.match(buf, pos, end)
+    if blank is None:
+        return None
+    return fields, blank.end()
+
+
+def _read_fields(part: Part, buf: bytes, pos: int, end: int, limit: int, limits: Limits,
+                 out: Structure) -> None:
+    """The header block line by line: any bytes, defects and limits noted."""
+    fields: list[Field] = []
+    cur: list | None = None  # [name, [value lines], start]
     while pos < end:
         if pos >= limit:
             out.untrusted.append(f"part {part.path or 'top'}: header block over "

@@ -18,7 +18,8 @@ from tests.support import attachment_samples as S
 
 from smtpgate_rules.attachments import CONTENT_KINDS, DEFAULT_EXTENSIONS, DEFAULT_TYPES  # noqa: E402
 from smtpgate_rules.attachments.content import SNIFF_WINDOWS, sniff  # noqa: E402
-from smtpgate_rules.attachments.mime import _matches, base64_sample, decode_base64  # noqa: E402
+from smtpgate_rules.attachments.mime import (Limits, Part, Structure, _matches, _plain_fields,  # noqa: E402
+                                             _read_fields, base64_sample, decode_base64)
 from smtpgate_rules.attachments.names import (_quoted, _quoted_loop, _variants, _visible,  # noqa: E402
                                               display, variants)
 from smtpgate_rules.attachments.scan import Settings, _Scanner, scan  # noqa: E402
@@ -322,3 +323,38 @@ def test_delimiters_are_found_as_finditer_finds_them(pieces, cut_start, cut_end)
     pattern = re.compile(rb"\n" + re.escape(b"--bb") + rb"(--)?[ \t]*\r?$", re.M)
     got = [m.span() for m in _matches(pattern, b"\n--bb", buf, start, end)]
     assert got == [m.span() for m in pattern.finditer(buf, start, end)]
+
+
+# --- header blocks: plain ones read field by field with a regex, as line by line -------------
+def fields_the_long_way(buf: bytes, start: int, end: int, max_header: int):
+    part = Part(buf, start, start, end, "", 0)
+    out = Structure(part)
+    _read_fields(part, buf, start, end, min(end, start + max_header), Limits(max_header_size=max_header), out)
+    return [(f.name, f.value, f.start, f.end) for f in part.fields], part.body, out.untrusted, out.defects
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from([b"Subject: hi", b"X-A:", b"To :  <a@b>  ", b"Bad Name: x", b" folded",
+                                 b"\tmore  ", b"", b"\r", b"caf\xc3\xa9: \xe9t\xc3\xa9", b"Content-Type: text/plain",
+                                 b"body line", b"K:\r\xffv"]), max_size=8),
+       st.lists(st.sampled_from([b"\r\n", b"\n", b"\r\r\n"]), min_size=8, max_size=8),
+       st.sampled_from([b"", b"\r\n", b"\n"]), st.integers(0, 6), st.integers(0, 200))
+def test_plain_header_blocks_read_as_the_long_way_reads_them(lines, breaks, tail, cut, max_header):
+    buf = b"".join(line + brk for line, brk in zip(lines, breaks)) + tail + b"the body\r\n"
+    start, end = min(cut, 3), max(len(buf) - cut, min(cut, 3))
+    fast = _plain_fields(buf, start, end, min(end, start + max_header))
+    if fast is None:
+        return  # the long way reads it (the rule runs that)
+    fields, body = fast
+    assert ([(f.name, f.value, f.start, f.end) for f in fields], body, [], []) == \
+        fields_the_long_way(buf, start, end, max_header)
+
+
+def test_plain_header_blocks_take_the_short_way():
+    """smtp-source's headers, CRLF or LF, folded or not, are read by the regex (else it saves nothing)."""
+    for block in (S.HEAD, S.HEAD.replace(b"\r\n", b"\n"), b"Subject: a\r\n b\r\n\tc\r\nTo: x\r\n"):
+        buf = block + b"\r\n" + b"body\r\n"
+        fast = _plain_fields(buf, 0, len(buf), len(buf))
+        assert fast is not None
+        assert ([(f.name, f.value, f.start, f.end) for f in fast[0]], fast[1], [], []) == \
+            fields_the_long_way(buf, 0, len(buf), 256 * 1024)
