@@ -25,6 +25,7 @@ from smtpgate_rules.attachments.names import (_quoted, _quoted_loop, _variants, 
 from smtpgate_rules.attachments.scan import Settings, _Scanner, scan  # noqa: E402
 
 scan_module = sys.modules[_Scanner.__module__]  # (the package's "scan" is the function)
+content_module = sys.modules[sniff.__module__]
 
 SETTINGS = Settings(extensions=frozenset(DEFAULT_EXTENSIONS), allowed_extensions=frozenset(),
                     types=tuple(DEFAULT_TYPES), content=frozenset(CONTENT_KINDS))
@@ -358,3 +359,37 @@ def test_plain_header_blocks_take_the_short_way():
         assert fast is not None
         assert ([(f.name, f.value, f.start, f.end) for f in fast[0]], fast[1], [], []) == \
             fields_the_long_way(buf, 0, len(buf), 256 * 1024)
+
+
+# --- sniff: data whose first byte starts no signature is only checked further in -------------
+ALL_LEADS = frozenset(bytes([b]) for b in range(256))
+
+
+def sniff_the_long_way(data: bytes, scripts: bool, monkeypatch) -> str | None:
+    with monkeypatch.context() as m:
+        m.setattr(content_module, "_LEADS", ALL_LEADS)  # every first byte tried at every signature
+        return sniff(data, scripts=scripts)
+
+
+INNER = [(0x8001, b"CD001"), (0x9001, b"NSR03"), (257, b"ustar"), (7, b"**ACE**"), (2, b"-lh5-"),
+         (510, b"\x55\xaa"), (3, b"NTFS    "), (0x36, b"FAT"), (-512, b"conectix"), (-512, b"koly")]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=24), st.sampled_from([16, 600, 0x9010]), st.lists(st.sampled_from(INNER), max_size=3),
+       st.booleans())
+def test_sniff_by_the_first_byte_gives_the_long_ways_answer(head, size, planted, scripts):
+    data = bytearray(head + bytes(max(0, size - len(head))))
+    for off, sig in planted:
+        at = off if off >= 0 else len(data) + off
+        if 0 <= at <= len(data) - len(sig):
+            data[at:at + len(sig)] = sig
+    data = bytes(data)
+    with pytest.MonkeyPatch.context() as mp:
+        assert sniff(data, scripts=scripts) == sniff_the_long_way(data, scripts, mp)
+
+
+@pytest.mark.parametrize("data", samples_of_every_kind(), ids=lambda d: repr(d[:8]))
+def test_every_kind_is_sniffed_as_the_long_way_sniffs_it(data, monkeypatch):
+    for scripts in (True, False):
+        assert sniff(data, scripts=scripts) == sniff_the_long_way(data, scripts, monkeypatch)
