@@ -13,6 +13,7 @@ False: such a part can only be cut out through its outermost spliceable ancestor
 """
 from __future__ import annotations
 
+import base64
 import binascii
 import itertools
 import re
@@ -438,6 +439,42 @@ def base64_sample(body: bytes, windows) -> tuple[bytes, bytes] | None:
             data = binascii.a2b_base64(groups) if 4 * last <= n else decode_base64(groups)
             out[start:stop] = data[start - 3 * first:stop - 3 * first]
     return bytes(out), chars
+
+
+#: bytes read at each end of a body by ``base64_ends`` (base64 lines of 76: 998 characters)
+_END_BYTES = 1024
+
+
+def base64_ends(body: bytes) -> tuple[bytes, bytes] | None:
+    """What ``decode_base64(body)`` holds at its ends, from the body's first and last
+    _END_BYTES alone: its first 512 bytes, and its last 704 characters or more (their
+    whole groups decode to the decoding's last 520 bytes, bar the last group's when
+    short). None when the body is shorter than both ends, padding comes before its end
+    or either end holds too few characters (too much else in it).
+
+    Why: with padding only at its end the body is one stream (see ``base64_sample``); its
+    first 684 characters are the first 171 groups, and the last ones are the stream's own."""
+    if len(body) < 2 * _END_BYTES:
+        return None
+    eq = body.find(b"=")
+    if eq >= 0 and body[eq:].strip(b"=\r\n\t "):
+        return None
+    head = body[:_END_BYTES].translate(None, B64_DELETE)
+    tail = body[-_END_BYTES:].translate(None, B64_DELETE).rstrip(b"=")
+    if len(head) < 684 or len(tail) < 704 or b"=" in head:
+        return None
+    return binascii.a2b_base64(head[:684])[:512], tail
+
+
+def base64_of_every_occurrence(data: bytes) -> tuple[bytes, ...]:
+    """The base64 characters that ``data`` alone decides, for each of the three ways it may
+    fall into 3-byte groups: wherever ``data`` is in a decoding, one of them is in its
+    characters (the characters wholly made of its bits)."""
+    out = []
+    for r in range(3):
+        encoded = base64.b64encode(bytes(r) + data + bytes(3))
+        out.append(encoded[-(-8 * r // 6):8 * (r + len(data)) // 6])
+    return tuple(out)
 
 
 def decode_uu(body: bytes, limit: int = 64 * 1024 * 1024) -> bytes:

@@ -19,7 +19,9 @@ from tests.support import attachment_samples as S
 from smtpgate_rules.attachments import CONTENT_KINDS, DEFAULT_EXTENSIONS, DEFAULT_TYPES  # noqa: E402
 from smtpgate_rules.attachments.content import SNIFF_WINDOWS, sniff  # noqa: E402
 from smtpgate_rules.attachments.mime import (Limits, Part, Structure, _matches, _plain_fields,  # noqa: E402
-                                             _read_fields, base64_sample, decode_base64)
+                                             _read_fields, B64_DELETE, base64_ends,
+                                             base64_of_every_occurrence, base64_sample,
+                                             decode_base64)
 from smtpgate_rules.attachments.names import (_quoted, _quoted_loop, _variants, _visible,  # noqa: E402
                                               display, variants)
 from smtpgate_rules.attachments.scan import Settings, _Scanner, scan  # noqa: E402
@@ -393,3 +395,79 @@ def test_sniff_by_the_first_byte_gives_the_long_ways_answer(head, size, planted,
 def test_every_kind_is_sniffed_as_the_long_way_sniffs_it(data, monkeypatch):
     for scripts in (True, False):
         assert sniff(data, scripts=scripts) == sniff_the_long_way(data, scripts, monkeypatch)
+
+
+# --- base64_ends: the decoding's first 512 bytes and its footer, from the body's two ends ------
+def ends_match(body: bytes) -> None:
+    got = base64_ends(body)
+    if got is None:
+        return  # the long way (base64_sample)
+    head, tail = got
+    assert head == decode_base64(body)[:512]
+    assert len(tail) >= 704 and body.translate(None, B64_DELETE).rstrip(b"=").endswith(tail)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(min_size=1, max_size=12), st.binary(max_size=30), st.binary(max_size=30))
+def test_base64_of_every_occurrence_is_in_every_encoding_holding_it(data, before, after):
+    encoded = base64.b64encode(before + data + after)
+    assert any(q in encoded for q in base64_of_every_occurrence(data))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(min_size=1500, max_size=40_000), line=st.sampled_from([0, 60, 76, 77, 1000]),
+       crlf=st.booleans(), padding=st.sampled_from([None, b"", b"=", b"==", b"= \r\n="]),
+       junk=st.lists(st.tuples(st.integers(0, 60_000), st.sampled_from([b" ", b"*", b"\t", b"\xff", b"="])),
+                     max_size=3),
+       dangling=st.sampled_from([b"", b"Q", b"QU", b"QUI"]))
+def test_base64_ends_hold_the_decodings_ends(data, line, crlf, padding, junk, dangling):
+    text = base64.b64encode(data).rstrip(b"=") + dangling + (padding or b"")
+    if line:
+        text = b"\n".join(text[i:i + line] for i in range(0, len(text), line))
+    if crlf:
+        text = text.replace(b"\n", b"\r\n")
+    for pos, char in junk:
+        pos = min(pos, len(text))
+        text = text[:pos] + char + text[pos:]
+    ends_match(text)
+
+
+def footer_messages() -> list[tuple[str, bytes]]:
+    """Headerless base64 and declared base64 parts whose decoding ends in a VHD or DMG footer
+    (or holds one just before it), at every alignment, up to the ISO windows' edge."""
+    cases = []
+    for footer in (S.vhd_fixed()[-512:], S.dmg()[-512:]):
+        for size in (1100, 1101, 1102, 3000, 3001, 3002, 20_000, 32_000, 32_200, 32_300):
+            for shift in (0, 1, 2, 9):
+                data = bytes(max(0, size - 512 - shift)) + footer + bytes(shift)
+                label = f"{footer[:4]!r} {size}+{shift}"
+                cases.append((f"headerless {label}", S.HEAD + b"\r\n" + S.b64(data)))
+                cases.append((f"headerless as text {label}", S.HEAD + b"\r\n" + base64.b64encode(data)))
+                cases.append((f"declared {label}", S.multipart(S.part(data, "f.bin"))))
+    return cases
+
+
+@pytest.mark.parametrize("label, raw", footer_messages(), ids=[c[0] for c in footer_messages()])
+def test_footers_are_found_as_the_long_way_finds_them(label, raw, monkeypatch):
+    short = both_ways(raw, monkeypatch)
+    if "+0" in label and "as text" not in label:  # where sniff reads it (a one-line body is no base64 for it)
+        assert any("disk image" in r for f in short[0] for r in f[2]), label
+
+
+def test_short_text_is_proved_inert_from_its_ends(monkeypatch):
+    """smtp-source's body: the two ends decide, the whole body is never translated."""
+    body = b"\r\n".join(b"%d" % (i % 10) + b"X" * 77 for i in range(1, 129)) + b"\r\n"
+    calls = []
+    monkeypatch.setattr(scan_module, "base64_sample", lambda *a: calls.append(a) or base64_sample(*a))
+    assert report_of(S.HEAD + b"\r\n" + body)[0] == []
+    assert calls == []
+
+
+@pytest.mark.parametrize("spread", [1, 2, 3])
+def test_base64_ends_want_enough_characters_at_each_end(spread):
+    """Ends thinned out by junk (readers skip it) hold too few characters: the long way."""
+    text = S.b64(random.Random(spread).randbytes(6000))
+    thin = lambda b: b"".join(b[i:i + spread] + b" " * 3 for i in range(0, len(b), spread))  # noqa: E731
+    for body in (thin(text[:1500]) + text[1500:], text[:-1500] + thin(text[-1500:])):
+        ends_match(body)
+        assert base64_ends(body) is None
