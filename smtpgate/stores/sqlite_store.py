@@ -46,6 +46,8 @@ CHECKPOINT_EVERY = 1000
 # Seconds a tally (``SqliteDatabase.tally``: the outcome counter of a decision that wrote
 # nothing) may wait for a write to ride on before it is written alone.
 TALLY_EVERY = 1.0
+# (triplet, client address) pairs a greylist store remembers as last found allowed
+ALLOWED_HINTS = 4096
 _BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: another connection holds the lock
 _BARE: set[int] = set()  # ids of connections running a group commit's writes (write_transaction)
 
@@ -612,25 +614,40 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
     def __init__(self, url: str, db: SqliteDatabase | None = None):
         super().__init__(url, db)
         self._add_counts = self._migrated(_add_counts)  # one writer: the key of its tallies
+        #: (triplet, client address) pairs last found allowed, oldest first (see attempt)
+        self._allowed_before: dict[tuple, None] = {}
 
     # -- the decisive operation --------------------------------------------------------
     async def attempt(self, client, sender, recipient, *, now, params: Params, client_ip=None,
                       dry_run=False) -> Attempt:
         key = (client, sender, recipient)
         if dry_run:
-            result = await self._call(self._attempt, key, now, params, client_ip, dry_run)
-        else:
-            # An allowed triplet writes nothing but its counter (tallied: it rides on the
-            # next write); the others take the write path, which checks the allow list again
-            # under the write lock.
-            result = await self._call(self._allowed, key, client_ip, now)
-            if result is not None:
-                self.db.tally(self._add_counts, ALLOWED)
-            else:
-                result = await self._write(self._attempt, key, now, params, client_ip, dry_run)
-        if not dry_run and self._sweep_due(now):
+            return await self._call(self._attempt, key, now, params, client_ip, dry_run)
+        # An allowed decision writes nothing (its counter is tallied): a read on the loop,
+        # without the write lock. Tried first only where the last decision was "allowed":
+        # for the others it would be a read more before the write path, which checks the
+        # allow list again under the write lock, so both paths answer alike.
+        hint = (*key, client_ip)
+        result = await self._call(self._allowed, key, client_ip, now) if self._read_first(hint) else None
+        if result is None:
+            result = await self._write(self._attempt, key, now, params, client_ip, dry_run)
+        self._remember(hint, result.outcome == ALLOWED)
+        if result.outcome == ALLOWED:
+            self.db.tally(self._add_counts, ALLOWED)
+        if self._sweep_due(now):
             await self._run(self._sweep, now - GRACE)
         return result
+
+    def _read_first(self, hint: tuple) -> bool:
+        return hint in self._allowed_before
+
+    def _remember(self, hint: tuple, allowed: bool) -> None:
+        if not allowed:
+            self._allowed_before.pop(hint, None)
+        elif hint not in self._allowed_before:
+            if len(self._allowed_before) >= ALLOWED_HINTS:
+                del self._allowed_before[next(iter(self._allowed_before))]
+            self._allowed_before[hint] = None
 
     def _allowed(self, conn, key, client_ip, now) -> Attempt | None:
         """The decision if an allow entry matches (what ``_decide`` answers then), read as
@@ -670,7 +687,8 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
                 conn.execute(f"INSERT OR REPLACE INTO greylist ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
                              (*new.key, new.first_seen, new.last_seen, new.attempts, int(new.passed),
                               new.passed_at, new.retry_delay, new.expires))
-            _count(conn, outcome)
+            if outcome != ALLOWED:  # allowed: tallied by attempt (it may run on the thread)
+                _count(conn, outcome)
             if outcome == PASSED_NOW:
                 _count(conn, "delay:" + delay_bucket(new.retry_delay))
         return Attempt(outcome, new or entry, allow, counted[-1] if counted else None)

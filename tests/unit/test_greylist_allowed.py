@@ -11,7 +11,8 @@ import sqlite3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtpgate.stores import Params, make_allow, triplet_value
+from smtpgate.stores import Params, Selector, make_allow, triplet_value
+from smtpgate.stores import sqlite_store
 from smtpgate.stores.sqlite_store import SqliteDatabase, SqliteGreylistStore
 from tests.support.constants import T0
 
@@ -44,6 +45,8 @@ async def allowed_store(path, **kw) -> SqliteGreylistStore:
     store = open_store(path, **kw)
     await store.add_allow(make_allow("triplet", triplet_value(C, S, R), T0, None))
     await store.attempt(C, "other@sender.example", R, now=T0, params=P)  # a write: opens and counts "new"
+    await store.attempt(C, S, R, now=T0, params=P)  # the first allowed one: on the write path
+    await store.db.flush()
     return store
 
 
@@ -56,15 +59,37 @@ async def test_an_allowed_decision_writes_nothing(tmp_path):
         other = sqlite3.connect(path)  # its data_version moves when another connection commits
         version = other.execute("PRAGMA data_version").fetchone()[0]
         for i in range(20):
-            a = await store.attempt(C, S, R, now=T0 + i, params=P, client_ip="192.0.2.7")
+            a = await store.attempt(C, S, R, now=T0 + i, params=P)
             assert (a.outcome, a.allow.kind, a.entry, a.passed_count) == ("allowed", "triplet", None, None)
         assert conn.total_changes == changes
         assert (tmp_path / "state.db-wal").stat().st_size == wal
         assert other.execute("PRAGMA data_version").fetchone()[0] == version
         other.close()
-        assert counters(path) == {"new": 1}  # the allowed ones: pending in this process
-        assert (await store.stats(T0, 0)).counters == {"new": 1, "allowed": 20}  # stats flushes first
-        assert counters(path) == {"new": 1, "allowed": 20}
+        assert counters(path) == {"new": 1, "allowed": 1}  # these 20: pending in this process
+        assert (await store.stats(T0, 0)).counters == {"new": 1, "allowed": 21}  # stats flushes first
+        assert counters(path) == {"new": 1, "allowed": 21}
+    finally:
+        await store.close()
+
+
+async def test_only_a_triplet_allowed_last_time_is_read_before_its_write(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "ALLOWED_HINTS", 2)
+    store = await allowed_store(tmp_path / "state.db")
+    try:
+        statements = []
+        store.db._loop_conn.set_trace_callback(statements.append)
+        await store.attempt(C, "fourth@sender.example", R, now=T0, params=P)  # never allowed: the write path
+        assert statements[0] == "BEGIN IMMEDIATE"
+        del statements[:]
+        await store.attempt(C, S, R, now=T0, params=P)  # allowed last time: the read, alone
+        assert statements[0] == "BEGIN" and "BEGIN IMMEDIATE" not in statements
+        await store.delete(Selector(None, C, S, R))  # its allow entry goes
+        assert (await store.attempt(C, S, R, now=T0, params=P)).outcome == "new"  # read, then write
+        assert (*(C, S, R), None) not in store._allowed_before
+        await store.add_allow(make_allow("sender", "@sender.example", T0, None))
+        for sender in ("a@sender.example", "b@sender.example", "c@sender.example"):
+            assert (await store.attempt(C, sender, R, now=T0, params=P)).outcome == "allowed"
+        assert list(store._allowed_before) == [(C, "b@sender.example", R, None), (C, "c@sender.example", R, None)]
     finally:
         await store.close()
 
@@ -76,9 +101,9 @@ async def test_tallies_reach_the_file_after_the_interval_on_their_own(tmp_path):
         committed = commit_seen(store.db)
         for i in range(3):
             assert (await store.attempt(C, S, R, now=T0 + i, params=P)).outcome == "allowed"
-        assert not committed.is_set() and counters(path) == {"new": 1}
+        assert not committed.is_set() and counters(path) == {"new": 1, "allowed": 1}
         await asyncio.wait_for(committed.wait(), 30)  # the interval's timer, no other write
-        assert counters(path) == {"new": 1, "allowed": 3}
+        assert counters(path) == {"new": 1, "allowed": 4}
     finally:
         await store.close()
 
@@ -88,9 +113,9 @@ async def test_tallies_are_written_at_close(tmp_path):
     store = await allowed_store(path)
     for i in range(5):
         await store.attempt(C, S, R, now=T0 + i, params=P)
-    assert counters(path) == {"new": 1}
+    assert counters(path) == {"new": 1, "allowed": 1}
     await store.close()
-    assert counters(path) == {"new": 1, "allowed": 5}
+    assert counters(path) == {"new": 1, "allowed": 6}
 
 
 async def test_tallies_ride_on_the_writes_asked_in_their_turn(tmp_path):
@@ -105,7 +130,7 @@ async def test_tallies_ride_on_the_writes_asked_in_their_turn(tmp_path):
             await asyncio.sleep(0)
         await store.db.flush()
         assert (await new).outcome == "new"
-        assert len(commits) == 1 and counters(path) == {"new": 2, "allowed": 1}
+        assert len(commits) == 1 and counters(path) == {"new": 2, "allowed": 2}
     finally:
         await store.close()
 
@@ -124,7 +149,7 @@ async def test_tallies_wait_for_a_file_another_process_holds(tmp_path):
         other.execute("COMMIT")
         other.close()
         await flushing
-        assert counters(path) == {"new": 1, "allowed": 1}
+        assert counters(path) == {"new": 1, "allowed": 2}
     finally:
         await store.close()
 
@@ -167,24 +192,41 @@ ATTEMPTS = st.lists(st.tuples(st.sampled_from(TRIPLETS), st.sampled_from(IPS), s
                     min_size=1, max_size=12)
 
 
-async def _both_ways(allows, attempts):
-    fast, slow = open_store(":memory:"), open_store(":memory:")
+class ReadFirst(SqliteGreylistStore):
+    """Tries the read path for every decision (the store tries it where the last was allowed)."""
+
+    def _read_first(self, hint):
+        return True
+
+
+class WriteOnly(SqliteGreylistStore):
+    """Never the read path: every decision a write transaction, as before."""
+
+    def _read_first(self, hint):
+        return False
+
+
+async def _three_ways(allows, attempts):
+    stores = [cls(f"sqlite://:memory:", SqliteDatabase(":memory:", NEVER))
+              for cls in (SqliteGreylistStore, ReadFirst, WriteOnly)]
     try:
-        for store in (fast, slow):
+        for store in stores:
             for kind, value, ttl in allows:
                 await store.add_allow(make_allow(kind, value, T0, ttl))
         now = T0
         for key, ip, step in attempts:
             now += step
-            want = await slow._write(slow._attempt, key, now, P, ip, False)  # the write path, always
-            assert await fast.attempt(*key, now=now, params=P, client_ip=ip) == want
-        assert (await fast.stats(now, 2)) == (await slow.stats(now, 2))
+            hinted, read, write = [await s.attempt(*key, now=now, params=P, client_ip=ip) for s in stores]
+            assert hinted == read == write
+        hinted, read, write = [await s.stats(now, 2) for s in stores]
+        assert hinted == read == write
+        assert sum(hinted.counters.values()) == len(attempts)
     finally:
-        await fast.close()
-        await slow.close()
+        for store in stores:
+            await store.close()
 
 
 @settings(max_examples=150, deadline=None)
 @given(ALLOWS, ATTEMPTS)
 def test_the_read_path_answers_what_the_write_path_answers(allows, attempts):
-    asyncio.run(_both_ways(allows, attempts))
+    asyncio.run(_three_ways(allows, attempts))
