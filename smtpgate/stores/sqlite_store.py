@@ -11,6 +11,8 @@
   second), so only that rare case and the long work (the CLI's lists and purges, exports,
   sweeps, checkpoints) pay it. The loop's connection never checkpoints (a checkpoint syncs
   the disk): every ``CHECKPOINT_EVERY`` writes it asks the thread for a passive one.
+- A decision that changes nothing but a counter (an allow-listed greylist triplet) takes no
+  write lock: its counter is tallied in memory and written about once a second (``tally``).
 - The schema is versioned per component in a ``meta`` table and migrates itself, in one
   transaction, the first time a newer smtpgate opens the file.
 - This is the only module that imports ``sqlite3``; its errors leave as ``StoreError``.
@@ -43,8 +45,8 @@ BATCH = 1000  # rows per write transaction in purge and delete: the gate never w
 # Writes on the loop's connection between two checkpoints (on the thread): a write adds a
 # few pages to the WAL, so the WAL stays within about WAL_AUTOCHECKPOINT pages.
 CHECKPOINT_EVERY = 1000
-# Seconds a tally (``SqliteDatabase.tally``: the outcome counter of a decision that wrote
-# nothing) may wait for a write to ride on before it is written alone.
+# Seconds the tallies (``SqliteDatabase.tally``: the outcome counters of decisions that
+# write nothing) wait in memory before they are written.
 TALLY_EVERY = 1.0
 # (triplet, client address) pairs a greylist store remembers as last found allowed
 ALLOWED_HINTS = 4096
