@@ -10,7 +10,8 @@
   hop costs more than the statements (bench/store_bench.py: 3-5x fewer decisions per
   second), so only that rare case and the long work (the CLI's lists and purges, exports,
   sweeps, checkpoints) pay it. The loop's connection never checkpoints (a checkpoint syncs
-  the disk): every ``CHECKPOINT_EVERY`` writes it asks the thread for a passive one.
+  the disk): every ``CHECKPOINT_EVERY`` writes it asks the thread for one, which has the WAL
+  start over from its beginning (``_checkpoint_now``).
 - A decision that changes nothing but a counter (an allow-listed greylist triplet) takes no
   write lock: its counter is tallied in memory and written about once a second (``tally``).
 - The schema is versioned per component in a ``meta`` table and migrates itself, in one
@@ -42,9 +43,18 @@ BUSY_TIMEOUT_MS = 10_000
 WAL_AUTOCHECKPOINT = 4000
 GC_EVERY = 300.0  # seconds of store time between two sweeps of long-expired rows
 BATCH = 1000  # rows per write transaction in purge and delete: the gate never waits long
-# Writes on the loop's connection between two checkpoints (on the thread): a write adds a
-# few pages to the WAL, so the WAL stays within about WAL_AUTOCHECKPOINT pages.
+# Writes on the loop's connection between two checkpoints (on the thread); a write adds a
+# few pages to the WAL.
 CHECKPOINT_EVERY = 1000
+# WAL frames (pages) past which a checkpoint makes the WAL start over, holding this process's
+# writes for as long (``_checkpoint_now``): 16,000 frames, about 64 MB on disk.
+RESTART_FRAMES = 16_000
+# Bytes a restarted WAL file is cut back to (SQLite keeps the file at its largest size): one
+# that grew before RESTART_FRAMES existed (GBs under steady load) shrinks at its first restart.
+WAL_SIZE_LIMIT = 128 * 2**20
+# How long that restart waits for another process's locks before it leaves the WAL's
+# restart to the next checkpoint.
+RESTART_WAIT_MS = 50
 # Seconds the tallies (``SqliteDatabase.tally``: the outcome counters of decisions that
 # write nothing) wait in memory before they are written.
 TALLY_EVERY = 1.0
@@ -71,11 +81,14 @@ class SqliteDatabase:
         self._writes = 0  # on the loop's connection since the last checkpoint
         self._group: list = []  # (fn, args, future): writes asked this turn (``write``)
         self._checkpoint: asyncio.Future | None = None
+        self._held = False  # a checkpoint's last step runs: the writes asked wait in _group
         self._tallies: dict[Callable, Counter] = {}  # writer -> counts not written yet (``tally``)
         self._tally_timer: asyncio.TimerHandle | None = None
         self._riding: set[asyncio.Future] = set()  # tallies being written
         #: calls moved from the loop to the thread because another connection held the lock
         self.waited = 0
+        #: times a checkpoint had the WAL start over (RESTART_FRAMES)
+        self.restarts = 0
         self.migrations: dict[str, Sequence[Sequence[str]]] = {}
 
     def _forked(self) -> bool:
@@ -83,6 +96,7 @@ class SqliteDatabase:
         if self._pid == os.getpid():
             return False
         self._conn = self._loop_conn = self._opening = self._checkpoint = None
+        self._held = False
         self._executor = self._tally_timer = None
         self._tallies, self._riding = {}, set()  # the parent's, not this process's
         self._pid = os.getpid()
@@ -154,10 +168,14 @@ class SqliteDatabase:
     def _tally_due(self) -> None:
         self._tally_timer = None
         self._commit_group(tallies=True)
+        if self._tallies and self._loop_conn is not None:  # held by a checkpoint: next time
+            self._tally_later()
 
     async def flush(self) -> None:
         """Write the pending tallies now, and wait for them (a reader in this process sees them)."""
         if self._tallies:
+            if self._held:  # a checkpoint holds the writes: the tallies go once it lets go
+                await asyncio.gather(self._checkpoint, return_exceptions=True)
             await self._loop_connection()
             self._commit_group(tallies=True)
         if self._riding:
@@ -183,6 +201,8 @@ class SqliteDatabase:
     def _commit_group(self, tallies: bool = False) -> None:
         """Commit the writes asked this turn (``write``), and the pending tallies with them
         when ``tallies``."""
+        if self._held:
+            return  # committed when the checkpoint lets go (_checkpoint_now)
         group, self._group = [g for g in self._group if not g[2].done()], []  # a cancelled caller: not written
         conn = self._loop_conn
         if tallies and self._tallies and conn is not None:
@@ -285,8 +305,26 @@ class SqliteDatabase:
         return conn
 
     async def _checkpoint_now(self) -> None:
+        """Copy the WAL back into the file on the thread (PASSIVE: beside the loop's writes).
+        The WAL starts over from its beginning only if every frame is copied back when a
+        write begins, which a checkpoint beside a steady stream of writes never sees: the
+        WAL then grows without end (60 MB a second under bench/store_bench.py, 550 MB after
+        40,000 decisions). So past RESTART_FRAMES a second step, RESTART, copies what was
+        written meanwhile and restarts the WAL while this process's writes wait in their
+        group (tens of ms, most of it the disk syncs) and other processes' on their threads."""
         try:
-            await self.run(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+            _, frames, _ = await self.run(_checkpoint, "PASSIVE")
+            if frames < RESTART_FRAMES:
+                return
+            await self.run(_checkpoint, "PASSIVE")  # what was written meanwhile: less to copy while held
+            self._held = True
+            try:
+                busy, _, _ = await self.run(_checkpoint, "RESTART")
+                self.restarts += not busy
+            finally:
+                self._held = False
+                if self._group:
+                    asyncio.get_running_loop().call_soon(self._commit_group)
         except StoreError:
             pass  # the next one will do it; the WAL only grows meanwhile
         finally:
@@ -335,6 +373,7 @@ class SqliteDatabase:
                 _use_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             for component, steps in self.migrations.items():
                 migrate(conn, component, steps)
         except BaseException:
@@ -345,6 +384,8 @@ class SqliteDatabase:
     async def close(self) -> None:
         if self._forked():
             return
+        if self._checkpoint is not None:
+            await asyncio.gather(self._checkpoint, return_exceptions=True)
         if (self._group or self._tallies) and self._loop_conn is not None:
             self._commit_group(tallies=True)  # writes asked just before and the tallies: not dropped
         if self._riding:
@@ -352,8 +393,6 @@ class SqliteDatabase:
         if self._tally_timer is not None:
             self._tally_timer.cancel()
             self._tally_timer = None
-        if self._checkpoint is not None:
-            await asyncio.gather(self._checkpoint, return_exceptions=True)
         conn, self._loop_conn, self._opening = self._loop_conn, None, None
         if conn is not None:
             conn.close()
@@ -373,6 +412,18 @@ def _write_tallies(conn: sqlite3.Connection, taken: dict[Callable, Counter]) -> 
     with write_transaction(conn):
         for writer, counts in taken.items():
             writer(conn, counts)
+
+
+def _checkpoint(conn: sqlite3.Connection, mode: str) -> tuple:
+    """``PRAGMA wal_checkpoint(mode)`` (busy, WAL frames, frames copied back); RESTART waits
+    at most RESTART_WAIT_MS for the locks."""
+    if mode != "RESTART":
+        return conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    conn.execute(f"PRAGMA busy_timeout = {RESTART_WAIT_MS}")
+    try:
+        return conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 def _settle(future: asyncio.Future, task: asyncio.Future) -> None:
