@@ -8,11 +8,18 @@ hidden behind network time. The store-backed rules (``senders``, ``greylist``) g
 stores that answer at once, so what is measured is the rule and pipeline code, not SQLite
 or Redis (bench/store_bench.py measures the stores); ``--state sqlite`` gives them a real
 SQLite file instead (the bench triplet on the allow list, as ``make bench`` has it), so the
-store's own CPU per message (SQL, JSON, the group commit) is in the figure.
+store's own CPU per message (SQL, JSON, the group commit) is in the figure; ``--state redis``
+puts it on the Redis server at 127.0.0.1:6379 (DB 15, a fresh key prefix per case, deleted
+afterwards) and also reports the server's CPU per message (``INFO cpu`` before and after each
+run: the server shares the gate's cores, so its time counts as much as the gate's);
+``--commands`` adds what it ran per message (``INFO commandstats``, scripts' inner commands
+included).
 
     .venv/bin/python bench/rulecost_profile.py                        # CPU µs per message, each case
     .venv/bin/python bench/rulecost_profile.py --profile real --top 15    # cProfile of one case
     .venv/bin/python bench/rulecost_profile.py --state sqlite --cases empty,senders,greylist,real
+    .venv/bin/python bench/rulecost_profile.py --state redis --cases empty,senders,greylist,real
+    .venv/bin/python bench/rulecost_profile.py --state redis --cases real --runs 1 --commands
 
 The log line is written at ``info`` to /dev/null through the gate's own text formatter, as
 ``make bench`` runs the gate; the garbage collector has a serving worker's settings
@@ -29,6 +36,7 @@ import pstats
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,38 +107,83 @@ def rules_of(case: str):
 
 
 CASES = ("empty", "senders", "greylist", "attachments", "rewrite", "real")
+STATEFUL = ("senders", "greylist", "real")  # the cases that use the stores
+
+
+REDIS = "redis://127.0.0.1:6379/15"  # as bench/store_bench.py
+
+
+def redis_server_cpu() -> float:
+    """The Redis server's CPU seconds so far (user + system, its main thread and the rest)."""
+    import redis
+    info = redis.Redis.from_url(REDIS).info("cpu")
+    return info["used_cpu_user"] + info["used_cpu_sys"]
+
+
+def redis_commandstats() -> dict[str, tuple[int, int]]:
+    """The server's commands so far: name -> (calls, µs), those inside scripts included."""
+    import redis
+    return {name: (s["calls"], s["usec"]) for name, s in redis.Redis.from_url(REDIS).info("commandstats").items()}
+
+
+def commands_per_message(before: dict, after: dict, messages: int) -> str:
+    """``name calls/message (µs/call)`` of what the server ran meanwhile, busiest first
+    (another client of the same server would be counted too)."""
+    out = []
+    for name, (calls, usec) in after.items():
+        c, u = calls - before.get(name, (0, 0))[0], usec - before.get(name, (0, 0))[1]
+        if c >= messages / 2:
+            out.append((u, f"{name} {c / messages:.2f} ({u / c:.1f} µs)"))
+    return ", ".join(text for _, text in sorted(out, reverse=True))
 
 
 async def open_stores(state: str, folder: str, case: str, clock: FakeClock) -> Stores:
     if state == "memory":
         return Stores("memory", greylist=MemoryGreylist(), senders=MemorySenders(), limits=NoLimits())
-    stores = Stores(f"sqlite:///{folder}/{case}.db", clock)
+    if state == "redis":
+        url = f"{REDIS}?prefix=rulecost-{uuid.uuid4().hex}:"
+    else:
+        url = f"sqlite:///{folder}/{case}.db"
+    stores = Stores(url, clock)
     # the greylist keys the client by its /24 (default); allow the bench triplet outright
     await stores.greylist.add_allow(make_allow("triplet", triplet_value(
         "127.0.0.0/24", "sender@bench.test", "rcpt@bench.test"), clock.now(), None))
     return stores
 
 
-async def measure(case: str, a, raw: bytes, folder: str) -> float | None:
+async def measure(case: str, a, raw: bytes, folder: str) -> tuple[float, float | None] | None:
     """One case in one event loop (a SQLite store's loop connection belongs to it): a
     warm-up, the collector as a serving worker has it, then the fastest of ``a.runs`` (or,
-    with ``--profile``, one cProfiled run)."""
+    with ``--profile``, one cProfiled run): (gate CPU µs, Redis server CPU µs or None) per
+    message."""
     clock = FakeClock()
     stores = await open_stores(a.state, folder, case, clock)
+    server = a.state == "redis" and case in STATEFUL
     h = Harness(rules_of(case), domains=["bench.test"], clock=clock, stores=stores)
     try:
         await run(h, raw, 200)  # warm-up
         settle_for_serving()
         if a.profile:
-            prof = cProfile.Profile()
+            prof = cProfile.Profile(time.process_time) if a.cpu else cProfile.Profile()
             prof.enable()
             await run(h, raw, a.messages)
             prof.disable()
             pstats.Stats(prof).sort_stats(a.sort).print_stats(a.top)
             return None
-        return min([await run(h, raw, a.messages) for _ in range(a.runs)])
+        figures = []
+        for _ in range(a.runs):
+            before, commands = (redis_server_cpu(), redis_commandstats()) if server else (0.0, None)
+            gate = await run(h, raw, a.messages)
+            figures.append((gate, (redis_server_cpu() - before) / a.messages * 1e6 if server else None))
+            if server and a.commands:
+                print(f"{case}: {commands_per_message(commands, redis_commandstats(), a.messages)}")
+        return min(figures, key=lambda f: f[0] + (f[1] or 0.0))
     finally:
+        prefix = stores.greylist.link.options["prefix"] if a.state == "redis" else None
         await stores.close()
+        if prefix:
+            from bench.greylist_bench import delete_prefix
+            delete_prefix(prefix)
 
 
 async def run(h: Harness, raw: bytes, n: int) -> float:
@@ -152,11 +205,15 @@ def main() -> int:
     ap.add_argument("--profile", choices=CASES, help="cProfile this case instead")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--sort", default="tottime")
+    ap.add_argument("--cpu", action="store_true", help="profile CPU time, not the wall clock")
+    ap.add_argument("--commands", action="store_true",
+                    help="with --state redis: the server's commands per message and their µs (INFO commandstats)")
     ap.add_argument("--message", choices=("smtp-source", "office"), default="smtp-source",
                     help="smtp-source's 10 KB text, or text + HTML + a 60 KB PDF (attachments_bench)")
     ap.add_argument("--cases", default=",".join(CASES), help="which cases, comma-separated")
-    ap.add_argument("--state", choices=("memory", "sqlite"), default="memory",
-                    help="the store-backed rules' stores: answering at once, or a real SQLite file")
+    ap.add_argument("--state", choices=("memory", "sqlite", "redis"), default="memory",
+                    help="the store-backed rules' stores: answering at once, a real SQLite file, "
+                         "or Redis at 127.0.0.1:6379 (DB 15, a private prefix)")
     a = ap.parse_args()
     setup_logging("text", "info")  # as the gate logs, into /dev/null
     logging.getLogger().handlers[0].setStream(open(os.devnull, "w"))
@@ -171,10 +228,13 @@ def main() -> int:
             asyncio.run(measure(a.profile, a, raw, folder))
             return 0
         figures = {case: asyncio.run(measure(case, a, raw, folder)) for case in a.cases.split(",")}
-    base = figures.get("empty", next(iter(figures.values())))
-    print(f"{'case':<12} {'CPU µs/message':>14} {'share of empty (msg/s)':>24}")
-    for case, us in figures.items():
-        print(f"{case:<12} {us:>14.1f} {base / us:>24.2f}")
+    base = figures.get("empty", next(iter(figures.values())))[0]
+    server = a.state == "redis"
+    print(f"{'case':<12} {'CPU µs/message':>14} {'share of empty (msg/s)':>24}"
+          + (f" {'Redis server CPU µs/message':>28}" if server else ""))
+    for case, (us, server_us) in figures.items():
+        print(f"{case:<12} {us:>14.1f} {base / us:>24.2f}"
+              + (f" {server_us if server_us is not None else 0.0:>28.1f}" if server else ""))
     return 0
 
 

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import io
+import multiprocessing
 import os
 import pstats
 import random
@@ -107,6 +109,27 @@ def fill_sqlite(conn, kind: str, n: int) -> None:
                                  " current, expires) VALUES (?,?,?,?,?,?,?)", rows)
 
 
+async def filled_copy(keep: str, kind: str, n: int, dest: str) -> None:
+    """``dest``: a copy of ``keep``'s database of ``n`` ``kind`` keys, filled there first if
+    missing (filling 1M keys takes minutes; every figure starts from the same rows)."""
+    pristine = os.path.join(keep, f"{kind}-{n}.db")
+    if not os.path.exists(pristine):
+        stores = Stores(f"sqlite://{pristine}.part")
+        try:
+            await stores.greylist.get("x", "y", "z")  # opens and migrates every table
+            await stores.senders.get("x", "y")
+            await stores.limits.counters("x", "y")
+            await stores.greylist.db.run(lambda conn: fill_sqlite(conn, kind, n))
+            await stores.greylist.db.run(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        finally:
+            await stores.close()
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{pristine}.part{suffix}")
+        os.rename(f"{pristine}.part", pristine)
+    shutil.copyfile(pristine, dest)
+
+
 # KEYS: none. ARGV: 1 kind, 2 first index, 3 last index (exclusive), 4 prefix, 5 now,
 # 6 a sender doc template (senders). Mirrors triplet()/sender() above and the stores' keys.
 FILL_LUA = """
@@ -170,43 +193,95 @@ def job_for(stores: Stores, kind: str, i: int):
                                      NOW)
 
 
-async def run_all(jobs, concurrency: int) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) to run every job, ``concurrency`` at once."""
+async def run_all(jobs, concurrency: int, took: list | None = None) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) to run every job, ``concurrency`` at once;
+    each job's wall seconds appended to ``took`` if given."""
     it = iter(jobs)
     started, cpu = time.perf_counter(), time.process_time()
 
     async def worker():
         for job in it:
+            if took is None:
+                await job()
+                continue
+            t = time.perf_counter()
             await job()
+            took.append(time.perf_counter() - t)
     async with asyncio.TaskGroup() as tg:
         for _ in range(concurrency):
             tg.create_task(worker())
     return time.perf_counter() - started, time.process_time() - cpu
 
 
-async def measure(stores: Stores, kind: str, n: int, count: int, concurrency: int) -> tuple[float, float]:
-    """(decisions per second, CPU µs of this process per decision)."""
-    rng = random.Random(concurrency)
+async def measure(stores: Stores, kind: str, n: int, count: int, concurrency: int,
+                  seed: int = 0, start=None, took: list | None = None) -> tuple[float, float]:
+    """(decisions per second, CPU µs of this process per decision); ``start``: called
+    between the warm-up and the timed run (the processes of ``--processes`` meet there);
+    ``took``: as run_all's."""
+    rng = random.Random(concurrency + seed * 1000)
     jobs = [job_for(stores, kind, rng.randrange(n)) for _ in range(count)]
     await run_all(jobs[:200], concurrency)  # warm: connections, statements, scripts
-    wall, cpu = await run_all(jobs, concurrency)
+    if start is not None:
+        start()
+    wall, cpu = await run_all(jobs, concurrency, took)
     return count / wall, cpu / count * 1e6
 
 
-async def bench_backend(backend: str, sizes, count: int, profile: str | None, tmp: str, kinds) -> dict:
+def one_of_several(url: str, kind: str, n: int, count: int, concurrency: int, seed: int, barrier, answers) -> None:
+    """A worker process of ``--processes``: its own stores on ``url``, its own keys, timed
+    from the moment every process is warm; puts (rate, CPU µs, waited, WAL restarts, p50 and
+    p99 ms of a decision)."""
+    async def run():
+        stores = Stores(url)
+        try:
+            took: list[float] = []
+            rate = await measure(stores, kind, n, count, concurrency, seed, barrier.wait, took)
+            took.sort()
+            db = getattr(getattr(stores, kind), "db", None)
+            answers.put((*rate, getattr(db, "waited", 0), getattr(db, "restarts", 0),
+                         took[len(took) // 2] * 1e3, took[int(len(took) * 0.99)] * 1e3))
+        finally:
+            await stores.close()
+    use_uvloop()
+    asyncio.run(run())
+
+
+def several(processes: int, url: str, kind: str, n: int, count: int, concurrency: int) -> tuple[float, float]:
+    """``processes`` workers deciding at once on one store (as ``workers: 2``): (their
+    decisions per second in all, their mean CPU µs per decision); each one's line printed."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, answers = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=one_of_several, args=(url, kind, n, count, concurrency, i, barrier, answers))
+             for i in range(processes)]
+    for p in procs:
+        p.start()
+    got = [answers.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    for rate, cpu, waited, restarts, p50, p99 in got:
+        print(f"      one process: {rate:9,.0f} /s  {cpu:6.0f} µs CPU each  p50/p99 {p50:.2f}/{p99:.2f} ms  "
+              f"moved to the thread (busy) {waited:6,} ({waited / count:.1%})  WAL restarts {restarts}", flush=True)
+    return sum(g[0] for g in got), sum(g[1] for g in got) / len(got)
+
+
+async def bench_backend(backend: str, sizes, count: int, profile: str | None, tmp: str, kinds,
+                        keep: str | None = None, processes: int = 1) -> dict:
     out: dict = {}
     for kind in kinds:
         for n in sizes:
             prefix = f"store-bench-{uuid.uuid4().hex[:12]}:"
             url = f"sqlite://{tmp}/{kind}-{n}.db" if backend == "sqlite" else f"{REDIS}?prefix={prefix}"
+            started = time.perf_counter()
+            if backend == "sqlite" and keep:
+                await filled_copy(keep, kind, n, f"{tmp}/{kind}-{n}.db")
             stores = Stores(url)
             try:
-                started = time.perf_counter()
                 if backend == "sqlite":
                     await stores.greylist.get("x", "y", "z")  # opens and migrates every table
                     await stores.senders.get("x", "y")
                     await stores.limits.counters("x", "y")
-                    await stores.greylist.db.run(lambda conn: fill_sqlite(conn, kind, n))
+                    if not keep:
+                        await stores.greylist.db.run(lambda conn: fill_sqlite(conn, kind, n))
                 else:
                     await fill_redis(prefix, kind, n)
                 filled = time.perf_counter() - started
@@ -219,11 +294,14 @@ async def bench_backend(backend: str, sizes, count: int, profile: str | None, tm
                         text = io.StringIO()
                         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
                         print(text.getvalue())
+                    elif processes > 1:
+                        rate = several(processes, url, kind, n, count if conc > 1 else count // 2, conc)
                     else:
                         rate = await measure(stores, kind, n, count if conc > 1 else count // 2, conc)
                     out[(kind, n, conc)] = rate
                     print(f"  {backend:6} {kind:8} {n:>9,} keys (filled in {filled:5.1f}s)  "
-                          f"{'seq' if conc == 1 else 'par64':5} {rate[0]:9,.0f} /s  {rate[1]:6.0f} µs CPU each",
+                          f"{'seq' if conc == 1 else 'par64':5} {rate[0]:9,.0f} /s  {rate[1]:6.0f} µs CPU each"
+                          f"  RSS {rss_mib():4.0f} MiB",
                           flush=True)
             finally:
                 await stores.close()
@@ -233,6 +311,15 @@ async def bench_backend(backend: str, sizes, count: int, profile: str | None, tm
                     for f in os.listdir(tmp):
                         os.unlink(os.path.join(tmp, f))
     return out
+
+
+def rss_mib() -> float:
+    """This process's resident memory now, MiB (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
 
 
 def table(results: dict, sizes) -> str:
@@ -258,6 +345,11 @@ async def main() -> None:
     ap.add_argument("--kinds", default=",".join(KINDS), help="greylist,senders,limits")
     ap.add_argument("--decisions", type=int, default=20_000, help="decisions timed per figure (par64)")
     ap.add_argument("--profile", help="BACKEND:KIND: cProfile the par64 run at the largest size")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="SQLite: keep the filled databases in DIR and start each figure from a copy "
+                         "(filled once; later runs reuse them)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="worker processes deciding at once on one store (each figure: their sum)")
     ap.add_argument("--no-write", action="store_true", help="do not write bench/results/store-*.md")
     ap.add_argument("--no-group", action="store_true",
                     help="SQLite: commit each write alone (for comparison with the group commit)")
@@ -271,10 +363,11 @@ async def main() -> None:
     try:
         for backend in args.backends.split(","):
             results[backend] = await bench_backend(backend, sizes, args.decisions, args.profile, tmp,
-                                                   args.kinds.split(","))
+                                                   args.kinds.split(","), args.keep, args.processes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    head = (f"store decisions per second, one worker (this process), {os.cpu_count()} CPUs, "
+    who = "one worker (this process)" if args.processes == 1 else f"{args.processes} worker processes in all"
+    head = (f"store decisions per second, {who}, {os.cpu_count()} CPUs, "
             f"load {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     text = head + "\n\n" + table(results, sizes) + "\n"
     print("\n" + text)
@@ -288,10 +381,14 @@ async def main() -> None:
 
 MACHINE = machine()
 
-if __name__ == "__main__":
+def use_uvloop() -> None:
     try:
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # as the gate runs
     except ImportError:
         pass
+
+
+if __name__ == "__main__":
+    use_uvloop()
     asyncio.run(main())

@@ -52,6 +52,8 @@ _MSI_CLSIDS = {"000C1084-0000-0000-C000-000000000046", "000C1086-0000-0000-C000-
 def sniff(data: bytes, scripts: bool = True) -> str | None:
     """The kind of file ``data`` starts (or, for some images, ends) as; None if nothing known."""
     h = data[:16]
+    if h[:1] not in _LEADS:  # no signature at the start can match: only those further in
+        return _sniff_inside(data)
     if h[:2] == b"MZ" and _looks_mz(data):
         return "pe"
     if h[:4] == b"\x7fELF":
@@ -77,14 +79,7 @@ def sniff(data: bytes, scripts: bool = True) -> str | None:
         return "chm"
     if h[:8] == b"vhdxfile" or h[:8] == b"conectix":
         return "disk_image"
-    for off in _ISO_DESCRIPTORS:
-        if data[off:off + 5] in (b"CD001", b"BEA01", b"NSR02", b"NSR03", b"TEA01"):
-            return "disk_image"
-    if len(data) >= 512 and (data[-512:-504] == b"conectix" or data[-511:-503] == b"conectix"
-                             or data[-512:-508] == b"koly"):
-        return "disk_image"
-    if data[510:512] == b"\x55\xaa" and (data[3:11] == b"NTFS    " or data[0x36:0x39] == b"FAT"
-                                        or data[0x52:0x57] == b"FAT32" or data[3:11] == b"EXFAT   "):
+    if _disk_image_inside(data):
         return "disk_image"
     if h[:4] == _TNEF:
         return "tnef"
@@ -106,7 +101,7 @@ def sniff(data: bytes, scripts: bool = True) -> str | None:
         return "ace"
     if h[:2] == b"\x60\xea" and 0 < int.from_bytes(data[2:4], "little") <= 2600:
         return "arj"
-    if data[2:5] in (b"-lh", b"-lz") and data[6:7] == b"-":
+    if _lzh(data):
         return "lzh"
     if h[:4] == b"\x28\xb5\x2f\xfd":
         return "zstd"
@@ -115,6 +110,41 @@ def sniff(data: bytes, scripts: bool = True) -> str | None:
     if h[:8] == b"StuffIt " or h[:4] == b"SIT!":
         return "sit"
     return None
+
+
+#: The first byte of every signature ``sniff`` looks for at the start of the data: data
+#: starting otherwise can only be one of those found further in (``_sniff_inside``).
+_LEADS = frozenset(bytes([b]) for b in b"M\x7f\xfe\xce\xcf\xcadL#\xd0PIvc\x78\x1fB\xfdR7\x60\x28xS")
+
+
+def _sniff_inside(data: bytes) -> str | None:
+    """What ``sniff`` says of data whose first byte starts no signature: its checks of bytes
+    further in, in its order."""
+    if _disk_image_inside(data):
+        return "disk_image"
+    if data[257:262] == b"ustar":
+        return "tar"
+    if data[7:14] == b"**ACE**":
+        return "ace"
+    if _lzh(data):
+        return "lzh"
+    return None
+
+
+def _disk_image_inside(data: bytes) -> bool:
+    """ISO/UDF volume descriptors, a VHD or DMG footer, a FAT/NTFS boot sector."""
+    for off in _ISO_DESCRIPTORS:
+        if data[off:off + 5] in (b"CD001", b"BEA01", b"NSR02", b"NSR03", b"TEA01"):
+            return True
+    if len(data) >= 512 and (data[-512:-504] == b"conectix" or data[-511:-503] == b"conectix"
+                             or data[-512:-508] == b"koly"):
+        return True
+    return data[510:512] == b"\x55\xaa" and (data[3:11] == b"NTFS    " or data[0x36:0x39] == b"FAT"
+                                             or data[0x52:0x57] == b"FAT32" or data[3:11] == b"EXFAT   ")
+
+
+def _lzh(data: bytes) -> bool:
+    return data[2:5] in (b"-lh", b"-lz") and data[6:7] == b"-"
 
 
 def _looks_mz(data: bytes) -> bool:

@@ -13,6 +13,7 @@ False: such a part can only be cut out through its outermost spliceable ancestor
 """
 from __future__ import annotations
 
+import base64
 import binascii
 import itertools
 import re
@@ -22,6 +23,11 @@ from typing import ClassVar
 from .names import parse_params
 
 _FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+# One field of a plain header block (``_plain_fields``): its name, the rest of its first line
+# and its continuation lines, each line ending in LF or CRLF, no other CR anywhere.
+_PLAIN_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:([^\r\n]*)\r?\n((?:[ \t][^\r\n]*\r?\n)*)")
+_PLAIN_CONTINUATION = re.compile(rb"([^\r\n]*)\r?\n")
+_BLANK_LINE = re.compile(rb"\r?\n")
 _LOOKS_B64 = re.compile(rb"^[A-Za-z0-9+/=\r\n]{16,}$")  # no spaces: prose is not base64
 MESSAGE_TYPES = ("message/rfc822", "message/global", "message/news")
 
@@ -132,11 +138,56 @@ def parse(raw: bytes, limits: Limits | None = None) -> Structure:
 def _read_headers(part: Part, limits: Limits, out: Structure) -> None:
     buf, pos, end = part.buf, part.start, part.end
     limit = min(end, pos + limits.max_header_size)
-    fields: list[Field] = []
-    cur: list | None = None  # [name, [value lines], start]
     if buf.startswith(b"From ", pos) and part.parent is None:  # an mbox separator line
         nl = buf.find(b"\n", pos, end)
         pos = end if nl < 0 else nl + 1
+    fields = _plain_fields(buf, pos, end, limit)
+    if fields is None:
+        _read_fields(part, buf, pos, end, limit, limits, out)
+        return
+    part.fields, pos = fields
+    part.cte = [v.strip().lower() for v in part.get_all("content-transfer-encoding")]
+    part.body = min(pos, end)
+
+
+def _plain_fields(buf: bytes, pos: int, end: int, limit: int) -> tuple[list[Field], int] | None:
+    """A header block of plain lines, read by one regex match per field: each line ends in
+    LF or CRLF with no other CR in it, and the block ends in a blank line before ``limit``.
+    Then ``_read_fields`` would give the same fields and body start (it strips a line's
+    trailing CRs and LF, and it cuts a field at the next line that does not continue it);
+    None for anything else (no blank line, a bare CR, a line that is no field, a block over
+    the limit, ...): the long way reads it."""
+    fields: list[Field] = []
+    match = _PLAIN_FIELD.match
+    while True:
+        m = match(buf, pos, end)
+        if m is None:
+            break
+        name, first, more = m.groups()
+        if more:
+            lines = [first] + _PLAIN_CONTINUATION.findall(more)
+            raw = b" ".join(x.strip(b" \t") for x in lines)
+        else:
+            raw = first.strip(b" \t")
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            value = raw.decode("latin-1")
+        fields.append(Field(name.decode("ascii").lower(), value.strip(), pos, m.end()))
+        pos = m.end()
+    if pos >= limit:  # (the blank line too: the long way checks each line's start)
+        return None
+    blank = _BLANK_LINE.match(buf, pos, end)
+    if blank is None:
+        return None
+    return fields, blank.end()
+
+
+def _read_fields(part: Part, buf: bytes, pos: int, end: int, limit: int, limits: Limits,
+                 out: Structure) -> None:
+    """The header block line by line: any bytes, defects and limits noted."""
+    fields: list[Field] = []
+    cur: list | None = None  # [name, [value lines], start]
     while pos < end:
         if pos >= limit:
             out.untrusted.append(f"part {part.path or 'top'}: header block over "
@@ -388,6 +439,42 @@ def base64_sample(body: bytes, windows) -> tuple[bytes, bytes] | None:
             data = binascii.a2b_base64(groups) if 4 * last <= n else decode_base64(groups)
             out[start:stop] = data[start - 3 * first:stop - 3 * first]
     return bytes(out), chars
+
+
+#: bytes read at each end of a body by ``base64_ends`` (base64 lines of 76: 998 characters)
+_END_BYTES = 1024
+
+
+def base64_ends(body: bytes) -> tuple[bytes, bytes] | None:
+    """What ``decode_base64(body)`` holds at its ends, from the body's first and last
+    _END_BYTES alone: its first 512 bytes, and its last 704 characters or more (their
+    whole groups decode to the decoding's last 520 bytes, bar the last group's when
+    short). None when the body is shorter than both ends, padding comes before its end
+    or either end holds too few characters (too much else in it).
+
+    Why: with padding only at its end the body is one stream (see ``base64_sample``); its
+    first 684 characters are the first 171 groups, and the last ones are the stream's own."""
+    if len(body) < 2 * _END_BYTES:
+        return None
+    eq = body.find(b"=")
+    if eq >= 0 and body[eq:].strip(b"=\r\n\t "):
+        return None
+    head = body[:_END_BYTES].translate(None, B64_DELETE)
+    tail = body[-_END_BYTES:].translate(None, B64_DELETE).rstrip(b"=")
+    if len(head) < 684 or len(tail) < 704 or b"=" in head:
+        return None
+    return binascii.a2b_base64(head[:684])[:512], tail
+
+
+def base64_of_every_occurrence(data: bytes) -> tuple[bytes, ...]:
+    """The base64 characters that ``data`` alone decides, for each of the three ways it may
+    fall into 3-byte groups: wherever ``data`` is in a decoding, one of them is in its
+    characters (the characters wholly made of its bits)."""
+    out = []
+    for r in range(3):
+        encoded = base64.b64encode(bytes(r) + data + bytes(3))
+        out.append(encoded[-(-8 * r // 6):8 * (r + len(data)) // 6])
+    return tuple(out)
 
 
 def decode_uu(body: bytes, limit: int = 64 * 1024 * 1024) -> bytes:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from . import archives
 from .content import (CONTAINERS, DESCRIPTIONS, HEAD, OPAQUE, SNIFF_WINDOWS, inspect_ole,
                       parse_tnef, sniff)
-from .mime import (Limits, Part, base64_sample, contents, decode_base64, decode_uu,
-                   headerless_base64, mostly_long_lines, parse)
+from .mime import (Limits, Part, base64_ends, base64_of_every_occurrence, base64_sample, contents,
+                   decode_base64, decode_uu, headerless_base64, mostly_long_lines, parse)
 from .names import display, extensions, has_bidi, raw_names, variants
 
 log = logging.getLogger("smtpgate.rule.attachments")
@@ -31,6 +31,11 @@ _LINE_OF_CONTENT = re.compile(rb"(?i)\ncontent-")  # what both _HIDDEN start wit
 _BEGIN_QUANTA = tuple(base64.b64encode(b"begin"[k:k + 3]) for k in range(3))
 #: Base64 this short is simply decoded (the shortcut pays off on longer bodies).
 _SHORT_BASE64 = 2048
+#: Where sniff's first window past the first 512 bytes starts (the ISO/UDF descriptors):
+#: data no longer than this is read there by none (``_Scanner._ends_are_inert``).
+_ISO_START = min(start for start, _ in SNIFF_WINDOWS if start > 0)
+#: the base64 of what sniff looks for in a footer (VHD, DMG), however it falls into groups
+_FOOTER_QUANTA = base64_of_every_occurrence(b"conectix") + base64_of_every_occurrence(b"koly")
 _COMPRESSED_SUFFIX = {".gz": "", ".gzip": "", ".tgz": ".tar", ".taz": ".tar", ".bz2": "",
                       ".tbz": ".tar", ".tbz2": ".tar", ".xz": "", ".txz": ".tar", ".z": ""}
 
@@ -147,6 +152,8 @@ class _Scanner:
         # text skips it: its stand-in's sniff below finds a container all the same.)
         if not texty and sniff(decode_base64(body[:96]), scripts=attachment_like) is not None:
             return False
+        if self._ends_are_inert(body, attachment_like, texty):
+            return True
         sample = base64_sample(body, SNIFF_WINDOWS)
         if sample is None:
             return False
@@ -156,6 +163,25 @@ class _Scanner:
         if texty and any(q in chars for q in _BEGIN_QUANTA if q[:1] in chars):  # (memchr first)
             return False
         return sniff(stand_in, scripts=attachment_like) is None
+
+    def _ends_are_inert(self, body: bytes, attachment_like: bool, texty: bool) -> bool:
+        """base64_is_inert's proof from the body's two ends, without translating all of it
+        (what a short body of base64-shaped text comes to): True only when it holds, False
+        means: prove it the long way. Exact: the decoding is longer than 512 bytes and
+        shorter than the ISO windows (so sniff reads only its first 512 and its footer),
+        its first 512 bytes are known, the last characters (whose groups hold the footer)
+        hold none of _FOOTER_QUANTA (so the footer holds no signature), so sniff says of it
+        what it says of those 512 bytes followed by zeros; text without the first character
+        of any of _BEGIN_QUANTA cannot hold them."""
+        if len(body) * 3 // 4 + 2 > _ISO_START or (texty and any(q[:1] in body for q in _BEGIN_QUANTA)):
+            return False
+        ends = base64_ends(body)
+        if ends is None:
+            return False
+        head, tail = ends
+        if head[:2] == b"MZ" or any(q in tail for q in _FOOTER_QUANTA):
+            return False
+        return sniff(head + bytes(512), scripts=attachment_like) is None
 
     def embedded_text(self, data: bytes) -> list[str]:
         """uuencoded and yEnc files inside a text body (some readers show them as attachments)."""

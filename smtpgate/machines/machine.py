@@ -351,9 +351,13 @@ class Machine:
 
         def change(stored):
             rec = self.settle(stored, now) or self.new_record(key, now)
-            made = [c for c in (self.fire(rec, ev, now) for ev in events) if c is not None]
+            made = []
+            for ev in events:
+                c = self.fire(rec, ev, now)
+                if c is not None:
+                    made.append(c)
             return rec, (self.view(key, rec), made)
-        return await _update(store, self.name, key, change, now)
+        return await store.update(self.name, key, change, now=now)
 
     async def move(self, store, key: str, state: str, now: float, why: str, rule: str | None = "cli") -> Change:
         """Put the key in ``state`` by hand (event ``manual``, recorded in its history)."""
@@ -369,7 +373,7 @@ class Machine:
             rec.seen = max(rec.seen, now)
             rec.expires = rec.seen + self.forget_after
             return rec, made
-        return await _update(store, self.name, key, change, now)
+        return await store.update(self.name, key, change, now=now)
 
     async def hit(self, store, key: str, now: float, limit: int, per: float) -> tuple[bool, int]:
         """Count one transaction of the key against a rate of ``limit`` per ``per`` seconds:
@@ -381,14 +385,10 @@ class Machine:
             if not over:
                 rec.hits.append(now)
             return rec, (over, len(rec.hits))
-        return await _update(store, self.name, key, change, now)
+        return await store.update(self.name, key, change, now=now)
 
     def __repr__(self):
         return f"<Machine {self.name}: {', '.join(self.states)}>"
-
-
-async def _update(store, machine, key, change, now):
-    return await store.update(machine, key, change, now=now)
 
 
 def _q(text: str) -> str:

@@ -195,6 +195,8 @@ class MachineRule(Rule):
         tx.states[self.machine.name] = view
         # one entry for what the two steps above would add (the same record, data and trace)
         tx.results.add(self, msg=f"{key}: {view.state}", data={"key": key, "state": view.state})
+        if (view.state, "mail") not in self._handlers:
+            return None
         return await self._run(tx, "mail", view, ())
 
     async def on_rcpt(self, tx, rcpt):

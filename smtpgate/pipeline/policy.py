@@ -34,6 +34,18 @@ class PolicySet:
         self._suffix = {s: p for p in self._by_name.values() for s in p.suffixes}
         #: the policy whose rules run at CONNECT and HELO, before any recipient is known
         self.session_policy = self._by_name.get("default") or Policy("default")
+        self._end_rules: dict[Policy | None, tuple[Rule, ...]] = {}
+
+    def end_rules(self, policy: Policy | None) -> tuple[Rule, ...]:
+        """The rules a transaction under ``policy`` ends with (``on_end``, in this order): the
+        session policy's, then ``policy``'s others, each instance once. Built at the first
+        transaction of each policy, not at every one (a policy's rules are fixed)."""
+        rules = self._end_rules.get(policy)
+        if rules is None:
+            session_rules = self.session_policy.rules
+            rules = self._end_rules[policy] = tuple(session_rules) + tuple(
+                r for r in (policy.rules if policy else ()) if r not in session_rules)
+        return rules
 
     def for_domain(self, domain: str) -> Policy | None:
         """Exact domain first, then the longest ``.suffix``; None: no policy governs it.

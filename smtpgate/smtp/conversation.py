@@ -663,10 +663,11 @@ class Conversation:
         # events, the on_end hooks, the log line) is deferred until the client has its reply.
         if self.after_pending:  # never two at once: each transaction's in order
             await self.settled()
-        session_rules = self.runtime.policies.session_policy.rules
-        rules = list(session_rules) + [r for r in (tx.policy.rules if tx.policy else ()) if r not in session_rules]
+        rules = self.runtime.policies.end_rules(tx.policy)
         took = time.monotonic() - tx.started
-        if _observed(rules, "on_end") or (delivered and _observed(tx.policy.rules, "on_delivered")):
+        # (without an on_delivered hook, run_delivered would skip every rule: not called)
+        delivered = delivered and _observed(tx.policy.rules, "on_delivered")
+        if delivered or _observed(rules, "on_end"):
             self._after_work = self._after_end(tx, reply, stage, rules, delivered, took)
         else:
             # No hook to run: run_delivered/run_end would skip every rule (the runner calls

@@ -82,15 +82,24 @@ class Breaker:
         try:
             result = await operation()
         except BaseException as exc:
-            if is_outage(exc):
-                self._failed(probe, exc)
-            elif isinstance(exc, Exception):
-                self._succeeded()  # the server answered: it is up
-            elif probe:
-                self._probing = False  # cancelled: the next call probes instead
+            self.ended(probe, exc, is_outage)
             raise
-        self._succeeded()
+        self.ended(probe)
         return result
+
+    def ended(self, probe: bool, exc: BaseException | None = None,
+              is_outage: Callable[[BaseException], bool] | None = None) -> None:
+        """Account the end of a call ``run`` let through (or one made without it while the
+        circuit was closed): a success or an answer shows the server up, a network fault
+        opens the circuit, a cancelled probe leaves the next call to probe."""
+        if exc is None:
+            self._succeeded()
+        elif is_outage(exc):
+            self._failed(probe, exc)
+        elif isinstance(exc, Exception):
+            self._succeeded()  # the server answered: it is up
+        elif probe:
+            self._probing = False
 
     def down_for(self, now: float | None = None) -> float:
         if self.down_since is None:

@@ -18,11 +18,16 @@
   benchmark hit it).
 - The calls the sessions of a process make in one turn of the event loop go together in
   one pipeline: one connection, one write, one read (``RedisLink.script`` / ``command``);
-  scripts take their arguments packed in one text and answer one text, since redis-py
-  packs and parses every argument and reply element in Python (bench/store_bench.py).
+  the greylist script answers one text, since redis-py parses every reply element in
+  Python (bench/store_bench.py).
   On a plain ``redis://`` server those pipelines go on connections of our own
   (``redis_wire.py``: hiredis packing and parsing, no per-call tasks or timers), a
-  quarter of redis-py's CPU per round trip; everything else uses redis-py.
+  quarter of redis-py's CPU per round trip; everything else uses redis-py. When a
+  connection is idle, the server up and a slot free (the usual case), the pipeline is
+  written by the loop callback that gathered it and its callers are answered in the turn
+  the replies come in (``_send_now``): no task, two turns of the event loop fewer per
+  round trip; otherwise it takes the long way (``_send``: a task that may wait for a slot,
+  open a connection, probe a server marked down, load a lost script).
 - ``?prefix=NAME`` in the URL puts every key under ``NAME`` (default ``smtpgate:``), so
   several gate fleets, or tests, can share one database.
 - The decisive operation runs as one Lua script (EVALSHA, loaded again when the server
@@ -43,6 +48,7 @@ use, ``4/24``), ``Pgl:stats`` (hash: outcome and retry-delay counters).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import re
@@ -73,21 +79,19 @@ _BUCKETS_LUA = "{" + ",".join(f"{{{'math.huge' if math.isinf(b) else int(b)},'{l
                               for b, label in DELAY_BUCKETS) + "}"
 
 # KEYS: 1 triplet, 2 client's awl set, 3 allow hash, 4 allow prefix lengths, 5 counters
-# ARGV[1]: one text of tab-separated fields (one argument to encode and send instead of a
-# dozen: redis-py's packing and parsing in Python are what a decision costs, not the script):
-#   1 now, 2 delay, 3 retry_window, 4 pass_ttl, 5 auto_whitelist_after, 6 dry run (0/1),
+# ARGV: 1 now, 2 delay, 3 retry_window, 4 pass_ttl, 5 auto_whitelist_after, 6 dry run (0/1),
 #   7 grace, 8 triplet value, 9 client, 10 sender, 11 recipient, 12 ip family ('' none),
 #   13 ip hex digits, 14.. fixed allow keys (sender, @domain, triplet)
-# Returns one tab-separated text likewise (outcome, exists, the entry's fields, the allow
-# entry's key, the client's live passes or -1), then the allow entry's JSON.
+# (separate arguments: hiredis packs them in C, and splitting one packed text in Lua cost
+# the server more than the rest of an allowed decision together.)
+# Returns one tab-separated text (outcome, exists, the entry's fields, the allow entry's
+# key, the client's live passes or -1), then the allow entry's JSON.
 ATTEMPT_LUA = """
-local A = {}
-for field in string.gmatch(ARGV[1] .. '\t', '([^\t]*)\t') do A[#A + 1] = field end
+local A = ARGV
 local now, delay, window = tonumber(A[1]), tonumber(A[2]), tonumber(A[3])
 local pass_ttl, awl_after, dry = tonumber(A[4]), tonumber(A[5]), A[6] == '1'
 local grace, member, fam, hex = tonumber(A[7]), A[8], A[12], A[13]
 local HEX = '0123456789abcdef'
-local BUCKETS = """ + _BUCKETS_LUA + """
 
 local function masked(h, plen)  -- greylist.masked_hex
   local full, rem = math.floor(plen / 4), plen % 4
@@ -104,6 +108,11 @@ local function masked(h, plen)  -- greylist.masked_hex
   return out
 end
 local function fmt(x) if x == nil then return '' end return string.format('%.17g', x) end
+local function live(v)  -- an allow entry's JSON; one naming no expiry needs no decoding
+  if not string.find(v, '"expires"', 1, true) then return true end
+  local x = cjson.decode(v).expires
+  return type(x) ~= 'number' or now <= x
+end
 
 -- the allow list
 local fields = {}
@@ -117,12 +126,9 @@ end
 local allow_key, allow_json = '', ''
 local vals = redis.call('HMGET', KEYS[3], unpack(fields))
 for i, v in ipairs(vals) do
-  if v then
-    local a = cjson.decode(v)
-    if type(a.expires) ~= 'number' or now <= a.expires then
-      allow_key, allow_json = fields[i], v
-      break
-    end
+  if v and live(v) then
+    allow_key, allow_json = fields[i], v
+    break
   end
 end
 
@@ -186,7 +192,7 @@ if not dry then
   end
   redis.call('HINCRBY', KEYS[5], outcome, 1)
   if outcome == 'passed_now' then
-    for _, b in ipairs(BUCKETS) do
+    for _, b in ipairs(""" + _BUCKETS_LUA + """) do
       if retry_delay < b[1] then
         redis.call('HINCRBY', KEYS[5], 'delay:' .. b[2], 1)
         break
@@ -265,6 +271,11 @@ def _allow_from_json(key: str, text) -> AllowEntry:
     return AllowEntry(d["kind"], d["value"], key, d["created"], d.get("expires"), d.get("note", ""))
 
 
+#: the allow entries decisions matched, by their key and JSON: a busy entry (a relay's
+#: network, the bench triplet) is parsed once, not per message (entries are frozen: shared)
+_matched_allow = functools.lru_cache(maxsize=256)(_allow_from_json)
+
+
 def glob_escape(text: str) -> str:
     """``text`` matched literally in a SCAN MATCH pattern (every Redis store scans its own prefix)."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
@@ -295,9 +306,9 @@ class RedisLink:
         self.scripts: dict = {}
         self._client: aioredis.Redis | None = None
         self._sentinel: Sentinel | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: _Slots | None = None
         self._batch: list = []  # (command, script name or None, future) asked this turn
-        self._sending: set[asyncio.Task] = set()
+        self._sending: set[asyncio.Future] = set()  # batches out (tasks, or futures of _send_now)
         self._wire: WirePool | None = None  # the batched calls' own connections (redis_wire.py)
         self._outages_seen = 0
         self._users = 0  # stores attached; the last one to close closes the link
@@ -322,7 +333,7 @@ class RedisLink:
                 self._client = self._open()
             except (ValueError, TypeError) as e:
                 raise StoreError(f"Redis {redact(self.url)}: {e}") from None
-            self._slots = asyncio.Semaphore(self.options["max_connections"])  # FIFO: fair
+            self._slots = _Slots(self.options["max_connections"])  # FIFO: fair
             self.scripts = {name: self._client.register_script(lua) for name, lua in self._sources.items()}
             self._wire = self._open_wire()
         return self._client
@@ -382,9 +393,12 @@ class RedisLink:
         try:
             return await self.breaker.run(lambda: self._fresh_then(coro_fn, client), _is_outage)
         except (RedisError, OSError) as e:
-            raise StoreError(f"Redis {redact(self.url)}: {type(e).__name__}: {e}") from None
+            raise self._failure(e) from None
         finally:
             self._slots.release()
+
+    def _failure(self, e: Exception) -> StoreError:
+        return StoreError(f"Redis {redact(self.url)}: {type(e).__name__}: {e}")
 
     async def _fresh_then(self, coro_fn, client):
         # After an outage (noticed by this store or another one on the server), the idle
@@ -427,9 +441,50 @@ class RedisLink:
     def _send_batch(self) -> None:
         batch, self._batch = self._batch, []
         for i in range(0, len(batch), BATCH_MAX):
-            task = asyncio.ensure_future(self._send(batch[i:i + BATCH_MAX]))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            part = batch[i:i + BATCH_MAX]
+            if not self._send_now(part):
+                self._track(asyncio.ensure_future(self._send(part)))
+
+    def _track(self, sending: asyncio.Future) -> None:
+        self._sending.add(sending)
+        sending.add_done_callback(self._sending.discard)
+
+    def _send_now(self, batch) -> bool:
+        """Write ``batch`` at once on an idle connection of our own when nothing calls for a
+        coroutine (the server up, no outage since the connections were opened, a slot
+        free): no task, and the callers hear their replies in the turn they come in, two
+        turns of the event loop sooner than through ``_send``. False: nothing sent."""
+        breaker = self.breaker
+        if (self._wire is None or breaker.is_down or self._outages_seen != breaker.outages
+                or not self._slots.take_now()):
+            return False
+        out = asyncio.get_running_loop().create_future()  # what close() waits for
+        if not self._wire.send(self._calls(batch), lambda result: self._sent(batch, result, out)):
+            self._slots.release()  # no idle connection: _send opens one
+            return False
+        self._sending.add(out)
+        return True
+
+    def _sent(self, batch, result, out: asyncio.Future) -> None:
+        """The end of a ``_send_now`` batch, accounted as ``run`` accounts one."""
+        self._slots.release()
+        self._sending.discard(out)
+        out.set_result(None)
+        if isinstance(result, Exception):  # a fault of the connection: an outage
+            self.breaker.ended(False, result, _is_outage)
+            error = self._failure(result)
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        self.breaker.ended(False)
+        replies = _wire_replies(result)
+        lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if lost:  # the server lost a script: those calls go the long way, which loads it again
+            self._track(asyncio.ensure_future(self._send([batch[i] for i in lost])))
+            batch, replies = ([b for i, b in enumerate(batch) if i not in lost],
+                              [r for i, r in enumerate(replies) if i not in lost])
+        self._deliver(batch, replies)
 
     async def _send(self, batch) -> None:
         try:
@@ -441,6 +496,9 @@ class RedisLink:
             if not isinstance(e, Exception):
                 raise
             return
+        self._deliver(batch, replies)
+
+    def _deliver(self, batch, replies) -> None:
         for (_, _, future), reply in zip(batch, replies):
             if future.done():  # the caller was cancelled meanwhile
                 continue
@@ -449,26 +507,27 @@ class RedisLink:
             else:
                 future.set_result(reply)
 
+    def _calls(self, batch) -> list:
+        """The batch's commands, its scripts called by their SHA."""
+        return [args if script is None else (args[0], self.scripts[script].sha, *args[2:])
+                for args, script, _ in batch]
+
     async def _execute(self, r, batch) -> list:
         """The batch's replies (a command's error as its reply); a script the server lost
         (a restart, SCRIPT FLUSH) is loaded again and its calls sent once more."""
-        def calls(items):
-            return [args if script is None else (args[0], self.scripts[script].sha, *args[2:])
-                    for args, script, _ in items]
         send = self._wire_call if self._wire is not None else lambda c: _redis_py_call(r, c)
-        replies = await send(calls(batch))
+        replies = await send(self._calls(batch))
         lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if lost:
             for name in {batch[i][1] for i in lost}:
                 self.scripts[name].sha = await r.script_load(self.scripts[name].script)
-            for i, reply in zip(lost, await send(calls([batch[i] for i in lost]))):
+            for i, reply in zip(lost, await send(self._calls([batch[i] for i in lost]))):
                 replies[i] = reply
         return replies
 
     async def _wire_call(self, calls: list) -> list:
         """``calls`` on our own connections; error replies as redis-py's exceptions."""
-        return [_reply_error(reply) if isinstance(reply, hiredis.ReplyError) else reply
-                for reply in await self._wire.call(calls)]
+        return _wire_replies(await self._wire.call(calls))
 
     def _no_primary(self, exc: MasterNotFoundError) -> RedisConnectionError:
         """redis-py's text holds the repr of every Sentinel client it could not reach (a
@@ -514,9 +573,25 @@ async def _redis_py_call(r, calls: list) -> list:
     return await pipe.execute(raise_on_error=False)
 
 
+def _wire_replies(replies: list) -> list:
+    """Replies from our own connections, their errors as redis-py's exceptions."""
+    return [_reply_error(reply) if isinstance(reply, hiredis.ReplyError) else reply for reply in replies]
+
+
 def _reply_error(reply) -> RedisError:
     text = str(reply)
     return NoScriptError(text) if text.startswith("NOSCRIPT") else ResponseError(text)
+
+
+class _Slots(asyncio.Semaphore):
+    """The FIFO queue in front of the connections, which also hands a free slot over
+    without a coroutine (``take_now``: what ``acquire`` does when it need not wait)."""
+
+    def take_now(self) -> bool:
+        if self.locked():
+            return False
+        self._value -= 1
+        return True
 
 
 def _is_outage(exc: BaseException) -> bool:
@@ -592,18 +667,18 @@ class RedisGreylistStore(RedisComponentStore, GreylistStore):
         member = triplet_value(client, sender, recipient)
         keys = [self.triplet_key(client, sender, recipient), self.awl_key(client), self.k_allow,
                 self.k_lens, self.k_stats]
-        packed = "\t".join((repr(float(now)), repr(float(params.delay)), repr(float(params.retry_window)),
-                            repr(float(params.pass_ttl)), str(int(params.auto_whitelist_after)),
-                            "1" if dry_run else "0", repr(GRACE), member, client, sender, recipient, fam,
-                            hexdigits, *sender_allow_keys(sender), triplet_allow_key(client, sender, recipient)))
-        res = await self.link.script("attempt", keys, [packed])
+        args = (repr(float(now)), repr(float(params.delay)), repr(float(params.retry_window)),
+                repr(float(params.pass_ttl)), str(int(params.auto_whitelist_after)), "1" if dry_run else "0",
+                repr(GRACE), member, client, sender, recipient, fam, hexdigits, *sender_allow_keys(sender),
+                triplet_allow_key(client, sender, recipient))
+        res = await self.link.script("attempt", keys, args)
         (outcome, exists, first, last, attempts, passed, passed_at, retry_delay, expires,
          allow_key, count, allow_json) = as_text(res).split("\t", 11)
         entry = None
         if int(exists):
             entry = Entry(client, sender, recipient, _num(first), _num(last), int(attempts), bool(int(passed)),
                           _num(passed_at), _num(retry_delay), _num(expires))
-        allow = _allow_from_json(allow_key, allow_json) if allow_key else None
+        allow = _matched_allow(allow_key, allow_json) if allow_key else None
         count = int(count)
         return Attempt(outcome, entry, allow, None if count < 0 else count)
 

@@ -8,16 +8,20 @@ trip (a task and a timer per read, connection bookkeeping, instrumentation); thi
 Sentinel and ``health_check_interval`` URLs, stays on redis-py.
 
 A connection carries one batch at a time (the pool hands it to one caller, ``RedisLink``
-bounds how many are out). Anything unusual closes it rather than risk reading a reply
-meant for another batch: a timeout, a cancelled caller, the server closing, a reply that
-does not parse. Faults come out as ``ConnectionError`` or ``TimeoutError``, which the
+bounds how many are out), and its replies end that batch even when the caller has given
+up meanwhile, so the stream is never read out of step. Anything unusual closes it: a
+timeout, the server closing, a reply that does not parse. A batch's end is a callback
+(``send``), so a caller that needs no coroutine hears its replies in the very turn of the
+event loop they arrive in. Faults come out as ``ConnectionError`` or ``TimeoutError``, which the
 circuit breaker counts as outages; error replies come back as
 ``hiredis.ReplyError`` values in their place, for the caller to judge.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
+from collections.abc import Callable
 
 import hiredis
 
@@ -28,14 +32,15 @@ class _Wire(asyncio.Protocol):
         self.reader = hiredis.Reader()
         self.replies: list = []
         self.want = 0
-        self.done: asyncio.Future | None = None
+        self.done: Callable[[list | Exception], None] | None = None  # the batch out: told its end
+        self.timer: asyncio.TimerHandle | None = None
         self.failed: Exception | None = None
 
     def connection_made(self, transport):
         self.transport = transport
 
     def data_received(self, data):
-        if self.done is None or self.done.done():  # nothing was asked: the stream is not ours to read
+        if self.done is None:  # nothing was asked: the stream is not ours to read
             self._fail(ConnectionError("Redis sent data nobody asked for"))
             return
         self.reader.feed(data)
@@ -48,22 +53,28 @@ class _Wire(asyncio.Protocol):
         except hiredis.ProtocolError as e:
             self._fail(ConnectionError(f"Redis sent an unreadable reply: {e}"))
             return
-        self.done.set_result(self.replies)
+        self._end(self.replies)
 
     def connection_lost(self, exc):
         self._fail(ConnectionError(f"Redis closed the connection{f': {exc}' if exc else ''}"))
 
+    def _end(self, result: list | Exception) -> None:
+        done, self.done = self.done, None
+        self.timer.cancel()
+        done(result)
+
     def _fail(self, exc: Exception) -> None:
         if self.failed is None:
             self.failed = exc
-        if self.done is not None and not self.done.done():
-            self.done.set_exception(exc)
         if self.transport is not None:
             self.transport.close()
+        if self.done is not None:
+            self._end(exc)
 
 
 class WireConnection:
-    """One connection: ``await call(commands)`` sends them in one write and answers their replies."""
+    """One connection: ``send(commands, done)`` writes them at once and calls ``done`` with
+    their replies, or with the fault that ended the connection (a timeout included)."""
 
     def __init__(self, wire: _Wire, timeout: float):
         self._wire = wire
@@ -73,21 +84,35 @@ class WireConnection:
     def usable(self) -> bool:
         return self._wire.failed is None and not self._wire.transport.is_closing()
 
-    async def call(self, commands: list[tuple]) -> list:
+    def send(self, commands: list[tuple], done: Callable[[list | Exception], None]) -> None:
         wire = self._wire
         if wire.failed is not None:
-            raise wire.failed
-        wire.replies, wire.want = [], len(commands)
-        wire.done = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(done, wire.failed)
+            return
+        wire.replies, wire.want, wire.done = [], len(commands), done
+        wire.timer = asyncio.get_running_loop().call_later(self._timeout, self._timed_out)
         wire.transport.write(b"".join(hiredis.pack_command(c) for c in commands))
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await wire.done
-        except TimeoutError:
-            raise TimeoutError(f"Redis did not answer within {self._timeout:g}s") from None
+
+    def _timed_out(self) -> None:
+        self._wire._fail(TimeoutError(f"Redis did not answer within {self._timeout:g}s"))
+
+    async def call(self, commands: list[tuple]) -> list:
+        """The replies to ``commands``; the fault raised."""
+        future = asyncio.get_running_loop().create_future()
+        self.send(commands, functools.partial(_settle, future))
+        return await future
 
     def close(self) -> None:
         self._wire.transport.close()
+
+
+def _settle(future: asyncio.Future, result: list | Exception) -> None:
+    if future.done():
+        return
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 class WirePool:
@@ -107,17 +132,27 @@ class WirePool:
         self._timeout, self._connect_timeout, self._keepalive = timeout, connect_timeout, keepalive
         self._idle: list[WireConnection] = []
 
+    def send(self, commands: list[tuple], done: Callable[[list | Exception], None]) -> bool:
+        """``commands`` written at once on an idle connection, ``done`` told their replies
+        (or the fault) when they come; False (nothing sent) when no connection is idle."""
+        if not self._idle:
+            return False
+        conn = self._idle.pop()
+
+        def ended(result):
+            if not isinstance(result, Exception) and conn.usable:
+                self._idle.append(conn)
+            done(result)
+        conn.send(commands, ended)
+        return True
+
     async def call(self, commands: list[tuple]) -> list:
         """The replies to ``commands`` (one round trip), on an idle connection or a new one."""
-        conn = self._idle.pop() if self._idle else await self._open()
-        try:
-            replies = await conn.call(commands)
-        except BaseException:  # a timeout, a fault, a cancelled caller: replies may still come
-            conn.close()
-            raise
-        if conn.usable:
-            self._idle.append(conn)
-        return replies
+        if not self._idle:
+            self._idle.append(await self._open())
+        future = asyncio.get_running_loop().create_future()
+        self.send(commands, functools.partial(_settle, future))
+        return await future
 
     async def _open(self) -> WireConnection:
         loop = asyncio.get_running_loop()

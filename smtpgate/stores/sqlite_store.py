@@ -10,7 +10,10 @@
   hop costs more than the statements (bench/store_bench.py: 3-5x fewer decisions per
   second), so only that rare case and the long work (the CLI's lists and purges, exports,
   sweeps, checkpoints) pay it. The loop's connection never checkpoints (a checkpoint syncs
-  the disk): every ``CHECKPOINT_EVERY`` writes it asks the thread for a passive one.
+  the disk): every ``CHECKPOINT_EVERY`` writes it asks the thread for one, which has the WAL
+  start over from its beginning (``_checkpoint_now``).
+- A decision that changes nothing but a counter (an allow-listed greylist triplet) takes no
+  write lock: its counter is tallied in memory and written about once a second (``tally``).
 - The schema is versioned per component in a ``meta`` table and migrates itself, in one
   transaction, the first time a newer smtpgate opens the file.
 - This is the only module that imports ``sqlite3``; its errors leave as ``StoreError``.
@@ -29,7 +32,7 @@ from urllib.parse import quote
 
 from ..config import sqlite_path
 from ..errors import StoreError
-from .greylist import (GRACE, PASSED_NOW, AllowEntry, Attempt, Entry, GreylistStore,
+from .greylist import (ALLOWED, GRACE, PASSED_NOW, AllowEntry, Attempt, Entry, GreylistStore,
                        Params, Selector, Stats, client_candidates, decide, delay_bucket,
                        import_kind, sender_allow_keys, triplet_allow_key)
 
@@ -40,9 +43,23 @@ BUSY_TIMEOUT_MS = 10_000
 WAL_AUTOCHECKPOINT = 4000
 GC_EVERY = 300.0  # seconds of store time between two sweeps of long-expired rows
 BATCH = 1000  # rows per write transaction in purge and delete: the gate never waits long
-# Writes on the loop's connection between two checkpoints (on the thread): a write adds a
-# few pages to the WAL, so the WAL stays within about WAL_AUTOCHECKPOINT pages.
+# Writes on the loop's connection between two checkpoints (on the thread); a write adds a
+# few pages to the WAL.
 CHECKPOINT_EVERY = 1000
+# WAL frames (pages) past which a checkpoint makes the WAL start over, holding this process's
+# writes for as long (``_checkpoint_now``): 16,000 frames, about 64 MB on disk.
+RESTART_FRAMES = 16_000
+# Bytes a restarted WAL file is cut back to (SQLite keeps the file at its largest size): one
+# that grew before RESTART_FRAMES existed (GBs under steady load) shrinks at its first restart.
+WAL_SIZE_LIMIT = 128 * 2**20
+# How long that restart waits for another process's locks before it leaves the WAL's
+# restart to the next checkpoint.
+RESTART_WAIT_MS = 50
+# Seconds the tallies (``SqliteDatabase.tally``: the outcome counters of decisions that
+# write nothing) wait in memory before they are written.
+TALLY_EVERY = 1.0
+# (triplet, client address) pairs a greylist store remembers as last found allowed
+ALLOWED_HINTS = 4096
 _BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: another connection holds the lock
 _BARE: set[int] = set()  # ids of connections running a group commit's writes (write_transaction)
 
@@ -53,8 +70,9 @@ class SqliteDatabase:
     one from a dedicated thread for what may wait or take long (``run``). An in-memory
     database (tests) has one connection, used on the loop."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, tally_every: float = TALLY_EVERY):
         self.path = path
+        self.tally_every = tally_every
         self._conn: sqlite3.Connection | None = None  # the thread's
         self._loop_conn: sqlite3.Connection | None = None
         self._opening: asyncio.Future | None = None
@@ -63,8 +81,14 @@ class SqliteDatabase:
         self._writes = 0  # on the loop's connection since the last checkpoint
         self._group: list = []  # (fn, args, future): writes asked this turn (``write``)
         self._checkpoint: asyncio.Future | None = None
+        self._held = False  # a checkpoint's last step runs: the writes asked wait in _group
+        self._tallies: dict[Callable, Counter] = {}  # writer -> counts not written yet (``tally``)
+        self._tally_timer: asyncio.TimerHandle | None = None
+        self._riding: set[asyncio.Future] = set()  # tallies being written
         #: calls moved from the loop to the thread because another connection held the lock
         self.waited = 0
+        #: times a checkpoint had the WAL start over (RESTART_FRAMES)
+        self.restarts = 0
         self.migrations: dict[str, Sequence[Sequence[str]]] = {}
 
     def _forked(self) -> bool:
@@ -72,7 +96,9 @@ class SqliteDatabase:
         if self._pid == os.getpid():
             return False
         self._conn = self._loop_conn = self._opening = self._checkpoint = None
-        self._executor = None
+        self._held = False
+        self._executor = self._tally_timer = None
+        self._tallies, self._riding = {}, set()  # the parent's, not this process's
         self._pid = os.getpid()
         return True
 
@@ -138,9 +164,61 @@ class SqliteDatabase:
         self._commit_group()
         return future.result() if future.done() else await future
 
-    def _commit_group(self) -> None:
+    def tally(self, writer: Callable[[sqlite3.Connection, Counter], None], name: str, by: int = 1) -> None:
+        """Count ``by`` more under ``name`` without a transaction of its own: ``writer(conn,
+        counts)`` adds the pending counts ``tally_every`` seconds from now (with the writes
+        asked in that turn, if any, else alone), on ``flush`` and at ``close``. Not with every
+        write: that dirties one more page per commit (~20 µs of CPU each); once a second costs
+        nothing. A process killed meanwhile loses them: counters, never a decision."""
+        self._tallies.setdefault(writer, Counter())[name] += by
+        self._tally_later()
+
+    def _tally_later(self) -> None:
+        if self._tally_timer is None:
+            self._tally_timer = asyncio.get_running_loop().call_later(self.tally_every, self._tally_due)
+
+    def _tally_due(self) -> None:
+        self._tally_timer = None
+        self._commit_group(tallies=True)
+        if self._tallies and self._loop_conn is not None:  # held by a checkpoint: next time
+            self._tally_later()
+
+    async def flush(self) -> None:
+        """Write the pending tallies now, and wait for them (a reader in this process sees them)."""
+        if self._tallies:
+            if self._held:  # a checkpoint holds the writes: the tallies go once it lets go
+                await asyncio.gather(self._checkpoint, return_exceptions=True)
+            await self._loop_connection()
+            self._commit_group(tallies=True)
+        if self._riding:
+            await asyncio.gather(*self._riding, return_exceptions=True)
+
+    def _tally_rider(self) -> tuple:
+        """The pending tallies as one more write of a group: they leave the pending ones now,
+        and come back to them if that write fails (so none is written twice or lost)."""
+        taken, self._tallies = self._tallies, {}
+        future = asyncio.get_running_loop().create_future()
+        self._riding.add(future)
+
+        def written(f: asyncio.Future) -> None:
+            self._riding.discard(f)
+            if f.cancelled() or f.exception() is not None:
+                for writer, counts in taken.items():
+                    self._tallies.setdefault(writer, Counter()).update(counts)
+                if self._loop_conn is not None:  # not closed: try again later
+                    self._tally_later()
+        future.add_done_callback(written)
+        return _write_tallies, (taken,), future
+
+    def _commit_group(self, tallies: bool = False) -> None:
+        """Commit the writes asked this turn (``write``), and the pending tallies with them
+        when ``tallies``."""
+        if self._held:
+            return  # committed when the checkpoint lets go (_checkpoint_now)
         group, self._group = [g for g in self._group if not g[2].done()], []  # a cancelled caller: not written
         conn = self._loop_conn
+        if tallies and self._tallies and conn is not None:
+            group.append(self._tally_rider())
         if not group:
             return
         if conn is None:
@@ -239,8 +317,26 @@ class SqliteDatabase:
         return conn
 
     async def _checkpoint_now(self) -> None:
+        """Copy the WAL back into the file on the thread (PASSIVE: beside the loop's writes).
+        The WAL starts over from its beginning only if every frame is copied back when a
+        write begins, which a checkpoint beside a steady stream of writes never sees: the
+        WAL then grows without end (60 MB a second under bench/store_bench.py, 550 MB after
+        40,000 decisions). So past RESTART_FRAMES a second step, RESTART, copies what was
+        written meanwhile and restarts the WAL while this process's writes wait in their
+        group (tens of ms, most of it the disk syncs) and other processes' on their threads."""
         try:
-            await self.run(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+            _, frames, _ = await self.run(_checkpoint, "PASSIVE")
+            if frames < RESTART_FRAMES:
+                return
+            await self.run(_checkpoint, "PASSIVE")  # what was written meanwhile: less to copy while held
+            self._held = True
+            try:
+                busy, _, _ = await self.run(_checkpoint, "RESTART")
+                self.restarts += not busy
+            finally:
+                self._held = False
+                if self._group:
+                    asyncio.get_running_loop().call_soon(self._commit_group)
         except StoreError:
             pass  # the next one will do it; the WAL only grows meanwhile
         finally:
@@ -289,6 +385,7 @@ class SqliteDatabase:
                 _use_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             for component, steps in self.migrations.items():
                 migrate(conn, component, steps)
         except BaseException:
@@ -299,10 +396,15 @@ class SqliteDatabase:
     async def close(self) -> None:
         if self._forked():
             return
-        if self._group and self._loop_conn is not None:
-            self._commit_group()  # writes asked just before: committed, not dropped
         if self._checkpoint is not None:
             await asyncio.gather(self._checkpoint, return_exceptions=True)
+        if (self._group or self._tallies) and self._loop_conn is not None:
+            self._commit_group(tallies=True)  # writes asked just before and the tallies: not dropped
+        if self._riding:
+            await asyncio.gather(*self._riding, return_exceptions=True)
+        if self._tally_timer is not None:
+            self._tally_timer.cancel()
+            self._tally_timer = None
         conn, self._loop_conn, self._opening = self._loop_conn, None, None
         if conn is not None:
             conn.close()
@@ -316,6 +418,24 @@ class SqliteDatabase:
                 self._conn = None
         await asyncio.get_running_loop().run_in_executor(executor, shut)
         executor.shutdown(wait=False)
+
+
+def _write_tallies(conn: sqlite3.Connection, taken: dict[Callable, Counter]) -> None:
+    with write_transaction(conn):
+        for writer, counts in taken.items():
+            writer(conn, counts)
+
+
+def _checkpoint(conn: sqlite3.Connection, mode: str) -> tuple:
+    """``PRAGMA wal_checkpoint(mode)`` (busy, WAL frames, frames copied back); RESTART waits
+    at most RESTART_WAIT_MS for the locks."""
+    if mode != "RESTART":
+        return conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    conn.execute(f"PRAGMA busy_timeout = {RESTART_WAIT_MS}")
+    try:
+        return conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 def _settle(future: asyncio.Future, task: asyncio.Future) -> None:
@@ -539,26 +659,70 @@ def _entry_row(e: Entry) -> tuple:
     return (*e.key, e.first_seen, e.last_seen, e.attempts, int(e.passed), e.passed_at, e.retry_delay, e.expires)
 
 
+_ADD_COUNT = ("INSERT INTO greylist_counters (name, value) VALUES (?, ?) "
+              "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value")
+
+
 def _count(conn, name: str, by: int = 1) -> None:
-    conn.execute("INSERT INTO greylist_counters (name, value) VALUES (?, ?) "
-                 "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (name, by))
+    conn.execute(_ADD_COUNT, (name, by))
+
+
+def _add_counts(conn, counts: Counter) -> None:
+    """The tallied counters (``SqliteDatabase.tally``), inside the write that carries them."""
+    conn.executemany(_ADD_COUNT, counts.items())
 
 
 class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
     component = "greylist"
     schema = GREYLIST_SCHEMA
 
+    def __init__(self, url: str, db: SqliteDatabase | None = None):
+        super().__init__(url, db)
+        self._add_counts = self._migrated(_add_counts)  # one writer: the key of its tallies
+        #: (triplet, client address) pairs last found allowed, oldest first (see attempt)
+        self._allowed_before: dict[tuple, None] = {}
+
     # -- the decisive operation --------------------------------------------------------
     async def attempt(self, client, sender, recipient, *, now, params: Params, client_ip=None,
                       dry_run=False) -> Attempt:
         key = (client, sender, recipient)
         if dry_run:
-            result = await self._call(self._attempt, key, now, params, client_ip, dry_run)
-        else:
+            return await self._call(self._attempt, key, now, params, client_ip, dry_run)
+        # An allowed decision writes nothing (its counter is tallied): a read on the loop,
+        # without the write lock. Tried first only where the last decision was "allowed":
+        # for the others it would be a read more before the write path, which checks the
+        # allow list again under the write lock, so both paths answer alike.
+        hint = (*key, client_ip)
+        result = await self._call(self._allowed, key, client_ip, now) if self._read_first(hint) else None
+        if result is None:
             result = await self._write(self._attempt, key, now, params, client_ip, dry_run)
-        if not dry_run and self._sweep_due(now):
+        self._remember(hint, result.outcome == ALLOWED)
+        if result.outcome == ALLOWED:
+            self.db.tally(self._add_counts, ALLOWED)
+        if self._sweep_due(now):
             await self._run(self._sweep, now - GRACE)
         return result
+
+    def _read_first(self, hint: tuple) -> bool:
+        return hint in self._allowed_before
+
+    def _remember(self, hint: tuple, allowed: bool) -> None:
+        if not allowed:
+            self._allowed_before.pop(hint, None)
+        elif hint not in self._allowed_before:
+            if len(self._allowed_before) >= ALLOWED_HINTS:
+                del self._allowed_before[next(iter(self._allowed_before))]
+            self._allowed_before[hint] = None
+
+    def _allowed(self, conn, key, client_ip, now) -> Attempt | None:
+        """The decision if an allow entry matches (what ``_decide`` answers then), read as
+        of now; else None."""
+        conn.execute("BEGIN")
+        try:
+            allow = self._match_allow(conn, key, client_ip, now)
+            return None if allow is None else Attempt(ALLOWED, self._stored(conn, key), allow)
+        finally:
+            conn.execute("ROLLBACK")
 
     def _attempt(self, conn, key, now, params: Params, client_ip, dry_run) -> Attempt:
         if dry_run:  # read as of now, write nothing
@@ -572,9 +736,7 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
 
     def _decide(self, conn, key, now, params: Params, client_ip, dry_run) -> Attempt:
         allow = self._match_allow(conn, key, client_ip, now)
-        row = conn.execute(f"SELECT {_COLUMNS} FROM greylist WHERE client = ? AND sender = ? "
-                           "AND recipient = ?", key).fetchone()
-        entry = _entry(row) if row else None
+        entry = self._stored(conn, key)
         counted: list[int] = []
 
         def passed_count() -> int:
@@ -590,10 +752,17 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
                 conn.execute(f"INSERT OR REPLACE INTO greylist ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
                              (*new.key, new.first_seen, new.last_seen, new.attempts, int(new.passed),
                               new.passed_at, new.retry_delay, new.expires))
-            _count(conn, outcome)
+            if outcome != ALLOWED:  # allowed: tallied by attempt (it may run on the thread)
+                _count(conn, outcome)
             if outcome == PASSED_NOW:
                 _count(conn, "delay:" + delay_bucket(new.retry_delay))
         return Attempt(outcome, new or entry, allow, counted[-1] if counted else None)
+
+    @staticmethod
+    def _stored(conn, key) -> Entry | None:
+        row = conn.execute(f"SELECT {_COLUMNS} FROM greylist WHERE client = ? AND sender = ? "
+                           "AND recipient = ?", key).fetchone()
+        return _entry(row) if row else None
 
     def _match_allow(self, conn, key, client_ip, now) -> AllowEntry | None:
         lengths = conn.execute("SELECT DISTINCT family, plen FROM greylist_allow INDEXED BY greylist_allow_lengths "
@@ -623,11 +792,7 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
 
     # -- reads -------------------------------------------------------------------------
     async def get(self, client, sender, recipient) -> Entry | None:
-        def get(conn):
-            row = conn.execute(f"SELECT {_COLUMNS} FROM greylist WHERE client = ? AND sender = ? "
-                               "AND recipient = ?", (client, sender, recipient)).fetchone()
-            return _entry(row) if row else None
-        return await self._call(get)
+        return await self._call(self._stored, (client, sender, recipient))
 
     async def passed_count(self, client, now) -> int:
         return await self.db.run(self._passed_count, client, now)
@@ -719,6 +884,8 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
         return await self.db.run(run)
 
     async def stats(self, now, auto_whitelist_after) -> Stats:
+        await self.db.flush()  # this process's tallies: in the counters read below
+
         def read(conn):
             st = Stats()
             for passed, live, n in conn.execute("SELECT passed, expires >= ?, count(*) FROM greylist "

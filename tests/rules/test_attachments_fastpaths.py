@@ -18,12 +18,16 @@ from tests.support import attachment_samples as S
 
 from smtpgate_rules.attachments import CONTENT_KINDS, DEFAULT_EXTENSIONS, DEFAULT_TYPES  # noqa: E402
 from smtpgate_rules.attachments.content import SNIFF_WINDOWS, sniff  # noqa: E402
-from smtpgate_rules.attachments.mime import _matches, base64_sample, decode_base64  # noqa: E402
+from smtpgate_rules.attachments.mime import (Limits, Part, Structure, _matches, _plain_fields,  # noqa: E402
+                                             _read_fields, B64_DELETE, base64_ends,
+                                             base64_of_every_occurrence, base64_sample,
+                                             decode_base64)
 from smtpgate_rules.attachments.names import (_quoted, _quoted_loop, _variants, _visible,  # noqa: E402
                                               display, variants)
 from smtpgate_rules.attachments.scan import Settings, _Scanner, scan  # noqa: E402
 
 scan_module = sys.modules[_Scanner.__module__]  # (the package's "scan" is the function)
+content_module = sys.modules[sniff.__module__]
 
 SETTINGS = Settings(extensions=frozenset(DEFAULT_EXTENSIONS), allowed_extensions=frozenset(),
                     types=tuple(DEFAULT_TYPES), content=frozenset(CONTENT_KINDS))
@@ -322,3 +326,148 @@ def test_delimiters_are_found_as_finditer_finds_them(pieces, cut_start, cut_end)
     pattern = re.compile(rb"\n" + re.escape(b"--bb") + rb"(--)?[ \t]*\r?$", re.M)
     got = [m.span() for m in _matches(pattern, b"\n--bb", buf, start, end)]
     assert got == [m.span() for m in pattern.finditer(buf, start, end)]
+
+
+# --- header blocks: plain ones read field by field with a regex, as line by line -------------
+def fields_the_long_way(buf: bytes, start: int, end: int, max_header: int):
+    part = Part(buf, start, start, end, "", 0)
+    out = Structure(part)
+    _read_fields(part, buf, start, end, min(end, start + max_header), Limits(max_header_size=max_header), out)
+    return [(f.name, f.value, f.start, f.end) for f in part.fields], part.body, out.untrusted, out.defects
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from([b"Subject: hi", b"X-A:", b"To :  <a@b>  ", b"Bad Name: x", b" folded",
+                                 b"\tmore  ", b"", b"\r", b"caf\xc3\xa9: \xe9t\xc3\xa9", b"Content-Type: text/plain",
+                                 b"body line", b"K:\r\xffv"]), max_size=8),
+       st.lists(st.sampled_from([b"\r\n", b"\n", b"\r\r\n"]), min_size=8, max_size=8),
+       st.sampled_from([b"", b"\r\n", b"\n"]), st.integers(0, 6), st.integers(0, 200))
+def test_plain_header_blocks_read_as_the_long_way_reads_them(lines, breaks, tail, cut, max_header):
+    buf = b"".join(line + brk for line, brk in zip(lines, breaks)) + tail + b"the body\r\n"
+    start, end = min(cut, 3), max(len(buf) - cut, min(cut, 3))
+    fast = _plain_fields(buf, start, end, min(end, start + max_header))
+    if fast is None:
+        return  # the long way reads it (the rule runs that)
+    fields, body = fast
+    assert ([(f.name, f.value, f.start, f.end) for f in fields], body, [], []) == \
+        fields_the_long_way(buf, start, end, max_header)
+
+
+def test_plain_header_blocks_take_the_short_way():
+    """smtp-source's headers, CRLF or LF, folded or not, are read by the regex (else it saves nothing)."""
+    for block in (S.HEAD, S.HEAD.replace(b"\r\n", b"\n"), b"Subject: a\r\n b\r\n\tc\r\nTo: x\r\n"):
+        buf = block + b"\r\n" + b"body\r\n"
+        fast = _plain_fields(buf, 0, len(buf), len(buf))
+        assert fast is not None
+        assert ([(f.name, f.value, f.start, f.end) for f in fast[0]], fast[1], [], []) == \
+            fields_the_long_way(buf, 0, len(buf), 256 * 1024)
+
+
+# --- sniff: data whose first byte starts no signature is only checked further in -------------
+ALL_LEADS = frozenset(bytes([b]) for b in range(256))
+
+
+def sniff_the_long_way(data: bytes, scripts: bool, monkeypatch) -> str | None:
+    with monkeypatch.context() as m:
+        m.setattr(content_module, "_LEADS", ALL_LEADS)  # every first byte tried at every signature
+        return sniff(data, scripts=scripts)
+
+
+INNER = [(0x8001, b"CD001"), (0x9001, b"NSR03"), (257, b"ustar"), (7, b"**ACE**"), (2, b"-lh5-"),
+         (510, b"\x55\xaa"), (3, b"NTFS    "), (0x36, b"FAT"), (-512, b"conectix"), (-512, b"koly")]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=24), st.sampled_from([16, 600, 0x9010]), st.lists(st.sampled_from(INNER), max_size=3),
+       st.booleans())
+def test_sniff_by_the_first_byte_gives_the_long_ways_answer(head, size, planted, scripts):
+    data = bytearray(head + bytes(max(0, size - len(head))))
+    for off, sig in planted:
+        at = off if off >= 0 else len(data) + off
+        if 0 <= at <= len(data) - len(sig):
+            data[at:at + len(sig)] = sig
+    data = bytes(data)
+    with pytest.MonkeyPatch.context() as mp:
+        assert sniff(data, scripts=scripts) == sniff_the_long_way(data, scripts, mp)
+
+
+@pytest.mark.parametrize("data", samples_of_every_kind(), ids=lambda d: repr(d[:8]))
+def test_every_kind_is_sniffed_as_the_long_way_sniffs_it(data, monkeypatch):
+    for scripts in (True, False):
+        assert sniff(data, scripts=scripts) == sniff_the_long_way(data, scripts, monkeypatch)
+
+
+# --- base64_ends: the decoding's first 512 bytes and its footer, from the body's two ends ------
+def ends_match(body: bytes) -> None:
+    got = base64_ends(body)
+    if got is None:
+        return  # the long way (base64_sample)
+    head, tail = got
+    assert head == decode_base64(body)[:512]
+    assert len(tail) >= 704 and body.translate(None, B64_DELETE).rstrip(b"=").endswith(tail)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(min_size=1, max_size=12), st.binary(max_size=30), st.binary(max_size=30))
+def test_base64_of_every_occurrence_is_in_every_encoding_holding_it(data, before, after):
+    encoded = base64.b64encode(before + data + after)
+    assert any(q in encoded for q in base64_of_every_occurrence(data))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(min_size=1500, max_size=40_000), line=st.sampled_from([0, 60, 76, 77, 1000]),
+       crlf=st.booleans(), padding=st.sampled_from([None, b"", b"=", b"==", b"= \r\n="]),
+       junk=st.lists(st.tuples(st.integers(0, 60_000), st.sampled_from([b" ", b"*", b"\t", b"\xff", b"="])),
+                     max_size=3),
+       dangling=st.sampled_from([b"", b"Q", b"QU", b"QUI"]))
+def test_base64_ends_hold_the_decodings_ends(data, line, crlf, padding, junk, dangling):
+    text = base64.b64encode(data).rstrip(b"=") + dangling + (padding or b"")
+    if line:
+        text = b"\n".join(text[i:i + line] for i in range(0, len(text), line))
+    if crlf:
+        text = text.replace(b"\n", b"\r\n")
+    for pos, char in junk:
+        pos = min(pos, len(text))
+        text = text[:pos] + char + text[pos:]
+    ends_match(text)
+
+
+def footer_messages() -> list[tuple[str, bytes]]:
+    """Headerless base64 and declared base64 parts whose decoding ends in a VHD or DMG footer
+    (or holds one just before it), at every alignment, up to the ISO windows' edge."""
+    cases = []
+    for footer in (S.vhd_fixed()[-512:], S.dmg()[-512:]):
+        for size in (1100, 1101, 1102, 3000, 3001, 3002, 20_000, 32_000, 32_200, 32_300):
+            for shift in (0, 1, 2, 9):
+                data = bytes(max(0, size - 512 - shift)) + footer + bytes(shift)
+                label = f"{footer[:4]!r} {size}+{shift}"
+                cases.append((f"headerless {label}", S.HEAD + b"\r\n" + S.b64(data)))
+                cases.append((f"headerless as text {label}", S.HEAD + b"\r\n" + base64.b64encode(data)))
+                cases.append((f"declared {label}", S.multipart(S.part(data, "f.bin"))))
+    return cases
+
+
+@pytest.mark.parametrize("label, raw", footer_messages(), ids=[c[0] for c in footer_messages()])
+def test_footers_are_found_as_the_long_way_finds_them(label, raw, monkeypatch):
+    short = both_ways(raw, monkeypatch)
+    if "+0" in label and "as text" not in label:  # where sniff reads it (a one-line body is no base64 for it)
+        assert any("disk image" in r for f in short[0] for r in f[2]), label
+
+
+def test_short_text_is_proved_inert_from_its_ends(monkeypatch):
+    """smtp-source's body: the two ends decide, the whole body is never translated."""
+    body = b"\r\n".join(b"%d" % (i % 10) + b"X" * 77 for i in range(1, 129)) + b"\r\n"
+    calls = []
+    monkeypatch.setattr(scan_module, "base64_sample", lambda *a: calls.append(a) or base64_sample(*a))
+    assert report_of(S.HEAD + b"\r\n" + body)[0] == []
+    assert calls == []
+
+
+@pytest.mark.parametrize("spread", [1, 2, 3])
+def test_base64_ends_want_enough_characters_at_each_end(spread):
+    """Ends thinned out by junk (readers skip it) hold too few characters: the long way."""
+    text = S.b64(random.Random(spread).randbytes(6000))
+    thin = lambda b: b"".join(b[i:i + spread] + b" " * 3 for i in range(0, len(b), spread))  # noqa: E731
+    for body in (thin(text[:1500]) + text[1500:], text[:-1500] + thin(text[-1500:])):
+        ends_match(body)
+        assert base64_ends(body) is None

@@ -94,12 +94,14 @@ async def test_a_processs_redis_stores_share_one_link_and_one_round_trip_per_tur
         params = Params(300, 86400, 35 * 86400, 0)
         sent = []
         link.client()
-        real_call = link._wire.call
+        real_send = link._wire.send
 
-        async def counting(calls):  # what each round trip carried
-            sent.append([c[0] for c in calls])
-            return await real_call(calls)
-        link._wire.call = counting
+        def counting(calls, done):  # what each round trip carried
+            went = real_send(calls, done)
+            if went:
+                sent.append([c[0] for c in calls])
+            return went
+        link._wire.send = counting
         # a sender read and a greylist decision of two sessions, asked in one turn: one pipeline
         record, attempt = await asyncio.gather(
             stores.senders.get("senders", "alice@example.com"),
@@ -119,3 +121,42 @@ async def test_a_processs_redis_stores_share_one_link_and_one_round_trip_per_tur
         await stores.limits.close()
         assert link._client is None
         delete_redis_keys(prefix)
+
+
+async def test_a_batch_on_an_idle_connection_goes_without_a_task_and_answers_as_the_long_way():
+    require_redis()
+    prefix = new_prefix()
+    link = RedisLink(f"{REDIS_URL}?prefix={prefix}")
+    long_way = []
+    send = link._send
+
+    def counting(batch):  # the coroutine path (_send): a task per batch
+        long_way.append(len(batch))
+        return send(batch)
+    link._send = counting
+    try:
+        assert await link.command("ECHO", "first") == b"first"  # no connection yet: the long way opens one
+        assert long_way == [1]
+        ok, bad, many = await asyncio.gather(link.command("ECHO", "fine"), link.command("NOSUCHCOMMAND"),
+                                             asyncio.gather(*(link.command("INCR", prefix + "n") for _ in range(3))),
+                                             return_exceptions=True)
+        assert long_way == [1]  # written at once on the idle connection
+        assert ok == b"fine" and many == [1, 2, 3]
+        assert isinstance(bad, StoreError) and str(bad).startswith(f"Redis {REDIS_URL}") and "ResponseError" in str(bad)
+        assert link._slots._value == link.options["max_connections"]  # every slot given back
+    finally:
+        await link.close()
+        delete_redis_keys(prefix)
+
+
+async def test_a_connection_the_server_dropped_is_an_outage_on_the_short_way_too(private_redis):
+    link = RedisLink(private_redis.url)
+    try:
+        assert await link.command("SET", "k", "v")
+        private_redis.client().client_kill_filter(_type="normal", skipme=True)  # our idle connection, gone
+        with pytest.raises(StoreError, match=r"ConnectionError: Redis closed the connection"):
+            await link.command("GET", "k")
+        assert link.breaker.outages == 1 and link.breaker.is_down
+        assert link._slots._value == link.options["max_connections"]
+    finally:
+        await link.close()

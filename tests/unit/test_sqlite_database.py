@@ -153,3 +153,33 @@ async def test_a_first_writer_cancelled_before_the_commit_leaves_the_others_of_i
         assert await db.call(lambda conn: [v for (v,) in conn.execute("SELECT v FROM t ORDER BY v")]) == [2, 3]
     finally:
         await stores.close()
+
+
+def wal_restarts(path) -> int:
+    """The checkpoint sequence number in the WAL file's header: how often the WAL started over."""
+    with open(f"{path}-wal", "rb") as f:
+        return int.from_bytes(f.read(16)[12:16], "big")
+
+
+async def test_the_wal_starts_over_under_a_steady_stream_of_writes(tmp_path, monkeypatch):
+    # A checkpoint beside writes that never pause never copies back every frame, so the WAL
+    # would never restart and grow without end: past RESTART_FRAMES the writes wait for it.
+    from smtpgate.stores import sqlite_store
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 20)
+    monkeypatch.setattr(sqlite_store, "RESTART_FRAMES", 50)
+    path = tmp_path / "state.db"
+    stores = open_stores(f"sqlite://{path}")
+    hits = 0
+    try:
+        db = stores.limits.db
+
+        async def writer(i):
+            nonlocal hits
+            while db.restarts < 3 and hits < 5000:  # never idle: the next write asked as one is done
+                await stores.limits.hit([("client", f"192.0.2.{i}", 3600.0, 10**9, True)], T0)
+                hits += 1
+        await asyncio.gather(*(writer(i) for i in range(16)))
+        assert wal_restarts(path) >= 2  # the file itself started over (the last restart: at the next write)
+        assert sum(c.current for c in await stores.limits.counters("client")) == hits  # none lost
+    finally:
+        await stores.close()

@@ -186,6 +186,25 @@ async def test_allow_entries_expire(store):
     assert await store.allow_entries() == []
 
 
+async def test_an_allow_entry_note_naming_expires_changes_nothing(store):
+    # Redis reads an entry's expiry only when its JSON names one: a note that does must
+    # neither make a lasting entry expire nor an expired one live
+    await store.add_allow(make_allow("sender", "@lasting.example", T0, None, note='expires'))
+    await store.add_allow(make_allow("sender", "@gone.example", T0, 60, note='"expires": null'))
+    assert (await attempt(store, T0 + 60, key=(C, "a@gone.example", R))).outcome == "allowed"
+    assert (await attempt(store, T0 + 61, key=(C, "a@gone.example", R))).outcome == "new"
+    found = await attempt(store, T0 + 10 ** 6, key=(C, "a@lasting.example", R))
+    assert (found.outcome, found.allow.note, found.allow.expires) == ("allowed", "expires", None)
+
+
+async def test_a_replaced_allow_entry_is_answered_as_it_now_is(store):
+    # Redis keeps the entries it matched parsed, by their JSON: a replaced one is read afresh
+    for note, ttl in (("first", None), ("second", 600), ("first", None)):
+        await store.add_allow(make_allow("sender", "@often.example", T0, ttl, note=note))
+        found = (await attempt(store, T0, key=(C, "a@often.example", R))).allow
+        assert (found.note, found.expires) == (note, None if ttl is None else T0 + ttl)
+
+
 def test_allow_values_are_checked():
     with pytest.raises(ValueError):
         make_allow("client", "not-a-network", T0, None)
