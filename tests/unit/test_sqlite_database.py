@@ -157,8 +157,11 @@ async def test_a_first_writer_cancelled_before_the_commit_leaves_the_others_of_i
 
 def wal_restarts(path) -> int:
     """The checkpoint sequence number in the WAL file's header: how often the WAL started over."""
-    with open(f"{path}-wal", "rb") as f:
-        return int.from_bytes(f.read(16)[12:16], "big")
+    try:
+        with open(f"{path}-wal", "rb") as f:
+            return int.from_bytes(f.read(16)[12:16], "big")
+    except FileNotFoundError:  # no write yet
+        return 0
 
 
 async def test_the_wal_starts_over_under_a_steady_stream_of_writes(tmp_path, monkeypatch):
@@ -171,15 +174,15 @@ async def test_the_wal_starts_over_under_a_steady_stream_of_writes(tmp_path, mon
     stores = open_stores(f"sqlite://{path}")
     hits = 0
     try:
-        db = stores.limits.db
-
         async def writer(i):
             nonlocal hits
-            while db.restarts < 3 and hits < 5000:  # never idle: the next write asked as one is done
+            # never idle: the next write asked as one is done. The WAL may also start over
+            # by itself when a passive checkpoint happens to catch up: count the file's restarts
+            while wal_restarts(path) < 2 and hits < 20000:
                 await stores.limits.hit([("client", f"192.0.2.{i}", 3600.0, 10**9, True)], T0)
                 hits += 1
         await asyncio.gather(*(writer(i) for i in range(16)))
-        assert wal_restarts(path) >= 2  # the file itself started over (the last restart: at the next write)
+        assert wal_restarts(path) >= 2  # the file itself started over
         assert sum(c.current for c in await stores.limits.counters("client")) == hits  # none lost
     finally:
         await stores.close()
