@@ -62,7 +62,7 @@ class SqliteCounts:
 
 
 def _count_sqlite(conn, now: float) -> Counts:
-    from .senders_sqlite import EXPIRED, EXPIRES_SLACK
+    from .senders_sqlite import EXPIRED  # here, as read_only above: a gate on Redis never loads the SQLite stores
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     counts = Counts({"pending": 0, "passed": 0})
     if "greylist" in tables:
@@ -79,7 +79,7 @@ def _count_sqlite(conn, now: float) -> Counts:
         # (the expires column may run ahead of a record's own expiry: senders_sqlite.EXPIRED)
         for machine, state, n in conn.execute(
                 "SELECT machine, state, count(*) FROM senders INDEXED BY senders_expires "
-                f"WHERE {EXPIRED} GROUP BY machine, state", (now + EXPIRES_SLACK, now)):
+                f"WHERE {EXPIRED} GROUP BY machine, state", (now,)):
             counts.senders[(machine, state)] -= n
     return counts
 

@@ -39,8 +39,8 @@ EXPIRES_SLACK = 3600.0
 _UPDATES = {(state, column): "UPDATE senders SET " + ", ".join(
     (["state = ?"] if state else []) + ["seen = ?"] + (["expires = ?"] if column else []) + ["doc = ?"])
     + " WHERE machine = ? AND key = ?" for state in (False, True) for column in (False, True)}
-#: the records past their expiry at ?2, by the index (?1 = ?2 + EXPIRES_SLACK)
-EXPIRED = "expires < ? AND json_extract(doc, '$.expires') < ?"
+#: the records past their expiry at ``?1`` (now), by the index range of the column
+EXPIRED = f"expires < ?1 + {EXPIRES_SLACK!r} AND json_extract(doc, '$.expires') < ?1"
 
 # Version N is SENDERS_SCHEMA[:N]. Never edit a step that has shipped: append a new one.
 SENDERS_SCHEMA: tuple[tuple[str, ...], ...] = (
@@ -144,7 +144,7 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
     def _sweep(conn, now) -> int:
         with write_transaction(conn):
             return conn.execute("DELETE FROM senders WHERE (machine, key) IN (SELECT machine, key FROM senders "
-                                f"WHERE {EXPIRED} LIMIT ?)", (now + EXPIRES_SLACK, now, BATCH)).rowcount
+                                f"WHERE {EXPIRED} LIMIT ?2)", (now, BATCH)).rowcount
 
     async def records(self, machine=None, state=None, limit=None) -> list[SenderRecord]:
         def read(conn):
