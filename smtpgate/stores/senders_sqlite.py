@@ -12,15 +12,16 @@ column read>``. The text holds the record's version, which every write bumps, so
 unchanged text is an unchanged record and the update is exact; when another writer came in
 between, nothing is written and the locked read-change-write runs as above.
 Records past their ``expires`` are dropped a batch at a time as updates go by, and by
-``purge``.
+``purge`` (see ``_sweep``).
 
 The ``expires`` column (indexed, for those sweeps) is not the record's expiry but an upper
 bound of it, at most ``EXPIRES_SLACK`` later: an event moves a record's expiry on, and
 rewriting the column (and its index) each time made an update's statement a third dearer
 (about 15 µs instead of 10, raw sqlite3 on a WAL file), so it is only moved,
-``EXPIRES_SLACK`` ahead, when the expiry leaves that window. Whoever asks which records are
-expired looks up ``expires < now + EXPIRES_SLACK`` in the index and keeps those whose own
-``expires`` (in ``doc``) is past: the same records as an exact column gives.
+``EXPIRES_SLACK`` ahead, when the expiry leaves that window. ``purge`` and the metrics'
+counts look up ``expires < now + EXPIRES_SLACK`` in the index and keep those whose own
+``expires`` (in ``doc``) is past: the same records as an exact column gives. The sweep as
+updates go by takes the column alone (``_sweep``).
 """
 from __future__ import annotations
 
@@ -141,10 +142,17 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
         return (result, written) if n else None
 
     @staticmethod
-    def _sweep(conn, now) -> int:
+    def _sweep(conn, now, exact: bool = False) -> int:
+        """Drop up to BATCH expired records: ``exact`` (purge) those past their own expiry;
+        else (the sweep as updates go by) those whose column is past, the index range alone:
+        the column is never earlier than the expiry, so only expired records go, at most
+        EXPIRES_SLACK late, and the write lock is not held while the JSON of every record
+        expiring within the slack is read. Until then every read settles such a record as
+        forgotten (``Machine.settle``), as it does one the sweep has not reached yet."""
+        where = EXPIRED if exact else "expires < ?1"
         with write_transaction(conn):
             return conn.execute("DELETE FROM senders WHERE (machine, key) IN (SELECT machine, key FROM senders "
-                                f"WHERE {EXPIRED} LIMIT ?2)", (now, BATCH)).rowcount
+                                f"WHERE {where} LIMIT ?2)", (now, BATCH)).rowcount
 
     async def records(self, machine=None, state=None, limit=None) -> list[SenderRecord]:
         def read(conn):
@@ -173,7 +181,7 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
         def run(conn):
             total = 0
             while True:
-                n = self._sweep(conn, now)
+                n = self._sweep(conn, now, True)
                 total += n
                 if n < BATCH:
                     return total

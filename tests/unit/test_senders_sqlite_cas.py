@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import tempfile
+from contextlib import closing
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -99,17 +100,28 @@ async def test_a_key_deleted_between_mail_and_the_event_starts_again(tmp_path):
         await cli.close()
 
 
-async def test_the_sweep_drops_the_expired_records_whose_column_runs_ahead_and_only_them(tmp_path):
+async def test_the_sweep_goes_by_the_column_and_purge_by_the_expiry_and_both_keep_the_live(tmp_path):
     store = open_sender_store(f"sqlite://{tmp_path / 'state.db'}")
     try:
-        await COUNTER.feed(store, "old", [Event("hit")], T0)  # expires T0 + 1000, column an hour later
-        await COUNTER.feed(store, "live", [Event("hit")], T0 + 500)  # expires T0 + 1500
-        raw = sqlite3.connect(tmp_path / "state.db")
-        assert raw.execute("SELECT expires FROM senders WHERE key = 'old'").fetchone()[0] > T0 + 1001
-        # an update with the store's clock sweeps (the first one, then every GC_EVERY)
-        await store.update("counter", "other", lambda rec: (None, None), now=T0 + 1001)
-        assert [key for (key,) in raw.execute("SELECT key FROM senders")] == ["live"]
-        raw.close()
+        await COUNTER.feed(store, "old", [Event("hit")], T0)  # expires T0 + 1000, column T0 + 4600
+        await COUNTER.feed(store, "live", [Event("hit")], T0)
+        await COUNTER.feed(store, "live", [Event("hit")], T0 + 500)  # expires T0 + 1500, column kept
+        with closing(sqlite3.connect(tmp_path / "state.db")) as raw:
+            def keys():
+                return sorted(key for (key,) in raw.execute("SELECT key FROM senders"))
+            column = T0 + 1000 + EXPIRES_SLACK
+            assert dict(raw.execute("SELECT key, expires FROM senders")) == {"old": column, "live": column}
+            # An update with the store's clock sweeps (the first one, then every GC_EVERY): by
+            # the column, so "old", expired, stays until it is past, and reads as forgotten.
+            await store.update("counter", "other", lambda rec: (None, None), now=T0 + 1001)
+            assert keys() == ["live", "old"]
+            assert not (await COUNTER.current(store, "old", T0 + 1001)).tracked
+            assert (await COUNTER.current(store, "live", T0 + 1001)).counts == {"hit": 2}
+            # purge checks the expiry itself: "old" goes, "live" (its column as near) stays
+            assert await store.purge(T0 + 1001) == 1
+            assert keys() == ["live"]
+            await store.update("counter", "other", lambda rec: (None, None), now=column + 1)
+            assert keys() == []
     finally:
         await store.close()
 
