@@ -34,6 +34,7 @@ from .sqlite_store import BATCH, SqliteComponentStore, write_transaction
 COMPONENT = "senders"
 SEEN_MAX = 4096  # records remembered per process (what update tries its compare-and-set on)
 ABSENT = ("", None)  # (text, expires column) remembered for a key read as absent
+LOST = object()  # what _write_change answers when its compare-and-set finds another row stored
 #: seconds the ``expires`` column may run ahead of the record's own expiry (see above)
 EXPIRES_SLACK = 3600.0
 # (the state changed?, the expires column moves?) -> the statement (the row's key appended)
@@ -96,17 +97,30 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
         Database work only (it may run again on the thread)."""
         if known is not None:
             done = cls._write_change(conn, machine, key, change, known, True)
-            if done is not None:
+            if done is not LOST:
                 return done
         with write_transaction(conn):
-            return cls._write_change(conn, machine, key, change, cls._read_row(conn, machine, key), False)
+            done = cls._write_change(conn, machine, key, change, cls._read_row(conn, machine, key), False)
+            if done is LOST:  # cannot be: under the lock, the row read is the row stored
+                raise RuntimeError(f"senders {machine} {key}: a write under the lock changed no row")
+        return done
 
     @staticmethod
     def _write_change(conn, machine, key, change: ChangeFn, row, cas: bool):
         """Apply ``change`` to the record of ``row`` (its text and expires column; ABSENT:
-        none) and write what it returns. ``cas`` (compare-and-set): only if ``row`` is still
-        what is stored, in one statement (its own transaction, or the group's), else nothing
-        is done: None. Without it the caller holds the write lock and read ``row`` under it."""
+        none) and write what it returns, in one statement (its own transaction, or the
+        group's). Its modes:
+
+        ======  ======================================  ====================================
+        cas     ``row``                                 answers
+        ======  ======================================  ====================================
+        True    as last read or written, no lock held   (result, row now stored); LOST, with
+                                                        nothing written, when ``row`` is no
+                                                        longer what is stored
+        False   read under the write lock, which the    (result, row now stored); never LOST
+                caller holds
+        ======  ======================================  ====================================
+        """
         doc, column = row
         current = SenderRecord.from_json(doc) if doc else None
         # what was stored, noted first: change may edit the record it is given in place
@@ -117,10 +131,10 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
             if current is None:  # nothing to write, if there is still nothing stored
                 gone = not cas or conn.execute("SELECT 1 FROM senders WHERE machine = ? AND key = ?",
                                                (machine, key)).fetchone() is None
-                return (result, ABSENT) if gone else None
+                return (result, ABSENT) if gone else LOST
             n = conn.execute("DELETE FROM senders WHERE machine = ? AND key = ?" + guard,
                              (machine, key, *guard_args)).rowcount
-            return (result, ABSENT) if n else None
+            return (result, ABSENT) if n else LOST
         if current is None:
             new.version = 1
             written = new.to_json(), new.expires + EXPIRES_SLACK
@@ -129,7 +143,7 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
             n = conn.execute("INSERT INTO senders (machine, key, state, seen, expires, doc) VALUES (?, ?, ?, ?, ?, ?) "
                              "ON CONFLICT (machine, key) DO NOTHING",
                              (machine, key, new.state, new.seen, written[1], written[0])).rowcount
-            return (result, written) if n else None
+            return (result, written) if n else LOST
         # The row exists (read above, under the write lock, or as the compare-and-set
         # checks): a plain UPDATE, which sets the state column (and its index) only when the
         # state changed, and the expires column only when the expiry left its window.
@@ -139,7 +153,7 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
         written = new.to_json(), column if keep else new.expires + EXPIRES_SLACK
         args = ((new.state,) if moved else ()) + (new.seen,) + (() if keep else (written[1],))
         n = conn.execute(_UPDATES[moved, not keep] + guard, (*args, written[0], machine, key, *guard_args)).rowcount
-        return (result, written) if n else None
+        return (result, written) if n else LOST
 
     @staticmethod
     def _sweep(conn, now, exact: bool = False) -> int:
