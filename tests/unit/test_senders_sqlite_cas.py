@@ -158,10 +158,13 @@ def _forget(stored):
     return None, stored is not None
 
 
-# (which gate, what, which key, seconds later): reads at MAIL, events, deletions, purges, an
-# exact expires column as an older smtpgate writes it, in any order
-STEP = st.tuples(st.integers(0, 2), st.sampled_from(["get", "hit", "miss", "forget", "purge", "exact"]),
-                 st.sampled_from(["k1", "k2"]), st.sampled_from([0.0, 1.0, 150.0, 999.0, 2000.0, 3700.0]))
+# (which gate, what, which key, seconds later, the updates of a group): reads at MAIL, events,
+# deletions, purges, an exact expires column as an older smtpgate writes it, and 2-3 updates
+# of one key asked in one turn of the loop (one group commit: the second's compare-and-set,
+# if any, finds the first's write in the same transaction), in any order
+STEP = st.tuples(st.integers(0, 2), st.sampled_from(["get", "hit", "miss", "forget", "purge", "exact", "group"]),
+                 st.sampled_from(["k1", "k2"]), st.sampled_from([0.0, 1.0, 150.0, 999.0, 2000.0, 3700.0]),
+                 st.lists(st.sampled_from(["hit", "miss", "forget"]), min_size=2, max_size=3))
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -177,7 +180,9 @@ async def _compare(path, steps):
     now = T0
     try:
         assert await gates[0].records() == []  # the file and its tables made
-        for gate, what, key, later in steps:
+        for store in gates:  # each its loop connection open, so a group's updates queue in order
+            assert await store.get("counter", "none") is None
+        for gate, what, key, later, group in steps:
             now += later
             store = gates[gate]
             if what == "get":
@@ -190,8 +195,12 @@ async def _compare(path, steps):
                 for k in gone:
                     del model.records[k]
             elif what == "exact":
-                with sqlite3.connect(path) as raw:
+                with closing(sqlite3.connect(path)) as raw, raw:
                     raw.execute("UPDATE senders SET expires = json_extract(doc, '$.expires') WHERE key = ?", (key,))
+            elif what == "group":
+                changes = [_forget if name == "forget" else _feed(key, name, now) for name in group]
+                answers = await asyncio.gather(*(store.update("counter", key, change) for change in changes))
+                assert answers == [model.update(key, change) for change in changes]
             else:
                 change = _forget if what == "forget" else _feed(key, what, now)
                 assert await store.update("counter", key, change) == model.update(key, change)
@@ -207,7 +216,7 @@ async def _compare(path, steps):
 
 def _check_columns(path, model, now):
     """Every row's expires column within its window; the metrics count the live records."""
-    with sqlite3.connect(path) as raw:
+    with closing(sqlite3.connect(path)) as raw:
         for doc, column in raw.execute("SELECT doc, expires FROM senders"):
             expires = SenderRecord.from_json(doc).expires
             assert expires <= column <= expires + EXPIRES_SLACK
