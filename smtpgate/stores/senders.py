@@ -19,7 +19,7 @@ Times are seconds since the epoch and come from the caller: stores never read a 
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -27,6 +27,8 @@ from typing import Any, AsyncIterator, Callable
 HISTORY_MAX = 100
 #: records kept parsed by their JSON text (``SenderRecord.from_json``; oldest out first)
 PARSED_MAX = 1024
+#: keys a store remembers as this process last read or wrote them (``Seen``)
+SEEN_MAX = 4096
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # built once, not per call
 
@@ -114,6 +116,28 @@ def _keep_parsed(text: str | bytes, rec: SenderRecord) -> None:
     _parsed[text] = rec
     if len(_parsed) > PARSED_MAX:
         del _parsed[next(iter(_parsed))]
+
+
+class Seen:
+    """What a store last read or wrote of each key, as it stores it (what ``update`` tries its
+    compare-and-set on first), for the SEEN_MAX keys remembered last: oldest out first."""
+
+    def __init__(self) -> None:
+        self._rows: OrderedDict[tuple[str, str], Any] = OrderedDict()
+
+    def remember(self, machine: str, key: str, row: Any) -> None:
+        rows = self._rows
+        rows.pop((machine, key), None)
+        rows[(machine, key)] = row
+        if len(rows) > SEEN_MAX:
+            rows.popitem(last=False)
+
+    def get(self, machine: str, key: str) -> Any:
+        return self._rows.get((machine, key))
+
+    def forget(self, machine: str, key: str) -> Any:
+        """Drop the key's row; it (None if none)."""
+        return self._rows.pop((machine, key), None)
 
 
 #: ``change(record or None) -> (record to store or None to delete it, anything to return)``

@@ -30,15 +30,14 @@ import asyncio
 import math
 import random
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Any
 
 from ..errors import StoreError
 from .redis_store import RedisComponentStore, as_text, glob_escape, redact, scan_keys
-from .senders import ChangeFn, SenderRecord, SenderStore
+from .senders import ChangeFn, Seen, SenderRecord, SenderStore
 
 CONTENTION_TIMEOUT = 10.0
-SEEN_MAX = 4096  # records remembered per process (what update tries its compare-and-set on)
 
 # KEYS[1] the record; ARGV: 1 the version read ('' = absent), 2 the new doc ('' = delete),
 # 3 the new version, 4 seconds to live (>= 1). Answers 1, or, when another writer came in
@@ -67,7 +66,7 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         super().__init__(url, prefix, link)
         #: compare-and-sets lost to another writer (and retried), since this store was made
         self.retries = 0
-        self._seen: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()  # (machine, key) -> (version, doc)
+        self._seen = Seen()  # (version, doc) as last read or written; an absent key not kept
         self._queued: dict[tuple[str, str], list] = {}  # (machine, key) -> [(change, future)] to apply
         self._draining: dict[tuple[str, str], asyncio.Future] = {}  # (machine, key) -> its _drain task
 
@@ -82,13 +81,10 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         return as_text(version), as_text(doc)
 
     def _remember(self, machine, key, version: str, doc: str | None) -> None:
-        """Keep what this process last read or wrote of a key (bounded: oldest out first)."""
-        seen = self._seen
-        seen.pop((machine, key), None)
-        if doc is not None:
-            seen[(machine, key)] = (version, doc)
-            if len(seen) > SEEN_MAX:
-                seen.popitem(last=False)
+        if doc is None:
+            self._seen.forget(machine, key)
+        else:
+            self._seen.remember(machine, key, (version, doc))
 
     async def get(self, machine, key) -> SenderRecord | None:
         version, doc = await self._read(machine, key)
@@ -139,7 +135,7 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         # First try on the record as this process last saw it (the MAIL stage read it
         # moments ago): if nobody wrote since, the compare-and-set alone is the one round
         # trip; if somebody did, it fails and the record is read afresh.
-        known = self._seen.pop((machine, key), None)
+        known = self._seen.forget(machine, key)
         lost = False  # a compare-and-set was lost already
         while True:
             version, doc = known if known is not None else await self._read(machine, key)
@@ -197,7 +193,7 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         await super().close()
 
     async def delete(self, machine, key) -> bool:
-        self._seen.pop((machine, key), None)
+        self._seen.forget(machine, key)
         return bool(await self._do(lambda r: r.delete(self.record_key(machine, key))))
 
     async def purge(self, now) -> int:

@@ -25,14 +25,13 @@ updates go by takes the column alone (``_sweep``).
 """
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Any
 
-from .senders import ChangeFn, SenderRecord, SenderStore
+from .senders import ChangeFn, Seen, SenderRecord, SenderStore
 from .sqlite_store import BATCH, SqliteComponentStore, write_transaction
 
 COMPONENT = "senders"
-SEEN_MAX = 4096  # records remembered per process (what update tries its compare-and-set on)
 ABSENT = ("", None)  # (text, expires column) remembered for a key read as absent
 LOST = object()  # what _write_change answers when its compare-and-set finds another row stored
 #: seconds the ``expires`` column may run ahead of the record's own expiry (see above)
@@ -61,20 +60,11 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
 
     def __init__(self, url: str, db=None):
         super().__init__(url, db)
-        #: (machine, key) -> (its text, its expires column), or ABSENT: as last read or written
-        self._seen: OrderedDict[tuple[str, str], tuple[str, float | None]] = OrderedDict()
-
-    def _remember(self, machine, key, row: tuple[str, float | None]) -> None:
-        """Keep what this process last read or wrote of a key (bounded: oldest out first)."""
-        seen = self._seen
-        seen.pop((machine, key), None)
-        seen[(machine, key)] = row
-        if len(seen) > SEEN_MAX:
-            seen.popitem(last=False)
+        self._seen = Seen()  # (its text, its expires column), or ABSENT: as last read or written
 
     async def get(self, machine, key) -> SenderRecord | None:
         row = await self._call(self._read_row, machine, key)
-        self._remember(machine, key, row)
+        self._seen.remember(machine, key, row)
         return SenderRecord.from_json(row[0]) if row[0] else None
 
     @staticmethod
@@ -83,9 +73,9 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
         return row or ABSENT
 
     async def update(self, machine, key, change: ChangeFn, now: float | None = None) -> Any:
-        known = self._seen.get((machine, key))
+        known = self._seen.get(machine, key)
         result, row = await self._write(self._update_row, machine, key, change, known)
-        self._remember(machine, key, row)
+        self._seen.remember(machine, key, row)
         if now is not None and self._sweep_due(now):
             await self._run(self._sweep, now)
         return result
