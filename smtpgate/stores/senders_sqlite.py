@@ -176,6 +176,8 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
         return await self._run(read)
 
     async def delete(self, machine, key) -> bool:
+        self._seen.forget(machine, key)  # gone: the next update reads it under the lock, no lost try first
+
         def run(conn):
             with write_transaction(conn):
                 return conn.execute("DELETE FROM senders WHERE machine = ? AND key = ?", (machine, key)).rowcount > 0

@@ -100,6 +100,19 @@ async def test_a_key_deleted_between_mail_and_the_event_starts_again(tmp_path):
         await cli.close()
 
 
+async def test_after_its_own_delete_an_update_goes_straight_to_the_locked_path(tmp_path):
+    store = open_sender_store(f"sqlite://{tmp_path / 'state.db'}")
+    try:
+        await COUNTER.feed(store, "k", [Event("hit")], T0)
+        assert await store.delete("counter", "k")
+        seen = statements(store)
+        state, _ = await COUNTER.feed(store, "k", [Event("hit")], T0 + 1)
+        assert seen[0] == "BEGIN"  # not a compare-and-set on the deleted row first, bound to lose
+        assert state.counts == {"hit": 1}
+    finally:
+        await store.close()
+
+
 async def test_the_sweep_goes_by_the_column_and_purge_by_the_expiry_and_both_keep_the_live(tmp_path):
     store = open_sender_store(f"sqlite://{tmp_path / 'state.db'}")
     try:
