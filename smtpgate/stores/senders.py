@@ -7,12 +7,12 @@ the recent event times its guards count, and its history of transitions.
 The store does not know the machines. Its decisive operation is ``update(machine, key,
 change)``: read the record, call ``change(record or None)`` — a pure function returning
 ``(new record or None to delete, result)``; it gets a freshly read record of its own and
-may change it in place — and write what it returned, *atomically*:
-SQLite runs it inside one ``BEGIN IMMEDIATE`` transaction (or, first, as a compare-and-set
-on the record read at MAIL), Redis as a compare-and-set on the record's version, retried
-when another gate wrote in between. So gates and workers
-updating one sender at once never lose an event and never decide on a stale record.
-``change`` may be called more than once (Redis retries); it must not have side effects.
+may change it in place — and write what it returned, *atomically*: SQLite runs it inside one
+``BEGIN IMMEDIATE`` transaction (or, first, as a compare-and-set on the record this process
+last read or wrote), Redis as a compare-and-set on the record's version, retried when
+another gate wrote in between. So gates and workers updating one sender at once never lose
+an event and never decide on a stale record. ``change`` may be called more than once (a
+lost compare-and-set, on either store, runs it again); it must not have side effects.
 
 Times are seconds since the epoch and come from the caller: stores never read a clock.
 """
@@ -68,7 +68,7 @@ class SenderRecord:
     recent: dict[str, list[float]] = field(default_factory=dict)  # event -> times since `since`, bounded
     hits: list[float] = field(default_factory=list)  # MAIL times, for a state's rate, bounded
     history: list[Change] = field(default_factory=list)
-    version: int = 0  # bumped by every write (Redis compare-and-set)
+    version: int = 0  # bumped by every update; Redis's compare-and-set compares it (SQLite's, the whole row)
 
     def to_json(self) -> str:
         d = {"machine": self.machine, "key": self.key, "state": self.state, "since": self.since,

@@ -8,9 +8,10 @@ updating one key queue up instead of deciding on the same old record. Its first 
 cheaper, a compare-and-set as the Redis store does: the change is applied to the record as
 this process last read or wrote it (``get`` at MAIL, moments before the transaction's
 events) and written by one ``UPDATE ... WHERE doc = <the text read> AND expires = <the
-column read>``. The text holds the record's version, which every write bumps, so an
-unchanged text is an unchanged record and the update is exact; when another writer came in
-between, nothing is written and the locked read-change-write runs as above.
+column read>``. That is exact because it compares the values themselves: a row still
+holding the text and column read is the record the locked path would read, whatever was
+written in between (the version in the text does not tell it: it starts again at 1 after a
+delete). Otherwise nothing is written and the locked read-change-write runs as above.
 Records past their ``expires`` are dropped a batch at a time as updates go by, and by
 ``purge`` (see ``_sweep``).
 
@@ -36,7 +37,8 @@ ABSENT = ("", None)  # (text, expires column) remembered for a key read as absen
 LOST = object()  # what _write_change answers when its compare-and-set finds another row stored
 #: seconds the ``expires`` column may run ahead of the record's own expiry (see above)
 EXPIRES_SLACK = 3600.0
-# (the state changed?, the expires column moves?) -> the statement (the row's key appended)
+# (the state changed?, the expires column moves?) -> the statement; its arguments in the order
+# of its placeholders: [state], seen, [expires], doc, machine, key (then a compare-and-set's guard)
 _UPDATES = {(state, column): "UPDATE senders SET " + ", ".join(
     (["state = ?"] if state else []) + ["seen = ?"] + (["expires = ?"] if column else []) + ["doc = ?"])
     + " WHERE machine = ? AND key = ?" for state in (False, True) for column in (False, True)}
