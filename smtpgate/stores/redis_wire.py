@@ -89,9 +89,11 @@ class WireConnection:
         if wire.failed is not None:
             asyncio.get_running_loop().call_soon(done, wire.failed)
             return
+        # packed first: a bad argument raises here, with nothing written and nothing armed
+        data = b"".join(hiredis.pack_command(c) for c in commands)
         wire.replies, wire.want, wire.done = [], len(commands), done
         wire.timer = asyncio.get_running_loop().call_later(self._timeout, self._timed_out)
-        wire.transport.write(b"".join(hiredis.pack_command(c) for c in commands))
+        wire.transport.write(data)
 
     def _timed_out(self) -> None:
         self._wire._fail(TimeoutError(f"Redis did not answer within {self._timeout:g}s"))
@@ -143,7 +145,11 @@ class WirePool:
             if not isinstance(result, Exception) and conn.usable:
                 self._idle.append(conn)
             done(result)
-        conn.send(commands, ended)
+        try:
+            conn.send(commands, ended)
+        except BaseException:  # nothing was written (a bad argument): still idle
+            self._idle.append(conn)
+            raise
         return True
 
     async def call(self, commands: list[tuple]) -> list:
