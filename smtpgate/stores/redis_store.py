@@ -459,7 +459,15 @@ class RedisLink:
                 or not self._slots.take_now()):
             return False
         out = asyncio.get_running_loop().create_future()  # what close() waits for
-        if not self._wire.send(self._calls(batch), lambda result: self._sent(batch, result, out)):
+        try:
+            went = self._wire.send(self._calls(batch), lambda result: self._sent(batch, result, out))
+        except Exception as e:  # a bad argument (nothing written): its callers hear it, as on _send
+            self._slots.release()
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            return True
+        if not went:
             self._slots.release()  # no idle connection: _send opens one
             return False
         self._sending.add(out)
