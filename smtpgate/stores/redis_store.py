@@ -477,7 +477,8 @@ class RedisLink:
         """The end of a ``_send_now`` batch, accounted as ``run`` accounts one."""
         self._slots.release()
         self._sending.discard(out)
-        out.set_result(None)
+        if not out.done():  # guarded: raising here, inside data_received, would kill the connection
+            out.set_result(None)
         if isinstance(result, Exception):  # a fault of the connection: an outage
             self.breaker.ended(False, result, _is_outage)
             error = self._failure(result)
@@ -552,8 +553,11 @@ class RedisLink:
             self._users -= 1
             return
         self._users = 0
-        if self._sending:  # batches on their way: let them finish (their callers wait)
-            await asyncio.gather(*self._sending, return_exceptions=True)
+        # Batches on their way: let them finish (their callers wait), including the ones
+        # they start (a lost script's long way), so none reopens the link after close.
+        # asyncio.wait, not gather: a cancelled close must not cancel them.
+        while self._sending:
+            await asyncio.wait(set(self._sending))
         if self._wire is not None:
             self._wire.drop_idle()
         client, self._client = self._client, None
