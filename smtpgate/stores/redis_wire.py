@@ -137,7 +137,7 @@ class WirePool:
     def send(self, commands: list[tuple], done: Callable[[list | Exception], None]) -> bool:
         """``commands`` written at once on an idle connection, ``done`` told their replies
         (or the fault) when they come; False (nothing sent) when no connection is idle."""
-        if not self._idle:
+        if not self._has_idle():
             return False
         conn = self._idle.pop()
 
@@ -154,11 +154,19 @@ class WirePool:
 
     async def call(self, commands: list[tuple]) -> list:
         """The replies to ``commands`` (one round trip), on an idle connection or a new one."""
-        if not self._idle:
+        if not self._has_idle():
             self._idle.append(await self._open())
         future = asyncio.get_running_loop().create_future()
         self.send(commands, functools.partial(_settle, future))
         return await future
+
+    def _has_idle(self) -> bool:
+        """Whether a usable connection is idle; the ones the server closed meanwhile (its
+        timeout, CLIENT KILL, a restart) are dropped first, as redis-py's pool reconnects,
+        rather than written to and taken for an outage."""
+        while self._idle and not self._idle[-1].usable:
+            self._idle.pop().close()
+        return bool(self._idle)
 
     async def _open(self) -> WireConnection:
         loop = asyncio.get_running_loop()

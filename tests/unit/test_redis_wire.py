@@ -149,14 +149,36 @@ async def test_a_batch_on_an_idle_connection_goes_without_a_task_and_answers_as_
         delete_redis_keys(prefix)
 
 
-async def test_a_connection_the_server_dropped_is_an_outage_on_the_short_way_too(private_redis):
+async def test_an_idle_connection_the_server_dropped_is_replaced_and_one_with_a_batch_out_is_an_outage(
+        private_redis):
     link = RedisLink(private_redis.url)
     try:
-        assert await link.command("SET", "k", "v")
-        private_redis.client().client_kill_filter(_type="normal", skipme=True)  # our idle connection, gone
-        with pytest.raises(StoreError, match=r"ConnectionError: Redis closed the connection"):
-            await link.command("GET", "k")
-        assert link.breaker.outages == 1 and link.breaker.is_down
-        assert link._slots._value == link.options["max_connections"]
+        async with asyncio.timeout(10):
+            assert await link.command("SET", "k", "v")
+            conn, = link._wire._idle
+            lost = asyncio.Event()
+            wire = conn._wire
+            real_lost = wire.connection_lost
+            wire.connection_lost = lambda exc: (real_lost(exc), lost.set())
+            private_redis.client().client_kill_filter(_type="normal", skipme=True)  # our idle connection, gone
+            await lost.wait()  # the loop has seen it close
+            assert await link.command("GET", "k") == b"v"  # on a new connection, no outage
+            assert link.breaker.outages == 0 and link._wire._idle and link._wire._idle[0] is not conn
+
+            written = asyncio.Event()
+            real_send = link._wire.send
+
+            def telling(calls, done):
+                went = real_send(calls, done)
+                written.set()
+                return went
+            link._wire.send = telling
+            blocked = asyncio.ensure_future(link.command("BLPOP", "nothing", 0))  # no reply until killed
+            await written.wait()
+            private_redis.client().client_kill_filter(_type="normal", skipme=True)  # with the batch out
+            with pytest.raises(StoreError, match=r"ConnectionError: Redis closed the connection"):
+                await blocked
+            assert link.breaker.outages == 1 and link.breaker.is_down
+            assert link._slots._value == link.options["max_connections"]
     finally:
         await link.close()
