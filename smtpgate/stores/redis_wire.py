@@ -7,9 +7,11 @@ trip (a task and a timer per read, connection bookkeeping, instrumentation); thi
 ``command``: every store decision) come this way; everything else, and ``rediss://``,
 Sentinel and ``health_check_interval`` URLs, stays on redis-py.
 
-A connection carries one batch at a time (the pool hands it to one caller, ``RedisLink``
-bounds how many are out), and its replies end that batch even when the caller has given
-up meanwhile, so the stream is never read out of step. Anything unusual closes it: a
+A connection carries one batch at a time (the pool hands it to one caller), and its
+replies end that batch even when the caller has given up meanwhile, so the stream is never
+read out of step. ``RedisLink``'s slots bound how many batches are out, but not strictly:
+a ``call`` cancelled while its batch is out gives its slot back at once, and the connection
+stays busy until the replies (or its timeout) come. Anything unusual closes it: a
 timeout, the server closing, a reply that does not parse. A batch's end is a callback
 (``send``), so a caller that needs no coroutine hears its replies in the very turn of the
 event loop they arrive in. Faults come out as ``ConnectionError`` or ``TimeoutError``, which the
@@ -89,6 +91,7 @@ class WireConnection:
         if wire.failed is not None:
             asyncio.get_running_loop().call_soon(done, wire.failed)
             return
+        assert wire.done is None, "one batch at a time on a connection"
         # packed first: a bad argument raises here, with nothing written and nothing armed
         data = b"".join(hiredis.pack_command(c) for c in commands)
         wire.replies, wire.want, wire.done = [], len(commands), done
@@ -157,6 +160,8 @@ class WirePool:
         if not self._has_idle():
             self._idle.append(await self._open())
         future = asyncio.get_running_loop().create_future()
+        # send cannot answer False: a usable connection is idle (just found or opened) and
+        # nothing ran since that could take it
         self.send(commands, functools.partial(_settle, future))
         return await future
 
