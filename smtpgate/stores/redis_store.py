@@ -486,7 +486,7 @@ class RedisLink:
                 if not future.done():
                     future.set_exception(error)
             return
-        self.breaker.ended(False)
+        self.breaker.ended(False, None, _is_outage)
         replies = _wire_replies(result)
         lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if lost:  # the server lost a script: those calls go the long way, which loads it again
