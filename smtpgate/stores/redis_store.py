@@ -21,7 +21,7 @@
   the greylist script answers one text, since redis-py parses every reply element in
   Python (bench/store_bench.py).
   On a plain ``redis://`` server those pipelines go on connections of our own
-  (``redis_wire.py``: hiredis packing and parsing, no per-call tasks or timers), a
+  (``redis_wire.py``: hiredis packing and parsing, no task per call, one timer per batch), a
   quarter of redis-py's CPU per round trip; everything else uses redis-py. When a
   connection is idle, the server up and a slot free (the usual case), the pipeline is
   written by the loop callback that gathered it and its callers are answered in the turn
@@ -488,9 +488,9 @@ class RedisLink:
             return
         self.breaker.ended(False, None, _is_outage)
         replies = _wire_replies(result)
-        lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        lost = {i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)}
         if lost:  # the server lost a script: those calls go the long way, which loads it again
-            self._track(asyncio.ensure_future(self._send([batch[i] for i in lost])))
+            self._track(asyncio.ensure_future(self._send([batch[i] for i in sorted(lost)])))
             batch, replies = ([b for i, b in enumerate(batch) if i not in lost],
                               [r for i, r in enumerate(replies) if i not in lost])
         self._deliver(batch, replies)
@@ -600,6 +600,8 @@ class _Slots(asyncio.Semaphore):
     without a coroutine (``take_now``: what ``acquire`` does when it need not wait)."""
 
     def take_now(self) -> bool:
+        # mirrors CPython 3.11+'s acquire fast path (no waiter, a free slot: _value -= 1);
+        # locked() also says no while someone waits, so the line stays FIFO
         if self.locked():
             return False
         self._value -= 1

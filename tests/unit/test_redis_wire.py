@@ -1,6 +1,7 @@
 """The batched store calls' own Redis connections (smtpgate/stores/redis_wire.py): every
-caller gets its own replies, logins and databases are honoured, a connection whose replies
-were given up on is never used again. Real Redis servers on loopback; no sleeps."""
+caller gets its own replies, logins and databases are honoured, a connection whose caller
+was cancelled is used again once its replies are in, one that timed out never again. Real
+Redis servers on loopback; no sleeps."""
 from __future__ import annotations
 
 import asyncio
