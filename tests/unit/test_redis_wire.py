@@ -24,6 +24,20 @@ def private_redis(tmp_path):
     server.stop()
 
 
+def written_event(link: RedisLink) -> asyncio.Event:
+    """Set once a batch has been written on the short way (an idle connection of the link's)."""
+    written = asyncio.Event()
+    real_send = link._wire.send
+
+    def telling(calls, done):
+        went = real_send(calls, done)
+        if went:
+            written.set()
+        return went
+    link._wire.send = telling
+    return written
+
+
 def test_plain_urls_use_the_wire_and_the_others_redis_py():
     assert RedisLink("redis://127.0.0.1:6379/3")._open_wire() is not None
     assert RedisLink("rediss://127.0.0.1:6379/3")._open_wire() is None
@@ -166,14 +180,7 @@ async def test_an_idle_connection_the_server_dropped_is_replaced_and_one_with_a_
             assert await link.command("GET", "k") == b"v"  # on a new connection, no outage
             assert link.breaker.outages == 0 and link._wire._idle and link._wire._idle[0] is not conn
 
-            written = asyncio.Event()
-            real_send = link._wire.send
-
-            def telling(calls, done):
-                went = real_send(calls, done)
-                written.set()
-                return went
-            link._wire.send = telling
+            written = written_event(link)
             blocked = asyncio.ensure_future(link.command("BLPOP", "nothing", 0))  # no reply until killed
             await written.wait()
             private_redis.client().client_kill_filter(_type="normal", skipme=True)  # with the batch out
