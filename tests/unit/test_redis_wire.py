@@ -190,3 +190,20 @@ async def test_an_idle_connection_the_server_dropped_is_replaced_and_one_with_a_
             assert link._slots._value == link.options["max_connections"]
     finally:
         await link.close()
+
+
+async def test_a_bad_argument_fails_its_callers_and_leaves_the_connection_idle():
+    require_redis()
+    link = RedisLink(f"{REDIS_URL}?prefix={new_prefix()}")
+    try:
+        async with asyncio.timeout(10):
+            assert await link.command("ECHO", "first") == b"first"  # a connection, idle
+            conn, = link._wire._idle
+            with pytest.raises(TypeError):  # as on the long way: hiredis cannot pack a dict
+                await link.command("ECHO", {"not": "packable"})
+            assert link._wire._idle == [conn]  # nothing written, no timer armed: still idle
+            assert link._slots._value == link.options["max_connections"]
+            assert await link.command("ECHO", "after") == b"after"
+            assert link.breaker.outages == 0 and link._wire._idle == [conn]
+    finally:
+        await link.close()
