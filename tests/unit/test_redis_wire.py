@@ -207,3 +207,43 @@ async def test_a_bad_argument_fails_its_callers_and_leaves_the_connection_idle()
             assert link.breaker.outages == 0 and link._wire._idle == [conn]
     finally:
         await link.close()
+
+
+async def test_a_cancelled_close_leaves_a_batch_out_to_its_replies(private_redis):
+    link = RedisLink(private_redis.url)
+    try:
+        async with asyncio.timeout(10):
+            assert await link.command("SET", "k", "v")
+            conn, = link._wire._idle
+            written = written_event(link)
+            private_redis.freeze()  # the GET is written, its answer waits
+            call = asyncio.ensure_future(link.command("GET", "k"))
+            await written.wait()
+            closing = asyncio.ensure_future(link.close())
+            await asyncio.sleep(0)  # one step: close waits for the batch out
+            closing.cancel()
+            private_redis.thaw()
+            assert await call == b"v"
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+            assert link._wire._idle == [conn] and link.breaker.outages == 0
+            assert link._slots._value == link.options["max_connections"]
+    finally:
+        private_redis.thaw()
+        await link.close()
+
+
+async def test_close_waits_for_a_lost_scripts_long_way_and_nothing_reopens(private_redis):
+    link = RedisLink(private_redis.url).attach({"answer": "return 'forty-two'"})
+    try:
+        async with asyncio.timeout(10):
+            assert await link.script("answer", [], []) == b"forty-two"  # loaded; a connection idle
+            private_redis.client().script_flush()  # the server loses it
+            written = written_event(link)
+            call = asyncio.ensure_future(link.script("answer", [], []))
+            await written.wait()  # out on the short way; NOSCRIPT sends it the long way
+            await link.close()
+            assert await call == b"forty-two"
+            assert link._client is None and not link._wire._idle  # nothing reopened after close
+    finally:
+        await link.close()
