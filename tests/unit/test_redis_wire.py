@@ -247,3 +247,54 @@ async def test_close_waits_for_a_lost_scripts_long_way_and_nothing_reopens(priva
             assert link._client is None and not link._wire._idle  # nothing reopened after close
     finally:
         await link.close()
+
+
+async def test_a_caller_cancelled_with_its_batch_out_leaves_the_others_their_replies(private_redis):
+    link = RedisLink(private_redis.url)
+    try:
+        async with asyncio.timeout(10):
+            assert await link.command("ECHO", "first") == b"first"
+            conn, = link._wire._idle
+            written = written_event(link)
+            private_redis.freeze()  # the batch is written, its replies wait
+            gone = asyncio.ensure_future(link.command("ECHO", "gone"))
+            kept = asyncio.ensure_future(link.command("ECHO", "kept"))
+            await written.wait()
+            gone.cancel()
+            private_redis.thaw()
+            assert await kept == b"kept"
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            # the cancelled caller's reply was read and dropped: the connection is in step
+            assert link._wire._idle == [conn]
+            assert link._slots._value == link.options["max_connections"]
+            assert await link.command("ECHO", "next") == b"next" and link._wire._idle == [conn]
+            assert link.breaker.outages == 0
+    finally:
+        private_redis.thaw()
+        await link.close()
+
+
+async def test_more_parts_than_idle_connections_go_the_short_and_the_long_way_at_once():
+    require_redis()
+    link = RedisLink(f"{REDIS_URL}?prefix={new_prefix()}")
+    long_way = []
+    send = link._send
+
+    def counting(batch):
+        long_way.append(len(batch))
+        return send(batch)
+    link._send = counting
+    try:
+        async with asyncio.timeout(10):
+            assert await link.command("ECHO", "first") == b"first"  # one connection, idle
+            long_way.clear()
+            # 600 calls in one turn, three parts (BATCH_MAX 256): the first on the idle
+            # connection, the other two on connections the long way opens
+            replies = await asyncio.gather(*(link.command("ECHO", f"value {i}") for i in range(600)))
+            assert replies == [f"value {i}".encode() for i in range(600)]
+            assert long_way == [256, 88]
+            assert len(link._wire._idle) == 3
+            assert link._slots._value == link.options["max_connections"]
+    finally:
+        await link.close()
