@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)
 from smtpgate.stores import Params, open_greylist_store  # noqa: E402
 from smtpgate.stores.sqlite_store import SqliteGreylistStore  # noqa: E402
 
-REDIS = "redis://127.0.0.1:6379/15"
+REDIS = "redis://127.0.0.1:6379/15"  # the Redis of every Python bench (store_bench, limits_bench, rulecost_profile)
 T0 = 1_767_225_600.0
 PARAMS = Params(300, 2 * 86400, 35 * 86400, 5)
 

@@ -33,8 +33,7 @@ sys.path.insert(0, ROOT)
 
 from smtpgate.stores import open_limits_store  # noqa: E402
 from smtpgate.stores.limits import bucket_of  # noqa: E402
-
-REDIS = "redis://127.0.0.1:6379/15"
+from greylist_bench import REDIS  # noqa: E402 (every bench's Redis)
 HOUR = 3600.0
 BATCH = 10_000
 

@@ -48,6 +48,7 @@ from smtpgate.stores import Stores, make_allow, triplet_value  # noqa: E402
 from smtpgate.stores.greylist import Attempt, GreylistStore  # noqa: E402
 from smtpgate.stores.senders import SenderStore  # noqa: E402
 from smtpgate.testing import FakeClock, Harness  # noqa: E402
+from bench.greylist_bench import REDIS, delete_prefix  # noqa: E402 (DB 15: every bench's Redis)
 
 
 class MemoryGreylist(GreylistStore):
@@ -110,20 +111,19 @@ CASES = ("empty", "senders", "greylist", "attachments", "rewrite", "real")
 STATEFUL = ("senders", "greylist", "real")  # the cases that use the stores
 
 
-REDIS = "redis://127.0.0.1:6379/15"  # as bench/store_bench.py
-
-
 def redis_server_cpu() -> float:
     """The Redis server's CPU seconds so far (user + system, its main thread and the rest)."""
     import redis
-    info = redis.Redis.from_url(REDIS).info("cpu")
+    with redis.Redis.from_url(REDIS) as r:
+        info = r.info("cpu")
     return info["used_cpu_user"] + info["used_cpu_sys"]
 
 
 def redis_commandstats() -> dict[str, tuple[int, int]]:
     """The server's commands so far: name -> (calls, µs), those inside scripts included."""
     import redis
-    return {name: (s["calls"], s["usec"]) for name, s in redis.Redis.from_url(REDIS).info("commandstats").items()}
+    with redis.Redis.from_url(REDIS) as r:
+        return {name: (s["calls"], s["usec"]) for name, s in r.info("commandstats").items()}
 
 
 def commands_per_message(before: dict, after: dict, messages: int) -> str:
@@ -180,10 +180,11 @@ async def measure(case: str, a, raw: bytes, folder: str) -> tuple[float, float |
         return min(figures, key=lambda f: f[0] + (f[1] or 0.0))
     finally:
         prefix = stores.greylist.link.options["prefix"] if a.state == "redis" else None
-        await stores.close()
-        if prefix:
-            from bench.greylist_bench import delete_prefix
-            delete_prefix(prefix)
+        try:
+            await stores.close()
+        finally:
+            if prefix:
+                delete_prefix(prefix)
 
 
 async def run(h: Harness, raw: bytes, n: int) -> float:
@@ -205,7 +206,7 @@ def main() -> int:
     ap.add_argument("--profile", choices=CASES, help="cProfile this case instead")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--sort", default="tottime")
-    ap.add_argument("--cpu", action="store_true", help="profile CPU time, not the wall clock")
+    ap.add_argument("--cpu", action="store_true", help="with --profile: profile CPU time, not the wall clock")
     ap.add_argument("--commands", action="store_true",
                     help="with --state redis: the server's commands per message and their µs (INFO commandstats)")
     ap.add_argument("--message", choices=("smtp-source", "office"), default="smtp-source",
@@ -215,6 +216,10 @@ def main() -> int:
                     help="the store-backed rules' stores: answering at once, a real SQLite file, "
                          "or Redis at 127.0.0.1:6379 (DB 15, a private prefix)")
     a = ap.parse_args()
+    if a.cpu and not a.profile:
+        ap.error("--cpu needs --profile")
+    if a.commands and a.state != "redis":
+        ap.error("--commands needs --state redis")
     setup_logging("text", "info")  # as the gate logs, into /dev/null
     logging.getLogger().handlers[0].setStream(open(os.devnull, "w"))
     if a.message == "office":
@@ -234,7 +239,7 @@ def main() -> int:
           + (f" {'Redis server CPU µs/message':>28}" if server else ""))
     for case, (us, server_us) in figures.items():
         print(f"{case:<12} {us:>14.1f} {base / us:>24.2f}"
-              + (f" {server_us if server_us is not None else 0.0:>28.1f}" if server else ""))
+              + (f" {'-' if server_us is None else f'{server_us:.1f}':>28}" if server else ""))
     return 0
 
 

@@ -48,9 +48,8 @@ sys.path.insert(0, os.path.join(ROOT, "rules"))
 from smtpgate.pipeline.results import Event  # noqa: E402
 from smtpgate.stores import Params, Stores  # noqa: E402
 from smtpgate.stores.limits import Counter  # noqa: E402
-from greylist_bench import delete_prefix as drop_redis  # noqa: E402 (DB 15, as here)
+from greylist_bench import REDIS, delete_prefix as drop_redis  # noqa: E402
 
-REDIS = "redis://127.0.0.1:6379/15"
 T0 = 1_767_225_600.0
 NOW = T0 + 3600
 PARAMS = Params(300, 2 * 86400, 35 * 86400, 5)

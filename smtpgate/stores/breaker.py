@@ -84,14 +84,14 @@ class Breaker:
         except BaseException as exc:
             self.ended(probe, exc, is_outage)
             raise
-        self.ended(probe)
+        self.ended(probe, None, is_outage)
         return result
 
-    def ended(self, probe: bool, exc: BaseException | None = None,
-              is_outage: Callable[[BaseException], bool] | None = None) -> None:
+    def ended(self, probe: bool, exc: BaseException | None,
+              is_outage: Callable[[BaseException], bool]) -> None:
         """Account the end of a call ``run`` let through (or one made without it while the
-        circuit was closed): a success or an answer shows the server up, a network fault
-        opens the circuit, a cancelled probe leaves the next call to probe."""
+        circuit was closed): a success (``exc`` None) or an answer shows the server up, a
+        network fault opens the circuit, a cancelled probe leaves the next call to probe."""
         if exc is None:
             self._succeeded()
         elif is_outage(exc):

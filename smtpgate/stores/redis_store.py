@@ -21,7 +21,7 @@
   the greylist script answers one text, since redis-py parses every reply element in
   Python (bench/store_bench.py).
   On a plain ``redis://`` server those pipelines go on connections of our own
-  (``redis_wire.py``: hiredis packing and parsing, no per-call tasks or timers), a
+  (``redis_wire.py``: hiredis packing and parsing, no task per call, one timer per batch), a
   quarter of redis-py's CPU per round trip; everything else uses redis-py. When a
   connection is idle, the server up and a slot free (the usual case), the pipeline is
   written by the loop callback that gathered it and its callers are answered in the turn
@@ -459,7 +459,15 @@ class RedisLink:
                 or not self._slots.take_now()):
             return False
         out = asyncio.get_running_loop().create_future()  # what close() waits for
-        if not self._wire.send(self._calls(batch), lambda result: self._sent(batch, result, out)):
+        try:
+            went = self._wire.send(self._calls(batch), lambda result: self._sent(batch, result, out))
+        except Exception as e:  # a bad argument (nothing written): its callers hear it, as on _send
+            self._slots.release()
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            return True
+        if not went:
             self._slots.release()  # no idle connection: _send opens one
             return False
         self._sending.add(out)
@@ -469,7 +477,8 @@ class RedisLink:
         """The end of a ``_send_now`` batch, accounted as ``run`` accounts one."""
         self._slots.release()
         self._sending.discard(out)
-        out.set_result(None)
+        if not out.done():  # guarded: raising here, inside data_received, would kill the connection
+            out.set_result(None)
         if isinstance(result, Exception):  # a fault of the connection: an outage
             self.breaker.ended(False, result, _is_outage)
             error = self._failure(result)
@@ -477,11 +486,11 @@ class RedisLink:
                 if not future.done():
                     future.set_exception(error)
             return
-        self.breaker.ended(False)
+        self.breaker.ended(False, None, _is_outage)
         replies = _wire_replies(result)
-        lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        lost = {i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)}
         if lost:  # the server lost a script: those calls go the long way, which loads it again
-            self._track(asyncio.ensure_future(self._send([batch[i] for i in lost])))
+            self._track(asyncio.ensure_future(self._send([batch[i] for i in sorted(lost)])))
             batch, replies = ([b for i, b in enumerate(batch) if i not in lost],
                               [r for i, r in enumerate(replies) if i not in lost])
         self._deliver(batch, replies)
@@ -544,8 +553,11 @@ class RedisLink:
             self._users -= 1
             return
         self._users = 0
-        if self._sending:  # batches on their way: let them finish (their callers wait)
-            await asyncio.gather(*self._sending, return_exceptions=True)
+        # Batches on their way: let them finish (their callers wait), including the ones
+        # they start (a lost script's long way), so none reopens the link after close.
+        # asyncio.wait, not gather: a cancelled close must not cancel them.
+        while self._sending:
+            await asyncio.wait(set(self._sending))
         if self._wire is not None:
             self._wire.drop_idle()
         client, self._client = self._client, None
@@ -588,6 +600,8 @@ class _Slots(asyncio.Semaphore):
     without a coroutine (``take_now``: what ``acquire`` does when it need not wait)."""
 
     def take_now(self) -> bool:
+        # mirrors CPython 3.11+'s acquire fast path (no waiter, a free slot: _value -= 1);
+        # locked() also says no while someone waits, so the line stays FIFO
         if self.locked():
             return False
         self._value -= 1

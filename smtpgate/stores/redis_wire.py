@@ -7,9 +7,11 @@ trip (a task and a timer per read, connection bookkeeping, instrumentation); thi
 ``command``: every store decision) come this way; everything else, and ``rediss://``,
 Sentinel and ``health_check_interval`` URLs, stays on redis-py.
 
-A connection carries one batch at a time (the pool hands it to one caller, ``RedisLink``
-bounds how many are out), and its replies end that batch even when the caller has given
-up meanwhile, so the stream is never read out of step. Anything unusual closes it: a
+A connection carries one batch at a time (the pool hands it to one caller), and its
+replies end that batch even when the caller has given up meanwhile, so the stream is never
+read out of step. ``RedisLink``'s slots bound how many batches are out, but not strictly:
+a ``call`` cancelled while its batch is out gives its slot back at once, and the connection
+stays busy until the replies (or its timeout) come. Anything unusual closes it: a
 timeout, the server closing, a reply that does not parse. A batch's end is a callback
 (``send``), so a caller that needs no coroutine hears its replies in the very turn of the
 event loop they arrive in. Faults come out as ``ConnectionError`` or ``TimeoutError``, which the
@@ -89,9 +91,12 @@ class WireConnection:
         if wire.failed is not None:
             asyncio.get_running_loop().call_soon(done, wire.failed)
             return
+        assert wire.done is None, "one batch at a time on a connection"
+        # packed first: a bad argument raises here, with nothing written and nothing armed
+        data = b"".join(hiredis.pack_command(c) for c in commands)
         wire.replies, wire.want, wire.done = [], len(commands), done
         wire.timer = asyncio.get_running_loop().call_later(self._timeout, self._timed_out)
-        wire.transport.write(b"".join(hiredis.pack_command(c) for c in commands))
+        wire.transport.write(data)
 
     def _timed_out(self) -> None:
         self._wire._fail(TimeoutError(f"Redis did not answer within {self._timeout:g}s"))
@@ -135,7 +140,7 @@ class WirePool:
     def send(self, commands: list[tuple], done: Callable[[list | Exception], None]) -> bool:
         """``commands`` written at once on an idle connection, ``done`` told their replies
         (or the fault) when they come; False (nothing sent) when no connection is idle."""
-        if not self._idle:
+        if not self._has_idle():
             return False
         conn = self._idle.pop()
 
@@ -143,16 +148,30 @@ class WirePool:
             if not isinstance(result, Exception) and conn.usable:
                 self._idle.append(conn)
             done(result)
-        conn.send(commands, ended)
+        try:
+            conn.send(commands, ended)
+        except BaseException:  # nothing was written (a bad argument): still idle
+            self._idle.append(conn)
+            raise
         return True
 
     async def call(self, commands: list[tuple]) -> list:
         """The replies to ``commands`` (one round trip), on an idle connection or a new one."""
-        if not self._idle:
+        if not self._has_idle():
             self._idle.append(await self._open())
         future = asyncio.get_running_loop().create_future()
+        # send cannot answer False: a usable connection is idle (just found or opened) and
+        # nothing ran since that could take it
         self.send(commands, functools.partial(_settle, future))
         return await future
+
+    def _has_idle(self) -> bool:
+        """Whether a usable connection is idle; the ones the server closed meanwhile (its
+        timeout, CLIENT KILL, a restart) are dropped first, as redis-py's pool reconnects,
+        rather than written to and taken for an outage."""
+        while self._idle and not self._idle[-1].usable:
+            self._idle.pop().close()
+        return bool(self._idle)
 
     async def _open(self) -> WireConnection:
         loop = asyncio.get_running_loop()

@@ -1,6 +1,7 @@
 """The batched store calls' own Redis connections (smtpgate/stores/redis_wire.py): every
-caller gets its own replies, logins and databases are honoured, a connection whose replies
-were given up on is never used again. Real Redis servers on loopback; no sleeps."""
+caller gets its own replies, logins and databases are honoured, a connection whose caller
+was cancelled is used again once its replies are in, one that timed out never again. Real
+Redis servers on loopback; no sleeps."""
 from __future__ import annotations
 
 import asyncio
@@ -21,6 +22,20 @@ def private_redis(tmp_path):
     server = PrivateRedis(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+def written_event(link: RedisLink) -> asyncio.Event:
+    """Set once a batch has been written on the short way (an idle connection of the link's)."""
+    written = asyncio.Event()
+    real_send = link._wire.send
+
+    def telling(calls, done):
+        went = real_send(calls, done)
+        if went:
+            written.set()
+        return went
+    link._wire.send = telling
+    return written
 
 
 def test_plain_urls_use_the_wire_and_the_others_redis_py():
@@ -149,14 +164,137 @@ async def test_a_batch_on_an_idle_connection_goes_without_a_task_and_answers_as_
         delete_redis_keys(prefix)
 
 
-async def test_a_connection_the_server_dropped_is_an_outage_on_the_short_way_too(private_redis):
+async def test_an_idle_connection_the_server_dropped_is_replaced_and_one_with_a_batch_out_is_an_outage(
+        private_redis):
     link = RedisLink(private_redis.url)
     try:
-        assert await link.command("SET", "k", "v")
-        private_redis.client().client_kill_filter(_type="normal", skipme=True)  # our idle connection, gone
-        with pytest.raises(StoreError, match=r"ConnectionError: Redis closed the connection"):
-            await link.command("GET", "k")
-        assert link.breaker.outages == 1 and link.breaker.is_down
-        assert link._slots._value == link.options["max_connections"]
+        async with asyncio.timeout(10):
+            assert await link.command("SET", "k", "v")
+            conn, = link._wire._idle
+            lost = asyncio.Event()
+            wire = conn._wire
+            real_lost = wire.connection_lost
+            wire.connection_lost = lambda exc: (real_lost(exc), lost.set())
+            private_redis.client().client_kill_filter(_type="normal", skipme=True)  # our idle connection, gone
+            await lost.wait()  # the loop has seen it close
+            assert await link.command("GET", "k") == b"v"  # on a new connection, no outage
+            assert link.breaker.outages == 0 and link._wire._idle and link._wire._idle[0] is not conn
+
+            written = written_event(link)
+            blocked = asyncio.ensure_future(link.command("BLPOP", "nothing", 0))  # no reply until killed
+            await written.wait()
+            private_redis.client().client_kill_filter(_type="normal", skipme=True)  # with the batch out
+            with pytest.raises(StoreError, match=r"ConnectionError: Redis closed the connection"):
+                await blocked
+            assert link.breaker.outages == 1 and link.breaker.is_down
+            assert link._slots._value == link.options["max_connections"]
+    finally:
+        await link.close()
+
+
+async def test_a_bad_argument_fails_its_callers_and_leaves_the_connection_idle():
+    require_redis()
+    link = RedisLink(f"{REDIS_URL}?prefix={new_prefix()}")
+    try:
+        async with asyncio.timeout(10):
+            assert await link.command("ECHO", "first") == b"first"  # a connection, idle
+            conn, = link._wire._idle
+            with pytest.raises(TypeError):  # as on the long way: hiredis cannot pack a dict
+                await link.command("ECHO", {"not": "packable"})
+            assert link._wire._idle == [conn]  # nothing written, no timer armed: still idle
+            assert link._slots._value == link.options["max_connections"]
+            assert await link.command("ECHO", "after") == b"after"
+            assert link.breaker.outages == 0 and link._wire._idle == [conn]
+    finally:
+        await link.close()
+
+
+async def test_a_cancelled_close_leaves_a_batch_out_to_its_replies(private_redis):
+    link = RedisLink(private_redis.url)
+    try:
+        async with asyncio.timeout(10):
+            assert await link.command("SET", "k", "v")
+            conn, = link._wire._idle
+            written = written_event(link)
+            private_redis.freeze()  # the GET is written, its answer waits
+            call = asyncio.ensure_future(link.command("GET", "k"))
+            await written.wait()
+            closing = asyncio.ensure_future(link.close())
+            await asyncio.sleep(0)  # one step: close waits for the batch out
+            closing.cancel()
+            private_redis.thaw()
+            assert await call == b"v"
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+            assert link._wire._idle == [conn] and link.breaker.outages == 0
+            assert link._slots._value == link.options["max_connections"]
+    finally:
+        private_redis.thaw()
+        await link.close()
+
+
+async def test_close_waits_for_a_lost_scripts_long_way_and_nothing_reopens(private_redis):
+    link = RedisLink(private_redis.url).attach({"answer": "return 'forty-two'"})
+    try:
+        async with asyncio.timeout(10):
+            assert await link.script("answer", [], []) == b"forty-two"  # loaded; a connection idle
+            private_redis.client().script_flush()  # the server loses it
+            written = written_event(link)
+            call = asyncio.ensure_future(link.script("answer", [], []))
+            await written.wait()  # out on the short way; NOSCRIPT sends it the long way
+            await link.close()
+            assert await call == b"forty-two"
+            assert link._client is None and not link._wire._idle  # nothing reopened after close
+    finally:
+        await link.close()
+
+
+async def test_a_caller_cancelled_with_its_batch_out_leaves_the_others_their_replies(private_redis):
+    link = RedisLink(private_redis.url)
+    try:
+        async with asyncio.timeout(10):
+            assert await link.command("ECHO", "first") == b"first"
+            conn, = link._wire._idle
+            written = written_event(link)
+            private_redis.freeze()  # the batch is written, its replies wait
+            gone = asyncio.ensure_future(link.command("ECHO", "gone"))
+            kept = asyncio.ensure_future(link.command("ECHO", "kept"))
+            await written.wait()
+            gone.cancel()
+            private_redis.thaw()
+            assert await kept == b"kept"
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            # the cancelled caller's reply was read and dropped: the connection is in step
+            assert link._wire._idle == [conn]
+            assert link._slots._value == link.options["max_connections"]
+            assert await link.command("ECHO", "next") == b"next" and link._wire._idle == [conn]
+            assert link.breaker.outages == 0
+    finally:
+        private_redis.thaw()
+        await link.close()
+
+
+async def test_more_parts_than_idle_connections_go_the_short_and_the_long_way_at_once():
+    require_redis()
+    link = RedisLink(f"{REDIS_URL}?prefix={new_prefix()}")
+    long_way = []
+    send = link._send
+
+    def counting(batch):
+        long_way.append(len(batch))
+        return send(batch)
+    link._send = counting
+    try:
+        async with asyncio.timeout(10):
+            assert await link.command("ECHO", "first") == b"first"  # one connection, idle
+            long_way.clear()
+            # 600 calls in one turn, three parts (BATCH_MAX 256): the first on the idle
+            # connection, the other two on connections the long way opens
+            replies = await asyncio.gather(*(link.command("ECHO", f"value {i}") for i in range(600)))
+            assert replies == [f"value {i}".encode() for i in range(600)]
+            assert long_way == [256, 88]
+            assert len(link._wire._idle) == 3
+            assert link._slots._value == link.options["max_connections"]
     finally:
         await link.close()
