@@ -141,11 +141,9 @@ def _read_headers(part: Part, limits: Limits, out: Structure) -> None:
     if buf.startswith(b"From ", pos) and part.parent is None:  # an mbox separator line
         nl = buf.find(b"\n", pos, end)
         pos = end if nl < 0 else nl + 1
-    fields = _plain_fields(buf, pos, end, limit)
-    if fields is None:
-        _read_fields(part, buf, pos, end, limit, limits, out)
-        return
-    part.fields, pos = fields
+    # (a plain block by regex, else line by line: the same fields and end either way)
+    part.fields, pos = (_plain_fields(buf, pos, end, limit)
+                        or _read_fields(part, buf, pos, end, limit, limits, out))
     part.cte = [v.strip().lower() for v in part.get_all("content-transfer-encoding")]
     part.body = min(pos, end)
 
@@ -184,8 +182,9 @@ def _plain_fields(buf: bytes, pos: int, end: int, limit: int) -> tuple[list[Fiel
 
 
 def _read_fields(part: Part, buf: bytes, pos: int, end: int, limit: int, limits: Limits,
-                 out: Structure) -> None:
-    """The header block line by line: any bytes, defects and limits noted."""
+                 out: Structure) -> tuple[list[Field], int]:
+    """The header block line by line: any bytes, defects and limits noted. Its fields, and
+    where it ends (the body starts there, or at ``end``)."""
     fields: list[Field] = []
     cur: list | None = None  # [name, [value lines], start]
     while pos < end:
@@ -221,9 +220,7 @@ def _read_fields(part: Part, buf: bytes, pos: int, end: int, limit: int, limits:
     else:
         if cur:
             fields.append(_field(cur, pos))
-    part.fields = fields
-    part.cte = [v.strip().lower() for v in part.get_all("content-transfer-encoding")]
-    part.body = min(pos, end)
+    return fields, pos
 
 
 def _field(cur: list, end: int) -> Field:

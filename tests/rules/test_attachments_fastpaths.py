@@ -332,8 +332,9 @@ def test_delimiters_are_found_as_finditer_finds_them(pieces, cut_start, cut_end)
 def fields_the_long_way(buf: bytes, start: int, end: int, max_header: int):
     part = Part(buf, start, start, end, "", 0)
     out = Structure(part)
-    _read_fields(part, buf, start, end, min(end, start + max_header), Limits(max_header_size=max_header), out)
-    return [(f.name, f.value, f.start, f.end) for f in part.fields], part.body, out.untrusted, out.defects
+    fields, body = _read_fields(part, buf, start, end, min(end, start + max_header),
+                                Limits(max_header_size=max_header), out)
+    return [(f.name, f.value, f.start, f.end) for f in fields], min(body, end), out.untrusted, out.defects
 
 
 @settings(max_examples=1000, deadline=None)
