@@ -56,6 +56,8 @@ _MSI_CLSIDS = {"000C1084-0000-0000-C000-000000000046", "000C1086-0000-0000-C000-
 
 def sniff(data: bytes, scripts: bool = True) -> str | None:
     """The kind of file ``data`` starts (or, for some images, ends) as; None if nothing known."""
+    # A new signature at the start needs its first byte in _LEADS (else it is never tried),
+    # and a sample in the tests' samples_of_every_kind (which checks _LEADS against all bytes).
     h = data[:16]
     if h[:1] not in _LEADS:  # no signature at the start can match: only those further in
         return _sniff_inside(data)
@@ -118,7 +120,8 @@ def sniff(data: bytes, scripts: bool = True) -> str | None:
 
 
 #: The first byte of every signature ``sniff`` looks for at the start of the data: data
-#: starting otherwise can only be one of those found further in (``_sniff_inside``).
+#: starting otherwise can only be one of those found further in (``_sniff_inside``). Kept by
+#: hand (the signatures are code, not a table): a test sniffs a sample of each both ways.
 _LEADS = frozenset(bytes([b]) for b in b"M\x7f\xfe\xce\xcf\xcadL#\xd0PIvc\x78\x1fB\xfdR7\x60\x28xS")
 
 

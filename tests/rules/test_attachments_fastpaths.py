@@ -132,8 +132,9 @@ def samples_of_every_kind() -> list[bytes]:
     heads = [b"\x7fELF", b"\xca\xfe\xba\xbe", b"dex\n", b"#!/bin/sh\n", b"L\x00\x00\x00", b"PK\x03\x04",
              b"ITSF", b"conectix", b"\x78\x9f\x3e\x22", b"\x1f\x8b", b"BZh9", b"\xfd7zXZ\x00",
              b"Rar!\x1a\x07\x00", b"MSCF", b"\x60\xea\x10\x00", b"\x28\xb5\x2f\xfd", b"xar!", b"SIT!",
-             b"xx-lh5-", b"1234567**ACE**"]
+             b"xx-lh5-", b"1234567**ACE**", b"\xca\xfe\xba\xbf", b"StuffIt "]
     out += [h + bytes(700) for h in heads] + [bytes(510) + b"\x55\xaa" + bytes(600)]
+    out += [S.macho(magic) for magic in sorted(content_module._MACHO)]
     return out
 
 
@@ -392,7 +393,8 @@ def test_sniff_by_the_first_byte_gives_the_long_ways_answer(head, size, planted,
         assert sniff(data, scripts=scripts) == sniff_the_long_way(data, scripts, mp)
 
 
-@pytest.mark.parametrize("data", samples_of_every_kind(), ids=lambda d: repr(d[:8]))
+@pytest.mark.parametrize("data", samples_of_every_kind() + [S.pe(), b"MZ" + bytes(100)],  # ("MZ": read past the windows)
+                         ids=lambda d: repr(d[:8]))
 def test_every_kind_is_sniffed_as_the_long_way_sniffs_it(data, monkeypatch):
     for scripts in (True, False):
         assert sniff(data, scripts=scripts) == sniff_the_long_way(data, scripts, monkeypatch)
