@@ -1,7 +1,9 @@
 """The attachments rule's shortcuts give exactly the answer of the long way (issue 13):
-base64 sniffed from the bytes sniff reads (``base64_sample``, ``base64_is_inert``), the
-hidden-header precheck, and the printable-ASCII paths of names. Each is checked against the
-long way it skips, at the edges where the shortcut stops applying."""
+base64 sniffed from the bytes sniff reads (``base64_sample``, ``base64_is_inert``) or from
+the body's two ends (``base64_ends``), the hidden-header precheck, the printable-ASCII paths
+of names, boundary delimiters found by bytes.find, plain header blocks read by one regex,
+and sniff's first-byte check (``_LEADS``). Each is checked against the long way it skips, at
+the edges where the shortcut stops applying."""
 from __future__ import annotations
 
 import base64
