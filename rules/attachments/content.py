@@ -17,11 +17,16 @@ except ImportError:  # pragma: no cover - exercised only without the dependency
 
 HEAD = 40 * 1024  # enough for ISO 9660 / UDF volume descriptors at 0x8001..0x9006
 _ISO_DESCRIPTORS = (0x8001, 0x8801, 0x9001)
+#: What ``sniff`` looks for in a footer (fixed VHD, DMG): (offset from the end, signature).
+#: The scanner proves base64 free of them from its characters (``scan._FOOTER_QUANTA``).
+FOOTER_SIGNATURES = ((-512, b"conectix"), (-511, b"conectix"), (-512, b"koly"))
 #: Every (start, stop) that ``sniff`` reads of data not starting with "MZ" (a PE header may
-#: be anywhere): the first 512 bytes, the 9 at 512 from the end (the VHD/DMG footers'
-#: signatures) and the ISO/UDF descriptors. A test holds sniff to it; the scanner relies on
-#: it to sniff base64 without decoding all of it (the fewer bytes, the fewer it decodes).
-SNIFF_WINDOWS = ((0, 512), (-512, -503)) + tuple((o, o + 5) for o in _ISO_DESCRIPTORS)
+#: be anywhere): the first 512 bytes, the footer signatures' bytes (the 9 at 512 from the
+#: end) and the ISO/UDF descriptors. A test holds sniff to it; the scanner relies on it to
+#: sniff base64 without decoding all of it (the fewer bytes, the fewer it decodes).
+SNIFF_WINDOWS = ((0, 512), (min(o for o, _ in FOOTER_SIGNATURES),
+                            max(o + len(sig) for o, sig in FOOTER_SIGNATURES))) + \
+    tuple((o, o + 5) for o in _ISO_DESCRIPTORS)
 
 #: kinds that are banned by content (``banned_content``), with how the reason reads
 DESCRIPTIONS = {
@@ -51,6 +56,8 @@ _MSI_CLSIDS = {"000C1084-0000-0000-C000-000000000046", "000C1086-0000-0000-C000-
 
 def sniff(data: bytes, scripts: bool = True) -> str | None:
     """The kind of file ``data`` starts (or, for some images, ends) as; None if nothing known."""
+    # A new signature at the start needs its first byte in _LEADS (else it is never tried),
+    # and a sample in the tests' samples_of_every_kind (which checks _LEADS against all bytes).
     h = data[:16]
     if h[:1] not in _LEADS:  # no signature at the start can match: only those further in
         return _sniff_inside(data)
@@ -113,7 +120,8 @@ def sniff(data: bytes, scripts: bool = True) -> str | None:
 
 
 #: The first byte of every signature ``sniff`` looks for at the start of the data: data
-#: starting otherwise can only be one of those found further in (``_sniff_inside``).
+#: starting otherwise can only be one of those found further in (``_sniff_inside``). Kept by
+#: hand (the signatures are code, not a table): a test sniffs a sample of each both ways.
 _LEADS = frozenset(bytes([b]) for b in b"M\x7f\xfe\xce\xcf\xcadL#\xd0PIvc\x78\x1fB\xfdR7\x60\x28xS")
 
 
@@ -136,8 +144,7 @@ def _disk_image_inside(data: bytes) -> bool:
     for off in _ISO_DESCRIPTORS:
         if data[off:off + 5] in (b"CD001", b"BEA01", b"NSR02", b"NSR03", b"TEA01"):
             return True
-    if len(data) >= 512 and (data[-512:-504] == b"conectix" or data[-511:-503] == b"conectix"
-                             or data[-512:-508] == b"koly"):
+    if len(data) >= 512 and any(data[o:o + len(sig)] == sig for o, sig in FOOTER_SIGNATURES):
         return True
     return data[510:512] == b"\x55\xaa" and (data[3:11] == b"NTFS    " or data[0x36:0x39] == b"FAT"
                                              or data[0x52:0x57] == b"FAT32" or data[3:11] == b"EXFAT   ")

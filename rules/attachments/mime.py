@@ -141,11 +141,9 @@ def _read_headers(part: Part, limits: Limits, out: Structure) -> None:
     if buf.startswith(b"From ", pos) and part.parent is None:  # an mbox separator line
         nl = buf.find(b"\n", pos, end)
         pos = end if nl < 0 else nl + 1
-    fields = _plain_fields(buf, pos, end, limit)
-    if fields is None:
-        _read_fields(part, buf, pos, end, limit, limits, out)
-        return
-    part.fields, pos = fields
+    # (a plain block by regex, else line by line: the same fields and end either way)
+    part.fields, pos = (_plain_fields(buf, pos, end, limit)
+                        or _read_fields(part, buf, pos, end, limit, limits, out))
     part.cte = [v.strip().lower() for v in part.get_all("content-transfer-encoding")]
     part.body = min(pos, end)
 
@@ -184,8 +182,9 @@ def _plain_fields(buf: bytes, pos: int, end: int, limit: int) -> tuple[list[Fiel
 
 
 def _read_fields(part: Part, buf: bytes, pos: int, end: int, limit: int, limits: Limits,
-                 out: Structure) -> None:
-    """The header block line by line: any bytes, defects and limits noted."""
+                 out: Structure) -> tuple[list[Field], int]:
+    """The header block line by line: any bytes, defects and limits noted. Its fields, and
+    where it ends (the body starts there, or at ``end``)."""
     fields: list[Field] = []
     cur: list | None = None  # [name, [value lines], start]
     while pos < end:
@@ -221,9 +220,7 @@ def _read_fields(part: Part, buf: bytes, pos: int, end: int, limit: int, limits:
     else:
         if cur:
             fields.append(_field(cur, pos))
-    part.fields = fields
-    part.cte = [v.strip().lower() for v in part.get_all("content-transfer-encoding")]
-    part.body = min(pos, end)
+    return fields, pos
 
 
 def _field(cur: list, end: int) -> Field:
@@ -443,17 +440,25 @@ def base64_sample(body: bytes, windows) -> tuple[bytes, bytes] | None:
 
 #: bytes read at each end of a body by ``base64_ends`` (base64 lines of 76: 998 characters)
 _END_BYTES = 1024
+#: base64_ends gives the decoding's first END_HEAD bytes: its first _HEAD_CHARS characters
+END_HEAD = 512
+_HEAD_CHARS = -(-END_HEAD // 3) * 4  # 684: 171 whole groups
+#: and at least the last _TAIL_CHARS characters, whose groups hold at least the decoding's
+#: last END_TAIL bytes: of the last T characters, the whole groups from the first group start
+#: on are (T - 1) // 4 or more (the fewest when the stream ends in a dangling character)
+_TAIL_CHARS = 704
+END_TAIL = (_TAIL_CHARS - 1) // 4 * 3  # 525
 
 
 def base64_ends(body: bytes) -> tuple[bytes, bytes] | None:
     """What ``decode_base64(body)`` holds at its ends, from the body's first and last
-    _END_BYTES alone: its first 512 bytes, and its last 704 characters or more (their
-    whole groups decode to the decoding's last 520 bytes, bar the last group's when
-    short). None when the body is shorter than both ends, padding comes before its end
-    or either end holds too few characters (too much else in it).
+    _END_BYTES alone: its first END_HEAD bytes, and the characters of its last _END_BYTES
+    (_TAIL_CHARS or more: the groups of the decoding's last END_TAIL bytes or more). None
+    when the body is shorter than 2 x _END_BYTES (the ends would overlap), padding comes
+    before its end, or either end holds too few characters (too much else in it).
 
     Why: with padding only at its end the body is one stream (see ``base64_sample``); its
-    first 684 characters are the first 171 groups, and the last ones are the stream's own."""
+    first _HEAD_CHARS characters are its first groups, and the last ones are the stream's own."""
     if len(body) < 2 * _END_BYTES:
         return None
     eq = body.find(b"=")
@@ -461,9 +466,9 @@ def base64_ends(body: bytes) -> tuple[bytes, bytes] | None:
         return None
     head = body[:_END_BYTES].translate(None, B64_DELETE)
     tail = body[-_END_BYTES:].translate(None, B64_DELETE).rstrip(b"=")
-    if len(head) < 684 or len(tail) < 704 or b"=" in head:
+    if len(head) < _HEAD_CHARS or len(tail) < _TAIL_CHARS or b"=" in head:
         return None
-    return binascii.a2b_base64(head[:684])[:512], tail
+    return binascii.a2b_base64(head[:_HEAD_CHARS])[:END_HEAD], tail
 
 
 def base64_of_every_occurrence(data: bytes) -> tuple[bytes, ...]:

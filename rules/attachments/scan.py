@@ -14,10 +14,11 @@ import re
 from dataclasses import dataclass, field
 
 from . import archives
-from .content import (CONTAINERS, DESCRIPTIONS, HEAD, OPAQUE, SNIFF_WINDOWS, inspect_ole,
-                      parse_tnef, sniff)
-from .mime import (Limits, Part, base64_ends, base64_of_every_occurrence, base64_sample, contents,
-                   decode_base64, decode_uu, headerless_base64, mostly_long_lines, parse)
+from .content import (CONTAINERS, DESCRIPTIONS, FOOTER_SIGNATURES, HEAD, OPAQUE, SNIFF_WINDOWS,
+                      inspect_ole, parse_tnef, sniff)
+from .mime import (END_HEAD, END_TAIL, Limits, Part, base64_ends, base64_of_every_occurrence,
+                   base64_sample, contents, decode_base64, decode_uu, headerless_base64,
+                   mostly_long_lines, parse)
 from .names import display, extensions, has_bidi, raw_names, variants
 
 log = logging.getLogger("smtpgate.rule.attachments")
@@ -35,7 +36,16 @@ _SHORT_BASE64 = 2048
 #: data no longer than this is read there by none (``_Scanner._ends_are_inert``).
 _ISO_START = min(start for start, _ in SNIFF_WINDOWS if start > 0)
 #: the base64 of what sniff looks for in a footer (VHD, DMG), however it falls into groups
-_FOOTER_QUANTA = base64_of_every_occurrence(b"conectix") + base64_of_every_occurrence(b"koly")
+_FOOTER_QUANTA = tuple(q for sig in dict.fromkeys(sig for _, sig in FOOTER_SIGNATURES)
+                       for q in base64_of_every_occurrence(sig))
+#: _ends_are_inert's stand-in: the first 512 bytes, then zeros where sniff reads a footer
+_FOOTER_ZEROS = bytes(-SNIFF_WINDOWS[1][0])
+# _ends_are_inert's proof takes sniff's first window for the bytes base64_ends decodes, its
+# footer window for bytes inside the end whose characters base64_ends gives, and the others
+# for windows past both: a change to the windows must keep that (or change the proof).
+if not (SNIFF_WINDOWS[0] == (0, END_HEAD) and -END_TAIL <= SNIFF_WINDOWS[1][0] < SNIFF_WINDOWS[1][1] < 0
+        and all(start >= END_HEAD for start, _ in SNIFF_WINDOWS[2:])):
+    raise AssertionError(f"sniff's windows {SNIFF_WINDOWS} break _Scanner._ends_are_inert's proof")
 _COMPRESSED_SUFFIX = {".gz": "", ".gzip": "", ".tgz": ".tar", ".taz": ".tar", ".bz2": "",
                       ".tbz": ".tar", ".tbz2": ".tar", ".xz": "", ".txz": ".tar", ".z": ""}
 
@@ -167,7 +177,8 @@ class _Scanner:
     def _ends_are_inert(self, body: bytes, attachment_like: bool, texty: bool) -> bool:
         """base64_is_inert's proof from the body's two ends, without translating all of it
         (what a short body of base64-shaped text comes to): True only when it holds, False
-        means: prove it the long way. Exact: the decoding is longer than 512 bytes and
+        means: prove it the long way. Exact: the decoding is longer than 512 bytes (base64_ends
+        wants 684 and 704 characters from the body's two ends, apart: over 1040 bytes) and
         shorter than the ISO windows (so sniff reads only its first 512 and its footer),
         its first 512 bytes are known, the last characters (whose groups hold the footer)
         hold none of _FOOTER_QUANTA (so the footer holds no signature), so sniff says of it
@@ -181,7 +192,7 @@ class _Scanner:
         head, tail = ends
         if head[:2] == b"MZ" or any(q in tail for q in _FOOTER_QUANTA):
             return False
-        return sniff(head + bytes(512), scripts=attachment_like) is None
+        return sniff(head + _FOOTER_ZEROS, scripts=attachment_like) is None
 
     def embedded_text(self, data: bytes) -> list[str]:
         """uuencoded and yEnc files inside a text body (some readers show them as attachments)."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from ..errors import ConfigError, OptionError, Problem
@@ -21,8 +21,12 @@ class Policy:
     name: str
     domains: tuple[str, ...] = ()
     suffixes: tuple[str, ...] = ()  # with their leading dot: ".example.com"
-    rules: list[Rule] = field(default_factory=list)
+    rules: tuple[Rule, ...] = ()  # (given as any sequence: kept as a tuple, never changed)
     source: str | None = None
+
+    def __post_init__(self):
+        # PolicySet.end_rules keeps what it builds from the rules: they must stay as they are
+        object.__setattr__(self, "rules", tuple(self.rules))
 
 
 class PolicySet:
@@ -39,7 +43,7 @@ class PolicySet:
     def end_rules(self, policy: Policy | None) -> tuple[Rule, ...]:
         """The rules a transaction under ``policy`` ends with (``on_end``, in this order): the
         session policy's, then ``policy``'s others, each instance once. Built at the first
-        transaction of each policy, not at every one (a policy's rules are fixed)."""
+        transaction of each policy, not at every one (a policy's rules are a tuple: fixed)."""
         rules = self._end_rules.get(policy)
         if rules is None:
             session_rules = self.session_policy.rules

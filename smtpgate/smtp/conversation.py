@@ -666,9 +666,9 @@ class Conversation:
         rules = self.runtime.policies.end_rules(tx.policy)
         took = time.monotonic() - tx.started
         # (without an on_delivered hook, run_delivered would skip every rule: not called)
-        delivered = delivered and _observed(tx.policy.rules, "on_delivered")
-        if delivered or _observed(rules, "on_end"):
-            self._after_work = self._after_end(tx, reply, stage, rules, delivered, took)
+        run_delivered_hooks = delivered and _observed(tx.policy.rules, "on_delivered")
+        if run_delivered_hooks or _observed(rules, "on_end"):
+            self._after_work = self._after_end(tx, reply, stage, rules, run_delivered_hooks, took)
         else:
             # No hook to run: run_delivered/run_end would skip every rule (the runner calls
             # only rules with the hook), add no trace entry and wait for nothing; what is left

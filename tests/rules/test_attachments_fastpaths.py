@@ -1,7 +1,9 @@
 """The attachments rule's shortcuts give exactly the answer of the long way (issue 13):
-base64 sniffed from the bytes sniff reads (``base64_sample``, ``base64_is_inert``), the
-hidden-header precheck, and the printable-ASCII paths of names. Each is checked against the
-long way it skips, at the edges where the shortcut stops applying."""
+base64 sniffed from the bytes sniff reads (``base64_sample``, ``base64_is_inert``) or from
+the body's two ends (``base64_ends``), the hidden-header precheck, the printable-ASCII paths
+of names, boundary delimiters found by bytes.find, plain header blocks read by one regex,
+and sniff's first-byte check (``_LEADS``). Each is checked against the long way it skips, at
+the edges where the shortcut stops applying."""
 from __future__ import annotations
 
 import base64
@@ -132,8 +134,9 @@ def samples_of_every_kind() -> list[bytes]:
     heads = [b"\x7fELF", b"\xca\xfe\xba\xbe", b"dex\n", b"#!/bin/sh\n", b"L\x00\x00\x00", b"PK\x03\x04",
              b"ITSF", b"conectix", b"\x78\x9f\x3e\x22", b"\x1f\x8b", b"BZh9", b"\xfd7zXZ\x00",
              b"Rar!\x1a\x07\x00", b"MSCF", b"\x60\xea\x10\x00", b"\x28\xb5\x2f\xfd", b"xar!", b"SIT!",
-             b"xx-lh5-", b"1234567**ACE**"]
+             b"xx-lh5-", b"1234567**ACE**", b"\xca\xfe\xba\xbf", b"StuffIt "]
     out += [h + bytes(700) for h in heads] + [bytes(510) + b"\x55\xaa" + bytes(600)]
+    out += [S.macho(magic) for magic in sorted(content_module._MACHO)]
     return out
 
 
@@ -332,8 +335,9 @@ def test_delimiters_are_found_as_finditer_finds_them(pieces, cut_start, cut_end)
 def fields_the_long_way(buf: bytes, start: int, end: int, max_header: int):
     part = Part(buf, start, start, end, "", 0)
     out = Structure(part)
-    _read_fields(part, buf, start, end, min(end, start + max_header), Limits(max_header_size=max_header), out)
-    return [(f.name, f.value, f.start, f.end) for f in part.fields], part.body, out.untrusted, out.defects
+    fields, body = _read_fields(part, buf, start, end, min(end, start + max_header),
+                                Limits(max_header_size=max_header), out)
+    return [(f.name, f.value, f.start, f.end) for f in fields], min(body, end), out.untrusted, out.defects
 
 
 @settings(max_examples=1000, deadline=None)
@@ -391,7 +395,8 @@ def test_sniff_by_the_first_byte_gives_the_long_ways_answer(head, size, planted,
         assert sniff(data, scripts=scripts) == sniff_the_long_way(data, scripts, mp)
 
 
-@pytest.mark.parametrize("data", samples_of_every_kind(), ids=lambda d: repr(d[:8]))
+@pytest.mark.parametrize("data", samples_of_every_kind() + [S.pe(), b"MZ" + bytes(100)],  # ("MZ": read past the windows)
+                         ids=lambda d: repr(d[:8]))
 def test_every_kind_is_sniffed_as_the_long_way_sniffs_it(data, monkeypatch):
     for scripts in (True, False):
         assert sniff(data, scripts=scripts) == sniff_the_long_way(data, scripts, monkeypatch)
@@ -436,11 +441,12 @@ def footer_messages() -> list[tuple[str, bytes]]:
     """Headerless base64 and declared base64 parts whose decoding ends in a VHD or DMG footer
     (or holds one just before it), at every alignment, up to the ISO windows' edge."""
     cases = []
-    for footer in (S.vhd_fixed()[-512:], S.dmg()[-512:]):
+    # (the VHD footer a byte short: sniff's other place for "conectix", data[-511:-503])
+    for footer in (S.vhd_fixed()[-512:], S.vhd_fixed()[-512:-1], S.dmg()[-512:]):
         for size in (1100, 1101, 1102, 3000, 3001, 3002, 20_000, 32_000, 32_200, 32_300):
             for shift in (0, 1, 2, 9):
-                data = bytes(max(0, size - 512 - shift)) + footer + bytes(shift)
-                label = f"{footer[:4]!r} {size}+{shift}"
+                data = bytes(max(0, size - len(footer) - shift)) + footer + bytes(shift)
+                label = f"{footer[:4]!r}{len(footer)} {size}+{shift}"
                 cases.append((f"headerless {label}", S.HEAD + b"\r\n" + S.b64(data)))
                 cases.append((f"headerless as text {label}", S.HEAD + b"\r\n" + base64.b64encode(data)))
                 cases.append((f"declared {label}", S.multipart(S.part(data, "f.bin"))))
@@ -452,6 +458,38 @@ def test_footers_are_found_as_the_long_way_finds_them(label, raw, monkeypatch):
     short = both_ways(raw, monkeypatch)
     if "+0" in label and "as text" not in label:  # where sniff reads it (a one-line body is no base64 for it)
         assert any("disk image" in r for f in short[0] for r in f[2]), label
+
+
+FOOTERS = {"vhd": S.vhd_fixed()[-512:], "vhd-511": S.vhd_fixed()[-512:-1], "dmg": S.dmg()[-512:]}
+
+
+@pytest.mark.parametrize("extra", [0, 1, 2])  # the decoding's length mod 3: how its stream ends
+@pytest.mark.parametrize("chars", [600, 650, 680, 686, 700, 704, 712, 720])
+@pytest.mark.parametrize("footer", FOOTERS)
+def test_a_footer_behind_a_thinned_last_kb_is_found(footer, chars, extra, monkeypatch):
+    """The body's last 1024 bytes hold only ``chars`` base64 characters (junk readers skip
+    fills the rest): too few to reach back to the footer's groups (686 at most), base64_ends
+    must leave it to the long way; from its 704 on, its characters hold the footer's."""
+    data = bytes(20_000 + extra) + FOOTERS[footer]
+    text = base64.b64encode(data).rstrip(b"=")
+    lines = text[:-chars]
+    head = b"\r\n".join(lines[i:i + 76] for i in range(0, len(lines), 76))
+    body = head + b"\r\n" + b" " * (1024 - chars) + text[-chars:]
+    assert len(body[-1024:].translate(None, B64_DELETE)) == chars
+    raw = S.multipart(S.part(b"", "f.bin") + body)
+    assert any("disk image" in r for f in both_ways(raw, monkeypatch)[0] for r in f[2])
+
+
+def test_an_iso_just_long_enough_for_its_descriptor_is_found(monkeypatch):
+    """The shortest data holding an ISO 9660 descriptor (0x8006 bytes) is too long for
+    _ends_are_inert (sniff reads its ISO window), however tightly its base64 is written."""
+    data = bytearray(0x8006)
+    data[0x8001:0x8006] = b"CD001"
+    encoded = base64.b64encode(bytes(data))
+    for raw in (S.multipart(S.part(bytes(data), "f.iso")), S.HEAD + b"\r\n" + S.b64(bytes(data)),
+                S.multipart(S.part(b"", "f.bin") + encoded),
+                S.multipart(S.part(b"", "f.bin") + encoded.rstrip(b"="))):
+        assert any("disk image" in r for f in both_ways(raw, monkeypatch)[0] for r in f[2])
 
 
 def test_short_text_is_proved_inert_from_its_ends(monkeypatch):
