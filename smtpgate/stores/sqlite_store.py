@@ -82,6 +82,7 @@ class SqliteDatabase:
         self._group: list = []  # (fn, args, future): writes asked this turn (``write``)
         self._checkpoint: asyncio.Future | None = None
         self._held = False  # a checkpoint's last step runs: the writes asked wait in _group
+        self._closing = False  # close() runs: its last commits start no checkpoint (it would outlive close)
         self._tallies: dict[Callable, Counter] = {}  # writer -> counts not written yet (``tally``)
         self._tally_timer: asyncio.TimerHandle | None = None
         self._riding: set[asyncio.Future] = set()  # tallies being written
@@ -96,7 +97,7 @@ class SqliteDatabase:
         if self._pid == os.getpid():
             return False
         self._conn = self._loop_conn = self._opening = self._checkpoint = None
-        self._held = False
+        self._held = self._closing = False
         self._executor = self._tally_timer = None
         self._tallies, self._riding = {}, set()  # the parent's, not this process's
         self._pid = os.getpid()
@@ -305,7 +306,7 @@ class SqliteDatabase:
         checkpoint on the thread."""
         if conn.total_changes != before and self.path != ":memory:":
             self._writes += writes
-            if self._writes >= CHECKPOINT_EVERY and self._checkpoint is None:
+            if self._writes >= CHECKPOINT_EVERY and self._checkpoint is None and not self._closing:
                 self._writes = 0
                 self._checkpoint = asyncio.ensure_future(self._checkpoint_now())
         return result
@@ -367,6 +368,7 @@ class SqliteDatabase:
             conn.execute("PRAGMA busy_timeout = 0")
             conn.execute("PRAGMA wal_autocheckpoint = 0")
         self._loop_conn = conn
+        self._closing = False  # opened again after a close
         return conn
 
     def _connect(self, check_same_thread: bool = True) -> sqlite3.Connection:
@@ -396,6 +398,9 @@ class SqliteDatabase:
     async def close(self) -> None:
         if self._forked():
             return
+        # From now on no checkpoint starts: one started by the commits below would run after
+        # close returned, on a new thread and connection that nothing closes.
+        self._closing = True
         if self._checkpoint is not None:
             await asyncio.gather(self._checkpoint, return_exceptions=True)
         if (self._group or self._tallies) and self._loop_conn is not None:

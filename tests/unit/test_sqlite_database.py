@@ -107,6 +107,29 @@ async def test_closing_commits_the_writes_already_asked(tmp_path):
         await again.close()
 
 
+async def test_close_leaves_no_checkpoint_behind(tmp_path, monkeypatch):
+    # close's own last commit (the writes asked just before) counts as a write too: a
+    # checkpoint it started would run after close returned, on a new thread and connection
+    # that nothing closes (one more per reload)
+    from smtpgate.stores import sqlite_store
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 1)
+    path = tmp_path / "state.db"
+    stores = open_stores(f"sqlite://{path}")
+    db = stores.limits.db
+    await db.run(lambda conn: conn.execute("CREATE TABLE t (v INTEGER)"))
+    await db.write(put, 1)
+    await db._checkpoint  # the one that write started
+    pending = asyncio.ensure_future(db.write(put, 2))
+    await asyncio.sleep(0)  # asked: its group waits for the turn's end, close commits it
+    await db.close()  # the database's own (stores.close closes it again)
+    assert pending.result() == 2
+    assert db._checkpoint is None and db._executor is None and db._conn is None
+    await stores.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT v FROM t ORDER BY v").fetchall() == [(1,), (2,)]
+    conn.close()
+
+
 async def test_a_write_failing_half_way_leaves_nothing_and_the_others_everything(tmp_path):
     # No savepoint per write: the group is rolled back whole and the others run again.
     stores = open_stores(f"sqlite://{tmp_path}/state.db")
