@@ -77,6 +77,7 @@ class SqliteDatabase:
         self._loop_conn: sqlite3.Connection | None = None
         self._opening: asyncio.Future | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._jobs: set[concurrent.futures.Future] = set()  # run()'s, queued or running on the thread
         self._pid: int | None = None
         self._writes = 0  # on the loop's connection since the last checkpoint
         self._group: list = []  # (fn, args, future): writes asked this turn (``write``)
@@ -99,6 +100,7 @@ class SqliteDatabase:
         self._conn = self._loop_conn = self._opening = self._checkpoint = None
         self._held = self._closing = False
         self._executor = self._tally_timer = None
+        self._jobs = set()
         self._tallies, self._riding = {}, set()  # the parent's, not this process's
         self._pid = os.getpid()
         return True
@@ -108,9 +110,11 @@ class SqliteDatabase:
         if self.path == ":memory:":
             return await self.call(fn, *args)
         self._forked()
-        loop = asyncio.get_running_loop()
+        job = self._thread().submit(self._on_thread, fn, args)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)  # on the thread (or here if cancelled)
         try:
-            return await loop.run_in_executor(self._thread(), self._on_thread, fn, args)
+            return await asyncio.wrap_future(job)
         except sqlite3.Error as e:
             raise StoreError(f"SQLite {self.path}: {e}") from None
 
@@ -324,12 +328,15 @@ class SqliteDatabase:
         WAL then grows without end (60 MB a second under bench/store_bench.py, 550 MB after
         40,000 decisions). So past RESTART_FRAMES a second step, RESTART, copies what was
         written meanwhile and restarts the WAL while this process's writes wait in their
-        group (tens of ms, most of it the disk syncs) and other processes' on their threads."""
+        group (tens of ms, most of it the disk syncs) and other processes' on their threads;
+        skipped, till the next checkpoint, while the thread has other work."""
         try:
             _, frames, _ = await self.run(_checkpoint, "PASSIVE")
             if frames < RESTART_FRAMES:
                 return
             await self.run(_checkpoint, "PASSIVE")  # what was written meanwhile: less to copy while held
+            if self._jobs:  # queued behind them (a sweep, a write waiting up to BUSY_TIMEOUT_MS
+                return  # for a lock), the RESTART would hold the writes as long: next time
             self._held = True
             try:
                 busy, _, _ = await self.run(_checkpoint, "RESTART")

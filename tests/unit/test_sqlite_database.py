@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 
 import pytest
 
@@ -207,5 +208,68 @@ async def test_the_wal_starts_over_under_a_steady_stream_of_writes(tmp_path, mon
         await asyncio.gather(*(writer(i) for i in range(16)))
         assert wal_restarts(path) >= 2  # the file itself started over
         assert sum(c.current for c in await stores.limits.counters("client")) == hits  # none lost
+    finally:
+        await stores.close()
+
+
+def blocking_step(monkeypatch, loop, number: int):
+    """Have the ``number``th checkpoint step (sqlite_store._checkpoint, on the thread) wait:
+    returns (started: set when it begins, go: lets it run on)."""
+    from smtpgate.stores import sqlite_store
+    real, steps = sqlite_store._checkpoint, []
+    started, go = asyncio.Event(), threading.Event()
+
+    def step(conn, mode):
+        steps.append(mode)
+        if len(steps) == number:
+            loop.call_soon_threadsafe(started.set)
+            go.wait(30)
+        return real(conn, mode)
+    monkeypatch.setattr(sqlite_store, "_checkpoint", step)
+    return started, go, steps
+
+
+async def wal_past_restart(db, monkeypatch):
+    """A table t, and writes enough for the next checkpoint to restart the WAL (none of its own)."""
+    from smtpgate.stores import sqlite_store
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 10**9)
+    monkeypatch.setattr(sqlite_store, "RESTART_FRAMES", 20)
+    await db.run(lambda conn: conn.execute("CREATE TABLE t (v INTEGER)"))
+    for v in range(30):  # a commit each: a WAL frame or more each
+        await db.write(put, v)
+
+
+def put(conn, v):
+    with write_transaction(conn):
+        conn.execute("INSERT INTO t VALUES (?)", (v,))
+    return v
+
+
+async def test_the_restart_waits_for_no_other_work_of_the_thread(tmp_path, monkeypatch):
+    # a job queued on the thread while the checkpoint runs (a sweep, a write waiting for a
+    # lock) would run before the RESTART, and the writes would be held as long: it is skipped
+    path = tmp_path / "state.db"
+    stores = open_stores(f"sqlite://{path}")
+    db = stores.limits.db
+    try:
+        await wal_past_restart(db, monkeypatch)
+        started, go, steps = blocking_step(monkeypatch, asyncio.get_running_loop(), 2)
+        checkpoint = asyncio.ensure_future(db._checkpoint_now())
+        await asyncio.wait_for(started.wait(), 30)  # its second PASSIVE runs
+        release = threading.Event()
+        job = asyncio.ensure_future(db.run(lambda conn: release.wait(30)))
+        await asyncio.sleep(0)  # queued behind it
+        go.set()
+
+        async def decided():  # skipped, or the writes held (the RESTART queued behind the job)
+            while not checkpoint.done() and not db._held:
+                await asyncio.sleep(0)
+        await asyncio.wait_for(decided(), 30)
+        release.set()
+        assert await asyncio.wait_for(job, 30) is True
+        await asyncio.wait_for(checkpoint, 30)
+        assert steps == ["PASSIVE", "PASSIVE"] and db.restarts == 0
+        await asyncio.wait_for(db._checkpoint_now(), 30)  # the next one, the thread idle
+        assert steps[-1] == "RESTART" and db.restarts == 1
     finally:
         await stores.close()
