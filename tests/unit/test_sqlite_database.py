@@ -273,3 +273,51 @@ async def test_the_restart_waits_for_no_other_work_of_the_thread(tmp_path, monke
         assert steps[-1] == "RESTART" and db.restarts == 1
     finally:
         await stores.close()
+
+
+async def test_a_checkpoint_past_restart_frames_restarts_the_wal(tmp_path, monkeypatch):
+    path = tmp_path / "state.db"
+    stores = open_stores(f"sqlite://{path}")
+    db = stores.limits.db
+    try:
+        await wal_past_restart(db, monkeypatch)
+        before = wal_restarts(path)
+        await asyncio.wait_for(db._checkpoint_now(), 30)
+        assert db.restarts == 1
+        await db.write(put, 30)  # the WAL starts over at the next write: a new header
+        assert wal_restarts(path) == before + 1
+    finally:
+        await stores.close()
+
+
+async def test_a_write_and_a_flush_asked_during_the_hold_go_once_it_ends(tmp_path, monkeypatch):
+    path = tmp_path / "state.db"
+    stores = open_stores(f"sqlite://{path}")
+    db = stores.limits.db
+    try:
+        await wal_past_restart(db, monkeypatch)
+        await db.run(lambda conn: conn.execute("CREATE TABLE n (name TEXT PRIMARY KEY, n INTEGER)"))
+
+        def add(conn, counts):
+            conn.executemany("INSERT INTO n VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET n = n + excluded.n",
+                             counts.items())
+        started, go, steps = blocking_step(monkeypatch, asyncio.get_running_loop(), 3)
+        checkpoint = db._checkpoint = asyncio.ensure_future(db._checkpoint_now())  # as a write starts it
+        await asyncio.wait_for(started.wait(), 30)  # the RESTART runs: the writes are held
+        assert db._held
+        write = asyncio.ensure_future(db.write(put, 100))
+        db.tally(add, "x", 3)
+        flush = asyncio.ensure_future(db.flush())
+        for _ in range(5):  # turns of the loop: neither goes meanwhile
+            await asyncio.sleep(0)
+        assert not write.done() and not flush.done() and db._group
+        go.set()
+        assert await asyncio.wait_for(write, 30) == 100
+        await asyncio.wait_for(flush, 30)
+        await asyncio.wait_for(checkpoint, 30)
+        assert steps == ["PASSIVE", "PASSIVE", "RESTART"] and db.restarts == 1
+        rows = await db.call(lambda conn: (conn.execute("SELECT count(*), max(v) FROM t").fetchone(),
+                                           conn.execute("SELECT name, n FROM n").fetchall()))
+        assert rows == ((31, 100), [("x", 3)])  # none lost
+    finally:
+        await stores.close()
