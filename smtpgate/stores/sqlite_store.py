@@ -102,6 +102,7 @@ class SqliteDatabase:
         self._executor = self._tally_timer = None
         self._jobs = set()
         self._tallies, self._riding = {}, set()  # the parent's, not this process's
+        self._group = []  # the parent's writes: with them, a write here would never lead
         self._pid = os.getpid()
         return True
 

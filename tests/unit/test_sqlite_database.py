@@ -131,6 +131,25 @@ async def test_close_leaves_no_checkpoint_behind(tmp_path, monkeypatch):
     conn.close()
 
 
+async def test_a_forked_process_writes_without_its_parents_pending_group(tmp_path):
+    # a worker forked while its parent's group waited for its commit: the first write of the
+    # child leads a group of its own (with the parent's, it would wait for a leader forever)
+    stores = open_stores(f"sqlite://{tmp_path}/state.db")
+    db = stores.senders.db
+    try:
+        await db.run(lambda conn: conn.execute("CREATE TABLE t (v INTEGER)"))
+        await db.call(lambda conn: None)  # the loop's connection open
+        parent = db._loop_conn, db._conn, db._executor
+        db._group.append((put, (0,), asyncio.get_running_loop().create_future()))  # the parent's
+        db._pid = -1  # as seen from the child: opened by another process
+        assert await asyncio.wait_for(db.write(put, 1), 30) == 1
+        assert await db.call(lambda conn: [v for (v,) in conn.execute("SELECT v FROM t")]) == [1]
+        parent[0].close()
+        await asyncio.get_running_loop().run_in_executor(parent[2], parent[1].close)
+        parent[2].shutdown()
+    finally:
+        await stores.close()
+
 async def test_a_write_failing_half_way_leaves_nothing_and_the_others_everything(tmp_path):
     # No savepoint per write: the group is rolled back whole and the others run again.
     stores = open_stores(f"sqlite://{tmp_path}/state.db")
