@@ -191,6 +191,7 @@ class SqliteDatabase:
 
     async def flush(self) -> None:
         """Write the pending tallies now, and wait for them (a reader in this process sees them)."""
+        self._forked()  # not the parent's tallies, checkpoint nor riders: they are not this process's
         if self._tallies:
             if self._held:  # a checkpoint holds the writes: the tallies go once it lets go
                 await asyncio.gather(self._checkpoint, return_exceptions=True)

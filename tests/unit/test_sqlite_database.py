@@ -150,6 +150,22 @@ async def test_a_forked_process_writes_without_its_parents_pending_group(tmp_pat
     finally:
         await stores.close()
 
+async def test_a_forked_process_flushes_without_its_parents_tallies_in_flight(tmp_path):
+    # the parent's tallies being written when it forked are not the child's to wait for
+    stores = open_stores(f"sqlite://{tmp_path}/state.db")
+    db = stores.senders.db
+    try:
+        await db.call(lambda conn: None)  # the loop's connection open
+        parent = db._loop_conn, db._executor
+        db._riding.add(asyncio.get_running_loop().create_future())  # the parent's, never done here
+        db._pid = -1  # as seen from the child: opened by another process
+        await asyncio.wait_for(db.flush(), 30)
+        assert not db._riding
+        parent[0].close()
+        parent[1].shutdown()
+    finally:
+        await stores.close()
+
 async def test_a_write_failing_half_way_leaves_nothing_and_the_others_everything(tmp_path):
     # No savepoint per write: the group is rolled back whole and the others run again.
     stores = open_stores(f"sqlite://{tmp_path}/state.db")
