@@ -210,6 +210,9 @@ class SqliteDatabase:
         def written(f: asyncio.Future) -> None:
             self._riding.discard(f)
             if f.cancelled() or f.exception() is not None:
+                # Cancelled: a rider moved to the thread (the file was locked) whose task is
+                # cancelled, at the loop's teardown, may still commit there: written again
+                # later, its counts are then counted twice (rare; counters, not decisions).
                 for writer, counts in taken.items():
                     self._tallies.setdefault(writer, Counter()).update(counts)
                 if self._loop_conn is not None:  # not closed: try again later
