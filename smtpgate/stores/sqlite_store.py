@@ -197,6 +197,9 @@ class SqliteDatabase:
                 await asyncio.gather(self._checkpoint, return_exceptions=True)
             await self._loop_connection()
             self._commit_group(tallies=True)
+            if self._tally_timer is not None and not self._tallies:  # nothing left for it to write
+                self._tally_timer.cancel()
+                self._tally_timer = None
         if self._riding:
             await asyncio.gather(*self._riding, return_exceptions=True)
 
