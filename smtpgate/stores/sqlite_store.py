@@ -699,7 +699,9 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
     def __init__(self, url: str, db: SqliteDatabase | None = None):
         super().__init__(url, db)
         self._add_counts = self._migrated(_add_counts)  # one writer: the key of its tallies
-        #: (triplet, client address) pairs last found allowed, oldest first (see attempt)
+        #: (triplet, client address) pairs last found allowed, oldest first (see attempt): past
+        #: ALLOWED_HINTS the first added goes (FIFO, not LRU: a pair still allowed then takes
+        #: the write path once, which adds it back)
         self._allowed_before: dict[tuple, None] = {}
 
     # -- the decisive operation --------------------------------------------------------
