@@ -10,8 +10,9 @@
   hop costs more than the statements (bench/store_bench.py: 3-5x fewer decisions per
   second), so only that rare case and the long work (the CLI's lists and purges, exports,
   sweeps, checkpoints) pay it. The loop's connection never checkpoints (a checkpoint syncs
-  the disk): every ``CHECKPOINT_EVERY`` writes it asks the thread for one, which has the WAL
-  start over from its beginning (``_checkpoint_now``).
+  the disk): every ``CHECKPOINT_EVERY`` writes it asks the thread for one, beside the
+  writes; the one that finds the WAL past ``RESTART_FRAMES`` also has it start over from its
+  beginning (``_checkpoint_now``).
 - A decision that changes nothing but a counter (an allow-listed greylist triplet) takes no
   write lock: its counter is tallied in memory and written about once a second (``tally``).
 - The schema is versioned per component in a ``meta`` table and migrates itself, in one
