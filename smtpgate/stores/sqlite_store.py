@@ -10,8 +10,9 @@
   hop costs more than the statements (bench/store_bench.py: 3-5x fewer decisions per
   second), so only that rare case and the long work (the CLI's lists and purges, exports,
   sweeps, checkpoints) pay it. The loop's connection never checkpoints (a checkpoint syncs
-  the disk): every ``CHECKPOINT_EVERY`` writes it asks the thread for one, which has the WAL
-  start over from its beginning (``_checkpoint_now``).
+  the disk): every ``CHECKPOINT_EVERY`` writes it asks the thread for one, beside the
+  writes; the one that finds the WAL past ``RESTART_FRAMES`` also has it start over from its
+  beginning (``_checkpoint_now``).
 - A decision that changes nothing but a counter (an allow-listed greylist triplet) takes no
   write lock: its counter is tallied in memory and written about once a second (``tally``).
 - The schema is versioned per component in a ``meta`` table and migrates itself, in one
@@ -77,11 +78,13 @@ class SqliteDatabase:
         self._loop_conn: sqlite3.Connection | None = None
         self._opening: asyncio.Future | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._jobs: set[concurrent.futures.Future] = set()  # run()'s, queued or running on the thread
         self._pid: int | None = None
         self._writes = 0  # on the loop's connection since the last checkpoint
         self._group: list = []  # (fn, args, future): writes asked this turn (``write``)
         self._checkpoint: asyncio.Future | None = None
         self._held = False  # a checkpoint's last step runs: the writes asked wait in _group
+        self._closing = False  # close() runs: its last commits start no checkpoint (it would outlive close)
         self._tallies: dict[Callable, Counter] = {}  # writer -> counts not written yet (``tally``)
         self._tally_timer: asyncio.TimerHandle | None = None
         self._riding: set[asyncio.Future] = set()  # tallies being written
@@ -96,9 +99,11 @@ class SqliteDatabase:
         if self._pid == os.getpid():
             return False
         self._conn = self._loop_conn = self._opening = self._checkpoint = None
-        self._held = False
+        self._held = self._closing = False
         self._executor = self._tally_timer = None
+        self._jobs = set()
         self._tallies, self._riding = {}, set()  # the parent's, not this process's
+        self._group = []  # the parent's writes: with them, a write here would never lead
         self._pid = os.getpid()
         return True
 
@@ -107,9 +112,11 @@ class SqliteDatabase:
         if self.path == ":memory:":
             return await self.call(fn, *args)
         self._forked()
-        loop = asyncio.get_running_loop()
+        job = self._thread().submit(self._on_thread, fn, args)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)  # on the thread (or here if cancelled)
         try:
-            return await loop.run_in_executor(self._thread(), self._on_thread, fn, args)
+            return await asyncio.wrap_future(job)
         except sqlite3.Error as e:
             raise StoreError(f"SQLite {self.path}: {e}") from None
 
@@ -185,11 +192,15 @@ class SqliteDatabase:
 
     async def flush(self) -> None:
         """Write the pending tallies now, and wait for them (a reader in this process sees them)."""
+        self._forked()  # not the parent's tallies, checkpoint nor riders: they are not this process's
         if self._tallies:
             if self._held:  # a checkpoint holds the writes: the tallies go once it lets go
                 await asyncio.gather(self._checkpoint, return_exceptions=True)
             await self._loop_connection()
             self._commit_group(tallies=True)
+            if self._tally_timer is not None and not self._tallies:  # nothing left for it to write
+                self._tally_timer.cancel()
+                self._tally_timer = None
         if self._riding:
             await asyncio.gather(*self._riding, return_exceptions=True)
 
@@ -203,6 +214,9 @@ class SqliteDatabase:
         def written(f: asyncio.Future) -> None:
             self._riding.discard(f)
             if f.cancelled() or f.exception() is not None:
+                # Cancelled: a rider moved to the thread (the file was locked) whose task is
+                # cancelled, at the loop's teardown, may still commit there: written again
+                # later, its counts are then counted twice (rare; counters, not decisions).
                 for writer, counts in taken.items():
                     self._tallies.setdefault(writer, Counter()).update(counts)
                 if self._loop_conn is not None:  # not closed: try again later
@@ -305,7 +319,7 @@ class SqliteDatabase:
         checkpoint on the thread."""
         if conn.total_changes != before and self.path != ":memory:":
             self._writes += writes
-            if self._writes >= CHECKPOINT_EVERY and self._checkpoint is None:
+            if self._writes >= CHECKPOINT_EVERY and self._checkpoint is None and not self._closing:
                 self._writes = 0
                 self._checkpoint = asyncio.ensure_future(self._checkpoint_now())
         return result
@@ -323,12 +337,15 @@ class SqliteDatabase:
         WAL then grows without end (60 MB a second under bench/store_bench.py, 550 MB after
         40,000 decisions). So past RESTART_FRAMES a second step, RESTART, copies what was
         written meanwhile and restarts the WAL while this process's writes wait in their
-        group (tens of ms, most of it the disk syncs) and other processes' on their threads."""
+        group (tens of ms, most of it the disk syncs) and other processes' on their threads;
+        skipped, till the next checkpoint, while the thread has other work."""
         try:
             _, frames, _ = await self.run(_checkpoint, "PASSIVE")
             if frames < RESTART_FRAMES:
                 return
             await self.run(_checkpoint, "PASSIVE")  # what was written meanwhile: less to copy while held
+            if self._jobs:  # queued behind them (a sweep, a write waiting up to BUSY_TIMEOUT_MS
+                return  # for a lock), the RESTART would hold the writes as long: next time
             self._held = True
             try:
                 busy, _, _ = await self.run(_checkpoint, "RESTART")
@@ -367,6 +384,7 @@ class SqliteDatabase:
             conn.execute("PRAGMA busy_timeout = 0")
             conn.execute("PRAGMA wal_autocheckpoint = 0")
         self._loop_conn = conn
+        self._closing = False  # opened again after a close
         return conn
 
     def _connect(self, check_same_thread: bool = True) -> sqlite3.Connection:
@@ -396,6 +414,9 @@ class SqliteDatabase:
     async def close(self) -> None:
         if self._forked():
             return
+        # From now on no checkpoint starts: one started by the commits below would run after
+        # close returned, on a new thread and connection that nothing closes.
+        self._closing = True
         if self._checkpoint is not None:
             await asyncio.gather(self._checkpoint, return_exceptions=True)
         if (self._group or self._tallies) and self._loop_conn is not None:
@@ -679,7 +700,9 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
     def __init__(self, url: str, db: SqliteDatabase | None = None):
         super().__init__(url, db)
         self._add_counts = self._migrated(_add_counts)  # one writer: the key of its tallies
-        #: (triplet, client address) pairs last found allowed, oldest first (see attempt)
+        #: (triplet, client address) pairs last found allowed, oldest first (see attempt): past
+        #: ALLOWED_HINTS the first added goes (FIFO, not LRU: a pair still allowed then takes
+        #: the write path once, which adds it back)
         self._allowed_before: dict[tuple, None] = {}
 
     # -- the decisive operation --------------------------------------------------------

@@ -98,6 +98,9 @@ async def test_tallies_reach_the_file_after_the_interval_on_their_own(tmp_path):
     path = tmp_path / "state.db"
     store = await allowed_store(path, tally_every=0.05)
     try:
+        # allowed_store's flush wrote its tally and stopped the timer: none fires during the
+        # attempts below (they would be written before the check that they are not yet)
+        assert store.db._tally_timer is None
         committed = commit_seen(store.db)
         for i in range(3):
             assert (await store.attempt(C, S, R, now=T0 + i, params=P)).outcome == "allowed"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 
 import pytest
 
@@ -22,6 +23,25 @@ def commits(db) -> list[str]:
     seen: list[str] = []
     db._loop_conn.set_trace_callback(lambda sql: seen.append(sql) if sql.strip().upper() == "COMMIT" else None)
     return seen
+
+
+def put(conn, v):
+    with write_transaction(conn):
+        conn.execute("INSERT INTO t VALUES (?)", (v,))
+    return v
+
+
+@pytest.fixture
+async def db_t(tmp_path):
+    """A database with a table t (v INTEGER), its loop's connection open."""
+    stores = open_stores(f"sqlite://{tmp_path}/state.db")
+    db = stores.senders.db
+    try:
+        await db.run(lambda conn: conn.execute("CREATE TABLE t (v INTEGER)"))
+        await db.call(lambda conn: None)
+        yield db
+    finally:
+        await stores.close()
 
 
 async def test_the_writes_of_one_turn_share_one_commit_and_lose_nothing(tmp_path):
@@ -107,6 +127,54 @@ async def test_closing_commits_the_writes_already_asked(tmp_path):
         await again.close()
 
 
+async def test_close_leaves_no_checkpoint_behind(db_t, monkeypatch):
+    # close's own last commit (the writes asked just before) counts as a write too: a
+    # checkpoint it started would run after close returned, on a new thread and connection
+    # that nothing closes (one more per reload)
+    from smtpgate.stores import sqlite_store
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 1)
+    db = db_t
+    await db.write(put, 1)
+    await db._checkpoint  # the one that write started
+    pending = asyncio.ensure_future(db.write(put, 2))
+    await asyncio.sleep(0)  # asked: its group waits for the turn's end, close commits it
+    await db.close()
+    assert pending.result() == 2
+    assert db._checkpoint is None and db._executor is None and db._conn is None
+    conn = sqlite3.connect(db.path)
+    assert conn.execute("SELECT v FROM t ORDER BY v").fetchall() == [(1,), (2,)]
+    conn.close()
+
+
+async def test_a_forked_process_writes_without_its_parents_pending_group(db_t):
+    # a worker forked while its parent's group waited for its commit: the first write of the
+    # child leads a group of its own (with the parent's, it would wait for a leader forever)
+    db = db_t
+    parent = db._loop_conn, db._conn, db._executor
+    db._group.append((put, (0,), asyncio.get_running_loop().create_future()))  # the parent's
+    db._pid = -1  # as seen from the child: opened by another process
+    assert await asyncio.wait_for(db.write(put, 1), 30) == 1
+    assert await db.call(lambda conn: [v for (v,) in conn.execute("SELECT v FROM t")]) == [1]
+    parent[0].close()
+    await asyncio.get_running_loop().run_in_executor(parent[2], parent[1].close)
+    parent[2].shutdown()
+
+async def test_a_forked_process_flushes_without_its_parents_tallies_in_flight(tmp_path):
+    # the parent's tallies being written when it forked are not the child's to wait for
+    stores = open_stores(f"sqlite://{tmp_path}/state.db")
+    db = stores.senders.db
+    try:
+        await db.call(lambda conn: None)  # the loop's connection open
+        parent = db._loop_conn, db._executor
+        db._riding.add(asyncio.get_running_loop().create_future())  # the parent's, never done here
+        db._pid = -1  # as seen from the child: opened by another process
+        await asyncio.wait_for(db.flush(), 30)
+        assert not db._riding
+        parent[0].close()
+        parent[1].shutdown()
+    finally:
+        await stores.close()
+
 async def test_a_write_failing_half_way_leaves_nothing_and_the_others_everything(tmp_path):
     # No savepoint per write: the group is rolled back whole and the others run again.
     stores = open_stores(f"sqlite://{tmp_path}/state.db")
@@ -130,29 +198,18 @@ async def test_a_write_failing_half_way_leaves_nothing_and_the_others_everything
         await stores.close()
 
 
-async def test_a_first_writer_cancelled_before_the_commit_leaves_the_others_of_its_turn(tmp_path):
+async def test_a_first_writer_cancelled_before_the_commit_leaves_the_others_of_its_turn(db_t):
     # the first write of a turn leads the group (it yields once, then commits): cancelled
     # meanwhile, it is not written and the writes that joined it still are
-    stores = open_stores(f"sqlite://{tmp_path}/state.db")
-    db = stores.senders.db
-    try:
-        await db.run(lambda conn: conn.execute("CREATE TABLE t (v INTEGER)"))
-        await db.call(lambda conn: None)  # the loop's connection open
-
-        def put(conn, v):
-            with write_transaction(conn):
-                conn.execute("INSERT INTO t VALUES (?)", (v,))
-            return v
-        first = asyncio.ensure_future(db.write(put, 1))
-        others = [asyncio.ensure_future(db.write(put, v)) for v in (2, 3)]
-        await asyncio.sleep(0)  # all three asked: the first waits for the turn's end
-        first.cancel()
-        assert await asyncio.gather(*others) == [2, 3]
-        with pytest.raises(asyncio.CancelledError):
-            await first
-        assert await db.call(lambda conn: [v for (v,) in conn.execute("SELECT v FROM t ORDER BY v")]) == [2, 3]
-    finally:
-        await stores.close()
+    db = db_t
+    first = asyncio.ensure_future(db.write(put, 1))
+    others = [asyncio.ensure_future(db.write(put, v)) for v in (2, 3)]
+    await asyncio.sleep(0)  # all three asked: the first waits for the turn's end
+    first.cancel()
+    assert await asyncio.gather(*others) == [2, 3]
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert await db.call(lambda conn: [v for (v,) in conn.execute("SELECT v FROM t ORDER BY v")]) == [2, 3]
 
 
 def wal_restarts(path) -> int:
@@ -186,3 +243,92 @@ async def test_the_wal_starts_over_under_a_steady_stream_of_writes(tmp_path, mon
         assert sum(c.current for c in await stores.limits.counters("client")) == hits  # none lost
     finally:
         await stores.close()
+
+
+def blocking_step(monkeypatch, loop, number: int):
+    """Have the ``number``th checkpoint step (sqlite_store._checkpoint, on the thread) wait:
+    returns (started: set when it begins, go: lets it run on)."""
+    from smtpgate.stores import sqlite_store
+    real, steps = sqlite_store._checkpoint, []
+    started, go = asyncio.Event(), threading.Event()
+
+    def step(conn, mode):
+        steps.append(mode)
+        if len(steps) == number:
+            loop.call_soon_threadsafe(started.set)
+            go.wait(30)
+        return real(conn, mode)
+    monkeypatch.setattr(sqlite_store, "_checkpoint", step)
+    return started, go, steps
+
+
+@pytest.fixture
+async def past_restart(db_t, monkeypatch):
+    """``db_t``, with writes enough for the next checkpoint to restart the
+    WAL (none of its own)."""
+    from smtpgate.stores import sqlite_store
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 10**9)
+    monkeypatch.setattr(sqlite_store, "RESTART_FRAMES", 20)
+    for v in range(30):  # a commit each: a WAL frame or more each
+        await db_t.write(put, v)
+    return db_t
+
+
+async def test_the_restart_waits_for_no_other_work_of_the_thread(past_restart, monkeypatch):
+    # a job queued on the thread while the checkpoint runs (a sweep, a write waiting for a
+    # lock) would run before the RESTART, and the writes would be held as long: it is skipped
+    db = past_restart
+    started, go, steps = blocking_step(monkeypatch, asyncio.get_running_loop(), 2)
+    checkpoint = asyncio.ensure_future(db._checkpoint_now())
+    await asyncio.wait_for(started.wait(), 30)  # its second PASSIVE runs
+    release = threading.Event()
+    job = asyncio.ensure_future(db.run(lambda conn: release.wait(30)))
+    await asyncio.sleep(0)  # queued behind it
+    go.set()
+
+    async def decided():  # skipped, or the writes held (the RESTART queued behind the job)
+        while not checkpoint.done() and not db._held:
+            await asyncio.sleep(0)
+    await asyncio.wait_for(decided(), 30)
+    release.set()
+    assert await asyncio.wait_for(job, 30) is True
+    await asyncio.wait_for(checkpoint, 30)
+    assert steps == ["PASSIVE", "PASSIVE"] and db.restarts == 0
+    await asyncio.wait_for(db._checkpoint_now(), 30)  # the next one, the thread idle
+    assert steps[-1] == "RESTART" and db.restarts == 1
+
+
+async def test_a_checkpoint_past_restart_frames_restarts_the_wal(past_restart):
+    db = past_restart
+    before = wal_restarts(db.path)
+    await asyncio.wait_for(db._checkpoint_now(), 30)
+    assert db.restarts == 1
+    await db.write(put, 30)  # the WAL starts over at the next write: a new header
+    assert wal_restarts(db.path) == before + 1
+
+
+async def test_a_write_and_a_flush_asked_during_the_hold_go_once_it_ends(past_restart, monkeypatch):
+    db = past_restart
+    await db.run(lambda conn: conn.execute("CREATE TABLE n (name TEXT PRIMARY KEY, n INTEGER)"))
+
+    def add(conn, counts):
+        conn.executemany("INSERT INTO n VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET n = n + excluded.n",
+                         counts.items())
+    started, go, steps = blocking_step(monkeypatch, asyncio.get_running_loop(), 3)
+    checkpoint = db._checkpoint = asyncio.ensure_future(db._checkpoint_now())  # as a write starts it
+    await asyncio.wait_for(started.wait(), 30)  # the RESTART runs: the writes are held
+    assert db._held
+    write = asyncio.ensure_future(db.write(put, 100))
+    db.tally(add, "x", 3)
+    flush = asyncio.ensure_future(db.flush())
+    for _ in range(5):  # turns of the loop: neither goes meanwhile
+        await asyncio.sleep(0)
+    assert not write.done() and not flush.done() and db._group
+    go.set()
+    assert await asyncio.wait_for(write, 30) == 100
+    await asyncio.wait_for(flush, 30)
+    await asyncio.wait_for(checkpoint, 30)
+    assert steps == ["PASSIVE", "PASSIVE", "RESTART"] and db.restarts == 1
+    rows = await db.call(lambda conn: (conn.execute("SELECT count(*), max(v) FROM t").fetchone(),
+                                       conn.execute("SELECT name, n FROM n").fetchall()))
+    assert rows == ((31, 100), [("x", 3)])  # none lost
