@@ -75,27 +75,29 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
         return row or ABSENT
 
     async def update(self, machine, key, change: ChangeFn, now: float | None = None) -> Any:
-        known = self._seen.get(machine, key)
-        result, row = await self._write(self._update_row, machine, key, change, known)
-        self._seen.remember(machine, key, row)
+        result = await self._write(self._update_row, machine, key, change)
         if now is not None and self._sweep_due(now):
             await self._run(self._sweep, now)
         return result
 
-    @classmethod
-    def _update_row(cls, conn, machine, key, change: ChangeFn, known) -> tuple[Any, tuple[str, float | None]]:
-        """(what ``change`` returned, the row now stored or ABSENT): by compare-and-set on
-        ``known`` if that is still what is stored, else read and written under the lock.
-        Database work only (it may run again on the thread)."""
-        if known is not None:
-            done = cls._write_change(conn, machine, key, change, known, True)
-            if done is not LOST:
-                return done
-        with write_transaction(conn):
-            done = cls._write_change(conn, machine, key, change, cls._read_row(conn, machine, key), False)
-            if done is LOST:  # cannot be: under the lock, the row read is the row stored
-                raise RuntimeError(f"senders {machine} {key}: a write under the lock changed no row")
-        return done
+    def _update_row(self, conn, machine, key, change: ChangeFn) -> Any:
+        """What ``change`` returned: by compare-and-set on the row this store last read or
+        wrote of the key if that is still what is stored, else read and written under the
+        lock. The row is looked up and noted as the write runs, not when it was asked: a
+        group's earlier write of the same key is then the next one's base (the benchmark's
+        50 sessions of one sender lost 9 compare-and-sets in 10 otherwise). A row noted by a
+        write whose group was rolled back only costs a lost compare-and-set. Database work
+        only (it may run again on the thread)."""
+        known = self._seen.get(machine, key)
+        done = LOST if known is None else self._write_change(conn, machine, key, change, known, True)
+        if done is LOST:
+            with write_transaction(conn):
+                done = self._write_change(conn, machine, key, change, self._read_row(conn, machine, key), False)
+                if done is LOST:  # cannot be: under the lock, the row read is the row stored
+                    raise RuntimeError(f"senders {machine} {key}: a write under the lock changed no row")
+        result, row = done
+        self._seen.remember(machine, key, row)
+        return result
 
     @staticmethod
     def _write_change(conn, machine, key, change: ChangeFn, row, cas: bool):

@@ -64,6 +64,21 @@ async def test_an_event_on_the_record_read_at_mail_is_one_update_without_begin(t
         await store.close()
 
 
+async def test_events_of_one_key_in_one_group_each_set_on_the_one_before(tmp_path):
+    # Sessions of one sender ending in the same loop turn share a group commit: each event's
+    # compare-and-set is on the row the one before it wrote, none takes the locked path.
+    store = open_sender_store(f"sqlite://{tmp_path / 'state.db'}")
+    try:
+        await COUNTER.feed(store, "k", [Event("hit")], T0)
+        await COUNTER.current(store, "k", T0 + 1)  # MAIL
+        seen = statements(store)
+        await asyncio.gather(*(COUNTER.feed(store, "k", [Event("hit")], T0 + 1) for _ in range(4)))
+        assert seen == ["BEGIN", "UPDATE", "UPDATE", "UPDATE", "UPDATE", "COMMIT"]
+        assert (await COUNTER.current(store, "k", T0 + 2)).counts == {"hit": 5}
+    finally:
+        await store.close()
+
+
 async def test_another_writer_between_mail_and_the_event_makes_the_locked_path_apply_it(tmp_path):
     url = f"sqlite://{tmp_path / 'state.db'}"
     gate1, gate2 = open_sender_store(url), open_sender_store(url)  # two connections: two gates
