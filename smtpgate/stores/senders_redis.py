@@ -38,6 +38,7 @@ from .redis_store import RedisComponentStore, as_text, glob_escape, redact, scan
 from .senders import ChangeFn, Seen, SenderRecord, SenderStore
 
 CONTENTION_TIMEOUT = 10.0
+FREE_RETRIES = 3  # compare-and-sets lost in a row before an update backs off
 
 # KEYS[1] the record; ARGV: 1 the version read ('' = absent), 2 the new doc ('' = delete),
 # 3 the new version, 4 seconds to live (>= 1). Answers 1, or, when another writer came in
@@ -136,7 +137,7 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         # moments ago): if nobody wrote since, the compare-and-set alone is the one round
         # trip; if somebody did, it fails and the record is read afresh.
         known = self._seen.forget(machine, key)
-        lost = False  # a compare-and-set was lost already
+        lost = 0  # compare-and-sets lost so far
         while True:
             version, doc = known if known is not None else await self._read(machine, key)
             known = None
@@ -163,13 +164,16 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
                 raise StoreError(f"Redis {redact(self.url)}: {machine} {key}: still contended after "
                                  f"{CONTENTION_TIMEOUT:g}s of retries")
             # Another gate wrote: its record came back with the answer, so the next try needs
-            # no read. The first one goes at once; only a key that stays contended backs off.
+            # no read. The first FREE_RETRIES go at once; only a key that stays contended
+            # backs off. Two workers writing one busy key lose to each other often (each loss
+            # means the other one won): backing off from the second loss left the gate
+            # waiting, 25% fewer messages with bench/'s one sender on two workers.
             version, doc = as_text(answer[1]), as_text(answer[2])
             known = (version, doc) if version and doc else ("", None)
-            if lost:
+            lost += 1
+            if lost > FREE_RETRIES:
                 await asyncio.sleep(random.uniform(0, pause))
                 pause = min(pause * 2, 0.05)
-            lost = True
 
     async def records(self, machine=None, state=None, limit=None) -> list[SenderRecord]:
         out: list[SenderRecord] = []

@@ -21,7 +21,7 @@ from smtpgate.stores.senders import HISTORY_MAX, Change, SenderRecord
 from smtpgate.stores.senders_sqlite import SENDERS_SCHEMA
 from smtpgate.stores.sqlite_store import GREYLIST_SCHEMA
 from tests.support.constants import ROOT, T0
-from tests.support.redisproc import UNREACHABLE_REDIS_URL
+from tests.support.redisproc import UNREACHABLE_REDIS_URL, require_redis
 from tests.support.stores import backend, store_maker  # noqa: F401 (backend: a fixture)
 
 
@@ -304,3 +304,43 @@ def test_a_record_read_back_is_its_text_parsed_and_owned_by_its_reader():
     assert SenderRecord.from_json(first.to_json()) == first
     with pytest.raises(AttributeError):  # changes are shared by copies of a record: immutable
         first.history[0].to = "blocked"
+
+
+class _Pauses:
+    """Stands in for ``random`` in senders_redis: notes each back-off drawn, pauses none."""
+
+    def __init__(self):
+        self.drawn = []
+
+    def uniform(self, low, high):
+        self.drawn.append(high)
+        return 0.0
+
+
+@pytest.mark.parametrize("losses, pauses", [(3, 0), (5, 2)])
+async def test_redis_retries_its_first_lost_compare_and_sets_at_once(tmp_path, monkeypatch, losses, pauses):
+    # Two workers writing one busy key lose to each other often: the first FREE_RETRIES
+    # losses retry at once (backing off from the second one left a gate waiting), later
+    # ones back off. Another gate writes before each of the first `losses` tries.
+    from smtpgate.stores import senders_redis
+    require_redis()
+    async with store_maker(open_sender_store, "redis", tmp_path) as make:
+        gate, other = make(), make()
+        await COUNTER.feed(gate, "k", [Event("hit")], T0)
+        script, left, inside = gate.link.script, [losses], [False]
+
+        async def contended(name, keys, args):
+            if name == "cas" and left[0] and not inside[0]:
+                left[0] -= 1
+                inside[0] = True
+                try:
+                    await COUNTER.feed(other, "k", [Event("hit")], T0)
+                finally:
+                    inside[0] = False
+            return await script(name, keys, args)
+        monkeypatch.setattr(gate.link, "script", contended)
+        pauses_drawn = _Pauses()
+        monkeypatch.setattr(senders_redis, "random", pauses_drawn)
+        await COUNTER.feed(gate, "k", [Event("hit")], T0)
+        assert gate.retries == losses and len(pauses_drawn.drawn) == pauses
+        assert (await gate.get("counter", "k")).counts == {"hit": 2 + losses}
