@@ -38,6 +38,16 @@ def written_event(link: RedisLink) -> asyncio.Event:
     return written
 
 
+async def idle_then_frozen(link: RedisLink, private_redis, *warm_up) -> tuple:
+    """(the reply to ``warm_up``, the connection it leaves idle, ``written_event``), the
+    server then frozen: the next batch is written and its replies wait for the thaw."""
+    reply = await link.command(*warm_up)
+    conn, = link._wire._idle
+    written = written_event(link)
+    private_redis.freeze()
+    return reply, conn, written
+
+
 def test_plain_urls_use_the_wire_and_the_others_redis_py():
     assert RedisLink("redis://127.0.0.1:6379/3")._open_wire() is not None
     assert RedisLink("rediss://127.0.0.1:6379/3")._open_wire() is None
@@ -213,10 +223,8 @@ async def test_a_cancelled_close_leaves_a_batch_out_to_its_replies(private_redis
     link = RedisLink(private_redis.url)
     try:
         async with asyncio.timeout(10):
-            assert await link.command("SET", "k", "v")
-            conn, = link._wire._idle
-            written = written_event(link)
-            private_redis.freeze()  # the GET is written, its answer waits
+            reply, conn, written = await idle_then_frozen(link, private_redis, "SET", "k", "v")
+            assert reply  # the GET below is written, its answer waits
             call = asyncio.ensure_future(link.command("GET", "k"))
             await written.wait()
             closing = asyncio.ensure_future(link.close())
@@ -253,10 +261,8 @@ async def test_a_caller_cancelled_with_its_batch_out_leaves_the_others_their_rep
     link = RedisLink(private_redis.url)
     try:
         async with asyncio.timeout(10):
-            assert await link.command("ECHO", "first") == b"first"
-            conn, = link._wire._idle
-            written = written_event(link)
-            private_redis.freeze()  # the batch is written, its replies wait
+            reply, conn, written = await idle_then_frozen(link, private_redis, "ECHO", "first")
+            assert reply == b"first"  # the batch below is written, its replies wait
             gone = asyncio.ensure_future(link.command("ECHO", "gone"))
             kept = asyncio.ensure_future(link.command("ECHO", "kept"))
             await written.wait()

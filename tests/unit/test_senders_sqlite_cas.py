@@ -11,6 +11,7 @@ import tempfile
 from contextlib import closing
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from smtpgate import Event, Machine, Transition
@@ -24,6 +25,20 @@ from tests.support.constants import T0
 COUNTER = Machine("counter", {"a": {"hit": Transition("b", count=3)},
                               "b": {"hit": Transition("c", count=3)},
                               "c": {}}, initial="a", decay={"c": (100, "a")}, forget_after=1000)
+
+
+@pytest.fixture
+async def store(tmp_path):
+    """A sender store on this test's SQLite file, closed after the test."""
+    store = open_sender_store(f"sqlite://{tmp_path / 'state.db'}")
+    yield store
+    await store.close()
+
+
+async def read_at_mail(store, key: str = "k") -> None:
+    """One event on ``key``, then its read at MAIL: the row the next event sets on."""
+    await COUNTER.feed(store, key, [Event("hit")], T0)
+    await COUNTER.current(store, key, T0 + 1)
 
 
 def statements(store, whole=False) -> list[str]:
@@ -47,36 +62,26 @@ async def test_the_expires_column_moves_only_when_the_expiry_leaves_its_window(t
         await store.close()
 
 
-async def test_an_event_on_the_record_read_at_mail_is_one_update_without_begin(tmp_path):
-    store = open_sender_store(f"sqlite://{tmp_path / 'state.db'}")
-    try:
-        await COUNTER.feed(store, "k", [Event("hit")], T0)
-        await COUNTER.current(store, "k", T0 + 1)  # MAIL
-        seen = statements(store)
-        state, _ = await COUNTER.feed(store, "k", [Event("hit")], T0 + 1)
-        assert seen == ["UPDATE"]
-        assert state.counts == {"hit": 2}
-        seen.clear()
-        await COUNTER.current(store, "new", T0 + 2)  # read as absent at MAIL: an insert alone
-        await COUNTER.feed(store, "new", [Event("hit")], T0 + 2)
-        assert seen == ["SELECT", "INSERT"]
-    finally:
-        await store.close()
+async def test_an_event_on_the_record_read_at_mail_is_one_update_without_begin(store):
+    await read_at_mail(store)
+    seen = statements(store)
+    state, _ = await COUNTER.feed(store, "k", [Event("hit")], T0 + 1)
+    assert seen == ["UPDATE"]
+    assert state.counts == {"hit": 2}
+    seen.clear()
+    await COUNTER.current(store, "new", T0 + 2)  # read as absent at MAIL: an insert alone
+    await COUNTER.feed(store, "new", [Event("hit")], T0 + 2)
+    assert seen == ["SELECT", "INSERT"]
 
 
-async def test_events_of_one_key_in_one_group_each_set_on_the_one_before(tmp_path):
+async def test_events_of_one_key_in_one_group_each_set_on_the_one_before(store):
     # Sessions of one sender ending in the same loop turn share a group commit: each event's
     # compare-and-set is on the row the one before it wrote, none takes the locked path.
-    store = open_sender_store(f"sqlite://{tmp_path / 'state.db'}")
-    try:
-        await COUNTER.feed(store, "k", [Event("hit")], T0)
-        await COUNTER.current(store, "k", T0 + 1)  # MAIL
-        seen = statements(store)
-        await asyncio.gather(*(COUNTER.feed(store, "k", [Event("hit")], T0 + 1) for _ in range(4)))
-        assert seen == ["BEGIN", "UPDATE", "UPDATE", "UPDATE", "UPDATE", "COMMIT"]
-        assert (await COUNTER.current(store, "k", T0 + 2)).counts == {"hit": 5}
-    finally:
-        await store.close()
+    await read_at_mail(store)
+    seen = statements(store)
+    await asyncio.gather(*(COUNTER.feed(store, "k", [Event("hit")], T0 + 1) for _ in range(4)))
+    assert seen == ["BEGIN", "UPDATE", "UPDATE", "UPDATE", "UPDATE", "COMMIT"]
+    assert (await COUNTER.current(store, "k", T0 + 2)).counts == {"hit": 5}
 
 
 async def test_another_writer_between_mail_and_the_event_makes_the_locked_path_apply_it(tmp_path):
