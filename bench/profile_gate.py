@@ -7,6 +7,7 @@
     .venv/bin/python bench/profile_gate.py --policies bench/policies-real --state redis   # state in Redis
     .venv/bin/python bench/profile_gate.py --policies bench/policies-real --cpu   # no cProfile: CPU µs/message
     .venv/bin/python bench/profile_gate.py --workload par50_conn --gc   # and the share of garbage collection
+    .venv/bin/python bench/profile_gate.py --policies bench/policies-real --spy /tmp/real.raw   # py-spy samples (native too)
 
 Starts ``smtp-sink`` and ``smtpgate serve`` (bench/gate.yaml, ``workers: 1``, state in a
 temporary folder) under cProfile, sends ``--messages`` 10 KB messages with ``smtp-source``
@@ -131,10 +132,13 @@ def main() -> int:
     ap.add_argument("--out", help="keep the raw profile here")
     ap.add_argument("--state", choices=("sqlite", "redis"), default="sqlite")
     ap.add_argument("--cpu", action="store_true", help="no cProfile: the gate's CPU µs per message")
+    ap.add_argument("--spy", metavar="FILE",
+                    help="as --cpu, and py-spy samples of the gate in FILE, "
+                         "collapsed stacks (py-spy installed by hand: pip install py-spy)")
     ap.add_argument("--gc", action="store_true",
                     help="as --cpu, and the CPU µs per message its garbage collections took")
     a = ap.parse_args()
-    a.cpu = a.cpu or a.gc
+    a.cpu = a.cpu or a.gc or bool(a.spy)
     sink_port, gate_port = free_port(), free_port()
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/13")
     prefix = f"smtpgate-profile-{os.getpid()}:"
@@ -166,6 +170,12 @@ def main() -> int:
         try:
             wait_port(sink_port, sink)
             wait_port(gate_port, gate)
+            spy = None
+            if a.spy:  # sampled while smtp-source runs: no cProfile cost per call
+                spy = subprocess.Popen([str(VENV_BIN / "py-spy"), "record", "--pid", str(gate.pid),
+                                        "--subprocesses", "--native", "--rate", "150", "--format", "raw",
+                                        "--output", a.spy], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1)  # py-spy attaches
             cpu_before = gate_cpu(gate.pid)
             started = time.monotonic()
             subprocess.run(["/usr/sbin/smtp-source", *WORKLOADS[a.workload], "-m", str(a.messages),
@@ -174,6 +184,9 @@ def main() -> int:
             wall = time.monotonic() - started
             cpu = gate_cpu(gate.pid) - cpu_before
             memory = memory_mb(gate.pid)
+            if spy:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
         finally:
             gate.send_signal(signal.SIGTERM)
             gate.wait(30)
