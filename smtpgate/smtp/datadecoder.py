@@ -19,6 +19,7 @@ from .conversation import TOO_BIG
 from ..mail.reply import Reply
 
 TERMINATOR = b"\r\n.\r\n"
+STUFFED = b"\r\n."  # a dot at a line start: the terminator's or a stuffed one
 READ_CHUNK = 256 * 1024  # what one DATA read takes from the socket's buffer
 NO_STORAGE = Reply(452, "Insufficient system storage, try again later", "4.3.1")
 _BARE_LINE_END = re.compile(rb"\r\n|\r(?!\n)|\n")
@@ -54,10 +55,18 @@ class DataDecoder:
 
     def feed(self, data: bytes) -> bytes | None:
         pending = self._pending + data
-        end = pending.find(TERMINATOR)
+        # One search serves both the terminator and dot-unstuffing: each starts with CRLF ".",
+        # and most messages have no other dot at a line start (no unstuffing to do).
+        first_dot = pending.find(STUFFED)
+        if first_dot < 0:
+            end = -1
+        elif pending.startswith(TERMINATOR, first_dot):
+            end = first_dot
+        else:
+            end = pending.find(TERMINATOR, first_dot)
         if end >= 0:
             self._pending = b""
-            self._segment(pending[:end + 2])
+            self._segment(pending[:end + 2], first_dot < end)
             return pending[end + len(TERMINATOR):]
         cut = len(pending) - len(TERMINATOR) + 1  # a terminator may be starting after cut
         if cut > 0 and pending[cut - 1] == 13 and pending[cut] == 10:
@@ -66,18 +75,19 @@ class DataDecoder:
             self._pending = pending
             return None
         self._pending = pending[cut:]
-        self._segment(pending[:cut])
+        self._segment(pending[:cut], 0 <= first_dot < cut)
         return None
 
     def result(self) -> list[bytes] | Reply:
         return self.refusal if self.refusal is not None else self.pieces
 
-    def _segment(self, segment: bytes) -> None:
+    def _segment(self, segment: bytes, dots: bool) -> None:
+        """``dots``: the segment may hold a CRLF "." (False: it holds none, feed searched)."""
         if self.refusal is not None:
             return  # read on to the end, keeping nothing
         stuffed = self._at_line_start and segment.startswith(b".")
         self._at_line_start = segment.endswith(b"\r\n")
-        piece = segment.replace(b"\r\n.", b"\r\n")
+        piece = segment.replace(STUFFED, b"\r\n") if dots else segment
         if stuffed:
             piece = piece[1:]
         self.size += len(piece)

@@ -29,6 +29,7 @@ import re
 import socket
 import ssl
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from . import inflight
@@ -39,10 +40,26 @@ from . import forwarding
 from .connections import ConnectionTracker, client_key
 from .conversation import Conversation
 from .datadecoder import NO_STORAGE, READ_CHUNK, DataDecoder
+from .idletimer import IdleTimer
 from ..mail.session import Session, new_id
 from ..mail.reply import Reply
 
 log = logging.getLogger("smtpgate.front")
+
+_aiosmtpd_sanitized_log = aiosmtpd.smtp.sanitized_log
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR, "critical": logging.CRITICAL, "exception": logging.ERROR}
+
+
+def _sanitized_log(func, msg, *args, **kwargs) -> None:
+    """aiosmtpd logs every command line twice through this (debug, info), masking AUTH
+    data first (a regular expression per line) although its logger is off at those levels
+    (logs.py sets mail.log to WARNING): ask the level first, then log as aiosmtpd does."""
+    if func.__self__.isEnabledFor(_LEVELS[func.__name__]):
+        _aiosmtpd_sanitized_log(func, msg, *args, **kwargs)
+
+
+aiosmtpd.smtp.sanitized_log = _sanitized_log  # its command loop looks the name up per line
 
 _REPLY = re.compile(r"^(\d{3})([ -])(?!\d\.\d{1,3}\.\d{1,3}\b)(.*)$", re.S)
 VERSION_IDENT = "smtpgate"
@@ -126,6 +143,9 @@ class GateSMTP(SMTP):
         self._counts = collections.Counter()  # per-session caps, since the last accepted message
         self._dir_hidden = False
         self._smtp_methods = _Commands(self)
+        # one timer for the connection's life instead of one per command (idletimer.py);
+        # aiosmtpd only cancels it (at connection_lost) and resets it through _reset_timeout
+        self._timeout_handle = IdleTimer(self.loop, self._timeout_cb)
 
     @classmethod
     def _smtp_names(cls) -> list[str]:
@@ -207,6 +227,7 @@ class GateSMTP(SMTP):
                           self.gsession.id if self.gsession else "-", exc_info=error)
             error.__traceback__ = None
         self._handler_coroutine = None
+        self._timeout_handle.close()  # it calls back this protocol
         self._smtp_methods = None  # its bound methods, and _Commands._protocol
         self._client_connected_cb = None  # asyncio's StreamReaderProtocol keeps it
         self._writer = None  # StreamWriter._protocol is this protocol
@@ -291,6 +312,10 @@ class GateSMTP(SMTP):
             return True
         return False
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's: after every command line, and around DATA (the data timeout)."""
+        self._timeout_handle.reset(duration or self._timeout_duration)
+
     # --- writing -----------------------------------------------------------------------
     async def push(self, status) -> None:
         """aiosmtpd's own replies pass here: give them enhanced codes."""
@@ -312,7 +337,8 @@ class GateSMTP(SMTP):
             # Closed (a goodbye, a timeout, the client gone) while a command was still being
             # answered: nobody is listening, and uvloop raises on a write to a closed handle.
             return
-        self._writer.write("".join(f"{line}\r\n" for line in lines).encode("utf-8", "replace"))
+        text = "\r\n".join(lines) + "\r\n" if lines else ""
+        self._writer.write(text.encode("utf-8", "replace"))
         if self.conv is not None:  # the reply is out: what observes an ended transaction runs
             self.conv.after_reply()
         await self._writer.drain()

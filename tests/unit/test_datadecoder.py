@@ -150,3 +150,15 @@ def test_random_streams_line_limit_matches_the_longest_line():
             assert getattr(got, "code", None) == 500, (stream, cuts, max_line)
         else:
             assert got == expected, (stream, cuts, max_line)
+
+
+@pytest.mark.parametrize("stream, expected, rest", [
+    (b"a\r\n.\r\nMAIL FROM:<x>\r\n..\r\n", b"a\r\n", b"MAIL FROM:<x>\r\n..\r\n"),  # dots after the end
+    (b"a\r\n..b\r\n.\r\nRSET\r\n", b"a\r\n.b\r\n", b"RSET\r\n"),  # a stuffed dot before it
+    (b"a\r\n.b\r\n.\r\n", b"a\r\nb\r\n", b""),                   # a dot that is no terminator
+])
+def test_the_first_line_start_dot_decides_terminator_and_unstuffing(stream, expected, rest):
+    # feed() finds the first CRLF "." once: the terminator itself, or dots to unstuff before it
+    assert reference(stream) == (expected, rest)
+    for cuts in ([], [1], [len(stream) - 8], list(range(len(stream)))):
+        assert decode(stream, cuts) == (expected, rest), cuts
