@@ -20,7 +20,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 
@@ -263,18 +263,18 @@ class Conversation:
         await self.after_greeting()
         return reply
 
-    async def mail(self, sender: Address | None, params: list[str]) -> Reply:
-        return await self._run("MAIL", sender, params)
+    def mail(self, sender: Address | None, params: list[str]) -> Awaitable[Reply]:
+        return self._run("MAIL", sender, params)
 
-    async def rcpt(self, address: Address, params: list[str]) -> Reply:
-        return await self._run("RCPT", address, params)
+    def rcpt(self, address: Address, params: list[str]) -> Awaitable[Reply]:
+        return self._run("RCPT", address, params)
 
-    async def data(self, raw: bytes | list[bytes]) -> Reply:
+    def data(self, raw: bytes | list[bytes]) -> Awaitable[Reply]:
         """``raw``: the message, or its pieces in order (the Message takes the list over)."""
-        return await self._run("DATA", raw)
+        return self._run("DATA", raw)
 
-    async def rset(self) -> Reply:
-        return await self._run("RSET")
+    def rset(self) -> Awaitable[Reply]:
+        return self._run("RSET")
 
     async def xclient(self, forwarded) -> Reply:
         """XCLIENT from a trusted forwarder (``forwarded``: a checked ``forwarding.Forwarded``):

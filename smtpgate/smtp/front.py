@@ -28,6 +28,7 @@ import logging
 import re
 import socket
 import ssl
+from collections.abc import Awaitable
 
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
@@ -329,8 +330,8 @@ class GateSMTP(SMTP):
             status = status.decode("utf-8", "replace")
         await self._write_lines(_own_reply_lines(status))
 
-    async def _write(self, reply: Reply) -> None:
-        await self._write_lines(reply.lines())
+    def _write(self, reply: Reply) -> Awaitable[None]:
+        return self._write_lines(reply.lines())  # awaited by the caller: one coroutine less
 
     async def _write_lines(self, lines: list[str] | tuple[str, ...]) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -342,20 +343,20 @@ class GateSMTP(SMTP):
         if self.conv is not None:  # the reply is out: what observes an ended transaction runs
             self.conv.after_reply()
         await self._writer.drain()
-        if lines and not self._closing:
-            await self._after_reply(lines[0])
+        if lines and not self._closing and self._errors_reach_cap(lines[0]):
+            await self._over_cap("max_errors")
 
     # --- per-session caps ----------------------------------------------------------------
-    async def _after_reply(self, first_line: str) -> None:
-        """Count error replies (max_errors; like Postfix, the reply that reaches the cap is
-        followed by 421); an accepted message starts every count afresh."""
+    def _errors_reach_cap(self, first_line: str) -> bool:
+        """Count error replies: True when this one reaches max_errors (like Postfix, that
+        reply is followed by 421); an accepted message starts every count afresh."""
         if first_line[:1] in "45" and not first_line.startswith(("452-4.5.3", "452 4.5.3")):
             # 452 4.5.3 asks for another transaction: no client can avoid it, so not an error
             self._counts["max_errors"] += 1
-            if self._counts["max_errors"] >= self.gate.runtime.config.limits.max_errors:
-                await self._over_cap("max_errors")
-        elif self._command == "DATA" and first_line[:1] == "2":
+            return self._counts["max_errors"] >= self.gate.runtime.config.limits.max_errors
+        if self._command == "DATA" and first_line[:1] == "2":
             self._counts.clear()
+        return False
 
     def _on_command(self, command: str, method):
         """Every command line's dispatch (see ``_Commands``): the method that answers it."""
