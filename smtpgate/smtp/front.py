@@ -48,15 +48,17 @@ from ..mail.reply import Reply
 log = logging.getLogger("smtpgate.front")
 
 _aiosmtpd_sanitized_log = aiosmtpd.smtp.sanitized_log
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR, "critical": logging.CRITICAL, "exception": logging.ERROR}
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}  # the two it is called with
 
 
 def _sanitized_log(func, msg, *args, **kwargs) -> None:
-    """aiosmtpd logs every command line twice through this (debug, info), masking AUTH
-    data first (a regular expression per line) although its logger is off at those levels
-    (logs.py sets mail.log to WARNING): ask the level first, then log as aiosmtpd does."""
-    if func.__self__.isEnabledFor(_LEVELS[func.__name__]):
+    """aiosmtpd logs every command line twice through this (Logger.debug, Logger.info),
+    masking AUTH data first (a regular expression per line) although its logger is off at
+    those levels (logs.py sets mail.log to WARNING): ask the level first, then log as
+    aiosmtpd does. Any other call goes through as it came."""
+    level = _LEVELS.get(getattr(func, "__name__", None))
+    logger = getattr(func, "__self__", None)
+    if level is None or not isinstance(logger, logging.Logger) or logger.isEnabledFor(level):
         _aiosmtpd_sanitized_log(func, msg, *args, **kwargs)
 
 
