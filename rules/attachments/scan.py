@@ -72,6 +72,14 @@ def _footer_chars() -> slice:
 _FOOTER_CHARS = _footer_chars()
 if -_FOOTER_CHARS.start > _TAIL_CHARS:
     raise AssertionError("sniff's footer window lies beyond base64_ends' tail")
+_FOOTER_QUANTUM = re.compile(b"|".join(re.escape(q) for q in _FOOTER_QUANTA))
+
+
+def footer_holds_quanta(tail: bytes) -> bool:
+    """Whether the characters of base64_ends' ``tail`` where sniff's footer lies
+    (_FOOTER_CHARS) hold one of _FOOTER_QUANTA: one search there, no copy."""
+    size = len(tail)
+    return _FOOTER_QUANTUM.search(tail, size + _FOOTER_CHARS.start, size + _FOOTER_CHARS.stop) is not None
 _COMPRESSED_SUFFIX = {".gz": "", ".gzip": "", ".tgz": ".tar", ".taz": ".tar", ".bz2": "",
                       ".tbz": ".tar", ".tbz2": ".tar", ".xz": "", ".txz": ".tar", ".z": ""}
 
@@ -217,8 +225,7 @@ class _Scanner:
         if ends is None:
             return False
         head, tail = ends
-        footer = tail[_FOOTER_CHARS]
-        if head[:2] == b"MZ" or any(q in footer for q in _FOOTER_QUANTA):
+        if head[:2] == b"MZ" or footer_holds_quanta(tail):
             return False
         return sniff(head + _FOOTER_ZEROS, scripts=attachment_like) is None
 

@@ -27,7 +27,7 @@ from smtpgate_rules.attachments.mime import (Limits, Part, Structure, _matches, 
 from smtpgate_rules.attachments.names import (_quoted, _quoted_loop, _variants, _visible,  # noqa: E402
                                               display, variants)
 from smtpgate_rules.attachments.scan import (_FOOTER_CHARS, _FOOTER_QUANTA, Settings,  # noqa: E402
-                                             _Scanner, scan)
+                                             _Scanner, footer_holds_quanta, scan)
 
 scan_module = sys.modules[_Scanner.__module__]  # (the package's "scan" is the function)
 content_module = sys.modules[sniff.__module__]
@@ -57,6 +57,19 @@ def both_ways(raw: bytes, monkeypatch) -> tuple:
     return short
 
 
+def written_as(text: bytes, line: int, crlf: bool, junk: list[tuple[int, bytes]]) -> bytes:
+    """Base64 characters in lines of ``line`` (0: one line), LF or CRLF, with ``junk``
+    (characters readers skip) inserted at the given offsets."""
+    if line:
+        text = b"\n".join(text[i:i + line] for i in range(0, len(text), line))
+    if crlf:
+        text = text.replace(b"\n", b"\r\n")
+    for pos, char in junk:
+        pos = min(pos, len(text))
+        text = text[:pos] + char + text[pos:]
+    return text
+
+
 # --- base64_sample: the decoding's bytes where sniff reads, without decoding it all ----------
 def sample_matches(body: bytes) -> None:
     full = decode_base64(body)
@@ -83,14 +96,7 @@ def test_base64_sample_has_the_decodings_bytes_in_every_window(data, line, crlf,
         text += dangling  # a group left short (1, 2 or 3 characters)
     if padding is not None:
         text += padding
-    if line:
-        text = b"\n".join(text[i:i + line] for i in range(0, len(text), line))
-    if crlf:
-        text = text.replace(b"\n", b"\r\n")
-    for pos, char in junk:  # characters readers skip, anywhere
-        pos = min(pos, len(text))
-        text = text[:pos] + char + text[pos:]
-    sample_matches(text)
+    sample_matches(written_as(text, line, crlf, junk))
 
 
 @pytest.mark.parametrize("size", [0, 1, 2, 3, 511, 512, 513, 1023, 1024, 1025, 0x8000, 0x8001, 0x8005,
@@ -429,14 +435,7 @@ def test_base64_of_every_occurrence_is_in_every_encoding_holding_it(data, before
        dangling=st.sampled_from([b"", b"Q", b"QU", b"QUI"]))
 def test_base64_ends_hold_the_decodings_ends(data, line, crlf, padding, junk, dangling):
     text = base64.b64encode(data).rstrip(b"=") + dangling + (padding or b"")
-    if line:
-        text = b"\n".join(text[i:i + line] for i in range(0, len(text), line))
-    if crlf:
-        text = text.replace(b"\n", b"\r\n")
-    for pos, char in junk:
-        pos = min(pos, len(text))
-        text = text[:pos] + char + text[pos:]
-    ends_match(text)
+    ends_match(written_as(text, line, crlf, junk))
 
 
 def footer_messages() -> list[tuple[str, bytes]]:
@@ -528,18 +527,23 @@ def test_the_footer_chars_hold_every_footer_signatures_quanta(groups, at, line, 
     where = len(data) + extra + offset
     data[where:where + len(sig)] = sig
     text = base64.b64encode(bytes(data)) + dangling + (padding or b"")
-    if line:
-        text = b"\n".join(text[i:i + line] for i in range(0, len(text), line))
-    if crlf:
-        text = text.replace(b"\n", b"\r\n")
-    for pos, char in junk:
-        pos = min(pos, len(text))
-        text = text[:pos] + char + text[pos:]
+    text = written_as(text, line, crlf, junk)
     decoded = decode_base64(text)
     assert decoded[len(decoded) + offset:][:len(sig)] == sig
     ends = base64_ends(text)
     if ends is not None:
         assert any(q in ends[1][_FOOTER_CHARS] for q in _FOOTER_QUANTA)
+        assert footer_holds_quanta(ends[1])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.integers(704, 1024), st.lists(st.tuples(st.sampled_from(_FOOTER_QUANTA), st.integers(650, 700)), max_size=3))
+def test_footer_holds_quanta_searches_the_footer_chars_alone(size, planted):
+    tail = bytearray(b"X" * size)
+    for quantum, back in planted:  # (``back`` characters from the end)
+        tail[size - back:size - back + len(quantum)] = quantum
+    tail = bytes(tail[:size])
+    assert footer_holds_quanta(tail) == any(q in tail[_FOOTER_CHARS] for q in _FOOTER_QUANTA)
 
 
 def test_a_footer_quantum_outside_the_footers_chars_is_proved_inert(monkeypatch):
