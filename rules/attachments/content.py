@@ -139,13 +139,25 @@ def _sniff_inside(data: bytes) -> str | None:
     return None
 
 
+_ISO_FIRST = min(_ISO_DESCRIPTORS)
+_ISO_IDS = (b"CD001", b"BEA01", b"NSR02", b"NSR03", b"TEA01")
+#: FOOTER_SIGNATURES as (where to slice, signature), built once
+_FOOTERS = tuple((slice(o, o + len(sig)), sig) for o, sig in FOOTER_SIGNATURES)
+if any(o + len(sig) >= 0 for o, sig in FOOTER_SIGNATURES):  # (the slice would end at 0: empty)
+    raise AssertionError("a footer signature must end before the data's last byte")
+
+
 def _disk_image_inside(data: bytes) -> bool:
     """ISO/UDF volume descriptors, a VHD or DMG footer, a FAT/NTFS boot sector."""
-    for off in _ISO_DESCRIPTORS:
-        if data[off:off + 5] in (b"CD001", b"BEA01", b"NSR02", b"NSR03", b"TEA01"):
-            return True
-    if len(data) >= 512 and any(data[o:o + len(sig)] == sig for o, sig in FOOTER_SIGNATURES):
-        return True
+    size = len(data)
+    if size > _ISO_FIRST:  # (shorter data has no byte at any descriptor: skip them)
+        for off in _ISO_DESCRIPTORS:
+            if data[off:off + 5] in _ISO_IDS:
+                return True
+    if size >= 512:
+        for where, sig in _FOOTERS:
+            if data[where] == sig:
+                return True
     return data[510:512] == b"\x55\xaa" and (data[3:11] == b"NTFS    " or data[0x36:0x39] == b"FAT"
                                              or data[0x52:0x57] == b"FAT32" or data[3:11] == b"EXFAT   ")
 

@@ -505,15 +505,16 @@ def looks_base64(body: bytes) -> bool:
     """Its first 4096 bytes are at least 16 of the base64 alphabet and line breaks only
     (``_LOOKS_B64``, tested with a C-speed translate instead of the regex)."""
     head = body[:4096]
-    return len(head) >= 16 and not head.translate(None, _B64_LINE) and len(body.strip()) >= 16
+    # (its first line first: prose fails there without translating 4 KB)
+    return len(head) >= 16 and not head[:80].translate(None, _B64_LINE) \
+        and not head[80:].translate(None, _B64_LINE) and len(body.strip()) >= 16
 
 
-def contents(part: Part) -> list[bytes]:
-    """Every plausible decoding of a leaf part's body (one, unless its encoding is in doubt);
-    base64 sent without its header is apart (``headerless_base64``): the scanner can often
-    tell it holds nothing without decoding it."""
-    raw = part.raw_body()
-    ctes = part.cte or [""]
+def contents(raw: bytes, ctes: list[str]) -> list[bytes]:
+    """Every plausible decoding of a leaf part's body ``raw`` with its transfer encodings
+    ``ctes`` (one, unless its encoding is in doubt); base64 sent without its header is apart
+    (``headerless_base64``): the scanner can often tell it holds nothing without decoding it."""
+    ctes = ctes or [""]
     out: list[bytes] = []
     for cte in dict.fromkeys(ctes):
         if cte in ("", "7bit", "8bit", "binary", "base64", "quoted-printable", "x-uuencode",
@@ -530,14 +531,14 @@ def contents(part: Part) -> list[bytes]:
     return uniq
 
 
-def headerless_base64(part: Part) -> bytes | None:
-    """The body, when it may be base64 sent without its header (to be decoded and sniffed as
-    well as read as it is); else None. The caller also wants ``mostly_long_lines``, tested
-    after this cheaper check. (Its decoding never equals the body, being shorter.)"""
-    ctes = part.cte or [""]
+def headerless_base64(raw: bytes, ctes: list[str]) -> bytes | None:
+    """A leaf part's body ``raw`` (transfer encodings ``ctes``), when it may be base64 sent
+    without its header (to be decoded and sniffed as well as read as it is); else None. The
+    caller also wants ``mostly_long_lines``, tested after this cheaper check. (Its decoding
+    never equals the body, being shorter.)"""
+    ctes = ctes or [""]
     if len(ctes) != 1 or ctes[0] not in ("", "7bit", "8bit"):
         return None
-    raw = part.raw_body()
     return raw if looks_base64(raw) else None
 
 

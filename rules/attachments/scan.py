@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from . import archives
 from .content import (CONTAINERS, DESCRIPTIONS, FOOTER_SIGNATURES, HEAD, OPAQUE, SNIFF_WINDOWS,
                       inspect_ole, parse_tnef, sniff)
-from .mime import (END_HEAD, END_TAIL, Limits, Part, base64_ends, base64_of_every_occurrence,
+from .mime import (_TAIL_CHARS, END_HEAD, END_TAIL, Limits, Part, base64_ends, base64_of_every_occurrence,
                    base64_sample, contents, decode_base64, decode_uu, headerless_base64,
                    mostly_long_lines, parse)
 from .names import display, extensions, has_bidi, raw_names, variants
@@ -30,6 +30,7 @@ _LINE_OF_CONTENT = re.compile(rb"(?i)\ncontent-")  # what both _HIDDEN start wit
 #: The base64 of every 3-byte piece of "begin": one of them is in any base64 stream whose
 #: decoding holds "begin" (see ``_Scanner.base64_is_inert``).
 _BEGIN_QUANTA = tuple(base64.b64encode(b"begin"[k:k + 3]) for k in range(3))
+_BEGIN_LEADS = tuple(dict.fromkeys(q[:1] for q in _BEGIN_QUANTA))  # ("Y", "Z": one search each)
 #: Base64 this short is simply decoded (the shortcut pays off on longer bodies).
 _SHORT_BASE64 = 2048
 #: Where sniff's first window past the first 512 bytes starts (the ISO/UDF descriptors):
@@ -46,6 +47,39 @@ _FOOTER_ZEROS = bytes(-SNIFF_WINDOWS[1][0])
 if not (SNIFF_WINDOWS[0] == (0, END_HEAD) and -END_TAIL <= SNIFF_WINDOWS[1][0] < SNIFF_WINDOWS[1][1] < 0
         and all(start >= END_HEAD for start, _ in SNIFF_WINDOWS[2:])):
     raise AssertionError(f"sniff's windows {SNIFF_WINDOWS} break _Scanner._ends_are_inert's proof")
+
+
+def _footer_chars() -> slice:
+    """Where the characters whose groups hold sniff's footer signatures are, among a stream's
+    last characters (base64_ends' tail): for each count of characters mod 4 (how the stream
+    ends: whole groups, a dangling character, 2 or 3 left), the groups of the decoding's
+    bytes at each signature's offset from its end, counted back from the last character.
+    Any of _FOOTER_QUANTA that the decoding holds there lies in these characters."""
+    far, near = 0, None
+    for rest in range(4):
+        groups = 1000  # (any count far over the footer's reach)
+        count, size = 4 * groups + rest, 3 * groups + (0, 0, 1, 2)[rest]
+        for offset, sig in FOOTER_SIGNATURES:
+            first, last = size + offset, size + offset + len(sig) - 1  # the signature's bytes
+            start, end = 4 * (first // 3), 4 * (last // 3) + 4  # their groups' characters
+            far = max(far, count - start)
+            near = count - end if near is None else min(near, count - end)
+    return slice(-far, -near)
+
+
+#: the characters of base64_ends' tail that can hold one of _FOOTER_QUANTA (its last 686
+#: to 668: 18 characters, where the whole tail is 704 or more)
+_FOOTER_CHARS = _footer_chars()
+if -_FOOTER_CHARS.start > _TAIL_CHARS:
+    raise AssertionError("sniff's footer window lies beyond base64_ends' tail")
+_FOOTER_QUANTUM = re.compile(b"|".join(re.escape(q) for q in _FOOTER_QUANTA))
+
+
+def footer_holds_quanta(tail: bytes) -> bool:
+    """Whether the characters of base64_ends' ``tail`` where sniff's footer lies
+    (_FOOTER_CHARS) hold one of _FOOTER_QUANTA: one search there, no copy."""
+    size = len(tail)
+    return _FOOTER_QUANTUM.search(tail, size + _FOOTER_CHARS.start, size + _FOOTER_CHARS.stop) is not None
 _COMPRESSED_SUFFIX = {".gz": "", ".gzip": "", ".tgz": ".tar", ".taz": ".tar", ".bz2": "",
                       ".tbz": ".tar", ".tbz2": ".tar", ".xz": "", ".txz": ".tar", ".z": ""}
 
@@ -112,29 +146,30 @@ class _Scanner:
 
     # --- one MIME part -------------------------------------------------------------------
     def part(self, part: Part) -> tuple[list[str], str]:
-        names = raw_names(part.get_all("content-disposition") + part.get_all("content-type"))
+        types = part.get_all("content-type")
+        dispositions = part.get_all("content-disposition")
+        names = raw_names(dispositions + types)
         shown = display(names[0]) if names else ""
         reasons: list[str] = []
         for name in names:
             prefix = "" if display(name) == shown else f"{display(name)}: "
             reasons += [prefix + r for r in self.name(name)]
-        declared = {part.ctype} | {v.split(";", 1)[0].strip().lower()
-                                   for v in part.get_all("content-type")}
+        declared = {part.ctype, *(v.split(";", 1)[0].strip().lower() for v in types)}
         for ctype in sorted(declared):
             if self._type_banned(ctype):
                 reasons.append(f"declared type {ctype}")
         if part.is_message or (part.is_multipart and part.children):
             return _dedupe(reasons), shown
-        disposition = (part.header("content-disposition") or "").split(";", 1)[0].strip().lower()
-        attachment_like = bool(names) or disposition == "attachment" or \
-            not part.ctype.startswith(("text/", "multipart/"))
-        name = names[0] if names else ""
+        disposition = dispositions[0].split(";", 1)[0].strip().lower() if dispositions else ""
         texty = part.ctype.startswith(("text/", "multipart/"))
-        if part.cte == ["base64"] and self.base64_is_inert(part.raw_body(), name, attachment_like, texty):
+        attachment_like = bool(names) or disposition == "attachment" or not texty
+        name = names[0] if names else ""
+        body = part.raw_body()
+        if part.cte == ["base64"] and self.base64_is_inert(body, name, attachment_like, texty):
             datas = []  # (contents would be its decoding alone)
         else:
-            datas = contents(part)
-        guess = headerless_base64(part)  # (all three tests must hold: the cheap ones first)
+            datas = contents(body, part.cte)
+        guess = headerless_base64(body, part.cte)  # (all three tests must hold: the cheap ones first)
         if guess is not None and not self.base64_is_inert(guess, name, attachment_like, texty) \
                 and mostly_long_lines(guess):
             datas.append(decode_base64(guess))  # base64 sent without its header: sniff it too
@@ -180,17 +215,17 @@ class _Scanner:
         means: prove it the long way. Exact: the decoding is longer than 512 bytes (base64_ends
         wants 684 and 704 characters from the body's two ends, apart: over 1040 bytes) and
         shorter than the ISO windows (so sniff reads only its first 512 and its footer),
-        its first 512 bytes are known, the last characters (whose groups hold the footer)
-        hold none of _FOOTER_QUANTA (so the footer holds no signature), so sniff says of it
+        its first 512 bytes are known, the tail's characters whose groups hold the footer
+        (_FOOTER_CHARS) hold none of _FOOTER_QUANTA (so it holds no signature), so sniff says of it
         what it says of those 512 bytes followed by zeros; text without the first character
         of any of _BEGIN_QUANTA cannot hold them."""
-        if len(body) * 3 // 4 + 2 > _ISO_START or (texty and any(q[:1] in body for q in _BEGIN_QUANTA)):
+        if len(body) * 3 // 4 + 2 > _ISO_START or (texty and any(c in body for c in _BEGIN_LEADS)):
             return False
         ends = base64_ends(body)
         if ends is None:
             return False
         head, tail = ends
-        if head[:2] == b"MZ" or any(q in tail for q in _FOOTER_QUANTA):
+        if head[:2] == b"MZ" or footer_holds_quanta(tail):
             return False
         return sniff(head + _FOOTER_ZEROS, scripts=attachment_like) is None
 
