@@ -33,7 +33,7 @@ SEEN_MAX = 4096
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # built once, not per call
 #: time texts remembered (``_number``; all forgotten at once when full)
-NUMBER_TEXTS_MAX = 4096
+NUMBER_TEXTS_MAX = 1024
 
 
 @dataclass(frozen=True)  # shared between copies of a record (SenderRecord.copy): never changed
