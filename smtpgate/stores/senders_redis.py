@@ -141,7 +141,7 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
         while True:
             version, doc = known if known is not None else await self._read(machine, key)
             known = None
-            current = SenderRecord.from_json(doc) if doc is not None else None
+            current = SenderRecord.from_json(doc, take=True) if doc is not None else None
             base = current.version if current is not None else 0
             new, results = current, []
             for change in changes:

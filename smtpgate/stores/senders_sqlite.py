@@ -116,7 +116,7 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
         ======  ======================================  ====================================
         """
         doc, column = row
-        current = SenderRecord.from_json(doc) if doc else None
+        current = SenderRecord.from_json(doc, take=True) if doc else None
         # what was stored, noted first: change may edit the record it is given in place
         stored = (current.state, current.version) if current is not None else None
         new, result = change(current)

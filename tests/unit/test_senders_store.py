@@ -306,6 +306,32 @@ def test_a_record_read_back_is_its_text_parsed_and_owned_by_its_reader():
         first.history[0].to = "blocked"
 
 
+def test_a_record_taken_for_a_change_is_not_read_again_by_its_text():
+    rec = record(counts={"delivered": 2}, recent={"delivered": [T0]})
+    text = rec.to_json()
+    taken = SenderRecord.from_json(text, take=True)
+    assert taken == _fresh_parse(text)
+    taken.counts["delivered"] += 1  # the update changes it in place
+    taken.state = "probation"
+    assert SenderRecord.from_json(text) == _fresh_parse(text)  # parsed again, as stored
+    assert SenderRecord.from_json(text, take=True) == _fresh_parse(text)
+
+
+async def test_an_event_copies_the_record_twice(store, monkeypatch):
+    """Read at MAIL (a copy for the reader), changed and written at the end (a copy kept
+    for the next read of the text written): the read one is handed to the change, not copied."""
+    machine = Machine("senders", {"new": {"delivered": "probation"}, "probation": {}}, initial="new")
+    await machine.feed(store, "alice@example.org", [Event("delivered")], T0)
+    copies = []
+    copy = SenderRecord.copy
+    monkeypatch.setattr(SenderRecord, "copy", lambda rec: copies.append(rec) or copy(rec))
+    for i in range(1, 4):
+        await machine.current(store, "alice@example.org", T0 + i)
+        view, _ = await machine.feed(store, "alice@example.org", [Event("delivered")], T0 + i)
+        assert view.counts == {"delivered": i + 1}
+    assert len(copies) == 6
+
+
 class _Pauses:
     """Stands in for ``random`` in senders_redis: notes each back-off drawn, pauses none."""
 
