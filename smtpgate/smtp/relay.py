@@ -20,11 +20,13 @@ import time
 
 import aiosmtplib
 from aiosmtplib import SMTPException, SMTPResponseException
+from aiosmtplib.protocol import COMMAND_INJECTION_REGEX
 
 from ..mail.addresses import helo_refusal
 from .. import metrics
 from ..errors import RelayError
 from ..mail.reply import Reply
+from . import pipelining
 from .pool import Pooled, SessionPool
 from .relay_api import Capabilities, Relay
 
@@ -239,16 +241,78 @@ class Downstream:
                    utf8: bool = False) -> Reply:
         smtp = self._require()
         self._reusable = False
-        if ident and "IDENT" in smtp.esmtp_extensions.get("xforward", "").upper().split():
-            await self._command(b"XFORWARD", f"IDENT={xtext(ident)}".encode())
-        reply = await self._command(b"MAIL", b"FROM:" + _enc(wire_sender, utf8),
-                                    *[p.encode() for p in params])
+        xforward = self._xforward(smtp, ident)
+        if xforward:
+            await self._command(*xforward)
+        reply = await self._command(*_mail_command(wire_sender, params, utf8))
         self.in_transaction = reply.is_positive
         return reply
 
+    @staticmethod
+    def _xforward(smtp, ident: str | None) -> tuple[bytes, ...] | None:
+        """The XFORWARD IDENT before MAIL, when there is one and it is offered; its reply
+        counts only when it is a 421."""
+        if ident and "IDENT" in smtp.esmtp_extensions.get("xforward", "").upper().split():
+            return b"XFORWARD", f"IDENT={xtext(ident)}".encode()
+        return None
+
     async def rcpt(self, wire_recipient: str, params: list[str], utf8: bool = False) -> Reply:
-        return await self._command(b"RCPT", b"TO:" + _enc(wire_recipient, utf8),
-                                   *[p.encode() for p in params])
+        return await self._command(*_rcpt_command(wire_recipient, params, utf8))
+
+    async def mail_rcpt(self, wire_sender: str, sender_params: list[str], wire_recipient: str,
+                        rcpt_params: list[str], ident: str | None = None,
+                        utf8: bool = False) -> tuple[Reply, Reply | None]:
+        """MAIL then the first RCPT, in one round trip when the downstream offers PIPELINING
+        (RFC 2920; the XFORWARD IDENT before them too): every reply is then taken as if the
+        commands had gone one at a time. A refused MAIL's RCPT reply (503, need MAIL) is
+        read and dropped: None is returned for it, as ``mail`` then ``rcpt`` would."""
+        smtp = self._require()
+        if "pipelining" not in smtp.esmtp_extensions:
+            mail = await self.mail(wire_sender, sender_params, ident, utf8)
+            return mail, (await self.rcpt(wire_recipient, rcpt_params, utf8)
+                          if mail.is_positive else None)
+        self._reusable = False
+        group = [_mail_command(wire_sender, sender_params, utf8),
+                 _rcpt_command(wire_recipient, rcpt_params, utf8)]
+        xforward = self._xforward(smtp, ident)
+        if xforward:
+            group.insert(0, xforward)
+        replies, problem = await self._pipelined(smtp, group)
+        if xforward:  # its reply matters only when it is the downstream closing (421)
+            self._check(self._reply(replies, 0, problem))
+            del replies[0]
+        mail = self._check(self._reply(replies, 0, problem))
+        self.in_transaction = mail.is_positive
+        if not mail.is_positive:
+            if len(replies) < 2 or failure(replies[1]) is not None:
+                self._drop()  # the session cannot go on; the client gets the MAIL refusal
+            return mail, None
+        return mail, self._check(self._reply(replies, 1, problem))
+
+    async def _pipelined(self, smtp, group: list[tuple[bytes, ...]]):
+        """Write the commands at once; their replies (``Reply``) in order, and what ended the
+        exchange before all came. Uses aiosmtplib's protocol below its public API (its
+        write, the injection check of its own ``execute_command``), as ``_send_body`` does."""
+        protocol = smtp.protocol
+        with self._failures():
+            for command in group:
+                if any(COMMAND_INJECTION_REGEX.search(arg) for arg in command):
+                    raise ValueError("Command arg contains a prohibited control character")
+            protocol.write(b"".join(b" ".join(command) + b"\r\n" for command in group))
+            replies, problem = await pipelining.replies(protocol, protocol.transport, len(group),
+                                                        self.cfg.timeout)
+        return [Reply.from_downstream(code, text) for code, text in replies], problem
+
+    def _reply(self, replies: list[Reply], index: int, problem: BaseException | None) -> Reply:
+        """The reply at ``index``; if it never came, the failure that ended the exchange,
+        raised as the ``RelayError`` a command sent alone would have raised (connection
+        dropped)."""
+        if index < len(replies):
+            return replies[index]
+        if not isinstance(problem, FAILURES):
+            problem = SMTPException(str(problem))
+        with self._failures():
+            raise problem
 
     async def data(self, raw) -> Reply:
         """Relay one message: ``raw`` is its bytes, or its pieces in order (bytes-like).
@@ -482,6 +546,14 @@ def _stuff(chunk: bytes, line_start: bool) -> tuple[bytes, bool]:
     if line_start and chunk.startswith(b"."):
         chunk = b"." + chunk
     return chunk, chunk.endswith(b"\n")
+
+
+def _mail_command(wire_sender: str, params: list[str], utf8: bool) -> tuple[bytes, ...]:
+    return (b"MAIL", b"FROM:" + _enc(wire_sender, utf8), *[p.encode() for p in params])
+
+
+def _rcpt_command(wire_recipient: str, params: list[str], utf8: bool) -> tuple[bytes, ...]:
+    return (b"RCPT", b"TO:" + _enc(wire_recipient, utf8), *[p.encode() for p in params])
 
 
 def _enc(text: str, utf8: bool) -> bytes:
