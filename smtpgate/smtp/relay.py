@@ -105,6 +105,12 @@ class Downstream:
         # if that client is in the list. A session it is not listed in is never pooled.
         # None: not known yet (the client said HELO, whose answer lists no keywords).
         self._renamable: bool | None = False
+        # RFC 2920: commands go ahead of replies only when the session's current greeting
+        # was an EHLO whose answer offered PIPELINING. aiosmtplib keeps an earlier EHLO's
+        # keywords after a HELO (a HELO client's, sent after XCLIENT), which offered none:
+        # Postfix flags pipelining then (reject_unauth_pipelining; from 3.9
+        # smtpd_forbid_unauth_pipelining disconnects).
+        self._pipelining = False
 
     @property
     def connected(self) -> bool:
@@ -116,7 +122,7 @@ class Downstream:
         real client when configured and offered."""
         if self.connected:
             return
-        self._reusable = self._renamable = False
+        self._reusable = self._renamable = self._pipelining = False
         if self.pool is not None and self.pool.enabled:
             while (entry := self.pool.take()) is not None:
                 if await self._resume(entry, session):
@@ -138,10 +144,11 @@ class Downstream:
                 self._renamable = await self._xclient(smtp, session)
                 if session.esmtp:  # a HELO answer lists no keywords: keep what we knew
                     self.capabilities.update(smtp.esmtp_extensions)
-            else:
+            else:  # still greeted by the gate's own EHLO
                 response = await smtp.execute_command(b"RSET")
                 if response.code != 250:
                     raise SMTPResponseException(response.code, response.message)
+                self._pipelining = "pipelining" in smtp.esmtp_extensions
             return True
         except FAILURES as exc:
             log.info("downstream %s:%s: pooled session failed its check (%s); not used",
@@ -159,6 +166,7 @@ class Downstream:
                 if self.cfg.tls != "none":
                     smtp = await self._starttls(smtp)  # may be a new, plain connection
                 self.capabilities.update(smtp.esmtp_extensions)
+                self._pipelining = "pipelining" in smtp.esmtp_extensions
                 xclient = self.cfg.xclient and "xclient" in smtp.esmtp_extensions
                 if xclient:
                     self._renamable = await self._xclient(smtp, session)
@@ -233,7 +241,9 @@ class Downstream:
         ok = bool(helo) and helo_refusal(helo) is None
         if session.esmtp:
             await smtp.ehlo(hostname=helo if ok else None)
+            self._pipelining = "pipelining" in smtp.esmtp_extensions
             return "xclient" in smtp.esmtp_extensions
+        self._pipelining = False
         await smtp.helo(hostname=helo if ok else None)
         return None
 
@@ -267,7 +277,7 @@ class Downstream:
         commands had gone one at a time. A refused MAIL's RCPT reply (503, need MAIL) is
         read and dropped: None is returned for it, as ``mail`` then ``rcpt`` would."""
         smtp = self._require()
-        if "pipelining" not in smtp.esmtp_extensions:
+        if not self._pipelining:
             mail = await self.mail(wire_sender, sender_params, ident, utf8)
             return mail, (await self.rcpt(wire_recipient, rcpt_params, utf8)
                           if mail.is_positive else None)
@@ -446,7 +456,7 @@ class Downstream:
         if self._smtp is not None:
             self._smtp.close()
         self._smtp = self._entry = None
-        self.in_transaction = self._reusable = self._renamable = False
+        self.in_transaction = self._reusable = self._renamable = self._pipelining = False
 
 
 _FAREWELL_TIMEOUT = 5.0  # seconds for an exchange after the client's last message

@@ -83,6 +83,23 @@ def test_without_pipelining_the_commands_go_one_at_a_time(gate_factory, downstre
     assert verbs(ds.transcript).count("MAIL") == 1 and ds.ahead == []
 
 
+def test_after_a_helo_clients_xclient_and_helo_the_commands_go_one_at_a_time(gate_factory,
+                                                                              downstream_factory):
+    """The session's greeting is then a HELO, whose answer offered no PIPELINING (aiosmtplib
+    still holds the gate's first EHLO's keywords)."""
+    ds = downstream_factory()
+    gate = gate_factory(downstream_port=ds.port)
+    c = RawSMTP((gate.host, gate.port))
+    with c:
+        assert c.reply().startswith(b"220 ")
+        assert c.cmd("HELO client.test").startswith(b"250 ")
+        assert c.cmd("MAIL FROM:<a@sender.test>").startswith(b"250 ")
+        assert c.cmd("RCPT TO:<user@example.com>").startswith(b"250 ")
+        assert c.data(MSG).startswith(b"250 2.0.0 ")
+    ds.wait_for_messages(1)
+    assert "HELO" in verbs(ds.transcript) and ds.ahead == []
+
+
 @pytest.mark.parametrize("where", ["XFORWARD", "MAIL", "RCPT"])
 def test_a_downstream_gone_mid_group_is_451_442_and_the_session_recovers(gate_factory,
                                                                          downstream_factory,
