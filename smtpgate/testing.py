@@ -144,6 +144,13 @@ class FakeRelay:
             self._current.recipients.append(address)
         return reply
 
+    async def mail_rcpt(self, wire_sender: str, sender_params: list[str], wire_recipient: str,
+                        rcpt_params: list[str], ident: str | None = None,
+                        utf8: bool = False) -> tuple[Reply, Reply | None]:
+        mail = await self.mail(wire_sender, sender_params, ident, utf8)
+        return mail, (await self.rcpt(wire_recipient, rcpt_params, utf8)
+                      if mail.is_positive else None)
+
     async def data(self, raw) -> Reply:
         """``raw``: the message's bytes, or its pieces in order (as the real relay takes it)."""
         reply = self._scripted("data", default=Reply(250, "Ok: queued", "2.0.0"))

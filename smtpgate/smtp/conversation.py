@@ -635,10 +635,13 @@ class Conversation:
         if not self._progress.mail_sent:
             if not relay.connected:
                 await relay.open(self.session)
-            reply = await relay.mail(f"<{tx.sender}>", tx.sender_params, tx.id, utf8)
-            if not reply.is_positive:
-                return reply
+            # MAIL with the first recipient: one round trip where the downstream pipelines
+            mail, reply = await relay.mail_rcpt(f"<{tx.sender}>", tx.sender_params,
+                                                rcpt.parsed.wire(), rcpt.params, tx.id, utf8)
+            if not mail.is_positive:
+                return mail
             self._progress.mail_sent = True
+            return reply
         return await relay.rcpt(rcpt.parsed.wire(), rcpt.params, utf8)
 
     def _gate_trace(self, tx, stage, action, reason, reply: Reply, recipient=None) -> None:

@@ -20,11 +20,13 @@ import time
 
 import aiosmtplib
 from aiosmtplib import SMTPException, SMTPResponseException
+from aiosmtplib.protocol import COMMAND_INJECTION_REGEX
 
 from ..mail.addresses import helo_refusal
 from .. import metrics
 from ..errors import RelayError
 from ..mail.reply import Reply
+from . import pipelining
 from .pool import Pooled, SessionPool
 from .relay_api import Capabilities, Relay
 
@@ -103,6 +105,12 @@ class Downstream:
         # if that client is in the list. A session it is not listed in is never pooled.
         # None: not known yet (the client said HELO, whose answer lists no keywords).
         self._renamable: bool | None = False
+        # RFC 2920: commands go ahead of replies only when the session's current greeting
+        # was an EHLO whose answer offered PIPELINING. aiosmtplib keeps an earlier EHLO's
+        # keywords after a HELO (a HELO client's, sent after XCLIENT), which offered none:
+        # Postfix flags pipelining then (reject_unauth_pipelining; from 3.9
+        # smtpd_forbid_unauth_pipelining disconnects).
+        self._pipelining = False
 
     @property
     def connected(self) -> bool:
@@ -114,7 +122,7 @@ class Downstream:
         real client when configured and offered."""
         if self.connected:
             return
-        self._reusable = self._renamable = False
+        self._reusable = self._renamable = self._pipelining = False
         if self.pool is not None and self.pool.enabled:
             while (entry := self.pool.take()) is not None:
                 if await self._resume(entry, session):
@@ -136,10 +144,11 @@ class Downstream:
                 self._renamable = await self._xclient(smtp, session)
                 if session.esmtp:  # a HELO answer lists no keywords: keep what we knew
                     self.capabilities.update(smtp.esmtp_extensions)
-            else:
+            else:  # still greeted by the gate's own EHLO
                 response = await smtp.execute_command(b"RSET")
                 if response.code != 250:
                     raise SMTPResponseException(response.code, response.message)
+                self._pipelining = "pipelining" in smtp.esmtp_extensions
             return True
         except FAILURES as exc:
             log.info("downstream %s:%s: pooled session failed its check (%s); not used",
@@ -157,6 +166,7 @@ class Downstream:
                 if self.cfg.tls != "none":
                     smtp = await self._starttls(smtp)  # may be a new, plain connection
                 self.capabilities.update(smtp.esmtp_extensions)
+                self._pipelining = "pipelining" in smtp.esmtp_extensions
                 xclient = self.cfg.xclient and "xclient" in smtp.esmtp_extensions
                 if xclient:
                     self._renamable = await self._xclient(smtp, session)
@@ -231,7 +241,9 @@ class Downstream:
         ok = bool(helo) and helo_refusal(helo) is None
         if session.esmtp:
             await smtp.ehlo(hostname=helo if ok else None)
+            self._pipelining = "pipelining" in smtp.esmtp_extensions
             return "xclient" in smtp.esmtp_extensions
+        self._pipelining = False
         await smtp.helo(hostname=helo if ok else None)
         return None
 
@@ -239,16 +251,78 @@ class Downstream:
                    utf8: bool = False) -> Reply:
         smtp = self._require()
         self._reusable = False
-        if ident and "IDENT" in smtp.esmtp_extensions.get("xforward", "").upper().split():
-            await self._command(b"XFORWARD", f"IDENT={xtext(ident)}".encode())
-        reply = await self._command(b"MAIL", b"FROM:" + _enc(wire_sender, utf8),
-                                    *[p.encode() for p in params])
+        xforward = self._xforward(smtp, ident)
+        if xforward:
+            await self._command(*xforward)
+        reply = await self._command(*_mail_command(wire_sender, params, utf8))
         self.in_transaction = reply.is_positive
         return reply
 
+    @staticmethod
+    def _xforward(smtp, ident: str | None) -> tuple[bytes, ...] | None:
+        """The XFORWARD IDENT before MAIL, when there is one and it is offered; its reply
+        counts only when it is a 421."""
+        if ident and "IDENT" in smtp.esmtp_extensions.get("xforward", "").upper().split():
+            return b"XFORWARD", f"IDENT={xtext(ident)}".encode()
+        return None
+
     async def rcpt(self, wire_recipient: str, params: list[str], utf8: bool = False) -> Reply:
-        return await self._command(b"RCPT", b"TO:" + _enc(wire_recipient, utf8),
-                                   *[p.encode() for p in params])
+        return await self._command(*_rcpt_command(wire_recipient, params, utf8))
+
+    async def mail_rcpt(self, wire_sender: str, sender_params: list[str], wire_recipient: str,
+                        rcpt_params: list[str], ident: str | None = None,
+                        utf8: bool = False) -> tuple[Reply, Reply | None]:
+        """MAIL then the first RCPT, in one round trip when the downstream offers PIPELINING
+        (RFC 2920; the XFORWARD IDENT before them too): every reply is then taken as if the
+        commands had gone one at a time. A refused MAIL's RCPT reply (503, need MAIL) is
+        read and dropped: None is returned for it, as ``mail`` then ``rcpt`` would."""
+        smtp = self._require()
+        if not self._pipelining:
+            mail = await self.mail(wire_sender, sender_params, ident, utf8)
+            return mail, (await self.rcpt(wire_recipient, rcpt_params, utf8)
+                          if mail.is_positive else None)
+        self._reusable = False
+        group = [_mail_command(wire_sender, sender_params, utf8),
+                 _rcpt_command(wire_recipient, rcpt_params, utf8)]
+        xforward = self._xforward(smtp, ident)
+        if xforward:
+            group.insert(0, xforward)
+        replies, problem = await self._pipelined(smtp, group)
+        if xforward:  # its reply matters only when it is the downstream closing (421)
+            self._check(self._reply(replies, 0, problem))
+            del replies[0]
+        mail = self._check(self._reply(replies, 0, problem))
+        self.in_transaction = mail.is_positive
+        if not mail.is_positive:
+            if len(replies) < 2 or failure(replies[1]) is not None:
+                self._drop()  # the session cannot go on; the client gets the MAIL refusal
+            return mail, None
+        return mail, self._check(self._reply(replies, 1, problem))
+
+    async def _pipelined(self, smtp, group: list[tuple[bytes, ...]]):
+        """Write the commands at once; their replies (``Reply``) in order, and what ended the
+        exchange before all came. Uses aiosmtplib's protocol below its public API (its
+        write, the injection check of its own ``execute_command``), as ``_send_body`` does."""
+        protocol = smtp.protocol
+        with self._failures():
+            for command in group:
+                if any(COMMAND_INJECTION_REGEX.search(arg) for arg in command):
+                    raise ValueError("Command arg contains a prohibited control character")
+            protocol.write(b"".join(b" ".join(command) + b"\r\n" for command in group))
+            replies, problem = await pipelining.replies(protocol, protocol.transport, len(group),
+                                                        self.cfg.timeout)
+        return [Reply.from_downstream(code, text) for code, text in replies], problem
+
+    def _reply(self, replies: list[Reply], index: int, problem: BaseException | None) -> Reply:
+        """The reply at ``index``; if it never came, the failure that ended the exchange,
+        raised as the ``RelayError`` a command sent alone would have raised (connection
+        dropped)."""
+        if index < len(replies):
+            return replies[index]
+        if not isinstance(problem, FAILURES):
+            problem = SMTPException(str(problem))
+        with self._failures():
+            raise problem
 
     async def data(self, raw) -> Reply:
         """Relay one message: ``raw`` is its bytes, or its pieces in order (bytes-like).
@@ -382,7 +456,7 @@ class Downstream:
         if self._smtp is not None:
             self._smtp.close()
         self._smtp = self._entry = None
-        self.in_transaction = self._reusable = self._renamable = False
+        self.in_transaction = self._reusable = self._renamable = self._pipelining = False
 
 
 _FAREWELL_TIMEOUT = 5.0  # seconds for an exchange after the client's last message
@@ -482,6 +556,14 @@ def _stuff(chunk: bytes, line_start: bool) -> tuple[bytes, bool]:
     if line_start and chunk.startswith(b"."):
         chunk = b"." + chunk
     return chunk, chunk.endswith(b"\n")
+
+
+def _mail_command(wire_sender: str, params: list[str], utf8: bool) -> tuple[bytes, ...]:
+    return (b"MAIL", b"FROM:" + _enc(wire_sender, utf8), *[p.encode() for p in params])
+
+
+def _rcpt_command(wire_recipient: str, params: list[str], utf8: bool) -> tuple[bytes, ...]:
+    return (b"RCPT", b"TO:" + _enc(wire_recipient, utf8), *[p.encode() for p in params])
 
 
 def _enc(text: str, utf8: bool) -> bytes:

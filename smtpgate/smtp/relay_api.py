@@ -50,6 +50,12 @@ class Relay(Protocol):
     async def rcpt(self, wire_recipient: str, params: list[str], utf8: bool = False) -> Reply:
         """``RCPT TO:<wire_recipient>``; the downstream's reply."""
 
+    async def mail_rcpt(self, wire_sender: str, sender_params: list[str], wire_recipient: str,
+                        rcpt_params: list[str], ident: str | None = None,
+                        utf8: bool = False) -> tuple[Reply, Reply | None]:
+        """``mail`` then the transaction's first ``rcpt`` (None for it when MAIL is refused),
+        with the same replies; pipelined (one round trip) when the downstream offers it."""
+
     async def data(self, raw: bytes | Iterable[bytes]) -> Reply:
         """Relay one message (its bytes, or its pieces in order); the downstream's final reply."""
 

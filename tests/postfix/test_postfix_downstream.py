@@ -562,3 +562,21 @@ def test_quarantine_release_of_a_stored_hostile_helo_sets_no_login(tmp_path, cap
     postfix.wait_for_log(r"reject: RCPT from .*<victim@elsewhere\.test>: Relay access denied")
     log = postfix.log_text()
     assert "sasl_username" not in log and "LOGIN" not in log, log
+
+
+@FIRST_GREETINGS
+def test_postfix_sees_no_improper_pipelining(gate_factory, postfix_downstream, first_greeting):
+    """The gate pipelines XFORWARD IDENT, MAIL and the first RCPT only after an EHLO whose
+    answer offered PIPELINING (RFC 2920): after XCLIENT + HELO for a HELO client Postfix has
+    offered nothing, and flags commands sent ahead (`reject_unauth_pipelining`; from 3.9,
+    `smtpd_forbid_unauth_pipelining` disconnects)."""
+    postfix = postfix_downstream
+    gate = gate_factory(downstream_port=postfix.port)
+    with gate.smtp(local_hostname="client.test") as c:
+        assert (c.ehlo() if first_greeting == b"EHLO" else c.helo())[0] == 250
+        c.mail(SENDER)
+        c.rcpt("user@example.com")
+        qid = queue_id(c.data(MESSAGE))
+    postfix.wait_for_log(rf"{qid}: client=")
+    postfix.wait_for_log(r"disconnect from ")
+    assert "improper command pipelining" not in postfix.log_text()

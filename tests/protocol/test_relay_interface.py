@@ -32,7 +32,7 @@ def test_implements_the_relay_protocol(make):
     assert isinstance(relay, Relay)
     assert relay.connected is False and isinstance(relay.capabilities, Capabilities)
     methods = protocol_methods()
-    assert set(methods) == {"open", "mail", "rcpt", "data", "reset", "close"}
+    assert set(methods) == {"open", "mail", "rcpt", "mail_rcpt", "data", "reset", "close"}
     for name, wanted in methods.items():
         method = getattr(relay, name)
         assert inspect.iscoroutinefunction(method), name

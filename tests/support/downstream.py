@@ -38,6 +38,10 @@ Scripting (may be changed while the server runs):
   of the message arrive, the connection is reset (RST, as the kernel does for a killed
   process with unread data) — a downstream dying mid-DATA; what it got is in ``aborted``.
 - ``ds.delays``: ``{KEY: seconds}`` to answer late (a slow downstream).
+- ``ds.hold_at``: a key or keys whose reply waits until the next command line has arrived
+  (only a client that pipelines gets it). ``ds.ahead``: every command line that arrived
+  with the next command already behind it (the client pipelined them).
+- ``pipelining=False``: PIPELINING is not advertised.
 
 Only loopback addresses are ever bound; the server never resolves or connects anywhere.
 """
@@ -185,6 +189,8 @@ class CapturingDownstream:
         stall_at: str | Collection[str] | None = None,
         drop_at: str | Collection[str] | None = None,
         delays: dict[str, float] | None = None,
+        hold_at: str | Collection[str] | None = None,
+        pipelining: bool = True,
     ) -> None:
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError(f"CapturingDownstream binds loopback only, not {host!r}")
@@ -201,12 +207,15 @@ class CapturingDownstream:
         self.stall_at = stall_at
         self.drop_at = drop_at
         self.delays: dict[str, float] = dict(delays or {})
+        self.hold_at = hold_at
+        self.pipelining = pipelining
 
         self.transcript: list[bytes] = []
         self.messages: list[Captured] = []
         self.rejected: list[Captured] = []
         self.aborted: list[bytes] = []
         self.sessions: list[Session] = []
+        self.ahead: list[bytes] = []
         self.connections = 0
         self.stalled = 0   # how many times a stall_at point was reached
         self.dropped = 0   # how many times a drop_at point was reached
@@ -322,6 +331,7 @@ class CapturingDownstream:
             self.messages.clear()
             self.rejected.clear()
             self.aborted.clear()
+            self.ahead.clear()
             self.errors.clear()
             self.stalled = self.dropped = 0
 
@@ -477,6 +487,9 @@ class _Conn:
             if delays.get(key.upper()):
                 await asyncio.sleep(delays[key.upper()])
                 break
+        if ds._matches(ds.hold_at, keys):
+            while b"\n" not in self.buf and await self._fill():
+                pass
         if ds._matches(ds.stall_at, keys):
             await self._stall()
         if ds._matches(ds.drop_at, keys):
@@ -496,6 +509,8 @@ class _Conn:
                 return
             line_b = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
             ds._record(lambda: (ds.transcript.append(line_b), self.sess.transcript.append(line_b)))
+            if self.buf:
+                ds._record(lambda: ds.ahead.append(line_b))
             line = line_b.decode("utf-8", "surrogateescape")
             verb, _, arg = line.partition(" ")
             verb = verb.upper()
@@ -509,7 +524,7 @@ class _Conn:
     # -- commands
     def _ehlo_lines(self) -> list[str]:
         ds = self.ds
-        lines = [f"250 {ds.hostname}", "250 PIPELINING",
+        lines = [f"250 {ds.hostname}", *(["250 PIPELINING"] if ds.pipelining else []),
                  f"250 SIZE {ds.size}" if ds.size else "250 SIZE"]
         if ds.xclient_enabled:
             lines.append("250 XCLIENT " + " ".join(ds.xclient_attrs))

@@ -1,0 +1,120 @@
+"""The replies to a pipelined group are read in order however the downstream's bytes are cut
+into segments (aiosmtplib alone leaves a second reply of one segment unparsed and drops one
+that arrives early), and the connection is handed back to the SMTP client afterwards."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from smtpgate.smtp import pipelining
+from smtpgate.smtp.pipelining import MAX_REPLY, MalformedReply, _Replies
+
+pytestmark = pytest.mark.timeout(10)
+
+WIRE = (b"250 2.0.0 Ok\r\n"
+        b"250-2.1.0 first\r\n250 2.1.0 second\r\n"
+        b"550 5.1.1 no such user\r\n")
+PARSED = [(250, "2.0.0 Ok"), (250, "2.1.0 first\n2.1.0 second"), (550, "5.1.1 no such user")]
+
+
+class Client(asyncio.Protocol):
+    """Stands for aiosmtplib's protocol: what it is told once the group is done."""
+
+    def __init__(self):
+        self.data, self.lost = b"", []
+        self.changed = asyncio.Event()
+
+    def data_received(self, data):
+        self.data += data
+        self.changed.set()
+
+    def connection_lost(self, exc):
+        self.lost.append(exc)
+        self.changed.set()
+
+    async def until(self, done) -> None:
+        async with asyncio.timeout(5):
+            while not done():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def fed(cuts: list[bytes], wanted: int = 3) -> _Replies:
+    replies = _Replies(Client(), wanted)
+    for cut in cuts:
+        replies.data_received(cut)
+    return replies
+
+
+@pytest.mark.parametrize("cuts", [
+    [WIRE],
+    [WIRE[i:i + 1] for i in range(len(WIRE))],
+    [WIRE[:15], WIRE[15:16], WIRE[16:40], WIRE[40:]],
+], ids=["one segment", "byte by byte", "cut mid line"])
+def test_replies_in_order_however_cut(cuts):
+    replies = fed(cuts)
+    assert replies.replies == PARSED and replies.problem is None and replies.finished
+
+
+def test_bytes_past_the_group_are_not_taken_as_replies():
+    replies = fed([WIRE + b"250 unasked\r\n"])
+    assert replies.replies == PARSED
+
+
+@pytest.mark.parametrize("wire", [b"250 ok\r\nhello\r\n", b"250 ok\r\n25"+ b"0-x" * MAX_REPLY])
+def test_malformed_or_endless_reply_ends_the_exchange(wire):
+    replies = fed([wire])
+    assert replies.replies == [(250, "ok")] and isinstance(replies.problem, MalformedReply)
+
+
+def test_eof_mid_group_keeps_the_replies_before_it():
+    replies = fed([b"250 2.1.0 Ok\r\n"])
+    assert replies.eof_received() is False
+    assert replies.replies == [(250, "2.1.0 Ok")] and isinstance(replies.problem, ConnectionError)
+
+
+async def _loopback(answer: bytes):
+    """A real loopback connection whose server answers the first line it reads with ``answer``
+    (written in one go, then, after the next line, ``250 later``)."""
+    async def serve(reader, writer):
+        await reader.readline()
+        writer.write(answer)
+        await reader.readline()
+        writer.write(b"250 later\r\n")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    client = Client()
+    transport, _ = await loop.create_connection(lambda: client, "127.0.0.1",
+                                                server.sockets[0].getsockname()[1])
+    return server, transport, client
+
+
+async def test_the_client_gets_its_connection_back():
+    server, transport, client = await _loopback(WIRE)
+    try:
+        transport.write(b"MAIL\r\n")
+        got, problem = await pipelining.replies(client, transport, 3, 5)
+        assert got == PARSED and problem is None
+        transport.write(b"NOOP\r\n")
+        await client.until(lambda: client.data == b"250 later\r\n")
+    finally:
+        transport.close()
+        server.close()
+
+
+async def test_silence_is_a_timeout_and_loss_reaches_the_client():
+    server, transport, client = await _loopback(b"250 2.1.0 Ok\r\n")
+    try:
+        transport.write(b"MAIL\r\n")
+        got, problem = await pipelining.replies(client, transport, 2, 0.2)
+        assert got == [(250, "2.1.0 Ok")] and isinstance(problem, asyncio.TimeoutError)
+        transport.close()
+        await client.until(lambda: client.lost)
+    finally:
+        transport.close()
+        server.close()
