@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import socket
 import ssl
 import time
@@ -27,6 +26,7 @@ from .. import metrics
 from ..errors import RelayError
 from ..mail.reply import Reply
 from . import pipelining
+from .datadecoder import normalise_line_ends
 from .pool import Pooled, SessionPool
 from .relay_api import Capabilities, Relay
 
@@ -111,6 +111,8 @@ class Downstream:
         # Postfix flags pipelining then (reject_unauth_pipelining; from 3.9
         # smtpd_forbid_unauth_pipelining disconnects).
         self._pipelining = False
+        # Likewise CHUNKING (RFC 3030): messages go as BDAT. Both set by ``_greeted``.
+        self._chunking = False
 
     @property
     def connected(self) -> bool:
@@ -122,7 +124,7 @@ class Downstream:
         real client when configured and offered."""
         if self.connected:
             return
-        self._reusable = self._renamable = self._pipelining = False
+        self._reusable = self._renamable = self._pipelining = self._chunking = False
         if self.pool is not None and self.pool.enabled:
             while (entry := self.pool.take()) is not None:
                 if await self._resume(entry, session):
@@ -148,7 +150,7 @@ class Downstream:
                 response = await smtp.execute_command(b"RSET")
                 if response.code != 250:
                     raise SMTPResponseException(response.code, response.message)
-                self._pipelining = "pipelining" in smtp.esmtp_extensions
+                self._greeted(smtp, ehlo=True)  # still the gate's own EHLO
             return True
         except FAILURES as exc:
             log.info("downstream %s:%s: pooled session failed its check (%s); not used",
@@ -166,7 +168,7 @@ class Downstream:
                 if self.cfg.tls != "none":
                     smtp = await self._starttls(smtp)  # may be a new, plain connection
                 self.capabilities.update(smtp.esmtp_extensions)
-                self._pipelining = "pipelining" in smtp.esmtp_extensions
+                self._greeted(smtp, ehlo=True)
                 xclient = self.cfg.xclient and "xclient" in smtp.esmtp_extensions
                 if xclient:
                     self._renamable = await self._xclient(smtp, session)
@@ -241,11 +243,18 @@ class Downstream:
         ok = bool(helo) and helo_refusal(helo) is None
         if session.esmtp:
             await smtp.ehlo(hostname=helo if ok else None)
-            self._pipelining = "pipelining" in smtp.esmtp_extensions
+            self._greeted(smtp, ehlo=True)
             return "xclient" in smtp.esmtp_extensions
-        self._pipelining = False
+        self._greeted(smtp, ehlo=False)
         await smtp.helo(hostname=helo if ok else None)
         return None
+
+    def _greeted(self, smtp, ehlo: bool) -> None:
+        """What the session's current greeting offers: an EHLO's keywords; after a HELO
+        nothing (aiosmtplib keeps the earlier EHLO's keywords then)."""
+        offered = smtp.esmtp_extensions if ehlo else {}
+        self._pipelining = "pipelining" in offered
+        self._chunking = "chunking" in offered
 
     async def mail(self, wire_sender: str, params: list[str], ident: str | None = None,
                    utf8: bool = False) -> Reply:
@@ -327,24 +336,31 @@ class Downstream:
     async def data(self, raw) -> Reply:
         """Relay one message: ``raw`` is its bytes, or its pieces in order (bytes-like).
 
-        The message is written dot-stuffed in chunks as the socket takes them (no whole-message
-        copy, unlike aiosmtplib's ``data()``), bare CR/LF made CRLF on the way so the
-        downstream can never see an end of data the gate did not send."""
+        The message is written in chunks as the socket takes them (no whole-message copy,
+        unlike aiosmtplib's ``data()``), bare CR/LF made CRLF on the way: as one
+        ``BDAT <size> LAST`` when the session offers CHUNKING (one exchange, no stuffing),
+        else as DATA, dot-stuffed, so the downstream can never see an end of data the gate
+        did not send. The downstream stores the same bytes either way."""
         smtp = self._require()
         pieces = [raw] if isinstance(raw, (bytes, bytearray, memoryview)) else raw
         if not any(len(p) for p in pieces):
             return await self._empty_data()
         began = time.monotonic()
         with self._failures():
-            start = await smtp.execute_command(b"DATA")
-            if start.code == 354:
-                response = await self._send_body(smtp, pieces)
+            if self._chunking:
+                response = await self._send_bdat(smtp, pieces)
+                sent = True
+            else:
+                response = await smtp.execute_command(b"DATA")
+                sent = response.code == 354
+                if sent:
+                    response = await self._send_body(smtp, pieces)
         metrics.downstream_data(time.monotonic() - began)
-        if start.code != 354 or response.code != 250:
-            failed = start if start.code != 354 else response
-            reply = self._check(Reply.from_downstream(failed.code, failed.message))
-            # A refused DATA leaves the downstream's MAIL/RCPT open (Postfix would answer the
-            # next MAIL "503 nested MAIL command"): end it before the next one.
+        if not sent or response.code != 250:
+            reply = self._check(Reply.from_downstream(response.code, response.message))
+            # A refused DATA or BDAT leaves the downstream's MAIL/RCPT open (Postfix would
+            # answer the next MAIL "503 nested MAIL command"; RFC 3030 asks for RSET after a
+            # failed BDAT): end it before the next one.
             await self.reset()
         else:
             reply = Reply.from_downstream(response.code, response.message)
@@ -353,16 +369,37 @@ class Downstream:
         return reply
 
     async def _send_body(self, smtp, pieces):
-        """After 354: the pieces, dot-stuffed, then the final dot; the downstream's reply.
+        """After 354: the pieces, dot-stuffed, then the final dot; the downstream's reply."""
+        return await self._write_then_read(smtp, dot_stuffed(pieces), None)
+
+    async def _send_bdat(self, smtp, pieces):
+        """``BDAT <size> LAST`` and the pieces, CRLF-only, in the same writes; the reply.
+
+        The size is counted before anything is written (``crlf_size``); should the bytes
+        then differ from it, the connection is dropped before one byte more or less could
+        be read as a command downstream."""
+        size = crlf_size(pieces)
+        head = b"BDAT %d LAST\r\n" % size
+        return await self._write_then_read(smtp, crlf_chunks(pieces, head), len(head) + size)
+
+    async def _write_then_read(self, smtp, chunks, total: int | None):
+        """Write ``chunks`` as the socket takes them (``total`` bytes exactly, when given),
+        then read the downstream's reply.
 
         Uses aiosmtplib's protocol below its public API (write, the flow-control wait and the
         reply reader), as its own ``execute_data_command`` does, one chunk at a time."""
         protocol, timeout = smtp.protocol, self.cfg.timeout
         protocol._response_pending = True  # keep a reply sent early instead of dropping it
-        for chunk in dot_stuffed(pieces):
+        written = 0
+        for chunk in chunks:
+            written += len(chunk)
+            if total is not None and written > total:
+                raise SMTPException(f"BDAT: {written} bytes, more than the {total} announced")
             protocol.write(chunk)
             if protocol._paused:  # the transport's buffer is full: wait until the socket drains
                 await asyncio.wait_for(protocol._drain_helper(), timeout)
+        if total is not None and written != total:
+            raise SMTPException(f"BDAT: {written} bytes, not the {total} announced")
         return await protocol.read_response(timeout=timeout)
 
     async def _empty_data(self) -> Reply:
@@ -456,7 +493,8 @@ class Downstream:
         if self._smtp is not None:
             self._smtp.close()
         self._smtp = self._entry = None
-        self.in_transaction = self._reusable = self._renamable = self._pipelining = False
+        self.in_transaction = self._reusable = self._renamable = False
+        self._pipelining = self._chunking = False
 
 
 _FAREWELL_TIMEOUT = 5.0  # seconds for an exchange after the client's last message
@@ -513,19 +551,48 @@ async def probe(cfg, local_hostname: str, capabilities: Capabilities) -> bool:
 
 
 WRITE_CHUNK = 256 * 1024
-_BARE_LINE_END = re.compile(rb"\r\n|\r(?!\n)|\n")
 
 
 def dot_stuffed(pieces):
-    """DATA as sent, in chunks of at most about WRITE_CHUNK: the pieces made CRLF-only, a dot
-    doubled at every line start, a CRLF added if the message lacks a final one, then the
-    final dot — in the same chunk as the message's end, so that a message of one chunk is
-    one write (one segment on the wire, one wake-up of the downstream). Small pieces go out
-    with what follows them (a rule's header edit makes the header block a piece of its own:
-    it must not cost a write of its own). A chunk never ends with a CR whose LF opens the
-    next one."""
+    """DATA as sent: ``crlf_chunks`` with a dot doubled at every line start, then the final dot."""
+    return _line_chunks(pieces, b"", stuff=True)
+
+
+def crlf_chunks(pieces, head: bytes):
+    """A BDAT chunk as sent: ``head`` (the command), then the message as DATA delivers it
+    (CRLF-only, a final CRLF ensured), unstuffed: ``crlf_size(pieces)`` bytes after ``head``."""
+    return _line_chunks(pieces, head, stuff=False)
+
+
+def crlf_size(pieces) -> int:
+    """How many bytes ``crlf_chunks`` yields after its head, counted without building them:
+    each bare CR or bare LF gains a byte; a CR ending one piece and a LF opening the next
+    are one CRLF; a message that does not end with CR or LF gets a CRLF."""
+    size, cr_before, last = 0, False, b"\n"
+    for piece in pieces:
+        if not len(piece):
+            continue
+        if isinstance(piece, memoryview):
+            piece = piece.tobytes()  # memoryview has no count(); rare, and only for counting
+        crlf = piece.count(b"\r\n")
+        size += len(piece) + piece.count(b"\r") + piece.count(b"\n") - 2 * crlf
+        if cr_before and piece[:1] == b"\n":
+            size -= 2  # counted above as a bare CR and a bare LF, but they are one CRLF
+        last = piece[-1:]
+        cr_before = last == b"\r"
+    return size if last in (b"\r", b"\n") else size + 2
+
+
+def _line_chunks(pieces, head: bytes, stuff: bool):
+    """The message as sent, in chunks of at most about WRITE_CHUNK: ``head`` first, the pieces
+    made CRLF-only (``stuff``: a dot doubled at every line start), a CRLF added if the message
+    lacks a final one (``stuff``: then the final dot) — in the same chunk as the message's
+    end, so that a message of one chunk is one write (one segment on the wire, one wake-up of
+    the downstream). Small pieces go out with what follows them (a rule's header edit makes
+    the header block a piece of its own: it must not cost a write of its own). A chunk never
+    ends with a CR whose LF opens the next one."""
     line_start, carry = True, b""
-    held, size = [], 0  # stuffed chunks not yet written, together at most about WRITE_CHUNK
+    held, size = ([head] if head else []), len(head)  # chunks not yet written, together at most about WRITE_CHUNK
     for piece in pieces:
         view = memoryview(piece)
         for offset in range(0, len(view), WRITE_CHUNK):
@@ -535,24 +602,26 @@ def dot_stuffed(pieces):
             else:
                 carry = b""
             if chunk:
-                chunk, line_start = _stuff(chunk, line_start)
+                if stuff:
+                    chunk, line_start = _stuff(chunk, line_start)
+                else:
+                    chunk = normalise_line_ends(chunk)
+                    line_start = chunk.endswith(b"\n")
                 if held and size + len(chunk) > WRITE_CHUNK:
                     yield b"".join(held)
                     held, size = [], 0
                 held.append(chunk)
                 size += len(chunk)
     # a bare CR at the very end, or a last line without its CRLF: one is added
-    held.append(b".\r\n" if line_start and not carry else b"\r\n.\r\n")
+    end = b"" if line_start and not carry else b"\r\n"
+    held.append(end + b".\r\n" if stuff else end)
     yield b"".join(held)
 
 
 def _stuff(chunk: bytes, line_start: bool) -> tuple[bytes, bool]:
     """One chunk of DATA as sent: CRLF-only, a dot doubled at every line start; and whether
     the chunk ends at a line start. ``chunk`` must not end with CR (its LF may follow)."""
-    crlf = chunk.count(b"\r\n")
-    if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
-        chunk = _BARE_LINE_END.sub(b"\r\n", chunk)
-    chunk = chunk.replace(b"\r\n.", b"\r\n..")
+    chunk = normalise_line_ends(chunk).replace(b"\r\n.", b"\r\n..")
     if line_start and chunk.startswith(b"."):
         chunk = b"." + chunk
     return chunk, chunk.endswith(b"\n")

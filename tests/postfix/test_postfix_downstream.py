@@ -25,7 +25,8 @@ from smtpgate_rules.attachments import Attachments
 from tests.support.quarantine import RAW, cli, write_config
 
 SENDER = "alice@sender.test"
-QUEUED = re.compile(r"^2\.0\.0 Ok: queued as ([0-9A-F]{6,})$")
+# after BDAT, Postfix says how many bytes it took: "Ok: 9779 bytes queued as QUEUEID"
+QUEUED = re.compile(r"^2\.0\.0 Ok: (?:\d+ bytes )?queued as ([0-9A-F]{6,})$")
 
 MESSAGE = (
     b"From: Alice <alice@sender.test>\r\n"
@@ -374,7 +375,8 @@ def test_several_transactions_share_one_postfix_session(gate_factory, postfix_do
     # only session with any MAIL (the other one is the gate's start-up EHLO probe).
     end = postfix.wait_for_log(r"disconnect from unknown\[127\.0\.0\.1\]:%d .*" % client_port)
     counts = dict(re.findall(r"(\w+)=(\d+)", end.group(0)))
-    assert (counts.get("mail"), counts.get("rcpt"), counts.get("data")) == ("3", "3", "3"), end.group(0)
+    # (each message as BDAT: Postfix offers CHUNKING to the gate)
+    assert (counts.get("mail"), counts.get("rcpt"), counts.get("bdat")) == ("3", "3", "3"), end.group(0)
     log = postfix.log_text()
     assert len(re.findall(r"disconnect from .* mail=", log)) == 1, log
     pids = {re.search(rf"smtpd\[(\d+)\]: {q}: client=", log).group(1) for q in qids}
@@ -435,7 +437,7 @@ def test_smuggling_attempt_yields_exactly_one_postfix_message(gate_factory, post
     qid = queue_id((int(final[:3]), final[4:].rstrip(b"\r\n")))
 
     # Wait for the whole Postfix session to be over, then count what it queued.
-    postfix.wait_for_log(r"disconnect from unknown\[127\.0\.0\.1\]:%d .* mail=1 rcpt=1 data=1 " % client_port)
+    postfix.wait_for_log(r"disconnect from unknown\[127\.0\.0\.1\]:%d .* mail=1 rcpt=1 bdat=1 " % client_port)
     postfix.wait_for_log(rf"{qid}: removed")
     assert postfix.queue_ids() == [qid], postfix.log_text()
     [msg] = postfix.relay.wait_for_messages(1, timeout=10)
@@ -580,3 +582,92 @@ def test_postfix_sees_no_improper_pipelining(gate_factory, postfix_downstream, f
     postfix.wait_for_log(rf"{qid}: client=")
     postfix.wait_for_log(r"disconnect from ")
     assert "improper command pipelining" not in postfix.log_text()
+
+
+# ---------------------------------------------------------------------------- BDAT (RFC 3030)
+BDAT_BODIES = {
+    "dots-and-8bit": MESSAGE,
+    # bare CR and bare LF: the gate's front makes them CRLF before anything relays them
+    "bare-line-ends": b"Subject: bare\r\n\r\nlf\nand cr\rand both\r\n.dot after lf\n..\r\nend\r\n",
+    "smuggling": SMUGGLING_BODY,
+    "empty": b"",
+}
+
+
+def _relayed(gate, postfix, bodies: list[bytes]) -> tuple[list[bytes], dict[str, str]]:
+    """Each body (exact client bytes, dot-stuffed here) in its own transaction of one EHLO
+    client session: what Postfix relayed, its Received header taken off, in order; and the
+    command counts of Postfix's session for that client."""
+    c = Raw(gate.address)
+    try:
+        c.reply()
+        client_port = c.sock.getsockname()[1]
+        assert c.cmd(b"EHLO client.test").startswith(b"250")
+        for n, body in enumerate(bodies):
+            assert c.cmd(b"MAIL FROM:<alice@sender.test>").startswith(b"250")
+            assert c.cmd(b"RCPT TO:<user%d@example.com>" % n).startswith(b"250")
+            assert c.cmd(b"DATA").startswith(b"354")
+            c.send(stuff(body) + (b".\r\n" if body.endswith(b"\r\n") or not body else b"\r\n.\r\n"))
+            final = c.reply()
+            queue_id((int(final[:3]), final[4:].rstrip()))
+        assert c.cmd(b"QUIT").startswith(b"221")
+    finally:
+        c.close()
+    msgs = postfix.relay.wait_for_messages(len(bodies), timeout=10)
+    by_rcpt = {m.rcpts[0]: re.sub(rb"\A(Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)+", b"", m.data)
+               for m in msgs}
+    end = postfix.wait_for_log(r"disconnect from unknown\[127\.0\.0\.1\]:%d .*" % client_port)
+    return [by_rcpt[f"user{n}@example.com"] for n in range(len(bodies))], dict(
+        re.findall(r"(\w+)=(\d+)", end.group(0)))
+
+
+def test_bdat_to_postfix_delivers_what_data_delivers(gate_factory, postfix_downstream, tmp_path,
+                                                     downstream_factory):
+    """Postfix offers CHUNKING: the gate sends each message as one BDAT (the empty one
+    keeps DATA and its lone dot); a Postfix told not to offer it gets DATA. What Postfix
+    relays on is byte-identical either way, for the dot, bare line-end, smuggling and empty
+    messages and a sample of the corpus."""
+    from tests.process.test_corpus import FILES, wire_bytes
+    bodies = list(BDAT_BODIES.values()) + [wire_bytes(path) for path in FILES[::10]]
+    relay = downstream_factory()
+    plain = start_postfix(tmp_path / "no-chunking", relay_port=relay.port,
+                          main_cf="smtpd_discard_ehlo_keywords = chunking\n")
+    plain.relay = relay
+    try:
+        by_data, data_counts = _relayed(gate_factory(downstream_port=plain.port), plain, bodies)
+    finally:
+        plain.stop()
+    by_bdat, bdat_counts = _relayed(gate_factory(downstream_port=postfix_downstream.port),
+                                    postfix_downstream, bodies)
+    n = str(len(bodies) - 1)
+    assert (data_counts.get("data"), data_counts.get("bdat")) == (str(len(bodies)), None), data_counts
+    assert (bdat_counts.get("data"), bdat_counts.get("bdat")) == ("1", n), bdat_counts
+    assert by_bdat == by_data
+    assert by_bdat[0] == MESSAGE and by_bdat[3] == b""
+
+
+def test_a_bdat_postfix_refuses_is_the_clients_reply_and_the_session_goes_on(gate_factory, tmp_path,
+                                                                             downstream_factory):
+    """Postfix's data restrictions refuse at the BDAT: the client gets that reply, and its
+    next transaction on the same session is delivered."""
+    relay = downstream_factory()
+    postfix = start_postfix(tmp_path / "postfix", relay_port=relay.port, main_cf=(
+        "smtpd_data_restrictions = check_sender_access inline:{ refused@sender.test=REJECT }\n"))
+    try:
+        gate = gate_factory(downstream_port=postfix.port)
+        with gate.smtp() as c:
+            c.ehlo()
+            assert c.mail("refused@sender.test")[0] == 250
+            assert c.rcpt("user@example.com")[0] == 250
+            code, text = c.data(MESSAGE)
+            assert (code, _text(text)) == (554, "5.7.1 <refused@sender.test>: Sender address rejected: "
+                                                "Access denied")
+            assert c.mail(SENDER)[0] == 250
+            assert c.rcpt("user@example.com")[0] == 250
+            queue_id(c.data(MESSAGE))
+        [msg] = relay.wait_for_messages(1, timeout=10)
+        assert msg.mail_from == SENDER
+        log = postfix.log_text()
+        assert re.search(r"disconnect from .* bdat=1/2 ", log), log
+    finally:
+        postfix.stop()

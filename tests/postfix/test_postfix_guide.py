@@ -127,7 +127,7 @@ def test_layout_a_the_gate_on_25_postfix_behind(tmp_path, gate_factory, downstre
     # Postfix's own RCPT refusal (its recipient_access map) reaches the client as Postfix says it.
     assert replies[1] == (550, REFUSAL)
     code, text = final
-    m = re.match(rb"2\.0\.0 Ok: queued as ([0-9A-F]+)$", text)
+    m = re.match(rb"2\.0\.0 Ok: (?:\d+ bytes )?queued as ([0-9A-F]+)$", text)
     assert code == 250 and m, final
     qid = m.group(1).decode()
     line = pf.wait_for_log(rf"{qid}: client=unknown\[{re.escape(CLIENT)}\]:\d+.*orig_queue_id=(\w+)")
@@ -176,14 +176,14 @@ def test_layout_b_postfix_on_25_the_gate_as_its_proxy_filter(tmp_path, gate_fact
     assert replies[0][0] == 250
     assert replies[1] == (550, REFUSAL)  # the front Postfix's own refusal
     code, text = final
-    m = re.match(rb"2\.0\.0 Ok: queued as ([0-9A-F]+)$", text)
+    m = re.match(rb"2\.0\.0 Ok: (?:\d+ bytes )?queued as ([0-9A-F]+)$", text)
     assert code == 250 and m, final
     qid = m.group(1).decode()
     # The second Postfix (behind the gate) logs the real client, not the gate nor the front.
     line = pf.wait_for_log(rf"{qid}: client=unknown\[{re.escape(CLIENT)}\]:\d+.*orig_queue_id=(\w+)")
     log = gate.wait_for_log(f"tx={line.group(1)}")
     assert f"client={CLIENT}" in log and f"queued as {qid}" in log
-    pf.wait_for_log(rf"proxy-accept: END-OF-MESSAGE: 250 2\.0\.0 Ok: queued as {qid};.*proto=ESMTP")
+    pf.wait_for_log(rf"proxy-accept: END-OF-MESSAGE: 250 2\.0\.0 Ok: (?:\d+ bytes )?queued as {qid};.*proto=ESMTP")
     [msg] = relay.wait_for_messages(1)
     assert msg.data.endswith(BODY)
 

@@ -4,8 +4,9 @@ Each file under tests/data/corpus/ (LICENSE and README files skipped), with its 
 made CRLF (as they are on the wire), goes
 
 - through the real gate (one child process for the module) into the CapturingDownstream,
-  and must arrive byte-identical (un-dot-stuffed ``data`` == what was sent, and the raw wire
-  data == what was sent, dot-stuffed);
+  once without and once with CHUNKING offered (DATA, then BDAT), and must arrive
+  byte-identical (un-dot-stuffed ``data`` == what was sent, and the raw wire data == what
+  was sent, dot-stuffed after DATA, as is after BDAT);
 - through ``smtpgate.testing.Harness`` in-process with the example plugin
   ``examples/plugins/subject_words.py`` loaded (a word that matches nothing), and
   ``result.message`` must be byte-identical.
@@ -58,9 +59,9 @@ def test_corpus_is_there():
 
 
 # ---------------------------------------------------------------------------- the real gate
-@pytest.fixture(scope="module")
-def corpus_gate(tmp_path_factory):
-    ds = CapturingDownstream().start()
+@pytest.fixture(scope="module", params=["DATA", "BDAT"])
+def corpus_gate(tmp_path_factory, request):
+    ds = CapturingDownstream(chunking=request.param == "BDAT").start()
     gate = start_gate(tmp_path_factory.mktemp("corpus") / "gate", downstream_port=ds.port)
     yield gate, ds
     code = gate.stop()
@@ -94,7 +95,8 @@ def test_corpus_message_passes_the_gate_byte_identical(corpus_gate, path):
     [msg] = found
     assert msg.rcpts == ["user@example.com"]
     assert msg.data == raw, f"{path.name} changed on its way through the gate"
-    assert msg.data_raw == stuff(raw)
+    assert msg.data_raw == (raw if ds.chunking_enabled else stuff(raw))
+    assert msg.bdat == ds.chunking_enabled
 
 
 # ---------------------------------------------------------------------------- the Harness

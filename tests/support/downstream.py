@@ -43,6 +43,11 @@ Scripting (may be changed while the server runs):
   with the next command already behind it (the client pipelined them).
 - ``pipelining=False``: PIPELINING is not advertised.
 
+``chunking=True`` advertises CHUNKING and takes BDAT (RFC 3030): a message sent so is in
+``messages``/``rejected`` with ``data_raw == data`` (the chunks as they came, no stuffing)
+and ``bdat`` set; its reply is scripted as ``BDAT`` (every chunk) or ``DATA_END`` (after the
+last one). A refused BDAT ends the transaction, as Postfix does.
+
 Only loopback addresses are ever bound; the server never resolves or connects anywhere.
 """
 
@@ -92,7 +97,8 @@ class Captured:
     xforward: dict[str, str]
     helo: str | None
     rcpt_params: list[dict[str, str | None]] = field(default_factory=list)
-    reply: str = ""          # the reply sent after the final dot
+    reply: str = ""          # the reply sent after the final dot (or the last BDAT chunk)
+    bdat: bool = False        # sent as BDAT chunks, not DATA
     session: int = 0          # index into ds.sessions
     esmtp: bool = True        # EHLO (True) or HELO (False) before this transaction
 
@@ -179,6 +185,7 @@ class CapturingDownstream:
         *,
         xclient: bool = True,
         xforward: bool = True,
+        chunking: bool = False,
         size: int | None = DEFAULT_SIZE,
         host: str = LOOPBACK,
         port: int = 0,
@@ -200,6 +207,7 @@ class CapturingDownstream:
         self.hostname = hostname
         self.xclient_enabled = xclient
         self.xforward_enabled = xforward
+        self.chunking_enabled = chunking
         self.size = size
         self.xclient_attrs = tuple(a.upper() for a in xclient_attrs)
         self.xforward_attrs = tuple(a.upper() for a in xforward_attrs)
@@ -411,6 +419,7 @@ class _Conn:
         self.mail: tuple[str, dict[str, str | None]] | None = None
         self.rcpts: list[str] = []
         self.rcpt_params: list[dict[str, str | None]] = []
+        self.chunks = bytearray()      # BDAT chunks of the transaction so far
 
     # -- io
     async def _fill(self) -> bool:
@@ -531,12 +540,15 @@ class _Conn:
         if ds.xforward_enabled:
             lines.append("250 XFORWARD " + " ".join(ds.xforward_attrs))
         lines += ["250 ENHANCEDSTATUSCODES", "250 8BITMIME", "250 SMTPUTF8"]
+        if ds.chunking_enabled:
+            lines.append("250 CHUNKING")
         return lines
 
     def _reset_tx(self) -> None:
         self.mail = None
         self.rcpts = []
         self.rcpt_params = []
+        self.chunks = bytearray()
 
     async def do_EHLO(self, arg: str, line: str) -> None:
         if not arg.strip():
@@ -659,12 +671,49 @@ class _Conn:
         if raw is None:
             ds._record(lambda: ds.aborted.append(bytes(self.buf)))
             raise _Drop
+        await self._end_message(raw, unstuff(raw), ["DATA_END"])
+
+    async def do_BDAT(self, arg: str, line: str) -> None:
+        ds = self.ds
+        words = arg.split()
+        if not ds.chunking_enabled:
+            await self._answer(["BDAT"], line, "502 5.5.2 Error: command not recognized")
+            return
+        if not (1 <= len(words) <= 2 and words[0].isdigit()
+                and [w.upper() for w in words[1:]] in ([], ["LAST"])):
+            # the chunk's length cannot be trusted: its bytes must not be read as commands
+            await self._answer(["BDAT"], line, "421 4.7.0 Error: bad BDAT, closing")
+            raise _Drop
+        size, last = int(words[0]), len(words) == 2
+        while len(self.buf) < size:
+            if not await self._fill():
+                ds._record(lambda: ds.aborted.append(bytes(self.chunks + self.buf)))
+                raise _Drop
+        self.chunks += self.buf[:size]
+        del self.buf[:size]
+        if self.mail is None:
+            default = "503 5.5.1 Error: need RCPT command"
+        elif not self.rcpts:
+            default = "554 5.5.1 Error: no valid recipients"
+        elif last:
+            raw = bytes(self.chunks)
+            await self._end_message(raw, raw, ["BDAT", "DATA_END"], bdat=True)
+            return
+        else:
+            default = f"250 2.0.0 Ok: {size} octets"
+        if (await self._answer(["BDAT"], line, default))[:1] != "2":
+            self._reset_tx()
+
+    async def _end_message(self, raw: bytes, data: bytes, keys: list[str], bdat: bool = False) -> None:
+        """The message of the transaction is in: record it, answer, end the transaction."""
+        ds = self.ds
         assert self.mail is not None
         cap = Captured(
             mail_from=self.mail[0], mail_params=self.mail[1], rcpts=list(self.rcpts),
-            data_raw=raw, data=unstuff(raw), xclient=dict(self.sess.xclient),
+            data_raw=raw, data=data, xclient=dict(self.sess.xclient),
             xforward=dict(self.sess.xforward), helo=self.sess.helo,
             rcpt_params=list(self.rcpt_params), session=self.sess.index, esmtp=self.sess.esmtp,
+            bdat=bdat,
         )
         self._reset_tx()
         self.sess.xforward = {}
@@ -674,7 +723,7 @@ class _Conn:
             default = f"250 2.0.0 Ok: queued as M{len(ds.messages) + len(ds.rejected) + 1:05d}"
         if ds._matches(ds.stall_at, ["DATA_END"]) or ds._matches(ds.drop_at, ["DATA_END"]):
             ds._record(lambda: ds.aborted.append(raw))  # it will never get a final reply
-        cap.reply = await self._answer(["DATA_END"], "", default)
+        cap.reply = await self._answer(keys, "", default)
         ds._record(lambda: (ds.messages if cap.reply[:1] == "2" else ds.rejected).append(cap))
 
     async def _die_mid_data(self) -> None:

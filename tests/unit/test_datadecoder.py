@@ -110,6 +110,27 @@ def test_relay_chunks_stuff_like_the_whole_message(monkeypatch):
         assert b"".join(relay.dot_stuffed(pieces)) == whole(message), (message, cuts)
 
 
+def test_relay_bdat_chunk_is_what_data_delivers_unstuffed_and_as_long_as_announced(monkeypatch):
+    # BDAT carries the bytes the downstream stores after DATA (same line-end fix, no
+    # stuffing), and crlf_size counts them exactly without building them: the size in
+    # "BDAT <size> LAST" must never differ from what follows it.
+    from smtpgate.smtp import relay
+    from tests.support.downstream import unstuff
+
+    monkeypatch.setattr(relay, "WRITE_CHUNK", 3)
+    rng = random.Random(3030)
+    alphabet = [b".", b"\r", b"\n", b"\r\n", b"a", b"\r\n.", b"\n."]
+    for _ in range(3000):
+        message = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 30)))
+        cuts = sorted(rng.randrange(0, len(message) + 1) for _ in range(rng.randrange(0, 4)))
+        pieces = [message[a:b] for a, b in zip([0] + cuts, cuts + [len(message)])]
+        pieces = [memoryview(p) if i % 2 else p for i, p in enumerate(pieces)]
+        sent = b"".join(relay.crlf_chunks(pieces, b"BDAT "))
+        data = b"".join(relay.dot_stuffed(pieces))
+        assert sent == b"BDAT " + unstuff(data[:-3]), (message, cuts)
+        assert len(sent) - 5 == relay.crlf_size(pieces), (message, cuts)
+
+
 def test_a_header_block_of_its_own_goes_out_with_the_body():
     # A rule's header edit leaves the message as two pieces (the new header block, the body
     # as received): one write, as for the message unedited; large messages still go in
