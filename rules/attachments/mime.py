@@ -443,17 +443,17 @@ _END_BYTES = 1024
 #: base64_ends gives the decoding's first END_HEAD bytes: its first _HEAD_CHARS characters
 END_HEAD = 512
 _HEAD_CHARS = -(-END_HEAD // 3) * 4  # 684: 171 whole groups
-#: and at least the last _TAIL_CHARS characters, whose groups hold at least the decoding's
+#: and at least the last TAIL_CHARS characters, whose groups hold at least the decoding's
 #: last END_TAIL bytes: of the last T characters, the whole groups from the first group start
 #: on are (T - 1) // 4 or more (the fewest when the stream ends in a dangling character)
-_TAIL_CHARS = 704
-END_TAIL = (_TAIL_CHARS - 1) // 4 * 3  # 525
+TAIL_CHARS = 704
+END_TAIL = (TAIL_CHARS - 1) // 4 * 3  # 525
 
 
 def base64_ends(body: bytes) -> tuple[bytes, bytes] | None:
     """What ``decode_base64(body)`` holds at its ends, from the body's first and last
     _END_BYTES alone: its first END_HEAD bytes, and the characters of its last _END_BYTES
-    (_TAIL_CHARS or more: the groups of the decoding's last END_TAIL bytes or more). None
+    (TAIL_CHARS or more: the groups of the decoding's last END_TAIL bytes or more). None
     when the body is shorter than 2 x _END_BYTES (the ends would overlap), padding comes
     before its end, or either end holds too few characters (too much else in it).
 
@@ -466,7 +466,7 @@ def base64_ends(body: bytes) -> tuple[bytes, bytes] | None:
         return None
     head = body[:_END_BYTES].translate(None, B64_DELETE)
     tail = body[-_END_BYTES:].translate(None, B64_DELETE).rstrip(b"=")
-    if len(head) < _HEAD_CHARS or len(tail) < _TAIL_CHARS or b"=" in head:
+    if len(head) < _HEAD_CHARS or len(tail) < TAIL_CHARS or b"=" in head:
         return None
     return binascii.a2b_base64(head[:_HEAD_CHARS])[:END_HEAD], tail
 

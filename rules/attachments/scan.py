@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from . import archives
 from .content import (CONTAINERS, DESCRIPTIONS, FOOTER_SIGNATURES, HEAD, OPAQUE, SNIFF_WINDOWS,
                       inspect_ole, parse_tnef, sniff)
-from .mime import (_TAIL_CHARS, END_HEAD, END_TAIL, Limits, Part, base64_ends, base64_of_every_occurrence,
+from .mime import (END_HEAD, END_TAIL, TAIL_CHARS, Limits, Part, base64_ends, base64_of_every_occurrence,
                    base64_sample, contents, decode_base64, decode_uu, headerless_base64,
                    mostly_long_lines, parse)
 from .names import display, extensions, has_bidi, raw_names, variants
@@ -70,7 +70,7 @@ def _footer_chars() -> slice:
 #: the characters of base64_ends' tail that can hold one of _FOOTER_QUANTA (its last 686
 #: to 668: 18 characters, where the whole tail is 704 or more)
 _FOOTER_CHARS = _footer_chars()
-if -_FOOTER_CHARS.start > _TAIL_CHARS:
+if -_FOOTER_CHARS.start > TAIL_CHARS:
     raise AssertionError("sniff's footer window lies beyond base64_ends' tail")
 _FOOTER_QUANTUM = re.compile(b"|".join(re.escape(q) for q in _FOOTER_QUANTA))
 
@@ -80,6 +80,8 @@ def footer_holds_quanta(tail: bytes) -> bool:
     (_FOOTER_CHARS) hold one of _FOOTER_QUANTA: one search there, no copy."""
     size = len(tail)
     return _FOOTER_QUANTUM.search(tail, size + _FOOTER_CHARS.start, size + _FOOTER_CHARS.stop) is not None
+
+
 _COMPRESSED_SUFFIX = {".gz": "", ".gzip": "", ".tgz": ".tar", ".taz": ".tar", ".bz2": "",
                       ".tbz": ".tar", ".tbz2": ".tar", ".xz": "", ".txz": ".tar", ".z": ""}
 

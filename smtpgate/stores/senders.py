@@ -32,8 +32,10 @@ PARSED_MAX = 1024
 SEEN_MAX = 4096
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # built once, not per call
-#: time texts remembered (``_number``; all forgotten at once when full)
-NUMBER_TEXTS_MAX = 1024
+#: time texts remembered (``_number``; all forgotten at once when full): those of the
+#: PARSED_MAX records kept parsed, ~10 each (since, seen, created, expires, recent times,
+#: hits), and the 2-3 new ones each event brings; about 2 MB when full
+NUMBER_TEXTS_MAX = 16 * PARSED_MAX
 
 
 @dataclass(frozen=True)  # shared between copies of a record (SenderRecord.copy): never changed
@@ -98,11 +100,20 @@ class SenderRecord:
         change it and write it (``update``): the record kept parsed for that text is handed
         over, not copied (the text is then parsed again if it is ever read again)."""
         # A key's record is read at MAIL and again when the transaction's events are applied,
-        # usually as this process last wrote it: the same text is the same record, so a copy
-        # of the one parsed before is exact (a text written by anyone else misses and is parsed).
-        known = _parsed.pop(text, None) if take else _parsed.get(text)
-        if known is not None:
-            return known if take else known.copy()
+        # usually as this process last wrote it: the same text is the same record, so the one
+        # parsed before stands for it (a text written by anyone else misses and is parsed). A
+        # take gets that record itself and it leaves _parsed; any other reader a copy, exact
+        # unless a take on another thread was changing it meanwhile (then the text is parsed).
+        if take:
+            known = _parsed.pop(text, None)
+            if known is not None:
+                return known
+        else:
+            known = _parsed.get(text)
+            if known is not None:
+                copied = _copy_if_unchanged(text, known)
+                if copied is not None:
+                    return copied
         d = json.loads(text)
         d["history"] = [Change.from_dict(c) for c in d.get("history", ())]
         rec = cls(**d)
@@ -196,13 +207,32 @@ def _record_json(rec: SenderRecord) -> str:
         '],"version":', _number(rec.version), "}"))
 
 
-_parsed: dict[str | bytes, SenderRecord] = {}  # JSON text -> its record, never handed out (copies are)
+#: JSON text -> its record, as parsed or written. Handed out whole only to ``take`` (popped
+#: first: never put back, a text is kept with a new copy), else copied. SQLite reads and
+#: writes on two threads (the loop's and the database's), so a reader may be copying a record
+#: that another thread has just taken and is changing: see _copy_if_unchanged.
+_parsed: dict[str | bytes, SenderRecord] = {}
+
+
+def _copy_if_unchanged(text: str | bytes, known: SenderRecord) -> SenderRecord | None:
+    """A copy of ``known``, just got from _parsed[text]; None when it may have been changed
+    as it was copied (the caller parses the text instead). No lock: a record is changed only
+    by a ``take``, which pops it first, and a popped record is never put back; so if it is
+    still there once copied, no one held it while it was copied."""
+    try:
+        copied = known.copy()
+    except RuntimeError:  # its mapping changed size as it was copied: taken and being changed
+        return None
+    return copied if _parsed.get(text) is known else None
 
 
 def _keep_parsed(text: str | bytes, rec: SenderRecord) -> None:
     _parsed[text] = rec
-    if len(_parsed) > PARSED_MAX:
-        del _parsed[next(iter(_parsed))]
+    while len(_parsed) > PARSED_MAX:
+        try:  # the oldest out; the other thread may be dropping the same one
+            _parsed.pop(next(iter(_parsed)), None)
+        except (RuntimeError, StopIteration):  # changed (or emptied) as it was looked at
+            pass
 
 
 class Seen:

@@ -77,6 +77,27 @@ def test_the_remembered_number_texts_are_bounded(monkeypatch):
         assert len(senders._numbers) <= 8
 
 
+def test_the_remembered_number_texts_hold_those_of_every_record_kept_parsed_at_its_next_event(monkeypatch):
+    """PARSED_MAX busy keys (9 time texts each), then an event of each (2 new texts: its
+    time, the expiry it sets): at each key's event, the texts of its record are remembered."""
+    monkeypatch.setattr(senders, "_numbers", {})
+
+    def busy(key: int, events: int) -> SenderRecord:
+        times = [T0 + key + n / 64 for n in range(events)]  # (each key's times its own)
+        return record(since=times[0], seen=times[-1], created=times[0] - 1 / 8, expires=times[-1] + 90 * 86400,
+                      recent={"delivered": times[-6:]}, hits=times[-3:])
+
+    keys = range(senders.PARSED_MAX)
+    for key in keys:
+        busy(key, 8).to_json()
+    for key in keys:
+        held = busy(key, 8)
+        assert all(x in senders._numbers for x in (held.since, held.seen, held.created, held.expires,
+                                                   *held.recent["delivered"], *held.hits))
+        rec = busy(key, 9)
+        assert rec.to_json() == whole(rec)
+
+
 TIMES = st.one_of(st.floats(), st.integers(-2**70, 2**70), st.sampled_from([0.0, -0.0, 1, 1.0, T0]))
 NAMES = st.text(max_size=12)
 KEYS = st.one_of(NAMES, st.integers(), st.none(), st.booleans(), st.floats(allow_nan=False))

@@ -17,6 +17,7 @@ import pytest
 
 from smtpgate import Event, Machine, StoreError, Transition
 from smtpgate.stores import Stores, open_sender_store, open_stores
+from smtpgate.stores import senders as senders_module
 from smtpgate.stores.senders import HISTORY_MAX, Change, SenderRecord
 from smtpgate.stores.senders_sqlite import SENDERS_SCHEMA
 from smtpgate.stores.sqlite_store import GREYLIST_SCHEMA
@@ -315,6 +316,52 @@ def test_a_record_taken_for_a_change_is_not_read_again_by_its_text():
     taken.state = "probation"
     assert SenderRecord.from_json(text) == _fresh_parse(text)  # parsed again, as stored
     assert SenderRecord.from_json(text, take=True) == _fresh_parse(text)
+
+
+# SQLite reads and writes on two threads (the loop's, the database's): a reader on one may be
+# copying the record kept for a text while an update on the other takes it and changes it.
+# Each test plays the other thread's part inside the reader's copy, at the worst moment.
+def test_a_record_taken_and_changed_while_a_reader_copies_it_is_parsed_afresh(monkeypatch):
+    text = record(counts={"delivered": 2}, recent={"delivered": [T0]}).to_json()
+    kept = senders_module._parsed[text]
+    copy = SenderRecord.copy
+
+    def copy_as_the_other_thread_takes_it(rec):
+        if rec is kept and SenderRecord.from_json(text, take=True) is kept:  # the other thread's update
+            kept.state = "blocked"
+            kept.counts["delivered"] += 5
+        return copy(rec)
+
+    monkeypatch.setattr(SenderRecord, "copy", copy_as_the_other_thread_takes_it)
+    assert SenderRecord.from_json(text) == _fresh_parse(text)
+
+
+def test_a_record_whose_events_change_while_a_reader_copies_it_is_parsed_afresh():
+    text = record(counts={"delivered": 2}, recent={"delivered": [T0], "bounced": [T0]}).to_json()
+    kept = senders_module._parsed[text]
+
+    class Changing(dict):  # the other thread adds an event as the copy walks them
+        def items(self):
+            for n, item in enumerate(super().items()):
+                if n == 0 and SenderRecord.from_json(text, take=True) is kept:
+                    self["manual"] = [T0 + 1]
+                yield item
+
+    kept.recent = Changing(kept.recent)
+    assert SenderRecord.from_json(text) == _fresh_parse(text)
+
+
+def test_the_oldest_record_kept_dropped_by_the_other_thread_too_is_no_error(monkeypatch):
+    class Dropping(dict):  # the other thread drops the same oldest record as this one looks at it
+        def __iter__(self):
+            oldest = next(super().__iter__())
+            del self[oldest]
+            yield oldest
+
+    monkeypatch.setattr(senders_module, "PARSED_MAX", 2)
+    monkeypatch.setattr(senders_module, "_parsed", Dropping())
+    texts = [record(key=f"k{i}@example.org").to_json() for i in range(5)]
+    assert list(senders_module._parsed.keys()) == texts[-2:]
 
 
 async def test_an_event_copies_the_record_twice(store, monkeypatch):
