@@ -27,7 +27,7 @@ from .errors import RelayError
 from .runtime.gate import Gate, Runtime
 from .mail.reply import Reply
 from .smtp.offline import Dialogue, simulate
-from .smtp.relay_api import Capabilities
+from .smtp.relay_api import Capabilities, mail_then_rcpt
 from .pipeline.policy import Policy, PolicySet
 from .resolver import DEFAULT_SESSION_BUDGET, BaseResolver, DnsAnswer, DnsError
 from .pipeline.rule import GateContext, Rule, check_rule_class
@@ -147,9 +147,8 @@ class FakeRelay:
     async def mail_rcpt(self, wire_sender: str, sender_params: list[str], wire_recipient: str,
                         rcpt_params: list[str], ident: str | None = None,
                         utf8: bool = False) -> tuple[Reply, Reply | None]:
-        mail = await self.mail(wire_sender, sender_params, ident, utf8)
-        return mail, (await self.rcpt(wire_recipient, rcpt_params, utf8)
-                      if mail.is_positive else None)
+        return await mail_then_rcpt(self, wire_sender, sender_params, wire_recipient,
+                                    rcpt_params, ident, utf8)
 
     async def data(self, raw) -> Reply:
         """``raw``: the message's bytes, or its pieces in order (as the real relay takes it)."""

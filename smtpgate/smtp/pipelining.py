@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 
-# aiosmtplib's own bound on one reply (MAX_RESPONSE_LENGTH): a downstream streaming
-# endless lines fails the exchange instead of filling memory.
-MAX_REPLY = 8192 * 4
+# aiosmtplib's own bounds on one reply line (MAX_LINE_LENGTH, its CRLF included) and on one
+# reply (MAX_RESPONSE_LENGTH): past either the exchange fails, as one at a time, instead of
+# a downstream streaming endless lines filling memory.
+MAX_LINE = 8192
+MAX_REPLY = MAX_LINE * 4
 
 
 class MalformedReply(ValueError):
-    """A reply line that does not start with a three-digit code, or a reply too long."""
+    """A reply line that does not start with a three-digit code, or a line or reply too long."""
 
 
 class _Replies(asyncio.Protocol):
@@ -43,7 +45,9 @@ class _Replies(asyncio.Protocol):
         as when the commands go one at a time)."""
         while not self.finished:
             self._changed = asyncio.get_running_loop().create_future()
-            await asyncio.wait_for(self._changed, timeout)
+            # not wait_for: on 3.11 it swallows a cancel that comes as a reply completes
+            async with asyncio.timeout(timeout):
+                await self._changed
 
     def _wake(self) -> None:
         if self._changed is not None and not self._changed.done():
@@ -52,6 +56,7 @@ class _Replies(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.finished:
             return  # unasked-for bytes: aiosmtplib drops those too
+        complete = len(self.replies)
         self._pending += data
         start = 0
         while not self.finished and (end := self._pending.find(b"\n", start)) >= 0:
@@ -60,10 +65,14 @@ class _Replies(asyncio.Protocol):
         del self._pending[:start]
         if not self.finished and self._size + len(self._pending) > MAX_REPLY:
             self.problem = MalformedReply("reply too long")
-        self._wake()
+        if self.finished or len(self.replies) > complete:  # else the reply's timeout runs on
+            self._wake()
 
     def _line(self, line: bytes) -> None:
         self._size += len(line)
+        if len(line) > MAX_LINE:
+            self.problem = MalformedReply("reply line too long")
+            return
         try:
             code = int(line[:3])
         except ValueError:

@@ -28,7 +28,7 @@ from ..mail.reply import Reply
 from . import pipelining
 from .datadecoder import normalise_line_ends
 from .pool import Pooled, SessionPool
-from .relay_api import Capabilities, Relay
+from .relay_api import Capabilities, Relay, mail_then_rcpt
 
 __all__ = ["Capabilities", "Downstream", "Relay", "failure", "farewell", "probe"]
 
@@ -217,7 +217,7 @@ class Downstream:
         """XCLIENT as the client, then its greeting again; whether the downstream's answer to
         that greeting still offers XCLIENT (unknown after a HELO: None)."""
         offered = set(smtp.esmtp_extensions.get("xclient", "").upper().split())
-        if not offered:
+        if not offered:  # no new greeting; a resumed session's flags stay off: DATA, one at a time
             return False
         ip = session.client_ip
         # Every value is encoded, whoever supplied it (the client's HELO, a quarantined
@@ -287,9 +287,8 @@ class Downstream:
         read and dropped: None is returned for it, as ``mail`` then ``rcpt`` would."""
         smtp = self._require()
         if not self._pipelining:
-            mail = await self.mail(wire_sender, sender_params, ident, utf8)
-            return mail, (await self.rcpt(wire_recipient, rcpt_params, utf8)
-                          if mail.is_positive else None)
+            return await mail_then_rcpt(self, wire_sender, sender_params, wire_recipient,
+                                        rcpt_params, ident, utf8)
         self._reusable = False
         group = [_mail_command(wire_sender, sender_params, utf8),
                  _rcpt_command(wire_recipient, rcpt_params, utf8)]
@@ -305,13 +304,19 @@ class Downstream:
         if not mail.is_positive:
             if len(replies) < 2 or failure(replies[1]) is not None:
                 self._drop()  # the session cannot go on; the client gets the MAIL refusal
+            # The RCPT's 503 (need MAIL) is a second error toward Postfix's limits on this
+            # long-lived session (smtpd_soft/hard_error_limit: delays, then 421): one at a time
+            # for the rest of it. (Pooled, it is greeted again only after a delivery, which
+            # resets Postfix's count.)
+            self._pipelining = False
             return mail, None
         return mail, self._check(self._reply(replies, 1, problem))
 
     async def _pipelined(self, smtp, group: list[tuple[bytes, ...]]):
         """Write the commands at once; their replies (``Reply``) in order, and what ended the
         exchange before all came. Uses aiosmtplib's protocol below its public API (its
-        write, the injection check of its own ``execute_command``), as ``_send_body`` does."""
+        write, the injection check of its own ``execute_command``), as ``_write_then_read``
+        does."""
         protocol = smtp.protocol
         with self._failures():
             for command in group:
@@ -570,17 +575,25 @@ def crlf_size(pieces) -> int:
     are one CRLF; a message that does not end with CR or LF gets a CRLF."""
     size, cr_before, last = 0, False, b"\n"
     for piece in pieces:
-        if not len(piece):
-            continue
-        if isinstance(piece, memoryview):
-            piece = piece.tobytes()  # memoryview has no count(); rare, and only for counting
-        crlf = piece.count(b"\r\n")
-        size += len(piece) + piece.count(b"\r") + piece.count(b"\n") - 2 * crlf
-        if cr_before and piece[:1] == b"\n":
-            size -= 2  # counted above as a bare CR and a bare LF, but they are one CRLF
-        last = piece[-1:]
-        cr_before = last == b"\r"
+        for part in _countable(piece):
+            crlf = part.count(b"\r\n")
+            size += len(part) + part.count(b"\r") + part.count(b"\n") - 2 * crlf
+            if cr_before and part[:1] == b"\n":
+                size -= 2  # counted above as a bare CR and a bare LF, but they are one CRLF
+            last = part[-1:]
+            cr_before = last == b"\r"
     return size if last in (b"\r", b"\n") else size + 2
+
+
+def _countable(piece):
+    """``piece`` as non-empty parts that have ``count()``: bytes as they are; a memoryview
+    (the body after a header edit, a large one) copied a WRITE_CHUNK window at a time."""
+    if not isinstance(piece, memoryview):
+        if len(piece):
+            yield piece
+        return
+    for offset in range(0, len(piece), WRITE_CHUNK):
+        yield piece[offset:offset + WRITE_CHUNK].tobytes()
 
 
 def _line_chunks(pieces, head: bytes, stuff: bool):
@@ -592,7 +605,8 @@ def _line_chunks(pieces, head: bytes, stuff: bool):
     the header block a piece of its own: it must not cost a write of its own). A chunk never
     ends with a CR whose LF opens the next one."""
     line_start, carry = True, b""
-    held, size = ([head] if head else []), len(head)  # chunks not yet written, together at most about WRITE_CHUNK
+    # chunks not yet written, together at most about WRITE_CHUNK
+    held, size = ([head] if head else []), len(head)
     for piece in pieces:
         view = memoryview(piece)
         for offset in range(0, len(view), WRITE_CHUNK):

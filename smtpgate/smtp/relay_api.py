@@ -1,4 +1,5 @@
-"""What the conversation needs from a downstream: the ``Relay`` protocol and its ``Capabilities``.
+"""What the conversation needs from a downstream: the ``Relay`` protocol and its ``Capabilities``
+(and ``mail_then_rcpt``, the one-at-a-time ``mail_rcpt`` both implementations share).
 
 The conversation is given a relay and talks to it only through this interface; the real one
 is ``relay.Downstream`` (aiosmtplib), the scripted one ``smtpgate.testing.FakeRelay``. A relay
@@ -64,3 +65,12 @@ class Relay(Protocol):
 
     async def close(self) -> None:
         """Say goodbye to the downstream; never raises."""
+
+
+async def mail_then_rcpt(relay: Relay, wire_sender: str, sender_params: list[str],
+                         wire_recipient: str, rcpt_params: list[str], ident: str | None = None,
+                         utf8: bool = False) -> tuple[Reply, Reply | None]:
+    """``mail_rcpt`` one command at a time: ``mail``, then ``rcpt`` only if MAIL was taken."""
+    mail = await relay.mail(wire_sender, sender_params, ident, utf8)
+    return mail, (await relay.rcpt(wire_recipient, rcpt_params, utf8)
+                  if mail.is_positive else None)

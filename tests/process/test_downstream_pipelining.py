@@ -61,6 +61,24 @@ def test_refused_mail_is_the_clients_reply_and_the_rcpt_reply_is_dropped(gate_fa
     assert ds.connections == 2  # the start-up probe, then one session for both transactions
 
 
+def test_after_a_refused_mail_the_session_goes_one_at_a_time(gate_factory,
+                                                               downstream_factory):
+    """The RCPT sent ahead of a refused MAIL draws a 503 (need MAIL), which Postfix counts
+    as a second error toward its limits on the long-lived session (smtpd_soft_error_limit,
+    smtpd_hard_error_limit: then 421): later transactions on it are not pipelined."""
+    ds = downstream_factory(replies={"MAIL": ["550 5.7.1 sender refused"]})
+    gate = gate_factory(downstream_port=ds.port)
+    with Client(gate) as c:
+        assert c.start() == b"550 5.7.1 sender refused\r\n"
+        assert c.cmd("RSET").startswith(b"250 ")
+        for _ in range(2):
+            assert c.start().startswith(b"250 2.1.5 ")
+            assert c.data(MSG).startswith(b"250 2.0.0 ")
+    assert len(ds.wait_for_messages(2)) == 2
+    assert verbs(ds.ahead) == ["XFORWARD", "MAIL"]  # the refused MAIL's group alone
+    assert ds.connections == 2  # the start-up probe, then one session for all three
+
+
 def test_refused_first_rcpt_is_the_clients_reply(gate_factory, downstream_factory):
     ds = downstream_factory(replies={"RCPT:user@example.com": "550 5.1.1 no such user"})
     gate = gate_factory(downstream_port=ds.port)

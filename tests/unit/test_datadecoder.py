@@ -131,6 +131,34 @@ def test_relay_bdat_chunk_is_what_data_delivers_unstuffed_and_as_long_as_announc
         assert len(sent) - 5 == relay.crlf_size(pieces), (message, cuts)
 
 
+def test_a_large_memoryview_body_is_counted_as_bytes_a_window_at_a_time():
+    # After a header edit the body is a memoryview of the message as received: crlf_size
+    # counts it as the same bytes, copying one WRITE_CHUNK window at a time, never the whole
+    # body (once per BDAT). A CR ends a window whose LF opens the next one.
+    import tracemalloc
+
+    from smtpgate.smtp import relay
+
+    window = relay.WRITE_CHUNK
+    line = b"bare LF\nbare CR\rline " + b"x" * 50 + b"\r\n"
+    body = bytearray(line * (40 * window // len(line)))
+    body[window - 1:window + 1] = b"\r\n"
+    body[3 * window - 1:3 * window + 1] = b"\r\r"
+    raw = b"Subject: big\r\n\r\n" + bytes(body) + b"no final line end"
+    end = raw.index(b"\r\n\r\n") + 4
+    edited = [b"X-Edit: 1\r\n" + raw[:end], memoryview(raw)[end:]]
+    as_bytes = [b"X-Edit: 1\r\n" + raw]
+    size = len(b"".join(relay.crlf_chunks(as_bytes, b"")))
+    tracemalloc.start()
+    try:
+        assert relay.crlf_size(edited) == size
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert relay.crlf_size(as_bytes) == size
+    assert peak < 3 * window < len(raw) // 10, peak
+
+
 def test_a_header_block_of_its_own_goes_out_with_the_body():
     # A rule's header edit leaves the message as two pieces (the new header block, the body
     # as received): one write, as for the message unedited; large messages still go in

@@ -4,11 +4,12 @@ that arrives early), and the connection is handed back to the SMTP client afterw
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
 from smtpgate.smtp import pipelining
-from smtpgate.smtp.pipelining import MAX_REPLY, MalformedReply, _Replies
+from smtpgate.smtp.pipelining import MAX_LINE, MAX_REPLY, MalformedReply, _Replies
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -68,16 +69,32 @@ def test_malformed_or_endless_reply_ends_the_exchange(wire):
     assert replies.replies == [(250, "ok")] and isinstance(replies.problem, MalformedReply)
 
 
+def test_a_line_longer_than_aiosmtplib_takes_ends_the_exchange():
+    """aiosmtplib refuses one reply line over MAX_LINE_LENGTH bytes (its CRLF included):
+    pipelined, the same line fails the exchange as it would one at a time."""
+    from aiosmtplib.protocol import MAX_LINE_LENGTH
+
+    assert MAX_LINE == MAX_LINE_LENGTH
+
+    def line(length: int) -> bytes:
+        return b"250-" + b"x" * (length - 6) + b"\r\n"
+
+    replies = fed([line(MAX_LINE) + b"250 ok\r\n"], wanted=1)
+    assert replies.replies == [(250, "x" * (MAX_LINE - 6) + "\nok")] and replies.problem is None
+    replies = fed([line(MAX_LINE + 1) + b"250 ok\r\n"], wanted=1)
+    assert replies.replies == [] and isinstance(replies.problem, MalformedReply)
+
+
 def test_eof_mid_group_keeps_the_replies_before_it():
     replies = fed([b"250 2.1.0 Ok\r\n"])
     assert replies.eof_received() is False
     assert replies.replies == [(250, "2.1.0 Ok")] and isinstance(replies.problem, ConnectionError)
 
 
-async def _loopback(answer: bytes):
+async def _loopback(answer: bytes, serve=None):
     """A real loopback connection whose server answers the first line it reads with ``answer``
-    (written in one go, then, after the next line, ``250 later``)."""
-    async def serve(reader, writer):
+    (written in one go, then, after the next line, ``250 later``), or runs ``serve``."""
+    async def answering(reader, writer):
         await reader.readline()
         writer.write(answer)
         await reader.readline()
@@ -86,7 +103,7 @@ async def _loopback(answer: bytes):
         await reader.read()
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    server = await asyncio.start_server(serve or answering, "127.0.0.1", 0)
     loop = asyncio.get_running_loop()
     client = Client()
     transport, _ = await loop.create_connection(lambda: client, "127.0.0.1",
@@ -113,8 +130,79 @@ async def test_silence_is_a_timeout_and_loss_reaches_the_client():
         transport.write(b"MAIL\r\n")
         got, problem = await pipelining.replies(client, transport, 2, 0.2)
         assert got == [(250, "2.1.0 Ok")] and isinstance(problem, asyncio.TimeoutError)
+        assert transport.get_protocol() is client
         transport.close()
         await client.until(lambda: client.lost)
+    finally:
+        transport.close()
+        server.close()
+
+
+async def test_a_downstream_dribbling_bytes_is_timed_out_at_the_timeout():
+    """Each reply gets the whole timeout, as one at a time: bytes that never complete a
+    reply do not restart it."""
+    sent, stop, stopped = [], asyncio.Event(), asyncio.Event()
+
+    async def dribble(reader, writer):
+        await reader.readline()
+        with contextlib.suppress(ConnectionError):
+            for byte in b"250-" + b"x" * MAX_REPLY:
+                if stop.is_set():
+                    break
+                writer.write(bytes([byte]))
+                sent.append(byte)
+                await writer.drain()
+                await asyncio.sleep(0.02)
+        writer.close()
+        stopped.set()
+
+    timeout = 0.4
+    server, transport, client = await _loopback(b"", serve=dribble)
+    loop = asyncio.get_running_loop()
+    try:
+        transport.write(b"MAIL\r\n")
+        began = loop.time()
+        async with asyncio.timeout(timeout * 10):  # without the fix: dribbled for ever
+            got, problem = await pipelining.replies(client, transport, 1, timeout)
+        took = loop.time() - began
+        assert got == [] and isinstance(problem, asyncio.TimeoutError)
+        assert timeout * 0.9 <= took < timeout * 5 and len(sent) > 3, (took, len(sent))
+        assert transport.get_protocol() is client
+    finally:
+        stop.set()
+        transport.close()
+        server.close()
+        async with asyncio.timeout(5):
+            await stopped.wait()
+
+
+async def test_cancelled_mid_group_hands_the_connection_back():
+    """Cancelled as the group's first reply completes (3.11's wait_for swallowed a cancel
+    then and waited on): the cancel goes through and the client has its connection back."""
+    server, transport, client = await _loopback(b"250 2.1.0 Ok\r\n")
+    try:
+        waiting = asyncio.create_task(pipelining.replies(client, transport, 2, 5))
+        await asyncio.sleep(0)  # the task starts and takes the transport over
+        collector = transport.get_protocol()
+        assert isinstance(collector, _Replies)
+        transport.write(b"MAIL\r\n")
+        first_in = asyncio.Event()
+        received = collector.data_received
+
+        def noting(data):
+            received(data)
+            if collector.replies:
+                first_in.set()
+
+        collector.data_received = noting
+        async with asyncio.timeout(5):
+            await first_in.wait()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert transport.get_protocol() is client
+        transport.write(b"NOOP\r\n")  # the client reads again
+        await client.until(lambda: client.data == b"250 later\r\n")
     finally:
         transport.close()
         server.close()
