@@ -88,6 +88,7 @@ class SqliteDatabase:
         self._tallies: dict[Callable, Counter] = {}  # writer -> counts not written yet (``tally``)
         self._tally_timer: asyncio.TimerHandle | None = None
         self._riding: set[asyncio.Future] = set()  # tallies being written
+        self._moved: set[asyncio.Future] = set()  # writes the lock moved to the thread (_failed_on_loop)
         #: calls moved from the loop to the thread because another connection held the lock
         self.waited = 0
         #: times a checkpoint had the WAL start over (RESTART_FRAMES)
@@ -102,7 +103,7 @@ class SqliteDatabase:
         self._held = self._closing = False
         self._executor = self._tally_timer = None
         self._jobs = set()
-        self._tallies, self._riding = {}, set()  # the parent's, not this process's
+        self._tallies, self._riding, self._moved = {}, set(), set()  # the parent's, not this process's
         self._group = []  # the parent's writes: with them, a write here would never lead
         self._pid = os.getpid()
         return True
@@ -305,7 +306,10 @@ class SqliteDatabase:
         otherwise ``future`` gets the error."""
         if self._busy(e):
             self.waited += 1
-            _settle(future, asyncio.ensure_future(self.run(fn, *args)))
+            task = asyncio.ensure_future(self.run(fn, *args))
+            self._moved.add(task)
+            task.add_done_callback(self._moved.discard)
+            _settle(future, task)
         else:
             future.set_exception(StoreError(f"SQLite {self.path}: {e}"))
 
@@ -423,6 +427,8 @@ class SqliteDatabase:
             self._commit_group(tallies=True)  # writes asked just before and the tallies: not dropped
         if self._riding:
             await asyncio.gather(*self._riding, return_exceptions=True)
+        if self._moved:  # on the thread, or about to be: before it closes (else a new one would open)
+            await asyncio.gather(*self._moved, return_exceptions=True)
         if self._tally_timer is not None:
             self._tally_timer.cancel()
             self._tally_timer = None
