@@ -337,25 +337,28 @@ async def test_a_write_and_a_flush_asked_during_the_hold_go_once_it_ends(past_re
 async def test_close_waits_for_a_write_the_lock_moved_to_the_thread(tmp_path):
     # close commits the writes asked just before; one that meets another process's lock
     # moves to the database thread. close waits for it there: a move that started after
-    # the thread was shut would open a new thread and connection that nothing closes.
+    # the thread was shut opened a new thread and connection that nothing closed.
     path = tmp_path / "state.db"
     stores = open_stores(f"sqlite://{path}")
     db = stores.limits.db
     checks = [("client", "192.0.2.1", 3600.0, 10, True)]
-    await stores.limits.hit(checks, T0)
-    other = sqlite3.connect(path, isolation_level=None)  # another process, say the CLI
-    other.execute("BEGIN IMMEDIATE")
-    pending = asyncio.ensure_future(stores.limits.hit(checks, T0))
-    await asyncio.sleep(0)  # asked: its group waits for the turn's end, close commits it
-    closing = asyncio.ensure_future(stores.close())
-    while db.waited == 0:  # close's commit met the lock: the write went to the thread
-        await asyncio.sleep(0)
-    other.execute("COMMIT")
-    other.close()
-    await closing
-    assert (await pending).allowed
-    assert db._executor is None and db._conn is None
-    assert not [t for t in threading.enumerate() if t.name.startswith("smtpgate-sqlite")]
+    try:
+        await stores.limits.hit(checks, T0)
+        await db.run(lambda conn: None)  # the thread is up, as in a gate that ran a while
+        other = sqlite3.connect(path, isolation_level=None)  # another process, say the CLI
+        other.execute("BEGIN IMMEDIATE")
+        pending = asyncio.ensure_future(stores.limits.hit(checks, T0))
+        await asyncio.sleep(0)  # asked: its group waits for the turn's end, close commits it
+        closing = asyncio.ensure_future(db.close())
+        while db.waited == 0:  # close's commit met the lock: the write goes to the thread
+            await asyncio.sleep(0)
+        other.execute("COMMIT")
+        other.close()
+        await closing
+        assert (await pending).allowed
+        assert db._executor is None and db._conn is None  # no thread nor connection opened after close
+    finally:
+        await stores.close()
     again = open_stores(f"sqlite://{path}")
     try:
         assert (await again.limits.counters("client"))[0].current == 2
