@@ -8,6 +8,10 @@ downstream of smtpgate.testing (no relay, no sockets behind the gate).
 
 The figure includes the client's own work (the same in any A/B); one process, so other
 processes on the machine disturb it far less than bench/profile_gate.py's --cpu figure.
+
+Every body line starts with a digit, so no line starts with a dot: the DATA reader's first
+CRLF "." is the terminator and it skips dot-unstuffing, its best case (most real mail).
+``--dots N`` sends every Nth body line dot-stuffed (".." on the wire) to measure the other path.
 """
 from __future__ import annotations
 
@@ -33,11 +37,13 @@ from smtpgate.testing import Harness  # noqa: E402
 LINE = b"X" * 78 + b"\r\n"
 
 
-def bench_message(size: int) -> bytes:
-    """Like smtp-source's: four headers, then 80-octet lines up to ``size`` octets."""
+def bench_message(size: int, dots: int = 0) -> bytes:
+    """Like smtp-source's: four headers, then 80-octet lines up to ``size`` octets, as sent
+    (before the final dot); with ``dots``, every ``dots``th line dot-stuffed."""
     head = (b"From: <sender@example.com>\r\nTo: <rcpt@example.com>\r\n"
             b"Date: Mon, 30 Nov 2026 12:00:00 +0000\r\nMessage-Id: <1@example.com>\r\n\r\n")
-    lines = [b"%d" % (i % 10) + LINE[1:] for i in range(max(size - len(head), 0) // len(LINE))]
+    lines = [b".." + LINE[2:] if dots and i % dots == dots - 1 else b"%d" % (i % 10) + LINE[1:]
+             for i in range(max(size - len(head), 0) // len(LINE))]
     return head + b"".join(lines)
 
 
@@ -85,11 +91,12 @@ async def run(harness: Harness, messages: int, message: bytes) -> float:
 
 async def main_async(args) -> None:
     harness = Harness(domains=("example.com",))
-    message = bench_message(args.size)
+    message = bench_message(args.size, args.dots)
     await run(harness, 200, message)  # warm-up
     settle_for_serving()  # the serving worker's collector settings
     best = min([await run(harness, args.messages, message) for _ in range(args.runs)])
-    print(f"{args.messages} messages x {args.runs} runs, {len(message)} octets: "
+    dots = f", every {args.dots}th line dot-stuffed" if args.dots else ""
+    print(f"{args.messages} messages x {args.runs} runs, {len(message)} octets{dots}: "
           f"{best * 1e6:.1f} CPU µs/message (best run)")
     if args.profile:
         profiler = cProfile.Profile()
@@ -107,6 +114,8 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--size", type=int, default=10_240, help="octets per message")
+    parser.add_argument("--dots", type=int, default=0, metavar="N",
+                        help="dot-stuff every Nth body line (default: none, the best case)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                         help="also a cProfile of one run, its TOP lines")
     args = parser.parse_args()

@@ -17,7 +17,16 @@ Which command is allowed when is the conversation's table (conversation.py), not
 - QUIT is answered at once, and the connection closed once the session's last transaction
   is observed (its ``on_end`` hooks, its log line: they run after the client's reply);
 - connections are counted across workers (``connections.py``), and a PROXY header is read
-  only from trusted peers: anyone else is hung up on before the greeting.
+  only from trusted peers: anyone else is hung up on before the greeting;
+- one idle timer per connection (idletimer.py), reset per command, instead of aiosmtpd's new
+  loop timer per command; closed for good when the connection is lost;
+- importing this module replaces ``aiosmtpd.smtp.sanitized_log`` (its per-command-line log)
+  with one that asks the logger's level first: process-wide, so any other aiosmtpd server in
+  the same process gets it too (the test downstream is plain asyncio, and bench/floor_relay.py
+  does not import this module: both unaffected); what is logged is unchanged.
+The timer and the log rely on aiosmtpd internals (``_reset_timeout``, ``_timeout_handle``,
+that module global): tests/unit/test_aiosmtpd_internals.py checks them against the installed
+aiosmtpd.
 """
 from __future__ import annotations
 
@@ -147,7 +156,8 @@ class GateSMTP(SMTP):
         self._dir_hidden = False
         self._smtp_methods = _Commands(self)
         # one timer for the connection's life instead of one per command (idletimer.py);
-        # aiosmtpd only cancels it (at connection_lost) and resets it through _reset_timeout
+        # aiosmtpd resets it through _reset_timeout and cancels it at connection_lost, where
+        # we close it
         self._timeout_handle = IdleTimer(self.loop, self._timeout_cb)
 
     @classmethod
@@ -203,6 +213,9 @@ class GateSMTP(SMTP):
             # transport does) after _drop_cycles: all was done the first time.
             return
         super().connection_lost(error)
+        # aiosmtpd only cancels the timer, and a command still ending (smtp_DATA's finally)
+        # would arm it again, calling back this protocol: closed, a later reset does nothing.
+        self._timeout_handle.close()
         if self in self.tracker.protocols:
             self.tracker.protocols.discard(self)
             if self._client_key is not None:
@@ -229,8 +242,7 @@ class GateSMTP(SMTP):
                 log.error("session %s: the command loop failed",
                           self.gsession.id if self.gsession else "-", exc_info=error)
             error.__traceback__ = None
-        self._handler_coroutine = None
-        self._timeout_handle.close()  # it calls back this protocol
+        self._handler_coroutine = None  # (the idle timer, which calls back, closed already)
         self._smtp_methods = None  # its bound methods, and _Commands._protocol
         self._client_connected_cb = None  # asyncio's StreamReaderProtocol keeps it
         self._writer = None  # StreamWriter._protocol is this protocol

@@ -113,8 +113,20 @@ def _reset_mid_transaction(port: int) -> None:
     c.close()  # linger 0: a TCP reset, the gate reads ConnectionResetError
 
 
+def _hang_up_mid_data(port: int) -> None:
+    c = smtplib.SMTP("127.0.0.1", port, timeout=10)
+    c.ehlo("client.test")
+    c.mail("a@sender.test")
+    c.rcpt("user@example.com")
+    code, _ = c.docmd("DATA")
+    assert code == 354
+    c.send(MESSAGE[:len(MESSAGE) // 2])  # half a body, no final dot
+    c.sock.shutdown(socket.SHUT_RDWR)  # gone mid-DATA: smtp_DATA's finally resets the timer
+    c.close()
+
+
 @pytest.mark.parametrize("client", [_relay_and_quit, _refused_and_quit, _hang_up_mid_transaction,
-                                    _reset_mid_transaction])
+                                    _reset_mid_transaction, _hang_up_mid_data])
 async def test_a_finished_connection_leaves_nothing_to_the_collector(tmp_path, client):
     assert await _freed_without_the_collector(tmp_path, client) == []
 
@@ -131,3 +143,21 @@ async def test_a_finished_starttls_connection_leaves_nothing_to_the_collector(tm
     tls = f"tls: {{cert: {cert}, key: {key}}}\n"
     client = functools.partial(_starttls_relay_and_quit, ca=ca)
     assert await _freed_without_the_collector(tmp_path, client, tls) == []
+
+
+async def test_the_idle_timer_is_closed_when_the_connection_is_lost(tmp_path, monkeypatch):
+    """aiosmtpd's connection_lost only cancels the timer; whatever resets it afterwards (a
+    command still ending, as smtp_DATA's finally) must arm nothing that calls back the lost
+    connection."""
+    armed_after_loss = []
+    connection_lost = GateSMTP.connection_lost
+
+    def lost_then_reset(self, error):
+        connection_lost(self, error)
+        if self._handler_coroutine is not None:  # the first call, not aiosmtpd's repeat
+            self._reset_timeout()
+            armed_after_loss.append(self._timeout_handle._handle is not None)
+
+    monkeypatch.setattr(GateSMTP, "connection_lost", lost_then_reset)
+    assert await _freed_without_the_collector(tmp_path, _hang_up_mid_data) == []
+    assert armed_after_loss == [False] * (ROUNDS + 1)

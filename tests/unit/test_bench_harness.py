@@ -2,6 +2,7 @@
 builds must stay valid as rules evolve, and its report must compute the ratios issue 13
 targets and catch lost messages. No timing is asserted here (house rule): the figures are
 made up, only the arithmetic and the checks are tested."""
+import importlib.util
 import json
 import os
 import pathlib
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 
+from smtpgate.smtp.datadecoder import DataDecoder
 from tests.support.constants import ROOT
 
 BENCH = ROOT / "bench"
@@ -139,3 +141,19 @@ def test_a_failed_run_has_no_median_and_no_delivery_check(tmp_path):
     assert doc["systems"]["gate-empty"]["throughput"]["seq1_keep"]["median"] is None
     assert "FAILED (0/1)" in (results / "latest.md").read_text()
     assert doc["deliveries"]["expected"] is None
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("dots", [0, 3])
+def test_front_profiles_message_has_dot_stuffed_lines_only_when_asked(dots):
+    spec = importlib.util.spec_from_file_location("front_profile", BENCH / "front_profile.py")
+    front_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(front_profile)
+    sent = front_profile.bench_message(2000, dots)
+    decoder = DataDecoder()
+    assert decoder.feed(sent + b".\r\n") == b""
+    body = b"".join(decoder.result()).split(b"\r\n\r\n", 1)[1].split(b"\r\n")[:-1]
+    # 80 octets a line on the wire: a stuffed one is "." and 76 X once decoded
+    assert len(body) > 10 and all(len(line) == 78 - line.startswith(b".") for line in body)
+    assert [i for i, line in enumerate(body) if line.startswith(b".")] == (
+        list(range(dots - 1, len(body), dots)) if dots else [])
