@@ -402,7 +402,8 @@ class Downstream:
                 raise SMTPException(f"BDAT: {written} bytes, more than the {total} announced")
             protocol.write(chunk)
             if protocol._paused:  # the transport's buffer is full: wait until the socket drains
-                await asyncio.wait_for(protocol._drain_helper(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancel
+                    await protocol._drain_helper()
         if total is not None and written != total:
             raise SMTPException(f"BDAT: {written} bytes, not the {total} announced")
         return await protocol.read_response(timeout=timeout)

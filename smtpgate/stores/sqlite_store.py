@@ -59,6 +59,8 @@ RESTART_WAIT_MS = 50
 # Seconds the tallies (``SqliteDatabase.tally``: the outcome counters of decisions that
 # write nothing) wait in memory before they are written.
 TALLY_EVERY = 1.0
+# Rounds of commits close makes for writes asked while it waited for the previous round
+CLOSE_ROUNDS = 3
 # (triplet, client address) pairs a greylist store remembers as last found allowed
 ALLOWED_HINTS = 4096
 _BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: another connection holds the lock
@@ -423,13 +425,18 @@ class SqliteDatabase:
         self._closing = True
         if self._checkpoint is not None:
             await asyncio.gather(self._checkpoint, return_exceptions=True)
-        if (self._group or self._tallies) and self._loop_conn is not None:
-            self._commit_group(tallies=True)  # writes asked just before and the tallies: not dropped
-        if self._riding:
-            await asyncio.gather(*self._riding, return_exceptions=True)
-        if self._moved:  # on the thread, or about to be: before it closes (else a new one would open)
-            await asyncio.gather(*self._moved, return_exceptions=True)
-        if self._tally_timer is not None:
+        # The writes asked just before and the tallies: not dropped. Those the lock moved to
+        # the thread are waited for before it closes (else they would open a new one); writes
+        # asked meanwhile go in the next round. Bounded: a file that keeps failing (a rider's
+        # tallies come back each time) does not hold close.
+        for _ in range(CLOSE_ROUNDS):
+            if (self._group or self._tallies) and self._loop_conn is not None:
+                self._commit_group(tallies=True)
+            waiting = self._riding | self._moved
+            if not waiting:
+                break
+            await asyncio.gather(*waiting, return_exceptions=True)
+        if self._tally_timer is not None:  # armed, or armed again by a rider that failed
             self._tally_timer.cancel()
             self._tally_timer = None
         conn, self._loop_conn, self._opening = self._loop_conn, None, None

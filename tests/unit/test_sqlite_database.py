@@ -364,3 +364,37 @@ async def test_close_waits_for_a_write_the_lock_moved_to_the_thread(tmp_path):
         assert (await again.limits.counters("client"))[0].current == 2
     finally:
         await again.close()
+
+
+async def test_writes_asked_while_close_waits_are_committed_too(tmp_path):
+    # close waits on the thread for a write the lock moved there; a write asked meanwhile
+    # (a session finishing) is committed, on the same thread, before it closes.
+    path = tmp_path / "state.db"
+    stores = open_stores(f"sqlite://{path}")
+    db = stores.limits.db
+    checks = [("client", "192.0.2.1", 3600.0, 10, True)]
+    try:
+        await stores.limits.hit(checks, T0)
+        await db.run(lambda conn: None)
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        first = asyncio.ensure_future(stores.limits.hit(checks, T0))
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(db.close())
+        while db.waited == 0:
+            await asyncio.sleep(0)
+        second = asyncio.ensure_future(stores.limits.hit(checks, T0))
+        while db.waited == 1:  # its commit met the lock too
+            await asyncio.sleep(0)
+        other.execute("COMMIT")
+        other.close()
+        await closing
+        assert (await first).allowed and (await second).allowed
+        assert db._executor is None and db._conn is None
+    finally:
+        await stores.close()
+    again = open_stores(f"sqlite://{path}")
+    try:
+        assert (await again.limits.counters("client"))[0].current == 3
+    finally:
+        await again.close()
