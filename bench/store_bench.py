@@ -111,6 +111,13 @@ def fill_sqlite(conn, kind: str, n: int) -> None:
                                  " current, expires) VALUES (?,?,?,?,?,?,?)", rows)
 
 
+async def migrated(stores: Stores) -> None:
+    """Open the SQLite stores and migrate every table (the first call of each store does)."""
+    await stores.greylist.get("x", "y", "z")
+    await stores.senders.get("x", "y")
+    await stores.limits.counters("x", "y")
+
+
 async def filled_copy(keep: str, kind: str, n: int, dest: str) -> None:
     """``dest``: a copy of ``keep``'s database of ``n`` ``kind`` keys, filled there first if
     missing (filling 1M keys takes minutes; every figure starts from the same rows)."""
@@ -118,9 +125,7 @@ async def filled_copy(keep: str, kind: str, n: int, dest: str) -> None:
     if not os.path.exists(pristine):
         stores = Stores(f"sqlite://{pristine}.part")
         try:
-            await stores.greylist.get("x", "y", "z")  # opens and migrates every table
-            await stores.senders.get("x", "y")
-            await stores.limits.counters("x", "y")
+            await migrated(stores)
             await stores.greylist.db.run(lambda conn: fill_sqlite(conn, kind, n))
             await stores.greylist.db.run(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
         finally:
@@ -279,9 +284,7 @@ async def bench_backend(backend: str, sizes, count: int, profile: str | None, tm
             stores = Stores(url)
             try:
                 if backend == "sqlite":
-                    await stores.greylist.get("x", "y", "z")  # opens and migrates every table
-                    await stores.senders.get("x", "y")
-                    await stores.limits.counters("x", "y")
+                    await migrated(stores)
                     if not keep:
                         await stores.greylist.db.run(lambda conn: fill_sqlite(conn, kind, n))
                 else:

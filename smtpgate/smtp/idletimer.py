@@ -57,5 +57,5 @@ class IdleTimer:
         self._handle = None
         if self._deadline - self._loop.time() > RESOLUTION:  # reset since it was armed
             self._arm(self._deadline)
-        elif self._callback is not None:
+        else:  # (never after close: it cancelled the handle, and a cancelled one never runs)
             self._callback()

@@ -150,7 +150,7 @@ class Downstream:
                 response = await smtp.execute_command(b"RSET")
                 if response.code != 250:
                     raise SMTPResponseException(response.code, response.message)
-                self._greeted(smtp, ehlo=True)  # still the gate's own EHLO
+                self._greeted(smtp, ehlo=True)
             return True
         except FAILURES as exc:
             log.info("downstream %s:%s: pooled session failed its check (%s); not used",

@@ -512,7 +512,7 @@ class RedisLink:
             if future.done():  # the caller was cancelled meanwhile
                 continue
             if isinstance(reply, RedisError):
-                future.set_exception(StoreError(f"Redis {redact(self.url)}: {type(reply).__name__}: {reply}"))
+                future.set_exception(self._failure(reply))
             else:
                 future.set_result(reply)
 
