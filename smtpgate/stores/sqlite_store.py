@@ -65,6 +65,17 @@ CLOSE_ROUNDS = 3
 ALLOWED_HINTS = 4096
 _BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: another connection holds the lock
 _BARE: set[int] = set()  # ids of connections running a group commit's writes (write_transaction)
+# This process's id, set again in a forked child: every call on the loop checks that its
+# connection is this process's, and os.getpid() is a system call each time (bench/README.md).
+_PID = os.getpid()
+
+
+def _forked_child() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked_child)
 
 
 class SqliteDatabase:
@@ -99,7 +110,7 @@ class SqliteDatabase:
 
     def _forked(self) -> bool:
         """True (and every handle forgotten) in a process other than the one that opened them."""
-        if self._pid == os.getpid():
+        if self._pid == _PID:
             return False
         self._conn = self._loop_conn = self._opening = self._checkpoint = None
         self._held = self._closing = False
@@ -107,7 +118,7 @@ class SqliteDatabase:
         self._jobs = set()
         self._tallies, self._riding, self._moved = {}, set(), set()  # the parent's, not this process's
         self._group = []  # the parent's writes: with them, a write here would never lead
-        self._pid = os.getpid()
+        self._pid = _PID
         return True
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -332,7 +343,7 @@ class SqliteDatabase:
 
     async def _loop_connection(self) -> sqlite3.Connection:
         conn = self._loop_conn
-        if conn is None or self._pid != os.getpid():
+        if conn is None or self._pid != _PID:
             conn = await self._open_loop_connection()
         return conn
 

@@ -5,6 +5,7 @@ while another process holds the write lock. Real SQLite files in tmp_path; no te
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 
@@ -158,6 +159,25 @@ async def test_a_forked_process_writes_without_its_parents_pending_group(db_t):
     parent[0].close()
     await asyncio.get_running_loop().run_in_executor(parent[2], parent[1].close)
     parent[2].shutdown()
+
+async def test_a_really_forked_child_sees_its_parents_connections_as_not_its_own(db_t):
+    # the loop's calls check the process by an id a fork hook keeps, not os.getpid(): a child
+    # of a real fork must still find the handles its parent opened not its own
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer and leave at once (no loop, no cleanup of the parent's)
+        try:
+            os.write(write_end, b"y" if db_t._forked() and db_t._loop_conn is None else b"n")
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        assert os.read(read_end, 1) == b"y"
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    assert not db_t._forked() and db_t._loop_conn is not None  # the parent's: still its own
+
 
 async def test_a_forked_process_flushes_without_its_parents_tallies_in_flight(tmp_path):
     # the parent's tallies being written when it forked are not the child's to wait for
