@@ -113,9 +113,9 @@ class Downstream:
         self._pipelining = False
         # Likewise CHUNKING (RFC 3030): messages go as BDAT. Both set by ``_greeted``.
         self._chunking = False
-        # The NAME and ADDR the session's last XCLIENT sent (None: not both sent), what
+        # The NAME and ADDR the session's last XCLIENT sent (None for one not offered), what
         # Postfix authorises a further XCLIENT by (see ``Pooled.renamable_as``).
-        self._named: tuple[str, str] | None = None
+        self._named: tuple[str | None, str | None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -236,7 +236,9 @@ class Downstream:
             "ADDR": _attribute(f"IPV6:{ip}" if ":" in ip else ip),
         }
         args = [f"{k}={v}".encode("ascii") for k, v in attrs.items() if k in offered]
-        self._named = (attrs["NAME"], attrs["ADDR"]) if {"NAME", "ADDR"} <= offered else None
+        # one not offered (smtp-sink offers no ADDR) is never sent: it stays the connection's
+        self._named = (attrs["NAME"] if "NAME" in offered else None,
+                       attrs["ADDR"] if "ADDR" in offered else None)
         response = await smtp.execute_command(b"XCLIENT", *args)
         # Postfix answers 220 (a new greeting); smtp-sink and others answer 250.
         if not 200 <= response.code < 300:

@@ -277,6 +277,34 @@ def test_pooled_session_greeted_again_carries_only_the_next_clients_attributes(
         postfix.stop()
 
 
+def test_helo_clients_named_alike_share_a_session_with_one_ehlo_check(
+        gate_factory, downstream_factory, tmp_path):
+    """Three HELO clients from one address through one pooled smtpd session: the gate's EHLO
+    after the first showed XCLIENT offered for that NAME and ADDR, and Postfix decides by
+    those alone, so the next two are kept without asking again, and each XCLIENT is taken."""
+    relay = downstream_factory()
+    postfix = start_postfix(tmp_path / "postfix", relay_port=relay.port,
+                            smtpd_options=("smtpd_authorized_xclient_hosts=0.0.0.0/0,[::]/0",))
+    try:
+        gate = gate_factory(downstream_port=postfix.port,
+                            config={"proxy_protocol": True, **POOL, "log": {"level": "debug"}})
+        ids = []
+        for n in range(3):
+            logged = len(gate.log_text())
+            ids.append(_proxied_delivery(gate, b"PROXY TCP4 203.0.113.7 127.0.0.1 %d 25" % (40123 + n),
+                                         b"HELO client.test"))
+            gate.wait_for_log("session given back to the pool", start=logged)
+        pids = {postfix.wait_for_log(rf"smtpd\[(\d+)\]: {qid}: client=unknown\[203\.0\.113\.7\]:"
+                                     rf"{40123 + n}\b").group(1) for n, qid in enumerate(ids)}
+        assert len(pids) == 1
+        assert len(re.findall(r": connect from ", postfix.log_text())) == 2  # the probe, this one
+        assert "insufficient authorization" not in postfix.log_text()
+        assert "pooled session failed" not in gate.log_text()
+        relay.wait_for_messages(3, timeout=10)
+    finally:
+        postfix.stop()
+
+
 @FIRST_GREETINGS
 def test_a_session_postfix_will_not_let_rename_is_not_pooled(gate_factory, postfix_downstream,
                                                              first_greeting):

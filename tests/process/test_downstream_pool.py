@@ -152,6 +152,22 @@ def test_a_helo_clients_session_is_kept_once_the_gates_ehlo_shows_xclient(gate_f
     assert verbs(downstream.sessions[msgs[0].session]) == ["EHLO"] + each + ["EHLO"] + each * 2
 
 
+def test_without_addr_offered_the_name_alone_is_the_naming(gate_factory, downstream_factory):
+    """smtp-sink offers XCLIENT NAME HELO, no ADDR: the address it knows stays the gate's
+    own, so the NAME alone decides whether the EHLO's answer holds for the next client."""
+    ds = downstream_factory(xclient_attrs=("NAME", "HELO"))
+    gate = gate_factory(downstream_port=ds.port, config={"downstream": {"pool": POOL},
+                                                         "log": {"level": "debug"}})
+    for n in range(3):
+        logged = len(gate.log_text())
+        send_after_helo(gate, f"s{n}@sender.test")
+        gate.wait_for_log("session given back to the pool", start=logged)
+    msgs = ds.wait_for_messages(3)
+    assert len({m.session for m in msgs}) == 1 and "ADDR" not in msgs[0].xclient
+    each = ["XCLIENT", "HELO", "XFORWARD", "MAIL", "RCPT", "DATA"]
+    assert verbs(ds.sessions[msgs[0].session]) == ["EHLO"] + each + ["EHLO"] + each * 2
+
+
 def test_a_helo_client_named_otherwise_is_asked_for_again(gate_factory, downstream):
     """The EHLO's answer holds for the NAME and ADDR it was asked under only: a HELO client
     from another address on the same session gets its own EHLO check, and then the first
