@@ -35,7 +35,6 @@ import collections
 import functools
 import logging
 import re
-import socket
 import ssl
 from collections.abc import Awaitable
 
@@ -188,10 +187,10 @@ class GateSMTP(SMTP):
         if not first:  # the TLS layer after STARTTLS: same client, same session, greeted again
             self.conv.tls_started()
             return
+        # TCP_NODELAY is the event loop's: asyncio and uvloop set it on every accepted TCP
+        # connection (tests/unit/test_nodelay.py); the socket object uvloop makes
+        # for get_extra_info("socket") and a second setsockopt cost a connection syscalls.
         peer = transport.get_extra_info("peername") or ("", 0)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ip = str(peer[0])
         self.gsession = Session(new_id(), ip.removeprefix("::ffff:") if "." in ip else ip,
                                 int(peer[1]) if len(peer) > 1 else 0)
