@@ -127,8 +127,6 @@ async def main_async(args) -> None:
         await run(harness, args.messages, message, conn)
         profiler.disable()
         stats = pstats.Stats(profiler)
-        if os.environ.get("PROFILE_OUT"):
-            stats.dump_stats(os.environ["PROFILE_OUT"])
         print(f"{stats.total_calls / args.messages:.0f} function calls per message")
         stats.sort_stats("tottime").print_stats(args.profile)
     await harness.aclose()
