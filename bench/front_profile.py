@@ -5,6 +5,7 @@ downstream of smtpgate.testing (no relay, no sockets behind the gate).
 
     .venv/bin/python bench/front_profile.py                 # CPU µs per message, best of --runs
     .venv/bin/python bench/front_profile.py --profile 25    # and a cProfile of one run (top 25)
+    .venv/bin/python bench/front_profile.py --per-connection   # a connection per message (seq1_conn)
 
 The figure includes the client's own work (the same in any A/B); one process, so other
 processes on the machine disturb it far less than bench/profile_gate.py's --cpu figure.
@@ -56,19 +57,38 @@ async def expect(reader: asyncio.StreamReader, code: bytes) -> None:
             return
 
 
-async def run(harness: Harness, messages: int, message: bytes) -> float:
-    """CPU seconds per message for ``messages`` messages on one connection."""
-    loop = asyncio.get_running_loop()
-    tracker = ConnectionTracker()
-    server = await loop.create_server(lambda: GateSMTP(harness.gate, tracker), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+async def greeted(port: int):
+    """A new connection, its 220 read and HELO answered."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     await expect(reader, b"220")
     writer.write(b"HELO client.example.com\r\n")
     await expect(reader, b"250")
+    return reader, writer
+
+
+async def goodbye(reader, writer) -> None:
+    """QUIT, its 221, then the close the gate makes once the session is settled."""
+    writer.write(b"QUIT\r\n")
+    await expect(reader, b"221")
+    await reader.read()  # the gate's close
+    writer.close()
+
+
+async def run(harness: Harness, messages: int, message: bytes,
+              per_connection: bool = False) -> float:
+    """CPU seconds per message for ``messages`` messages on one connection (``per_connection``:
+    a new one per message, greeted with HELO and ended with QUIT, like smtp-source without -d)."""
+    loop = asyncio.get_running_loop()
+    tracker = ConnectionTracker()
+    server = await loop.create_server(lambda: GateSMTP(harness.gate, tracker), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    if not per_connection:
+        reader, writer = await greeted(port)
     body = message + b".\r\n"
     start = time.process_time()
     for i in range(messages):
+        if per_connection:
+            reader, writer = await greeted(port)
         writer.write(b"MAIL FROM:<sender@example.com>\r\n")
         await expect(reader, b"250")
         writer.write(b"RCPT TO:<rcpt@example.com>\r\n")
@@ -77,13 +97,14 @@ async def run(harness: Harness, messages: int, message: bytes) -> float:
         await expect(reader, b"354")
         writer.write(body)
         await expect(reader, b"250")
+        if per_connection:
+            await goodbye(reader, writer)
         if i % 500 == 499:  # the fake downstream keeps what it relayed
             for relay in harness.relays:
                 relay.relayed.clear()
     took = time.process_time() - start
-    writer.write(b"QUIT\r\n")
-    await expect(reader, b"221")
-    writer.close()
+    if not per_connection:
+        await goodbye(reader, writer)
     server.close()
     await server.wait_closed()
     return took / messages
@@ -92,16 +113,18 @@ async def run(harness: Harness, messages: int, message: bytes) -> float:
 async def main_async(args) -> None:
     harness = Harness(domains=("example.com",))
     message = bench_message(args.size, args.dots)
-    await run(harness, 200, message)  # warm-up
+    conn = args.per_connection
+    await run(harness, 200, message, conn)  # warm-up
     settle_for_serving()  # the serving worker's collector settings
-    best = min([await run(harness, args.messages, message) for _ in range(args.runs)])
+    best = min([await run(harness, args.messages, message, conn) for _ in range(args.runs)])
     dots = f", every {args.dots}th line dot-stuffed" if args.dots else ""
+    dots += ", a connection per message" if conn else ""
     print(f"{args.messages} messages x {args.runs} runs, {len(message)} octets{dots}: "
           f"{best * 1e6:.1f} CPU µs/message (best run)")
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        await run(harness, args.messages, message)
+        await run(harness, args.messages, message, conn)
         profiler.disable()
         stats = pstats.Stats(profiler)
         print(f"{stats.total_calls / args.messages:.0f} function calls per message")
@@ -116,6 +139,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=10_240, help="octets per message")
     parser.add_argument("--dots", type=int, default=0, metavar="N",
                         help="dot-stuff every Nth body line (default: none, the best case)")
+    parser.add_argument("--per-connection", action="store_true",
+                        help="a new connection per message (HELO, the message, QUIT)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                         help="also a cProfile of one run, its TOP lines")
     args = parser.parse_args()

@@ -35,7 +35,6 @@ import collections
 import functools
 import logging
 import re
-import socket
 import ssl
 from collections.abc import Awaitable
 
@@ -110,10 +109,11 @@ class _Commands(dict):
 
 
 class _Handler:
-    """aiosmtpd's handler slot: only PROXY needs it; everything else lives in GateSMTP."""
+    """aiosmtpd's handler slot: only PROXY needs it; everything else lives in GateSMTP. One
+    instance serves every connection; GateSMTP gives aiosmtpd its one hook itself."""
 
-    def __dir__(self):  # aiosmtpd scans dir(handler) per connection: keep it short
-        return ["handle_PROXY"]
+    def __dir__(self):  # aiosmtpd scans dir(handler) per connection (inspect.getmembers)
+        return []
 
     async def handle_PROXY(self, server: "GateSMTP", session, envelope, proxy_data) -> bool:
         if not proxy_data.valid:
@@ -125,6 +125,10 @@ class _Handler:
         return True
 
 
+_HANDLER = _Handler()
+_HANDLE_HOOKS = {"PROXY": _HANDLER.handle_PROXY}  # aiosmtpd only reads it (.get per hook)
+
+
 class GateSMTP(SMTP):
     def __init__(self, gate, tracker: ConnectionTracker, tls_context: ssl.SSLContext | None = None):
         cfg = gate.runtime.config
@@ -133,7 +137,7 @@ class GateSMTP(SMTP):
         # command table below from a list made once per class.
         self._dir_hidden = True
         super().__init__(
-            _Handler(), hostname=cfg.hostname, ident=VERSION_IDENT,
+            _HANDLER, hostname=cfg.hostname, ident=VERSION_IDENT,
             data_size_limit=cfg.limits.max_message_size, enable_SMTPUTF8=True,
             decode_data=False, timeout=cfg.limits.command_timeout, tls_context=tls_context,
             proxy_protocol_timeout=cfg.limits.command_timeout if cfg.proxy_protocol else None,
@@ -143,6 +147,7 @@ class GateSMTP(SMTP):
         # aiosmtpd keeps command_size_limits on the class and grows it on every EHLO; keep
         # our own, sized for the longest MAIL/RCPT with every parameter we offer.
         self.command_size_limits = collections.defaultdict(lambda: 512, MAIL=1024, RCPT=1024)
+        self._handle_hooks = _HANDLE_HOOKS  # what aiosmtpd's scan of the handler would find
         self.gate = gate
         self.tracker = tracker
         self.gsession: Session | None = None
@@ -188,10 +193,10 @@ class GateSMTP(SMTP):
         if not first:  # the TLS layer after STARTTLS: same client, same session, greeted again
             self.conv.tls_started()
             return
+        # TCP_NODELAY is the event loop's: asyncio and uvloop set it on every accepted TCP
+        # connection (tests/unit/test_nodelay.py); the socket object uvloop makes
+        # for get_extra_info("socket") and a second setsockopt cost a connection syscalls.
         peer = transport.get_extra_info("peername") or ("", 0)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ip = str(peer[0])
         self.gsession = Session(new_id(), ip.removeprefix("::ffff:") if "." in ip else ip,
                                 int(peer[1]) if len(peer) > 1 else 0)
@@ -223,7 +228,7 @@ class GateSMTP(SMTP):
                 self._client_key = None
                 metrics.connection_closed()
             if self.conv is not None:
-                task = asyncio.ensure_future(self.conv.close())
+                task = self.loop.create_task(self.conv.close())  # no loop lookup (a getpid)
                 _background.add(task)
                 task.add_done_callback(_background.discard)
         self._handler_coroutine.add_done_callback(self._drop_cycles)

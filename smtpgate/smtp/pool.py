@@ -24,6 +24,10 @@ class Pooled:
     smtp: Any
     generation: int
     xclient: bool  # opened with XCLIENT: every later client is named with it too
+    # The XCLIENT NAME and ADDR under which the gate's own EHLO last showed XCLIENT still
+    # offered (relay.Downstream.close): Postfix decides that by those two alone, from
+    # settings one smtpd process keeps for its life, so the same naming needs no new EHLO.
+    renamable_as: tuple[str | None, str | None] | None = None
     uses: int = 0  # clients it served
     idle_since: float = field(default_factory=time.monotonic)
 

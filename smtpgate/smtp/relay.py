@@ -113,6 +113,9 @@ class Downstream:
         self._pipelining = False
         # Likewise CHUNKING (RFC 3030): messages go as BDAT. Both set by ``_greeted``.
         self._chunking = False
+        # The NAME and ADDR the session's last XCLIENT sent (None for one not offered), what
+        # Postfix authorises a further XCLIENT by (see ``Pooled.renamable_as``).
+        self._named: tuple[str | None, str | None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -125,6 +128,7 @@ class Downstream:
         if self.connected:
             return
         self._reusable = self._renamable = self._pipelining = self._chunking = False
+        self._named = None
         if self.pool is not None and self.pool.enabled:
             while (entry := self.pool.take()) is not None:
                 if await self._resume(entry, session):
@@ -232,6 +236,9 @@ class Downstream:
             "ADDR": _attribute(f"IPV6:{ip}" if ":" in ip else ip),
         }
         args = [f"{k}={v}".encode("ascii") for k, v in attrs.items() if k in offered]
+        # one not offered (smtp-sink offers no ADDR) is never sent: it stays the connection's
+        self._named = (attrs["NAME"] if "NAME" in offered else None,
+                       attrs["ADDR"] if "ADDR" in offered else None)
         response = await smtp.execute_command(b"XCLIENT", *args)
         # Postfix answers 220 (a new greeting); smtp-sink and others answer 250.
         if not 200 <= response.code < 300:
@@ -439,15 +446,26 @@ class Downstream:
         if entry is not None and self._reusable and not self.in_transaction and self.pool.enabled:
             self._reusable = False
             if entry.xclient and self._renamable is None:
-                # a full pool would only keep it by retiring another idle session: no check
-                full = len(self.pool) >= self.pool.size
-                self._renamable = False if full else await self._may_rename(smtp)
+                self._renamable = await self._renamable_after_helo(smtp, entry)
             if self._renamable or not entry.xclient:
                 self.pool.give(entry)  # it closes what it does not keep
                 log.debug("downstream %s:%s: session given back to the pool (%d idle)",
                           self.cfg.host, self.cfg.port, len(self.pool))
                 return
         await farewell(smtp)
+
+    async def _renamable_after_helo(self, smtp, entry: Pooled) -> bool:
+        """Whether a HELO client's session may take the next client's XCLIENT: not asked
+        when the pool is full (it would only be kept by retiring another idle session);
+        known without asking when the session's own EHLO already showed it under the same
+        NAME and ADDR (``Pooled.renamable_as``); else asked (``_may_rename``)."""
+        if len(self.pool) >= self.pool.size:
+            return False
+        if self._named is not None and entry.renamable_as == self._named:
+            return True
+        renamable = await self._may_rename(smtp)
+        entry.renamable_as = self._named if renamable else None
+        return renamable
 
     async def _may_rename(self, smtp) -> bool:
         """After a HELO client (its answer lists no keywords): the gate's own EHLO asks

@@ -10,6 +10,7 @@ delivered, and read Postfix's own log (maillog_file) for what it saw.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import smtplib
@@ -237,6 +238,22 @@ def test_xclient_with_proxy_protocol_client(gate_factory, postfix_downstream):
 POOL = {"downstream": {"pool": {"size": 8}}}
 
 
+@contextlib.contextmanager
+def _renaming_postfix(gate_factory, downstream_factory, tmp_path):
+    """A Postfix whose gate-facing smtpd allows XCLIENT from any address (only the gate can
+    reach it), relaying to a capturing downstream, and a gate in front with the pool and
+    PROXY on: (gate, postfix, relay)."""
+    relay = downstream_factory()
+    postfix = start_postfix(tmp_path / "postfix", relay_port=relay.port,
+                            smtpd_options=("smtpd_authorized_xclient_hosts=0.0.0.0/0,[::]/0",))
+    try:
+        yield (gate_factory(downstream_port=postfix.port,
+                            config={"proxy_protocol": True, **POOL, "log": {"level": "debug"}}),
+               postfix, relay)
+    finally:
+        postfix.stop()
+
+
 FIRST_GREETINGS = pytest.mark.parametrize("first_greeting", [b"EHLO", b"HELO"])
 
 
@@ -248,12 +265,7 @@ def test_pooled_session_greeted_again_carries_only_the_next_clients_attributes(
     (only the gate can reach it), the second client's message goes through the same smtpd
     session, re-greeted with XCLIENT + HELO, and Postfix sees only the second client. After
     a HELO client the gate's own EHLO is what shows that XCLIENT is still offered."""
-    relay = downstream_factory()
-    postfix = start_postfix(tmp_path / "postfix", relay_port=relay.port,
-                            smtpd_options=("smtpd_authorized_xclient_hosts=0.0.0.0/0,[::]/0",))
-    try:
-        gate = gate_factory(downstream_port=postfix.port,
-                            config={"proxy_protocol": True, **POOL, "log": {"level": "debug"}})
+    with _renaming_postfix(gate_factory, downstream_factory, tmp_path) as (gate, postfix, relay):
         first = _proxied_delivery(gate, b"PROXY TCP4 203.0.113.7 127.0.0.1 40123 25",
                                   first_greeting + b" first.client.test")
         # given back once the client left (after a HELO client: once the gate's EHLO answered)
@@ -273,8 +285,27 @@ def test_pooled_session_greeted_again_carries_only_the_next_clients_attributes(
                       if f" id {second}".encode() in m.data[:400]]
         assert received.startswith(b"Received: from second.client.test (unknown [198.51.100.8])"), received
         assert b"first.client.test" not in received and b"203.0.113.7" not in received
-    finally:
-        postfix.stop()
+
+
+def test_helo_clients_named_alike_share_a_session_with_one_ehlo_check(
+        gate_factory, downstream_factory, tmp_path):
+    """Three HELO clients from one address through one pooled smtpd session: the gate's EHLO
+    after the first showed XCLIENT offered for that NAME and ADDR, and Postfix decides by
+    those alone, so the next two are kept without asking again, and each XCLIENT is taken."""
+    with _renaming_postfix(gate_factory, downstream_factory, tmp_path) as (gate, postfix, relay):
+        ids = []
+        for n in range(3):
+            logged = len(gate.log_text())
+            ids.append(_proxied_delivery(gate, b"PROXY TCP4 203.0.113.7 127.0.0.1 %d 25" % (40123 + n),
+                                         b"HELO client.test"))
+            gate.wait_for_log("session given back to the pool", start=logged)
+        pids = {postfix.wait_for_log(rf"smtpd\[(\d+)\]: {qid}: client=unknown\[203\.0\.113\.7\]:"
+                                     rf"{40123 + n}\b").group(1) for n, qid in enumerate(ids)}
+        assert len(pids) == 1
+        assert len(re.findall(r": connect from ", postfix.log_text())) == 2  # the probe, this one
+        assert "insufficient authorization" not in postfix.log_text()
+        assert "pooled session failed" not in gate.log_text()
+        relay.wait_for_messages(3, timeout=10)
 
 
 @FIRST_GREETINGS

@@ -135,7 +135,9 @@ def send_after_helo(gate, sender: str) -> None:
 
 def test_a_helo_clients_session_is_kept_once_the_gates_ehlo_shows_xclient(gate_factory, downstream):
     """A HELO answer lists no keywords: whether the session may take the next client's
-    XCLIENT is asked with the gate's own EHLO after the client's delivered message."""
+    XCLIENT is asked with the gate's own EHLO after the client's delivered message, once
+    per XCLIENT NAME and ADDR (what Postfix decides it by): later clients named the same on
+    that session are kept without asking again."""
     gate = pooled(gate_factory, log={"level": "debug"})
     before = downstream.connections
     for n in range(3):
@@ -145,8 +147,46 @@ def test_a_helo_clients_session_is_kept_once_the_gates_ehlo_shows_xclient(gate_f
     msgs = downstream.wait_for_messages(3)
     assert downstream.connections - before == 1 and len({m.session for m in msgs}) == 1
     assert [(m.helo, m.esmtp) for m in msgs] == [("client.test", False)] * 3  # greeted as the client
-    each = ["XCLIENT", "HELO", "XFORWARD", "MAIL", "RCPT", "DATA", "EHLO"]
-    assert verbs(downstream.sessions[msgs[0].session]) == ["EHLO"] + each * 3
+    assert len({m.xclient["PORT"] for m in msgs}) == 3  # the port differs: not part of the naming
+    each = ["XCLIENT", "HELO", "XFORWARD", "MAIL", "RCPT", "DATA"]
+    assert verbs(downstream.sessions[msgs[0].session]) == ["EHLO"] + each + ["EHLO"] + each * 2
+
+
+def test_without_addr_offered_the_name_alone_is_the_naming(gate_factory, downstream_factory):
+    """smtp-sink offers XCLIENT NAME HELO, no ADDR: the address it knows stays the gate's
+    own, so the NAME alone decides whether the EHLO's answer holds for the next client."""
+    ds = downstream_factory(xclient_attrs=("NAME", "HELO"))
+    gate = gate_factory(downstream_port=ds.port, config={"downstream": {"pool": POOL},
+                                                         "log": {"level": "debug"}})
+    for n in range(3):
+        logged = len(gate.log_text())
+        send_after_helo(gate, f"s{n}@sender.test")
+        gate.wait_for_log("session given back to the pool", start=logged)
+    msgs = ds.wait_for_messages(3)
+    assert len({m.session for m in msgs}) == 1 and "ADDR" not in msgs[0].xclient
+    each = ["XCLIENT", "HELO", "XFORWARD", "MAIL", "RCPT", "DATA"]
+    assert verbs(ds.sessions[msgs[0].session]) == ["EHLO"] + each + ["EHLO"] + each * 2
+
+
+def test_a_helo_client_named_otherwise_is_asked_for_again(gate_factory, downstream):
+    """The EHLO's answer holds for the NAME and ADDR it was asked under only: a HELO client
+    from another address on the same session gets its own EHLO check, and then the first
+    address again its own (the session remembers the last naming asked for)."""
+    gate = pooled(gate_factory, log={"level": "debug"})
+    for source in ("127.0.0.1", "127.0.0.3", "127.0.0.3", "127.0.0.1"):
+        logged = len(gate.log_text())
+        s, f = connect(gate, source)
+        with s:
+            assert reply(f).startswith(b"220 ")
+            assert say(s, f, b"HELO client.test").startswith(b"250 ")
+            deliver(s, f)
+        gate.wait_for_log("session given back to the pool", start=logged)
+    msgs = downstream.wait_for_messages(4)
+    assert len({m.session for m in msgs}) == 1
+    assert [m.xclient["ADDR"] for m in msgs] == ["127.0.0.1", "127.0.0.3", "127.0.0.3", "127.0.0.1"]
+    each = ["XCLIENT", "HELO", "XFORWARD", "MAIL", "RCPT", "DATA"]
+    assert verbs(downstream.sessions[msgs[0].session]) == (
+        ["EHLO"] + each + ["EHLO"] + each + ["EHLO"] + each + each + ["EHLO"])
 
 
 def test_a_helo_clients_session_no_longer_offering_xclient_is_closed(gate_factory, downstream):

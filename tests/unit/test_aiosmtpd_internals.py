@@ -61,3 +61,17 @@ def test_the_command_loop_logs_through_the_module_global():
     assert front._aiosmtpd_sanitized_log.__module__ == "aiosmtpd.smtp"
     assert globals_loaded(SMTP._handle_client.__code__)["sanitized_log"] >= 2  # debug, info
     assert "sanitize" in globals_loaded(front._aiosmtpd_sanitized_log.__code__)
+
+
+def test_the_handler_hooks_are_read_from_handle_hooks_and_never_written_after_init():
+    """GateSMTP hands aiosmtpd one shared hook table (``_HANDLE_HOOKS``: PROXY) in place of
+    its per-connection scan of the handler: aiosmtpd must look hooks up there, and only its
+    __init__ (which GateSMTP's runs after) may assign or change it."""
+    assert "_handle_hooks" in SMTP._call_handler_hook.__code__.co_names
+    for name, member in inspect.getmembers(SMTP, inspect.isfunction):
+        stores = {i.argval for i in dis.get_instructions(member) if i.opname == "STORE_ATTR"}
+        if name != "__init__":
+            assert "_handle_hooks" not in stores, name
+    assert front.GateSMTP.__init__.__code__.co_names.count("_handle_hooks") == 1
+    assert front._HANDLE_HOOKS == {"PROXY": front._HANDLER.handle_PROXY}
+    assert dir(front._HANDLER) == []  # aiosmtpd's scan finds nothing to build per connection
