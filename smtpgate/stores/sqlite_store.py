@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import os
 import sqlite3
 import time
@@ -191,7 +192,10 @@ class SqliteDatabase:
         asked in that turn, if any, else alone), on ``flush`` and at ``close``. Not with every
         write: that dirties one more page per commit (~20 µs of CPU each); once a second costs
         nothing. A process killed meanwhile loses them: counters, never a decision."""
-        self._tallies.setdefault(writer, Counter())[name] += by
+        counts = self._tallies.get(writer)
+        if counts is None:  # not setdefault: it would build a Counter on every call
+            counts = self._tallies[writer] = Counter()
+        counts[name] += by
         self._tally_later()
 
     def _tally_later(self) -> None:
@@ -691,6 +695,36 @@ def _allow(row) -> AllowEntry:
     return AllowEntry(*row)
 
 
+# The client prefix lengths in use as one text ("4/24 6/64"), read by every decision (_lookup)
+_LENGTHS_IN_USE = ("SELECT group_concat(family || '/' || plen, ' ') FROM (SELECT DISTINCT family, plen "
+                   "FROM greylist_allow INDEXED BY greylist_allow_lengths WHERE kind = 'client')")
+
+
+@functools.lru_cache(maxsize=None)  # one per number of allow keys: a handful
+def _lookup_sql(keys: int) -> str:
+    """A decision's reads in one statement (one snapshot): the prefix lengths in use, the
+    first live allow entry among ``keys`` keys, the stored triplet (NULLs where none)."""
+    allow = ", ".join("a." + c for c in _ALLOW_COLUMNS.split(", "))
+    stored = ", ".join("g." + c for c in _COLUMNS.split(", "))
+    return (f"SELECT ({_LENGTHS_IN_USE}), {allow}, {stored} FROM (SELECT 1) "
+            f"LEFT JOIN (SELECT {_ALLOW_COLUMNS} FROM greylist_allow WHERE key IN ({','.join('?' * keys)}) "
+            "AND (expires IS NULL OR expires >= ?) LIMIT 1) AS a "
+            "LEFT JOIN greylist AS g ON g.client = ? AND g.sender = ? AND g.recipient = ?")
+
+
+def _lengths(text: str | None) -> tuple[tuple[str, int], ...]:
+    """The prefix lengths in use, from their text (_LENGTHS_IN_USE)."""
+    if not text:
+        return ()
+    return tuple((family, int(plen)) for family, _, plen in (x.partition("/") for x in text.split(" ")))
+
+
+@functools.lru_cache(maxsize=4096)  # the same few triplets, clients and lengths, mostly
+def _allow_keys(key: tuple[str, str, str], client_ip: str | None, lengths: tuple) -> tuple[str, ...]:
+    """The allow keys that would cover the triplet ``key`` from ``client_ip``."""
+    return (*client_candidates(client_ip, lengths), *sender_allow_keys(key[1]), triplet_allow_key(*key))
+
+
 def _allow_row(entry: AllowEntry) -> tuple:
     """The greylist_allow row: the entry, then the family and prefix length of a client one."""
     family = plen = None
@@ -728,6 +762,10 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
         #: ALLOWED_HINTS the first added goes (FIFO, not LRU: a pair still allowed then takes
         #: the write path once, which adds it back)
         self._allowed_before: dict[tuple, None] = {}
+        #: the client prefix lengths in use as the last lookup read them: (text, parsed)
+        self._lengths_read: tuple[str | None, tuple] = (None, ())
+        self._read_allowed = self._migrated(self._allowed)  # built once: they run for every decision
+        self._write_attempt = self._migrated(self._attempt)
 
     # -- the decisive operation --------------------------------------------------------
     async def attempt(self, client, sender, recipient, *, now, params: Params, client_ip=None,
@@ -740,9 +778,9 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
         # for the others it would be a read more before the write path, which checks the
         # allow list again under the write lock, so both paths answer alike.
         hint = (*key, client_ip)
-        result = await self._call(self._allowed, key, client_ip, now) if self._read_first(hint) else None
+        result = await self.db.call(self._read_allowed, key, client_ip, now) if self._read_first(hint) else None
         if result is None:
-            result = await self._write(self._attempt, key, now, params, client_ip, dry_run)
+            result = await self.db.write(self._write_attempt, key, now, params, client_ip, dry_run)
         self._remember(hint, result.outcome == ALLOWED)
         if result.outcome == ALLOWED:
             self.db.tally(self._add_counts, ALLOWED)
@@ -763,13 +801,10 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
 
     def _allowed(self, conn, key, client_ip, now) -> Attempt | None:
         """The decision if an allow entry matches (what ``_decide`` answers then), read as
-        of now; else None. Each read is its own snapshot, without BEGIN/ROLLBACK around
-        them (two statements of ~5 µs each in the running gate): an entry found was live
-        when the lookup ran, so "allowed" is what the write path answered at that instant;
-        prefix lengths read a moment earlier can only miss an entry, and then the write path
-        decides; the stored triplet is reported as read just after."""
-        allow = self._match_allow(conn, key, client_ip, now)
-        return None if allow is None else Attempt(ALLOWED, self._stored(conn, key), allow)
+        of now; else None. One statement, so one snapshot without BEGIN/ROLLBACK around it:
+        "allowed" is what the write path answered at that instant."""
+        found = self._lookup(conn, key, client_ip, now)
+        return None if found is None or found[0] is None else Attempt(ALLOWED, found[1], found[0])
 
     def _attempt(self, conn, key, now, params: Params, client_ip, dry_run) -> Attempt:
         if dry_run:  # read as of now, write nothing
@@ -782,8 +817,7 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
             return self._decide(conn, key, now, params, client_ip, dry_run)
 
     def _decide(self, conn, key, now, params: Params, client_ip, dry_run) -> Attempt:
-        allow = self._match_allow(conn, key, client_ip, now)
-        entry = self._stored(conn, key)
+        allow, entry = self._lookup(conn, key, client_ip, now)  # type: ignore[misc]  # in a transaction
         counted: list[int] = []
 
         def passed_count() -> int:
@@ -811,14 +845,23 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
                            "AND recipient = ?", key).fetchone()
         return _entry(row) if row else None
 
-    def _match_allow(self, conn, key, client_ip, now) -> AllowEntry | None:
-        lengths = conn.execute("SELECT DISTINCT family, plen FROM greylist_allow INDEXED BY greylist_allow_lengths "
-                               "WHERE kind = 'client'").fetchall()
-        keys = client_candidates(client_ip, lengths) + sender_allow_keys(key[1]) + [triplet_allow_key(*key)]
-        row = conn.execute(f"SELECT {_ALLOW_COLUMNS} FROM greylist_allow WHERE key IN "
-                           f"({','.join('?' * len(keys))}) AND (expires IS NULL OR expires >= ?) LIMIT 1",
-                           (*keys, now)).fetchone()
-        return _allow(row) if row else None
+    def _lookup(self, conn, key, client_ip, now) -> tuple[AllowEntry | None, Entry | None] | None:
+        """(the allow entry covering the triplet, live at ``now``; the stored triplet), read
+        by one statement. Its client keys depend on the prefix lengths in use: it takes those
+        the last lookup read and reads them again in the same snapshot; if they changed (an
+        allow entry added or deleted by any connection), it runs again with the new ones.
+        Inside a transaction the second run sees the same snapshot, so it agrees; outside
+        one, None if the lengths changed again meanwhile (the caller takes the write path)."""
+        text, lengths = self._lengths_read
+        for _ in range(2):
+            keys = _allow_keys(key, client_ip, lengths)
+            row = conn.execute(_lookup_sql(len(keys)), (*keys, now, *key)).fetchone()
+            if row[0] == text:
+                return (None if row[3] is None else _allow(row[1:7]),
+                        None if row[7] is None else _entry(row[7:]))
+            text, lengths = row[0], _lengths(row[0])  # local: the thread's connection may look up too
+            self._lengths_read = text, lengths
+        return None
 
     @staticmethod
     def _passed_count(conn, client, now, cap: int | None = None) -> int:
