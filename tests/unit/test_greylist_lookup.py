@@ -7,6 +7,7 @@ other process is a connection of its own (its own SqliteDatabase); no test sleep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -21,8 +22,26 @@ from tests.support.constants import T0
 from tests.unit.test_greylist_allowed import ALLOWS, ATTEMPTS, NEVER, P, R
 
 
+KEY = ("198.51.100.0/24", "alice@sender.example", R)
+IP = "198.51.100.9"
+
+
 def open_store(path) -> SqliteGreylistStore:
     return SqliteGreylistStore(f"sqlite://{path}", SqliteDatabase(str(path), NEVER))
+
+
+@contextlib.asynccontextmanager
+async def gate_and_cli(path, allow_key=False):
+    """Two stores on one file, as the gate's worker and the CLI have it (``allow_key``: KEY on
+    the allow list)."""
+    gate, cli = open_store(path), open_store(path)
+    try:
+        if allow_key:
+            await cli.add_allow(make_allow("triplet", triplet_value(*KEY), T0, None))
+        yield gate, cli
+    finally:
+        await gate.close()
+        await cli.close()
 
 
 def fresh_read(path, key, client_ip, now):
@@ -43,60 +62,47 @@ def fresh_read(path, key, client_ip, now):
 
 async def test_a_client_allow_entry_added_or_deleted_by_another_process_is_seen_at_once(tmp_path):
     path = tmp_path / "state.db"
-    gate, cli = open_store(path), open_store(path)
-    key = ("198.51.100.0/24", "alice@sender.example", R)
-    try:
-        await cli.add_allow(make_allow("triplet", triplet_value(*key), T0, None))
+    async with gate_and_cli(path, allow_key=True) as (gate, cli):
         for _ in range(3):  # allowed: the read path, lengths (none) known
-            a = await gate.attempt(*key, now=T0, params=P, client_ip="198.51.100.9")
+            a = await gate.attempt(*KEY, now=T0, params=P, client_ip=IP)
             assert (a.outcome, a.allow.kind) == ("allowed", "triplet")
         await cli.add_allow(make_allow("client", "198.51.100.0/28", T0, None))  # a length not in use before
-        a = await gate.attempt(*key, now=T0, params=P, client_ip="198.51.100.9")
+        a = await gate.attempt(*KEY, now=T0, params=P, client_ip=IP)
         assert (a.outcome, a.allow.key) == ("allowed", "client:4:c6336400/28")  # as a fresh read finds it
-        assert fresh_read(path, key, "198.51.100.9", T0)[0] == a.allow.key
+        assert fresh_read(path, KEY, IP, T0)[0] == a.allow.key
         await cli.delete(Selector(None, "198.51.100.0/28", None, None))
-        a = await gate.attempt(*key, now=T0, params=P, client_ip="198.51.100.9")
+        a = await gate.attempt(*KEY, now=T0, params=P, client_ip=IP)
         assert (a.outcome, a.allow.kind) == ("allowed", "triplet")
-        await cli.delete(Selector(None, key[0], key[1], key[2]))
-        a = await gate.attempt(*key, now=T0, params=P, client_ip="198.51.100.9")
+        await cli.delete(Selector(None, *KEY))
+        a = await gate.attempt(*KEY, now=T0, params=P, client_ip=IP)
         assert (a.outcome, a.allow) == ("new", None)
         await cli.add_allow(make_allow("client", "198.51.100.8/30", T0, None))
-        a = await gate.attempt(*key, now=T0, params=P, client_ip="198.51.100.9")  # the write path's lookup
+        a = await gate.attempt(*KEY, now=T0, params=P, client_ip=IP)  # the write path's lookup
         assert (a.outcome, a.allow.key) == ("allowed", "client:4:c6336408/30")
-    finally:
-        await gate.close()
-        await cli.close()
 
 
 async def test_lengths_changed_between_two_runs_of_an_outside_read_leave_it_to_the_write_path(tmp_path):
     path = tmp_path / "state.db"
-    gate, cli = open_store(path), open_store(path)
-    key = ("198.51.100.0/24", "alice@sender.example", R)
-    try:
-        await cli.add_allow(make_allow("triplet", triplet_value(*key), T0, None))
+    async with gate_and_cli(path, allow_key=True) as (gate, _):
         conn = await gate.db._loop_connection()
-        assert gate._lookup(conn, key, "198.51.100.9", T0)[0].kind == "triplet"
+        assert gate._lookup(conn, KEY, IP, T0)[0].kind == "triplet"
         other = sqlite3.connect(path, isolation_level=None)
         lengths = iter(range(20, 30))
-        # another connection commits a new length each time the gate's statement runs
+        # another connection commits a new length each time the gate's statement starts
         conn.set_trace_callback(lambda sql: other.execute(
             "INSERT INTO greylist_allow (key, kind, value, family, plen, created) "
             "VALUES (?, 'client', '', '4', ?, 0)", (f"client:4:x/{n}", n)) if sql.startswith("SELECT") and
             (n := next(lengths)) else None)
-        assert gate._lookup(conn, key, "198.51.100.9", T0) is None  # never the same lengths twice
+        assert gate._lookup(conn, KEY, IP, T0) is None  # never the same lengths twice
         conn.set_trace_callback(None)
         other.close()
-        assert gate._lookup(conn, key, "198.51.100.9", T0)[0].kind == "triplet"
-    finally:
-        await gate.close()
-        await cli.close()
+        assert gate._lookup(conn, KEY, IP, T0)[0].kind == "triplet"
 
 
 async def _against_fresh_reads(allows, attempts, changes):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "state.db"
-        gate, cli = open_store(path), open_store(path)
-        try:
+        async with gate_and_cli(path) as (gate, cli):
             await gate.get(*attempts[0][0])  # the file and its tables
             pending = list(allows)
             now = T0
@@ -113,9 +119,6 @@ async def _against_fresh_reads(allows, attempts, changes):
                 if a.outcome == "allowed":  # nothing written: the triplet as read
                     assert ((a.entry.attempts, int(a.entry.passed), a.entry.expires) if a.entry else None) \
                         == expected[1]
-        finally:
-            await gate.close()
-            await cli.close()
 
 
 @settings(max_examples=60, deadline=None)
