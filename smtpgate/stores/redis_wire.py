@@ -72,6 +72,9 @@ class _Wire(asyncio.Protocol):
     def arm(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         """The batch just written fails at ``timeout`` from now unless its replies come first."""
         self.deadline = loop.time() + timeout
+        if self.timer is not None and self.timer.when() > self.deadline:  # a shorter timeout
+            self.timer.cancel()  # (the login's is the connect timeout)
+            self.timer = None
         if self.timer is None:
             self.timer = loop.call_at(self.deadline, self._check_deadline, loop)
 

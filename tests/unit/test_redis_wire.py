@@ -318,8 +318,17 @@ class _Clock:
         return self.now
 
     def call_at(self, when, fn, *args):
-        self.timers.append((when, fn, args))
-        return object()  # never cancelled here (only a failed connection cancels its timer)
+        timer = (when, fn, args)
+        self.timers.append(timer)
+        clock = self
+
+        class Handle:
+            def when(self):
+                return when
+
+            def cancel(self):
+                clock.timers.remove(timer)
+        return Handle()
 
     def fire(self, at: float) -> None:
         self.now = at
@@ -358,3 +367,17 @@ def test_a_deadline_with_no_batch_out_leaves_the_connection_alone():
     wire.done = lambda result: None
     wire.arm(clock, 2.0)  # idle meanwhile: the next batch arms a timer again
     assert [when for when, _, _ in clock.timers] == [4.0]
+
+
+def test_a_shorter_timeout_than_the_armed_one_is_watched_at_its_own_deadline():
+    from smtpgate.stores.redis_wire import _Wire
+    clock, wire, timed_out = _Clock(), _Wire(), []
+    wire.on_timeout = lambda: timed_out.append(clock.now)
+    wire.done = lambda result: None
+    wire.arm(clock, 10.0)  # the login, under the connect timeout
+    wire.done = None
+    wire.done = lambda result: None
+    wire.arm(clock, 0.5)  # the first batch, under the (shorter) socket timeout
+    assert [when for when, _, _ in clock.timers] == [0.5]
+    clock.fire(0.5)
+    assert timed_out == [0.5]
