@@ -21,7 +21,7 @@
   the greylist script answers one text, since redis-py parses every reply element in
   Python (bench/store_bench.py).
   On a plain ``redis://`` server those pipelines go on connections of our own
-  (``redis_wire.py``: hiredis packing and parsing, no task per call, one timer per batch), a
+  (``redis_wire.py``: hiredis packing and parsing, no task per call, no timer per batch), a
   quarter of redis-py's CPU per round trip; everything else uses redis-py. When a
   connection is idle, the server up and a slot free (the usual case), the pipeline is
   written by the loop callback that gathered it and its callers are answered in the turn
@@ -308,7 +308,9 @@ class RedisLink:
         self._sentinel: Sentinel | None = None
         self._slots: _Slots | None = None
         self._batch: list = []  # (command, script name or None, future) asked this turn
-        self._sending: set[asyncio.Future] = set()  # batches out (tasks, or futures of _send_now)
+        self._sending: set[asyncio.Future] = set()  # batches out the long way (tasks)
+        self._out_now = 0  # batches out the short way (_send_now)
+        self._none_out: asyncio.Future | None = None  # what close() waits on for those: made then
         self._wire: WirePool | None = None  # the batched calls' own connections (redis_wire.py)
         self._outages_seen = 0
         self._users = 0  # stores attached; the last one to close closes the link
@@ -458,9 +460,8 @@ class RedisLink:
         if (self._wire is None or breaker.is_down or self._outages_seen != breaker.outages
                 or not self._slots.take_now()):
             return False
-        out = asyncio.get_running_loop().create_future()  # what close() waits for
         try:
-            went = self._wire.send(self._calls(batch), lambda result: self._sent(batch, result, out))
+            went = self._wire.send(self._calls(batch), functools.partial(self._sent, batch))
         except Exception as e:  # a bad argument (nothing written): its callers hear it, as on _send
             self._slots.release()
             for _, _, future in batch:
@@ -470,15 +471,17 @@ class RedisLink:
         if not went:
             self._slots.release()  # no idle connection: _send opens one
             return False
-        self._sending.add(out)
+        self._out_now += 1
         return True
 
-    def _sent(self, batch, result, out: asyncio.Future) -> None:
+    def _sent(self, batch, result) -> None:
         """The end of a ``_send_now`` batch, accounted as ``run`` accounts one."""
         self._slots.release()
-        self._sending.discard(out)
-        if not out.done():  # guarded: raising here, inside data_received, would kill the connection
-            out.set_result(None)
+        self._out_now -= 1
+        none_out = self._none_out
+        # guarded: raising here, inside data_received, would kill the connection
+        if not self._out_now and none_out is not None and not none_out.done():
+            none_out.set_result(None)
         if isinstance(result, Exception):  # a fault of the connection: an outage
             self.breaker.ended(False, result, _is_outage)
             error = self._failure(result)
@@ -556,8 +559,13 @@ class RedisLink:
         # Batches on their way: let them finish (their callers wait), including the ones
         # they start (a lost script's long way), so none reopens the link after close.
         # asyncio.wait, not gather: a cancelled close must not cancel them.
-        while self._sending:
-            await asyncio.wait(set(self._sending))
+        while self._sending or self._out_now:
+            waits = set(self._sending)
+            if self._out_now:
+                if self._none_out is None or self._none_out.done():
+                    self._none_out = asyncio.get_running_loop().create_future()
+                waits.add(self._none_out)
+            await asyncio.wait(waits)
         if self._wire is not None:
             self._wire.drop_idle()
         client, self._client = self._client, None

@@ -35,7 +35,12 @@ class _Wire(asyncio.Protocol):
         self.replies: list = []
         self.want = 0
         self.done: Callable[[list | Exception], None] | None = None  # the batch out: told its end
+        # The batch's deadline, watched by one timer per connection that is re-armed only when
+        # it fires early (a later batch's deadline): arming and cancelling a timer per batch
+        # cost more than the rest of a batch's bookkeeping together.
+        self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.on_timeout: Callable[[], None] | None = None
         self.failed: Exception | None = None
 
     def connection_made(self, transport):
@@ -62,12 +67,32 @@ class _Wire(asyncio.Protocol):
 
     def _end(self, result: list | Exception) -> None:
         done, self.done = self.done, None
-        self.timer.cancel()
         done(result)
+
+    def arm(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """The batch just written fails at ``timeout`` from now unless its replies come first."""
+        self.deadline = loop.time() + timeout
+        if self.timer is not None and self.timer.when() > self.deadline:  # a shorter timeout
+            self.timer.cancel()  # (the login's is the connect timeout)
+            self.timer = None
+        if self.timer is None:
+            self.timer = loop.call_at(self.deadline, self._check_deadline, loop)
+
+    def _check_deadline(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.timer = None
+        if self.done is None or self.failed is not None:  # no batch out: nothing to watch
+            return
+        if loop.time() < self.deadline:  # a later batch's: watch that one
+            self.timer = loop.call_at(self.deadline, self._check_deadline, loop)
+            return
+        self.on_timeout()
 
     def _fail(self, exc: Exception) -> None:
         if self.failed is None:
             self.failed = exc
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.transport is not None:
             self.transport.close()
         if self.done is not None:
@@ -81,6 +106,7 @@ class WireConnection:
     def __init__(self, wire: _Wire, timeout: float):
         self._wire = wire
         self._timeout = timeout
+        wire.on_timeout = self._timed_out
 
     @property
     def usable(self) -> bool:
@@ -95,7 +121,7 @@ class WireConnection:
         # packed first: a bad argument raises here, with nothing written and nothing armed
         data = b"".join(hiredis.pack_command(c) for c in commands)
         wire.replies, wire.want, wire.done = [], len(commands), done
-        wire.timer = asyncio.get_running_loop().call_later(self._timeout, self._timed_out)
+        wire.arm(asyncio.get_running_loop(), self._timeout)
         wire.transport.write(data)
 
     def _timed_out(self) -> None:

@@ -304,3 +304,80 @@ async def test_more_parts_than_idle_connections_go_the_short_and_the_long_way_at
             assert link._slots._value == link.options["max_connections"]
     finally:
         await link.close()
+
+
+class _Clock:
+    """Just enough of an event loop for a connection's deadline: a settable time and the
+    timers armed, fired by hand."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.timers: list[tuple[float, object, tuple]] = []
+
+    def time(self):
+        return self.now
+
+    def call_at(self, when, fn, *args):
+        timer = (when, fn, args)
+        self.timers.append(timer)
+        clock = self
+
+        class Handle:
+            def when(self):
+                return when
+
+            def cancel(self):
+                clock.timers.remove(timer)
+        return Handle()
+
+    def fire(self, at: float) -> None:
+        self.now = at
+        due = [t for t in self.timers if t[0] <= at]
+        self.timers = [t for t in self.timers if t[0] > at]
+        for _, fn, args in due:
+            fn(*args)
+
+
+def test_a_batch_times_out_at_its_own_deadline_with_one_timer_per_connection():
+    from smtpgate.stores.redis_wire import _Wire
+    clock, wire, timed_out = _Clock(), _Wire(), []
+    wire.on_timeout = lambda: timed_out.append(clock.now)
+    wire.done = lambda result: None
+    wire.arm(clock, 2.0)  # the first batch: due at 2.0
+    wire.done = None  # its replies came
+    clock.now = 1.0
+    wire.done = lambda result: None
+    wire.arm(clock, 2.0)  # the next one, due at 3.0: no second timer
+    assert [when for when, _, _ in clock.timers] == [2.0]
+    clock.fire(2.0)  # the first batch's deadline: the batch out now is not late
+    assert timed_out == [] and [when for when, _, _ in clock.timers] == [3.0]
+    clock.fire(3.0)
+    assert timed_out == [3.0]
+
+
+def test_a_deadline_with_no_batch_out_leaves_the_connection_alone():
+    from smtpgate.stores.redis_wire import _Wire
+    clock, wire, timed_out = _Clock(), _Wire(), []
+    wire.on_timeout = lambda: timed_out.append(clock.now)
+    wire.done = lambda result: None
+    wire.arm(clock, 2.0)
+    wire.done = None  # answered
+    clock.fire(2.0)
+    assert timed_out == [] and clock.timers == [] and wire.timer is None
+    wire.done = lambda result: None
+    wire.arm(clock, 2.0)  # idle meanwhile: the next batch arms a timer again
+    assert [when for when, _, _ in clock.timers] == [4.0]
+
+
+def test_a_shorter_timeout_than_the_armed_one_is_watched_at_its_own_deadline():
+    from smtpgate.stores.redis_wire import _Wire
+    clock, wire, timed_out = _Clock(), _Wire(), []
+    wire.on_timeout = lambda: timed_out.append(clock.now)
+    wire.done = lambda result: None
+    wire.arm(clock, 10.0)  # the login, under the connect timeout
+    wire.done = None
+    wire.done = lambda result: None
+    wire.arm(clock, 0.5)  # the first batch, under the (shorter) socket timeout
+    assert [when for when, _, _ in clock.timers] == [0.5]
+    clock.fire(0.5)
+    assert timed_out == [0.5]
