@@ -162,6 +162,7 @@ class Greylist(Rule):
         self._senders = _Matcher(self.whitelist_senders)
         self._recipients = _Matcher(self.whitelist_recipients)
         self._pooled = _Matcher(self.pooled_senders)
+        self._pooling = bool(self._pooled)  # (an empty matcher matches no domain: not asked)
         self._warned = False  # whitelist_client_names without the fcrdns rule: said once
 
     # -- keys ----------------------------------------------------------------------------
@@ -173,7 +174,7 @@ class Greylist(Rule):
     def pool_domain(self, sender: str, spf=None) -> str | None:
         """The domain a pooled sender is keyed by, or None (key by network)."""
         domain = sender.rpartition("@")[2].lower().rstrip(".") if "@" in sender else ""
-        if domain and self._pooled.domain(domain):
+        if domain and self._pooling and self._pooled.domain(domain):
             return domain
         if self.spf_pooling and spf is not None:
             if isinstance(spf, str):
@@ -195,6 +196,10 @@ class Greylist(Rule):
     async def exemption(self, session, sender: str, recipient: str, *, client_names=True) -> str | None:
         """Why this recipient is not greylisted at all (no store involved), or None;
         ``client_names=False`` leaves out ``whitelist_client_names`` (the CLI has no session)."""
+        return self._exemption(session, sender, recipient, client_names)
+
+    def _exemption(self, session, sender: str, recipient: str, client_names: bool) -> str | None:
+        # (plain code: on_rcpt asks for every recipient, without a coroutine of its own)
         local = recipient.rpartition("@")[0].lower()
         if local in NEVER_GREYLISTED:
             return f"{local} is never greylisted"
@@ -238,7 +243,7 @@ class Greylist(Rule):
 
     async def on_rcpt(self, tx, rcpt):
         results = tx.results
-        why = await self.exemption(tx.session, tx.sender, rcpt.address)
+        why = self._exemption(tx.session, tx.sender, rcpt.address, True)
         if why:
             results.add(self, skip=f"{rcpt.address}: {why}",
                         data={rcpt.address: {"outcome": "exempt", "reason": why}})

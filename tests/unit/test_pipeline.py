@@ -472,6 +472,14 @@ def test_a_trace_entry_and_a_record_as_dicts_keep_their_fields_order_and_omissio
     assert list(record.as_dict()) == [*OUTCOMES, "data", "events", "shadow"]
     assert record.as_dict()["pass"] == ["p"] and record.as_dict()["pass"] is not record.pass_
     assert RuleResult("r", msg=["m"]).as_dict() == {"msg": ["m"]} and RuleResult("r").as_dict() == {}
+    # a record Results makes (every field given by position) is the default one, fresh lists
+    from smtpgate.pipeline.results import Results
+    for shadow in (False, True):
+        results = Results()
+        results._current = ("r", shadow)
+        made = results._record("r")
+        assert vars(made) == vars(RuleResult("r", shadow=shadow)) and list(vars(made)) == list(vars(RuleResult("r")))
+        assert len({id(v) for v in vars(made).values() if isinstance(v, (list, dict))}) == 8
     for kinds in itertools.product((False, True), repeat=4):
         lists = {k: ["t"] if on else [] for k, on in zip(("fail", "err", "pass_", "skip"), kinds)}
         expected = next((k for k, on in zip(("fail", "err", "pass", "skip"), kinds) if on), None)
