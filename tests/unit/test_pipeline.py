@@ -344,6 +344,14 @@ def test_the_text_log_line_sums_up_each_rule_s_result():
     assert TextFormatter().format(record).endswith("transaction tx=T1 results=spf:pass,dnsbl:shadow-fail")
 
 
+def test_the_text_log_line_names_each_trace_entry():
+    from smtpgate.mail.session import TraceEntry, TraceLog
+    trace = [TraceEntry("mail", "senders", "continue", None, None, 0.1, False, None),
+             TraceEntry("data", "rejector", "reject", "no", "550 no", 0.2, True, None)]
+    assert TraceLog(trace).text() == "senders:mail:continue,rejector:data:shadow-reject"
+    assert TraceLog([]).text() == ""
+
+
 def test_the_harness_refuses_a_hook_argument_the_gate_would_refuse():
     import pytest
     from smtpgate import PluginError
