@@ -214,7 +214,7 @@ class Greylist(Rule):
             if addr is not None and any(addr.version == n.version and addr in n for n in self._clients):
                 return "whitelisted client"
         if sender and self._senders.active and (self._senders.address(sender)
-                                         or self._senders.address(normalise_sender(sender))):
+                                                or self._senders.address(normalise_sender(sender))):
             return "whitelisted sender"
         if self._client_names.active and client_names:
             name = self._client_name(session)
