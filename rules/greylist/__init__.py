@@ -89,9 +89,11 @@ class _Matcher:
         self.suffixes = tuple("." + p for p in patterns if "@" not in p and not p.startswith("."))
         self.suffixes += tuple(p for p in patterns if p.startswith("."))
         self.exact = {p for p in patterns if "@" not in p and not p.startswith(".")}
+        #: it can match something (an empty one matches nothing: asked per recipient, not called)
+        self.active = bool(self.addresses or self.domains or self.suffixes)
 
     def __bool__(self):
-        return bool(self.addresses or self.domains or self.suffixes)
+        return self.active
 
     def domain(self, domain: str) -> bool:
         domain = domain.lower().rstrip(".")
@@ -173,9 +175,9 @@ class Greylist(Rule):
     def pool_domain(self, sender: str, spf=None) -> str | None:
         """The domain a pooled sender is keyed by, or None (key by network)."""
         domain = sender.rpartition("@")[2].lower().rstrip(".") if "@" in sender else ""
-        if domain and self._pooled.domain(domain):
+        if domain and self._pooled.active and self._pooled.domain(domain):
             return domain
-        if self.spf_pooling and spf is not None:
+        if spf is not None and self.spf_pooling:
             if isinstance(spf, str):
                 spf = {"result": spf}
             if (isinstance(spf, dict) and str(spf.get("result", "")).lower() == "pass"
@@ -195,10 +197,14 @@ class Greylist(Rule):
     async def exemption(self, session, sender: str, recipient: str, *, client_names=True) -> str | None:
         """Why this recipient is not greylisted at all (no store involved), or None;
         ``client_names=False`` leaves out ``whitelist_client_names`` (the CLI has no session)."""
+        return self._exemption(session, sender, recipient, client_names)
+
+    def _exemption(self, session, sender: str, recipient: str, client_names: bool) -> str | None:
+        # (plain code: on_rcpt asks for every recipient, without a coroutine of its own)
         local = recipient.rpartition("@")[0].lower()
         if local in NEVER_GREYLISTED:
             return f"{local} is never greylisted"
-        if self._recipients and self._recipients.address(recipient):
+        if self._recipients.active and self._recipients.address(recipient):
             return "whitelisted recipient"
         if not sender and self.null_sender == "skip":
             return "null sender (null_sender: skip)"
@@ -207,10 +213,10 @@ class Greylist(Rule):
             addr = ipaddress.ip_address(key) if key else None
             if addr is not None and any(addr.version == n.version and addr in n for n in self._clients):
                 return "whitelisted client"
-        if sender and self._senders and (self._senders.address(sender)
-                                         or self._senders.address(normalise_sender(sender))):
+        if sender and self._senders.active and (self._senders.address(sender)
+                                                or self._senders.address(normalise_sender(sender))):
             return "whitelisted sender"
-        if self._client_names and client_names:
+        if self._client_names.active and client_names:
             name = self._client_name(session)
             if name and self._client_names.domain(name):
                 return f"whitelisted client name {name}"
@@ -238,7 +244,7 @@ class Greylist(Rule):
 
     async def on_rcpt(self, tx, rcpt):
         results = tx.results
-        why = await self.exemption(tx.session, tx.sender, rcpt.address)
+        why = self._exemption(tx.session, tx.sender, rcpt.address, True)
         if why:
             results.add(self, skip=f"{rcpt.address}: {why}",
                         data={rcpt.address: {"outcome": "exempt", "reason": why}})

@@ -348,6 +348,8 @@ class Message:
 
 def describe_changes(changes) -> str:
     """``edit From; add X-External; remove Received (2)`` — for trace reasons and logs."""
+    if type(changes) is list and len(changes) == 1:  # one edit, the usual case: no counting
+        return f"{changes[0].op} {changes[0].header}"
     counts: dict[tuple[str, str], int] = {}
     for c in changes:
         key = (c.op, c.header)

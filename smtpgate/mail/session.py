@@ -71,7 +71,9 @@ class TraceLog(LogField):
         self._trace = trace
 
     def text(self) -> str:
-        return ",".join(f"{e.rule}:{e.stage}:{'shadow-' if e.shadow else ''}{e.action}" for e in self._trace)
+        # (a list, not a generator: join makes one anyway; one f-string per kind of entry)
+        return ",".join([f"{e.rule}:{e.stage}:shadow-{e.action}" if e.shadow else f"{e.rule}:{e.stage}:{e.action}"
+                         for e in self._trace])
 
     def json(self) -> list[dict]:
         return [e.as_dict() for e in self._trace]

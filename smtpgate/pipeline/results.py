@@ -263,7 +263,8 @@ class Results:
         record = self._records.get(name)
         if record is None:
             shadow = self._current is not None and self._current == (name, True)
-            record = self._records[name] = RuleResult(name, shadow=shadow)
+            # (every field given, in order: the generated __init__ skips its default factories)
+            record = self._records[name] = RuleResult(name, [], [], [], [], [], {}, [], [], shadow)
         elif self._current == (name, True):
             record.shadow = True
         return record

@@ -139,6 +139,10 @@ def test_describe_changes():
     m.remove_header("X-Dup")
     m.prepend_header("X-Tag", "1")
     assert describe_changes(m.changes) == "remove X-Dup (2); add X-Tag"
+    # one edit (a list of one: the shortcut) reads as the general path writes it
+    assert describe_changes(m.changes[2:]) == describe_changes(iter(m.changes[2:])) == "add X-Tag"
+    assert describe_changes(m.changes[:1]) == describe_changes(iter(m.changes[:1])) == "remove X-Dup"
+    assert describe_changes([]) == describe_changes(iter([])) == ""
 
 
 # --- forged Authentication-Results (RFC 8601 §5) ---------------------------------------------

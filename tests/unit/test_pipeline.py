@@ -344,6 +344,14 @@ def test_the_text_log_line_sums_up_each_rule_s_result():
     assert TextFormatter().format(record).endswith("transaction tx=T1 results=spf:pass,dnsbl:shadow-fail")
 
 
+def test_the_text_log_line_names_each_trace_entry():
+    from smtpgate.mail.session import TraceEntry, TraceLog
+    trace = [TraceEntry("mail", "senders", "continue", None, None, 0.1, False, None),
+             TraceEntry("data", "rejector", "reject", "no", "550 no", 0.2, True, None)]
+    assert TraceLog(trace).text() == "senders:mail:continue,rejector:data:shadow-reject"
+    assert TraceLog([]).text() == ""
+
+
 def test_the_harness_refuses_a_hook_argument_the_gate_would_refuse():
     import pytest
     from smtpgate import PluginError
@@ -472,6 +480,14 @@ def test_a_trace_entry_and_a_record_as_dicts_keep_their_fields_order_and_omissio
     assert list(record.as_dict()) == [*OUTCOMES, "data", "events", "shadow"]
     assert record.as_dict()["pass"] == ["p"] and record.as_dict()["pass"] is not record.pass_
     assert RuleResult("r", msg=["m"]).as_dict() == {"msg": ["m"]} and RuleResult("r").as_dict() == {}
+    # a record Results makes (every field given by position) is the default one, fresh lists
+    from smtpgate.pipeline.results import Results
+    for shadow in (False, True):
+        results = Results()
+        results._current = ("r", shadow)
+        made = results._record("r")
+        assert vars(made) == vars(RuleResult("r", shadow=shadow)) and list(vars(made)) == list(vars(RuleResult("r")))
+        assert len({id(v) for v in vars(made).values() if isinstance(v, (list, dict))}) == 8
     for kinds in itertools.product((False, True), repeat=4):
         lists = {k: ["t"] if on else [] for k, on in zip(("fail", "err", "pass_", "skip"), kinds)}
         expected = next((k for k, on in zip(("fail", "err", "pass", "skip"), kinds) if on), None)
