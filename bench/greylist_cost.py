@@ -30,7 +30,7 @@ PARAMS = Params(delay=300, retry_window=2 * 86400, pass_ttl=35 * 86400, auto_whi
 
 
 async def measure(folder: str, a) -> float:
-    store = SqliteGreylistStore(f"sqlite:///{folder}/greylist.db")
+    store = SqliteGreylistStore(f"sqlite://{folder}/greylist.db")
     try:
         await store.add_allow(make_allow("triplet", triplet_value(*TRIPLET), 0.0, None))
         for n in range(a.clients):  # networks elsewhere: lengths in use, no match

@@ -7,7 +7,7 @@
 Starts ``smtp-sink`` on loopback and, in this process on uvloop as the gate runs, plays
 ``count`` client connections one after the other as seq1_conn's smtp-source makes them: a
 ``relay.Downstream`` on the worker's pool per client, opened as a HELO client (``--ehlo``:
-an EHLO one) from 127.0.0.1 (XCLIENT, HELO), MAIL + RCPT, a 10 KB message, then ``close``
+an EHLO one) from 127.0.0.1 (XCLIENT, HELO), MAIL + RCPT, a short message (351 bytes), then ``close``
 (the session back to the pool: after a HELO client once XCLIENT shows offered). Prints this
 process's CPU µs per client connection: the downstream's share of seq1_conn, without the
 client side, the rules or the stores. A/B: run it in each worktree (it imports its own tree).

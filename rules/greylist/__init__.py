@@ -92,9 +92,6 @@ class _Matcher:
         #: it can match something (an empty one matches nothing: asked per recipient, not called)
         self.active = bool(self.addresses or self.domains or self.suffixes)
 
-    def __bool__(self):
-        return self.active
-
     def domain(self, domain: str) -> bool:
         domain = domain.lower().rstrip(".")
         return domain in self.exact or domain in self.domains or domain.endswith(self.suffixes)
@@ -194,13 +191,10 @@ class Greylist(Rule):
         return client, normalise_sender(sender), normalise_recipient(recipient)
 
     # -- static exemptions ---------------------------------------------------------------
-    async def exemption(self, session, sender: str, recipient: str, *, client_names=True) -> str | None:
+    def exemption(self, session, sender: str, recipient: str, *, client_names=True) -> str | None:
         """Why this recipient is not greylisted at all (no store involved), or None;
-        ``client_names=False`` leaves out ``whitelist_client_names`` (the CLI has no session)."""
-        return self._exemption(session, sender, recipient, client_names)
-
-    def _exemption(self, session, sender: str, recipient: str, client_names: bool) -> str | None:
-        # (plain code: on_rcpt asks for every recipient, without a coroutine of its own)
+        ``client_names=False`` leaves out ``whitelist_client_names`` (the CLI has no session).
+        Plain code: on_rcpt asks it for every recipient, without a coroutine of its own."""
         local = recipient.rpartition("@")[0].lower()
         if local in NEVER_GREYLISTED:
             return f"{local} is never greylisted"
@@ -244,7 +238,7 @@ class Greylist(Rule):
 
     async def on_rcpt(self, tx, rcpt):
         results = tx.results
-        why = self._exemption(tx.session, tx.sender, rcpt.address, True)
+        why = self.exemption(tx.session, tx.sender, rcpt.address)
         if why:
             results.add(self, skip=f"{rcpt.address}: {why}",
                         data={rcpt.address: {"outcome": "exempt", "reason": why}})
@@ -285,7 +279,7 @@ class Greylist(Rule):
                "options": {"delay": self.delay, "retry_window": self.retry_window, "pass_ttl": self.pass_ttl,
                            "auto_whitelist_after": self.auto_whitelist_after}}
         if session is not None:
-            why = await self.exemption(session, sender, recipient, client_names=False)
+            why = self.exemption(session, sender, recipient, client_names=False)
             if why:
                 out.update(outcome="exempt", reason=why, answer="pass (not greylisted)", passes_from=_utc(now))
                 return out

@@ -473,6 +473,8 @@ class Downstream:
         told (Postfix decides by the address XCLIENT named, not by the greeting), and harmless
         here: the client's message is delivered and the next client's XCLIENT + greeting
         replaces every attribute. Any failure: not renamable (then QUIT, or closed)."""
+        log.debug("downstream %s:%s: EHLO of the gate's own: is XCLIENT still offered after a HELO client?",
+                  self.cfg.host, self.cfg.port)
         try:
             await smtp.ehlo(timeout=min(self.cfg.timeout, _FAREWELL_TIMEOUT))
         except FAILURES:

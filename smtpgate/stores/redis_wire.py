@@ -70,7 +70,7 @@ class _Wire(asyncio.Protocol):
         done(result)
 
     def arm(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        """The batch just written fails at ``timeout`` from now unless its replies come first."""
+        """The batch out (written just before) fails at ``timeout`` from now unless its replies come first."""
         self.deadline = loop.time() + timeout
         if self.timer is not None and self.timer.when() > self.deadline:  # a shorter timeout
             self.timer.cancel()  # (the login's is the connect timeout)
@@ -121,8 +121,12 @@ class WireConnection:
         # packed first: a bad argument raises here, with nothing written and nothing armed
         data = b"".join(hiredis.pack_command(c) for c in commands)
         wire.replies, wire.want, wire.done = [], len(commands), done
+        try:
+            wire.transport.write(data)
+        except BaseException:  # not sent: nothing out for the timer to fail later
+            wire.done = None
+            raise
         wire.arm(asyncio.get_running_loop(), self._timeout)
-        wire.transport.write(data)
 
     def _timed_out(self) -> None:
         self._wire._fail(TimeoutError(f"Redis did not answer within {self._timeout:g}s"))

@@ -818,7 +818,10 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
             return self._decide(conn, key, now, params, client_ip, dry_run)
 
     def _decide(self, conn, key, now, params: Params, client_ip, dry_run) -> Attempt:
-        allow, entry = self._lookup(conn, key, client_ip, now)  # type: ignore[misc]  # in a transaction
+        found = self._lookup(conn, key, client_ip, now)
+        if found is None:  # in a transaction its second run sees the same snapshot: never
+            raise StoreError(f"SQLite {self.db.path}: the greylist lookup found no snapshot")
+        allow, entry = found
         counted: list[int] = []
 
         def passed_count() -> int:

@@ -291,7 +291,8 @@ def test_helo_clients_named_alike_share_a_session_with_one_ehlo_check(
         gate_factory, downstream_factory, tmp_path):
     """Three HELO clients from one address through one pooled smtpd session: the gate's EHLO
     after the first showed XCLIENT offered for that NAME and ADDR, and Postfix decides by
-    those alone, so the next two are kept without asking again, and each XCLIENT is taken."""
+    those alone, so the next two are kept without asking again (one EHLO check, not three),
+    and each XCLIENT is taken."""
     with _renaming_postfix(gate_factory, downstream_factory, tmp_path) as (gate, postfix, relay):
         ids = []
         for n in range(3):
@@ -305,6 +306,7 @@ def test_helo_clients_named_alike_share_a_session_with_one_ehlo_check(
         assert len(re.findall(r": connect from ", postfix.log_text())) == 2  # the probe, this one
         assert "insufficient authorization" not in postfix.log_text()
         assert "pooled session failed" not in gate.log_text()
+        assert gate.log_text().count("is XCLIENT still offered after a HELO client?") == 1
         relay.wait_for_messages(3, timeout=10)
 
 

@@ -34,9 +34,11 @@ async def accepted_nodelay() -> int:
         nodelay = await asyncio.wait_for(made, 10)
         await reader.readline()  # the greeting
         writer.close()
+        await asyncio.wait_for(writer.wait_closed(), 10)
         return nodelay
     finally:
         server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)  # the gate's side of it ended too
         await harness.aclose()
 
 

@@ -381,3 +381,29 @@ def test_a_shorter_timeout_than_the_armed_one_is_watched_at_its_own_deadline():
     assert [when for when, _, _ in clock.timers] == [0.5]
     clock.fire(0.5)
     assert timed_out == [0.5]
+
+
+def test_a_failed_connection_drops_its_timer_and_answers_the_batch_out():
+    from smtpgate.stores.redis_wire import _Wire
+    clock, wire, answers = _Clock(), _Wire(), []
+    wire.on_timeout = lambda: pytest.fail("a failed connection has no deadline left")
+    wire.done = answers.append
+    wire.arm(clock, 2.0)
+    wire._fail(ConnectionError("reset"))
+    assert clock.timers == [] and wire.timer is None
+    assert [type(a) for a in answers] == [ConnectionError]
+
+
+async def test_a_batch_the_transport_would_not_take_is_not_watched():
+    from smtpgate.stores.redis_wire import WireConnection, _Wire
+
+    class Refusing:
+        def write(self, data):
+            raise RuntimeError("transport closed under us")
+
+    wire = _Wire()
+    wire.transport = Refusing()
+    conn = WireConnection(wire, 2.0)
+    with pytest.raises(RuntimeError):
+        conn.send([("PING",)], lambda result: pytest.fail("nothing was sent to answer"))
+    assert wire.done is None and wire.timer is None

@@ -160,6 +160,7 @@ async def test_a_forked_process_writes_without_its_parents_pending_group(db_t):
     await asyncio.get_running_loop().run_in_executor(parent[2], parent[1].close)
     parent[2].shutdown()
 
+
 async def test_a_really_forked_child_sees_its_parents_connections_as_not_its_own(db_t):
     # the loop's calls check the process by an id a fork hook keeps, not os.getpid(): a child
     # of a real fork must still find the handles its parent opened not its own
