@@ -127,13 +127,14 @@ def transaction_ended(code: int | None, trace) -> None:
         return
     m = _m
     decider, decided = "none", None
+    runs: dict = {}  # verdict child -> its runs here: one file write each, not one per run
     for entry in trace:
         key = (entry.rule, entry.action, entry.shadow)
         verdict = m.verdict_children.get(key)
         if verdict is None:
             verdict = m.verdict_children[key] = m.verdicts.labels(
                 entry.rule, entry.action, "true" if entry.shadow else "false")
-        verdict.inc()
+        runs[verdict] = runs.get(verdict, 0) + 1
         if entry.rule != "gate":
             timing = m.rule_seconds_children.get(entry.rule)
             if timing is None:
@@ -144,6 +145,8 @@ def transaction_ended(code: int | None, trace) -> None:
         held = entry.rule == "gate" and entry.action == "quarantine"  # the rule's verdict decided
         if not entry.shadow and entry.action != "continue" and not held:
             decider, decided = entry.rule, entry.reply  # the last one that acted decided
+    for verdict, n in runs.items():
+        verdict.inc(n)  # whole numbers: the same float as n increments of 1
     if code is None and decided and decided[:3].isdigit():
         code = int(decided[:3])  # no DATA reply: the refusal that ended it (RCPT, MAIL)
     reply_class = f"{code // 100}xx" if code else "none"

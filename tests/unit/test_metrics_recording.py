@@ -29,6 +29,13 @@ RECORD = textwrap.dedent('''
         looked_up.append((self._name, values))
         return labels(self, *values)
     client.MetricWrapperBase.labels = counted
+    verdict_writes = []
+    inc = client.Counter.inc
+    def counted_inc(self, amount=1, exemplar=None):
+        if self._name == "smtpgate_rule_verdicts":
+            verdict_writes.append(amount)
+        return inc(self, amount, exemplar)
+    client.Counter.inc = counted_inc
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
@@ -56,7 +63,7 @@ RECORD = textwrap.dedent('''
     metrics.connection_closed()
     metrics.connection_refused()
     print(before + "----\\n" + scrape() + "----")
-    print(len(set(looked_up)), len(looked_up))
+    print(len(set(looked_up)), len(looked_up), len(verdict_writes), sum(verdict_writes))
     metrics.cleanup(folder)
 ''')
 
@@ -285,7 +292,14 @@ def test_the_exposition_before_and_after_known_transactions_is_exactly_the_expec
 
 @pytest.mark.timeout(90)
 def test_each_label_set_is_looked_up_once_not_per_message():
-    _, _, (distinct, calls) = record(50)
+    _, _, (distinct, calls, _, _) = record(50)
     # verdicts 9 (the shadow dnsbl and the gate's own included), rule timings 6,
     # transactions 3, DNS types 2
     assert (distinct, calls) == (20, 20)
+
+
+@pytest.mark.timeout(90)
+def test_a_rule_run_several_times_in_a_transaction_is_counted_in_one_write():
+    _, _, (_, _, writes, runs) = record(50)
+    # the relayed trace's three senders runs with one outcome: one write for them
+    assert (writes, runs) == (50 * (4 + 3 + 3), 50 * (6 + 3 + 3))
