@@ -233,16 +233,17 @@ def main() -> int:
     else:
         raw = smtp_source_message()
 
-    if a.metrics:
-        from smtpgate import metrics
-        metrics_dir = metrics.prepare()  # before prometheus_client is imported: it reads the folder
-    with tempfile.TemporaryDirectory() as folder:
-        if a.profile:
-            asyncio.run(measure(a.profile, a, raw, folder))
-            return 0
-        figures = {case: asyncio.run(measure(case, a, raw, folder)) for case in a.cases.split(",")}
-    if a.metrics:
-        metrics.cleanup(metrics_dir)
+    from smtpgate import metrics
+    metrics_dir = metrics.prepare() if a.metrics else None  # before prometheus_client's import
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            if a.profile:
+                asyncio.run(measure(a.profile, a, raw, folder))
+                return 0
+            figures = {case: asyncio.run(measure(case, a, raw, folder)) for case in a.cases.split(",")}
+    finally:
+        if metrics_dir:
+            metrics.cleanup(metrics_dir)
     base = figures.get("empty", next(iter(figures.values())))[0]
     server = a.state == "redis"
     print(f"{'case':<12} {'CPU µs/message':>14} {'share of empty (msg/s)':>24}"
