@@ -8,6 +8,7 @@
     .venv/bin/python bench/profile_gate.py --policies bench/policies-real --cpu   # no cProfile: CPU µs/message
     .venv/bin/python bench/profile_gate.py --workload par50_conn --gc   # and the share of garbage collection
     .venv/bin/python bench/profile_gate.py --policies bench/policies-real --spy /tmp/real.raw   # py-spy samples (native too)
+    .venv/bin/python bench/profile_gate.py --policies bench/policies-real --cpu --metrics   # with `metrics:` set
 
 Starts ``smtp-sink`` and ``smtpgate serve`` (bench/gate.yaml, ``workers: 1``, state in a
 temporary folder) under cProfile, sends ``--messages`` 10 KB messages with ``smtp-source``
@@ -21,7 +22,8 @@ message while smtp-source ran (user + system of the supervisor and its workers, 
 what a loaded, shared machine disturbs least, and what cProfile's own cost per call does not
 inflate. ``--gc`` adds the CPU its garbage collections took (timed by ``gc.callbacks``).
 Either way the gate's worker sets its garbage collector up itself
-(``smtpgate.runtime.collector``), as in production.
+(``smtpgate.runtime.collector``), as in production. ``--metrics`` sets ``metrics:`` (a free
+port on 127.0.0.1) in the gate.yaml, so the gate records its Prometheus metrics per message.
 """
 from __future__ import annotations
 
@@ -137,6 +139,8 @@ def main() -> int:
                          "collapsed stacks (py-spy installed by hand: pip install py-spy)")
     ap.add_argument("--gc", action="store_true",
                     help="as --cpu, and the CPU µs per message its garbage collections took")
+    ap.add_argument("--metrics", action="store_true",
+                    help="set `metrics:` (Prometheus, on a free port): their recording's cost is in the figure")
     a = ap.parse_args()
     a.cpu = a.cpu or a.gc or bool(a.spy)
     sink_port, gate_port = free_port(), free_port()
@@ -152,6 +156,8 @@ def main() -> int:
             text = f.read()
         with open(conf, "w") as f:  # one worker: the profile sees every message
             f.write(text.replace("workers: auto", "workers: 1"))
+            if a.metrics:
+                f.write(f"metrics: 127.0.0.1:{free_port()}\n")
         if any("greylist" in path.read_text() for path in Path(a.policies).glob("*.yaml")):
             subprocess.run([str(VENV_BIN / "smtpgate"), "greylist", "allow", "-c", conf, "--triplet",
                             "127.0.0.1", "sender@bench.test", "rcpt@bench.test"], check=True,

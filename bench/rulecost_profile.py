@@ -20,10 +20,13 @@ included).
     .venv/bin/python bench/rulecost_profile.py --state sqlite --cases empty,senders,greylist,real
     .venv/bin/python bench/rulecost_profile.py --state redis --cases empty,senders,greylist,real
     .venv/bin/python bench/rulecost_profile.py --state redis --cases real --runs 1 --commands
+    .venv/bin/python bench/rulecost_profile.py --metrics --cases empty,real   # with `metrics:` set
 
 The log line is written at ``info`` to /dev/null through the gate's own text formatter, as
 ``make bench`` runs the gate; the garbage collector has a serving worker's settings
-(``smtpgate.runtime.collector``), applied after each case's warm-up.
+(``smtpgate.runtime.collector``), applied after each case's warm-up. ``--metrics`` records
+the Prometheus metrics as a gate with ``metrics:`` does (``smtpgate.metrics.prepare``: the
+multiprocess files in a temporary folder), so their cost per message is in the figure.
 """
 from __future__ import annotations
 
@@ -215,6 +218,8 @@ def main() -> int:
     ap.add_argument("--state", choices=("memory", "sqlite", "redis"), default="memory",
                     help="the store-backed rules' stores: answering at once, a real SQLite file, "
                          "or Redis at 127.0.0.1:6379 (DB 15, a private prefix)")
+    ap.add_argument("--metrics", action="store_true",
+                    help="record the Prometheus metrics, as a gate with `metrics:` set does")
     a = ap.parse_args()
     if a.cpu and not a.profile:
         ap.error("--cpu needs --profile")
@@ -228,11 +233,17 @@ def main() -> int:
     else:
         raw = smtp_source_message()
 
-    with tempfile.TemporaryDirectory() as folder:
-        if a.profile:
-            asyncio.run(measure(a.profile, a, raw, folder))
-            return 0
-        figures = {case: asyncio.run(measure(case, a, raw, folder)) for case in a.cases.split(",")}
+    from smtpgate import metrics
+    metrics_dir = metrics.prepare() if a.metrics else None  # before prometheus_client's import
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            if a.profile:
+                asyncio.run(measure(a.profile, a, raw, folder))
+                return 0
+            figures = {case: asyncio.run(measure(case, a, raw, folder)) for case in a.cases.split(",")}
+    finally:
+        if metrics_dir:
+            metrics.cleanup(metrics_dir)
     base = figures.get("empty", next(iter(figures.values())))[0]
     server = a.state == "redis"
     print(f"{'case':<12} {'CPU µs/message':>14} {'share of empty (msg/s)':>24}"
