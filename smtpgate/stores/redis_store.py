@@ -67,8 +67,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..errors import StoreError
 from .breaker import SENTINEL_LONGEST_BACKOFF, breaker_for
 from .greylist import (DELAY_BUCKETS, GRACE, AllowEntry, Attempt, Entry, GreylistStore, Params,
-                       Selector, Stats, import_kind, ip_hex, sender_allow_keys, triplet_allow_key,
-                       triplet_value)
+                       Selector, Stats, import_kind, ip_hex, sender_allow_keys, triplet_value)
 from .redis_url import RedisTarget, parse_redis_url, redact
 from .redis_wire import WirePool
 
@@ -247,6 +246,16 @@ local out = {}
 for i, k in ipairs(KEYS) do out[i] = redis.call('HGETALL', k) end
 return cjson.encode(out)
 """
+
+
+_GRACE_ARG = repr(GRACE)
+
+
+@functools.lru_cache(maxsize=64)  # one per policy's greylist timing: a handful
+def _timing_args(params: Params) -> tuple[str, str, str, str]:
+    """The greylist script's ARGV 2-5: delay, retry_window, pass_ttl, auto_whitelist_after."""
+    return (repr(float(params.delay)), repr(float(params.retry_window)), repr(float(params.pass_ttl)),
+            str(int(params.auto_whitelist_after)))
 
 
 def _fmt(x: float | None) -> str:
@@ -676,7 +685,11 @@ class RedisGreylistStore(RedisComponentStore, GreylistStore):
                                                    self.prefix + "stats")
 
     def triplet_key(self, client, sender, recipient) -> str:
-        return f"{self.prefix}t:{triplet_value(client, sender, recipient)}"
+        return self._triplet_key_of(triplet_value(client, sender, recipient))
+
+    def _triplet_key_of(self, member: str) -> str:
+        """A triplet's key, from its ``triplet_value`` (also its awl member)."""
+        return f"{self.prefix}t:{member}"
 
     def awl_key(self, client) -> str:
         return f"{self.prefix}awl:{client}"
@@ -686,13 +699,11 @@ class RedisGreylistStore(RedisComponentStore, GreylistStore):
                       dry_run=False) -> Attempt:
         probe = ip_hex(client_ip) if client_ip else None
         fam, hexdigits = probe if probe else ("", "")
-        member = triplet_value(client, sender, recipient)
-        keys = [self.triplet_key(client, sender, recipient), self.awl_key(client), self.k_allow,
-                self.k_lens, self.k_stats]
-        args = (repr(float(now)), repr(float(params.delay)), repr(float(params.retry_window)),
-                repr(float(params.pass_ttl)), str(int(params.auto_whitelist_after)), "1" if dry_run else "0",
-                repr(GRACE), member, client, sender, recipient, fam, hexdigits, *sender_allow_keys(sender),
-                triplet_allow_key(client, sender, recipient))
+        member = triplet_value(client, sender, recipient)  # built once: the keys below start from it
+        keys = (self._triplet_key_of(member), self.awl_key(client), self.k_allow, self.k_lens, self.k_stats)
+        args = (repr(float(now)), *_timing_args(params), "1" if dry_run else "0", _GRACE_ARG, member,
+                client, sender, recipient, fam, hexdigits, *sender_allow_keys(sender),
+                "triplet:" + member)  # triplet_allow_key's, from the value at hand
         res = await self.link.script("attempt", keys, args)
         (outcome, exists, first, last, attempts, passed, passed_at, retry_delay, expires,
          allow_key, count, allow_json) = as_text(res).split("\t", 11)

@@ -396,6 +396,37 @@ async def _script_lost(store):
     assert (await store.get(C, S, R)).attempts == 5  # each call counted once, none twice
 
 
+async def test_redis_reports_a_fixed_allow_key_before_a_client_network(tmp_path):
+    """The script looks at the sender, @domain and triplet keys first, then the client's
+    networks; an expired fixed entry leaves the client's to match."""
+    require_redis()
+    async with store_maker(open_greylist_store, "redis", tmp_path) as make:
+        store = make()
+        await store.add_allow(make_allow("client", "192.0.2.0/24", T0, None))
+        await store.add_allow(make_allow("sender", "@sender.example", T0, None))
+        await store.add_allow(make_allow("triplet", triplet_value(C, "x@y.example", R), T0, 60))
+        a = await attempt(store, T0, client_ip="192.0.2.9")
+        assert (a.outcome, a.allow.key) == ("allowed", "sender:@sender.example")
+        a = await attempt(store, T0 + 60, key=(C, "x@y.example", R), client_ip="192.0.2.9")
+        assert a.allow.key == "triplet:" + triplet_value(C, "x@y.example", R)
+        a = await attempt(store, T0 + 61, key=(C, "x@y.example", R), client_ip="192.0.2.9")
+        assert (a.outcome, a.allow.key) == ("allowed", "client:4:c0000200/24")
+        assert (await attempt(store, T0 + 61, key=(C, "x@y.example", R), client_ip="198.51.100.1")).outcome == "new"
+
+
+async def test_redis_decisions_of_two_timings_in_one_process_keep_their_own(tmp_path):
+    """The script's timing arguments are made once per Params (a cache keyed by its value)."""
+    require_redis()
+    async with store_maker(open_greylist_store, "redis", tmp_path) as make:
+        store = make()
+        short, long = Params(delay=60, retry_window=600), Params(delay=300, retry_window=600)
+        await attempt(store, T0, params=short)
+        assert (await attempt(store, T0 + 100, params=long)).outcome == "too_early"
+        assert (await attempt(store, T0 + 100, params=short)).outcome == "passed_now"
+        assert (await attempt(store, T0 + 100, key=(C, "x@y.example", R), params=long)).outcome == "new"
+        assert (await attempt(store, T0 + 800, key=(C, "x@y.example", R), params=short)).outcome == "restarted"
+
+
 async def test_an_unreachable_redis_is_a_store_error():
     store = open_greylist_store(f"{UNREACHABLE_REDIS_URL}?socket_connect_timeout=0.5")
     with pytest.raises(StoreError, match=f"Redis {UNREACHABLE_REDIS_URL}"):
