@@ -155,7 +155,7 @@ class Downstream:
                 if session.esmtp:  # a HELO answer lists no keywords: keep what we knew
                     self.capabilities.update(smtp.esmtp_extensions)
             else:  # still greeted by the gate's own EHLO
-                response = await smtp.execute_command(b"RSET")
+                response = await self._execute(smtp, b"RSET")
                 if response.code != 250:
                     raise SMTPResponseException(response.code, response.message)
                 self._greeted(smtp, ehlo=True)
@@ -243,7 +243,7 @@ class Downstream:
         # one not offered (smtp-sink offers no ADDR) is never sent: it stays the connection's
         self._named = (attrs["NAME"] if "NAME" in offered else None,
                        attrs["ADDR"] if "ADDR" in offered else None)
-        response = await smtp.execute_command(b"XCLIENT", *args)
+        response = await self._execute(smtp, b"XCLIENT", *args)
         # Postfix answers 220 (a new greeting); smtp-sink and others answer 250.
         if not 200 <= response.code < 300:
             raise SMTPResponseException(response.code, response.message)
@@ -253,11 +253,11 @@ class Downstream:
         helo = session.helo or ""
         ok = bool(helo) and helo_refusal(helo) is None
         if session.esmtp:
-            await smtp.ehlo(hostname=helo if ok else None)
+            await self._within_deadline(smtp, smtp.ehlo(hostname=helo if ok else None, timeout=None))
             self._greeted(smtp, ehlo=True)
             return "xclient" in smtp.esmtp_extensions
         self._greeted(smtp, ehlo=False)
-        await smtp.helo(hostname=helo if ok else None)
+        await self._within_deadline(smtp, smtp.helo(hostname=helo if ok else None, timeout=None))
         return None
 
     def _greeted(self, smtp, ehlo: bool) -> None:
@@ -417,12 +417,7 @@ class Downstream:
                     await protocol._drain_helper()
         if total is not None and written != total:
             raise SMTPException(f"BDAT: {written} bytes, not the {total} announced")
-        deadline = self._reply_deadline()
-        deadline.watch(protocol._response_waiter, timeout)
-        try:
-            return await protocol.read_response(timeout=None)
-        finally:
-            deadline.done()
+        return await self._within_deadline(smtp, protocol.read_response(timeout=None))
 
     async def _empty_data(self) -> Reply:
         # aiosmtplib's data() turns b"" into one empty line; an empty message stays empty.
@@ -501,18 +496,22 @@ class Downstream:
             response = await self._execute(smtp, *args)
         return self._check(Reply.from_downstream(response.code, response.message))
 
-    async def _execute(self, smtp, *args: bytes):
-        """aiosmtplib's ``execute_command`` without its own timeout (a wait_for per command),
-        the reply awaited under the session's deadline instead: the same failure when it
-        passes (aiosmtplib's read timeout, the connection closed), as
-        test_aiosmtplib_internals checks."""
+    def _execute(self, smtp, *args: bytes):
+        """One command and its reply, under the session's deadline (``_within_deadline``)."""
+        return self._within_deadline(smtp, smtp.execute_command(*args, timeout=None))
+
+    async def _within_deadline(self, smtp, exchange):
+        """Await ``exchange``, one aiosmtplib reply read given no timeout of its own (a
+        wait_for per command), under the session's deadline instead: the same failure when
+        it passes (aiosmtplib's read timeout, the connection closed), as
+        test_aiosmtplib_internals checks. It awaits the protocol's reply waiter as it is now."""
         protocol = smtp.protocol
-        if protocol is None:  # not connected: aiosmtplib raises what it always does
-            return await smtp.execute_command(*args)
         deadline = self._reply_deadline()
-        deadline.watch(protocol._response_waiter, self.cfg.timeout)
+        # not connected: no waiter, and aiosmtplib raises what it always does
+        deadline.watch(protocol._response_waiter if protocol is not None else None,
+                       self.cfg.timeout)
         try:
-            return await smtp.execute_command(*args, timeout=None)
+            return await exchange
         finally:
             deadline.done()
 

@@ -16,6 +16,7 @@ from smtpgate.config import load_gate_config
 from smtpgate.errors import RelayError
 from smtpgate.mail.session import Session
 from smtpgate.smtp import relay
+from smtpgate.smtp.pool import SessionPool
 from smtpgate.smtp.relay import Downstream
 from tests.support.downstream import CapturingDownstream
 
@@ -28,16 +29,22 @@ READ_TIMEOUT = "downstream connection failed: Timed out waiting for server respo
 GROUP_TIMEOUT = "downstream connection failed: "
 
 
-def _downstream(ds: CapturingDownstream) -> Downstream:
+def _downstream(ds: CapturingDownstream, pool: SessionPool | None = None,
+                xclient: bool = True) -> Downstream:
     cfg = load_gate_config(None)
     return Downstream(dataclasses.replace(cfg.downstream, host=ds.host, port=ds.port,
-                                          timeout=TIMEOUT), cfg.hostname)
+                                          timeout=TIMEOUT, xclient=xclient), cfg.hostname,
+                      pool=pool)
+
+
+def _session(esmtp: bool = True) -> Session:
+    return Session(id="T1", client_ip="127.0.0.1", client_port=2525, helo="client.test",
+                   esmtp=esmtp, proto="ESMTP" if esmtp else "SMTP")
 
 
 async def _until_stalled(down: Downstream, ds: CapturingDownstream, caplog, exchange, logged,
                          raises: bool = True):
-    await down.open(Session(id="T1", client_ip="127.0.0.1", client_port=2525,
-                            helo="client.test", esmtp=True, proto="ESMTP"))
+    await down.open(_session())
     loop = asyncio.get_running_loop()
     began = loop.time()
     with caplog.at_level(logging.WARNING, logger="smtpgate.relay"):
@@ -55,7 +62,7 @@ async def _until_stalled(down: Downstream, ds: CapturingDownstream, caplog, exch
 
 
 async def _mail(down):
-    await down.mail("a@sender.test", [])
+    await down.mail("a@sender.test", [], ident="T1")  # XFORWARD IDENT first
 
 
 async def _rcpt(down):
@@ -78,13 +85,14 @@ async def _rcpt_ok(down):
 
 
 @pytest.mark.parametrize("stall_at, exchange, pipelining, chunking, logged", [
+    ("XFORWARD", _mail, False, False, READ_TIMEOUT),
     ("MAIL", _mail, False, False, READ_TIMEOUT),
     ("RCPT", _rcpt, False, False, READ_TIMEOUT),
     ("RCPT", _mail_rcpt, True, False, GROUP_TIMEOUT),
     ("DATA", _data, False, False, READ_TIMEOUT),
     ("DATA_END", _data, False, False, READ_TIMEOUT),
     ("DATA_END", _data, False, True, READ_TIMEOUT),  # the BDAT's reply
-], ids=["mail", "rcpt", "pipelined", "data", "final-dot", "bdat"])
+], ids=["xforward", "mail", "rcpt", "pipelined", "data", "final-dot", "bdat"])
 async def test_a_silent_downstream_times_out_at_the_deadline(caplog, stall_at, exchange,
                                                              pipelining, chunking, logged):
     with CapturingDownstream(stall_at=stall_at, pipelining=pipelining, chunking=chunking) as ds:
@@ -115,8 +123,7 @@ async def test_an_idle_session_outlives_the_deadline():
     with CapturingDownstream() as ds:
         down = _downstream(ds)
         try:
-            await down.open(Session(id="T1", client_ip="127.0.0.1", client_port=2525,
-                                    helo="client.test", esmtp=True, proto="ESMTP"))
+            await down.open(_session())
             await _rcpt_ok(down)
             timer, passed = down._deadline._timer, asyncio.Event()
             expired = timer._callback
@@ -128,3 +135,46 @@ async def test_an_idle_session_outlives_the_deadline():
         finally:
             await down.close()
         assert len(ds.wait_for_messages(1)) == 1
+
+
+@pytest.mark.parametrize("stall_at, xclient, esmtp", [
+    ("XCLIENT", True, True), ("EHLO", True, True), ("HELO", True, False), ("RSET", False, True),
+], ids=["xclient", "ehlo", "helo", "rset"])
+async def test_a_pooled_session_silent_at_its_resume_fails_its_check_at_the_deadline(
+        caplog, stall_at, xclient, esmtp):
+    """The pool's reuse commands (XCLIENT then the client's greeting, or RSET) time out
+    from the deadline: the session fails its check and is not used; a new connection is
+    opened instead (silent too at XCLIENT or the greeting: 451 4.4.1; a new one is not
+    RSET: it serves)."""
+    with CapturingDownstream() as ds:
+        pool = SessionPool(size=2, idle=60, max_uses=100, farewell=relay.farewell)
+        first = _downstream(ds, pool, xclient)
+        await first.open(_session(esmtp))
+        await _rcpt_ok(first)
+        assert (await first.data(MSG)).code == 250
+        await first.close()
+        assert len(pool) == 1
+        ds.stall_at = stall_at
+        second = _downstream(ds, pool, xclient)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
+            with caplog.at_level(logging.INFO, logger="smtpgate.relay"):
+                async with asyncio.timeout(TIMEOUT * 20):  # without the deadline: for ever
+                    if stall_at == "RSET":
+                        await second.open(_session(esmtp))
+                        assert second.connected and ds.connections == 2
+                    else:
+                        with pytest.raises(RelayError) as raised:
+                            await second.open(_session(esmtp))
+                        assert raised.value.reply == relay.UNREACHABLE
+        finally:
+            await second.close()
+            await pool.close()
+        assert loop.time() - began >= TIMEOUT - 0.01
+        logged = [r.getMessage() for r in caplog.records if r.name == "smtpgate.relay"]
+        assert logged[0] == (f"downstream {ds.host}:{ds.port}: pooled session failed its check "
+                             "(Timed out waiting for server response); not used"), logged
+        if stall_at != "RSET":
+            assert logged[-1] == (f"downstream {ds.host}:{ds.port} unavailable: "
+                                  "Timed out waiting for server response"), logged

@@ -1,5 +1,5 @@
-"""The aiosmtplib internals relay.py's reply deadline relies on (``Downstream._execute``,
-``_write_then_read``), checked against the installed aiosmtplib: a release that changes
+"""The aiosmtplib internals relay.py's reply deadline relies on
+(``Downstream._within_deadline``: commands, EHLO/HELO, a reply read), checked against the installed aiosmtplib: a release that changes
 them fails here, by name, rather than a silent downstream quietly hanging a session.
 
 With ``timeout=None`` a command awaits ``protocol._response_waiter`` (the future there
@@ -9,6 +9,7 @@ its message, and ``SMTP.execute_command`` closes the connection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiosmtplib
 import pytest
@@ -16,21 +17,24 @@ import pytest
 pytestmark = pytest.mark.timeout(30)
 
 
-async def _silent_server():
-    """A server that greets and then never answers; and its port."""
+@contextlib.asynccontextmanager
+async def _silent_session():
+    """An aiosmtplib session (aiosmtplib's own timeout 10 s) to a server that greets and
+    then never answers."""
     async def greet(reader, writer):
         writer.write(b"220 silent.test ESMTP\r\n")
         await writer.drain()
         await reader.read()  # until the client goes
         writer.close()
     server = await asyncio.start_server(greet, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
-
-
-async def _connected(port: int) -> aiosmtplib.SMTP:
-    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=10, start_tls=False)
-    await smtp.connect()
-    return smtp
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.sockets[0].getsockname()[1],
+                           timeout=10, start_tls=False)
+    try:
+        await smtp.connect()
+        yield smtp
+    finally:
+        smtp.close()
+        server.close()
 
 
 async def _expire_the_waiter(protocol, awaited):
@@ -44,32 +48,21 @@ async def _expire_the_waiter(protocol, awaited):
 
 
 async def test_a_command_without_timeout_ends_when_its_waiter_times_out_and_closes():
-    server, port = await _silent_server()
-    try:
-        smtp = await _connected(port)
+    async with _silent_session() as smtp:
         await _expire_the_waiter(smtp.protocol, smtp.execute_command(b"NOOP", timeout=None))
         assert not smtp.is_connected  # closed: a late reply can never pair with a later command
-    finally:
-        server.close()
 
 
 async def test_a_reply_read_without_timeout_ends_when_its_waiter_times_out():
-    server, port = await _silent_server()
-    try:
-        smtp = await _connected(port)
+    async with _silent_session() as smtp:
         protocol = smtp.protocol
         protocol.write(b"NOOP\r\n")
         await _expire_the_waiter(protocol, protocol.read_response(timeout=None))
-        smtp.close()
-    finally:
-        server.close()
 
 
 async def test_without_timeout_a_reply_arms_no_timer():
     """timeout=None: read_response's wait_for awaits the waiter itself (no timer, no task)."""
-    server, port = await _silent_server()
-    try:
-        smtp = await _connected(port)
+    async with _silent_session() as smtp:
         loop = asyncio.get_running_loop()
         armed = []
         call_at, call_later = loop.call_at, loop.call_later
@@ -85,6 +78,3 @@ async def test_without_timeout_a_reply_arms_no_timer():
         reading.cancel()
         with pytest.raises(asyncio.CancelledError):
             await reading
-        smtp.close()
-    finally:
-        server.close()
