@@ -5,7 +5,8 @@ DATA): on uvloop a timer handle built, started, stopped and closed per command (
 Here a reset only moves the deadline; the loop's timer is set again only when the new
 deadline comes before the armed one, and a timer that fires before the deadline (the
 client sent a command meanwhile) re-arms for what is left. The callback runs once the
-deadline is reached, as with a fresh timer per reset.
+deadline is reached, as with a fresh timer per reset. ``ReplyDeadline`` puts one under a
+downstream session's reply timeout (relay.py).
 """
 from __future__ import annotations
 

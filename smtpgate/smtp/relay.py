@@ -117,8 +117,8 @@ class Downstream:
         # The NAME and ADDR the session's last XCLIENT sent (None for one not offered), what
         # Postfix authorises a further XCLIENT by (see ``Pooled.renamable_as``).
         self._named: tuple[str | None, str | None] | None = None
-        # The session's replies after it is open (MAIL to the body's reply, RSET) each get
-        # downstream.timeout from this one timer, not from a wait_for per command.
+        # The session's replies (XCLIENT and its greeting, MAIL to the body's reply, RSET)
+        # each get downstream.timeout from this one timer, not from a wait_for per command.
         self._deadline: ReplyDeadline | None = None
 
     @property
