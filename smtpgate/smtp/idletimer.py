@@ -5,7 +5,8 @@ DATA): on uvloop a timer handle built, started, stopped and closed per command (
 Here a reset only moves the deadline; the loop's timer is set again only when the new
 deadline comes before the armed one, and a timer that fires before the deadline (the
 client sent a command meanwhile) re-arms for what is left. The callback runs once the
-deadline is reached, as with a fresh timer per reset.
+deadline is reached, as with a fresh timer per reset. ``ReplyDeadline`` puts one under a
+downstream session's reply timeout (relay.py).
 """
 from __future__ import annotations
 
@@ -59,3 +60,40 @@ class IdleTimer:
             self._arm(self._deadline)
         else:  # (never after close: it cancelled the handle, and a cancelled one never runs)
             self._callback()
+
+
+class ReplyDeadline:
+    """A downstream session's "each reply within N seconds", on one IdleTimer.
+
+    A ``wait_for`` per command (aiosmtplib's, given a timeout) builds a waiter future, a loop
+    timer and done-callbacks, and costs a loop turn (issue 13). Here ``watch`` names the
+    future a reply is awaited on and moves the deadline; ``done`` forgets it once the await
+    is over. When the deadline passes with a future still watched, the future fails with
+    ``TimeoutError``, as the awaiter's own timeout would have ended it; with none watched (the
+    session idle between exchanges) nothing happens.
+    """
+
+    __slots__ = ("_timer", "_future")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._timer = IdleTimer(loop, self._expired)
+        self._future: asyncio.Future | None = None
+
+    def watch(self, future: asyncio.Future | None, seconds: float) -> None:
+        """``future`` (the one awaited next) fails unless done within ``seconds``."""
+        self._future = future
+        self._timer.reset(seconds)
+
+    def done(self) -> None:
+        """The watched await is over (a future nobody awaits must never get the error)."""
+        self._future = None
+
+    def cancel(self) -> None:
+        """Stop the timer while the session is not in use (a later ``watch`` starts it)."""
+        self._future = None
+        self._timer.cancel()
+
+    def _expired(self) -> None:
+        future, self._future = self._future, None
+        if future is not None and not future.done():
+            future.set_exception(TimeoutError())

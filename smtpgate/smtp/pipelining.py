@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 
+from .idletimer import ReplyDeadline
+
 # aiosmtplib's own bounds on one reply line (MAX_LINE_LENGTH, its CRLF included) and on one
 # reply (MAX_RESPONSE_LENGTH): past either the exchange fails, as one at a time, instead of
 # a downstream streaming endless lines filling memory.
@@ -39,15 +41,18 @@ class _Replies(asyncio.Protocol):
     def finished(self) -> bool:
         return self.problem is not None or len(self.replies) >= self.wanted
 
-    async def wait(self, timeout: float | None) -> None:
+    async def wait(self, deadline: ReplyDeadline, timeout: float) -> None:
         """Until every reply is in or the exchange failed; ``asyncio.TimeoutError`` when
         the downstream stays silent ``timeout`` seconds (each reply gets the whole timeout,
-        as when the commands go one at a time)."""
+        as when the commands go one at a time), from the session's ``deadline``."""
+        loop = asyncio.get_running_loop()
         while not self.finished:
-            self._changed = asyncio.get_running_loop().create_future()
-            # not wait_for: on 3.11 it swallows a cancel that comes as a reply completes
-            async with asyncio.timeout(timeout):
-                await self._changed
+            self._changed = changed = loop.create_future()
+            deadline.watch(changed, timeout)
+            try:
+                await changed
+            finally:
+                deadline.done()
 
     def _wake(self) -> None:
         if self._changed is not None and not self._changed.done():
@@ -108,7 +113,8 @@ class _Replies(asyncio.Protocol):
 
 
 async def replies(client: asyncio.Protocol, transport: asyncio.Transport, wanted: int,
-                  timeout: float | None) -> tuple[list[tuple[int, str]], BaseException | None]:
+                  deadline: ReplyDeadline, timeout: float
+                  ) -> tuple[list[tuple[int, str]], BaseException | None]:
     """The replies to the ``wanted`` commands just written on ``transport``, in order, and
     what ended the exchange early (None when all came): a closed connection, a malformed
     reply, ``asyncio.TimeoutError``. The replies read before a failure are kept: the caller
@@ -116,7 +122,7 @@ async def replies(client: asyncio.Protocol, transport: asyncio.Transport, wanted
     collector = _Replies(client, wanted)
     transport.set_protocol(collector)
     try:
-        await collector.wait(timeout)
+        await collector.wait(deadline, timeout)
     except asyncio.TimeoutError as exc:
         collector.problem = exc
     finally:

@@ -27,6 +27,7 @@ from ..errors import RelayError
 from ..mail.reply import Reply
 from . import pipelining
 from .datadecoder import normalise_line_ends
+from .idletimer import ReplyDeadline
 from .pool import Pooled, SessionPool
 from .relay_api import Capabilities, Relay, mail_then_rcpt
 
@@ -116,6 +117,9 @@ class Downstream:
         # The NAME and ADDR the session's last XCLIENT sent (None for one not offered), what
         # Postfix authorises a further XCLIENT by (see ``Pooled.renamable_as``).
         self._named: tuple[str | None, str | None] | None = None
+        # The session's replies (XCLIENT and its greeting, MAIL to the body's reply, RSET)
+        # each get downstream.timeout from this one timer, not from a wait_for per command.
+        self._deadline: ReplyDeadline | None = None
 
     @property
     def connected(self) -> bool:
@@ -151,7 +155,7 @@ class Downstream:
                 if session.esmtp:  # a HELO answer lists no keywords: keep what we knew
                     self.capabilities.update(smtp.esmtp_extensions)
             else:  # still greeted by the gate's own EHLO
-                response = await smtp.execute_command(b"RSET")
+                response = await self._execute(smtp, b"RSET")
                 if response.code != 250:
                     raise SMTPResponseException(response.code, response.message)
                 self._greeted(smtp, ehlo=True)
@@ -239,7 +243,7 @@ class Downstream:
         # one not offered (smtp-sink offers no ADDR) is never sent: it stays the connection's
         self._named = (attrs["NAME"] if "NAME" in offered else None,
                        attrs["ADDR"] if "ADDR" in offered else None)
-        response = await smtp.execute_command(b"XCLIENT", *args)
+        response = await self._execute(smtp, b"XCLIENT", *args)
         # Postfix answers 220 (a new greeting); smtp-sink and others answer 250.
         if not 200 <= response.code < 300:
             raise SMTPResponseException(response.code, response.message)
@@ -249,11 +253,11 @@ class Downstream:
         helo = session.helo or ""
         ok = bool(helo) and helo_refusal(helo) is None
         if session.esmtp:
-            await smtp.ehlo(hostname=helo if ok else None)
+            await self._within_deadline(smtp, smtp.ehlo(hostname=helo if ok else None, timeout=None))
             self._greeted(smtp, ehlo=True)
             return "xclient" in smtp.esmtp_extensions
         self._greeted(smtp, ehlo=False)
-        await smtp.helo(hostname=helo if ok else None)
+        await self._within_deadline(smtp, smtp.helo(hostname=helo if ok else None, timeout=None))
         return None
 
     def _greeted(self, smtp, ehlo: bool) -> None:
@@ -331,7 +335,7 @@ class Downstream:
                     raise ValueError("Command arg contains a prohibited control character")
             protocol.write(b"".join(b" ".join(command) + b"\r\n" for command in group))
             replies, problem = await pipelining.replies(protocol, protocol.transport, len(group),
-                                                        self.cfg.timeout)
+                                                        self._reply_deadline(), self.cfg.timeout)
         return [Reply.from_downstream(code, text) for code, text in replies], problem
 
     def _reply(self, replies: list[Reply], index: int, problem: BaseException | None) -> Reply:
@@ -363,7 +367,7 @@ class Downstream:
                 response = await self._send_bdat(smtp, pieces)
                 sent = True
             else:
-                response = await smtp.execute_command(b"DATA")
+                response = await self._execute(smtp, b"DATA")
                 sent = response.code == 354
                 if sent:
                     response = await self._send_body(smtp, pieces)
@@ -413,7 +417,7 @@ class Downstream:
                     await protocol._drain_helper()
         if total is not None and written != total:
             raise SMTPException(f"BDAT: {written} bytes, not the {total} announced")
-        return await protocol.read_response(timeout=timeout)
+        return await self._within_deadline(smtp, protocol.read_response(timeout=None))
 
     async def _empty_data(self) -> Reply:
         # aiosmtplib's data() turns b"" into one empty line; an empty message stays empty.
@@ -441,6 +445,7 @@ class Downstream:
         and the next client can be named on it; otherwise QUIT."""
         smtp, self._smtp = self._smtp, None
         entry, self._entry = self._entry, None
+        self._stop_deadline()
         if smtp is None:
             return
         if entry is not None and self._reusable and not self.in_transaction and self.pool.enabled:
@@ -490,8 +495,38 @@ class Downstream:
     async def _command(self, *args: bytes) -> Reply:
         smtp = self._require()
         with self._failures():
-            response = await smtp.execute_command(*args)
+            response = await self._execute(smtp, *args)
         return self._check(Reply.from_downstream(response.code, response.message))
+
+    def _execute(self, smtp, *args: bytes):
+        """One command and its reply, under the session's deadline (``_within_deadline``)."""
+        return self._within_deadline(smtp, smtp.execute_command(*args, timeout=None))
+
+    async def _within_deadline(self, smtp, exchange):
+        """Await ``exchange``, one aiosmtplib reply read given no timeout of its own (a
+        wait_for per command), under the session's deadline instead: the same failure when
+        it passes (aiosmtplib's read timeout, the connection closed), as
+        test_aiosmtplib_internals checks. It awaits the protocol's reply waiter as it is now."""
+        protocol = smtp.protocol
+        deadline = self._reply_deadline()
+        # not connected: no waiter, and aiosmtplib raises what it always does
+        deadline.watch(protocol._response_waiter if protocol is not None else None,
+                       self.cfg.timeout)
+        try:
+            return await exchange
+        finally:
+            deadline.done()
+
+    def _stop_deadline(self) -> None:
+        """No timer left armed for a session closed or given back (the next open starts it)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+
+    def _reply_deadline(self) -> ReplyDeadline:
+        deadline = self._deadline
+        if deadline is None:
+            deadline = self._deadline = ReplyDeadline(asyncio.get_running_loop())
+        return deadline
 
     def _check(self, reply: Reply) -> Reply:
         error = failure(reply)
@@ -516,6 +551,7 @@ class Downstream:
             raise failure(exc, opening=opening is not None) from None
 
     def _drop(self) -> None:
+        self._stop_deadline()
         if self._smtp is not None:
             self._smtp.close()
         self._smtp = self._entry = None

@@ -9,6 +9,7 @@ import contextlib
 import pytest
 
 from smtpgate.smtp import pipelining
+from smtpgate.smtp.idletimer import ReplyDeadline
 from smtpgate.smtp.pipelining import MAX_LINE, MAX_REPLY, MalformedReply, _Replies
 
 pytestmark = pytest.mark.timeout(10)
@@ -111,11 +112,17 @@ async def _loopback(answer: bytes, serve=None):
     return server, transport, client
 
 
+def _replies(client, transport, wanted, timeout):
+    """The replies, under a fresh session deadline (what Downstream keeps per session)."""
+    deadline = ReplyDeadline(asyncio.get_running_loop())
+    return pipelining.replies(client, transport, wanted, deadline, timeout)
+
+
 async def test_the_client_gets_its_connection_back():
     server, transport, client = await _loopback(WIRE)
     try:
         transport.write(b"MAIL\r\n")
-        got, problem = await pipelining.replies(client, transport, 3, 5)
+        got, problem = await _replies(client, transport, 3, 5)
         assert got == PARSED and problem is None
         transport.write(b"NOOP\r\n")
         await client.until(lambda: client.data == b"250 later\r\n")
@@ -128,7 +135,7 @@ async def test_silence_is_a_timeout_and_loss_reaches_the_client():
     server, transport, client = await _loopback(b"250 2.1.0 Ok\r\n")
     try:
         transport.write(b"MAIL\r\n")
-        got, problem = await pipelining.replies(client, transport, 2, 0.2)
+        got, problem = await _replies(client, transport, 2, 0.2)
         assert got == [(250, "2.1.0 Ok")] and isinstance(problem, asyncio.TimeoutError)
         assert transport.get_protocol() is client
         transport.close()
@@ -163,7 +170,7 @@ async def test_a_downstream_dribbling_bytes_is_timed_out_at_the_timeout():
         transport.write(b"MAIL\r\n")
         began = loop.time()
         async with asyncio.timeout(timeout * 10):  # without the fix: dribbled for ever
-            got, problem = await pipelining.replies(client, transport, 1, timeout)
+            got, problem = await _replies(client, transport, 1, timeout)
         took = loop.time() - began
         assert got == [] and isinstance(problem, asyncio.TimeoutError)
         assert timeout * 0.9 <= took < timeout * 5 and len(sent) > 3, (took, len(sent))
@@ -181,7 +188,7 @@ async def test_cancelled_mid_group_hands_the_connection_back():
     then and waited on): the cancel goes through and the client has its connection back."""
     server, transport, client = await _loopback(b"250 2.1.0 Ok\r\n")
     try:
-        waiting = asyncio.create_task(pipelining.replies(client, transport, 2, 5))
+        waiting = asyncio.create_task(_replies(client, transport, 2, 5))
         await asyncio.sleep(0)  # the task starts and takes the transport over
         collector = transport.get_protocol()
         assert isinstance(collector, _Replies)
