@@ -43,6 +43,12 @@ LOST = Reply(451, "Downstream connection failed, try again later", "4.4.2")
 FAILURES = (SMTPException, OSError, asyncio.TimeoutError)
 
 
+def described(exc: BaseException) -> str:
+    """An exception's text for a log line or a reply's reason; its name when it has none (a
+    bare TimeoutError)."""
+    return str(exc) or type(exc).__name__
+
+
 def failure(problem: BaseException | Reply, opening: bool = False) -> RelayError | None:
     """The one translation of a downstream failure into what the client is told.
 
@@ -54,8 +60,8 @@ def failure(problem: BaseException | Reply, opening: bool = False) -> RelayError
             return None
         return RelayError(f"downstream closing: {problem}", LOST)
     if opening:
-        return RelayError(f"downstream unavailable: {problem}", UNREACHABLE)
-    return RelayError(f"downstream failed: {problem}", LOST)
+        return RelayError(f"downstream unavailable: {described(problem)}", UNREACHABLE)
+    return RelayError(f"downstream failed: {described(problem)}", LOST)
 
 
 # Besides '+' and '=', the brackets are hex-encoded too (RFC 3461 §4 allows hex for any
@@ -162,7 +168,7 @@ class Downstream:
             return True
         except FAILURES as exc:
             log.info("downstream %s:%s: pooled session failed its check (%s); not used",
-                     self.cfg.host, self.cfg.port, exc or type(exc).__name__)
+                     self.cfg.host, self.cfg.port, described(exc))
             smtp.close()
             return False
 
@@ -544,9 +550,10 @@ class Downstream:
         except FAILURES as exc:
             if opening is not None:
                 opening.close()
-                log.warning("downstream %s:%s unavailable: %s", self.cfg.host, self.cfg.port, exc)
+                log.warning("downstream %s:%s unavailable: %s", self.cfg.host, self.cfg.port,
+                            described(exc))
             else:
-                log.warning("downstream connection failed: %s", exc or type(exc).__name__)
+                log.warning("downstream connection failed: %s", described(exc))
                 self._drop()
             raise failure(exc, opening=opening is not None) from None
 
