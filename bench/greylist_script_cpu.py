@@ -45,7 +45,7 @@ def server_figures(url: str) -> tuple[float, int, int]:
 
 async def one_case(url: str, case: str, calls: int, runs: int, at_once: int) -> tuple[float, float]:
     prefix = f"glcpu-{uuid.uuid4().hex}:"
-    store = RedisGreylistStore(f"{url}?prefix={prefix}")
+    store = RedisGreylistStore(f"{url}{'&' if '?' in url else '?'}prefix={prefix}")
     params = Params(delay=300.0)
     try:
         kind = case.split("+")[0]
@@ -86,6 +86,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="the fastest of")
     ap.add_argument("--at-once", type=int, default=64, help="decisions asked together")
     a = ap.parse_args()
+    if not 1 <= a.at_once <= a.calls:
+        ap.error("--at-once must be at least 1 and at most --calls")
     for case in a.cases.split(","):
         cpu, script = asyncio.run(one_case(a.url, case, a.calls, a.runs, a.at_once))
         print(f"{case:<12} server CPU {cpu:6.2f} µs/decision, evalsha {script:5.2f} µs/call")

@@ -287,7 +287,12 @@ def triplet_value(client: str, sender: str, recipient: str) -> str:
 
 
 def triplet_allow_key(client: str, sender: str, recipient: str) -> str:
-    return f"triplet:{triplet_value(client, sender, recipient)}"
+    return triplet_allow_key_of(triplet_value(client, sender, recipient))
+
+
+def triplet_allow_key_of(value: str) -> str:
+    """The allow key of a triplet from its ``triplet_value``."""
+    return f"triplet:{value}"
 
 
 def client_candidates(ip: str | None, lengths: Iterable[tuple[str, int]]) -> list[str]:
@@ -318,7 +323,7 @@ def make_allow(kind: str, value: str, now: float, ttl: float | None, note: str =
             raise ValueError(f"expected an address or @domain, got {value!r}")
         key = f"sender:{value}"
     elif kind == "triplet":
-        key = f"triplet:{value}"
+        key = triplet_allow_key_of(value)
     else:
         raise ValueError(f"unknown allow kind {kind!r}")
     return AllowEntry(kind, value, key, now, None if ttl is None else now + ttl, note)

@@ -53,6 +53,7 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 
 import hiredis
 import redis.asyncio as aioredis
@@ -67,7 +68,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..errors import StoreError
 from .breaker import SENTINEL_LONGEST_BACKOFF, breaker_for
 from .greylist import (DELAY_BUCKETS, GRACE, AllowEntry, Attempt, Entry, GreylistStore, Params,
-                       Selector, Stats, import_kind, ip_hex, sender_allow_keys, triplet_value)
+                       Selector, Stats, import_kind, ip_hex, sender_allow_keys, triplet_allow_key_of,
+                       triplet_value)
 from .redis_url import RedisTarget, parse_redis_url, redact
 from .redis_wire import WirePool
 
@@ -429,7 +431,7 @@ class RedisLink:
             raise self._no_primary(e) from None
 
     # -- calls made together: one pipeline (one round trip) per loop iteration -------------
-    async def script(self, name: str, keys: list, args: list):
+    async def script(self, name: str, keys: Sequence, args: Sequence):
         """Run the registered script ``name``; the scripts and commands (``command``) that
         the other sessions of this process ask for in the same turn of the event loop go
         with it, in one pipeline: one connection, one write, one read for all of them."""
@@ -703,7 +705,7 @@ class RedisGreylistStore(RedisComponentStore, GreylistStore):
         keys = (self._triplet_key_of(member), self.awl_key(client), self.k_allow, self.k_lens, self.k_stats)
         args = (repr(float(now)), *_timing_args(params), "1" if dry_run else "0", _GRACE_ARG, member,
                 client, sender, recipient, fam, hexdigits, *sender_allow_keys(sender),
-                "triplet:" + member)  # triplet_allow_key's, from the value at hand
+                triplet_allow_key_of(member))
         res = await self.link.script("attempt", keys, args)
         (outcome, exists, first, last, attempts, passed, passed_at, retry_delay, expires,
          allow_key, count, allow_json) = as_text(res).split("\t", 11)

@@ -427,6 +427,18 @@ async def test_redis_decisions_of_two_timings_in_one_process_keep_their_own(tmp_
         assert (await attempt(store, T0 + 800, key=(C, "x@y.example", R), params=short)).outcome == "restarted"
 
 
+def test_redis_timing_arguments_follow_every_field_of_the_params():
+    """The per-Params cache of the script's timing arguments is keyed by the whole value."""
+    from smtpgate.stores.redis_store import _timing_args
+    base = Params(delay=300, retry_window=600, pass_ttl=3600, auto_whitelist_after=0)
+    changed = [Params(60, 600, 3600, 0), Params(300, 900, 3600, 0), Params(300, 600, 7200, 0),
+               Params(300, 600, 3600, 5)]
+    assert _timing_args(base) == ("300.0", "600.0", "3600.0", "0")
+    assert [_timing_args(p) for p in changed] == [
+        ("60.0", "600.0", "3600.0", "0"), ("300.0", "900.0", "3600.0", "0"),
+        ("300.0", "600.0", "7200.0", "0"), ("300.0", "600.0", "3600.0", "5")]
+
+
 async def test_an_unreachable_redis_is_a_store_error():
     store = open_greylist_store(f"{UNREACHABLE_REDIS_URL}?socket_connect_timeout=0.5")
     with pytest.raises(StoreError, match=f"Redis {UNREACHABLE_REDIS_URL}"):
