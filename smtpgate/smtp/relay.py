@@ -509,15 +509,17 @@ class Downstream:
         return self._within_deadline(smtp, smtp.execute_command(*args, timeout=None))
 
     async def _within_deadline(self, smtp, exchange):
-        """Await ``exchange``, one aiosmtplib reply read given no timeout of its own (a
+        """Await ``exchange``, aiosmtplib reply reads given no timeout of their own (a
         wait_for per command), under the session's deadline instead: the same failure when
         it passes (aiosmtplib's read timeout, the connection closed), as
-        test_aiosmtplib_internals checks. It awaits the protocol's reply waiter as it is now."""
+        test_aiosmtplib_internals checks. The deadline fails the protocol's reply waiter as
+        it is when it passes, not as it is now: were a later aiosmtplib to read twice, or
+        to replace the waiter before reading, that read is bounded too."""
         protocol = smtp.protocol
+        if protocol is None:  # not connected: aiosmtplib raises what it always does
+            return await exchange
         deadline = self._reply_deadline()
-        # not connected: no waiter, and aiosmtplib raises what it always does
-        deadline.watch(protocol._response_waiter if protocol is not None else None,
-                       self.cfg.timeout)
+        deadline.watch(lambda: protocol._response_waiter, self.cfg.timeout)
         try:
             return await exchange
         finally:
