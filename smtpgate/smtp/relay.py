@@ -171,6 +171,9 @@ class Downstream:
                      self.cfg.host, self.cfg.port, described(exc))
             smtp.close()
             return False
+        except BaseException:  # cancelled mid-exchange: a reply may still come; never reused
+            smtp.close()
+            raise
 
     async def _connect(self, session) -> None:
         smtp = first = self._client()

@@ -235,3 +235,30 @@ async def test_a_session_closed_or_dropped_leaves_no_timer_armed(ending):
         finally:
             await down.close()
 
+
+async def test_a_pooled_session_cancelled_at_its_resume_is_closed():
+    """A client gone (its task cancelled) while its pooled session answers XCLIENT: that
+    session is closed, not left open outside the pool (a reply still due on it could
+    never be paired with a command)."""
+    with CapturingDownstream() as ds:
+        pool = SessionPool(size=2, idle=60, max_uses=100, farewell=relay.farewell)
+        first = _downstream(ds, pool, timeout=30)  # no deadline ends the resume first
+        await first.open(_session())
+        await _rcpt_ok(first)
+        assert (await first.data(MSG)).code == 250
+        await first.close()
+        [entry] = pool._idle
+        ds.stall_at = "XCLIENT"
+        second = _downstream(ds, pool, timeout=30)
+        try:
+            opening = asyncio.create_task(second.open(_session()))
+            await asyncio.to_thread(ds.wait_for, lambda: ds.stalled == 1, 5, "XCLIENT stalled")
+            opening.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+            assert not entry.smtp.is_connected and len(pool) == 0
+            await asyncio.to_thread(ds.wait_for, lambda: ds.sessions[0].closed, 5,
+                                    "the pooled session closed")
+        finally:
+            await second.close()
+            await pool.close()
