@@ -218,7 +218,8 @@ class Downstream:
             if required:
                 raise
             log.warning("downstream %s:%s: STARTTLS failed: %s; relaying in plain text "
-                        "(downstream.tls: starttls)", self.cfg.host, self.cfg.port, exc)
+                        "(downstream.tls: starttls)", self.cfg.host, self.cfg.port,
+                        described(exc))
         smtp.close()
         plain = self._client()
         try:
@@ -620,7 +621,7 @@ async def probe(cfg, local_hostname: str, capabilities: Capabilities) -> bool:
     except FAILURES as exc:  # not a client's transaction: no reply to give, only a log line
         smtp.close()
         log.warning("downstream %s:%s not answering yet (%s); EHLO offers the safe minimum",
-                    cfg.host, cfg.port, exc)
+                    cfg.host, cfg.port, described(exc))
         return False
 
 
