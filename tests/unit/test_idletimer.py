@@ -74,50 +74,51 @@ def _expiry(deadline: ReplyDeadline) -> asyncio.Event:
     return passed
 
 
-@pytest.mark.parametrize("loop_name", LOOPS)
-def test_the_deadline_fails_the_future_awaited_when_it_passes(loop_name):
-    """Not the one awaited at ``watch``: a read that began on a new future is bounded too."""
+def _until_expired(loop_name, arrange):
+    """``arrange(loop, deadline)`` (it watches), then on until the deadline's expiry has run;
+    what ``arrange`` returned."""
     async def scenario():
         loop = asyncio.get_running_loop()
         deadline = ReplyDeadline(loop)
         passed = _expiry(deadline)
-        first, second = loop.create_future(), loop.create_future()
-        awaited = first
-        deadline.watch(lambda: awaited, 0.01)
-        awaited = second  # the first read is over; a second one waits
+        arranged = arrange(loop, deadline)
         await asyncio.wait_for(passed.wait(), 5)
+        return arranged
+    return run(loop_name, scenario)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_the_deadline_fails_the_future_awaited_when_it_passes(loop_name):
+    """Not the one awaited at ``watch``: a read that began on a new future is bounded too."""
+    def arrange(loop, deadline):
+        first, second = loop.create_future(), loop.create_future()
+        awaited = [first]
+        deadline.watch(lambda: awaited[0], 0.01)
+        awaited[0] = second  # the first read is over; a second one waits
         return first, second
-    first, second = run(loop_name, scenario)
+    first, second = _until_expired(loop_name, arrange)
     assert not first.done() and isinstance(second.exception(), TimeoutError)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_a_deadline_passing_after_done_leaves_a_pending_future_alone(loop_name):
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        deadline = ReplyDeadline(loop)
-        passed = _expiry(deadline)
+    def arrange(loop, deadline):
         future = loop.create_future()  # aiosmtplib's next waiter, nobody awaiting it yet
         deadline.watch(lambda: future, 0.01)
         deadline.done()
-        await asyncio.wait_for(passed.wait(), 5)
         return future
-    assert not run(loop_name, scenario).done()
+    assert not _until_expired(loop_name, arrange).done()
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_a_deadline_passing_on_a_done_future_changes_nothing(loop_name):
     """The reply came as the deadline passed, before its awaiter ran ``done``."""
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        deadline = ReplyDeadline(loop)
-        passed = _expiry(deadline)
+    def arrange(loop, deadline):
         future = loop.create_future()
         future.set_result("250 ok")
         deadline.watch(lambda: future, 0.01)
-        await asyncio.wait_for(passed.wait(), 5)
         return future
-    assert run(loop_name, scenario).result() == "250 ok"
+    assert _until_expired(loop_name, arrange).result() == "250 ok"
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
