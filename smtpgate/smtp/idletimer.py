@@ -66,34 +66,41 @@ class ReplyDeadline:
     """A downstream session's "each reply within N seconds", on one IdleTimer.
 
     A ``wait_for`` per command (aiosmtplib's, given a timeout) builds a waiter future, a loop
-    timer and done-callbacks, and costs a loop turn (issue 13). Here ``watch`` names the
-    future a reply is awaited on and moves the deadline; ``done`` forgets it once the await
-    is over. When the deadline passes with a future still watched, the future fails with
-    ``TimeoutError``, as the awaiter's own timeout would have ended it; with none watched (the
-    session idle between exchanges) nothing happens.
+    timer and done-callbacks, and costs a loop turn (issue 13). Here ``watch`` names where
+    the future a reply is awaited on is found and moves the deadline; ``done`` forgets it
+    once the await is over. When the deadline passes while watched, the future found there
+    THEN fails with ``TimeoutError``, as the awaiter's own timeout would have ended it: a
+    read the awaiter starts on a new future after ``watch`` (a second reply read, a waiter
+    replaced) is bounded as well. With nothing watched (the session idle between exchanges)
+    nothing happens.
     """
 
-    __slots__ = ("_timer", "_future")
+    __slots__ = ("_timer", "_waiter")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._timer = IdleTimer(loop, self._expired)
-        self._future: asyncio.Future | None = None
+        self._waiter: Callable[[], asyncio.Future | None] | None = None
 
-    def watch(self, future: asyncio.Future | None, seconds: float) -> None:
-        """``future`` (the one awaited next) fails unless done within ``seconds``."""
-        self._future = future
+    def watch(self, waiter: Callable[[], asyncio.Future | None], seconds: float) -> None:
+        """The future ``waiter()`` returns when ``seconds`` have passed (the one awaited
+        then; None: none) fails, unless ``done`` or a later ``watch`` comes first."""
+        self._waiter = waiter
         self._timer.reset(seconds)
 
     def done(self) -> None:
         """The watched await is over (a future nobody awaits must never get the error)."""
-        self._future = None
+        self._waiter = None
 
     def cancel(self) -> None:
         """Stop the timer while the session is not in use (a later ``watch`` starts it)."""
-        self._future = None
+        self._waiter = None
         self._timer.cancel()
 
     def _expired(self) -> None:
-        future, self._future = self._future, None
+        waiter, self._waiter = self._waiter, None
+        future = waiter() if waiter is not None else None
         if future is not None and not future.done():
             future.set_exception(TimeoutError())
+            # Marked retrieved, as aiosmtplib marks its own: should nobody await it after
+            # all, no "Future exception was never retrieved" is logged. Awaiting still raises.
+            future.exception()

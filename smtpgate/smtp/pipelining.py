@@ -48,11 +48,15 @@ class _Replies(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         while not self.finished:
             self._changed = changed = loop.create_future()
-            deadline.watch(changed, timeout)
+            deadline.watch(self._awaited, timeout)  # a fresh timeout for each reply
             try:
                 await changed
             finally:
                 deadline.done()
+
+    def _awaited(self) -> asyncio.Future | None:
+        """The future ``wait`` awaits now: the one the session deadline fails."""
+        return self._changed
 
     def _wake(self) -> None:
         if self._changed is not None and not self._changed.done():

@@ -171,6 +171,9 @@ class Downstream:
                      self.cfg.host, self.cfg.port, described(exc))
             smtp.close()
             return False
+        except BaseException:  # cancelled mid-exchange: a reply may still come; never reused
+            smtp.close()
+            raise
 
     async def _connect(self, session) -> None:
         smtp = first = self._client()
@@ -215,7 +218,8 @@ class Downstream:
             if required:
                 raise
             log.warning("downstream %s:%s: STARTTLS failed: %s; relaying in plain text "
-                        "(downstream.tls: starttls)", self.cfg.host, self.cfg.port, exc)
+                        "(downstream.tls: starttls)", self.cfg.host, self.cfg.port,
+                        described(exc))
         smtp.close()
         plain = self._client()
         try:
@@ -509,15 +513,17 @@ class Downstream:
         return self._within_deadline(smtp, smtp.execute_command(*args, timeout=None))
 
     async def _within_deadline(self, smtp, exchange):
-        """Await ``exchange``, one aiosmtplib reply read given no timeout of its own (a
+        """Await ``exchange``, aiosmtplib reply reads given no timeout of their own (a
         wait_for per command), under the session's deadline instead: the same failure when
         it passes (aiosmtplib's read timeout, the connection closed), as
-        test_aiosmtplib_internals checks. It awaits the protocol's reply waiter as it is now."""
+        test_aiosmtplib_internals checks. The deadline fails the protocol's reply waiter as
+        it is when it passes, not as it is now: were a later aiosmtplib to read twice, or
+        to replace the waiter before reading, that read is bounded too."""
         protocol = smtp.protocol
+        if protocol is None:  # not connected: aiosmtplib raises what it always does
+            return await exchange
         deadline = self._reply_deadline()
-        # not connected: no waiter, and aiosmtplib raises what it always does
-        deadline.watch(protocol._response_waiter if protocol is not None else None,
-                       self.cfg.timeout)
+        deadline.watch(lambda: protocol._response_waiter, self.cfg.timeout)
         try:
             return await exchange
         finally:
@@ -615,7 +621,7 @@ async def probe(cfg, local_hostname: str, capabilities: Capabilities) -> bool:
     except FAILURES as exc:  # not a client's transaction: no reply to give, only a log line
         smtp.close()
         log.warning("downstream %s:%s not answering yet (%s); EHLO offers the safe minimum",
-                    cfg.host, cfg.port, exc)
+                    cfg.host, cfg.port, described(exc))
         return False
 
 

@@ -30,10 +30,10 @@ GROUP_TIMEOUT = "downstream connection failed: TimeoutError"
 
 
 def _downstream(ds: CapturingDownstream, pool: SessionPool | None = None,
-                xclient: bool = True) -> Downstream:
+                xclient: bool = True, timeout: float = TIMEOUT) -> Downstream:
     cfg = load_gate_config(None)
     return Downstream(dataclasses.replace(cfg.downstream, host=ds.host, port=ds.port,
-                                          timeout=TIMEOUT, xclient=xclient), cfg.hostname,
+                                          timeout=timeout, xclient=xclient), cfg.hostname,
                       pool=pool)
 
 
@@ -119,19 +119,22 @@ async def test_the_rset_of_an_abandoned_transaction_times_out(caplog):
 
 async def test_an_idle_session_outlives_the_deadline():
     """Between exchanges nothing is awaited: the deadline passing fails nothing, and the
-    next exchange gets its whole timeout again."""
-    with CapturingDownstream() as ds:
-        down = _downstream(ds)
+    next exchange gets its whole timeout again, each of its replies too: DATA's and the
+    final dot's each come after 0.7 of it, the second past the time the first armed."""
+    timeout = 1.0  # (the downstream's delays keep a margin on a busy machine)
+    with CapturingDownstream(delays={"DATA": 0.7 * timeout, "DATA_END": 0.7 * timeout}) as ds:
+        down = _downstream(ds, timeout=timeout)
         try:
             await down.open(_session())
             await _rcpt_ok(down)
             timer, passed = down._deadline._timer, asyncio.Event()
             expired = timer._callback
             timer._callback = lambda: (expired(), passed.set())
-            async with asyncio.timeout(TIMEOUT * 20):
+            async with asyncio.timeout(timeout * 20):
                 await passed.wait()  # the deadline passed with nothing awaited
             assert down.connected
-            assert (await down.data(MSG)).code == 250
+            async with asyncio.timeout(timeout * 20):
+                assert (await down.data(MSG)).code == 250
         finally:
             await down.close()
         assert len(ds.wait_for_messages(1)) == 1
@@ -178,3 +181,84 @@ async def test_a_pooled_session_silent_at_its_resume_fails_its_check_at_the_dead
         if stall_at != "RSET":
             assert logged[-1] == (f"downstream {ds.host}:{ds.port} unavailable: "
                                   "Timed out waiting for server response"), logged
+
+
+@pytest.mark.parametrize("change", ["second read", "waiter replaced"])
+async def test_a_read_on_a_new_waiter_is_bounded_too(caplog, change):
+    """Were a later aiosmtplib to read a second reply in one command, or to replace its reply
+    waiter before reading, the deadline still ends that read: it fails the protocol's waiter
+    as it is when the deadline passes (here MAIL's reply comes, a second never does; or MAIL
+    is never answered). Watching the waiter there at the start, these waited for ever."""
+    with CapturingDownstream(stall_at="MAIL" if change == "waiter replaced" else None) as ds:
+        down = _downstream(ds)
+        try:
+            await down.open(_session())
+            protocol = down._smtp.protocol
+            execute = protocol.execute_command
+
+            async def changed_aiosmtplib(*args, timeout=None):
+                if change == "second read":
+                    await execute(*args, timeout=timeout)
+                    return await protocol.read_response(timeout=timeout)
+                protocol._response_waiter = asyncio.get_running_loop().create_future()
+                return await execute(*args, timeout=timeout)
+
+            protocol.execute_command = changed_aiosmtplib
+            with caplog.at_level(logging.WARNING, logger="smtpgate.relay"):
+                async with asyncio.timeout(TIMEOUT * 20):
+                    with pytest.raises(RelayError) as raised:
+                        await down.mail("a@sender.test", [])
+            assert raised.value.reply == relay.LOST and not down.connected
+            assert [r.getMessage() for r in caplog.records
+                    if r.name == "smtpgate.relay"] == [READ_TIMEOUT]
+        finally:
+            await down.close()
+
+
+@pytest.mark.parametrize("ending", ["closed", "dropped"])
+async def test_a_session_closed_or_dropped_leaves_no_timer_armed(ending):
+    """close() and a failure's _drop() stop the deadline's timer: none stays in the loop for
+    a session that is gone (nor for a pooled one idle, until the next client's watch)."""
+    with CapturingDownstream(drop_at="RCPT" if ending == "dropped" else None) as ds:
+        down = _downstream(ds, timeout=30)  # armed well past the test
+        try:
+            await down.open(_session())
+            assert (await down.mail("a@sender.test", [])).code == 250
+            assert down._deadline._timer._handle is not None  # armed by MAIL's reply
+            if ending == "closed":
+                await down.close()
+            else:
+                with pytest.raises(RelayError):
+                    await down.rcpt("user@example.com", [])
+                assert not down.connected
+            assert down._deadline._timer._handle is None
+        finally:
+            await down.close()
+
+
+async def test_a_pooled_session_cancelled_at_its_resume_is_closed():
+    """A client gone (its task cancelled) while its pooled session answers XCLIENT: that
+    session is closed, not left open outside the pool (a reply still due on it could
+    never be paired with a command)."""
+    with CapturingDownstream() as ds:
+        pool = SessionPool(size=2, idle=60, max_uses=100, farewell=relay.farewell)
+        first = _downstream(ds, pool, timeout=30)  # no deadline ends the resume first
+        await first.open(_session())
+        await _rcpt_ok(first)
+        assert (await first.data(MSG)).code == 250
+        await first.close()
+        [entry] = pool._idle
+        ds.stall_at = "XCLIENT"
+        second = _downstream(ds, pool, timeout=30)
+        try:
+            opening = asyncio.create_task(second.open(_session()))
+            await asyncio.to_thread(ds.wait_for, lambda: ds.stalled == 1, 5, "XCLIENT stalled")
+            opening.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+            assert not entry.smtp.is_connected and len(pool) == 0
+            await asyncio.to_thread(ds.wait_for, lambda: ds.sessions[0].closed, 5,
+                                    "the pooled session closed")
+        finally:
+            await second.close()
+            await pool.close()

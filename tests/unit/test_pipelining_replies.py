@@ -145,6 +145,32 @@ async def test_silence_is_a_timeout_and_loss_reaches_the_client():
         server.close()
 
 
+async def test_each_complete_reply_gets_the_whole_timeout_again():
+    """The group's replies come 0.7 of the timeout apart, together past it: none is late,
+    so none times out (the deadline moves at each complete reply, not once per group)."""
+    timeout = 1.0  # (0.7 of it apart: a margin on a busy machine)
+
+    async def paced(reader, writer):
+        await reader.readline()
+        for reply in (b"250 2.0.0 Ok\r\n", b"250-2.1.0 first\r\n250 2.1.0 second\r\n",
+                      b"550 5.1.1 no such user\r\n"):
+            await asyncio.sleep(0.7 * timeout)  # the downstream's pace, not the test's wait
+            writer.write(reply)
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server, transport, client = await _loopback(b"", serve=paced)
+    try:
+        transport.write(b"MAIL\r\n")
+        async with asyncio.timeout(timeout * 8):
+            got, problem = await _replies(client, transport, 3, timeout)
+        assert got == PARSED and problem is None
+    finally:
+        transport.close()
+        server.close()
+
+
 async def test_a_downstream_dribbling_bytes_is_timed_out_at_the_timeout():
     """Each reply gets the whole timeout, as one at a time: bytes that never complete a
     reply do not restart it."""
