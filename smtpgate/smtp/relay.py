@@ -189,7 +189,7 @@ class Downstream:
                 xclient = self.cfg.xclient and "xclient" in smtp.esmtp_extensions
                 if xclient:
                     self._renamable = await self._xclient(smtp, session)
-        except RelayError:
+        except BaseException:  # a failure, or the client gone (cancelled): no half-open session
             smtp.close()
             raise
         self._smtp = smtp
