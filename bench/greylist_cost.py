@@ -22,11 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from smtpgate.stores import Params, make_allow, triplet_value  # noqa: E402
+from bench.greylist_bench import PARAMS  # noqa: E402 (the greylist benches' timing)
+from smtpgate.stores import make_allow, triplet_value  # noqa: E402
 from smtpgate.stores.sqlite_store import SqliteGreylistStore  # noqa: E402
 
 TRIPLET = ("127.0.0.0/24", "sender@bench.test", "rcpt@bench.test")
-PARAMS = Params(delay=300, retry_window=2 * 86400, pass_ttl=35 * 86400, auto_whitelist_after=5)
 
 
 async def measure(folder: str, a) -> float:

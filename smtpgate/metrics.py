@@ -66,10 +66,24 @@ class _Metrics:
         # entry. Keyed by the raw values; bounded like prometheus_client's own table of
         # children, which already keeps every label set ever used (rule names, actions,
         # reply classes, DNS types: closed sets per configuration).
-        self.verdict_children: dict[tuple[str, str, bool], object] = {}
-        self.rule_seconds_children: dict[str, object] = {}
-        self.transaction_children: dict[tuple[str, str], object] = {}
-        self.dns_query_children: dict[str, object] = {}
+        self.verdict_children = _Children(self.verdicts, lambda rule, action, shadow: (
+            rule, action, "true" if shadow else "false"))
+        self.rule_seconds_children = _Children(self.rule_seconds)
+        self.transaction_children = _Children(self.transactions)
+        self.dns_query_children = _Children(self.dns_queries)
+
+
+class _Children(dict):
+    """A metric's labelled children by their raw label values (a tuple, or one value):
+    ``labels()`` on the first use of a key, a dict lookup after it."""
+
+    def __init__(self, metric, labels=lambda *values: values):
+        super().__init__()
+        self.metric, self.labels = metric, labels
+
+    def __missing__(self, key):
+        child = self[key] = self.metric.labels(*self.labels(*(key if isinstance(key, tuple) else (key,))))
+        return child
 
 
 # --- set-up (supervisor, before forking) ------------------------------------------------
@@ -129,17 +143,10 @@ def transaction_ended(code: int | None, trace) -> None:
     decider, decided = "none", None
     runs: dict = {}  # verdict child -> its runs here: one file write each, not one per run
     for entry in trace:
-        key = (entry.rule, entry.action, entry.shadow)
-        verdict = m.verdict_children.get(key)
-        if verdict is None:
-            verdict = m.verdict_children[key] = m.verdicts.labels(
-                entry.rule, entry.action, "true" if entry.shadow else "false")
+        verdict = m.verdict_children[(entry.rule, entry.action, entry.shadow)]
         runs[verdict] = runs.get(verdict, 0) + 1
         if entry.rule != "gate":
-            timing = m.rule_seconds_children.get(entry.rule)
-            if timing is None:
-                timing = m.rule_seconds_children[entry.rule] = m.rule_seconds.labels(entry.rule)
-            timing.observe(entry.ms / 1000.0)
+            m.rule_seconds_children[entry.rule].observe(entry.ms / 1000.0)
         if entry.action == "error" and _is_store_error(entry.reason):
             m.store_errors.inc()
         held = entry.rule == "gate" and entry.action == "quarantine"  # the rule's verdict decided
@@ -150,11 +157,7 @@ def transaction_ended(code: int | None, trace) -> None:
     if code is None and decided and decided[:3].isdigit():
         code = int(decided[:3])  # no DATA reply: the refusal that ended it (RCPT, MAIL)
     reply_class = f"{code // 100}xx" if code else "none"
-    key = (reply_class, decider)
-    ended = m.transaction_children.get(key)
-    if ended is None:
-        ended = m.transaction_children[key] = m.transactions.labels(reply_class, decider)
-    ended.inc()
+    m.transaction_children[(reply_class, decider)].inc()
 
 
 def _is_store_error(reason: str | None) -> bool:
@@ -170,10 +173,7 @@ def downstream_data(seconds: float) -> None:
 
 def dns_query(rdtype: str) -> None:
     if _m is not None:
-        query = _m.dns_query_children.get(rdtype)
-        if query is None:
-            query = _m.dns_query_children[rdtype] = _m.dns_queries.labels(rdtype)
-        query.inc()
+        _m.dns_query_children[rdtype].inc()
 
 
 def dns_cache_hit() -> None:

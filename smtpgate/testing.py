@@ -144,11 +144,7 @@ class FakeRelay:
             self._current.recipients.append(address)
         return reply
 
-    async def mail_rcpt(self, wire_sender: str, sender_params: list[str], wire_recipient: str,
-                        rcpt_params: list[str], ident: str | None = None,
-                        utf8: bool = False) -> tuple[Reply, Reply | None]:
-        return await mail_then_rcpt(self, wire_sender, sender_params, wire_recipient,
-                                    rcpt_params, ident, utf8)
+    mail_rcpt = mail_then_rcpt  # one command at a time, as a relay without pipelining
 
     async def data(self, raw) -> Reply:
         """``raw``: the message's bytes, or its pieces in order (as the real relay takes it)."""

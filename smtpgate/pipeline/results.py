@@ -263,8 +263,9 @@ class Results:
         record = self._records.get(name)
         if record is None:
             shadow = self._current is not None and self._current == (name, True)
-            # (every field given, in order: the generated __init__ skips its default factories)
-            record = self._records[name] = RuleResult(name, [], [], [], [], [], {}, [], [], shadow)
+            # (every field given: the generated __init__ skips its default factories)
+            record = self._records[name] = RuleResult(name, pass_=[], fail=[], skip=[], err=[], msg=[], data={},
+                                                      events=[], auth=[], shadow=shadow)
         elif self._current == (name, True):
             record.shadow = True
         return record

@@ -686,11 +686,10 @@ def _line_chunks(pieces, head: bytes, stuff: bool):
             else:
                 carry = b""
             if chunk:
+                chunk = normalise_line_ends(chunk)
                 if stuff:
-                    chunk, line_start = _stuff(chunk, line_start)
-                else:
-                    chunk = normalise_line_ends(chunk)
-                    line_start = chunk.endswith(b"\n")
+                    chunk = _stuff(chunk, line_start)
+                line_start = chunk.endswith(b"\n")
                 if held and size + len(chunk) > WRITE_CHUNK:
                     yield b"".join(held)
                     held, size = [], 0
@@ -702,13 +701,13 @@ def _line_chunks(pieces, head: bytes, stuff: bool):
     yield b"".join(held)
 
 
-def _stuff(chunk: bytes, line_start: bool) -> tuple[bytes, bool]:
-    """One chunk of DATA as sent: CRLF-only, a dot doubled at every line start; and whether
-    the chunk ends at a line start. ``chunk`` must not end with CR (its LF may follow)."""
-    chunk = normalise_line_ends(chunk).replace(b"\r\n.", b"\r\n..")
+def _stuff(chunk: bytes, line_start: bool) -> bytes:
+    """A CRLF-only chunk of DATA with a dot doubled at every line start (``line_start``: the
+    chunk begins one)."""
+    chunk = chunk.replace(b"\r\n.", b"\r\n..")
     if line_start and chunk.startswith(b"."):
         chunk = b"." + chunk
-    return chunk, chunk.endswith(b"\n")
+    return chunk
 
 
 def _mail_command(wire_sender: str, params: list[str], utf8: bool) -> tuple[bytes, ...]:

@@ -296,17 +296,13 @@ def triplet_allow_key_of(value: str) -> str:
 
 
 def client_candidates(ip: str | None, lengths: Iterable[tuple[str, int]]) -> list[str]:
-    """The client allow keys that would cover ``ip``, for the prefix lengths in use."""
-    return list(_client_candidates(ip, tuple(lengths)))
-
-
-@functools.lru_cache(maxsize=4096)  # every SQLite decision asks it: the same few clients and lengths, mostly
-def _client_candidates(ip: str | None, lengths: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
+    """The client allow keys that would cover ``ip``, for the prefix lengths in use (the
+    SQLite store keeps them with the rest of a triplet's allow keys: sqlite_store._allow_keys)."""
     probe = ip_hex(ip) if ip else None
     if probe is None:
-        return ()
+        return []
     fam, hexdigits = probe
-    return tuple(f"client:{fam}:{masked_hex(hexdigits, n)}/{n}" for f, n in lengths if f == fam)
+    return [f"client:{fam}:{masked_hex(hexdigits, n)}/{n}" for f, n in lengths if f == fam]
 
 
 def make_allow(kind: str, value: str, now: float, ttl: float | None, note: str = "") -> AllowEntry:
