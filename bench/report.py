@@ -87,7 +87,10 @@ def machine() -> dict:
             if line.startswith("MemTotal:"):
                 mem_kib = int(line.split()[1])
     return {"cores": os.cpu_count(), "memory_gib": round(mem_kib / 2**20, 1),
-            "kernel": platform.release(), "python": platform.python_version()}
+            "kernel": platform.release(), "python": platform.python_version(),
+            # which build: the same version from two builds (a distribution's, optimised with
+            # PGO/LTO, and a plain source build) differed by 15-40% on this box's Python figures
+            "python_binary": os.path.realpath(getattr(sys, "_base_executable", sys.executable))}
 
 
 def versions(bench_home: str) -> dict:
@@ -303,7 +306,8 @@ def markdown(doc: dict) -> str:
 
     m, v = doc["machine"], doc["versions"]
     lines += ["", "## Machine", "",
-              f"{m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}; "
+              f"{m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']} "
+              f"({m.get('python_binary', 'binary not recorded')}); "
               f"load average {doc['load']['start']} at the start, {doc['load']['end']} at the end "
               "(other work on the machine skews every figure: compare ratios within one run).",
               "", "Versions: " + ", ".join(f"{name} {ver}" for name, ver in v.items()) + ".",
