@@ -70,6 +70,8 @@ class SessionPool:
     def take(self) -> Pooled | None:
         """The most recently used idle session still inside ``idle``, or None; expired ones
         found on the way are closed."""
+        if not self._idle:  # nothing to take: not even the gauge to write
+            return None
         now = time.monotonic()
         taken = None
         while self._idle:
