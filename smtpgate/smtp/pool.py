@@ -158,6 +158,6 @@ class SessionPool:
 
 
 def _why_stale(entry: Pooled) -> str:
-    """Why an idle session found past its time goes: the downstream closed it, or it waited
-    ``idle`` out."""
+    """Why an idle session found unusable (closed, or past ``idle``) goes: the downstream
+    closed it, else it waited ``idle`` out."""
     return IDLE if entry.smtp.is_connected else DOWNSTREAM_CLOSED
