@@ -57,6 +57,15 @@ class _Metrics:
         self.downstream_seconds = Histogram(
             "smtpgate_downstream_data_duration_seconds",
             "Time from DATA to the downstream's final reply", buckets=DOWNSTREAM_BUCKETS)
+        self.downstream_sessions = Counter(
+            "smtpgate_downstream_sessions", "Downstream sessions transactions got, by how",
+            ["how"])
+        self.pool_idle = Gauge(
+            "smtpgate_downstream_pool_idle", "Idle downstream sessions in the pool now",
+            multiprocess_mode="livesum")
+        self.pool_closed = Counter(
+            "smtpgate_downstream_pool_closed",
+            "Downstream sessions closed instead of reused, by reason", ["reason"])
         self.dns_queries = Counter("smtpgate_dns_queries", "DNS queries sent", ["type"])
         self.dns_cache_hits = Counter("smtpgate_dns_cache_hits", "DNS answers served from the cache")
         self.store_errors = Counter(
@@ -71,6 +80,8 @@ class _Metrics:
         self.rule_seconds_children = _Children(self.rule_seconds)
         self.transaction_children = _Children(self.transactions)
         self.dns_query_children = _Children(self.dns_queries)
+        self.downstream_session_children = _Children(self.downstream_sessions)
+        self.pool_closed_children = _Children(self.pool_closed)
 
 
 class _Children(dict):
@@ -169,6 +180,24 @@ def _is_store_error(reason: str | None) -> bool:
 def downstream_data(seconds: float) -> None:
     if _m is not None:
         _m.downstream_seconds.observe(seconds)
+
+
+def downstream_session(how: str) -> None:
+    """A transaction got a downstream session: ``pooled`` (taken from the pool) or ``new``."""
+    if _m is not None:
+        _m.downstream_session_children[how].inc()
+
+
+def pool_idle(sessions: int) -> None:
+    """This worker's idle pooled sessions now (the scrape adds up the live workers')."""
+    if _m is not None:
+        _m.pool_idle.set(sessions)
+
+
+def pool_closed(reason: str) -> None:
+    """A downstream session closed instead of reused (``smtp/pool.py``'s reasons)."""
+    if _m is not None:
+        _m.pool_closed_children[reason].inc()
 
 
 def dns_query(rdtype: str) -> None:

@@ -8,6 +8,9 @@ is used, so a dead pooled session never reaches a client. A session is held by o
 at a time (taking removes it), lives at most ``max_uses`` clients, waits at most ``idle``
 seconds, and the pool keeps at most ``size`` of them. A reload (``renew``), a drain or a
 shutdown (``close``) closes the idle ones; sessions in use then close when given back.
+
+Metrics (metrics.py, when ``metrics:`` is set): the idle sessions now, and every session
+closed instead of reused, by one of the reasons below (docs/operations.md lists them).
 """
 from __future__ import annotations
 
@@ -15,6 +18,18 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
+
+from .. import metrics
+
+# Why a session was closed instead of reused (smtpgate_downstream_pool_closed_total's label):
+IDLE = "idle"  # unused for ``idle`` seconds
+MAX_USES = "max_uses"  # served ``max_uses`` clients
+CHECK_FAILED = "check_failed"  # failed its check (XCLIENT + greeting, RSET, the gate's EHLO)
+NO_XCLIENT = "no_xclient"  # the downstream no longer offers XCLIENT to it (relay.py)
+DOWNSTREAM_CLOSED = "downstream_closed"  # the downstream closed it while it waited
+POOL_FULL = "pool_full"  # given back to a pool already holding ``size``
+RELOAD = "reload"  # opened under the configuration before a reload
+SHUTDOWN = "shutdown"  # a drain or shutdown
 
 
 @dataclass(eq=False)
@@ -55,41 +70,58 @@ class SessionPool:
     def take(self) -> Pooled | None:
         """The most recently used idle session still inside ``idle``, or None; expired ones
         found on the way are closed."""
+        if not self._idle:  # nothing to take: not even the gauge to write
+            return None
         now = time.monotonic()
+        taken = None
         while self._idle:
             entry = self._idle.pop()
             if now - entry.idle_since <= self.idle and entry.smtp.is_connected:
-                return entry
-            self._retire(entry)
-        return None
+                taken = entry
+                break
+            self._retire(entry, _why_stale(entry))
+        metrics.pool_idle(len(self._idle))
+        return taken
 
     def give(self, entry: Pooled) -> None:
         """Back from a client: kept for the next one, or closed (pool full or closed, used up,
         from before a reload, the connection gone)."""
         entry.uses += 1
-        keep = (self.enabled and entry.generation == self.generation
-                and entry.uses < self.max_uses and entry.smtp.is_connected)
-        if not keep:
-            self._retire(entry)
+        refused = self._refusal(entry)
+        if refused:
+            self._retire(entry, refused)
             return
         entry.idle_since = time.monotonic()
         self._idle.append(entry)
         while len(self._idle) > self.size:
-            self._retire(self._idle.pop(0))
+            self._retire(self._idle.pop(0), POOL_FULL)
+        metrics.pool_idle(len(self._idle))
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(self.idle, self._sweep)
+
+    def _refusal(self, entry: Pooled) -> str | None:
+        """Why a session given back is not kept (a reason above), or None."""
+        if self._closed:
+            return SHUTDOWN
+        if entry.generation != self.generation or not self.enabled:  # size 0 only by a reload
+            return RELOAD
+        if not entry.smtp.is_connected:
+            return DOWNSTREAM_CLOSED
+        if entry.uses >= self.max_uses:
+            return MAX_USES
+        return None
 
     def renew(self, size: int, idle: float, max_uses: int) -> None:
         """A reload, with its settings: the downstream ones may have changed too; idle
         sessions are closed and sessions in use are not taken back."""
         self.size, self.idle, self.max_uses = size, idle, max_uses
         self.generation += 1
-        self._retire_all()
+        self._retire_all(RELOAD)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Drain or shutdown: no session is kept from now on; the idle ones say QUIT."""
         self._closed = True
-        self._retire_all()
+        self._retire_all(SHUTDOWN)
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=timeout)
 
@@ -99,24 +131,33 @@ class SessionPool:
         expired = [e for e in self._idle if e.idle_since < cutoff]
         self._idle = [e for e in self._idle if e.idle_since >= cutoff]
         for entry in expired:
-            self._retire(entry)
+            self._retire(entry, _why_stale(entry))
+        metrics.pool_idle(len(self._idle))
         if self._idle:
             wait = self._idle[0].idle_since + self.idle - time.monotonic()
             self._sweeper = asyncio.get_running_loop().call_later(max(wait, 0.05), self._sweep)
 
-    def _retire_all(self) -> None:
+    def _retire_all(self, reason: str) -> None:
         entries, self._idle = self._idle, []
         for entry in entries:
-            self._retire(entry)
+            self._retire(entry, reason)
+        metrics.pool_idle(0)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
 
-    def _retire(self, entry: Pooled) -> None:
+    def _retire(self, entry: Pooled, reason: str) -> None:
         """QUIT in the background (Postfix logs a clean disconnect, not a lost connection)."""
+        metrics.pool_closed(reason)
         if not entry.smtp.is_connected:
             entry.smtp.close()
             return
         task = asyncio.ensure_future(self._farewell(entry.smtp))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+
+def _why_stale(entry: Pooled) -> str:
+    """Why an idle session found unusable (closed, or past ``idle``) goes: the downstream
+    closed it, else it waited ``idle`` out."""
+    return IDLE if entry.smtp.is_connected else DOWNSTREAM_CLOSED

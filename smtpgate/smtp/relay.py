@@ -28,7 +28,7 @@ from ..mail.reply import Reply
 from . import pipelining
 from .datadecoder import normalise_line_ends
 from .idletimer import ReplyDeadline
-from .pool import Pooled, SessionPool
+from .pool import CHECK_FAILED, NO_XCLIENT, POOL_FULL, Pooled, SessionPool
 from .relay_api import Capabilities, Relay, mail_then_rcpt
 
 __all__ = ["Capabilities", "Downstream", "Relay", "failure", "farewell", "probe"]
@@ -143,8 +143,10 @@ class Downstream:
             while (entry := self.pool.take()) is not None:
                 if await self._resume(entry, session):
                     self._smtp, self._entry = entry.smtp, entry
+                    metrics.downstream_session("pooled")
                     return
         await self._connect(session)
+        metrics.downstream_session("new")
 
     async def _resume(self, entry: Pooled, session) -> bool:
         """Make a pooled session this client's: XCLIENT + EHLO as it (Postfix starts a new
@@ -170,6 +172,7 @@ class Downstream:
             log.info("downstream %s:%s: pooled session failed its check (%s); not used",
                      self.cfg.host, self.cfg.port, described(exc))
             smtp.close()
+            metrics.pool_closed(CHECK_FAILED)
             return False
         except BaseException:  # cancelled mid-exchange: a reply may still come; never reused
             smtp.close()
@@ -461,7 +464,9 @@ class Downstream:
         if entry is not None and self._reusable and not self.in_transaction and self.pool.enabled:
             self._reusable = False
             if entry.xclient and self._renamable is None:
-                self._renamable = await self._renamable_after_helo(smtp, entry)
+                self._renamable = await self._renamable_after_helo(smtp, entry)  # says why not
+            elif entry.xclient and not self._renamable:
+                metrics.pool_closed(NO_XCLIENT)
             if self._renamable or not entry.xclient:
                 self.pool.give(entry)  # it closes what it does not keep
                 log.debug("downstream %s:%s: session given back to the pool (%d idle)",
@@ -475,6 +480,7 @@ class Downstream:
         known without asking when the session's own EHLO already showed it under the same
         NAME and ADDR (``Pooled.renamable_as``); else asked (``_may_rename``)."""
         if len(self.pool) >= self.pool.size:
+            metrics.pool_closed(POOL_FULL)
             return False
         if self._named is not None and entry.renamable_as == self._named:
             return True
@@ -494,8 +500,12 @@ class Downstream:
             await smtp.ehlo(timeout=min(self.cfg.timeout, _FAREWELL_TIMEOUT))
         except FAILURES:
             smtp.close()
+            metrics.pool_closed(CHECK_FAILED)
             return False
-        return "xclient" in smtp.esmtp_extensions
+        if "xclient" in smtp.esmtp_extensions:
+            return True
+        metrics.pool_closed(NO_XCLIENT)
+        return False
 
     def _require(self):
         if not self.connected:

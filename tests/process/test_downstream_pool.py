@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 
+from tests.process.test_metrics import get, scrape
+from tests.support.gateproc import free_port
 from tests.support.rawsmtp import connect, reply
 from tests.support.waiting import wait_until
 
@@ -283,3 +285,61 @@ def test_an_idle_session_is_closed_after_idle(gate_factory, downstream):
     send(gate, "b@sender.test")  # the next client: a new connection
     _, second = downstream.wait_for_messages(2)
     assert second.session != msg.session
+
+
+def test_metrics_count_reuse_idle_sessions_and_why_sessions_close(gate_factory, downstream):
+    """``metrics:`` with the pool on: sessions got from the pool or connected, the idle ones
+    now, and each way a session was closed instead of reused, as the scrape adds them up."""
+    mport = free_port()
+    gate = pooled(gate_factory, pool={"max_uses": 3, "idle": "5s"},
+                  metrics=f"127.0.0.1:{mport}")
+    wait_until(lambda: get(f"http://127.0.0.1:{mport}/healthz")[0] == 200, 20, what="healthz")
+    pool_figures: dict = {}
+
+    def figures(new: int, taken: int, idle_now: int, **closed: int) -> None:
+        """Wait until the pool's figures are these (a session goes back as its client leaves)."""
+        want = {'smtpgate_downstream_sessions_total{how="new"}': new,
+                'smtpgate_downstream_sessions_total{how="pooled"}': taken,
+                "smtpgate_downstream_pool_idle": idle_now,
+                **{f'smtpgate_downstream_pool_closed_total{{reason="{r}"}}': n for r, n in closed.items()}}
+
+        def match() -> bool:
+            pool_figures.clear()
+            pool_figures.update({k: v for k, v in scrape(mport).items()
+                                 if k.startswith(("smtpgate_downstream_sessions", "smtpgate_downstream_pool"))})
+            return pool_figures == want
+        wait_until(match, 10, what=lambda: f"{want}, scraped {pool_figures}")
+
+    for n in range(4):  # the third client uses the first session up: the fourth connects
+        send(gate, f"s{n}@sender.test")
+    figures(new=2, taken=2, idle_now=1, max_uses=1)
+
+    msgs = downstream.wait_for_messages(4)
+    downstream.hang_up(msgs[3].session)  # as Postfix's smtpd_timeout would
+    send(gate, "s4@sender.test")
+    figures(new=3, taken=2, idle_now=1, max_uses=1, downstream_closed=1)
+
+    downstream.replies["XCLIENT"] = ["421 4.4.2 downstream.test closing"]
+    send(gate, "s5@sender.test")
+    figures(new=4, taken=2, idle_now=1, max_uses=1, downstream_closed=1, check_failed=1)
+
+    # the client's EHLO, after XCLIENT, no longer lists XCLIENT: used, then not kept
+    downstream.replies["EHLO"] = lambda line: (
+        f"250 {downstream.hostname}\nPIPELINING\nENHANCEDSTATUSCODES" if "client.test" in line else None)
+    send(gate, "s6@sender.test")
+    figures(new=4, taken=3, idle_now=0, max_uses=1, downstream_closed=1, check_failed=1,
+            no_xclient=1)
+    del downstream.replies["EHLO"]
+
+    send(gate, "s7@sender.test")
+    figures(new=5, taken=3, idle_now=1, max_uses=1, downstream_closed=1, check_failed=1,
+            no_xclient=1)
+    logged = len(gate.log_text())
+    gate.send_signal(signal.SIGHUP)
+    gate.wait_for_log("configuration reloaded", start=logged)
+    figures(new=5, taken=3, idle_now=0, max_uses=1, downstream_closed=1, check_failed=1,
+            no_xclient=1, reload=1)
+
+    send(gate, "s8@sender.test")  # kept, then closed after idle (5s) unused
+    figures(new=6, taken=3, idle_now=0, max_uses=1, downstream_closed=1, check_failed=1,
+            no_xclient=1, reload=1, idle=1)

@@ -38,6 +38,8 @@ Scripting (may be changed while the server runs):
   of the message arrive, the connection is reset (RST, as the kernel does for a killed
   process with unread data) — a downstream dying mid-DATA; what it got is in ``aborted``.
 - ``ds.delays``: ``{KEY: seconds}`` to answer late (a slow downstream).
+- ``ds.hang_up(index)``: close session ``index`` now, between commands (an MTA's idle
+  timeout), and wait until it is closed.
 - ``ds.hold_at``: a key or keys whose reply waits until the next command line has arrived
   (only a client that pipelines gets it). ``ds.ahead``: every command line that arrived
   with the next command already behind it (the client pipelined them).
@@ -234,6 +236,7 @@ class CapturingDownstream:
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._writers: dict[int, asyncio.StreamWriter] = {}  # by session index, while open
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
 
@@ -304,6 +307,13 @@ class CapturingDownstream:
             await asyncio.wait(list(self._tasks), timeout=5)
         if self._server is not None:
             await self._server.wait_closed()
+
+    def hang_up(self, index: int, timeout: float = 5) -> None:
+        """Close session ``index`` from the server's side (its reader then sees the end)."""
+        assert self._loop is not None
+        writer = self._writers[index]
+        self._loop.call_soon_threadsafe(writer.close)
+        self.wait_for(lambda: self.sessions[index].closed, timeout, f"session {index} closed")
 
     # ------------------------------------------------------------------ waiting
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 5, what: str = "condition") -> None:
@@ -387,6 +397,7 @@ class CapturingDownstream:
             self.sessions.append(sess)
             self.connections += 1
             self._cond.notify_all()
+        self._writers[sess.index] = writer
         conn = _Conn(self, sess, reader, writer)
         try:
             await conn.run()
@@ -398,6 +409,7 @@ class CapturingDownstream:
             self._record(lambda: self.errors.append(f"{type(exc).__name__}: {exc}"))
         finally:
             self._tasks.discard(task)
+            self._writers.pop(sess.index, None)
             if not writer.is_closing():
                 writer.close()
             try:
