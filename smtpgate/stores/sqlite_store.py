@@ -739,6 +739,26 @@ def _entry_row(e: Entry) -> tuple:
     return (*e.key, e.first_seen, e.last_seen, e.attempts, int(e.passed), e.passed_at, e.retry_delay, e.expires)
 
 
+_FIELDS = ("first_seen", "last_seen", "attempts", "passed", "passed_at", "retry_delay", "expires")
+
+
+@functools.lru_cache(maxsize=None)  # one per set of changed columns: a handful
+def _update_sql(columns: tuple[str, ...]) -> str:
+    sets = ", ".join(f"{c} = ?" for c in columns)
+    return f"UPDATE greylist SET {sets} WHERE client = ? AND sender = ? AND recipient = ?"
+
+
+def _update(conn, old: Entry, new: Entry) -> None:
+    """Write ``new`` over the stored ``old`` (same key), setting only the columns that
+    changed: SQLite then leaves alone every index whose columns are not set (INSERT OR
+    REPLACE deleted and re-inserted the row and its entry in every index: at 1M rows, a
+    scattered page each, copied back by the checkpoint)."""
+    changed = tuple(f for f in _FIELDS if getattr(new, f) != getattr(old, f))
+    if changed:
+        conn.execute(_update_sql(changed), (*(int(new.passed) if f == "passed" else getattr(new, f)
+                                               for f in changed), *new.key))
+
+
 _ADD_COUNT = ("INSERT INTO greylist_counters (name, value) VALUES (?, ?) "
               "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value")
 
@@ -833,10 +853,11 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
 
         outcome, new = decide(key, entry, now, params, allowed=allow, passed_count=passed_count)
         if not dry_run:
-            if new is not None:
+            if new is not None and entry is None:
                 conn.execute(f"INSERT OR REPLACE INTO greylist ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                             (*new.key, new.first_seen, new.last_seen, new.attempts, int(new.passed),
-                              new.passed_at, new.retry_delay, new.expires))
+                             _entry_row(new))
+            elif new is not None:
+                _update(conn, entry, new)
             if outcome != ALLOWED:  # allowed: tallied by attempt (it may run on the thread)
                 _count(conn, outcome)
             if outcome == PASSED_NOW:
