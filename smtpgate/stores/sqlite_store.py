@@ -682,7 +682,7 @@ GREYLIST_SCHEMA: tuple[tuple[str, ...], ...] = (
     ("CREATE INDEX greylist_allow_lengths ON greylist_allow (kind, family, plen)",),
     # 4: no index holds expires, which every decision sets (each held one more scattered page
     # per decision at 1M rows): the sweep finds rows by sweep_at, a lower bound of expires
-    # (_update, _SWEEP), the auto-whitelist count by (client, passed), checking expires on the row
+    # (_update, _EXPIRED), the auto-whitelist count by (client, passed), checking expires on the row
     ("ALTER TABLE greylist ADD COLUMN sweep_at REAL NOT NULL DEFAULT 0",
      "UPDATE greylist SET sweep_at = expires",
      "DROP INDEX greylist_expires",
