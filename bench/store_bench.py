@@ -85,10 +85,11 @@ def fill_sqlite(conn, kind: str, n: int) -> None:
                 rows = []
                 for i in rng:
                     c, s, r, _ = triplet(i)
-                    rows.append((c, s, r, T0, T0 + 600, 2, 1, T0 + 600, 600.0, T0 + 600 + PARAMS.pass_ttl))
+                    expires = T0 + 600 + PARAMS.pass_ttl
+                    rows.append((c, s, r, T0, T0 + 600, 2, 1, T0 + 600, 600.0, expires, expires))
                 conn.executemany("INSERT OR REPLACE INTO greylist (client, sender, recipient, first_seen, last_seen,"
-                                 " attempts, passed, passed_at, retry_delay, expires) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                                 rows)
+                                 " attempts, passed, passed_at, retry_delay, expires, sweep_at)"
+                                 " VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
             elif kind == "senders":
                 m = MACHINE
                 rows = []

@@ -62,15 +62,13 @@ class SqliteCounts:
 
 
 def _count_sqlite(conn, now: float) -> Counts:
-    from .senders_sqlite import EXPIRED  # here, as read_only above: a gate on Redis never loads the SQLite stores
+    # here, as read_only above: a gate on Redis never loads the SQLite stores
+    from .senders_sqlite import EXPIRED
+    from .sqlite_store import greylist_live_counts
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     counts = Counts({"pending": 0, "passed": 0})
     if "greylist" in tables:
-        # a covering scan of greylist_client_passed (client, passed, expires)
-        for passed, n in conn.execute(
-                "SELECT passed, count(*) FROM greylist INDEXED BY greylist_client_passed "
-                "WHERE expires >= ? GROUP BY passed", (now,)):
-            counts.greylist["passed" if passed else "pending"] += n
+        counts.greylist = greylist_live_counts(conn, now)
     if "senders" in tables:
         # every record by the senders_state index, less the few expired ones not yet purged
         for machine, state, n in conn.execute(

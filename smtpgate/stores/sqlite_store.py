@@ -680,9 +680,26 @@ GREYLIST_SCHEMA: tuple[tuple[str, ...], ...] = (
      "CREATE TABLE greylist_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID"),
     # 3: the client prefix lengths in use, read by every decision, from an index
     ("CREATE INDEX greylist_allow_lengths ON greylist_allow (kind, family, plen)",),
+    # 4: no index holds expires, which every decision sets (each held one more scattered page
+    # per decision at 1M rows): the sweep finds rows by sweep_at, a lower bound of expires
+    # (_update, _EXPIRED), the auto-whitelist count by (client, passed), checking expires on the row
+    ("ALTER TABLE greylist ADD COLUMN sweep_at REAL NOT NULL DEFAULT 0",
+     "UPDATE greylist SET sweep_at = expires",
+     "DROP INDEX greylist_expires",
+     "DROP INDEX greylist_client_passed",
+     "CREATE INDEX greylist_sweep ON greylist (sweep_at)",
+     "CREATE INDEX greylist_passed ON greylist (client, passed)"),
 )
 
 _COLUMNS = "client, sender, recipient, first_seen, last_seen, attempts, passed, passed_at, retry_delay, expires"
+# A new or imported row's sweep_at is its expires
+_INSERT = f"INSERT OR REPLACE INTO greylist ({_COLUMNS}, sweep_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+# sweep_at is never after expires (0, the column's default, is always right), so these rows
+# are exactly those with expires < ?, found by the greylist_sweep index
+_EXPIRED = "sweep_at < ? AND expires < ?"
+# Rows the index puts before ``?`` though they are live then: the sweep moves them up (_advance)
+_EARLY = "sweep_at < ? AND expires >= ?"
+_PK = "client, sender, recipient"
 _ALLOW_COLUMNS = "kind, value, key, created, expires, note"
 
 
@@ -736,11 +753,69 @@ def _allow_row(entry: AllowEntry) -> tuple:
 
 
 def _entry_row(e: Entry) -> tuple:
-    return (*e.key, e.first_seen, e.last_seen, e.attempts, int(e.passed), e.passed_at, e.retry_delay, e.expires)
+    """The row _INSERT writes."""
+    return (*e.key, e.first_seen, e.last_seen, e.attempts, int(e.passed), e.passed_at, e.retry_delay, e.expires,
+            e.expires)
+
+
+_FIELDS = ("first_seen", "last_seen", "attempts", "passed", "passed_at", "retry_delay", "expires")
+
+
+@functools.lru_cache(maxsize=None)  # one per set of changed columns: a handful
+def _update_sql(columns: tuple[str, ...]) -> str:
+    sets = ", ".join(f"{c} = ?" for c in columns)
+    return f"UPDATE greylist SET {sets} WHERE client = ? AND sender = ? AND recipient = ?"
+
+
+def _update(conn, old: Entry, new: Entry) -> None:
+    """Write ``new`` over the stored ``old`` (same key), setting only the columns that
+    changed: SQLite then leaves alone every index whose columns are not set (INSERT OR
+    REPLACE deleted and re-inserted the row and its entry in every index: at 1M rows, a
+    scattered page each, copied back by the checkpoint). sweep_at stays a lower bound of
+    expires as long as expires does not fall (a passed triplet's refresh): set only if it does."""
+    changed = tuple(f for f in _FIELDS if getattr(new, f) != getattr(old, f))
+    values = [int(new.passed) if f == "passed" else getattr(new, f) for f in changed]
+    if new.expires < old.expires:
+        changed += ("sweep_at",)
+        values.append(new.expires)
+    if changed:
+        conn.execute(_update_sql(changed), (*values, *new.key))
 
 
 _ADD_COUNT = ("INSERT INTO greylist_counters (name, value) VALUES (?, ?) "
               "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value")
+
+
+def _advance(conn, before: float) -> int:
+    """Up to BATCH rows whose sweep_at is before ``before`` though they are live then (their
+    expires grew since it was set): sweep_at set to expires, past it. How many."""
+    return conn.execute(f"UPDATE greylist SET sweep_at = expires WHERE ({_PK}) IN (SELECT {_PK} FROM greylist "
+                        f"INDEXED BY greylist_sweep WHERE {_EARLY} LIMIT ?)", (before, before, BATCH)).rowcount
+
+
+def _delete_expired(conn, before: float) -> int:
+    """Up to BATCH rows expired before ``before`` deleted. How many."""
+    return conn.execute(f"DELETE FROM greylist WHERE ({_PK}) IN (SELECT {_PK} FROM greylist "
+                        f"INDEXED BY greylist_sweep WHERE {_EXPIRED} LIMIT ?)", (before, before, BATCH)).rowcount
+
+
+def greylist_live_counts(conn, now: float) -> dict[str, int]:
+    """Live triplets, {"pending": n, "passed": n}, for a metrics scrape (stores/counts.py):
+    every row by a covering scan of greylist_passed, less the expired ones not swept yet
+    (a day's worth at most: GRACE), found by greylist_sweep. A file not migrated yet (a
+    scrape before the first decision of an upgraded gate) is scanned whole."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'greylist_sweep'").fetchone() is None:
+        rows = conn.execute("SELECT passed, count(*) FROM greylist WHERE expires >= ? GROUP BY passed", (now,))
+        counts = {"pending": 0, "passed": 0}
+        for passed, n in rows:
+            counts["passed" if passed else "pending"] += n
+        return counts
+    total, passed = conn.execute("SELECT count(*), total(passed) FROM greylist INDEXED BY greylist_passed").fetchone()
+    counts = {"pending": total - int(passed), "passed": int(passed)}
+    for passed, n in conn.execute(f"SELECT passed, count(*) FROM greylist INDEXED BY greylist_sweep "
+                                  f"WHERE {_EXPIRED} GROUP BY passed", (now, now)):
+        counts["passed" if passed else "pending"] -= n
+    return counts
 
 
 def _count(conn, name: str, by: int = 1) -> None:
@@ -833,10 +908,10 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
 
         outcome, new = decide(key, entry, now, params, allowed=allow, passed_count=passed_count)
         if not dry_run:
-            if new is not None:
-                conn.execute(f"INSERT OR REPLACE INTO greylist ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                             (*new.key, new.first_seen, new.last_seen, new.attempts, int(new.passed),
-                              new.passed_at, new.retry_delay, new.expires))
+            if new is not None and entry is None:
+                conn.execute(_INSERT, _entry_row(new))
+            elif new is not None:
+                _update(conn, entry, new)
             if outcome != ALLOWED:  # allowed: tallied by attempt (it may run on the thread)
                 _count(conn, outcome)
             if outcome == PASSED_NOW:
@@ -869,19 +944,21 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
 
     @staticmethod
     def _passed_count(conn, client, now, cap: int | None = None) -> int:
-        """The client's live passed triplets, at most ``cap`` of them when given."""
+        """The client's live passed triplets, at most ``cap`` of them when given (the index
+        holds the passed ones, expired included until swept; expires is read on each row)."""
         if cap is None:
-            return conn.execute("SELECT count(*) FROM greylist WHERE client = ? AND passed = 1 AND expires >= ?",
-                                (client, now)).fetchone()[0]
-        return conn.execute("SELECT count(*) FROM (SELECT 1 FROM greylist WHERE client = ? AND passed = 1 "
-                            "AND expires >= ? LIMIT ?)", (client, now, cap)).fetchone()[0]
+            return conn.execute("SELECT count(*) FROM greylist INDEXED BY greylist_passed WHERE client = ? "
+                                "AND passed = 1 AND expires >= ?", (client, now)).fetchone()[0]
+        return conn.execute("SELECT count(*) FROM (SELECT 1 FROM greylist INDEXED BY greylist_passed WHERE "
+                            "client = ? AND passed = 1 AND expires >= ? LIMIT ?)", (client, now, cap)).fetchone()[0]
 
     @staticmethod
     def _sweep(conn, before: float) -> None:
-        """Drop rows expired for longer than GRACE, a bounded batch at a time."""
+        """Drop rows expired for longer than GRACE, a bounded batch at a time (after moving
+        up a batch of the live rows the index puts before them)."""
         with write_transaction(conn):
-            conn.execute("DELETE FROM greylist WHERE (client, sender, recipient) IN (SELECT client, sender, "
-                         "recipient FROM greylist WHERE expires < ? LIMIT ?)", (before, BATCH))
+            _advance(conn, before)
+            _delete_expired(conn, before)
             conn.execute("DELETE FROM greylist_allow WHERE expires IS NOT NULL AND expires < ?", (before,))
 
     # -- reads -------------------------------------------------------------------------
@@ -962,13 +1039,16 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
             allows = conn.execute("SELECT count(*) FROM greylist_allow WHERE expires IS NOT NULL AND expires < ?",
                                   (now,)).fetchone()[0]
             if dry_run:
-                return conn.execute("SELECT count(*) FROM greylist WHERE expires < ?", (now,)).fetchone()[0], allows
+                return conn.execute(f"SELECT count(*) FROM greylist INDEXED BY greylist_sweep WHERE {_EXPIRED}",
+                                    (now, now)).fetchone()[0], allows
+            while True:  # first the live rows out of the way: each batch below would walk over them
+                with write_transaction(conn):
+                    if _advance(conn, now) < BATCH:
+                        break
             total = 0
             while True:
                 with write_transaction(conn):
-                    n = conn.execute("DELETE FROM greylist WHERE (client, sender, recipient) IN (SELECT client, "
-                                     "sender, recipient FROM greylist WHERE expires < ? LIMIT ?)",
-                                     (now, BATCH)).rowcount
+                    n = _delete_expired(conn, now)
                 total += n
                 if n < BATCH:
                     break
@@ -1026,8 +1106,7 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
 
         def write(conn):
             with write_transaction(conn):
-                conn.executemany(f"INSERT OR REPLACE INTO greylist ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                                 [_entry_row(e) for e in kept if isinstance(e, Entry)])
+                conn.executemany(_INSERT, [_entry_row(e) for e in kept if isinstance(e, Entry)])
                 conn.executemany(f"INSERT OR REPLACE INTO greylist_allow ({_ALLOW_COLUMNS}, family, plen) "
                                  "VALUES (?,?,?,?,?,?,?,?)", [_allow_row(a) for a in kept if isinstance(a, AllowEntry)])
         if kept:
