@@ -122,9 +122,9 @@ if fam ~= '' then
   for _, m in ipairs(redis.call('SMEMBERS', KEYS[4])) do
     local f, n = string.match(m, '^(%d)/(%d+)$')
     if f == fam then
-      n = tonumber(n)
-      fields[#fields + 1] = 'client:' .. fam .. ':' .. masked(hex, n) .. '/' .. n
-      plens[#fields] = n
+      local plen = tonumber(n)
+      fields[#fields + 1] = 'client:' .. fam .. ':' .. masked(hex, plen) .. '/' .. n
+      plens[#fields] = plen
     end
   end
 end
