@@ -13,7 +13,8 @@ afterwards.
 Cases: ``triplet`` (the bench triplet on the allow list, as ``make bench`` has it),
 ``sender`` (the sender allowed), ``pending`` (no allow entry: a triplet retried too early),
 each with a client network on the allow list (``+net``: the prefix lengths in use are
-non-empty) or without.
+non-empty) or without; ``client`` (the client's /24 allowed) and ``triplet+own`` (the
+triplet and the client's /24 and /25 allowed: the triplet is named).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from smtpgate.stores.redis_store import RedisGreylistStore  # noqa: E402
 
 T0 = 1767225600.0
 CLIENT, SENDER, RCPT, IP = "127.0.0.0/24", "sender@bench.test", "rcpt@bench.test", "127.0.0.1"
-CASES = ("triplet", "sender", "pending", "triplet+net", "sender+net", "pending+net")
+CASES = ("triplet", "sender", "pending", "triplet+net", "sender+net", "pending+net", "client", "triplet+own")
 
 
 def server_figures(url: str) -> tuple[float, int, int]:
@@ -53,8 +54,13 @@ async def one_case(url: str, case: str, calls: int, runs: int, at_once: int) -> 
             await store.add_allow(make_allow("triplet", triplet_value(CLIENT, SENDER, RCPT), T0, None))
         elif kind == "sender":
             await store.add_allow(make_allow("sender", SENDER, T0, None))
+        elif kind == "client":
+            await store.add_allow(make_allow("client", "127.0.0.0/24", T0, None))
         if case.endswith("+net"):
             await store.add_allow(make_allow("client", "198.51.100.0/24", T0, None))
+        elif case.endswith("+own"):
+            for net in ("127.0.0.0/24", "127.0.0.0/25"):
+                await store.add_allow(make_allow("client", net, T0, None))
 
         async def decide():
             a = await store.attempt(CLIENT, SENDER, RCPT, now=T0 + 1, params=params, client_ip=IP)

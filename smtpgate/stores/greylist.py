@@ -237,6 +237,10 @@ def decide(key: tuple[str, str, str], entry: Entry | None, now: float, p: Params
 
 
 # --- allow-list keys --------------------------------------------------------------------
+# When several live allow entries cover one decision, both backends name the most specific:
+# the triplet, the sender address, its @domain, then the client's networks from the longest
+# prefix (its own address) to the shortest. The keys below come in that order
+# (docs/rules/greylist.md, "The allow list").
 
 def masked_hex(hexdigits: str, plen: int) -> str:
     """The first ``plen`` bits of a fixed-width hex address, the rest zero (mirrored in Lua)."""
@@ -295,14 +299,22 @@ def triplet_allow_key_of(value: str) -> str:
     return f"triplet:{value}"
 
 
+def fixed_allow_keys(triplet: str, sender: str) -> list[str]:
+    """The allow keys of a triplet (its ``triplet_value``) that its client's address has no
+    part in, most specific first: the triplet, the sender, the sender's @domain."""
+    return [triplet_allow_key_of(triplet), *sender_allow_keys(sender)]
+
+
 def client_candidates(ip: str | None, lengths: Iterable[tuple[str, int]]) -> list[str]:
-    """The client allow keys that would cover ``ip``, for the prefix lengths in use (the
-    SQLite store keeps them with the rest of a triplet's allow keys: sqlite_store._allow_keys)."""
+    """The client allow keys that would cover ``ip``, for the prefix lengths in use, the
+    longest prefix first (the SQLite store keeps them with the rest of a triplet's allow
+    keys: sqlite_store._allow_keys)."""
     probe = ip_hex(ip) if ip else None
     if probe is None:
         return []
     fam, hexdigits = probe
-    return [f"client:{fam}:{masked_hex(hexdigits, n)}/{n}" for f, n in lengths if f == fam]
+    return [f"client:{fam}:{masked_hex(hexdigits, n)}/{n}"
+            for f, n in sorted(lengths, key=lambda length: -length[1]) if f == fam]
 
 
 def make_allow(kind: str, value: str, now: float, ttl: float | None, note: str = "") -> AllowEntry:

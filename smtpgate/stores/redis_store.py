@@ -68,8 +68,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..errors import StoreError
 from .breaker import SENTINEL_LONGEST_BACKOFF, breaker_for
 from .greylist import (DELAY_BUCKETS, GRACE, AllowEntry, Attempt, Entry, GreylistStore, Params,
-                       Selector, Stats, import_kind, ip_hex, sender_allow_keys, triplet_allow_key_of,
-                       triplet_value)
+                       Selector, Stats, fixed_allow_keys, import_kind, ip_hex, triplet_value)
 from .redis_url import RedisTarget, parse_redis_url, redact
 from .redis_wire import WirePool
 
@@ -82,7 +81,7 @@ _BUCKETS_LUA = "{" + ",".join(f"{{{'math.huge' if math.isinf(b) else int(b)},'{l
 # KEYS: 1 triplet, 2 client's awl set, 3 allow hash, 4 allow prefix lengths, 5 counters
 # ARGV: 1 now, 2 delay, 3 retry_window, 4 pass_ttl, 5 auto_whitelist_after, 6 dry run (0/1),
 #   7 grace, 8 triplet value, 9 client, 10 sender, 11 recipient, 12 ip family ('' none),
-#   13 ip hex digits, 14.. fixed allow keys (sender, @domain, triplet)
+#   13 ip hex digits, 14.. fixed allow keys, most specific first (greylist.fixed_allow_keys)
 # (separate arguments: hiredis packs them in C, and splitting one packed text in Lua cost
 # the server more than the rest of an allowed decision together.)
 # Returns one tab-separated text (outcome, exists, the entry's fields, the allow entry's
@@ -115,21 +114,27 @@ local function live(v)  -- an allow entry's JSON; one naming no expiry needs no 
   return type(x) ~= 'number' or now <= x
 end
 
--- the allow list
-local fields = {}
+-- the allow list: the first live fixed key, else the client's live network of the longest prefix
+local fields, plens = {}, {}
 for i = 14, #A do fields[#fields + 1] = A[i] end
+local fixed = #fields
 if fam ~= '' then
   for _, m in ipairs(redis.call('SMEMBERS', KEYS[4])) do
     local f, n = string.match(m, '^(%d)/(%d+)$')
-    if f == fam then fields[#fields + 1] = 'client:' .. fam .. ':' .. masked(hex, tonumber(n)) .. '/' .. n end
+    if f == fam then
+      local plen = tonumber(n)
+      fields[#fields + 1] = 'client:' .. fam .. ':' .. masked(hex, plen) .. '/' .. n
+      plens[#fields] = plen
+    end
   end
 end
-local allow_key, allow_json = '', ''
+local allow_key, allow_json, best = '', '', -1
 local vals = redis.call('HMGET', KEYS[3], unpack(fields))
 for i, v in ipairs(vals) do
-  if v and live(v) then
+  if v and (i > fixed and plens[i] or math.huge) > best and live(v) then
     allow_key, allow_json = fields[i], v
-    break
+    if i <= fixed then break end
+    best = plens[i]
   end
 end
 
@@ -704,8 +709,7 @@ class RedisGreylistStore(RedisComponentStore, GreylistStore):
         member = triplet_value(client, sender, recipient)  # built once: the keys below start from it
         keys = (self._triplet_key_of(member), self.awl_key(client), self.k_allow, self.k_lens, self.k_stats)
         args = (repr(float(now)), *_timing_args(params), "1" if dry_run else "0", _GRACE_ARG, member,
-                client, sender, recipient, fam, hexdigits, *sender_allow_keys(sender),
-                triplet_allow_key_of(member))
+                client, sender, recipient, fam, hexdigits, *fixed_allow_keys(member, sender))
         res = await self.link.script("attempt", keys, args)
         (outcome, exists, first, last, attempts, passed, passed_at, retry_delay, expires,
          allow_key, count, allow_json) = as_text(res).split("\t", 11)

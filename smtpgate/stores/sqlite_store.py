@@ -36,7 +36,7 @@ from ..config import sqlite_path
 from ..errors import StoreError
 from .greylist import (ALLOWED, GRACE, PASSED_NOW, AllowEntry, Attempt, Entry, GreylistStore,
                        Params, Selector, Stats, client_candidates, decide, delay_bucket,
-                       import_kind, sender_allow_keys, triplet_allow_key)
+                       fixed_allow_keys, import_kind, triplet_value)
 
 BUSY_TIMEOUT_MS = 10_000
 # Pages the WAL may grow to before a commit checkpoints it (SQLite's default: 1000). A
@@ -719,15 +719,16 @@ _LENGTHS_IN_USE = ("SELECT group_concat(family || '/' || plen, ' ') FROM (SELECT
 
 @functools.lru_cache(maxsize=None)  # one per number of allow keys: a handful
 def _lookup_sql(keys: int) -> str:
-    """A decision's reads in one statement (one snapshot): the prefix lengths in use, the
-    first live allow entry among ``keys`` keys, the stored triplet (NULLs where none)."""
+    """A decision's reads in one statement (one snapshot): the prefix lengths in use, each
+    live allow entry among ``keys`` keys (one row each; _lookup names the most specific),
+    the stored triplet (NULLs where none)."""
     allow = ", ".join("a." + c for c in _ALLOW_COLUMNS.split(", "))
     stored = ", ".join("g." + c for c in _COLUMNS.split(", "))
     # joined, not a subquery with its own LIMIT: that one is materialised (~1.7 µs more)
     return (f"SELECT ({_LENGTHS_IN_USE}), {allow}, {stored} FROM (SELECT 1) "
             f"LEFT JOIN greylist_allow AS a ON a.key IN ({','.join('?' * keys)}) "
             "AND (a.expires IS NULL OR a.expires >= ?) "
-            "LEFT JOIN greylist AS g ON g.client = ? AND g.sender = ? AND g.recipient = ? LIMIT 1")
+            "LEFT JOIN greylist AS g ON g.client = ? AND g.sender = ? AND g.recipient = ?")
 
 
 def _lengths(text: str | None) -> tuple[tuple[str, int], ...]:
@@ -739,8 +740,8 @@ def _lengths(text: str | None) -> tuple[tuple[str, int], ...]:
 
 @functools.lru_cache(maxsize=4096)  # the same few triplets, clients and lengths, mostly
 def _allow_keys(key: tuple[str, str, str], client_ip: str | None, lengths: tuple) -> tuple[str, ...]:
-    """The allow keys that would cover the triplet ``key`` from ``client_ip``."""
-    return (*client_candidates(client_ip, lengths), *sender_allow_keys(key[1]), triplet_allow_key(*key))
+    """The allow keys that would cover the triplet ``key`` from ``client_ip``, most specific first."""
+    return (*fixed_allow_keys(triplet_value(*key), key[1]), *client_candidates(client_ip, lengths))
 
 
 def _allow_row(entry: AllowEntry) -> tuple:
@@ -934,7 +935,9 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
         text, lengths = self._lengths_read
         for _ in range(2):
             keys = _allow_keys(key, client_ip, lengths)
-            row = conn.execute(_lookup_sql(len(keys)), (*keys, now, *key)).fetchone()
+            rows = conn.execute(_lookup_sql(len(keys)), (*keys, now, *key)).fetchall()
+            # several when several entries cover it (rare): the first in ``keys``' order is named
+            row = rows[0] if len(rows) == 1 else min(rows, key=lambda r: keys.index(r[3]))
             if row[0] == text:
                 return (None if row[3] is None else _allow(row[1:7]),
                         None if row[7] is None else _entry(row[7:]))

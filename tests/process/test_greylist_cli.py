@@ -188,6 +188,23 @@ def test_allow_list_and_delete(gate):
     gate.cli("greylist", "delete", expect=2)
 
 
+def test_show_names_the_most_specific_allow_entry(gate):
+    """Of the allow entries covering a triplet, `show` names the one the gate names: the
+    triplet, the sender, its @domain, then the client's networks from the longest prefix."""
+    show = ("greylist", "show", "192.0.2.7", "Alice@Partner.Example", "bob@example.com")
+    steps = [("--client", "192.0.0.0/16"), ("--client", "192.0.2.0/24"), ("--client", "192.0.2.7"),
+             ("--sender", "@partner.example"), ("--sender", "alice@partner.example"),
+             ("--triplet", "192.0.2.7", "alice@partner.example", "bob@example.com")]
+    for i, step in enumerate(steps):  # least specific first: each entry added is the one named
+        gate.json("greylist", "allow", *step, "--note", f"step {i}")
+        doc = gate.json(*show)
+        assert (doc["outcome"], doc["allow"]["note"]) == ("allowed", f"step {i}")
+    assert "allow entry:         triplet 192.0.2.0/24 alice@partner.example bob@example.com until deleted" \
+        in gate.cli(*show).stdout
+    gate.json("greylist", "delete", "--triplet", "192.0.2.7", "alice@partner.example", "bob@example.com")
+    assert gate.json(*show)["allow"]["note"] == "step 4"
+
+
 def test_purge_and_stats(gate):
     now = time.time()
     fill(gate, now)

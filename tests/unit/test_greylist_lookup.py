@@ -46,13 +46,16 @@ async def gate_and_cli(path, allow_key=False):
 
 def fresh_read(path, key, client_ip, now):
     """(allow entry key, stored triplet row) as three separate reads on a connection of
-    their own give them (the code before the one-statement lookup)."""
+    their own give them (the code before the one-statement lookup); of several live allow
+    entries, the most specific (docs/rules/greylist.md): the triplet, the sender, its
+    @domain, then the client's networks by their prefix, the longest first."""
     conn = sqlite3.connect(path)
     try:
         lengths = conn.execute("SELECT DISTINCT family, plen FROM greylist_allow WHERE kind = 'client'").fetchall()
         keys = client_candidates(client_ip, lengths) + sender_allow_keys(key[1]) + [triplet_allow_key(*key)]
         allow = conn.execute(f"SELECT key FROM greylist_allow WHERE key IN ({','.join('?' * len(keys))}) "
-                             "AND (expires IS NULL OR expires >= ?) LIMIT 1", (*keys, now)).fetchone()
+                             "AND (expires IS NULL OR expires >= ?) ORDER BY kind = 'triplet' DESC, "
+                             "kind = 'sender' DESC, value LIKE '@%', plen DESC LIMIT 1", (*keys, now)).fetchone()
         stored = conn.execute("SELECT attempts, passed, expires FROM greylist WHERE client = ? AND sender = ? "
                               "AND recipient = ?", key).fetchone()
         return (allow[0] if allow else None), stored
@@ -62,18 +65,16 @@ def fresh_read(path, key, client_ip, now):
 
 async def test_a_client_allow_entry_added_or_deleted_by_another_process_is_seen_at_once(tmp_path):
     path = tmp_path / "state.db"
-    async with gate_and_cli(path, allow_key=True) as (gate, cli):
-        for _ in range(3):  # allowed: the read path, lengths (none) known
+    async with gate_and_cli(path) as (gate, cli):
+        await cli.add_allow(make_allow("client", "198.51.0.0/16", T0, None))
+        for _ in range(3):  # allowed: the read path, lengths (4/16) known
             a = await gate.attempt(*KEY, now=T0, params=P, client_ip=IP)
-            assert (a.outcome, a.allow.kind) == ("allowed", "triplet")
+            assert (a.outcome, a.allow.key) == ("allowed", "client:4:c6330000/16")
         await cli.add_allow(make_allow("client", "198.51.100.0/28", T0, None))  # a length not in use before
         a = await gate.attempt(*KEY, now=T0, params=P, client_ip=IP)
-        assert (a.outcome, a.allow.key) == ("allowed", "client:4:c6336400/28")  # as a fresh read finds it
+        assert (a.outcome, a.allow.key) == ("allowed", "client:4:c6336400/28")  # the longer prefix, as a fresh read finds it
         assert fresh_read(path, KEY, IP, T0)[0] == a.allow.key
-        await cli.delete(Selector(None, "198.51.100.0/28", None, None))
-        a = await gate.attempt(*KEY, now=T0, params=P, client_ip=IP)
-        assert (a.outcome, a.allow.kind) == ("allowed", "triplet")
-        await cli.delete(Selector(None, *KEY))
+        await cli.delete(Selector(None, "198.51.100.0/28", None, None))  # both: they overlap it
         a = await gate.attempt(*KEY, now=T0, params=P, client_ip=IP)
         assert (a.outcome, a.allow) == ("new", None)
         await cli.add_allow(make_allow("client", "198.51.100.8/30", T0, None))

@@ -205,6 +205,56 @@ async def test_a_replaced_allow_entry_is_answered_as_it_now_is(store):
         assert (found.note, found.expires) == (note, None if ttl is None else T0 + ttl)
 
 
+# The precedence (docs/rules/greylist.md, "The allow list"): most specific first. Each
+# entry covers the decision on (C, S, R) from the address IP.
+IP = "192.0.2.9"
+PRECEDENCE = [("triplet", triplet_value(C, S, R)), ("sender", S), ("sender", "@sender.example"),
+              ("client", IP), ("client", "192.0.2.0/25"), ("client", "192.0.0.0/16")]
+
+
+def _named(a) -> tuple[str, str] | None:
+    return (a.allow.kind, a.allow.value.removesuffix("/32")) if a.allow else None
+
+
+@pytest.mark.parametrize("more, less", [(m, l) for i, m in enumerate(PRECEDENCE) for l in PRECEDENCE[i + 1:]],
+                         ids=lambda e: e[1])
+async def test_of_two_allow_entries_covering_a_decision_the_more_specific_is_named(store, more, less):
+    await store.add_allow(make_allow(*less, T0, None))
+    await store.add_allow(make_allow(*more, T0, 60))
+    assert _named(await attempt(store, T0 + 60, client_ip=IP)) == more
+    assert _named(await attempt(store, T0 + 61, client_ip=IP)) == less  # an expired entry is never named
+    assert _named(await attempt(store, T0 + 61, dry_run=True, client_ip=IP)) == less
+
+
+async def test_the_named_entry_walks_down_the_precedence_as_entries_expire(store):
+    for i, entry in reversed(list(enumerate(PRECEDENCE))):  # added least specific first
+        await store.add_allow(make_allow(*entry, T0, 10 * (i + 1)))
+    for i, entry in enumerate(PRECEDENCE):
+        a = await attempt(store, T0 + 10 * i + 5, client_ip=IP)
+        assert (a.outcome, _named(a)) == ("allowed", entry)
+    assert (await attempt(store, T0 + 10 * len(PRECEDENCE) + 5, client_ip=IP)).outcome == "new"
+
+
+async def test_ipv6_client_entries_are_named_longest_prefix_first(store):
+    ip, nets = "2001:db8:1:2::9", ["2001:db8:1:2::9/128", "2001:db8:1:2::/64", "2001:db8:1::/48", "::/0"]
+    await store.add_allow(make_allow("client", "192.0.2.0/24", T0, None))  # the other family: never named
+    for i, net in reversed(list(enumerate(nets))):
+        await store.add_allow(make_allow("client", net, T0, 10 * (i + 1)))
+    for i, net in enumerate(nets):
+        a = await attempt(store, T0 + 10 * i + 5, key=("2001:db8:1:2::/64", S, R), client_ip=ip)
+        assert a.allow.value == str(ipaddress.ip_network(net))
+    assert (await attempt(store, T0 + 45, key=("2001:db8:1:2::/64", S, R), client_ip=ip)).allow is None
+
+
+async def test_the_null_senders_entry_comes_after_its_triplet_and_before_its_client(store):
+    key = (C, "", R)
+    await store.add_allow(make_allow("client", "192.0.2.0/24", T0, None))
+    await store.add_allow(make_allow("sender", "<>", T0, 20))
+    await store.add_allow(make_allow("triplet", triplet_value(*key), T0, 10))
+    named = [_named(await attempt(store, T0 + t, key=key, client_ip=IP)) for t in (5, 15, 25)]
+    assert named == [("triplet", triplet_value(*key)), ("sender", "<>"), ("client", "192.0.2.0/24")]
+
+
 def test_allow_values_are_checked():
     with pytest.raises(ValueError):
         make_allow("client", "not-a-network", T0, None)
@@ -230,7 +280,7 @@ def test_masked_hex_agrees_with_ipaddress():
 def test_client_candidates_are_the_allow_keys_of_each_length_in_use_of_the_clients_family():
     # kept per (address, lengths): asked again with other lengths, an address gets their keys
     assert client_candidates("192.0.2.77", [("4", 24), ("6", 64), ("4", 32)]) == [
-        "client:4:c0000200/24", "client:4:c000024d/32"]
+        "client:4:c000024d/32", "client:4:c0000200/24"]  # the longest prefix first
     assert client_candidates("192.0.2.77", [("4", 8)]) == ["client:4:c0000000/8"]
     assert client_candidates("::ffff:192.0.2.77", [("4", 8)]) == ["client:4:c0000000/8"]
     assert client_candidates("2001:db8::1", [("4", 24), ("6", 32)]) == ["client:6:20010db8" + "0" * 24 + "/32"]
@@ -394,24 +444,6 @@ async def _script_lost(store):
         found = await asyncio.gather(*(attempt(store, T0 + 1) for _ in range(calls)))
         assert [a.outcome for a in found] == ["too_early"] * calls
     assert (await store.get(C, S, R)).attempts == 5  # each call counted once, none twice
-
-
-async def test_redis_reports_a_fixed_allow_key_before_a_client_network(tmp_path):
-    """The script looks at the sender, @domain and triplet keys first, then the client's
-    networks; an expired fixed entry leaves the client's to match."""
-    require_redis()
-    async with store_maker(open_greylist_store, "redis", tmp_path) as make:
-        store = make()
-        await store.add_allow(make_allow("client", "192.0.2.0/24", T0, None))
-        await store.add_allow(make_allow("sender", "@sender.example", T0, None))
-        await store.add_allow(make_allow("triplet", triplet_value(C, "x@y.example", R), T0, 60))
-        a = await attempt(store, T0, client_ip="192.0.2.9")
-        assert (a.outcome, a.allow.key) == ("allowed", "sender:@sender.example")
-        a = await attempt(store, T0 + 60, key=(C, "x@y.example", R), client_ip="192.0.2.9")
-        assert a.allow.key == "triplet:" + triplet_value(C, "x@y.example", R)
-        a = await attempt(store, T0 + 61, key=(C, "x@y.example", R), client_ip="192.0.2.9")
-        assert (a.outcome, a.allow.key) == ("allowed", "client:4:c0000200/24")
-        assert (await attempt(store, T0 + 61, key=(C, "x@y.example", R), client_ip="198.51.100.1")).outcome == "new"
 
 
 async def test_redis_decisions_of_two_timings_in_one_process_keep_their_own(tmp_path):
