@@ -811,12 +811,14 @@ def greylist_live_counts(conn, now: float) -> dict[str, int]:
         for passed, n in rows:
             counts["passed" if passed else "pending"] += n
         return counts
-    total, passed = conn.execute("SELECT count(*), total(passed) FROM greylist INDEXED BY greylist_passed").fetchone()
-    counts = {"pending": total - int(passed), "passed": int(passed)}
-    for passed, n in conn.execute(f"SELECT passed, count(*) FROM greylist INDEXED BY greylist_sweep "
-                                  f"WHERE {_EXPIRED} GROUP BY passed", (now, now)):
-        counts["passed" if passed else "pending"] -= n
-    return counts
+    # one statement, so one snapshot: a sweep committed between two would be subtracted
+    # from a total that still held its rows
+    total, passed, expired, expired_passed = conn.execute(
+        "SELECT * FROM (SELECT count(*), total(passed) FROM greylist INDEXED BY greylist_passed), "
+        f"(SELECT count(*), total(passed) FROM greylist INDEXED BY greylist_sweep WHERE {_EXPIRED})",
+        (now, now)).fetchone()
+    live_passed = int(passed) - int(expired_passed)
+    return {"pending": total - expired - live_passed, "passed": live_passed}
 
 
 def _count(conn, name: str, by: int = 1) -> None:
@@ -1044,16 +1046,12 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
             if dry_run:
                 return conn.execute(f"SELECT count(*) FROM greylist INDEXED BY greylist_sweep WHERE {_EXPIRED}",
                                     (now, now)).fetchone()[0], allows
-            while True:  # first the live rows out of the way: each batch below would walk over them
-                with write_transaction(conn):
-                    if _advance(conn, now) < BATCH:
-                        break
             total = 0
-            while True:
+            while True:  # a batch of each per transaction: the write lock is never held long
                 with write_transaction(conn):
-                    n = _delete_expired(conn, now)
-                total += n
-                if n < BATCH:
+                    advanced, deleted = _advance(conn, now), _delete_expired(conn, now)
+                total += deleted
+                if advanced < BATCH and deleted < BATCH:
                     break
             with write_transaction(conn):
                 conn.execute("DELETE FROM greylist_allow WHERE expires IS NOT NULL AND expires < ?", (now,))

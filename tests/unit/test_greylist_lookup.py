@@ -74,7 +74,12 @@ async def test_a_client_allow_entry_added_or_deleted_by_another_process_is_seen_
         a = await gate.attempt(*KEY, now=T0, params=P, client_ip=IP)
         assert (a.outcome, a.allow.key) == ("allowed", "client:4:c6336400/28")  # the longer prefix, as a fresh read finds it
         assert fresh_read(path, KEY, IP, T0)[0] == a.allow.key
-        await cli.delete(Selector(None, "198.51.100.0/28", None, None))  # both: they overlap it
+        other = sqlite3.connect(path, isolation_level=None)  # the /28 alone gone (a selector would take both)
+        other.execute("DELETE FROM greylist_allow WHERE key = 'client:4:c6336400/28'")
+        other.close()
+        a = await gate.attempt(*KEY, now=T0, params=P, client_ip=IP)  # its length no longer in use
+        assert (a.outcome, a.allow.key) == ("allowed", "client:4:c6330000/16")
+        await cli.delete(Selector(None, "198.51.100.0/28", None, None))  # the /16: it overlaps it
         a = await gate.attempt(*KEY, now=T0, params=P, client_ip=IP)
         assert (a.outcome, a.allow) == ("new", None)
         await cli.add_allow(make_allow("client", "198.51.100.8/30", T0, None))

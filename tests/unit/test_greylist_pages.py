@@ -83,12 +83,17 @@ async def test_the_auto_whitelist_count_sweep_and_purge_use_their_indexes(tmp_pa
         assert len(count) == 1 and "SEARCH greylist USING INDEX greylist_passed (client=? AND passed=?)" \
             in plan(path, count[0])
         store._sweep(store.db._loop_conn, T0)  # as attempt's periodic sweep, on this connection
+        # purge runs on the database thread: trace that connection too (set on its thread)
+        await store.db.run(lambda conn: conn.set_trace_callback(statements.append))
         await store.purge(T0 + 10 * 86400, dry_run=True)
+        await store.purge(T0 + 10 * 86400)
     finally:
         await store.close()
     swept = [s for s in statements if s.startswith(("UPDATE greylist SET sweep_at", "DELETE FROM greylist "))]
-    assert len(swept) == 2
-    for sql in swept:
+    assert len(swept) == 4  # the sweep's two, purge's two
+    counted = [s for s in statements if "greylist INDEXED BY greylist_sweep" in s and "count(*)" in s]
+    assert len(counted) == 1  # purge's dry run
+    for sql in swept + counted:
         assert "SEARCH greylist USING INDEX greylist_sweep (sweep_at<?)" in plan(path, sql)
     conn = sqlite3.connect(path)
     statements = []
@@ -96,8 +101,9 @@ async def test_the_auto_whitelist_count_sweep_and_purge_use_their_indexes(tmp_pa
     greylist_live_counts(conn, T0)
     conn.close()
     plans = [plan(path, s) for s in statements if "count(*)" in s]
+    assert len(plans) == 1  # one statement: one snapshot
     assert "SCAN greylist USING COVERING INDEX greylist_passed" in plans[0]
-    assert "SEARCH greylist USING INDEX greylist_sweep (sweep_at<?)" in plans[1]
+    assert "SEARCH greylist USING INDEX greylist_sweep (sweep_at<?)" in plans[0]
 
 
 async def test_sweep_and_purge_drop_exactly_the_expired_rows(tmp_path):
