@@ -236,49 +236,29 @@ EACH = ["XCLIENT", "EHLO", "MAIL", "RCPT", "DATA"]  # a client, EHLO-greeted
 HELO_EACH = ["XCLIENT", "HELO", "MAIL", "RCPT", "DATA"]
 
 
+# The relay's closings, by RELAY's scenario: the reasons counted (each pool closed at the
+# end: no idle session left) and each downstream session's commands.
+CLOSINGS = {
+    # taken (the idle gauge went down), then closed mid-check: counted, so that the sessions
+    # taken are those reused plus those closed; closed at once, no QUIT after the XCLIENT
+    "client_left": ({"client_left": 1}, [["EHLO"] + EACH + ["XCLIENT"]]),
+    "reload_to_off": ({"reload": 1}, [["EHLO"] + EACH + ["QUIT"]]),
+    "shutdown": ({"shutdown": 2}, [["EHLO"] + EACH + ["QUIT"], ["EHLO"] + HELO_EACH + ["QUIT"]]),
+    # a HELO client's session the pool would not keep: no EHLO asked, the pool's reason
+    "helo_used_up": ({"max_uses": 1}, [["EHLO"] + HELO_EACH + ["QUIT"]]),
+    "helo_reloaded_full": ({"reload": 2, "shutdown": 1}, [
+        ["EHLO"] + EACH + ["QUIT"], ["EHLO"] + HELO_EACH + ["QUIT"], ["EHLO"] + EACH + ["QUIT"]]),
+    # the one way a session reaches give() once the pool keeps none: a drain while the
+    # gate's own EHLO was out (give() asks the pool's refusal again)
+    "shutdown_during_ehlo": ({"shutdown": 1}, [["EHLO"] + HELO_EACH + ["EHLO", "QUIT"]]),
+}
+
+
 @pytest.mark.timeout(90)
-def test_a_client_leaving_during_the_reuse_check_counts_client_left():
-    """The pooled session was taken (the idle gauge went down) and then closed mid-check:
-    counted, so that taken = reused + closed still holds."""
-    seen = drive(RELAY, "client_left")
-    assert seen["closed"] == {reason("client_left"): 1}
+@pytest.mark.parametrize("scenario", CLOSINGS)
+def test_each_session_the_relay_closes_instead_of_giving_back_is_counted(scenario):
+    closed, sessions = CLOSINGS[scenario]
+    seen = drive(RELAY, scenario)
+    assert seen["closed"] == {reason(name): n for name, n in closed.items()}
     assert seen["idle"] == 0
-    assert seen["sessions"] == [["EHLO"] + EACH + ["XCLIENT"]]  # closed, no QUIT after it
-
-
-@pytest.mark.timeout(90)
-def test_a_session_in_use_at_a_reload_turning_the_pool_off_counts_reload():
-    seen = drive(RELAY, "reload_to_off")
-    assert seen["closed"] == {reason("reload"): 1}
-    assert seen["sessions"] == [["EHLO"] + EACH + ["QUIT"]]
-
-
-@pytest.mark.timeout(90)
-def test_sessions_in_use_at_a_shutdown_count_shutdown_and_ask_nothing():
-    seen = drive(RELAY, "shutdown")
-    assert seen["closed"] == {reason("shutdown"): 2}
-    assert seen["sessions"] == [["EHLO"] + EACH + ["QUIT"], ["EHLO"] + HELO_EACH + ["QUIT"]]
-
-
-@pytest.mark.timeout(90)
-def test_a_helo_clients_used_up_session_is_not_asked_with_an_ehlo():
-    seen = drive(RELAY, "helo_used_up")
-    assert seen["closed"] == {reason("max_uses"): 1}
-    assert seen["sessions"] == [["EHLO"] + HELO_EACH + ["QUIT"]]
-
-
-@pytest.mark.timeout(90)
-def test_a_helo_clients_session_from_before_a_reload_counts_reload_not_pool_full():
-    seen = drive(RELAY, "helo_reloaded_full")
-    assert seen["closed"] == {reason("reload"): 2, reason("shutdown"): 1}
-    assert seen["sessions"] == [["EHLO"] + EACH + ["QUIT"], ["EHLO"] + HELO_EACH + ["QUIT"],
-                                ["EHLO"] + EACH + ["QUIT"]]
-
-
-@pytest.mark.timeout(90)
-def test_a_shutdown_during_a_helo_clients_ehlo_check_counts_shutdown():
-    """The one way a session reaches the pool once it no longer keeps any: a drain while
-    the gate's own EHLO was out (give() asks the pool's refusal again)."""
-    seen = drive(RELAY, "shutdown_during_ehlo")
-    assert seen["closed"] == {reason("shutdown"): 1}
-    assert seen["sessions"] == [["EHLO"] + HELO_EACH + ["EHLO", "QUIT"]]
+    assert seen["sessions"] == sessions
