@@ -7,10 +7,12 @@ the health check: a session that fails it is closed and the next one (or a new c
 is used, so a dead pooled session never reaches a client. A session is held by one client
 at a time (taking removes it), lives at most ``max_uses`` clients, waits at most ``idle``
 seconds, and the pool keeps at most ``size`` of them. A reload (``renew``), a drain or a
-shutdown (``close``) closes the idle ones; sessions in use then close when given back.
+shutdown (``close``) closes the idle ones; sessions in use then close when their client
+leaves (``refusal``, asked by relay.py before its own checks).
 
 Metrics (metrics.py, when ``metrics:`` is set): the idle sessions now, and every session
-closed instead of reused, by one of the reasons below (docs/operations.md lists them).
+closed instead of reused, by one of the reasons below (docs/operations.md lists them),
+counted here only: ``discard`` closes and counts, for the pool and for relay.py's checks.
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ from .. import metrics
 IDLE = "idle"  # unused for ``idle`` seconds
 MAX_USES = "max_uses"  # served ``max_uses`` clients
 CHECK_FAILED = "check_failed"  # failed its check (XCLIENT + greeting, RSET, the gate's EHLO)
+CLIENT_LEFT = "client_left"  # taken, and its client left during that check (relay.py)
 NO_XCLIENT = "no_xclient"  # the downstream no longer offers XCLIENT to it (relay.py)
 DOWNSTREAM_CLOSED = "downstream_closed"  # the downstream closed it while it waited
 POOL_FULL = "pool_full"  # given back to a pool already holding ``size``
 RELOAD = "reload"  # opened under the configuration before a reload
-SHUTDOWN = "shutdown"  # a drain or shutdown
+SHUTDOWN = "shutdown"  # idle, or its client leaving, at a drain or shutdown
 
 
 @dataclass(eq=False)
@@ -79,35 +82,39 @@ class SessionPool:
             if now - entry.idle_since <= self.idle and entry.smtp.is_connected:
                 taken = entry
                 break
-            self._retire(entry, _why_stale(entry))
+            self.discard(entry, _why_stale(entry))
         metrics.pool_idle(len(self._idle))
         return taken
 
     def give(self, entry: Pooled) -> None:
-        """Back from a client: kept for the next one, or closed (pool full or closed, used up,
-        from before a reload, the connection gone)."""
+        """Back from a client: kept for the next one, or closed (``refusal``; asked again here:
+        a reload or a shutdown may have come while relay.py checked it), the oldest idle one
+        making room when the pool is full."""
+        refused = self.refusal(entry)
         entry.uses += 1
-        refused = self._refusal(entry)
         if refused:
-            self._retire(entry, refused)
+            self.discard(entry, refused)
             return
         entry.idle_since = time.monotonic()
         self._idle.append(entry)
         while len(self._idle) > self.size:
-            self._retire(self._idle.pop(0), POOL_FULL)
+            self.discard(self._idle.pop(0), POOL_FULL)
         metrics.pool_idle(len(self._idle))
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(self.idle, self._sweep)
 
-    def _refusal(self, entry: Pooled) -> str | None:
-        """Why a session given back is not kept (a reason above), or None."""
+    def refusal(self, entry: Pooled) -> str | None:
+        """Why a session whose client is leaving would not be kept (a reason above), or None.
+        relay.py asks before its own checks: a session the pool closes anyway costs no EHLO
+        and is counted under this reason, not under the check's."""
         if self._closed:
             return SHUTDOWN
-        if entry.generation != self.generation or not self.enabled:  # size 0 only by a reload
+        # a session is the pool's only when opened with it on: off now means a reload
+        if entry.generation != self.generation or not self.enabled:
             return RELOAD
         if not entry.smtp.is_connected:
             return DOWNSTREAM_CLOSED
-        if entry.uses >= self.max_uses:
+        if entry.uses + 1 >= self.max_uses:  # this client was its last
             return MAX_USES
         return None
 
@@ -131,7 +138,7 @@ class SessionPool:
         expired = [e for e in self._idle if e.idle_since < cutoff]
         self._idle = [e for e in self._idle if e.idle_since >= cutoff]
         for entry in expired:
-            self._retire(entry, _why_stale(entry))
+            self.discard(entry, _why_stale(entry))
         metrics.pool_idle(len(self._idle))
         if self._idle:
             wait = self._idle[0].idle_since + self.idle - time.monotonic()
@@ -140,14 +147,17 @@ class SessionPool:
     def _retire_all(self, reason: str) -> None:
         entries, self._idle = self._idle, []
         for entry in entries:
-            self._retire(entry, reason)
+            self.discard(entry, reason)
         metrics.pool_idle(0)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
 
-    def _retire(self, entry: Pooled, reason: str) -> None:
-        """QUIT in the background (Postfix logs a clean disconnect, not a lost connection)."""
+    def discard(self, entry: Pooled, reason: str) -> None:
+        """Close a session instead of reusing it, counted under ``reason`` (one above). One
+        still connected says QUIT in the background (Postfix logs a clean disconnect, not a
+        lost connection); one its caller closed already (a failed or cut exchange, where a
+        reply may still come) is only counted."""
         metrics.pool_closed(reason)
         if not entry.smtp.is_connected:
             entry.smtp.close()

@@ -28,7 +28,7 @@ from ..mail.reply import Reply
 from . import pipelining
 from .datadecoder import normalise_line_ends
 from .idletimer import ReplyDeadline
-from .pool import CHECK_FAILED, NO_XCLIENT, POOL_FULL, Pooled, SessionPool
+from .pool import CHECK_FAILED, CLIENT_LEFT, NO_XCLIENT, POOL_FULL, Pooled, SessionPool
 from .relay_api import Capabilities, Relay, mail_then_rcpt
 
 __all__ = ["Capabilities", "Downstream", "Relay", "failure", "farewell", "probe"]
@@ -172,10 +172,11 @@ class Downstream:
             log.info("downstream %s:%s: pooled session failed its check (%s); not used",
                      self.cfg.host, self.cfg.port, described(exc))
             smtp.close()
-            metrics.pool_closed(CHECK_FAILED)
+            self.pool.discard(entry, CHECK_FAILED)
             return False
         except BaseException:  # cancelled mid-exchange: a reply may still come; never reused
             smtp.close()
+            self.pool.discard(entry, CLIENT_LEFT)
             raise
 
     async def _connect(self, session) -> None:
@@ -196,7 +197,7 @@ class Downstream:
             smtp.close()
             raise
         self._smtp = smtp
-        if self.pool is not None:
+        if self.pool is not None and self.pool.enabled:  # opened with the pool off: never its
             self._entry = Pooled(smtp, self._generation, xclient)
 
     def _client(self) -> "aiosmtplib.SMTP":
@@ -454,58 +455,64 @@ class Downstream:
             pass  # already closed; the next transaction reconnects
 
     async def close(self) -> None:
-        """Back to the pool when its last exchange delivered a message (see ``_reusable``)
-        and the next client can be named on it; otherwise QUIT."""
+        """Back to the pool when its last exchange delivered a message (see ``_reusable``),
+        the pool would keep it and the next client can be named on it; otherwise QUIT (by
+        the pool, which counts why, when the session was its to keep)."""
         smtp, self._smtp = self._smtp, None
         entry, self._entry = self._entry, None
+        reusable, self._reusable = self._reusable, False
         self._stop_deadline()
         if smtp is None:
             return
-        if entry is not None and self._reusable and not self.in_transaction and self.pool.enabled:
-            self._reusable = False
-            if entry.xclient and self._renamable is None:
-                self._renamable = await self._renamable_after_helo(smtp, entry)  # says why not
-            elif entry.xclient and not self._renamable:
-                metrics.pool_closed(NO_XCLIENT)
-            if self._renamable or not entry.xclient:
-                self.pool.give(entry)  # it closes what it does not keep
-                log.debug("downstream %s:%s: session given back to the pool (%d idle)",
-                          self.cfg.host, self.cfg.port, len(self.pool))
-                return
-        await farewell(smtp)
+        if entry is None or not reusable or self.in_transaction:
+            await farewell(smtp)  # never the pool's to keep: not counted
+            return
+        # The pool's refusal first (shutdown, reload, used up): the checks below would
+        # only cost an EHLO and count the session under their reason instead.
+        refused = self.pool.refusal(entry) or await self._unnamable(smtp, entry)
+        if refused:
+            self.pool.discard(entry, refused)
+            return
+        self.pool.give(entry)  # it closes what it does not keep (a reload during the EHLO)
+        log.debug("downstream %s:%s: session given back to the pool (%d idle)",
+                  self.cfg.host, self.cfg.port, len(self.pool))
 
-    async def _renamable_after_helo(self, smtp, entry: Pooled) -> bool:
-        """Whether a HELO client's session may take the next client's XCLIENT: not asked
-        when the pool is full (it would only be kept by retiring another idle session);
+    async def _unnamable(self, smtp, entry: Pooled) -> str | None:
+        """Why the next client could not be named on this session with XCLIENT (a pool
+        reason), or None (also when no XCLIENT is sent: the next client's RSET checks it)."""
+        if not entry.xclient:
+            return None
+        if self._renamable is None:  # a HELO client's: its answer listed no keywords
+            return await self._unnamable_after_helo(smtp, entry)
+        return None if self._renamable else NO_XCLIENT
+
+    async def _unnamable_after_helo(self, smtp, entry: Pooled) -> str | None:
+        """Why a HELO client's session may not take the next client's XCLIENT, or None: not
+        asked when the pool is full (it would only be kept by retiring another idle session);
         known without asking when the session's own EHLO already showed it under the same
         NAME and ADDR (``Pooled.renamable_as``); else asked (``_may_rename``)."""
         if len(self.pool) >= self.pool.size:
-            metrics.pool_closed(POOL_FULL)
-            return False
+            return POOL_FULL
         if self._named is not None and entry.renamable_as == self._named:
-            return True
-        renamable = await self._may_rename(smtp)
-        entry.renamable_as = self._named if renamable else None
-        return renamable
+            return None
+        refused = await self._may_rename(smtp)
+        entry.renamable_as = None if refused else self._named
+        return refused
 
-    async def _may_rename(self, smtp) -> bool:
+    async def _may_rename(self, smtp) -> str | None:
         """After a HELO client (its answer lists no keywords): the gate's own EHLO asks
         whether the session still offers XCLIENT. Exactly what the client's EHLO would have
         told (Postfix decides by the address XCLIENT named, not by the greeting), and harmless
         here: the client's message is delivered and the next client's XCLIENT + greeting
-        replaces every attribute. Any failure: not renamable (then QUIT, or closed)."""
+        replaces every attribute. Why not (a failure: closed already), or None."""
         log.debug("downstream %s:%s: EHLO of the gate's own: is XCLIENT still offered after a HELO client?",
                   self.cfg.host, self.cfg.port)
         try:
             await smtp.ehlo(timeout=min(self.cfg.timeout, _FAREWELL_TIMEOUT))
         except FAILURES:
             smtp.close()
-            metrics.pool_closed(CHECK_FAILED)
-            return False
-        if "xclient" in smtp.esmtp_extensions:
-            return True
-        metrics.pool_closed(NO_XCLIENT)
-        return False
+            return CHECK_FAILED
+        return None if "xclient" in smtp.esmtp_extensions else NO_XCLIENT
 
     def _require(self):
         if not self.connected:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import signal
 
-from tests.process.test_metrics import get, scrape
-from tests.support.gateproc import free_port
+import yaml
+
+from tests.support.gateproc import deep_merge, free_port
 from tests.support.rawsmtp import connect, reply
+from tests.support.scrape import get, scrape
 from tests.support.waiting import wait_until
 
 MSG = b"Subject: pooled\r\n\r\nhello\r\n"
@@ -288,10 +290,12 @@ def test_an_idle_session_is_closed_after_idle(gate_factory, downstream):
 
 
 def test_metrics_count_reuse_idle_sessions_and_why_sessions_close(gate_factory, downstream):
-    """``metrics:`` with the pool on: sessions got from the pool or connected, the idle ones
-    now, and each way a session was closed instead of reused, as the scrape adds them up."""
+    """``metrics:`` with the pool on (one idle session at most): sessions got from the pool or
+    connected, the idle ones now, and each way a session was closed instead of reused, as
+    the scrape adds them up. ``idle`` is long until the last step (no session times out
+    under a slow step), which reloads with a short one."""
     mport = free_port()
-    gate = pooled(gate_factory, pool={"max_uses": 3, "idle": "5s"},
+    gate = pooled(gate_factory, pool={"size": 1, "max_uses": 3, "idle": "60s"},
                   metrics=f"127.0.0.1:{mport}")
     wait_until(lambda: get(f"http://127.0.0.1:{mport}/healthz")[0] == 200, 20, what="healthz")
     pool_figures: dict = {}
@@ -324,22 +328,55 @@ def test_metrics_count_reuse_idle_sessions_and_why_sessions_close(gate_factory, 
     figures(new=4, taken=2, idle_now=1, max_uses=1, downstream_closed=1, check_failed=1)
 
     # the client's EHLO, after XCLIENT, no longer lists XCLIENT: used, then not kept
-    downstream.replies["EHLO"] = lambda line: (
-        f"250 {downstream.hostname}\nPIPELINING\nENHANCEDSTATUSCODES" if "client.test" in line else None)
+    without_xclient = f"250 {downstream.hostname}\nPIPELINING\nENHANCEDSTATUSCODES"
+    downstream.replies["EHLO"] = lambda line: without_xclient if "client.test" in line else None
     send(gate, "s6@sender.test")
     figures(new=4, taken=3, idle_now=0, max_uses=1, downstream_closed=1, check_failed=1,
             no_xclient=1)
     del downstream.replies["EHLO"]
 
     send(gate, "s7@sender.test")
-    figures(new=5, taken=3, idle_now=1, max_uses=1, downstream_closed=1, check_failed=1,
-            no_xclient=1)
+    seen = dict(new=5, taken=3, max_uses=1, downstream_closed=1, check_failed=1, no_xclient=1)
+    figures(idle_now=1, **seen)
+
+    # HELO clients: after the delivered message the gate's own EHLO (gate.test) asks
+    delivered = len(downstream.wait_for_messages(8))
+    downstream.replies["EHLO"] = lambda line: (
+        without_xclient if len(downstream.messages) > delivered else None)
+    send_after_helo(gate, "h1@sender.test")  # on s7's session: XCLIENT not listed any more
+    seen.update(taken=4, no_xclient=2)
+    figures(idle_now=0, **seen)
+    delivered += 1
+    downstream.replies["EHLO"] = lambda line: (
+        "421 4.4.2 downstream.test closing" if len(downstream.messages) > delivered else None)
+    send_after_helo(gate, "h2@sender.test")  # a new session; its check fails
+    seen.update(new=6, check_failed=2)
+    figures(idle_now=0, **seen)
+    del downstream.replies["EHLO"]
+
+    ehlo_client, helo_client = gate.smtp(), gate.smtp()  # both at once: two new sessions
+    assert helo_client.helo()[0] == 250
+    for n, c in enumerate((ehlo_client, helo_client)):
+        assert c.sendmail(f"f{n}@sender.test", ["user@example.com"], MSG) == {}
+    ehlo_client.quit()  # kept: the pool (of one) is full
+    seen.update(new=8)
+    figures(idle_now=1, **seen)
+    helo_client.quit()  # not kept, and not asked with an EHLO
+    seen.update(pool_full=1)
+    figures(idle_now=1, **seen)
+    last = downstream.sessions[-1]
+    wait_until(lambda: last.closed, 5, what="the HELO client's session closed")
+    assert verbs(last)[-3:] == ["RCPT", "DATA", "QUIT"]
+
+    # a reload with a short idle: the idle session goes, and the next one waits 200ms only
     logged = len(gate.log_text())
+    shorter = deep_merge(gate.config, {"downstream": {"pool": {"idle": "200ms"}}})
+    gate.config_path.write_text(yaml.safe_dump(shorter, sort_keys=False))
     gate.send_signal(signal.SIGHUP)
     gate.wait_for_log("configuration reloaded", start=logged)
-    figures(new=5, taken=3, idle_now=0, max_uses=1, downstream_closed=1, check_failed=1,
-            no_xclient=1, reload=1)
+    seen.update(reload=1)
+    figures(idle_now=0, **seen)
 
-    send(gate, "s8@sender.test")  # kept, then closed after idle (5s) unused
-    figures(new=6, taken=3, idle_now=0, max_uses=1, downstream_closed=1, check_failed=1,
-            no_xclient=1, reload=1, idle=1)
+    send(gate, "s8@sender.test")  # kept, then closed after idle unused
+    seen.update(new=9, idle=1)
+    figures(idle_now=0, **seen)

@@ -5,42 +5,18 @@ from __future__ import annotations
 import os
 import re
 import smtplib
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from tests.support.gateproc import free_port, wait_until
+from tests.support.scrape import get, scrape
 
 POLICIES = {
     "default.yaml": "domains: [example.com]\nrules: []\n",
     "grey.yaml": "domains: [grey.example]\nrules:\n  - greylist: {delay: 10m}\n",
 }
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no http_proxy
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$')
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with _DIRECT.open(url, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The exposition's samples as {'name{label="v",...}': value}, labels sorted."""
-    status, text = get(f"http://127.0.0.1:{port}/metrics")
-    assert status == 200, text
-    samples = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if m and not line.startswith("#"):
-            labels = ",".join(sorted(re.findall(r'\w+="[^"]*"', m.group(2) or "")))
-            samples[f"{m.group(1)}{{{labels}}}" if labels else m.group(1)] = float(m.group(3))
-    return samples
 
 
 def worker_of(gate_pid: int, gate_port: int, client_port: int) -> int | None:
@@ -67,16 +43,22 @@ def worker_of(gate_pid: int, gate_port: int, client_port: int) -> int | None:
 def test_two_workers_scraped_after_a_known_mix_then_healthz_follows_the_downstream(
         gate_factory, downstream):
     mport = free_port()
-    gate = gate_factory(policies=POLICIES, config={"workers": 2, "metrics": f"127.0.0.1:{mport}"})
+    gate = gate_factory(policies=POLICIES, config={"workers": 2, "metrics": f"127.0.0.1:{mport}",
+                                                   "downstream": {"pool": {"size": 8}}})
     assert wait_until(lambda: "listening" in get(f"http://127.0.0.1:{mport}/healthz")[1]
                       or get(f"http://127.0.0.1:{mport}/healthz")[0] == 200, 20)
     before = scrape(mport)
     workers: Counter[int] = Counter()
+    # whether each worker's last session delivered: its downstream session is then idle in
+    # that worker's pool (one at most: the sessions come one at a time)
+    keeps: dict[int | None, bool] = {}
 
     def session(rcpt: str) -> None:
         with gate.smtp() as client:  # its QUIT waits for the end hooks: metrics counted
             client.ehlo("client.test")
-            workers[worker_of(gate.pid, gate.port, client.sock.getsockname()[1])] += 1
+            worker = worker_of(gate.pid, gate.port, client.sock.getsockname()[1])
+            workers[worker] += 1
+            keeps[worker] = rcpt.endswith("example.com")
             try:
                 client.sendmail("alice@sender.test", [rcpt], b"Subject: hi\r\n\r\nhello\r\n")
             except smtplib.SMTPRecipientsRefused:
@@ -109,6 +91,8 @@ def test_two_workers_scraped_after_a_known_mix_then_healthz_follows_the_downstre
     assert delta("smtpgate_downstream_data_duration_seconds_count") == delivered
     assert after["smtpgate_quarantine_messages"] == 0
     assert delta("smtpgate_store_errors_total") == 0
+    # a gauge of each live worker's, added up by the scrape (given back as its client left)
+    assert wait_until(lambda: scrape(mport)["smtpgate_downstream_pool_idle"] == sum(keeps.values()), 10), keeps
 
     assert get(f"http://127.0.0.1:{mport}/healthz") == (200, "ok\n")
     downstream.stop()

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from tests.process.test_greylist_process import send
-from tests.process.test_metrics import get, scrape
 from tests.support import redisproc
 from tests.support.gateproc import free_port, wait_until
+from tests.support.scrape import get, scrape
 
 POLICIES = {"default.yaml": "domains: [example.com]\nrules:\n  - senders: {}\n  - greylist: {delay: 2s}\n"}
 
