@@ -27,6 +27,28 @@ LIMITS_SCHEMA: tuple[tuple[str, ...], ...] = (
 _RATE_COLUMNS = "kind, value, span, bucket, previous, current"  # span: the window
 
 
+_INSERT = ("INSERT OR REPLACE INTO limits_rates (kind, value, span, bucket, previous, current, expires) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?)")
+_COUNT = "UPDATE limits_rates SET current = ? WHERE kind = ? AND value = ? AND span = ?"
+_MOVE = ("UPDATE limits_rates SET bucket = ?, previous = ?, current = ?, expires = ? "
+         "WHERE kind = ? AND value = ? AND span = ?")
+
+
+def _write(conn, old: Counter | None, new: Counter) -> None:
+    """Store ``new`` over ``old`` (the row as read in this transaction, None: no row).
+    Within one bucket only ``current`` is set: SQLite then leaves the expires index alone
+    (INSERT OR REPLACE deleted and re-inserted the row and its index entry: at 1M rows one
+    more scattered page per counter and hit, copied back by the checkpoint); ``expires``
+    moves only with the bucket."""
+    key = (new.kind, new.value, new.window)
+    if old is None:
+        conn.execute(_INSERT, (*key, new.bucket, new.previous, new.current, new.expires))
+    elif old.bucket == new.bucket:
+        conn.execute(_COUNT, (new.current, *key))
+    else:
+        conn.execute(_MOVE, (new.bucket, new.previous, new.current, new.expires, *key))
+
+
 class SqliteLimitsStore(SqliteComponentStore, LimitsStore):
     component = COMPONENT
     schema = LIMITS_SCHEMA
@@ -42,10 +64,9 @@ class SqliteLimitsStore(SqliteComponentStore, LimitsStore):
                                        "AND span = ?", (check.kind, check.value, check.window)).fetchone()
                     stored.append(Counter(*row) if row else None)
                 outcome, writes = decide(stored, checks, now)
-                conn.executemany("INSERT OR REPLACE INTO limits_rates (kind, value, span, bucket, previous, "
-                                 "current, expires) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                 [(c.kind, c.value, c.window, c.bucket, c.previous, c.current, c.expires)
-                                  for c in writes])
+                was = {(c.kind, c.value, c.window): c for c in stored if c is not None}
+                for c in writes:
+                    _write(conn, was.get((c.kind, c.value, c.window)), c)
             return outcome
         outcome = await self._write(run)
         if self._sweep_due(now):
@@ -143,10 +164,8 @@ class SqliteLimitsStore(SqliteComponentStore, LimitsStore):
 
         def write(conn):
             with write_transaction(conn):
-                conn.executemany("INSERT OR REPLACE INTO limits_rates (kind, value, span, bucket, previous, current, "
-                                 "expires) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                 [(c.kind, c.value, c.window, c.bucket, c.previous, c.current, c.expires)
-                                  for c in kept])
+                conn.executemany(_INSERT, [(c.kind, c.value, c.window, c.bucket, c.previous, c.current, c.expires)
+                                           for c in kept])
         if kept:
             await self._run(write)
         return TallyCounter(counters=len(kept), skipped=len(items) - len(kept))

@@ -14,6 +14,7 @@ from smtpgate.stores import Params, Selector
 from smtpgate.stores.greylist import GRACE
 from smtpgate.stores.sqlite_store import GREYLIST_SCHEMA, SqliteDatabase, SqliteGreylistStore, greylist_live_counts
 from tests.support.constants import T0
+from tests.support.sqlite_plans import btrees_written, plan, traced
 
 P = Params(delay=300, retry_window=2 * 86400, pass_ttl=35 * 86400, auto_whitelist_after=0)
 C, S, R = "192.0.2.0/24", "alice@sender.example", "bob@example.com"
@@ -28,31 +29,6 @@ async def passed(store, key, now, params=P):
     """A triplet passed at ``now``: first seen ``delay`` before."""
     await store.attempt(*key, now=now - params.delay, params=params)
     assert (await store.attempt(*key, now=now, params=params)).outcome == "passed_now"
-
-
-def traced(store) -> list[str]:
-    """The statements the store's loop connection runs from now on (expanded)."""
-    statements: list[str] = []
-    store.db._loop_conn.set_trace_callback(statements.append)
-    return statements
-
-
-def plan(path, sql: str) -> str:
-    conn = sqlite3.connect(path)
-    try:
-        return " | ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
-    finally:
-        conn.close()
-
-
-def btrees_written(path, sql: str) -> set[str]:
-    """The tables and indexes ``sql`` opens for writing (its OpenWrite cursors' root pages)."""
-    conn = sqlite3.connect(path)
-    try:
-        roots = {page: name for name, page in conn.execute("SELECT name, rootpage FROM sqlite_master")}
-        return {roots[p2] for _, op, _, p2, *_ in conn.execute("EXPLAIN " + sql) if op == "OpenWrite"}
-    finally:
-        conn.close()
 
 
 async def test_a_refresh_of_a_passed_triplet_writes_its_row_alone(tmp_path):
