@@ -469,7 +469,12 @@ class Downstream:
             return
         # The pool's refusal first (shutdown, reload, used up): the checks below would
         # only cost an EHLO and count the session under their reason instead.
-        refused = self.pool.refusal(entry) or await self._unnamable(smtp, entry)
+        try:
+            refused = self.pool.refusal(entry) or await self._unnamable(smtp, entry)
+        except BaseException:  # cancelled during the gate's EHLO (the client left): a reply may still come
+            smtp.close()
+            self.pool.discard(entry, CLIENT_LEFT)
+            raise
         if refused:
             self.pool.discard(entry, refused)
             return

@@ -180,6 +180,26 @@ RELAY = PREPARE + textwrap.dedent('''
         await closing  # XCLIENT offered, but the pool no longer keeps sessions
         await pool.close(timeout=5)
 
+    async def client_left_during_ehlo(ds):
+        pool = SessionPool(size=2, idle=60, max_uses=100, farewell=relay.farewell)
+        down = await delivered(ds, pool, esmtp=False)
+        ds.stall_at = "EHLO"
+        closing = asyncio.ensure_future(down.close())  # its EHLO: is XCLIENT still offered?
+        await until(ds, lambda: ds.stalled == 1, "the gate's EHLO stalled")
+        closing.cancel()  # the client's task cancelled while it waits
+        try:
+            await closing
+        except asyncio.CancelledError:
+            pass
+        await pool.close(timeout=5)
+
+    async def opened_with_the_pool_off(ds):
+        pool = SessionPool(size=0, idle=60, max_uses=100, farewell=relay.farewell)
+        down = await delivered(ds, pool)
+        pool.renew(size=2, idle=60, max_uses=100)  # a reload turning the pool on
+        await down.close()  # never the pool's: QUIT, not counted
+        await pool.close(timeout=5)
+
     async def main():
         with CapturingDownstream() as ds:
             before = scrape()
@@ -251,6 +271,10 @@ CLOSINGS = {
     # the one way a session reaches give() once the pool keeps none: a drain while the
     # gate's own EHLO was out (give() asks the pool's refusal again)
     "shutdown_during_ehlo": ({"shutdown": 1}, [["EHLO"] + HELO_EACH + ["EHLO", "QUIT"]]),
+    # the client left while the gate's own EHLO was out: closed at once, counted
+    "client_left_during_ehlo": ({"client_left": 1}, [["EHLO"] + HELO_EACH + ["EHLO"]]),
+    # opened while the pool was off: never the pool's, whatever a reload did meanwhile
+    "opened_with_the_pool_off": ({}, [["EHLO"] + EACH + ["QUIT"]]),
 }
 
 
