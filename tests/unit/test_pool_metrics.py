@@ -123,19 +123,25 @@ RELAY = PREPARE + textwrap.dedent('''
     async def until(ds, predicate, what):
         await asyncio.to_thread(ds.wait_for, predicate, 5, what)
 
+    async def cancelled_at(ds, verb, step):
+        """Run ``step`` until the downstream holds its answer to ``verb``, then cancel it (the
+        client's task, as when the client leaves)."""
+        ds.stall_at = verb
+        task = asyncio.ensure_future(step)
+        await until(ds, lambda: ds.stalled == 1, f"{verb} stalled")
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
     async def client_left(ds):
         pool = SessionPool(size=2, idle=60, max_uses=100, farewell=relay.farewell)
         await (await delivered(ds, pool)).close()  # kept
-        ds.stall_at = "XCLIENT"
         second = relay.Downstream(dataclasses.replace(CFG.downstream, host=ds.host, port=ds.port,
                                                       timeout=30), CFG.hostname, pool=pool)
-        opening = asyncio.ensure_future(second.open(client()))
-        await until(ds, lambda: ds.stalled == 1, "XCLIENT stalled")
-        opening.cancel()  # the client left while its pooled session answered XCLIENT
-        try:
-            await opening
-        except asyncio.CancelledError:
-            pass
+        # the client left while its pooled session answered XCLIENT
+        await cancelled_at(ds, "XCLIENT", second.open(client()))
         await pool.close(timeout=5)
 
     async def reload_to_off(ds):
@@ -183,14 +189,8 @@ RELAY = PREPARE + textwrap.dedent('''
     async def client_left_during_ehlo(ds):
         pool = SessionPool(size=2, idle=60, max_uses=100, farewell=relay.farewell)
         down = await delivered(ds, pool, esmtp=False)
-        ds.stall_at = "EHLO"
-        closing = asyncio.ensure_future(down.close())  # its EHLO: is XCLIENT still offered?
-        await until(ds, lambda: ds.stalled == 1, "the gate's EHLO stalled")
-        closing.cancel()  # the client's task cancelled while it waits
-        try:
-            await closing
-        except asyncio.CancelledError:
-            pass
+        # the client left while the gate's EHLO (is XCLIENT still offered?) was out
+        await cancelled_at(ds, "EHLO", down.close())
         await pool.close(timeout=5)
 
     async def opened_with_the_pool_off(ds):
