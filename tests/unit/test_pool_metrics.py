@@ -286,3 +286,15 @@ def test_each_session_the_relay_closes_instead_of_giving_back_is_counted(scenari
     assert seen["closed"] == {reason(name): n for name, n in closed.items()}
     assert seen["idle"] == 0
     assert seen["sessions"] == sessions
+
+
+def test_every_reason_the_pool_counts_is_documented():
+    """docs/operations.md's metrics table names each reason smtp/pool.py can count."""
+    from smtpgate.smtp import pool
+
+    reasons = {value for name, value in vars(pool).items() if name.isupper() and isinstance(value, str)}
+    row = next(line for line in (ROOT / "docs" / "operations.md").read_text().splitlines()
+               if line.startswith("| `smtpgate_downstream_pool_closed_total`"))
+    assert reasons == {"idle", "max_uses", "check_failed", "client_left", "no_xclient", "downstream_closed",
+                       "pool_full", "reload", "shutdown"}
+    assert [r for r in sorted(reasons) if f"`{r}` (" not in row] == []
