@@ -794,6 +794,12 @@ def _advance(conn, before: float) -> int:
                         f"INDEXED BY greylist_sweep WHERE {_EARLY} LIMIT ?)", (before, before, BATCH)).rowcount
 
 
+def _sweep_batch(conn, before: float) -> tuple[int, int]:
+    """One batch of the sweep (in the caller's transaction): live rows the index holds too
+    early moved up, then expired rows deleted. (How many of each.)"""
+    return _advance(conn, before), _delete_expired(conn, before)
+
+
 def _delete_expired(conn, before: float) -> int:
     """Up to BATCH rows expired before ``before`` deleted. How many."""
     return conn.execute(f"DELETE FROM greylist WHERE ({_PK}) IN (SELECT {_PK} FROM greylist "
@@ -962,8 +968,7 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
         """Drop rows expired for longer than GRACE, a bounded batch at a time (after moving
         up a batch of the live rows the index puts before them)."""
         with write_transaction(conn):
-            _advance(conn, before)
-            _delete_expired(conn, before)
+            _sweep_batch(conn, before)
             conn.execute("DELETE FROM greylist_allow WHERE expires IS NOT NULL AND expires < ?", (before,))
 
     # -- reads -------------------------------------------------------------------------
@@ -1049,7 +1054,7 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
             total = 0
             while True:  # a batch of each per transaction: the write lock is never held long
                 with write_transaction(conn):
-                    advanced, deleted = _advance(conn, now), _delete_expired(conn, now)
+                    advanced, deleted = _sweep_batch(conn, now)
                 total += deleted
                 if advanced < BATCH and deleted < BATCH:
                     break
