@@ -8,6 +8,7 @@ file uninspectable (so it is blocked unless ``uninspectable: allow``), never pas
 from __future__ import annotations
 
 import base64
+import functools
 import itertools
 import logging
 import re
@@ -151,21 +152,26 @@ def scan(raw: bytes, settings: Settings) -> Report:
 class _Scanner:
     def __init__(self, settings: Settings):
         self.s = settings
-        self.budget = archives.Budget(settings.archive_max_entries, settings.archive_max_size,
-                                      settings.archive_max_ratio)
+
+    @functools.cached_property
+    def budget(self) -> archives.Budget:
+        """The message's archive budget, made when its first archive is opened (most mail has none)."""
+        s = self.s
+        return archives.Budget(s.archive_max_entries, s.archive_max_size, s.archive_max_ratio)
 
     # --- one MIME part -------------------------------------------------------------------
     def part(self, part: Part) -> tuple[list[str], str]:
         types = part.get_all("content-type")
         dispositions = part.get_all("content-disposition")
-        names = raw_names(dispositions + types)
+        names = raw_names(dispositions + types) if types or dispositions else []  # (no field: none)
         shown = display(names[0]) if names else ""
         reasons: list[str] = []
         for name in names:
             prefix = "" if display(name) == shown else f"{display(name)}: "
             reasons += [prefix + r for r in self.name(name)]
-        declared = {part.ctype, *(v.split(";", 1)[0].strip().lower() for v in types)}
-        for ctype in sorted(declared):
+        declared = sorted({part.ctype, *(v.split(";", 1)[0].strip().lower() for v in types)}) \
+            if types else (part.ctype,)
+        for ctype in declared:
             if self._type_banned(ctype):
                 reasons.append(f"declared type {ctype}")
         if part.is_message or (part.is_multipart and part.children):
