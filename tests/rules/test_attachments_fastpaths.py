@@ -351,7 +351,9 @@ def fields_the_long_way(buf: bytes, start: int, end: int, max_header: int):
 @settings(max_examples=1000, deadline=None)
 @given(st.lists(st.sampled_from([b"Subject: hi", b"X-A:", b"To :  <a@b>  ", b"Bad Name: x", b" folded",
                                  b"\tmore  ", b"", b"\r", b"caf\xc3\xa9: \xe9t\xc3\xa9", b"Content-Type: text/plain",
-                                 b"body line", b"K:\r\xffv"]), max_size=8),
+                                 b"body line", b"K:\r\xffv",
+                                 # (spaces the text's strip() takes and " \t" does not)
+                                 b"X-N: \xc2\xa0v\xc2\xa0 ", b"X-L: \xa0w\x85\t", b"X-C: \x0bz\x0c \x1c"]), max_size=8),
        st.lists(st.sampled_from([b"\r\n", b"\n", b"\r\r\n"]), min_size=8, max_size=8),
        st.sampled_from([b"", b"\r\n", b"\n"]), st.integers(0, 6), st.integers(0, 200))
 def test_plain_header_blocks_read_as_the_long_way_reads_them(lines, breaks, tail, cut, max_header):
