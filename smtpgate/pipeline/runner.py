@@ -65,37 +65,44 @@ def _arguments(stage: str, args: tuple) -> dict:
     return out
 
 
-def _call(hook, hook_name: str, stage: str, args: tuple):
-    """Call ``hook`` (the rule's bound hook) with the arguments it names (checked against
-    HOOKS at load time); a hook with the documented positional signature gets the caller's
-    ``args`` as they are."""
-    fn = getattr(hook, "__func__", None)
-    if fn is None:  # not a method (set on the instance): the documented positional order
-        return hook(*args)
-    key = (fn, hook_name)  # by function: a hook set on one instance is looked at on its own
-    names = _NAMES.get(key, False)
-    if names is False:
-        names = hook_parameters(fn)
-        names = _NAMES[key] = None if names == SIGNATURES[hook_name] else names
+def prepare(rules, stage: str) -> tuple[tuple, ...]:
+    """What ``run_stage`` (or ``run_delivered``/``run_end``) calls at ``stage``, made once per
+    policy (its rules are a fixed tuple), not per call: ``(rule, bound hook, argument names)``
+    of the rules that have the hook, in order; the names are None for a hook with the
+    documented positional signature, or a plain function set on the instance (both get the
+    caller's ``args`` as they are), else those it asks for (checked against HOOKS at load)."""
+    hook_name = _HOOK[stage]
+    out = []
+    for rule in rules:
+        hook = getattr(rule, hook_name, None)
+        if hook is None:
+            continue
+        fn = getattr(hook, "__func__", None)
+        names = None if fn is None else hook_parameters(fn)
+        out.append((rule, hook, None if names is None or names == SIGNATURES[hook_name] else names))
+    return tuple(out)
+
+
+def _call(hook, names, stage: str, args: tuple):
+    """Call a prepared hook with the arguments it takes."""
     if names is None:
         return hook(*args)
     available = _arguments(stage, args)
     return hook(**{n: available[n] for n in names})
 
 
-# (hook function, hook name) -> the argument names it asks for (None: the documented ones)
-_NAMES: dict[tuple, tuple[str, ...] | None] = {}
-
-
-async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
-                    message=None, recipient: str | None = None, skip=()) -> Verdict | None:
-    """Call ``on_<stage>`` of each rule in order; return the first decisive verdict.
+async def run_stage(hooks, stage: str, args: tuple, trace: list[TraceEntry], *,
+                    message=None, recipient: str | None = None) -> Verdict | None:
+    """Call each prepared hook of ``stage`` in order (``hooks``: ``prepare``'s, kept by the
+    policy); return the first decisive verdict.
 
     ``accept`` ends the stage early (later rules of this stage do not run) and is returned so
-    the caller can tell a whitelist from "no opinion". ``skip`` holds rule instances that
-    already ran this hook for this transaction (inherited by a domain policy from the session
-    policy), so no hook runs twice.
+    the caller can tell a whitelist from "no opinion". A domain policy's ``on_mail`` hooks
+    leave out the rules it inherited from the session policy (``PolicySet.own_mail``), which
+    already ran them for this transaction, so no hook runs twice.
     """
+    if not hooks:
+        return None
     hook_name = _HOOK[stage]
     # The transaction's results from MAIL on, the session's at CONNECT and HELO.
     tx = args[0] if stage not in ("connect", "helo") else None
@@ -103,10 +110,8 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
     results = tx.results if tx is not None else args[0].results
     slot = _ENVELOPE.get(stage)
     target = (tx if stage == "mail" else args[1]) if slot else None
-    for rule in rules:
-        hook = getattr(rule, hook_name, None)
-        if hook is None or (skip and rule in skip):
-            continue
+    journal = results._journal
+    for rule, hook, names in hooks:
         shadow = rule.mode == "shadow"
         if skipped and rule.name in skipped:  # tx.skip(): e.g. a sender state skips greylisting
             trace.append(TraceEntry(stage, rule.name, "continue", f"skipped: {skipped[rule.name]}",
@@ -120,12 +125,12 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
         before = getattr(target, slot[2]) if slot else None
         skips_before = dict(skipped) if shadow and skipped is not None else None
         results._current = (rule.name, shadow)
-        reported_from = len(results._journal)
+        reported_from = len(journal)
         if message is not None:
             message._current_rule = rule.name
         started = perf_counter()
         try:
-            verdict = await _call(hook, hook_name, stage, args)
+            verdict = await (hook(*args) if names is None else _call(hook, names, stage, args))
             if verdict is not None and not isinstance(verdict, Verdict):
                 raise TypeError(f"hook returned {type(verdict).__name__}, expected Verdict or None")
             if seal is not None:
@@ -147,18 +152,19 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
             if message is not None:
                 message._current_rule = None
         ms = (perf_counter() - started) * 1000
-        reported = _reported(results, reported_from)
+        results._current = None  # _reported's work, inline: once per rule per stage
+        reported = results.since(reported_from) if len(journal) > reported_from else None
         # The trace names what the rule changed (envelope address, header edits), so a rule
         # that only rewrites, returning None, still leaves a reason; a shadow rule's changes
         # are named, then undone. (Nothing changed, the usual case: no string work.)
-        if seal is not None and not shadow and (verdict is None or verdict.action == ACCEPT):
+        if seal is not None and len(seal) and not shadow and (verdict is None or verdict.action == ACCEPT):
             message._current_rule = rule.name  # the changes are the rule's, in the trace
             message.prepend_fields(seal.fields)  # checked when staged: cannot fail half-way
             message._current_rule = None
         changed_text = None
         edited = mark is not None and len(message.changes) > mark[1]
         moved = slot is not None and getattr(target, slot[2]) != before
-        staged_in_shadow = seal is not None and shadow and len(seal) > 0
+        staged_in_shadow = shadow and seal is not None and len(seal) > 0
         if edited or moved or staged_in_shadow:
             changed = []
             if moved:
@@ -209,33 +215,31 @@ def _undo_skips(tx, before: dict | None, rule=None) -> None:
     tx.skipped.update(before)
 
 
-async def _observe(rules, stage: str, tx, reply, trace: list[TraceEntry], keep_text: bool) -> None:
-    """``on_delivered`` / ``on_end``: hooks that only observe; a crash is logged and traced."""
-    hook_name = _HOOK[stage]
+async def _observe(hooks, stage: str, tx, reply, trace: list[TraceEntry], keep_text: bool) -> None:
+    """``on_delivered`` / ``on_end`` (``hooks``: ``prepare``'s): hooks that only observe; a
+    crash is logged and traced."""
     results = tx.results
+    journal = results._journal
     args = (tx, reply)
-    for rule in rules:
-        hook = getattr(rule, hook_name, None)
-        if hook is None:
-            continue
+    for rule, hook, names in hooks:
         shadow = rule.mode == "shadow"
         results._current = (rule.name, shadow)
-        mark = len(results._journal)
+        mark = len(journal)
         started = perf_counter()
         try:
-            said = await _call(hook, hook_name, stage, args)
+            said = await (hook(*args) if names is None else _call(hook, names, stage, args))
             action, reason = "continue", said if keep_text and isinstance(said, str) and said else None
         except Exception as exc:
-            _log_crash(rule, hook_name, exc)
+            _log_crash(rule, _HOOK[stage], exc)
             action, reason = "error", f"{type(exc).__name__}: {exc}"
         trace.append(TraceEntry(stage, rule.name, action, reason, None,
                                 (perf_counter() - started) * 1000, shadow, None,
                                 _reported(results, mark)))
 
 
-async def run_delivered(rules, tx, reply, trace: list[TraceEntry]) -> None:
+async def run_delivered(hooks, tx, reply, trace: list[TraceEntry]) -> None:
     """``on_delivered`` hooks only observe: a crash there is logged and traced, nothing else."""
-    await _observe(rules, "delivered", tx, reply, trace, keep_text=False)
+    await _observe(hooks, "delivered", tx, reply, trace, keep_text=False)
 
 
 def publish_outcome(tx, reply) -> None:
@@ -268,8 +272,8 @@ async def run_disconnect(rules, session) -> None:
             _log_crash(rule, "on_disconnect", exc)
 
 
-async def run_end(rules, tx, reply, trace: list[TraceEntry]) -> None:
+async def run_end(hooks, tx, reply, trace: list[TraceEntry]) -> None:
     """``on_end`` hooks observe a finished transaction (whatever its outcome; ``reply`` is the
     last reply the client got for it, None when it was abandoned). A hook may return a short
     text for the trace (what it did). A crash is logged and traced, nothing else."""
-    await _observe(rules, "end", tx, reply, trace, keep_text=True)
+    await _observe(hooks, "end", tx, reply, trace, keep_text=True)
