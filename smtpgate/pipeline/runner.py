@@ -109,25 +109,30 @@ async def run_stage(hooks, stage: str, args: tuple, trace: list[TraceEntry], *,
     skipped = tx.skipped if tx is not None else None
     results = tx.results if tx is not None else args[0].results
     slot = _ENVELOPE.get(stage)
-    target = (tx if stage == "mail" else args[1]) if slot else None
+    # what the stage needs, decided once per call rather than per rule
+    target, attr = ((tx if stage == "mail" else args[1]), slot[2]) if slot else (None, None)
+    sealing = stage == "seal"
     journal = results._journal
     for rule, hook, names in hooks:
+        name = rule.name
         shadow = rule.mode == "shadow"
-        if skipped and rule.name in skipped:  # tx.skip(): e.g. a sender state skips greylisting
-            trace.append(TraceEntry(stage, rule.name, "continue", f"skipped: {skipped[rule.name]}",
+        if skipped and name in skipped:  # tx.skip(): e.g. a sender state skips greylisting
+            trace.append(TraceEntry(stage, name, "continue", f"skipped: {skipped[name]}",
                                     None, 0.0, shadow, recipient))
             continue
-        mark = message.checkpoint() if message is not None else None
+        if message is not None:
+            mark = message.checkpoint()
+            message._current_rule = name
+        else:
+            mark = None
         seal = None
-        if stage == "seal":  # a fresh one per hook: what it stages is its own, all or none
+        if sealing:  # a fresh one per hook: what it stages is its own, all or none
             seal = Seal()
             args = (args[0], seal)
-        before = getattr(target, slot[2]) if slot else None
+        before = getattr(target, attr) if attr else None
         skips_before = dict(skipped) if shadow and skipped is not None else None
-        results._current = (rule.name, shadow)
+        results._current = (name, shadow)
         reported_from = len(journal)
-        if message is not None:
-            message._current_rule = rule.name
         started = perf_counter()
         try:
             verdict = await (hook(*args) if names is None else _call(hook, names, stage, args))
@@ -140,10 +145,10 @@ async def run_stage(hooks, stage: str, args: tuple, trace: list[TraceEntry], *,
             _log_crash(rule, hook_name, exc)
             if mark is not None:
                 message.rollback(mark)
-            if slot:
-                setattr(target, slot[2], before)
+            if attr:
+                setattr(target, attr, before)
             _undo_skips(tx, skips_before)
-            trace.append(TraceEntry(stage, rule.name, "error", f"{type(exc).__name__}: {exc}",
+            trace.append(TraceEntry(stage, name, "error", f"{type(exc).__name__}: {exc}",
                                     None, ms, shadow, recipient, _reported(results, reported_from)))
             if rule.on_error == "accept" or shadow:
                 continue
@@ -158,19 +163,19 @@ async def run_stage(hooks, stage: str, args: tuple, trace: list[TraceEntry], *,
         # that only rewrites, returning None, still leaves a reason; a shadow rule's changes
         # are named, then undone. (Nothing changed, the usual case: no string work.)
         if seal is not None and len(seal) and not shadow and (verdict is None or verdict.action == ACCEPT):
-            message._current_rule = rule.name  # the changes are the rule's, in the trace
+            message._current_rule = name  # the changes are the rule's, in the trace
             message.prepend_fields(seal.fields)  # checked when staged: cannot fail half-way
             message._current_rule = None
         changed_text = None
         edited = mark is not None and len(message.changes) > mark[1]
-        moved = slot is not None and getattr(target, slot[2]) != before
+        moved = attr is not None and getattr(target, attr) != before
         staged_in_shadow = shadow and seal is not None and len(seal) > 0
         if edited or moved or staged_in_shadow:
             changed = []
             if moved:
-                changed.append(f"{slot[0]} <{before}> -> <{getattr(target, slot[2])}>")
+                changed.append(f"{slot[0]} <{before}> -> <{getattr(target, attr)}>")
                 if shadow:
-                    setattr(target, slot[2], before)
+                    setattr(target, attr, before)
             if edited:
                 changed.append(describe_changes(message.changes[mark[1]:]))
             elif staged_in_shadow:
@@ -181,17 +186,17 @@ async def run_stage(hooks, stage: str, args: tuple, trace: list[TraceEntry], *,
         if skips_before is not None:
             _undo_skips(tx, skips_before, rule)
         if shadow and changed_text:
-            log.info("shadow: rule %s would change at %s: %s (not done)", rule.name, stage, changed_text)
+            log.info("shadow: rule %s would change at %s: %s (not done)", name, stage, changed_text)
         if verdict is None:
-            trace.append(TraceEntry(stage, rule.name, "continue", changed_text, None, ms, shadow,
+            trace.append(TraceEntry(stage, name, "continue", changed_text, None, ms, shadow,
                                     recipient, reported))
             continue
         reason = "; ".join(x for x in (verdict.reason, changed_text) if x) or None
         reply = None if verdict.action == ACCEPT else str(verdict.reply(stage))
-        trace.append(TraceEntry(stage, rule.name, verdict.action, reason, reply, ms,
+        trace.append(TraceEntry(stage, name, verdict.action, reason, reply, ms,
                                 shadow, recipient, reported))
         if shadow:
-            log.info("shadow: rule %s would %s at %s: %s", rule.name, verdict.action, stage,
+            log.info("shadow: rule %s would %s at %s: %s", name, verdict.action, stage,
                      reason or "")
             continue
         return verdict
