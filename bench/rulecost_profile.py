@@ -97,8 +97,23 @@ def smtp_source_message(size: int = 10 * 1024) -> bytes:
     return head + b"\r\n".join(lines) + b"\r\n"
 
 
+def noop_rules(count: int = 4):
+    """``count`` rules with a hook at every stage that does nothing: what the framework itself
+    costs per rule per stage (the ``noop`` case against ``empty``)."""
+    from smtpgate import Rule
+    from smtpgate.pipeline.rule import SIGNATURES
+
+    hooks = {}  # each with its documented signature (the runner's plain call)
+    for hook, params in SIGNATURES.items():
+        exec(f"async def {hook}(self, {', '.join(params)}):\n    return None", hooks)
+    hooks = {hook: hooks[hook] for hook in SIGNATURES}
+    return [(type(f"Noop{i}", (Rule,), {"name": f"noop{i}", **hooks}), {}) for i in range(count)]
+
+
 def rules_of(case: str):
     from smtpgate.pipeline.plugins import PluginRegistry
+    if case == "noop":
+        return noop_rules()
     registry = PluginRegistry.load()
     table = {
         "senders": [("senders", {})],
@@ -110,7 +125,7 @@ def rules_of(case: str):
     return [(registry.get(name), opts) for name, opts in table.get(case, [])]
 
 
-CASES = ("empty", "senders", "greylist", "attachments", "rewrite", "real")
+CASES = ("empty", "noop", "senders", "greylist", "attachments", "rewrite", "real")
 STATEFUL = ("senders", "greylist", "real")  # the cases that use the stores
 
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 from ..errors import ConfigError, OptionError, Problem
 from .rule import GateContext, Rule
+from .runner import prepare
 
 if TYPE_CHECKING:  # smtpgate.config imports this module; keep the import one-way at run time
     from ..config.policies import PolicySpec, RuleEntry
@@ -25,8 +26,15 @@ class Policy:
     source: str | None = None
 
     def __post_init__(self):
-        # PolicySet.end_rules keeps what it builds from the rules: they must stay as they are
+        # PolicySet.end_hooks keeps what it builds from the rules: they must stay as they are
         object.__setattr__(self, "rules", tuple(self.rules))
+        #: stage -> its hooks as the runner calls them (``runner.prepare``), made once here
+        #: rather than at every call: the rules that have the hook, bound, with their
+        #: calling convention (a hook is read when the policy is made, as its rule's setup)
+        object.__setattr__(self, "hooks", {stage: prepare(self.rules, stage) for stage in _RUN_STAGES})
+
+
+_RUN_STAGES = ("connect", "helo", "mail", "rcpt", "data", "seal", "delivered")  # "end": PolicySet
 
 
 class PolicySet:
@@ -38,18 +46,29 @@ class PolicySet:
         self._suffix = {s: p for p in self._by_name.values() for s in p.suffixes}
         #: the policy whose rules run at CONNECT and HELO, before any recipient is known
         self.session_policy = self._by_name.get("default") or Policy("default")
-        self._end_rules: dict[Policy | None, tuple[Rule, ...]] = {}
+        self._end_hooks: dict[Policy | None, tuple] = {}
+        self._own_mail: dict[Policy, tuple] = {}
 
-    def end_rules(self, policy: Policy | None) -> tuple[Rule, ...]:
-        """The rules a transaction under ``policy`` ends with (``on_end``, in this order): the
-        session policy's, then ``policy``'s others, each instance once. Built at the first
-        transaction of each policy, not at every one (a policy's rules are a tuple: fixed)."""
-        rules = self._end_rules.get(policy)
-        if rules is None:
+    def end_hooks(self, policy: Policy | None) -> tuple:
+        """The ``on_end`` hooks a transaction under ``policy`` ends with (``runner.prepare``'s,
+        in this order): the session policy's rules, then ``policy``'s others, each instance
+        once. Built at the first transaction of each policy, not at every one (a policy's
+        rules are a tuple: fixed)."""
+        hooks = self._end_hooks.get(policy)
+        if hooks is None:
             session_rules = self.session_policy.rules
-            rules = self._end_rules[policy] = tuple(session_rules) + tuple(
-                r for r in (policy.rules if policy else ()) if r not in session_rules)
-        return rules
+            hooks = self._end_hooks[policy] = prepare(tuple(session_rules) + tuple(
+                r for r in (policy.rules if policy else ()) if r not in session_rules), "end")
+        return hooks
+
+    def own_mail(self, policy: Policy) -> tuple:
+        """``policy``'s ``on_mail`` hooks without the rules it shares with the session policy
+        (they ran at MAIL already: no hook runs twice), for its first recipient."""
+        hooks = self._own_mail.get(policy)
+        if hooks is None:
+            shared = set(self.session_policy.rules)
+            hooks = self._own_mail[policy] = tuple(h for h in policy.hooks["mail"] if h[0] not in shared)
+        return hooks
 
     def for_domain(self, domain: str) -> Policy | None:
         """Exact domain first, then the longest ``.suffix``; None: no policy governs it.

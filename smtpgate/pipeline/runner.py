@@ -65,67 +65,77 @@ def _arguments(stage: str, args: tuple) -> dict:
     return out
 
 
-def _call(hook, hook_name: str, stage: str, args: tuple):
-    """Call ``hook`` (the rule's bound hook) with the arguments it names (checked against
-    HOOKS at load time); a hook with the documented positional signature gets the caller's
-    ``args`` as they are."""
-    fn = getattr(hook, "__func__", None)
-    if fn is None:  # not a method (set on the instance): the documented positional order
-        return hook(*args)
-    key = (fn, hook_name)  # by function: a hook set on one instance is looked at on its own
-    names = _NAMES.get(key, False)
-    if names is False:
-        names = hook_parameters(fn)
-        names = _NAMES[key] = None if names == SIGNATURES[hook_name] else names
+def prepare(rules, stage: str) -> tuple[tuple, ...]:
+    """What ``run_stage`` (or ``run_delivered``/``run_end``) calls at ``stage``, made once per
+    policy (its rules are a fixed tuple), not per call: ``(rule, bound hook, argument names)``
+    of the rules that have the hook, in order; the names are None for a hook with the
+    documented positional signature, or a plain function set on the instance (both get the
+    caller's ``args`` as they are), else those it asks for (checked against HOOKS at load)."""
+    hook_name = _HOOK[stage]
+    out = []
+    for rule in rules:
+        hook = getattr(rule, hook_name, None)
+        if hook is None:
+            continue
+        fn = getattr(hook, "__func__", None)
+        names = None if fn is None else hook_parameters(fn)
+        out.append((rule, hook, None if names is None or names == SIGNATURES[hook_name] else names))
+    return tuple(out)
+
+
+def _call(hook, names, stage: str, args: tuple):
+    """Call a prepared hook with the arguments it takes."""
     if names is None:
         return hook(*args)
     available = _arguments(stage, args)
     return hook(**{n: available[n] for n in names})
 
 
-# (hook function, hook name) -> the argument names it asks for (None: the documented ones)
-_NAMES: dict[tuple, tuple[str, ...] | None] = {}
-
-
-async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
-                    message=None, recipient: str | None = None, skip=()) -> Verdict | None:
-    """Call ``on_<stage>`` of each rule in order; return the first decisive verdict.
+async def run_stage(hooks, stage: str, args: tuple, trace: list[TraceEntry], *,
+                    message=None, recipient: str | None = None) -> Verdict | None:
+    """Call each prepared hook of ``stage`` in order (``hooks``: ``prepare``'s, kept by the
+    policy); return the first decisive verdict.
 
     ``accept`` ends the stage early (later rules of this stage do not run) and is returned so
-    the caller can tell a whitelist from "no opinion". ``skip`` holds rule instances that
-    already ran this hook for this transaction (inherited by a domain policy from the session
-    policy), so no hook runs twice.
+    the caller can tell a whitelist from "no opinion". A domain policy's ``on_mail`` hooks
+    leave out the rules it inherited from the session policy (``PolicySet.own_mail``), which
+    already ran them for this transaction, so no hook runs twice.
     """
+    if not hooks:
+        return None
     hook_name = _HOOK[stage]
     # The transaction's results from MAIL on, the session's at CONNECT and HELO.
     tx = args[0] if stage not in ("connect", "helo") else None
     skipped = tx.skipped if tx is not None else None
     results = tx.results if tx is not None else args[0].results
     slot = _ENVELOPE.get(stage)
-    target = (tx if stage == "mail" else args[1]) if slot else None
-    for rule in rules:
-        hook = getattr(rule, hook_name, None)
-        if hook is None or (skip and rule in skip):
-            continue
+    # what the stage needs, decided once per call rather than per rule
+    target, attr = ((tx if stage == "mail" else args[1]), slot[2]) if slot else (None, None)
+    sealing = stage == "seal"
+    journal = results._journal
+    for rule, hook, names in hooks:
+        name = rule.name
         shadow = rule.mode == "shadow"
-        if skipped and rule.name in skipped:  # tx.skip(): e.g. a sender state skips greylisting
-            trace.append(TraceEntry(stage, rule.name, "continue", f"skipped: {skipped[rule.name]}",
+        if skipped and name in skipped:  # tx.skip(): e.g. a sender state skips greylisting
+            trace.append(TraceEntry(stage, name, "continue", f"skipped: {skipped[name]}",
                                     None, 0.0, shadow, recipient))
             continue
-        mark = message.checkpoint() if message is not None else None
+        if message is not None:
+            mark = message.checkpoint()
+            message._current_rule = name
+        else:
+            mark = None
         seal = None
-        if stage == "seal":  # a fresh one per hook: what it stages is its own, all or none
+        if sealing:  # a fresh one per hook: what it stages is its own, all or none
             seal = Seal()
             args = (args[0], seal)
-        before = getattr(target, slot[2]) if slot else None
+        before = getattr(target, attr) if attr else None
         skips_before = dict(skipped) if shadow and skipped is not None else None
-        results._current = (rule.name, shadow)
-        reported_from = len(results._journal)
-        if message is not None:
-            message._current_rule = rule.name
+        results._current = (name, shadow)
+        reported_from = len(journal)
         started = perf_counter()
         try:
-            verdict = await _call(hook, hook_name, stage, args)
+            verdict = await (hook(*args) if names is None else _call(hook, names, stage, args))
             if verdict is not None and not isinstance(verdict, Verdict):
                 raise TypeError(f"hook returned {type(verdict).__name__}, expected Verdict or None")
             if seal is not None:
@@ -135,10 +145,10 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
             _log_crash(rule, hook_name, exc)
             if mark is not None:
                 message.rollback(mark)
-            if slot:
-                setattr(target, slot[2], before)
+            if attr:
+                setattr(target, attr, before)
             _undo_skips(tx, skips_before)
-            trace.append(TraceEntry(stage, rule.name, "error", f"{type(exc).__name__}: {exc}",
+            trace.append(TraceEntry(stage, name, "error", f"{type(exc).__name__}: {exc}",
                                     None, ms, shadow, recipient, _reported(results, reported_from)))
             if rule.on_error == "accept" or shadow:
                 continue
@@ -147,24 +157,25 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
             if message is not None:
                 message._current_rule = None
         ms = (perf_counter() - started) * 1000
-        reported = _reported(results, reported_from)
+        results._current = None  # _reported's work, inline: once per rule per stage
+        reported = results.since(reported_from) if len(journal) > reported_from else None
         # The trace names what the rule changed (envelope address, header edits), so a rule
         # that only rewrites, returning None, still leaves a reason; a shadow rule's changes
         # are named, then undone. (Nothing changed, the usual case: no string work.)
-        if seal is not None and not shadow and (verdict is None or verdict.action == ACCEPT):
-            message._current_rule = rule.name  # the changes are the rule's, in the trace
+        if seal is not None and len(seal) and not shadow and (verdict is None or verdict.action == ACCEPT):
+            message._current_rule = name  # the changes are the rule's, in the trace
             message.prepend_fields(seal.fields)  # checked when staged: cannot fail half-way
             message._current_rule = None
         changed_text = None
         edited = mark is not None and len(message.changes) > mark[1]
-        moved = slot is not None and getattr(target, slot[2]) != before
-        staged_in_shadow = seal is not None and shadow and len(seal) > 0
+        moved = attr is not None and getattr(target, attr) != before
+        staged_in_shadow = shadow and seal is not None and len(seal) > 0
         if edited or moved or staged_in_shadow:
             changed = []
             if moved:
-                changed.append(f"{slot[0]} <{before}> -> <{getattr(target, slot[2])}>")
+                changed.append(f"{slot[0]} <{before}> -> <{getattr(target, attr)}>")
                 if shadow:
-                    setattr(target, slot[2], before)
+                    setattr(target, attr, before)
             if edited:
                 changed.append(describe_changes(message.changes[mark[1]:]))
             elif staged_in_shadow:
@@ -175,17 +186,17 @@ async def run_stage(rules, stage: str, args: tuple, trace: list[TraceEntry], *,
         if skips_before is not None:
             _undo_skips(tx, skips_before, rule)
         if shadow and changed_text:
-            log.info("shadow: rule %s would change at %s: %s (not done)", rule.name, stage, changed_text)
+            log.info("shadow: rule %s would change at %s: %s (not done)", name, stage, changed_text)
         if verdict is None:
-            trace.append(TraceEntry(stage, rule.name, "continue", changed_text, None, ms, shadow,
+            trace.append(TraceEntry(stage, name, "continue", changed_text, None, ms, shadow,
                                     recipient, reported))
             continue
         reason = "; ".join(x for x in (verdict.reason, changed_text) if x) or None
         reply = None if verdict.action == ACCEPT else str(verdict.reply(stage))
-        trace.append(TraceEntry(stage, rule.name, verdict.action, reason, reply, ms,
+        trace.append(TraceEntry(stage, name, verdict.action, reason, reply, ms,
                                 shadow, recipient, reported))
         if shadow:
-            log.info("shadow: rule %s would %s at %s: %s", rule.name, verdict.action, stage,
+            log.info("shadow: rule %s would %s at %s: %s", name, verdict.action, stage,
                      reason or "")
             continue
         return verdict
@@ -209,33 +220,31 @@ def _undo_skips(tx, before: dict | None, rule=None) -> None:
     tx.skipped.update(before)
 
 
-async def _observe(rules, stage: str, tx, reply, trace: list[TraceEntry], keep_text: bool) -> None:
-    """``on_delivered`` / ``on_end``: hooks that only observe; a crash is logged and traced."""
-    hook_name = _HOOK[stage]
+async def _observe(hooks, stage: str, tx, reply, trace: list[TraceEntry], keep_text: bool) -> None:
+    """``on_delivered`` / ``on_end`` (``hooks``: ``prepare``'s): hooks that only observe; a
+    crash is logged and traced."""
     results = tx.results
+    journal = results._journal
     args = (tx, reply)
-    for rule in rules:
-        hook = getattr(rule, hook_name, None)
-        if hook is None:
-            continue
+    for rule, hook, names in hooks:
         shadow = rule.mode == "shadow"
         results._current = (rule.name, shadow)
-        mark = len(results._journal)
+        mark = len(journal)
         started = perf_counter()
         try:
-            said = await _call(hook, hook_name, stage, args)
+            said = await (hook(*args) if names is None else _call(hook, names, stage, args))
             action, reason = "continue", said if keep_text and isinstance(said, str) and said else None
         except Exception as exc:
-            _log_crash(rule, hook_name, exc)
+            _log_crash(rule, _HOOK[stage], exc)
             action, reason = "error", f"{type(exc).__name__}: {exc}"
         trace.append(TraceEntry(stage, rule.name, action, reason, None,
                                 (perf_counter() - started) * 1000, shadow, None,
                                 _reported(results, mark)))
 
 
-async def run_delivered(rules, tx, reply, trace: list[TraceEntry]) -> None:
+async def run_delivered(hooks, tx, reply, trace: list[TraceEntry]) -> None:
     """``on_delivered`` hooks only observe: a crash there is logged and traced, nothing else."""
-    await _observe(rules, "delivered", tx, reply, trace, keep_text=False)
+    await _observe(hooks, "delivered", tx, reply, trace, keep_text=False)
 
 
 def publish_outcome(tx, reply) -> None:
@@ -268,8 +277,8 @@ async def run_disconnect(rules, session) -> None:
             _log_crash(rule, "on_disconnect", exc)
 
 
-async def run_end(rules, tx, reply, trace: list[TraceEntry]) -> None:
+async def run_end(hooks, tx, reply, trace: list[TraceEntry]) -> None:
     """``on_end`` hooks observe a finished transaction (whatever its outcome; ``reply`` is the
     last reply the client got for it, None when it was abandoned). A hook may return a short
     text for the trace (what it did). A crash is logged and traced, nothing else."""
-    await _observe(rules, "end", tx, reply, trace, keep_text=True)
+    await _observe(hooks, "end", tx, reply, trace, keep_text=True)

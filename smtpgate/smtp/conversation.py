@@ -231,7 +231,7 @@ class Conversation:
         trace: list[TraceEntry] = []
         policy = self.runtime.policies.session_policy
         self._connect_rules = policy.rules
-        verdict = await run_stage(policy.rules, "connect", (self.session,), trace)
+        verdict = await run_stage(policy.hooks["connect"], "connect", (self.session,), trace)
         if verdict is not None and verdict.code == 421:
             self.session.data.setdefault("trace", []).extend(trace)
             reply = verdict.reply("connect")
@@ -254,7 +254,7 @@ class Conversation:
             await self.relay.close()  # protocol: the next MAIL opens it (or a pooled one) anew
         trace: list[TraceEntry] = []
         policy = self.runtime.policies.session_policy
-        verdict = await run_stage(policy.rules, "helo", (self.session,), trace)
+        verdict = await run_stage(policy.hooks["helo"], "helo", (self.session,), trace)
         self._session_verdict(verdict, trace)
 
     async def helo(self, name: str, esmtp: bool, starttls: bool = False) -> Reply:
@@ -297,7 +297,7 @@ class Conversation:
         if self.greeted and self.session.helo:
             trace: list[TraceEntry] = []
             policy = self.runtime.policies.session_policy
-            verdict = await run_stage(policy.rules, "helo", (self.session,), trace)
+            verdict = await run_stage(policy.hooks["helo"], "helo", (self.session,), trace)
             self._session_verdict(verdict, trace)
         return None
 
@@ -417,7 +417,7 @@ class Conversation:
         if self.session.verdict is not None:
             return await self._refuse(tx, self.session.verdict, "mail")
         policy = self.runtime.policies.session_policy
-        verdict = await run_stage(policy.rules, "mail", (tx,), tx.trace)
+        verdict = await run_stage(policy.hooks["mail"], "mail", (tx,), tx.trace)
         if verdict is not None and verdict.action not in (ACCEPT,):
             if verdict.action in (DISCARD, QUARANTINE):
                 self._progress.pending = verdict
@@ -486,15 +486,14 @@ class Conversation:
         postmaster: always accepted for governed domains). A refusal, or None."""
         policy = rcpt.policy
         if first:
-            shared = set(self.runtime.policies.session_policy.rules)
-            verdict = await run_stage(policy.rules, "mail", (tx,), tx.trace, skip=shared)
+            verdict = await run_stage(self.runtime.policies.own_mail(policy), "mail", (tx,), tx.trace)
             if verdict is not None and verdict.action != ACCEPT:
                 if verdict.action in (DISCARD, QUARANTINE):
                     self._progress.pending = verdict
                 else:
                     return verdict.reply("mail")
         if not address.is_postmaster:
-            verdict = await run_stage(policy.rules, "rcpt", (tx, rcpt), tx.trace,
+            verdict = await run_stage(policy.hooks["rcpt"], "rcpt", (tx, rcpt), tx.trace,
                                       recipient=rcpt.address)
             if verdict is not None and verdict.action != ACCEPT:
                 if verdict.action == DISCARD:
@@ -532,7 +531,7 @@ class Conversation:
         if forged:  # RFC 8601 §5: only we may vouch under our own authserv-id
             tx.trace.append(TraceEntry("data", "gate", "continue",
                                        f"removed {forged} forged Authentication-Results"))
-        verdict = await run_stage(tx.policy.rules, "data", (tx,), tx.trace, message=tx.message)
+        verdict = await run_stage(tx.policy.hooks["data"], "data", (tx,), tx.trace, message=tx.message)
         if verdict is None or verdict.action == ACCEPT:
             verdict = self._progress.pending
         if verdict is not None and verdict.action != ACCEPT:
@@ -542,7 +541,7 @@ class Conversation:
             return await self._end(tx, OK_DATA, deliver_hooks=True)
         add_authentication_results(tx, self.runtime.config.auth_id)  # the rules' auth results, under our id
         # The message is final: seal-stage rules sign what will be relayed (only adding fields).
-        verdict = await run_stage(tx.policy.rules, "seal", (tx,), tx.trace, message=tx.message)
+        verdict = await run_stage(tx.policy.hooks["seal"], "seal", (tx,), tx.trace, message=tx.message)
         if verdict is not None and verdict.action != ACCEPT:
             return await self._refuse_data(tx, verdict)
         held = None
@@ -666,19 +665,19 @@ class Conversation:
         # events, the on_end hooks, the log line) is deferred until the client has its reply.
         if self.after_pending:  # never two at once: each transaction's in order
             await self.settled()
-        rules = self.runtime.policies.end_rules(tx.policy)
+        ends = self.runtime.policies.end_hooks(tx.policy)
         took = time.monotonic() - tx.started
         # (without an on_delivered hook, run_delivered would skip every rule: not called)
-        run_delivered_hooks = delivered and _observed(tx.policy.rules, "on_delivered")
-        if run_delivered_hooks or _observed(rules, "on_end"):
-            self._after_work = self._after_end(tx, reply, stage, rules, run_delivered_hooks, took)
+        run_delivered_hooks = delivered and bool(tx.policy.hooks["delivered"])
+        if run_delivered_hooks or ends:
+            self._after_work = self._after_end(tx, reply, stage, ends, run_delivered_hooks, took)
         else:
             # No hook to run: run_delivered/run_end would skip every rule (the runner calls
             # only rules with the hook), add no trace entry and wait for nothing; what is left
             # is the same events then the same log line, done at once after the reply.
             self._after_work = partial(_close_the_books, tx, reply, stage, took)
 
-    async def _after_end(self, tx: Transaction, reply: Reply | None, stage: str, rules,
+    async def _after_end(self, tx: Transaction, reply: Reply | None, stage: str, ends,
                          delivered: bool, took: float) -> None:
         """The after-work of one ended transaction: ``on_delivered`` (``delivered``), the
         pipeline's own events, the ``on_end`` hooks of the session policy's and the
@@ -687,9 +686,9 @@ class Conversation:
         is given, nothing may reach it."""
         try:
             if delivered:
-                await run_delivered(tx.policy.rules, tx, reply, tx.trace)
+                await run_delivered(tx.policy.hooks["delivered"], tx, reply, tx.trace)
             publish_outcome(tx, reply)
-            await run_end(rules, tx, reply, tx.trace)
+            await run_end(ends, tx, reply, tx.trace)
         except Exception:
             log.exception("tx %s: the work after the reply failed", tx.id)
         _close_the_books(tx, reply, stage, took, published=True)
@@ -732,11 +731,6 @@ class Conversation:
             await asyncio.shield(task)
             if self._after is task:
                 self._after = None
-
-
-def _observed(rules, hook: str) -> bool:
-    """Some rule has ``hook`` (the runner calls only those)."""
-    return any(getattr(rule, hook, None) is not None for rule in rules)
 
 
 def _close_the_books(tx: Transaction, reply: Reply | None, stage: str, took: float,

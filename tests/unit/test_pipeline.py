@@ -445,15 +445,17 @@ async def test_a_hook_set_on_one_instance_gets_the_arguments_it_names():
         async def on_data(self, tx):
             seen.append(("class", tx.message is not None))
 
-    h = Harness([(Plain, {})])
-    await h.send()
-    rule = h.runtime.policies.session_policy.rules[0]
+    # (a policy reads its rules' hooks when it is made, as the gate makes it after each
+    # rule's setup: each instance here gets its hook before its Harness is built)
+    await Harness([(Plain, {})]).send()
+    rule = Plain({})
     rule.on_data = types.MethodType(data_hook, rule)
-    await h.send()
+    await Harness([rule]).send()
+    rule = Plain({})
     rule.on_data = lambda tx: seen.append(("plain function", tx.id)) or _none()
-    await h.send()
+    await Harness([rule]).send()
     del rule.on_data
-    await h.send()
+    await Harness([rule]).send()
     assert [s[0] for s in seen] == ["class", "instance", "plain function", "class"]
     assert seen[1] == ("instance", True, True)
 

@@ -192,7 +192,7 @@ def test_rule_entry_forms_and_common_keys(folder, registry):
     assert rewrite.option_marks["subject_prefix"] == (3, 31) and rewrite.index == 1
     assert greylist.options == {} and attachments.options == {}
     built = build(folder.path, registry).get("p").rules
-    assert isinstance(built, tuple)  # fixed: PolicySet.end_rules keeps what it built from them
+    assert isinstance(built, tuple)  # fixed: PolicySet.end_hooks keeps what it built from them
     assert (built[1].mode, built[1].on_error, built[1].entry) == ("shadow", "accept", rewrite)
     assert built[2].delay == 300.0
 
