@@ -712,6 +712,11 @@ def _allow(row) -> AllowEntry:
     return AllowEntry(*row)
 
 
+# The entry a decision matched, built once per row (entries are frozen; the columns' REAL and
+# TEXT affinities give one type per column, so equal rows are equal entries): ~0.8 -> 0.15 µs
+_matched_allow = functools.lru_cache(maxsize=256)(_allow)
+
+
 # The client prefix lengths in use as one text ("4/24 6/64"), read by every decision (_lookup)
 _LENGTHS_IN_USE = ("SELECT group_concat(family || '/' || plen, ' ') FROM (SELECT DISTINCT family, plen "
                    "FROM greylist_allow INDEXED BY greylist_allow_lengths WHERE kind = 'client')")
@@ -863,26 +868,26 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
         # for the others it would be a read more before the write path, which checks the
         # allow list again under the write lock, so both paths answer alike.
         hint = (*key, client_ip)
-        result = await self.db.call(self._read_allowed, key, client_ip, now) if self._read_first(hint) else None
+        hints = self._allowed_before
+        result = await self.db.call(self._read_allowed, key, client_ip, now) if hint in hints else None
         if result is None:
             result = await self.db.write(self._write_attempt, key, now, params, client_ip, dry_run)
-        self._remember(hint, result.outcome == ALLOWED)
+        # read after the await: other decisions may have changed the hints meanwhile
         if result.outcome == ALLOWED:
+            if hint not in hints:
+                self._remember(hint)
             self.db.tally(self._add_counts, ALLOWED)
+        else:
+            hints.pop(hint, None)
         if self._sweep_due(now):
             await self._run(self._sweep, now - GRACE)
         return result
 
-    def _read_first(self, hint: tuple) -> bool:
-        return hint in self._allowed_before
-
-    def _remember(self, hint: tuple, allowed: bool) -> None:
-        if not allowed:
-            self._allowed_before.pop(hint, None)
-        elif hint not in self._allowed_before:
-            if len(self._allowed_before) >= ALLOWED_HINTS:
-                del self._allowed_before[next(iter(self._allowed_before))]
-            self._allowed_before[hint] = None
+    def _remember(self, hint: tuple) -> None:
+        """Try the read first next time for this allowed pair (FIFO past ALLOWED_HINTS)."""
+        if len(self._allowed_before) >= ALLOWED_HINTS:
+            del self._allowed_before[next(iter(self._allowed_before))]
+        self._allowed_before[hint] = None
 
     def _allowed(self, conn, key, client_ip, now) -> Attempt | None:
         """The decision if an allow entry matches (what ``_decide`` answers then), read as
@@ -947,7 +952,7 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
             # several when several entries cover it (rare): the first in ``keys``' order is named
             row = rows[0] if len(rows) == 1 else min(rows, key=lambda r: keys.index(r[3]))
             if row[0] == text:
-                return (None if row[3] is None else _allow(row[1:7]),
+                return (None if row[3] is None else _matched_allow(row[1:7]),
                         None if row[7] is None else _entry(row[7:]))
             text, lengths = row[0], _lengths(row[0])  # local: the thread's connection may look up too
             self._lengths_read = text, lengths

@@ -332,6 +332,18 @@ async def test_an_spf_pass_published_by_another_rule_keys_by_domain(make, publis
     assert (r.reply.code == 250) is pooled
 
 
+async def test_one_triplet_is_keyed_by_its_network_or_its_spf_domain_as_each_message_says(make):
+    # the rule remembers its keys of messages without an SPF result: one with it is keyed afresh
+    publisher = spf(None)
+    h = make({}, rules_before=[publisher])
+    clients = []
+    for published in (None, {"result": "pass", "domain": "bigmail.example"}, None, {"result": "pass"}):
+        publisher.result = published
+        r = await h.send(sender="alice@bigmail.example", client_ip="198.51.100.1")
+        clients.append(decided(r)["client"])
+    assert clients == ["198.51.100.0/24", "domain:bigmail.example"] * 2
+
+
 # --- client networks ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("options, first, retry, passes", [

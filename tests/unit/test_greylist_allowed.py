@@ -94,6 +94,22 @@ async def test_only_a_triplet_allowed_last_time_is_read_before_its_write(tmp_pat
         await store.close()
 
 
+async def test_an_allow_entry_replaced_elsewhere_is_reported_as_it_now_stands(tmp_path):
+    # the read path builds a matched entry once per row: a row changed under the same key
+    # (another process's `greylist allow` with a new note or expiry) is a new entry
+    path = tmp_path / "state.db"
+    store = await allowed_store(path)
+    other = open_store(path)
+    try:
+        for note, ttl in (("first", None), ("second", None), ("second", 3600.0), ("first", None)):
+            await other.add_allow(make_allow("triplet", triplet_value(C, S, R), T0, ttl, note))
+            a = await store.attempt(C, S, R, now=T0, params=P)
+            assert (a.outcome, a.allow.note, a.allow.expires) == ("allowed", note, None if ttl is None else T0 + ttl)
+    finally:
+        await other.close()
+        await store.close()
+
+
 async def test_tallies_reach_the_file_after_the_interval_on_their_own(tmp_path):
     path = tmp_path / "state.db"
     store = await allowed_store(path, tally_every=0.05)
