@@ -7,7 +7,8 @@ the recent event times its guards count, and its history of transitions.
 The store does not know the machines. Its decisive operation is ``update(machine, key,
 change)``: read the record, call ``change(record or None)`` — a pure function returning
 ``(new record or None to delete, result)``; it gets a freshly read record of its own and
-may change it in place — and write what it returned, *atomically*: SQLite runs it inside one
+may change it in place, and the record it returns is the store's from then on (``ChangeFn``)
+— and write what it returned, *atomically*: SQLite runs it inside one
 ``BEGIN IMMEDIATE`` transaction (or, first, as a compare-and-set on the record this process
 last read or wrote), Redis as a compare-and-set on the record's version, retried when
 another gate wrote in between. So gates and workers updating one sender at once never lose
@@ -81,10 +82,14 @@ class SenderRecord:
     history: list[Change] = field(default_factory=list)
     version: int = 0  # bumped by every update; Redis's compare-and-set compares it (SQLite's, the whole row)
 
-    def to_json(self) -> str:
-        # The text _encode gives of as_json_dict(), built from its parts (_record_json)
+    def to_json(self, handed_over: bool = False) -> str:
+        """The record's JSON text (the one _encode gives of ``as_json_dict()``, built from its
+        parts: _record_json), kept parsed: what a store writes now, it reads back at the next
+        event. ``handed_over``: the caller (a store writing what ``change`` returned, which is
+        then the store's: ChangeFn) never touches the record again, so it is kept itself, not
+        a copy of it."""
         text = _record_json(self)
-        _keep_parsed(text, self.copy())  # what a store writes now, it reads back at the next event
+        _keep_parsed(text, self if handed_over else self.copy())
         return text
 
     def as_json_dict(self) -> dict:
@@ -257,7 +262,10 @@ class Seen:
         return self._rows.pop((machine, key), None)
 
 
-#: ``change(record or None) -> (record to store or None to delete it, anything to return)``
+#: ``change(record or None) -> (record to store or None to delete it, anything to return)``.
+#: The record it returns is the store's from then on (kept parsed as written, then taken by
+#: the key's next update): neither ``change`` nor what it returns may hold on to it or to its
+#: mutable parts (its counts, times, history list).
 ChangeFn = Callable[["SenderRecord | None"], "tuple[SenderRecord | None, Any]"]
 
 

@@ -37,11 +37,15 @@ ABSENT = ("", None)  # (text, expires column) remembered for a key read as absen
 LOST = object()  # what _write_change answers when its compare-and-set finds another row stored
 #: seconds the ``expires`` column may run ahead of the record's own expiry (see above)
 EXPIRES_SLACK = 3600.0
-# (the state changed?, the expires column moves?) -> the statement; its arguments in the order
-# of its placeholders: [state], seen, [expires], doc, machine, key (then a compare-and-set's guard)
-_UPDATES = {(state, column): "UPDATE senders SET " + ", ".join(
+#: a compare-and-set's condition: the row is still the (doc, expires) it was read as
+CAS_GUARD = " AND doc = ? AND expires = ?"
+# (the state changed?, the expires column moves?, compare-and-set?) -> the statement, built
+# once (not joined per event); its arguments in the order of its placeholders: [state], seen,
+# [expires], doc, machine, key (then a compare-and-set's guard)
+_UPDATES = {(state, column, cas): "UPDATE senders SET " + ", ".join(
     (["state = ?"] if state else []) + ["seen = ?"] + (["expires = ?"] if column else []) + ["doc = ?"])
-    + " WHERE machine = ? AND key = ?" for state in (False, True) for column in (False, True)}
+    + " WHERE machine = ? AND key = ?" + (CAS_GUARD if cas else "")
+    for state in (False, True) for column in (False, True) for cas in (False, True)}
 #: the records past their expiry at ``?1`` (now), by the index range of the column
 EXPIRED = f"expires < ?1 + {EXPIRES_SLACK!r} AND json_extract(doc, '$.expires') < ?1"
 
@@ -120,7 +124,7 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
         # what was stored, noted first: change may edit the record it is given in place
         stored = (current.state, current.version) if current is not None else None
         new, result = change(current)
-        guard, guard_args = (" AND doc = ? AND expires = ?", row) if cas else ("", ())
+        guard, guard_args = (CAS_GUARD, row) if cas else ("", ())
         if new is None:
             if current is None:  # nothing to write, if there is still nothing stored
                 gone = not cas or conn.execute("SELECT 1 FROM senders WHERE machine = ? AND key = ?",
@@ -131,7 +135,7 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
             return (result, ABSENT) if n else LOST
         if current is None:
             new.version = 1
-            written = new.to_json(), new.expires + EXPIRES_SLACK
+            written = new.to_json(True), new.expires + EXPIRES_SLACK
             # under the lock the row is known absent; by compare-and-set, one written since
             # makes the insert do nothing (its rowcount 0)
             n = conn.execute("INSERT INTO senders (machine, key, state, seen, expires, doc) VALUES (?, ?, ?, ?, ?, ?) "
@@ -144,9 +148,9 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
         new.version = stored[1] + 1
         moved = new.state != stored[0]
         keep = new.expires <= column <= new.expires + EXPIRES_SLACK
-        written = new.to_json(), column if keep else new.expires + EXPIRES_SLACK
+        written = new.to_json(True), column if keep else new.expires + EXPIRES_SLACK
         args = ((new.state,) if moved else ()) + (new.seen,) + (() if keep else (written[1],))
-        n = conn.execute(_UPDATES[moved, not keep] + guard, (*args, written[0], machine, key, *guard_args)).rowcount
+        n = conn.execute(_UPDATES[moved, not keep, cas], (*args, written[0], machine, key, *guard_args)).rowcount
         return (result, written) if n else LOST
 
     @staticmethod

@@ -247,3 +247,21 @@ def test_dot_output_is_a_digraph_of_every_state_and_transition():
     assert sorted(dashed) == sorted((s, t) for s, (_, t) in m.decay.items())
     n_transitions = sum(len(ts) for events in m.states.values() for ts in events.values())
     assert len(g["edges"]) == 1 + n_transitions + len(m.decay)
+
+
+def test_a_view_is_the_frozen_state_its_fields_make():
+    # view fills the frozen dataclass in directly (its __init__ is dear): the same value,
+    # still frozen, its counts a copy of the record's
+    from dataclasses import FrozenInstanceError, fields
+
+    from smtpgate.machines.machine import SenderState
+    m = machine()
+    rec = m.new_record("alice@example.org", T0)
+    fire(m, rec, "delivered", T0 + 1)
+    view = m.view("alice@example.org", rec)
+    assert type(view) is SenderState
+    assert view == SenderState(m.name, "alice@example.org", rec.state, rec.since, rec.seen, dict(rec.counts), True)
+    assert list(vars(view)) == [f.name for f in fields(SenderState)]
+    assert view.counts is not rec.counts
+    with pytest.raises(FrozenInstanceError):
+        view.state = "x"
