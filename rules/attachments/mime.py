@@ -39,7 +39,7 @@ class Limits:
     max_header_size: int = 256 * 1024
 
 
-@dataclass(eq=False, slots=True)  # (slots: made for every header field, ~2x faster)
+@dataclass(eq=False, slots=True)  # (slots: made for every header field; a little less to build and keep)
 class Field:
     name: str          # lower-case
     value: str         # unfolded text after the colon

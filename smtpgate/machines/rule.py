@@ -121,7 +121,8 @@ class MachineRule(Rule):
 
     def add_handler(self, state_name: str, at: str, fn: Callable) -> None:
         """Register ``async fn(tx, sender)`` (at rcpt: ``fn(tx, rcpt, sender)``) for a state,
-        e.g. from ``setup``; decorated methods come first."""
+        in ``setup`` (the policy reads the rule's hooks once, after it: later, a stage whose
+        hook was cleared would stay uncalled); decorated methods come first."""
         if at not in STAGES:
             raise ValueError(f"at: expected one of {', '.join(STAGES)}, got {at!r}")
         self._handlers.setdefault((state_name, at), []).append(fn)

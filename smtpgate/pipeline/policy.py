@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from ..errors import ConfigError, OptionError, Problem
-from .rule import GateContext, Rule
+from .rule import STAGES, GateContext, Rule
 from .runner import prepare
 
 if TYPE_CHECKING:  # smtpgate.config imports this module; keep the import one-way at run time
@@ -30,11 +30,15 @@ class Policy:
         object.__setattr__(self, "rules", tuple(self.rules))
         #: stage -> its hooks as the runner calls them (``runner.prepare``), made once here
         #: rather than at every call: the rules that have the hook, bound, with their
-        #: calling convention (a hook is read when the policy is made, as its rule's setup)
+        #: calling convention. So a rule's hooks are read once, here, after its ``setup``:
+        #: setting or clearing ``on_<stage>`` on a live instance later changes nothing
+        #: (docs/writing-rules.md).
         object.__setattr__(self, "hooks", {stage: prepare(self.rules, stage) for stage in _RUN_STAGES})
 
 
-_RUN_STAGES = ("connect", "helo", "mail", "rcpt", "data", "seal", "delivered")  # "end": PolicySet
+# the stages a policy's own hooks run at ("end": PolicySet.end_hooks, across two policies;
+# "disconnect": the session's rules)
+_RUN_STAGES = tuple(s for s in STAGES if s not in ("end", "disconnect"))
 
 
 class PolicySet:

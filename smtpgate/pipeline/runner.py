@@ -84,9 +84,8 @@ def prepare(rules, stage: str) -> tuple[tuple, ...]:
 
 
 def _call(hook, names, stage: str, args: tuple):
-    """Call a prepared hook with the arguments it takes."""
-    if names is None:
-        return hook(*args)
+    """Call a prepared hook that asks for its arguments by ``names`` (the callers call one
+    with the documented signature, ``names`` None, themselves: ``hook(*args)``)."""
     available = _arguments(stage, args)
     return hook(**{n: available[n] for n in names})
 

@@ -154,7 +154,7 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
             else:
                 new.version = base + len(changes)
                 ttl = max(1, math.ceil(new.expires - new.seen))
-                args = [version, new.to_json(True), str(new.version), ttl]
+                args = [version, new.to_json(handed_over=True), str(new.version), ttl]
             answer = await self.link.script("cas", [rkey], args)
             if not isinstance(answer, list):  # 1: written
                 self._remember(machine, key, args[2], args[1] or None)

@@ -135,7 +135,7 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
             return (result, ABSENT) if n else LOST
         if current is None:
             new.version = 1
-            written = new.to_json(True), new.expires + EXPIRES_SLACK
+            written = new.to_json(handed_over=True), new.expires + EXPIRES_SLACK
             # under the lock the row is known absent; by compare-and-set, one written since
             # makes the insert do nothing (its rowcount 0)
             n = conn.execute("INSERT INTO senders (machine, key, state, seen, expires, doc) VALUES (?, ?, ?, ?, ?, ?) "
@@ -148,7 +148,7 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
         new.version = stored[1] + 1
         moved = new.state != stored[0]
         keep = new.expires <= column <= new.expires + EXPIRES_SLACK
-        written = new.to_json(True), column if keep else new.expires + EXPIRES_SLACK
+        written = new.to_json(handed_over=True), column if keep else new.expires + EXPIRES_SLACK
         args = ((new.state,) if moved else ()) + (new.seen,) + (() if keep else (written[1],))
         n = conn.execute(_UPDATES[moved, not keep, cas], (*args, written[0], machine, key, *guard_args)).rowcount
         return (result, written) if n else LOST

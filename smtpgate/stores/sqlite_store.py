@@ -869,7 +869,7 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
         # allow list again under the write lock, so both paths answer alike.
         hint = (*key, client_ip)
         hints = self._allowed_before
-        result = await self.db.call(self._read_allowed, key, client_ip, now) if hint in hints else None
+        result = await self.db.call(self._read_allowed, key, client_ip, now) if self._read_first(hint) else None
         if result is None:
             result = await self.db.write(self._write_attempt, key, now, params, client_ip, dry_run)
         # read after the await: other decisions may have changed the hints meanwhile
@@ -882,6 +882,10 @@ class SqliteGreylistStore(SqliteComponentStore, GreylistStore):
         if self._sweep_due(now):
             await self._run(self._sweep, now - GRACE)
         return result
+
+    def _read_first(self, hint: tuple) -> bool:
+        # (a method of its own: tests/unit/test_greylist_allowed.py runs both paths through it)
+        return hint in self._allowed_before
 
     def _remember(self, hint: tuple) -> None:
         """Try the read first next time for this allowed pair (FIFO past ALLOWED_HINTS)."""

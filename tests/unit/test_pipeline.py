@@ -494,3 +494,33 @@ def test_a_trace_entry_and_a_record_as_dicts_keep_their_fields_order_and_omissio
         lists = {k: ["t"] if on else [] for k, on in zip(("fail", "err", "pass_", "skip"), kinds)}
         expected = next((k for k, on in zip(("fail", "err", "pass", "skip"), kinds) if on), None)
         assert RuleResult("r", **lists).outcome == expected
+
+
+async def test_a_rules_hooks_are_read_once_when_its_policy_is_made():
+    # (docs/writing-rules.md) A hook cleared in setup is never called; one set or cleared on a
+    # running rule afterwards changes nothing: the policy prepared its hooks after setup.
+    seen = []
+
+    class Quiet(Rule):
+        name = "quiet"
+
+        def setup(self):
+            self.on_rcpt = None
+
+        async def on_rcpt(self, tx, rcpt):
+            seen.append("rcpt")
+
+        async def on_data(self, tx):
+            seen.append("data")
+
+    rule = Quiet({})
+    h = Harness([rule])
+    await h.send()
+    assert seen == ["data"]
+
+    async def late(tx):
+        seen.append("late")
+    rule.on_mail = late
+    rule.on_data = None
+    await h.send()
+    assert seen == ["data", "data"]
