@@ -47,12 +47,17 @@ class Change:
         d["op"], d["header"], d["before"], d["after"], d["rule"] = op, header, before, after, rule
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class HeaderField:
     name: str
     value: str  # unfolded-as-written text after the colon (CRLFs of folding kept out)
     start: int  # byte offsets of the whole field, folding lines and final CRLF included
     end: int
+
+    def __init__(self, name: str, value: str, start: int, end: int):
+        # as Change's: every field is made anew when a header is prepended above it
+        d = self.__dict__
+        d["name"], d["value"], d["start"], d["end"] = name, value, start, end
 
 
 class Message:
