@@ -93,7 +93,7 @@ class Rewrite(Rule):
             ctx = self._context(tx, originals, tx.message)
         before = len(tx.message.changes)
         for block in self._data:
-            if block.applies(ctx):
+            if not block.conditional or block.applies(ctx):
                 self._edit(tx.message, block)
         if self.log.isEnabledFor(logging.DEBUG):  # at info, the transaction line names each change
             for c in tx.message.changes[before:]:
@@ -140,6 +140,13 @@ class Rewrite(Rule):
         return checked
 
     def _edit(self, message, block: Block) -> None:
+        if block.edits_fields:
+            self._edit_fields(message, block)
+        for name, value in block.add_bottom_up:
+            message.prepend_header(name, value)
+
+    def _edit_fields(self, message, block: Block) -> None:
+        """Removal, replacement, header_map and subject_prefix, in that order (before ``add``)."""
         for name in block.remove:
             if name.endswith("*"):
                 prefix = name[:-1].lower()
@@ -160,8 +167,6 @@ class Rewrite(Rule):
             elif not has_tag(decode(subject), tag):
                 self._safe_edit(message, "Subject", lambda v: None if _unsafe(v) else add_prefix(v, block.prefix),
                                 first=True)
-        for name, value in reversed(block.add):
-            message.prepend_header(name, value)
 
     def _rewrite_field(self, name: str, value: str, block: Block) -> str | None:
         if _unsafe(value):

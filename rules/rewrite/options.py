@@ -127,15 +127,14 @@ class Block:
         if self.recipient_map and "header" in needs:
             raise ValueError(f"{where}: recipient_map is decided at RCPT, before the message is known; "
                              "a header condition cannot apply to it")
-
-    @property
-    def has_header_ops(self) -> bool:
-        return bool(self.header_map or self.add or self.remove or self.replace or self.prefix)
-
-    @property
-    def conditional(self) -> bool:
-        """Whether ``applies`` looks at its context at all."""
-        return bool(self.whens or self.unlesses)
+        # Decided once here, not per message: a block's options do not change after loading.
+        #: whether ``applies`` looks at its context at all
+        self.conditional = bool(self.whens or self.unlesses)
+        #: edits of fields already there (removal, replacement, header_map, subject_prefix)
+        self.edits_fields = bool(self.remove or self.replace or self.header_map or self.prefix)
+        self.has_header_ops = self.edits_fields or bool(self.add)
+        #: ``add`` in the order of prepending: the last listed first, so the first ends on top
+        self.add_bottom_up = self.add[::-1]
 
     def applies(self, ctx: Context | None) -> bool:
         return (all(c.matches(ctx, _header_values) for c in self.whens)

@@ -648,6 +648,10 @@ async def probe(cfg, local_hostname: str, capabilities: Capabilities) -> bool:
 
 
 WRITE_CHUNK = 256 * 1024
+# A piece under this size (and under WRITE_CHUNK) is not made CRLF-only and stuffed on its
+# own but with what follows it: a rule's header edit leaves the message as two pieces (the
+# new header block, the body as received), and the line-end work has a fixed cost per pass.
+SMALL_PIECE = 16 * 1024
 
 
 def dot_stuffed(pieces):
@@ -663,29 +667,53 @@ def crlf_chunks(pieces, head: bytes):
 
 def crlf_size(pieces) -> int:
     """How many bytes ``crlf_chunks`` yields after its head, counted without building them:
-    each bare CR or bare LF gains a byte; a CR ending one piece and a LF opening the next
-    are one CRLF; a message that does not end with CR or LF gets a CRLF."""
-    size, cr_before, last = 0, False, b"\n"
-    for piece in pieces:
-        for part in _countable(piece):
-            crlf = part.count(b"\r\n")
-            size += len(part) + part.count(b"\r") + part.count(b"\n") - 2 * crlf
-            if cr_before and part[:1] == b"\n":
-                size -= 2  # counted above as a bare CR and a bare LF, but they are one CRLF
-            last = part[-1:]
-            cr_before = last == b"\r"
+    each bare CR or bare LF gains a byte (no segment but the last ends with a CR, so no CRLF
+    is split between two); a message that does not end with CR or LF gets a CRLF."""
+    size, last = 0, b"\n"
+    for segment in _segments(pieces):
+        crlf = segment.count(b"\r\n")
+        size += len(segment) + segment.count(b"\r") + segment.count(b"\n") - 2 * crlf
+        last = segment[-1:]
     return size if last in (b"\r", b"\n") else size + 2
 
 
-def _countable(piece):
-    """``piece`` as non-empty parts that have ``count()``: bytes as they are; a memoryview
-    (the body after a header edit, a large one) copied a WRITE_CHUNK window at a time."""
-    if not isinstance(piece, memoryview):
-        if len(piece):
-            yield piece
-        return
-    for offset in range(0, len(piece), WRITE_CHUNK):
-        yield piece[offset:offset + WRITE_CHUNK].tobytes()
+def _segments(pieces):
+    """The pieces' bytes in order as ``bytes`` segments of at most about WRITE_CHUNK, each
+    for one pass of line-end work: a small piece goes with what follows it, and no segment
+    but the last ends with a CR (its LF may open the next piece: the CR goes with what
+    follows). A large memoryview (the body after a header edit) is copied a window at a
+    time, never whole; a bytes piece alone in its segment is not copied at all."""
+    small = min(SMALL_PIECE, WRITE_CHUNK)
+    held, carried = [], 0  # bytes-like parts for the next segment, and their size
+    for piece in pieces:
+        size = len(piece)
+        if carried + size < small:
+            if size:
+                held.append(piece)
+                carried += size
+            continue
+        view, offset = memoryview(piece), 0
+        while offset < size:
+            stop = min(offset + max(WRITE_CHUNK - carried, 1), size)
+            window, offset = view[offset:stop], stop
+            cr = window[-1] == 13  # a CR: its LF may open what follows, so it goes with that
+            if cr:
+                if len(window) == 1:
+                    held.append(b"\r")
+                    carried += 1
+                    continue
+                window = window[:-1]
+            if held:
+                held.append(window)
+                segment = b"".join(held)
+            elif len(window) == size and type(piece) is bytes:
+                segment = piece
+            else:
+                segment = window.tobytes()
+            held, carried = ([b"\r"], 1) if cr else ([], 0)
+            yield segment
+    if held:
+        yield b"".join(held)
 
 
 def _line_chunks(pieces, head: bytes, stuff: bool):
@@ -693,32 +721,22 @@ def _line_chunks(pieces, head: bytes, stuff: bool):
     made CRLF-only (``stuff``: a dot doubled at every line start), a CRLF added if the message
     lacks a final one (``stuff``: then the final dot) — in the same chunk as the message's
     end, so that a message of one chunk is one write (one segment on the wire, one wake-up of
-    the downstream). Small pieces go out with what follows them (a rule's header edit makes
-    the header block a piece of its own: it must not cost a write of its own). A chunk never
-    ends with a CR whose LF opens the next one."""
-    line_start, carry = True, b""
+    the downstream). Small pieces go out with what follows them (``_segments``)."""
+    line_start = True
     # chunks not yet written, together at most about WRITE_CHUNK
     held, size = ([head] if head else []), len(head)
-    for piece in pieces:
-        view = memoryview(piece)
-        for offset in range(0, len(view), WRITE_CHUNK):
-            chunk = carry + view[offset:offset + WRITE_CHUNK]
-            if chunk.endswith(b"\r"):  # its LF may open the next chunk
-                chunk, carry = chunk[:-1], b"\r"
-            else:
-                carry = b""
-            if chunk:
-                chunk = normalise_line_ends(chunk)
-                if stuff:
-                    chunk = _stuff(chunk, line_start)
-                line_start = chunk.endswith(b"\n")
-                if held and size + len(chunk) > WRITE_CHUNK:
-                    yield b"".join(held)
-                    held, size = [], 0
-                held.append(chunk)
-                size += len(chunk)
-    # a bare CR at the very end, or a last line without its CRLF: one is added
-    end = b"" if line_start and not carry else b"\r\n"
+    for chunk in _segments(pieces):
+        chunk = normalise_line_ends(chunk)
+        if stuff:
+            chunk = _stuff(chunk, line_start)
+        line_start = chunk.endswith(b"\n")
+        if held and size + len(chunk) > WRITE_CHUNK:
+            yield b"".join(held)
+            held, size = [], 0
+        held.append(chunk)
+        size += len(chunk)
+    # a last line without its CRLF: one is added (a bare CR at the very end became one)
+    end = b"" if line_start else b"\r\n"
     held.append(end + b".\r\n" if stuff else end)
     yield b"".join(held)
 

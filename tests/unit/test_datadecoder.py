@@ -184,6 +184,28 @@ def test_a_header_block_of_its_own_goes_out_with_the_body():
     assert len(chunks) > 2 and all(len(c) <= 4096 for c in chunks[:-1]) and len(chunks[-1]) <= 4096 + 3
 
 
+def test_a_small_header_block_is_not_a_pass_of_its_own(monkeypatch):
+    # The line-end work (three counts, the stuffing replace) has a fixed cost per pass: the
+    # header block a rule's edit splits off goes through it with the body, not on its own;
+    # a large message still goes a WRITE_CHUNK window at a time.
+    from smtpgate.mail.message import Message
+    from smtpgate.smtp import relay
+
+    passes = []
+    normalise = relay.normalise_line_ends
+    monkeypatch.setattr(relay, "normalise_line_ends", lambda chunk: passes.append(len(chunk)) or normalise(chunk))
+    raw = b"From: <a@x.test>\r\nSubject: hi\r\n\r\n" + b"line\r\n" * 2000
+    message = Message(raw)
+    message.prepend_header("X-Bench", "real")
+    assert b"".join(relay.dot_stuffed(message.pieces())) == b"X-Bench: real\r\n" + raw + b".\r\n"
+    assert passes == [len(raw) + 15]
+    passes.clear()
+    assert relay.crlf_size(message.pieces()) == len(raw) + 15
+    monkeypatch.setattr(relay, "WRITE_CHUNK", 4096)
+    b"".join(relay.dot_stuffed(message.pieces()))
+    assert passes[0] == 4096 and sum(passes) == len(raw) + 15
+
+
 def test_random_streams_line_limit_matches_the_longest_line():
     rng = random.Random(998)
     alphabet = [b".", b"\r", b"\n", b"\r\n", b"a", b"bb", b"cccc", b"\r\n."]
