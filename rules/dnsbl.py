@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from smtpgate import (DnsError, Option, OptionError, Rule, Verdict, boolean, integer, list_of, number,
                       one_of, reverse_name, string)
 
-_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 _PLACEHOLDERS = {"what": "", "lists": "", "client_ip": ""}
 _PRIVATE = [ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",

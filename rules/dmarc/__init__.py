@@ -22,7 +22,7 @@ from smtpgate_rules.dkim.author import author_domains
 from .orgdomain import aligned, org_domain
 from .record import POLICIES, Record, parse
 
-_FIELD_NAME = re.compile(r"^[!-9;-~]{1,76}$")
+_FIELD_NAME = re.compile(r"^[!-9;-~]{1,76}\Z")  # (\Z: "$" would let a final LF through)
 _WEAKER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
 _SEVERITY = {"none": 0, "quarantine": 1, "reject": 2}
 #: From domains evaluated per message (each costs up to two lookups); MUAs show the first

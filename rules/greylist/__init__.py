@@ -50,7 +50,7 @@ def normalise_recipient(address: str) -> str:
 
 # --- option types ----------------------------------------------------------------------
 
-_LABELS = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_-]*[a-z0-9])?\.)*[a-z0-9_](?:[a-z0-9_-]*[a-z0-9])?$")
+_LABELS = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_-]*[a-z0-9])?\.)*[a-z0-9_](?:[a-z0-9_-]*[a-z0-9])?\Z")
 
 
 def domain_pattern(value) -> str:

@@ -18,7 +18,7 @@ STATE_KEYS = ("events", "ttl", "decay_to", "skip", "reject", "tempfail", "at", "
 GUARD_KEYS = ("to", "count", "within", "min_time")
 STAGES = ("mail", "rcpt", "data")
 _REPLY = re.compile(r"^\s*(\d{3})(?:\s+(\d\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?$")
-_HEADER_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")
+_HEADER_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]+\Z")
 _SAMPLE = {"key": "alice@example.org", "state": "new", "machine": "senders"}
 KEY_KINDS_DOC = ("what a key is: sender (the address, normalised), sender_domain, client_ip or "
                  "client_net (its ipv4_prefix / ipv6_prefix network)")

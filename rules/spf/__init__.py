@@ -19,8 +19,8 @@ from smtpgate import Option, OptionError, Rule, Verdict, boolean, one_of, string
 from .check import check_helo as spf_check_helo, check_mailfrom as spf_check_mailfrom
 
 ACTIONS = ("accept", "tempfail", "reject")
-_ADDR_SAFE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+$")
-_TOKEN = re.compile(r"^[A-Za-z0-9.-]+$")
+_ADDR_SAFE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+\Z")
+_TOKEN = re.compile(r"^[A-Za-z0-9.-]+\Z")
 
 
 class Spf(Rule):

@@ -36,8 +36,8 @@ KNOWN_EVENTS = frozenset({"delivered", "rejected", "greylisted", "greylist_passe
                           "downstream_rejected", "dnsbl_listed", "manual"})
 MAX_COUNT = 1000  # the largest `count` a guard may ask for (event times kept per key are bounded by it)
 DEFAULT_FORGET_AFTER = 90 * 86400.0
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-_STATE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")
+_STATE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 _new_object = object.__new__
 
 

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from email.message import EmailMessage
 
-_FIELD_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+$")
+_FIELD_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+\Z")  # (\Z: "$" would let a final LF through)
 _UNSAFE = re.compile(r"[\r\n\x00]")
 # CR and LF only as folding: CRLF, then space or tab, then some text on that line.
 _BAD_FOLDING = re.compile(r"\x00|\r(?!\n)|(?<!\r)\n|\r\n(?![ \t]*[^ \t\r\n])|\r\n(?![ \t])")

@@ -21,7 +21,7 @@ from ..logs import LogField
 
 #: the outcome kinds, in the order a record is summarised
 OUTCOMES = ("fail", "err", "pass", "skip", "msg")
-_EVENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_EVENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 
 
 def check_event_name(name: str) -> str:
@@ -57,8 +57,8 @@ class Event:
 
 #: RFC 8601 result keywords a method may report (§2.7; arc adds none of its own)
 AUTH_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror", "policy")
-_AUTH_METHOD = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
-_AUTH_PROPERTY = re.compile(r"^([a-z][a-z0-9-]*)_([a-z][a-z0-9_-]*)$")
+_AUTH_METHOD = re.compile(r"^[a-z][a-z0-9-]{0,31}\Z")
+_AUTH_PROPERTY = re.compile(r"^([a-z][a-z0-9-]*)_([a-z][a-z0-9_-]*)\Z")
 
 
 @dataclass(frozen=True)

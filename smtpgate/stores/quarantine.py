@@ -31,7 +31,7 @@ from dataclasses import asdict
 
 from ..errors import StoreError
 
-_ID = re.compile(r"^[A-Za-z0-9._\\-]{1,200}$")
+_ID = re.compile(r"^[A-Za-z0-9._\\-]{1,200}\Z")
 RELEASED_INFO = ":2,PS"
 
 

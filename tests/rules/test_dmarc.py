@@ -203,10 +203,11 @@ def test_record_parsing():
     assert parse("v=DMARC1; p=bogus; rua=mailto:a@example.org").p == "none"
 
 
-def test_bad_quarantine_header_fails_at_load():
+@pytest.mark.parametrize("name", ["Bad Header:", "X-Dmarc\n"])
+def test_bad_quarantine_header_fails_at_load(name):
     from smtpgate import OptionError
     with pytest.raises(OptionError):
-        Harness([(Dmarc, {"quarantine_header": "Bad Header:"})])
+        Harness([(Dmarc, {"quarantine_header": name})])
 
 
 async def test_several_records_end_policy_discovery(ns):
