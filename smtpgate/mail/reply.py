@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\Z")
 # Enhanced codes for replies that arrive without one (aiosmtpd's built-ins, old downstreams).
 _DEFAULT_ENHANCED = {
     221: "2.0.0", 250: "2.0.0", 251: "2.1.5", 252: "2.5.0",

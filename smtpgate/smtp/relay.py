@@ -667,8 +667,8 @@ def crlf_chunks(pieces, head: bytes):
 
 def crlf_size(pieces) -> int:
     """How many bytes ``crlf_chunks`` yields after its head, counted without building them:
-    each bare CR or bare LF gains a byte (no segment but the last ends with a CR, so no CRLF
-    is split between two); a message that does not end with CR or LF gets a CRLF."""
+    each bare CR or bare LF gains a byte (no CRLF is split between two segments: see
+    ``_segments``); a message that does not end with CR or LF gets a CRLF."""
     size, last = 0, b"\n"
     for segment in _segments(pieces):
         crlf = segment.count(b"\r\n")
@@ -680,8 +680,8 @@ def crlf_size(pieces) -> int:
 def _segments(pieces):
     """The pieces' bytes in order as ``bytes`` segments of at most about WRITE_CHUNK, each
     for one pass of line-end work: a small piece goes with what follows it, and no segment
-    but the last ends with a CR (its LF may open the next piece: the CR goes with what
-    follows). A large memoryview (the body after a header edit) is copied a window at a
+    ends with a CR whose LF opens the next one (such a CR goes with what follows; a segment
+    may end with a CR that is bare either way). A large memoryview (the body after a header edit) is copied a window at a
     time, never whole; a bytes piece alone in its segment is not copied at all."""
     small = min(SMALL_PIECE, WRITE_CHUNK)
     held, carried = [], 0  # bytes-like parts for the next segment, and their size

@@ -2,6 +2,7 @@
 import pytest
 
 from smtpgate import Message
+from smtpgate.mail.message import Change, HeaderField
 
 RAW = (b"Received: from a\r\n\tby b\r\nFrom: A <a@x.test>\r\nSubject: hi\r\n"
        b"X-Dup: 1\r\nX-Dup: 2\r\n\r\nbody\r\nSubject: not a header\r\n")
@@ -202,3 +203,12 @@ def test_fields_put_on_top_never_take_over_a_leading_continuation_line():
     m = Message(b"From: a@b.example\r\n\r\nbody\r\n")
     m.prepend_header("X-A", "1")
     assert m.raw == b"X-A: 1\r\nFrom: a@b.example\r\n\r\nbody\r\n"
+
+
+@pytest.mark.parametrize("cls", [Change, HeaderField])
+def test_the_hand_written_init_takes_every_field(cls):
+    # Change and HeaderField fill __dict__ themselves (message.py: made per edit): a field
+    # added to the class must be added to its __init__ too.
+    import dataclasses
+    import inspect
+    assert list(inspect.signature(cls.__init__).parameters)[1:] == [f.name for f in dataclasses.fields(cls)]
