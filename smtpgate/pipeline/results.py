@@ -259,14 +259,15 @@ class Results:
 
     # --- for the pipeline ----------------------------------------------------------------
     def _record(self, rule) -> RuleResult:
-        name = _name(rule)
+        name = rule if rule.__class__ is str else _name(rule)
         record = self._records.get(name)
+        current = self._current  # (name, shadow) of the hook running now, without a tuple to compare
+        shadow = current is not None and current[1] and current[0] == name
         if record is None:
-            shadow = self._current is not None and self._current == (name, True)
-            # (every field given: the generated __init__ skips its default factories)
-            record = self._records[name] = RuleResult(name, pass_=[], fail=[], skip=[], err=[], msg=[], data={},
-                                                      events=[], auth=[], shadow=shadow)
-        elif self._current == (name, True):
+            # every field given, by position: the generated __init__ neither runs its
+            # default factories nor binds keywords (~0.8 -> ~0.5 µs a record)
+            record = self._records[name] = RuleResult(name, [], [], [], [], [], {}, [], [], shadow)
+        elif shadow:
             record.shadow = True
         return record
 

@@ -98,7 +98,8 @@ async def run_stage(hooks, stage: str, args: tuple, trace: list[TraceEntry], *,
     ``accept`` ends the stage early (later rules of this stage do not run) and is returned so
     the caller can tell a whitelist from "no opinion". A domain policy's ``on_mail`` hooks
     leave out the rules it inherited from the session policy (``PolicySet.own_mail``), which
-    already ran them for this transaction, so no hook runs twice.
+    already ran them for this transaction, so no hook runs twice. The conversation does not
+    call it for a stage without hooks (no coroutine to make and await for nothing).
     """
     if not hooks:
         return None
@@ -236,9 +237,10 @@ async def _observe(hooks, stage: str, tx, reply, trace: list[TraceEntry], keep_t
         except Exception as exc:
             _log_crash(rule, _HOOK[stage], exc)
             action, reason = "error", f"{type(exc).__name__}: {exc}"
-        trace.append(TraceEntry(stage, rule.name, action, reason, None,
-                                (perf_counter() - started) * 1000, shadow, None,
-                                _reported(results, mark)))
+        ms = (perf_counter() - started) * 1000
+        results._current = None  # _reported's work, inline as in run_stage: once per observing rule
+        trace.append(TraceEntry(stage, rule.name, action, reason, None, ms, shadow, None,
+                                results.since(mark) if len(journal) > mark else None))
 
 
 async def run_delivered(hooks, tx, reply, trace: list[TraceEntry]) -> None:

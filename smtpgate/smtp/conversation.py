@@ -231,7 +231,9 @@ class Conversation:
         trace: list[TraceEntry] = []
         policy = self.runtime.policies.session_policy
         self._connect_rules = policy.rules
-        verdict = await run_stage(policy.hooks["connect"], "connect", (self.session,), trace)
+        hooks = policy.hooks["connect"]
+        # (a stage without hooks: no coroutine to make and await, ~0.4 µs; run_stage would return None)
+        verdict = await run_stage(hooks, "connect", (self.session,), trace) if hooks else None
         if verdict is not None and verdict.code == 421:
             self.session.data.setdefault("trace", []).extend(trace)
             reply = verdict.reply("connect")
@@ -253,8 +255,8 @@ class Conversation:
         if self.relay.connected:  # the downstream was greeted with the client's old name and
             await self.relay.close()  # protocol: the next MAIL opens it (or a pooled one) anew
         trace: list[TraceEntry] = []
-        policy = self.runtime.policies.session_policy
-        verdict = await run_stage(policy.hooks["helo"], "helo", (self.session,), trace)
+        hooks = self.runtime.policies.session_policy.hooks["helo"]
+        verdict = await run_stage(hooks, "helo", (self.session,), trace) if hooks else None
         self._session_verdict(verdict, trace)
 
     async def helo(self, name: str, esmtp: bool, starttls: bool = False) -> Reply:
@@ -417,7 +419,8 @@ class Conversation:
         if self.session.verdict is not None:
             return await self._refuse(tx, self.session.verdict, "mail")
         policy = self.runtime.policies.session_policy
-        verdict = await run_stage(policy.hooks["mail"], "mail", (tx,), tx.trace)
+        hooks = policy.hooks["mail"]
+        verdict = await run_stage(hooks, "mail", (tx,), tx.trace) if hooks else None
         if verdict is not None and verdict.action not in (ACCEPT,):
             if verdict.action in (DISCARD, QUARANTINE):
                 self._progress.pending = verdict
@@ -486,15 +489,17 @@ class Conversation:
         postmaster: always accepted for governed domains). A refusal, or None."""
         policy = rcpt.policy
         if first:
-            verdict = await run_stage(self.runtime.policies.own_mail(policy), "mail", (tx,), tx.trace)
+            hooks = self.runtime.policies.own_mail(policy)
+            verdict = await run_stage(hooks, "mail", (tx,), tx.trace) if hooks else None
             if verdict is not None and verdict.action != ACCEPT:
                 if verdict.action in (DISCARD, QUARANTINE):
                     self._progress.pending = verdict
                 else:
                     return verdict.reply("mail")
         if not address.is_postmaster:
-            verdict = await run_stage(policy.hooks["rcpt"], "rcpt", (tx, rcpt), tx.trace,
-                                      recipient=rcpt.address)
+            hooks = policy.hooks["rcpt"]
+            verdict = await run_stage(hooks, "rcpt", (tx, rcpt), tx.trace,
+                                      recipient=rcpt.address) if hooks else None
             if verdict is not None and verdict.action != ACCEPT:
                 if verdict.action == DISCARD:
                     rcpt.discard = True
@@ -531,7 +536,8 @@ class Conversation:
         if forged:  # RFC 8601 §5: only we may vouch under our own authserv-id
             tx.trace.append(TraceEntry("data", "gate", "continue",
                                        f"removed {forged} forged Authentication-Results"))
-        verdict = await run_stage(tx.policy.hooks["data"], "data", (tx,), tx.trace, message=tx.message)
+        hooks = tx.policy.hooks["data"]
+        verdict = await run_stage(hooks, "data", (tx,), tx.trace, message=tx.message) if hooks else None
         if verdict is None or verdict.action == ACCEPT:
             verdict = self._progress.pending
         if verdict is not None and verdict.action != ACCEPT:
@@ -541,7 +547,8 @@ class Conversation:
             return await self._end(tx, OK_DATA, deliver_hooks=True)
         add_authentication_results(tx, self.runtime.config.auth_id)  # the rules' auth results, under our id
         # The message is final: seal-stage rules sign what will be relayed (only adding fields).
-        verdict = await run_stage(tx.policy.hooks["seal"], "seal", (tx,), tx.trace, message=tx.message)
+        hooks = tx.policy.hooks["seal"]
+        verdict = await run_stage(hooks, "seal", (tx,), tx.trace, message=tx.message) if hooks else None
         if verdict is not None and verdict.action != ACCEPT:
             return await self._refuse_data(tx, verdict)
         held = None
