@@ -470,3 +470,14 @@ async def test_redis_retries_its_first_lost_compare_and_sets_at_once(tmp_path, m
         await COUNTER.feed(gate, "k", [Event("hit")], T0)
         assert gate.retries == losses and len(pauses_drawn.drawn) == pauses
         assert (await gate.get("counter", "k")).counts == {"hit": 2 + losses}
+
+
+def test_seen_keeps_the_keys_remembered_last(monkeypatch):
+    monkeypatch.setattr(senders_module, "SEEN_MAX", 3)
+    seen = senders_module.Seen()
+    for key in "abc":
+        seen.remember("m", key, key.upper())
+    seen.remember("m", "a", "A2")  # remembered again: the newest now
+    seen.remember("m", "d", "D")  # b, the oldest, goes
+    assert [seen.get("m", k) for k in "abcd"] == ["A2", None, "C", "D"]
+    assert seen.forget("m", "c") == "C" and seen.get("m", "c") is None
