@@ -301,14 +301,27 @@ class Machine:
         if rec.state not in self.states:  # the machine changed under a stored key: start over
             rec.add_history(Change(now, "decay", rec.state, self.initial, "state no longer declared"))
             rec.state, rec.since, rec.recent = self.initial, now, {}
-        while rec.state in self.decay:
-            ttl, target = self.decay[rec.state]
-            at = max(rec.since, rec.seen) + ttl
-            if at > now:
-                break
+        while (due := self._decay_due(rec, now)) is not None:
+            at, ttl, target = due
             rec.add_history(Change(at, "decay", rec.state, target, f"idle for {duration_text(ttl)}"))
             rec.state, rec.since, rec.recent = target, at, {}
         return rec
+
+    def _decay_due(self, rec: SenderRecord, now: float) -> tuple[float, float, str] | None:
+        """The decay of the record's state that has run out by ``now``: (when, ttl, target)."""
+        decay = self.decay.get(rec.state)
+        if decay is None:
+            return None
+        at = max(rec.since, rec.seen) + decay[0]
+        return None if at > now else (at, *decay)
+
+    def _view_now(self, rec: SenderRecord | None, key: str, now: float) -> SenderState:
+        """The view of ``rec`` settled at ``now``, leaving ``rec`` as it is (the store's own,
+        ``SenderStore.read``): settled on a copy only when that would change it."""
+        if rec is not None and rec.expires >= now and (rec.state not in self.states or
+                                                       self._decay_due(rec, now) is not None):
+            rec = rec.copy()
+        return self.view(key, self.settle(rec, now))
 
     def fire(self, rec: SenderRecord, event: Event, now: float) -> Change | None:
         """Count ``event`` and take the first transition whose guards hold, in place.
@@ -350,7 +363,7 @@ class Machine:
     # --- through a store (atomic) -------------------------------------------------------
     async def current(self, store, key: str, now: float) -> SenderState:
         """The key's state now (decays applied in memory; written at the next update)."""
-        return self.view(key, self.settle(await store.get(self.name, key), now))
+        return await store.read(self.name, key, self._view_now, key, now)
 
     async def feed(self, store, key: str, events: Iterable[Event], now: float) -> tuple[SenderState, list[Change]]:
         """Apply ``events`` to the key atomically: (its state after, the transitions made)."""

@@ -35,7 +35,7 @@ from typing import Any
 
 from ..errors import StoreError
 from .redis_store import RedisComponentStore, as_text, glob_escape, redact, scan_keys
-from .senders import ChangeFn, Seen, SenderRecord, SenderStore
+from .senders import ChangeFn, Seen, SenderRecord, SenderStore, copy_of
 
 CONTENTION_TIMEOUT = 10.0
 FREE_RETRIES = 3  # compare-and-sets lost in a row before an update backs off
@@ -88,9 +88,12 @@ class RedisSenderStore(RedisComponentStore, SenderStore):
             self._seen.remember(machine, key, (version, doc))
 
     async def get(self, machine, key) -> SenderRecord | None:
+        return await self.read(machine, key, copy_of)
+
+    async def read(self, machine, key, look, *args) -> Any:
         version, doc = await self._read(machine, key)
         self._remember(machine, key, version, doc)
-        return SenderRecord.from_json(doc) if doc is not None else None
+        return SenderRecord.look(doc, look, *args) if doc is not None else look(None, *args)
 
     async def update(self, machine, key, change: ChangeFn, now: float | None = None) -> Any:
         # The updates of one key that this process's sessions ask for meanwhile are applied

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from .senders import ChangeFn, Seen, SenderRecord, SenderStore
+from .senders import ChangeFn, Seen, SenderRecord, SenderStore, copy_of
 from .sqlite_store import BATCH, SqliteComponentStore, write_transaction
 
 COMPONENT = "senders"
@@ -67,11 +67,18 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
     def __init__(self, url: str, db=None):
         super().__init__(url, db)
         self._seen = Seen()  # (its text, its expires column), or ABSENT: as last read or written
+        # built once and handed to the database directly: a message's two calls, without a
+        # wrapper made per call and the _call/_write coroutine around each
+        self._read_migrated = self._migrated(self._read_row)
+        self._update_migrated = self._migrated(self._update_row)
 
     async def get(self, machine, key) -> SenderRecord | None:
-        row = await self._call(self._read_row, machine, key)
+        return await self.read(machine, key, copy_of)
+
+    async def read(self, machine, key, look, *args) -> Any:
+        row = await self.db.call(self._read_migrated, machine, key)
         self._seen.remember(machine, key, row)
-        return SenderRecord.from_json(row[0]) if row[0] else None
+        return SenderRecord.look(row[0], look, *args) if row[0] else look(None, *args)
 
     @staticmethod
     def _read_row(conn, machine, key) -> tuple[str, float | None]:
@@ -79,7 +86,7 @@ class SqliteSenderStore(SqliteComponentStore, SenderStore):
         return row or ABSENT
 
     async def update(self, machine, key, change: ChangeFn, now: float | None = None) -> Any:
-        result = await self._write(self._update_row, machine, key, change)
+        result = await self.db.write(self._update_migrated, machine, key, change)
         if now is not None and self._sweep_due(now):
             await self._run(self._sweep, now)
         return result

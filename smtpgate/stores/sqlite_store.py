@@ -150,7 +150,9 @@ class SqliteDatabase:
         """Run ``fn(connection, *args)`` right on the event loop: for a few indexed statements.
         If the file is locked by another connection, ``fn`` runs again on the thread (so it
         must do nothing but database work, in transactions that roll back on error)."""
-        conn = await self._loop_connection()
+        conn = self._loop_conn  # _loop_connection's test inline: no coroutine per decision
+        if conn is None or self._pid != _PID:
+            conn = await self._open_loop_connection()
         try:
             return self._wrote(conn, conn.total_changes, fn(conn, *args))
         except sqlite3.OperationalError as e:
@@ -171,7 +173,8 @@ class SqliteDatabase:
         The first write of a turn leads: it yields once (the turn's other writes join the
         group meanwhile), commits the group and, unless it had to wait on the thread, goes
         on with its answer at once; the others wake up with theirs."""
-        await self._loop_connection()
+        if self._loop_conn is None or self._pid != _PID:  # _loop_connection's test inline, as in call
+            await self._open_loop_connection()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._group.append((fn, args, future))

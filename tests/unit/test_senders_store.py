@@ -364,23 +364,72 @@ def test_the_oldest_record_kept_dropped_by_the_other_thread_too_is_no_error(monk
     assert list(senders_module._parsed.keys()) == texts[-2:]
 
 
+def test_a_record_taken_and_changed_while_a_reader_looks_at_it_is_parsed_afresh():
+    text = record(counts={"delivered": 2}, recent={"delivered": [T0]}).to_json()
+    kept = senders_module._parsed[text]
+    looked = []
+
+    def look_as_the_other_thread_takes_it(rec):
+        looked.append(rec)
+        if rec is kept and SenderRecord.from_json(text, take=True) is kept:  # the other thread's update
+            kept.state = "blocked"
+            kept.counts["delivered"] += 5
+        return rec.state, dict(rec.counts)
+
+    assert SenderRecord.look(text, look_as_the_other_thread_takes_it) == ("new", {"delivered": 2})
+    assert looked[0] is kept and looked[1] is not kept  # the kept one looked at first, then a parse
+    assert senders_module._parsed[text] is looked[1]  # the parsed one kept itself (no copy)
+    assert SenderRecord.look(text, lambda rec: rec) is looked[1]  # not copied: looked at
+
+
+def test_a_reader_that_fails_on_a_record_changed_meanwhile_reads_it_afresh():
+    text = record(state="probation").to_json()
+    kept = senders_module._parsed[text]
+    states = {"probation": "p"}
+
+    def look(rec):
+        if rec is kept and SenderRecord.from_json(text, take=True) is kept:
+            kept.state = "gone"
+        return states[rec.state]
+
+    assert SenderRecord.look(text, look) == "p"
+    with pytest.raises(KeyError):  # its own error, on a record no one took
+        SenderRecord.look(record(state="other").to_json(), look)
+
+
+async def test_the_mail_read_leaves_the_stored_record_as_it_was(store):
+    """Machine.current settles a record due to decay on a copy: the record it looks at is
+    the store's (kept parsed), which the key's next update takes."""
+    machine = Machine("senders", {"new": {"delivered": "probation"}, "probation": {}}, initial="new",
+                      decay={"probation": ("1h", "new")})
+    await machine.feed(store, "alice@example.org", [Event("delivered")], T0)
+    stored = await store.get("senders", "alice@example.org")
+    view = await machine.current(store, "alice@example.org", T0 + 7200)
+    assert (view.state, view.since) == ("new", T0 + 3600)
+    assert await store.get("senders", "alice@example.org") == stored
+    assert (await machine.current(store, "alice@example.org", T0 + 10)).state == "probation"
+
+
 async def test_an_event_copies_the_record_once(store, monkeypatch):
-    """Read at MAIL (a copy for the reader), changed and written at the end: the read one is
-    handed to the change, not copied, and the record the change returns is the store's (kept
-    parsed for the text written as it is, not copied). What the events answered does not
-    move with the later events that change that record."""
+    """Read at MAIL (its view made from the record kept parsed, no copy: Machine.current
+    only looks), changed and written at the end: the read one is handed to the change, not
+    copied, and the record the change returns is the store's (kept parsed for the text
+    written as it is, not copied). What the reads and events answered does not move with
+    the later events that change that record."""
     machine = Machine("senders", {"new": {"delivered": "probation"}, "probation": {}}, initial="new")
     await machine.feed(store, "alice@example.org", [Event("delivered")], T0)
     copies = []
     copy = SenderRecord.copy
     monkeypatch.setattr(SenderRecord, "copy", lambda rec: copies.append(rec) or copy(rec))
-    views = []
+    views, read = [], []
     for i in range(1, 4):
-        await machine.current(store, "alice@example.org", T0 + i)
+        read.append(await machine.current(store, "alice@example.org", T0 + i))
         view, _ = await machine.feed(store, "alice@example.org", [Event("delivered")], T0 + i)
         views.append(view)
-    assert len(copies) == 3
+    assert copies == []
     assert [(v.counts, v.seen) for v in views] == [({"delivered": i + 1}, T0 + i) for i in range(1, 4)]
+    assert [(v.state, v.counts, v.seen) for v in read] == [("probation", {"delivered": i}, T0 + i - 1)
+                                                           for i in range(1, 4)]
 
 
 class _Pauses:
@@ -421,3 +470,14 @@ async def test_redis_retries_its_first_lost_compare_and_sets_at_once(tmp_path, m
         await COUNTER.feed(gate, "k", [Event("hit")], T0)
         assert gate.retries == losses and len(pauses_drawn.drawn) == pauses
         assert (await gate.get("counter", "k")).counts == {"hit": 2 + losses}
+
+
+def test_seen_keeps_the_keys_remembered_last(monkeypatch):
+    monkeypatch.setattr(senders_module, "SEEN_MAX", 3)
+    seen = senders_module.Seen()
+    for key in "abc":
+        seen.remember("m", key, key.upper())
+    seen.remember("m", "a", "A2")  # remembered again: the newest now
+    seen.remember("m", "d", "D")  # b, the oldest, goes
+    assert [seen.get("m", k) for k in "abcd"] == ["A2", None, "C", "D"]
+    assert seen.forget("m", "c") == "C" and seen.get("m", "c") is None
