@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import inspect
 import ipaddress
-from typing import Awaitable, Callable
+from typing import Callable
 
 from ..mail.keys import client_key, sender_key
 from ..pipeline.results import Event
 from ..errors import OptionError, PluginError, StoreError
-from ..stores.senders import Change
 from .machine import Machine, MachineError, SenderState, known_events
 from ..pipeline.rule import Rule
 
@@ -166,18 +165,14 @@ class MachineRule(Rule):
         return tx.machine_owners.setdefault(self.machine.name, self) is self
 
     # --- the Python API -----------------------------------------------------------------
-    # current and feed hand back the machine's coroutine to await, not one of their own
-    # around it: one frame less for the MAIL read and the events of every message
+    async def current(self, key: str) -> SenderState:
+        """A key's state now."""
+        return await self.machine.current(self._store(), key, self.clock.now())
 
-    def current(self, key: str) -> Awaitable[SenderState]:
-        """A key's state now (``await rule.current(key)``)."""
-        return self.machine.current(self._store(), key, self.clock.now())
-
-    def feed(self, key: str, events, why: str | None = None) -> Awaitable[tuple[SenderState, list[Change]]]:
-        """Apply events (names or ``Event``s) to a key now: (state after, transitions)
-        (``await rule.feed(key, events)``)."""
+    async def feed(self, key: str, events, why: str | None = None):
+        """Apply events (names or ``Event``s) to a key now: (state after, transitions)."""
         events = [e if isinstance(e, Event) else Event(e, self.name, why) for e in events]
-        return self.machine.feed(self._store(), key, events, self.clock.now())
+        return await self.machine.feed(self._store(), key, events, self.clock.now())
 
     async def move(self, key: str, state_name: str, why: str, rule: str | None = "cli"):
         return await self.machine.move(self._store(), key, state_name, self.clock.now(), why, rule)
