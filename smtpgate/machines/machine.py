@@ -318,10 +318,12 @@ class Machine:
     def _view_now(self, rec: SenderRecord | None, key: str, now: float) -> SenderState:
         """The view of ``rec`` settled at ``now``, leaving ``rec`` as it is (the store's own,
         ``SenderStore.read``): settled on a copy only when that would change it."""
-        if rec is not None and rec.expires >= now and (rec.state not in self.states or
-                                                       self._decay_due(rec, now) is not None):
-            rec = rec.copy()
-        return self.view(key, self.settle(rec, now))
+        if rec is None or rec.expires < now:
+            return self.view(key, None)
+        if rec.state in self.states and self._decay_due(rec, now) is None:
+            return self.view(key, rec)  # only read: the store's record is never settled in place
+        # (a copy: the database thread may take the store's record meanwhile; settle writes)
+        return self.view(key, self.settle(rec.copy(), now))
 
     def fire(self, rec: SenderRecord, event: Event, now: float) -> Change | None:
         """Count ``event`` and take the first transition whose guards hold, in place.

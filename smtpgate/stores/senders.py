@@ -281,10 +281,10 @@ class Seen:
         slot = (machine, key)
         rows.pop(slot, None)
         rows[slot] = row
-        if len(rows) > SEEN_MAX:
+        while len(rows) > SEEN_MAX:
             try:  # the oldest out; SQLite's other thread may be changing it meanwhile
                 rows.pop(next(iter(rows)), None)
-            except (RuntimeError, StopIteration):  # changed (or emptied) as it was looked at
+            except (RuntimeError, StopIteration):  # changed (or emptied) as it was looked at: again
                 pass
 
     def get(self, machine: str, key: str) -> Any:
@@ -318,8 +318,9 @@ class SenderStore:
     async def read(self, machine: str, key: str, look: Callable[..., Any], *args: Any) -> Any:
         """``look(record or None, *args)`` of the key's record as stored: for a reader that
         only looks at it (``look`` changes nothing, and what it returns holds no part of
-        it), so a store may hand it the record it keeps parsed, not a copy (``get`` is
-        ``read`` with ``copy_of``)."""
+        it), so a store may hand it the record it keeps parsed, not a copy (the stores' ``get``
+        is their ``read`` with ``copy_of``; this default, for a store without a parse cache,
+        looks at ``get``'s copy)."""
         return look(await self.get(machine, key), *args)
 
     async def update(self, machine: str, key: str, change: ChangeFn, now: float | None = None) -> Any:

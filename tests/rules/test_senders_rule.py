@@ -9,6 +9,7 @@ import yaml
 
 from smtpgate import (KNOWN_EVENTS, MachineRule, OptionError, Rule, StoreError, Verdict, sender_key)
 from smtpgate.stores import Stores
+from smtpgate.stores.senders import SenderStore
 from smtpgate.testing import FakeClock, Harness, message
 from smtpgate_rules.senders.defaults import DEFAULT_INITIAL, DEFAULT_STATES
 from smtpgate_rules.greylist import Greylist
@@ -321,7 +322,7 @@ async def test_shadow_mode_tracks_but_neither_refuses_nor_skips():
         assert "greylisted" in (await h.stores.senders.get("senders", KEY)).counts
 
 
-class BrokenStore:
+class BrokenStore(SenderStore):
     async def get(self, machine, key):
         raise StoreError("Redis down")
 
@@ -339,6 +340,7 @@ async def test_a_store_failure_is_451_unless_on_error_accept(on_error, code):
         senders_of(h).on_error = on_error
         r = await h.send()
         assert r.reply.code == code
+        assert [e.reason for e in r.transaction.trace if e.stage == "mail"] == ["StoreError: Redis down"]
         if code == 451:
             assert str(r.reply) == "451 4.3.0 Local error in processing, try again later"
     await stores.close()
