@@ -265,7 +265,12 @@ class Greylist(Rule):
             return Verdict.tempfail(text, 451, "4.7.1",
                                     reason=f"greylisted ({result.outcome}, attempt {result.entry.attempts}): "
                                            f"{client} {sender or '<>'} {recipient}; passes after {after}")
-        results.add(self, pass_=f"{rcpt.address}: {result.outcome}", data={rcpt.address: decided})
+        allow = result.allow
+        if allow is None:
+            results.add(self, pass_=f"{rcpt.address}: {result.outcome}", data={rcpt.address: decided})
+        else:  # which allow entry let it through, in the trace and the log line
+            decided["allow"] = named = f"{allow.kind} {allow.value}"
+            results.add(self, pass_=f"{rcpt.address}: {result.outcome} ({named})", data={rcpt.address: decided})
         if result.outcome == "passed_now":
             results.event(self, "greylist_passed", why=f"retried after {result.entry.retry_delay:g}s")
         return None

@@ -51,12 +51,14 @@ def test_a_triplet_greylisted_before_a_restart_passes_after_it(state_url, gate_f
 def test_allowed_counts_reach_the_file_by_the_gates_stop(gate_factory, downstream):
     # An allow-listed decision on SQLite writes nothing; its count is written later, at the
     # latest when the gate stops (SIGTERM: it drains and closes its stores).
-    gate = gate_factory(policies=POLICIES)
+    gate = gate_factory(policies=POLICIES, config={"log": {"format": "json"}})
     done = gate.cli("greylist", "allow", "--triplet", "127.0.0.1", "alice@sender.test", "bob@example.com")
     assert done.returncode == 0, done.stderr
     assert send(gate) == (250, "")
     assert send(gate) == (250, "")
     assert len(downstream.wait_for_messages(2)) == 2
+    # the transaction's log line names the allow entry that let it through
+    gate.wait_for_log("bob@example.com: allowed (triplet ")
     assert gate.stop() == 0
     stats = json.loads(gate.cli("greylist", "stats", "--json").stdout)
     assert stats["outcomes"]["allowed"] == 2

@@ -425,6 +425,10 @@ async def test_allow_entries_in_the_store_let_clients_through(make):
     r = await h.send(client_ip="198.51.100.9")
     assert r.reply.code == 250
     assert decided(r, "rcpt@example.com")["outcome"] == "allowed"
+    # the entry that let it through is named, in the rule's data and in the trace (the log line)
+    assert decided(r, "rcpt@example.com")["allow"] == "client 198.51.100.0/24"
+    [entry] = [e for e in r.trace if e.rule == "greylist"]
+    assert entry.result == "pass: rcpt@example.com: allowed (client 198.51.100.0/24)"
     h.clock.advance(3601)
     assert (await h.send(client_ip="198.51.100.9")).reply.code == 451
 
