@@ -63,7 +63,11 @@ def path(spelling: str) -> bytes:
 class Client(RawSMTP):
     """A raw client that knows its own port (XCLIENT PORT= downstream), past EHLO."""
 
-    def __init__(self, gate, timeout: float = 10.0) -> None:
+    def __init__(self, gate, ds: CapturingDownstream | None = None, timeout: float = 10.0) -> None:
+        # Loopback reuses a client port still in TIME_WAIT (tcp_tw_reuse): an earlier
+        # client's downstream session may carry this port too, so look only at the sessions
+        # opened after this connection began (the gate opens one per client: no pool here).
+        self.first_session = len(ds.sessions) if ds is not None else 0
         super().__init__(gate.address, timeout)
         assert self.reply().startswith(b"220")
         assert self.cmd(b"EHLO client.test").startswith(b"250")
@@ -90,7 +94,7 @@ def downstream_session(ds: CapturingDownstream, client: Client):
     found = []
 
     def done() -> bool:
-        found[:] = [s for s in ds.sessions if s.xclient.get("PORT") == port]
+        found[:] = [s for s in ds.sessions[client.first_session:] if s.xclient.get("PORT") == port]
         return bool(found) and all(s.closed for s in found)
 
     ds.wait_for(done, 10, f"the downstream session for client port {port} to close")
@@ -122,7 +126,7 @@ def relay_gate(tmp_path_factory):
 @pytest.mark.parametrize("spelling", REFUSED)
 def test_relay_spelling_is_refused_and_never_reaches_the_downstream(relay_gate, spelling):
     gate, ds = relay_gate
-    c = Client(gate)
+    c = Client(gate, ds)
     c.mail()
     refused = c.rcpt(spelling)
     assert RELAY_DENIED.match(refused), f"RCPT TO:{path(spelling)!r} got {refused!r}"
@@ -142,7 +146,7 @@ def test_relay_spelling_is_refused_and_never_reaches_the_downstream(relay_gate, 
 def test_relay_spelling_alone_opens_no_downstream_transaction(relay_gate, spelling):
     """With nothing else accepted, the downstream sees neither MAIL nor RCPT nor DATA."""
     gate, ds = relay_gate
-    c = Client(gate)
+    c = Client(gate, ds)
     c.mail()
     assert RELAY_DENIED.match(c.rcpt(spelling))
     assert c.cmd(b"DATA")[:1] == b"5"  # no valid recipients: no data phase
@@ -157,7 +161,7 @@ def test_relay_spelling_alone_opens_no_downstream_transaction(relay_gate, spelli
 @pytest.mark.parametrize("spelling", ACCEPTED)
 def test_governed_spelling_is_accepted_with_local_part_case_kept(relay_gate, spelling):
     gate, ds = relay_gate
-    c = Client(gate)
+    c = Client(gate, ds)
     c.mail()
     r = c.rcpt(spelling)
     assert r.startswith(b"250 2.1.5"), r
@@ -177,7 +181,7 @@ def test_governed_spelling_is_accepted_with_local_part_case_kept(relay_gate, spe
 @pytest.mark.parametrize("spelling", POSTMASTER)
 def test_postmaster_is_always_accepted(relay_gate, spelling):
     gate, ds = relay_gate
-    c = Client(gate)
+    c = Client(gate, ds)
     c.mail()
     r = c.rcpt(spelling)
     assert r.startswith(b"250"), r
@@ -207,7 +211,7 @@ def test_postmaster_skips_rcpt_rules(gate_factory, downstream, spelling):
 # ---------------------------------------------------------------------------- policy split
 def test_policy_split_defers_the_other_policys_recipient(relay_gate):
     gate, ds = relay_gate
-    c = Client(gate)
+    c = Client(gate, ds)
     c.mail()
     assert c.rcpt("first@example.com").startswith(b"250")
     assert c.rcpt("b@x.sub.example.com").startswith(b"250"), "same policy: same transaction"
@@ -233,7 +237,7 @@ def test_policy_split_defers_the_other_policys_recipient(relay_gate):
 
 def test_policy_split_the_other_way_round(relay_gate):
     gate, ds = relay_gate
-    c = Client(gate)
+    c = Client(gate, ds)
     c.mail()
     assert c.rcpt("first@other.test").startswith(b"250")
     assert c.rcpt("second@example.com").startswith(b"452 4.5.3")
