@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from smtpgate import Message
+
 from .headers import decode, header_text
 from .maps import AddressMap, Condition, Context
 
@@ -12,7 +14,6 @@ ADDRESS_FIELDS = ("From", "To", "Cc", "Bcc", "Reply-To", "Sender", "Resent-From"
 DEFAULT_FIELDS = ["From", "To", "Cc", "Reply-To", "Sender"]
 BLOCK_KEYS = ("sender_map", "recipient_map", "header_map", "header_fields", "add_headers",
               "remove_headers", "replace_headers", "subject_prefix", "when", "unless")
-_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -42,7 +43,7 @@ header_fields.__name__ = "list of address header names"
 def header_name(name, glob: bool = False) -> str:
     text = str(name)
     body = text[:-1] if glob and text.endswith("*") else text
-    if not _NAME.match(body) or "*" in body and glob:
+    if not Message.is_field_name(body) or "*" in body and glob:
         raise ValueError(f"{text!r} is not a header name")
     return text
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from smtpgate import Machine, MachineError, OptionError, Rule, Transition, duration, integer
+from smtpgate import Machine, MachineError, Message, OptionError, Rule, Transition, duration, integer
 
 from .defaults import DEFAULT_INITIAL, DEFAULT_STATES
 
@@ -18,7 +18,6 @@ STATE_KEYS = ("events", "ttl", "decay_to", "skip", "reject", "tempfail", "at", "
 GUARD_KEYS = ("to", "count", "within", "min_time")
 STAGES = ("mail", "rcpt", "data")
 _REPLY = re.compile(r"^\s*(\d{3})(?:\s+(\d\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?$")
-_HEADER_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]+\Z")
 _SAMPLE = {"key": "alice@example.org", "state": "new", "machine": "senders"}
 KEY_KINDS_DOC = ("what a key is: sender (the address, normalised), sender_domain, client_ip or "
                  "client_net (its ipv4_prefix / ipv6_prefix network)")
@@ -249,7 +248,7 @@ def _header(path: str, value) -> tuple[str, str]:
         raise OptionError(path, f'expected "Name: value", got {value!r}')
     name, _, text = value.partition(":")
     name, text = name.strip(), text.strip()
-    if not _HEADER_NAME.match(name):
+    if not Message.is_field_name(name):
         raise OptionError(path, f"not a header name: {name!r}")
     return name, _template(path, text)
 

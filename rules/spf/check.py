@@ -40,7 +40,7 @@ _MACRO = re.compile(r"%(?:\{([slodiphcrtvSLODIPHCRTV])(\d*)(r?)([.+,/_=-]*)\}|(%
 _MACRO_CHECK = re.compile(r"%(?:\{[slodiphcrtvSLODIPHCRTV]\d*r?[.+,/_=-]*\}|%|_|-)")
 # The domain-spec may itself hold ":" and "/" (any visible character but "%" outside macros,
 # §7.1): the dual-cidr-length is only what parses as one at the very end.
-_DUAL_CIDR = re.compile(r"^(?::(?P<domain>.*?))?(?:/(?P<c4>0|[1-9]\d{0,1}))?(?://(?P<c6>0|[1-9]\d{0,2}))?$", re.S)
+_DUAL_CIDR = re.compile(r"^(?::(?P<domain>.*?))?(?:/(?P<c4>0|[1-9]\d{0,1}))?(?://(?P<c6>0|[1-9]\d{0,2}))?\Z", re.S)
 _TOPLABEL = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9]+\Z|^[A-Za-z0-9][A-Za-z0-9-]*-[A-Za-z0-9-]*[A-Za-z0-9]\Z|^[A-Za-z0-9]+-[A-Za-z0-9]\Z")
 
 

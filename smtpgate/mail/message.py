@@ -18,7 +18,10 @@ import re
 from dataclasses import dataclass
 from email.message import EmailMessage
 
-_FIELD_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+\Z")  # (\Z: "$" would let a final LF through)
+# A header field name: printable ASCII but ":" (RFC 5322 §2.2); \Z, as "$" lets a final LF through
+_NAME_CHARS = r"[\x21-\x39\x3b-\x7e]+\Z"
+_FIELD_NAME = re.compile(_NAME_CHARS.encode())  # in the message's bytes
+_FIELD_NAME_TEXT = re.compile(_NAME_CHARS)  # a name given as text (Message.is_field_name)
 _UNSAFE = re.compile(r"[\r\n\x00]")
 # CR and LF only as folding: CRLF, then space or tab, then some text on that line.
 _BAD_FOLDING = re.compile(r"\x00|\r(?!\n)|(?<!\r)\n|\r\n(?![ \t]*[^ \t\r\n])|\r\n(?![ \t])")
@@ -62,6 +65,12 @@ class HeaderField:
 
 class Message:
     """Raw bytes plus edits. ``raw`` is always what would be relayed now."""
+
+    @staticmethod
+    def is_field_name(name) -> bool:
+        """Whether ``name`` is a header field name (printable ASCII but ``:``): what
+        ``prepend_header`` accepts, for a rule's options to check at load."""
+        return isinstance(name, str) and _FIELD_NAME_TEXT.match(name) is not None
 
     def __init__(self, raw: bytes | list[bytes]):
         if isinstance(raw, (bytes, bytearray, memoryview)):
@@ -337,8 +346,7 @@ class Message:
         self._set_head(head[:at] + lines + head[at:] if at else lines + head)
 
     def _set_head(self, head: bytes) -> None:
-        if self._head is None:
-            self._header_block()  # the body split off first
+        # (its callers read the header block first: the body is split off)
         self._head, self._joined = head, None
         self._fields, self._email, self._edited = None, None, True
 
@@ -447,7 +455,7 @@ def check_folded_field(name: str, value: str) -> None:
 def _folded_field_line(name: str, value: str) -> bytes:
     if not isinstance(name, str) or not isinstance(value, str):
         raise ValueError("a header field's name and value are text")
-    if not _FIELD_NAME.match(name.encode("ascii", "replace")):
+    if not _FIELD_NAME_TEXT.match(name):
         raise ValueError(f"bad header name {name!r}")
     if _BAD_FOLDING.search(value) or value.endswith(("\r", "\n")):
         raise ValueError(f"header value for {name} holds CR, LF or NUL outside folding")
@@ -456,7 +464,7 @@ def _folded_field_line(name: str, value: str) -> bytes:
 
 def _field_line(name: str, value: str) -> bytes:
     """One header field, refusing anything that could start a new line or field."""
-    if not _FIELD_NAME.match(name.encode("ascii", "replace")):
+    if not _FIELD_NAME_TEXT.match(name):
         raise ValueError(f"bad header name {name!r}")
     if _UNSAFE.search(value):
         raise ValueError(f"header value for {name} holds CR, LF or NUL")

@@ -36,9 +36,8 @@ class Policy:
         object.__setattr__(self, "hooks", {stage: prepare(self.rules, stage) for stage in _RUN_STAGES})
 
 
-# the stages a policy's own hooks run at ("end": PolicySet.end_hooks, across two policies;
-# "disconnect": the session's rules)
-_RUN_STAGES = tuple(s for s in STAGES if s not in ("end", "disconnect"))
+# the stages a policy's own hooks run at ("end": PolicySet.end_hooks, across two policies)
+_RUN_STAGES = tuple(s for s in STAGES if s != "end")
 
 
 class PolicySet:

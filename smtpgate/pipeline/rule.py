@@ -33,7 +33,7 @@ HOOKS: dict[str, tuple[str, tuple[str, ...]]] = {
 # the documented positional signatures (the runner passes the caller's arguments as they are)
 SIGNATURES = {"on_connect": ("session",), "on_helo": ("session",), "on_mail": ("tx",),
               "on_rcpt": ("tx", "rcpt"), "on_data": ("tx",), "on_seal": ("tx", "seal"), "on_delivered": ("tx", "reply"),
-              "on_end": ("tx", "reply")}
+              "on_end": ("tx", "reply"), "on_disconnect": ("session",)}
 STAGES = tuple(stage for stage, _ in HOOKS.values())
 # Keys every rule entry accepts besides its own options.
 COMMON_KEYS = {"mode": ("enforce", "shadow"), "on_error": ("tempfail", "accept")}

@@ -49,7 +49,7 @@ _HOOK = {stage: hook for hook, (stage, _) in HOOKS.items()}
 def _arguments(stage: str, args: tuple) -> dict:
     """Everything a hook of ``stage`` may ask for, by name, from the caller's positional
     ``args`` (``(session,)``, ``(tx,)``, ``(tx, rcpt)``, ``(tx, reply)``)."""
-    if stage in ("connect", "helo"):
+    if stage in ("connect", "helo", "disconnect"):
         session = args[0]
         return {"session": session, "results": session.results}
     tx = args[0]
@@ -101,8 +101,6 @@ async def run_stage(hooks, stage: str, args: tuple, trace: list[TraceEntry], *,
     already ran them for this transaction, so no hook runs twice. The conversation does not
     call it for a stage without hooks (no coroutine to make and await for nothing).
     """
-    if not hooks:
-        return None
     hook_name = _HOOK[stage]
     # The transaction's results from MAIL on, the session's at CONNECT and HELO.
     tx = args[0] if stage not in ("connect", "helo") else None
@@ -157,8 +155,7 @@ async def run_stage(hooks, stage: str, args: tuple, trace: list[TraceEntry], *,
             if message is not None:
                 message._current_rule = None
         ms = (perf_counter() - started) * 1000
-        results._current = None  # _reported's work, inline: once per rule per stage
-        reported = results.since(reported_from) if len(journal) > reported_from else None
+        reported = _reported(results, reported_from)
         # The trace names what the rule changed (envelope address, header edits), so a rule
         # that only rewrites, returning None, still leaves a reason; a shadow rule's changes
         # are named, then undone. (Nothing changed, the usual case: no string work.)
@@ -238,9 +235,8 @@ async def _observe(hooks, stage: str, tx, reply, trace: list[TraceEntry], keep_t
             _log_crash(rule, _HOOK[stage], exc)
             action, reason = "error", f"{type(exc).__name__}: {exc}"
         ms = (perf_counter() - started) * 1000
-        results._current = None  # _reported's work, inline as in run_stage: once per observing rule
         trace.append(TraceEntry(stage, rule.name, action, reason, None, ms, shadow, None,
-                                results.since(mark) if len(journal) > mark else None))
+                                _reported(results, mark)))
 
 
 async def run_delivered(hooks, tx, reply, trace: list[TraceEntry]) -> None:
@@ -265,15 +261,14 @@ def publish_outcome(tx, reply) -> None:
             results.pipeline_event("delivered", "downstream", answer.lines()[-1])
 
 
-async def run_disconnect(rules, session) -> None:
-    """``on_disconnect`` hooks observe the end of a session whose CONNECT stage ran (to
-    release what ``on_connect`` took, e.g. a connection slot). A crash is logged, nothing else:
-    the client is gone."""
-    for rule in rules:
-        if getattr(rule, "on_disconnect", None) is None:
-            continue
+async def run_disconnect(hooks, session) -> None:
+    """``on_disconnect`` hooks (``prepare``'s) observe the end of a session whose CONNECT
+    stage ran (to release what ``on_connect`` took, e.g. a connection slot). A crash is
+    logged, nothing else: the client is gone."""
+    args = (session,)
+    for rule, hook, names in hooks:
         try:
-            await rule.on_disconnect(session)
+            await (hook(*args) if names is None else _call(hook, names, "disconnect", args))
         except Exception as exc:
             _log_crash(rule, "on_disconnect", exc)
 

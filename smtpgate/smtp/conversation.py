@@ -165,7 +165,7 @@ class Conversation:
         # What EHLO offers is fixed for the connection, as the front's reader is.
         self._hostname = self.runtime.config.hostname
         self._size_offered = self.runtime.config.limits.max_message_size
-        self._connect_rules = ()  # the rules whose CONNECT ran: their on_disconnect runs at close
+        self._disconnect_hooks = ()  # of the rules whose CONNECT ran: they run at close
         # The TCP peer is in trusted_forwarders (the front says so): XCLIENT/XFORWARD accepted.
         self.forwarder = False
         # What a forwarder said of the real client's greeting outlives its own HELO/EHLO.
@@ -230,7 +230,7 @@ class Conversation:
         self._connect_pending = False
         trace: list[TraceEntry] = []
         policy = self.runtime.policies.session_policy
-        self._connect_rules = policy.rules
+        self._disconnect_hooks = policy.hooks["disconnect"]
         hooks = policy.hooks["connect"]
         # (a stage without hooks: no coroutine to make and await; run_stage would return None)
         verdict = await run_stage(hooks, "connect", (self.session,), trace) if hooks else None
@@ -254,6 +254,10 @@ class Conversation:
         await self.settled(here=True)  # the ended transaction's on_end before on_helo, as ever
         if self.relay.connected:  # the downstream was greeted with the client's old name and
             await self.relay.close()  # protocol: the next MAIL opens it (or a pooled one) anew
+        await self._helo_rules()
+
+    async def _helo_rules(self) -> None:
+        """The session policy's ``on_helo`` hooks, their verdict kept for MAIL."""
         trace: list[TraceEntry] = []
         hooks = self.runtime.policies.session_policy.hooks["helo"]
         verdict = await run_stage(hooks, "helo", (self.session,), trace) if hooks else None
@@ -297,11 +301,7 @@ class Conversation:
         if refusal is not None:
             return refusal
         if self.greeted and self.session.helo:
-            trace: list[TraceEntry] = []
-            policy = self.runtime.policies.session_policy
-            hooks = policy.hooks["helo"]
-            verdict = await run_stage(hooks, "helo", (self.session,), trace) if hooks else None
-            self._session_verdict(verdict, trace)
+            await self._helo_rules()
         return None
 
     async def refused_data(self, reply: Reply) -> Reply:
@@ -314,8 +314,8 @@ class Conversation:
         await self._abandon()
         await self.settled(here=True)  # the last transaction's after-work, its reply written or not
         await self.relay.close()
-        rules, self._connect_rules = self._connect_rules, ()
-        await run_disconnect(rules, self.session)
+        hooks, self._disconnect_hooks = self._disconnect_hooks, ()
+        await run_disconnect(hooks, self.session)
 
     # --- steps (the table's Run cells) ---------------------------------------------------------
     async def _greet(self, name: str, esmtp: bool, starttls: bool) -> Reply:
@@ -341,8 +341,8 @@ class Conversation:
         await self.relay.close()
         # As if the forwarder's connection ended: what CONNECT took for it is given back
         # (a connection slot), before its address and session.data are gone.
-        rules, self._connect_rules = self._connect_rules, ()
-        await run_disconnect(rules, session)
+        hooks, self._disconnect_hooks = self._disconnect_hooks, ()
+        await run_disconnect(hooks, session)
         session.data, session.verdict = {}, None
         self._identified = True
         if new_session:  # XCLIENT: unnamed attributes are unknown, not the forwarder's

@@ -34,7 +34,7 @@ _MOVE = ("UPDATE limits_rates SET bucket = ?, previous = ?, current = ?, expires
          "WHERE kind = ? AND value = ? AND span = ?")
 
 
-def _write(conn, old: Counter | None, new: Counter) -> None:
+def _write_counter(conn, old: Counter | None, new: Counter) -> None:
     """Store ``new`` over ``old`` (the row as read in this transaction, None: no row).
     Within one bucket only ``current`` is set: SQLite then leaves the expires index alone
     (INSERT OR REPLACE deleted and re-inserted the row and its index entry: at 1M rows one
@@ -66,7 +66,7 @@ class SqliteLimitsStore(SqliteComponentStore, LimitsStore):
                 outcome, writes = decide(stored, checks, now)
                 was = {(c.kind, c.value, c.window): c for c in stored if c is not None}
                 for c in writes:
-                    _write(conn, was.get((c.kind, c.value, c.window)), c)
+                    _write_counter(conn, was.get((c.kind, c.value, c.window)), c)
             return outcome
         outcome = await self._write(run)
         if self._sweep_due(now):

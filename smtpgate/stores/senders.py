@@ -109,29 +109,19 @@ class SenderRecord:
         # parsed before stands for it (a text written by anyone else misses and is parsed). A
         # take gets that record itself and it leaves _parsed; any other reader a copy, exact
         # unless a take on another thread was changing it meanwhile (then the text is parsed).
-        if take:
-            known = _parsed.pop(text, None)
-            if known is not None:
-                return known
-        else:
-            known = _parsed.get(text)
-            if known is not None:
-                copied = _copy_if_unchanged(text, known)
-                if copied is not None:
-                    return copied
-        rec = cls._parse(text)
         if not take:
-            _keep_parsed(text, rec.copy())
-        return rec
+            return cls.look(text, copy_of)  # a look whose answer is a copy: the caller's own
+        known = _parsed.pop(text, None)
+        return known if known is not None else cls._parse(text)
 
     @classmethod
     def look(cls, text: str | bytes, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(record, *args)`` of the record of a JSON text, for a reader that only looks
         at it: ``fn`` changes nothing and what it returns holds no part of the record. It is
         given the record kept parsed itself, not a copy (the MAIL read's view needs none),
-        and its answer stands if that record is still kept once ``fn`` is done: as in
-        _copy_if_unchanged, a take on the other thread, which may change it meanwhile, pops
-        it first and never puts it back. Else the text is parsed (and that record kept)."""
+        and its answer stands if that record is still kept once ``fn`` is done (no lock: a
+        take, on the other thread, which may change it meanwhile, pops it first and never puts
+        it back). Else the text is parsed (and that record kept)."""
         known = _parsed.get(text)
         if known is not None:
             try:
@@ -241,29 +231,23 @@ def _record_json(rec: SenderRecord) -> str:
 
 #: JSON text -> its record, as parsed or written. Handed out whole only to ``take`` (popped
 #: first: never put back, a text is kept with a new copy), else copied. SQLite reads and
-#: writes on two threads (the loop's and the database's), so a reader may be copying a record
-#: that another thread has just taken and is changing: see _copy_if_unchanged.
+#: writes on two threads (the loop's and the database's), so a reader may be looking at a
+#: record that another thread has just taken and is changing: see SenderRecord.look.
 _parsed: dict[str | bytes, SenderRecord] = {}
-
-
-def _copy_if_unchanged(text: str | bytes, known: SenderRecord) -> SenderRecord | None:
-    """A copy of ``known``, just got from _parsed[text]; None when it may have been changed
-    as it was copied (the caller parses the text instead). No lock: a record is changed only
-    by a ``take``, which pops it first, and a popped record is never put back; so if it is
-    still there once copied, no one held it while it was copied."""
-    try:
-        copied = known.copy()
-    except RuntimeError:  # its mapping changed size as it was copied: taken and being changed
-        return None
-    return copied if _parsed.get(text) is known else None
 
 
 def _keep_parsed(text: str | bytes, rec: SenderRecord) -> None:
     _parsed[text] = rec
-    while len(_parsed) > PARSED_MAX:
-        try:  # the oldest out; the other thread may be dropping the same one
-            _parsed.pop(next(iter(_parsed)), None)
-        except (RuntimeError, StopIteration):  # changed (or emptied) as it was looked at
+    _drop_oldest(_parsed, PARSED_MAX)
+
+
+def _drop_oldest(d: dict, most: int) -> None:
+    """Drop ``d``'s oldest entries until it holds ``most``: without a lock, as the other
+    thread (SQLite's) may be changing ``d`` meanwhile."""
+    while len(d) > most:
+        try:
+            d.pop(next(iter(d)), None)
+        except (RuntimeError, StopIteration):  # changed (or emptied) as it was looked at: again
             pass
 
 
@@ -281,11 +265,7 @@ class Seen:
         slot = (machine, key)
         rows.pop(slot, None)
         rows[slot] = row
-        while len(rows) > SEEN_MAX:
-            try:  # the oldest out; SQLite's other thread may be changing it meanwhile
-                rows.pop(next(iter(rows)), None)
-            except (RuntimeError, StopIteration):  # changed (or emptied) as it was looked at: again
-                pass
+        _drop_oldest(rows, SEEN_MAX)
 
     def get(self, machine: str, key: str) -> Any:
         return self._rows.get((machine, key))

@@ -172,3 +172,24 @@ async def test_an_unknown_value_replaces_the_previous_clients():
     await client.send("XFORWARD ADDR=192.0.2.9 NAME=[UNAVAILABLE] HELO=[UNAVAILABLE]")
     assert (client.session.client_name, client.session.helo) == (None, None)
     await client.close()
+
+
+async def test_on_disconnect_gets_the_arguments_it_names():
+    # on_disconnect, like every hook, may ask for `results` by name (rule.HOOKS): it gets the
+    # session's results, not the session in their place.
+    seen = []
+
+    class ByName(Rule):
+        name = "byname"
+
+        async def on_connect(self, results):
+            pass
+
+        async def on_disconnect(self, results):
+            seen.append(results)
+
+    client = await Client([ByName({}, None)], client_ip="192.0.2.8").connect()
+    await client.send(EHLO)
+    session = client.session
+    await client.close()
+    assert seen == [session.results]

@@ -61,6 +61,8 @@ async def test_two_records_are_permerror():
     "v=spf1 ip4:192.0.2.3 include:example.123",  # toplabel may not be all digits
     "v=spf1 ip4:192.0.2.3 all:foo",
     "v=spf1 ip4:192.0.2.3 -",
+    "v=spf1 a/24\n",  # a term ends where the text ends: a trailing LF is not dropped
+    "v=spf1 mx\n",
 ])
 async def test_syntax_errors_are_permerror_before_evaluation(record):
     assert (await check({"example.org TXT": record})).result == "permerror"

@@ -2,6 +2,7 @@
 import pytest
 
 from smtpgate import Message
+from smtpgate.machines.machine import SenderState
 from smtpgate.mail.message import Change, HeaderField
 
 RAW = (b"Received: from a\r\n\tby b\r\nFrom: A <a@x.test>\r\nSubject: hi\r\n"
@@ -48,7 +49,7 @@ def test_header_injection_is_refused(value):
     assert m.raw == RAW
 
 
-@pytest.mark.parametrize("name", ["X Tag", "X:Tag", "", "X\r\nY", "X-Tag\n", "X-Tag\r"])
+@pytest.mark.parametrize("name", ["X Tag", "X:Tag", "", "X\r\nY", "X-Tag\n", "X-Tag\r", "X-\u00e9"])
 def test_bad_header_names_are_refused(name):
     with pytest.raises(ValueError):
         Message(RAW).prepend_header(name, "v")
@@ -205,10 +206,10 @@ def test_fields_put_on_top_never_take_over_a_leading_continuation_line():
     assert m.raw == b"X-A: 1\r\nFrom: a@b.example\r\n\r\nbody\r\n"
 
 
-@pytest.mark.parametrize("cls", [Change, HeaderField])
+@pytest.mark.parametrize("cls", [Change, HeaderField, SenderState])
 def test_the_hand_written_init_takes_every_field(cls):
-    # Change and HeaderField fill __dict__ themselves (message.py: made per edit): a field
-    # added to the class must be added to its __init__ too.
+    # Change, HeaderField and SenderState fill __dict__ themselves (made per edit, per view):
+    # a field added to the class must be added to its __init__ too.
     import dataclasses
     import inspect
     assert list(inspect.signature(cls.__init__).parameters)[1:] == [f.name for f in dataclasses.fields(cls)]
