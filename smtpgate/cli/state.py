@@ -24,7 +24,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     ssub = s.add_subparsers(dest="state_command", metavar="COMMAND", required=True)
     p = ssub.add_parser("copy", parents=[common, json_parent()],
                         help="copy greylist and sender state from one store to another")
-    p.add_argument("source", metavar="FROM-URL", help="sqlite:///PATH, redis://…, rediss://…, redis+sentinel://…")
+    p.add_argument("source", metavar="FROM-URL", help="sqlite:///PATH, redis://…, unix:///PATH/TO/redis.sock, rediss://…, redis+sentinel://…")
     p.add_argument("target", metavar="TO-URL", help="the same forms")
 
 

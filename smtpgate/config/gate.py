@@ -407,8 +407,8 @@ def _ca_file(value: Any, base: str) -> str | None:
 def _state(value: Any, base: str) -> str:
     """``sqlite:///var/lib/x.db`` (absolute, as SPEC writes it; ``sqlite:////abs`` too),
     ``sqlite:///./x.db`` or ``sqlite:///../x.db`` (relative), or a Redis URL (``redis://``,
-    ``rediss://``, ``redis+sentinel://``), checked whole, its relative TLS file paths made
-    absolute."""
+    ``unix://``, ``rediss://``, ``redis+sentinel://``), checked whole, its relative socket
+    or TLS file paths made absolute."""
     if is_redis_url(value):
         return with_absolute_paths(parse_redis_url(value, base))
     if isinstance(value, str) and value.startswith("sqlite://") and value.strip("/") != "sqlite:":

@@ -6,8 +6,9 @@ never open a database themselves. One Stores object per process, kept across rel
 ``state:`` names the same place.
 
 ``state:`` picks the backend: ``sqlite:///ABS/PATH`` (``sqlite://:memory:`` for tests: one
-connection, nothing on disk), ``redis://HOST:PORT/DB[?prefix=NAME]``, ``rediss://`` (TLS) or
-``redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE/DB`` (``redis_url.py``). Opening costs no I/O:
+connection, nothing on disk), ``redis://HOST:PORT/DB[?prefix=NAME]``, ``unix:///PATH/TO/redis.sock``
+(a Unix socket), ``rediss://`` (TLS) or ``redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE/DB``
+(``redis_url.py``). Opening costs no I/O:
 each store connects on first use, so worker processes forked after loading the
 configuration each get their own connection.
 """
@@ -25,6 +26,11 @@ __all__ = ["AllowEntry", "Attempt", "Entry", "GreylistStore", "Params", "Selecto
            "SenderRecord", "SenderStore", "open_sender_store", "LimitsStore", "open_limits_store"]
 
 
+def _unknown(url: str) -> StoreError:
+    return StoreError(f'unknown state URL {url!r}: expected "sqlite:///PATH", "redis://HOST:PORT/DB", '
+                      '"unix:///PATH/TO/redis.sock", "rediss://…" or "redis+sentinel://HOST:PORT/SERVICE/DB"')
+
+
 def open_greylist_store(url: str) -> GreylistStore:
     """The greylist store ``url`` names (no I/O yet). StoreError for an unknown scheme."""
     if is_redis_url(url):
@@ -33,8 +39,7 @@ def open_greylist_store(url: str) -> GreylistStore:
     if url.startswith("sqlite://"):
         from .sqlite_store import SqliteGreylistStore
         return SqliteGreylistStore(url)
-    raise StoreError(f'unknown state URL {url!r}: expected "sqlite:///PATH", "redis://HOST:PORT/DB", '
-                     '"rediss://…" or "redis+sentinel://HOST:PORT/SERVICE/DB"')
+    raise _unknown(url)
 
 
 def open_sender_store(url: str, db=None, link=None) -> SenderStore:
@@ -47,8 +52,7 @@ def open_sender_store(url: str, db=None, link=None) -> SenderStore:
     if url.startswith("sqlite://"):
         from .senders_sqlite import SqliteSenderStore
         return SqliteSenderStore(url, db)
-    raise StoreError(f'unknown state URL {url!r}: expected "sqlite:///PATH", "redis://HOST:PORT/DB", '
-                     '"rediss://…" or "redis+sentinel://HOST:PORT/SERVICE/DB"')
+    raise _unknown(url)
 
 
 def open_limits_store(url: str, db=None, link=None) -> LimitsStore:
@@ -59,8 +63,7 @@ def open_limits_store(url: str, db=None, link=None) -> LimitsStore:
     if url.startswith("sqlite://"):
         from .limits_sqlite import SqliteLimitsStore
         return SqliteLimitsStore(url, db)
-    raise StoreError(f'unknown state URL {url!r}: expected "sqlite:///PATH", "redis://HOST:PORT/DB", '
-                     '"rediss://…" or "redis+sentinel://HOST:PORT/SERVICE/DB"')
+    raise _unknown(url)
 
 
 class Stores:

@@ -1,7 +1,8 @@
 """The Redis backend (``state: redis://HOST:PORT/DB``): a fleet of gates sharing one state.
 
-- The URL (``redis_url.py``): ``redis://``, ``rediss://`` (TLS, redis-py's ``ssl_*``
-  settings) or ``redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE/DB``: redis-py's Sentinel
+- The URL (``redis_url.py``): ``redis://``, ``unix:///PATH/TO/redis.sock`` (a server on this
+  host, at its Unix socket), ``rediss://`` (TLS, redis-py's ``ssl_*`` settings) or
+  ``redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE/DB``: redis-py's Sentinel
   client asks the Sentinels for SERVICE's primary whenever it opens a connection, and drops
   idle ones when the answer changes, so after a failover the gate follows the new primary
   by itself (the breaker's probes come every 2 s at most there). Replicas are never read:
@@ -20,7 +21,7 @@
   one pipeline: one connection, one write, one read (``RedisLink.script`` / ``command``);
   the greylist script answers one text, since redis-py parses every reply element in
   Python (bench/store_bench.py).
-  On a plain ``redis://`` server those pipelines go on connections of our own
+  On a plain ``redis://`` or ``unix://`` server those pipelines go on connections of our own
   (``redis_wire.py``: hiredis packing and parsing, no task per call, no timer per batch), a
   quarter of redis-py's CPU per round trip; everything else uses redis-py. When a
   connection is idle, the server up and a slot free (the usual case), the pipeline is
@@ -357,13 +358,13 @@ class RedisLink:
         return self._client
 
     def _open_wire(self) -> WirePool | None:
-        """Connections of our own for the batched calls, to a plain ``redis://`` server;
-        TLS, Sentinel and health checks stay with redis-py (None)."""
+        """Connections of our own for the batched calls, to a plain ``redis://`` server or a
+        ``unix://`` socket; TLS, Sentinel and health checks stay with redis-py (None)."""
         t, settings = self.target, self.target.connection
         if t.sentinel or t.tls or "health_check_interval" in settings:
             return None
-        host, port = t.hosts[0]
-        return WirePool(host, port, db=t.db, username=t.username, password=t.password,
+        host, port = t.hosts[0] if t.hosts else (None, None)
+        return WirePool(host, port, path=t.path, db=t.db, username=t.username, password=t.password,
                         client_name=settings.get("client_name"),
                         timeout=float(settings["socket_timeout"]),
                         connect_timeout=float(settings["socket_connect_timeout"]),

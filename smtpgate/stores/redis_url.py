@@ -6,18 +6,23 @@ its file and line, before any gate runs):
   ``ssl_keyfile``, ``ssl_ca_path``, ``ssl_password``, ``ssl_check_hostname``);
 - ``redis+sentinel://[USER:PASSWORD@]HOST[:PORT][,HOST[:PORT]…]/SERVICE[/DB][?OPTIONS]``:
   the primary that the Sentinels (port 26379 by default) name for SERVICE; the user and
-  password are the primary's, ``sentinel_username`` / ``sentinel_password`` the Sentinels'.
+  password are the primary's, ``sentinel_username`` / ``sentinel_password`` the Sentinels';
+- ``unix://[[USER]:PASSWORD@]/PATH/TO/redis.sock[?db=N&OPTIONS]``: a server on this host, at
+  its Unix socket (redis.conf ``unixsocket``), as redis-py spells it; ``unix:///./PATH`` and
+  ``unix:///../PATH`` are relative (to gate.yaml's folder, as ``sqlite:///./PATH``).
 
 OPTIONS: ours (``prefix``, ``max_connections``, ``pool_timeout``) and the redis-py
-connection settings below; anything else is an error rather than a surprise at first use.
+connection settings below (on a Unix socket, not ``socket_keepalive``: a TCP setting); anything
+else is an error rather than a surprise at first use.
 """
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
-SCHEMES = ("redis", "rediss", "redis+sentinel")
+SCHEMES = ("redis", "rediss", "redis+sentinel", "unix")
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_PREFIX = "smtpgate:"
@@ -31,6 +36,12 @@ def _positive_int(text: str) -> int:
     if n < 1:
         raise ValueError("expected 1 or more")
     return n
+
+
+def _db(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError("expected a database number")
+    return int(text)
 
 
 def _positive_float(text: str) -> float:
@@ -72,6 +83,11 @@ TLS = {"ssl_cert_reqs": _cert_reqs, "ssl_ca_certs": _text, "ssl_certfile": _text
 TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 #: how to log in to the Sentinels themselves (redis+sentinel:// only)
 SENTINEL = {"sentinel_username": _text, "sentinel_password": _text}
+#: the database of a unix:// URL (its path is the socket's), and the connection settings a
+#: Unix socket takes (redis-py's Unix connections refuse socket_keepalive)
+UNIX = {"db": _db, **{k: v for k, v in CONNECTION.items() if k != "socket_keepalive"}}
+#: the longest Unix socket path (sun_path: 108 bytes with its NUL)
+UNIX_PATH_MAX = 107
 
 
 @dataclass(frozen=True)
@@ -80,7 +96,7 @@ class RedisTarget:
 
     url: str = field(repr=False)
     scheme: str
-    hosts: tuple[tuple[str, int], ...]  # the server, or the Sentinels
+    hosts: tuple[tuple[str, int], ...]  # the server, or the Sentinels (none for unix://)
     db: int = 0
     service: str | None = None  # the Sentinel service name
     username: str | None = None
@@ -91,6 +107,7 @@ class RedisTarget:
     #: redis-py's settings, as written (strings), timeouts defaulted
     connection: dict[str, str] = field(default_factory=dict, repr=False)
     sentinel_auth: dict[str, str] = field(default_factory=dict, repr=False)
+    path: str | None = None  # the Unix socket (unix:// only)
 
     @property
     def sentinel(self) -> bool:
@@ -100,25 +117,44 @@ class RedisTarget:
     def tls(self) -> bool:
         return self.scheme == "rediss"
 
+    @property
+    def unix(self) -> bool:
+        return self.scheme == "unix"
+
     def client_url(self) -> str:
-        """A ``redis://`` / ``rediss://`` URL for redis-py's own parser: the connection
-        settings and credentials, without our parameters. For Sentinel, the host part is a
-        placeholder: the Sentinels name the primary."""
-        scheme = "redis" if self.sentinel else self.scheme
-        host, port = ("sentinel-managed", DEFAULT_PORT) if self.sentinel else self.hosts[0]
-        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        """A ``redis://`` / ``rediss://`` / ``unix://`` URL for redis-py's own parser: the
+        connection settings and credentials, without our parameters. For Sentinel, the host
+        part is a placeholder: the Sentinels name the primary."""
+        if self.unix:
+            netloc, path = "", quote(self.path)
+            query = urlencode({"db": self.db, **self.connection})
+        else:
+            scheme = "redis" if self.sentinel else self.scheme
+            host, port = ("sentinel-managed", DEFAULT_PORT) if self.sentinel else self.hosts[0]
+            netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            path, query = f"/{self.db}", urlencode(self.connection)
         if self.username is not None or self.password is not None:
             auth = quote(self.username or "", safe="")
             if self.password is not None:
                 auth += ":" + quote(self.password, safe="")
             netloc = auth + "@" + netloc
-        return urlunsplit((scheme, netloc, f"/{self.db}", urlencode(self.connection), ""))
+        return _unsplit(("unix" if self.unix else scheme, netloc, path, query, ""))
 
     def server_name(self) -> str:
         """How logs and the circuit breaker name it: the URL without password or options."""
+        if self.unix:
+            return f"unix://{self.path}?db={self.db}"
         hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.hosts)
         path = f"/{self.service}/{self.db}" if self.sentinel else f"/{self.db}"
         return f"{self.scheme}://{hosts}{path}"
+
+
+def _unsplit(parts) -> str:
+    """urlunsplit, keeping the ``//`` of an empty host (``unix:///PATH``: urlunsplit writes
+    ``unix:/PATH``, which redis-py does not take)."""
+    url = urlunsplit(parts)
+    scheme, netloc = parts[0], parts[1]
+    return url if netloc else f"{scheme}://{url[len(scheme) + 1:]}"
 
 
 def is_redis_url(url: str) -> bool:
@@ -136,7 +172,7 @@ def redact(url: str) -> str:
     if "password" in query:
         query = urlencode([(k, "***" if k.endswith("password") else v)
                            for k, v in parse_qsl(query, keep_blank_values=True)], safe="*")
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    return _unsplit(parts._replace(netloc=netloc, query=query))
 
 
 def parse_redis_url(url: str, base: str | None = None) -> RedisTarget:
@@ -149,7 +185,7 @@ def parse_redis_url(url: str, base: str | None = None) -> RedisTarget:
         raise ValueError(f"{shown}: {e}") from None
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
-        raise ValueError(f'{shown}: expected "redis://", "rediss://" or "redis+sentinel://"')
+        raise ValueError(f'{shown}: expected "redis://", "rediss://", "redis+sentinel://" or "unix://"')
     if parts.fragment:
         raise ValueError(f"{shown}: a Redis URL has no #fragment")
     userinfo, at, hostlist = parts.netloc.rpartition("@")
@@ -158,6 +194,8 @@ def parse_redis_url(url: str, base: str | None = None) -> RedisTarget:
         user, colon, pw = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(pw) if colon else None
+    if scheme == "unix":
+        return _unix_target(url, parts, hostlist, username, password, base, shown)
     sentinel = scheme == "redis+sentinel"
     default_port = DEFAULT_SENTINEL_PORT if sentinel else DEFAULT_PORT
     items = hostlist.split(",") if sentinel else [hostlist]
@@ -183,13 +221,52 @@ def parse_redis_url(url: str, base: str | None = None) -> RedisTarget:
 
     allowed = {**OURS, **CONNECTION, **(TLS if scheme == "rediss" else {}),
                **(SENTINEL if sentinel else {})}
+    values, connection, sentinel_auth = _options(parts.query, allowed, base, shown)
+    if values.get("ssl_cert_reqs") == "none":
+        # no certificate check means no name check either (Python refuses the pair at
+        # connect time, which would be a crash in the first rule, not a config error)
+        if values.get("ssl_check_hostname") is True:
+            raise ValueError(f"{shown}: ssl_check_hostname=true needs ssl_cert_reqs=optional or required")
+        connection["ssl_check_hostname"] = "false"
+    return RedisTarget(url, scheme, hosts, db, service, username, password,
+                       connection=connection, sentinel_auth=sentinel_auth, **_ours(values))
+
+
+def _unix_target(url: str, parts, host: str, username: str | None, password: str | None,
+                 base: str | None, shown: str) -> RedisTarget:
+    if host:
+        raise ValueError(f"{shown}: a unix:// URL names no host, got {host!r}; expected "
+                         "unix:///PATH/TO/redis.sock (three slashes) or unix:///./RELATIVE/PATH")
+    path = unquote(parts.path)
+    if path in ("", "/") or path.endswith("/"):
+        raise ValueError(f"{shown}: expected the socket's path: unix:///PATH/TO/redis.sock")
+    if path.startswith(("/./", "/../")):  # relative, as sqlite:///./PATH
+        path = os.path.normpath(os.path.join(base, path[1:])) if base is not None else path[1:]
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise ValueError(f"{shown}: the socket's path is longer than a Unix socket's "
+                         f"{UNIX_PATH_MAX} bytes: {path}")
+    if base is not None and os.path.exists(path) and not stat.S_ISSOCK(os.stat(path).st_mode):
+        # a missing one is fine: Redis may start after the gate (an outage until then)
+        raise ValueError(f"{shown}: not a Unix socket: {path}")
+    allowed = {**OURS, **UNIX}
+    values, connection, _ = _options(parts.query, allowed, base, shown)
+    return RedisTarget(url, "unix", (), int(values.pop("db", 0)), None, username, password,
+                       connection=connection, path=path, **_ours(values))
+
+
+def _options(query: str, allowed: dict, base: str | None,
+             shown: str) -> tuple[dict[str, object], dict[str, str], dict[str, str]]:
+    """(the options' values, redis-py's connection settings as it reads them, the
+    Sentinels' login) from the URL's query; ValueError for one not ``allowed`` or bad."""
     values: dict[str, object] = {}
     connection: dict[str, str] = {}
     sentinel_auth: dict[str, str] = {}
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+    for key, value in parse_qsl(query, keep_blank_values=True):
         if key not in allowed:
             hint = " (TLS settings need rediss://)" if key in TLS else ""
             hint = hint or (" (only with redis+sentinel://)" if key in SENTINEL else "")
+            hint = hint or (" (a TCP setting: not on a unix:// socket)" if key in CONNECTION else "")
+            hint = hint or (" (only with unix://; redis://HOST:PORT/DB)" if key in UNIX else "")
             raise ValueError(f"{shown}: unknown option {key!r}{hint}; expected one of "
                              f"{', '.join(sorted(allowed))}")
         if key in values:
@@ -204,21 +281,17 @@ def parse_redis_url(url: str, base: str | None = None) -> RedisTarget:
             value = "true" if values[key] else "false"  # in words redis-py reads the same way
         if key in SENTINEL:
             sentinel_auth[key] = value
-        elif key not in OURS:
+        elif key not in OURS and key != "db":
             connection[key] = value
     for key in ("socket_timeout", "socket_connect_timeout"):
         connection.setdefault(key, repr(DEFAULT_TIMEOUT))
-    if values.get("ssl_cert_reqs") == "none":
-        # no certificate check means no name check either (Python refuses the pair at
-        # connect time, which would be a crash in the first rule, not a config error)
-        if values.get("ssl_check_hostname") is True:
-            raise ValueError(f"{shown}: ssl_check_hostname=true needs ssl_cert_reqs=optional or required")
-        connection["ssl_check_hostname"] = "false"
-    return RedisTarget(url, scheme, hosts, db, service, username, password,
-                       prefix=str(values.get("prefix", DEFAULT_PREFIX)),
-                       max_connections=int(values.get("max_connections", DEFAULT_MAX_CONNECTIONS)),
-                       pool_timeout=float(values.get("pool_timeout", DEFAULT_POOL_TIMEOUT)),
-                       connection=connection, sentinel_auth=sentinel_auth)
+    return values, connection, sentinel_auth
+
+
+def _ours(values: dict[str, object]) -> dict:
+    return {"prefix": str(values.get("prefix", DEFAULT_PREFIX)),
+            "max_connections": int(values.get("max_connections", DEFAULT_MAX_CONNECTIONS)),
+            "pool_timeout": float(values.get("pool_timeout", DEFAULT_POOL_TIMEOUT))}
 
 
 def _host_port(item: str, default_port: int, shown: str) -> tuple[str, int]:
@@ -251,8 +324,13 @@ def _tls_path(key: str, value: str, base: str | None, shown: str) -> str:
 
 
 def with_absolute_paths(target: RedisTarget) -> str:
-    """The URL as written, with relative TLS paths made absolute (as parsed with a base)."""
+    """The URL as written, with a relative socket path or relative TLS paths made absolute
+    (as parsed with a base)."""
     parts = urlsplit(target.url)
+    if target.unix:
+        if unquote(parts.path) == target.path or not os.path.isabs(target.path):
+            return target.url
+        return _unsplit(parts._replace(path=quote(target.path)))
     query = parse_qsl(parts.query, keep_blank_values=True)
     if not any(k in TLS_FILES or k == "ssl_ca_path" for k, _ in query):
         return target.url

@@ -1,11 +1,11 @@
-"""The hot path to a plain ``redis://`` server: a batch of commands out, their replies back,
-on connections of our own (an asyncio protocol, hiredis packing and parsing in C).
+"""The hot path to a plain ``redis://`` or ``unix://`` server: a batch of commands out, their
+replies back, on connections of our own (an asyncio protocol, hiredis packing and parsing in C).
 
 Why not redis-py here: its asyncio client costs 80-130 µs of this process's CPU per round
 trip (a task and a timer per read, connection bookkeeping, instrumentation); this costs
 ~20 µs (bench/store_bench.py). Only the batched calls of ``RedisLink`` (``script`` /
-``command``: every store decision) come this way; everything else, and ``rediss://``,
-Sentinel and ``health_check_interval`` URLs, stays on redis-py.
+``command``: every store decision) come this way, over TCP or a Unix socket; everything
+else, and ``rediss://``, Sentinel and ``health_check_interval`` URLs, stays on redis-py.
 
 A connection carries one batch at a time (the pool hands it to one caller), and its
 replies end that batch even when the caller has given up meanwhile, so the stream is never
@@ -151,12 +151,15 @@ def _settle(future: asyncio.Future, result: list | Exception) -> None:
 
 
 class WirePool:
-    """Idle connections to one server, opened on demand (the caller bounds how many are out)."""
+    """Idle connections to one server, opened on demand (the caller bounds how many are out):
+    at ``host``:``port``, or at the Unix socket ``path`` when one is given."""
 
-    def __init__(self, host: str, port: int, *, db: int = 0, username: str | None = None,
-                 password: str | None = None, client_name: str | None = None,
-                 timeout: float = 2.0, connect_timeout: float = 2.0, keepalive: bool = False):
-        self.host, self.port = host, port
+    def __init__(self, host: str | None, port: int | None, *, path: str | None = None, db: int = 0,
+                 username: str | None = None, password: str | None = None,
+                 client_name: str | None = None, timeout: float = 2.0,
+                 connect_timeout: float = 2.0, keepalive: bool = False):
+        self.host, self.port, self.path = host, port, path
+        self._where = path if path is not None else f"{host}:{port}"
         self._login = []
         if username or password:  # as redis-py: AUTH [user] password ("" when only a user is given)
             self._login.append(("AUTH", username, password or "") if username else ("AUTH", password))
@@ -207,12 +210,15 @@ class WirePool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                transport, wire = await loop.create_connection(_Wire, self.host, self.port)
+                if self.path is not None:
+                    transport, wire = await loop.create_unix_connection(_Wire, self.path)
+                else:
+                    transport, wire = await loop.create_connection(_Wire, self.host, self.port)
         except TimeoutError:
-            raise TimeoutError(f"connecting to Redis at {self.host}:{self.port}: no answer within "
+            raise TimeoutError(f"connecting to Redis at {self._where}: no answer within "
                               f"{self._connect_timeout:g}s") from None
         except OSError as e:
-            raise ConnectionError(f"connecting to Redis at {self.host}:{self.port}: {e.strerror or e}") from None
+            raise ConnectionError(f"connecting to Redis at {self._where}: {e.strerror or e}") from None
         if self._keepalive:
             transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         conn = WireConnection(wire, self._connect_timeout)
