@@ -1,7 +1,8 @@
-"""Redis state URLs: ``redis://``, ``rediss://`` (TLS) and ``redis+sentinel://``, read by
-``smtpgate/stores/redis_url.py``; a bad one is a ``check-config`` error with file and line;
-a real TLS Redis (``redis-server --tls-port``, a certificate the test makes) serves a real gate,
-and refuses one that does not trust its certificate."""
+"""Redis state URLs: ``redis://``, ``rediss://`` (TLS), ``redis+sentinel://`` and ``unix://``
+(a Unix socket), read by ``smtpgate/stores/redis_url.py``; a bad one is a ``check-config``
+error with file and line; a real TLS Redis (``redis-server --tls-port``, a certificate the test
+makes) serves a real gate, and refuses one that does not trust its certificate; a real Redis on
+a Unix socket only (``--port 0``) serves a real gate, its CLIs and ``state copy``."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.gateproc import free_port, require_tool, stop_pid, wait_listening
-from smtpgate.stores.redis_url import parse_redis_url, redact
+from tests.support.redisproc import UnixRedis
+from tests.support.waiting import wait_until
+from smtpgate.stores.redis_url import parse_redis_url, redact, with_absolute_paths
 
 
 # ============================================================================ parsing
@@ -45,6 +48,44 @@ def test_a_tls_url_passes_its_options_through(tmp_path):
     assert t.connection["ssl_check_hostname"] == "false"
     assert parse_redis_url("redis://h/0?socket_keepalive=off").connection["socket_keepalive"] == "false"
     assert t.client_url().startswith("rediss://u:p@redis.example:6380/0?")
+
+
+def test_a_unix_socket_url_as_redis_py_spells_it(tmp_path):
+    t = parse_redis_url("unix://:s3cret@/run/redis/redis.sock?db=3&prefix=mx:&client_name=gate&socket_timeout=0.5")
+    assert (t.scheme, t.path, t.hosts, t.db, t.prefix, t.password) == (
+        "unix", "/run/redis/redis.sock", (), 3, "mx:", "s3cret")
+    assert t.connection == {"client_name": "gate", "socket_timeout": "0.5", "socket_connect_timeout": "2.0"}
+    assert t.server_name() == "unix:///run/redis/redis.sock?db=3"
+    assert "s3cret" not in repr(t) and redact(t.url).startswith("unix://:***@/run/redis/redis.sock?")
+    # for redis-py: the socket, the database and the login, none of our own options
+    assert t.client_url() == ("unix://:s3cret@/run/redis/redis.sock?db=3&client_name=gate"
+                              "&socket_timeout=0.5&socket_connect_timeout=2.0")
+    assert parse_redis_url("unix:///tmp/r%20s.sock").path == "/tmp/r s.sock"
+    assert parse_redis_url("unix:///tmp/r.sock").db == 0
+    # relative to gate.yaml's folder, as sqlite:///./PATH; written absolute for the workers
+    rel = parse_redis_url("unix:///./run/redis.sock?db=1", str(tmp_path))
+    assert rel.path == str(tmp_path / "run" / "redis.sock")
+    assert with_absolute_paths(rel) == f"unix://{tmp_path}/run/redis.sock?db=1"
+    assert parse_redis_url("unix:///../redis.sock", str(tmp_path)).path == str(tmp_path.parent / "redis.sock")
+    assert with_absolute_paths(parse_redis_url("unix:///abs/redis.sock", str(tmp_path))) == "unix:///abs/redis.sock"
+
+
+@pytest.mark.parametrize("url, says", [
+    ("unix://localhost/run/redis.sock", "a unix:// URL names no host, got 'localhost'"),
+    ("unix://", "expected the socket's path"),
+    ("unix:///run/redis/", "expected the socket's path"),
+    ("unix:///" + "s" * 120, "longer than a Unix socket's 107 bytes"),
+    ("unix:///r.sock?db=x", "option db='x': expected a database number"),
+    ("unix:///r.sock?socket_keepalive=true", "a TCP setting: not on a unix:// socket"),
+    ("unix:///r.sock?ssl_ca_certs=ca.pem", "TLS settings need rediss://"),
+    ("unix:///r.sock?sentinel_password=x", "only with redis+sentinel://"),
+    ("unix:///r.sock?db=1&db=2", "given twice"),
+    ("redis://h/0?db=1", "only with unix://"),
+])
+def test_bad_unix_urls_say_what_is_wrong(url, says):
+    with pytest.raises(ValueError) as caught:
+        parse_redis_url(url)
+    assert says in str(caught.value), str(caught.value)
 
 
 @pytest.mark.parametrize("url, says", [
@@ -108,6 +149,24 @@ def test_check_config_reports_a_bad_url_at_its_line(tmp_path):
     assert smtpgate("check-config", "-c", str(good)).returncode == 0
 
 
+@pytest.mark.timeout(60)
+def test_check_config_reports_a_bad_unix_url_at_its_line(tmp_path):
+    (tmp_path / "file").mkdir()
+    (tmp_path / "file" / "redis.sock").write_text("not a socket")
+    cases = [("unix://:hunter2@localhost/run/redis.sock", "names no host"),
+             ("unix:///./redis.sock?socket_keepalive=1", "a TCP setting"),
+             ("unix:///./redis.sock", f"not a Unix socket: {tmp_path / 'file' / 'redis.sock'}")]
+    for url, says in cases:
+        path = write_config(tmp_path / "file" if "not a" in says else tmp_path / says.split()[0], url)
+        done = smtpgate("check-config", "-c", str(path))
+        assert done.returncode == 2, done
+        assert f"{path}:3:" in done.stderr + done.stdout and says in done.stderr + done.stdout, done
+        assert "hunter2" not in done.stderr + done.stdout and "Traceback" not in done.stderr
+    # a socket not there yet is fine (Redis may start after the gate: an outage until then)
+    good = write_config(tmp_path / "good", "unix:///./run/redis.sock?db=2&prefix=x:")
+    assert smtpgate("check-config", "-c", str(good)).returncode == 0
+
+
 # ============================================================================ a real TLS Redis
 @pytest.fixture
 def tls_redis(tmp_path):
@@ -162,3 +221,61 @@ def test_a_gate_on_a_tls_redis(gate_factory, downstream, tls_redis, tmp_path):
     done = smtpgate("greylist", "list", "-c", str(untrusting))
     assert done.returncode == 1 and "certificate verify failed" in done.stderr, done
     assert "Traceback" not in done.stderr
+
+
+# ============================================================================ a real Redis on a Unix socket
+POLICY = "domains: [example.com]\nrules:\n  - senders: {}\n  - greylist: {}\n"
+
+
+@pytest.fixture
+def unix_redis(tmp_path):
+    server = UnixRedis(tmp_path / "unix-redis").start()
+    yield server
+    server.stop()
+
+
+def keys(server: UnixRedis, pattern: str) -> list[str]:
+    return sorted(k.decode() for k in server.client().scan_iter(match=pattern))
+
+
+@pytest.mark.timeout(90)
+def test_a_gate_on_a_unix_socket_redis(gate_factory, downstream, unix_redis):
+    """The server has no TCP port: whatever state lands in it came over the socket."""
+    state = f"unix://{unix_redis.socket}?db=0&prefix=mx:"
+    gate = gate_factory(config={"state": state}, policies={"default.yaml": POLICY})
+    assert gate.cli("check-config").returncode == 0
+    with gate.smtp() as c:
+        c.ehlo()
+        assert c.mail("alice@sender.test")[0] == 250
+        assert c.rcpt("bob@example.com")[0] == 451  # greylisted: the triplet is written
+    assert keys(unix_redis, "mx:gl:t:*") == ["mx:gl:t:127.0.0.0/24 alice@sender.test bob@example.com"]
+
+    allowed = gate.cli("greylist", "allow", "--client", "127.0.0.1")
+    assert allowed.returncode == 0, allowed.stderr
+    with gate.smtp() as c:
+        c.ehlo()
+        assert c.mail("alice@sender.test")[0] == 250
+        assert c.rcpt("bob@example.com")[0] == 250  # the allow entry, read over the socket
+        assert c.data(b"Subject: unix state\r\n\r\nhi\r\n")[0] == 250
+    downstream.wait_for_messages(1)
+    assert "mx:gl:allow" in keys(unix_redis, "mx:gl:*")
+    wait_until(lambda: keys(unix_redis, "mx:sm:*alice@sender.test"), what="the sender's record in Redis")
+    shown = gate.cli("senders", "show", "alice@sender.test", "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["key"] == "alice@sender.test", shown
+
+
+@pytest.mark.timeout(90)
+def test_state_copy_from_sqlite_to_a_unix_socket(unix_redis, tmp_path):
+    sqlite = write_config(tmp_path / "sqlite", f"sqlite:///{tmp_path / 'state.db'}")
+    done = smtpgate("greylist", "allow", "--client", "192.0.2.7", "-c", str(sqlite))
+    assert done.returncode == 0, done.stderr
+    # the socket's path relative to the current folder, as state copy takes a SQLite path
+    copy = smtpgate("state", "copy", f"sqlite:///{tmp_path / 'state.db'}", "unix:///./redis.sock?prefix=cp:",
+                    "--json", cwd=unix_redis.socket_folder)
+    assert copy.returncode == 0, copy.stderr
+    doc = json.loads(copy.stdout)
+    assert doc["to"] == f"unix://{unix_redis.socket}?prefix=cp:" and doc["copied"]["greylist"]["allow"] == 1
+    assert keys(unix_redis, "cp:*") == ["cp:gl:allow", "cp:gl:allowlens"]
+    listed = smtpgate("greylist", "list", "--allowed", "--json",
+                      "-c", str(write_config(tmp_path / "unix", f"unix://{unix_redis.socket}?prefix=cp:")))
+    assert listed.returncode == 0 and json.loads(listed.stdout)["count"] == 1, listed

@@ -3,13 +3,16 @@
 The shared one is ``REDIS_URL`` (``$SMTPGATE_TEST_REDIS`` overrides it); a test takes a fresh
 ``new_prefix()``, gives the gate ``redis_state(prefix)`` and deletes only its own keys after
 (``delete_redis_keys``; never FLUSHDB). A test that needs Redis to fail starts a
-``PrivateRedis`` on a free port, which it may kill, freeze and thaw by PID.
+``PrivateRedis`` on a free port, which it may kill, freeze and thaw by PID; one that needs
+Redis at a Unix socket starts a ``UnixRedis`` (no TCP port at all).
 """
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import redis
 
 from tests.support.constants import LOOPBACK
 from tests.support.gateproc import free_port, in_ci, require_tool, stop_pid, wait_listening
+from tests.support.waiting import wait_until
 
 REDIS_URL = os.environ.get("SMTPGATE_TEST_REDIS", f"redis://{LOOPBACK}:6379/15")
 UNREACHABLE_REDIS_URL = f"redis://{LOOPBACK}:1/0"   # nothing listens on port 1: every call fails at once
@@ -97,3 +101,46 @@ class PrivateRedis:
         if self.proc is not None and self.proc.poll() is None:
             self.thaw()
             stop_pid(self.proc)
+
+
+class UnixRedis(PrivateRedis):
+    """``redis-server`` listening on a Unix socket only (``--port 0``), without persistence;
+    the socket in a short folder of its own (a socket path has at most 107 bytes, and
+    pytest's tmp_path can come close), removed at ``stop``."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.port = 0
+        self.socket_folder = Path(tempfile.mkdtemp(prefix="sg-redis-"))
+        self.socket = self.socket_folder / "redis.sock"
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}?db=0"
+
+    def start(self) -> UnixRedis:
+        log = open(self.folder / "redis.log", "ab")
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+             "--save", "", "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+
+        def answers() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"redis-server exited with {self.proc.returncode}\n"
+                            + (self.folder / "redis.log").read_text(errors="replace"), pytrace=False)
+            try:
+                return self.socket.exists() and self.client().ping()
+            except (redis.RedisError, OSError):
+                return False
+        wait_until(answers, 10.0, what=lambda: f"redis-server answering at {self.socket}\n"
+                   + (self.folder / "redis.log").read_text(errors="replace"))
+        return self
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5)
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.socket_folder, ignore_errors=True)  # ours, created by mkdtemp

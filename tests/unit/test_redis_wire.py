@@ -5,6 +5,7 @@ Redis servers on loopback; no sleeps."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 import redis
@@ -14,7 +15,7 @@ from smtpgate.stores import Params, Stores
 from smtpgate.stores.breaker import Breaker
 from smtpgate.stores.redis_store import RedisLink
 from tests.support.constants import T0
-from tests.support.redisproc import REDIS_URL, PrivateRedis, delete_redis_keys, new_prefix, require_redis
+from tests.support.redisproc import REDIS_URL, PrivateRedis, UnixRedis, delete_redis_keys, new_prefix, require_redis
 
 
 @pytest.fixture
@@ -53,6 +54,38 @@ def test_plain_urls_use_the_wire_and_the_others_redis_py():
     assert RedisLink("rediss://127.0.0.1:6379/3")._open_wire() is None
     assert RedisLink("redis+sentinel://127.0.0.1:26379/main/3")._open_wire() is None
     assert RedisLink("redis://127.0.0.1:6379/3?health_check_interval=5")._open_wire() is None
+    assert RedisLink("unix:///run/redis/redis.sock?db=3")._open_wire().path == "/run/redis/redis.sock"
+    assert RedisLink("unix:///run/redis/redis.sock?health_check_interval=5")._open_wire() is None
+
+
+async def test_a_unix_socket_serves_the_wire_and_redis_py_with_its_login_and_database(tmp_path):
+    server = UnixRedis(tmp_path / "redis").start()
+    try:
+        server.client().config_set("requirepass", "s3cret")
+        link = RedisLink(f"unix://:s3cret@{server.socket}?db=5")
+        try:
+            assert await link.command("SET", "k", "in five") == b"OK"  # the wire
+            conn, = link._wire._idle
+            assert conn._wire.transport.get_extra_info("socket").family == socket.AF_UNIX
+            assert await link.run(lambda client: client.get("k")) == b"in five"  # redis-py
+        finally:
+            await link.close()
+        direct = redis.Redis(unix_socket_path=str(server.socket), password="s3cret", db=5)
+        assert direct.get("k") == b"in five"
+        wrong = RedisLink(f"unix://:wrong@{server.socket}?db=5")
+        try:
+            with pytest.raises(StoreError, match="refused the login"):
+                await wrong.command("GET", "k")
+        finally:
+            await wrong.close()
+        gone = RedisLink(f"unix://{tmp_path}/none.sock")
+        try:
+            with pytest.raises(StoreError, match=f"connecting to Redis at {tmp_path}/none.sock"):
+                await gone.command("GET", "k")
+        finally:
+            await gone.close()
+    finally:
+        server.stop()
 
 
 async def test_each_caller_gets_its_own_reply_across_batches_and_connections():
