@@ -122,9 +122,15 @@ class OnTheLoop(SqliteGreylistStore):
         db.run = run
 
 
-def delete_prefix(prefix: str) -> None:
+def with_prefix(redis_url: str, prefix: str) -> str:
+    """The state URL for ``prefix`` on the server ``redis_url`` names (``?db=N`` of a
+    ``unix://`` URL kept)."""
+    return f"{redis_url}{'&' if '?' in redis_url else '?'}prefix={prefix}"
+
+
+def delete_prefix(prefix: str, redis_url: str = REDIS) -> None:
     import redis
-    r = redis.Redis.from_url(REDIS)
+    r = redis.Redis.from_url(redis_url)
     batch = []
     for key in r.scan_iter(match=prefix + "*", count=5000):
         batch.append(key)

@@ -20,6 +20,7 @@ included).
     .venv/bin/python bench/rulecost_profile.py --state sqlite --cases empty,senders,greylist,real
     .venv/bin/python bench/rulecost_profile.py --state redis --cases empty,senders,greylist,real
     .venv/bin/python bench/rulecost_profile.py --state redis --cases real --runs 1 --commands
+    .venv/bin/python bench/rulecost_profile.py --state redis --redis "unix:///run/redis.sock?db=15"
     .venv/bin/python bench/rulecost_profile.py --metrics --cases empty,real   # with `metrics:` set
 
 The log line is written at ``info`` to /dev/null through the gate's own text formatter, as
@@ -51,7 +52,7 @@ from smtpgate.stores import Stores, make_allow, triplet_value  # noqa: E402
 from smtpgate.stores.greylist import Attempt, GreylistStore  # noqa: E402
 from smtpgate.stores.senders import SenderStore  # noqa: E402
 from smtpgate.testing import FakeClock, Harness  # noqa: E402
-from bench.greylist_bench import REDIS, delete_prefix  # noqa: E402 (DB 15: every bench's Redis)
+from bench.greylist_bench import REDIS, delete_prefix, with_prefix  # noqa: E402 (DB 15: every bench's Redis)
 
 
 class MemoryGreylist(GreylistStore):
@@ -129,18 +130,18 @@ CASES = ("empty", "noop", "senders", "greylist", "attachments", "rewrite", "real
 STATEFUL = ("senders", "greylist", "real")  # the cases that use the stores
 
 
-def redis_server_cpu() -> float:
+def redis_server_cpu(redis_url: str) -> float:
     """The Redis server's CPU seconds so far (user + system, its main thread and the rest)."""
     import redis
-    with redis.Redis.from_url(REDIS) as r:
+    with redis.Redis.from_url(redis_url) as r:
         info = r.info("cpu")
     return info["used_cpu_user"] + info["used_cpu_sys"]
 
 
-def redis_commandstats() -> dict[str, tuple[int, int]]:
+def redis_commandstats(redis_url: str) -> dict[str, tuple[int, int]]:
     """The server's commands so far: name -> (calls, µs), those inside scripts included."""
     import redis
-    with redis.Redis.from_url(REDIS) as r:
+    with redis.Redis.from_url(redis_url) as r:
         return {name: (s["calls"], s["usec"]) for name, s in r.info("commandstats").items()}
 
 
@@ -155,11 +156,11 @@ def commands_per_message(before: dict, after: dict, messages: int) -> str:
     return ", ".join(text for _, text in sorted(out, reverse=True))
 
 
-async def open_stores(state: str, folder: str, case: str, clock: FakeClock) -> Stores:
+async def open_stores(state: str, folder: str, case: str, clock: FakeClock, redis_url: str) -> Stores:
     if state == "memory":
         return Stores("memory", greylist=MemoryGreylist(), senders=MemorySenders(), limits=NoLimits())
     if state == "redis":
-        url = f"{REDIS}?prefix=rulecost-{uuid.uuid4().hex}:"
+        url = with_prefix(redis_url, f"rulecost-{uuid.uuid4().hex}:")
     else:
         url = f"sqlite:///{folder}/{case}.db"
     stores = Stores(url, clock)
@@ -175,7 +176,7 @@ async def measure(case: str, a, raw: bytes, folder: str) -> tuple[float, float |
     with ``--profile``, one cProfiled run): (gate CPU µs, Redis server CPU µs or None) per
     message."""
     clock = FakeClock()
-    stores = await open_stores(a.state, folder, case, clock)
+    stores = await open_stores(a.state, folder, case, clock, a.redis)
     server = a.state == "redis" and case in STATEFUL
     h = Harness(rules_of(case), domains=["bench.test"], clock=clock, stores=stores)
     try:
@@ -190,11 +191,11 @@ async def measure(case: str, a, raw: bytes, folder: str) -> tuple[float, float |
             return None
         figures = []
         for _ in range(a.runs):
-            before, commands = (redis_server_cpu(), redis_commandstats()) if server else (0.0, None)
+            before, commands = (redis_server_cpu(a.redis), redis_commandstats(a.redis)) if server else (0.0, None)
             gate = await run(h, raw, a.messages)
-            figures.append((gate, (redis_server_cpu() - before) / a.messages * 1e6 if server else None))
+            figures.append((gate, (redis_server_cpu(a.redis) - before) / a.messages * 1e6 if server else None))
             if server and a.commands:
-                print(f"{case}: {commands_per_message(commands, redis_commandstats(), a.messages)}")
+                print(f"{case}: {commands_per_message(commands, redis_commandstats(a.redis), a.messages)}")
         return min(figures, key=lambda f: f[0] + (f[1] or 0.0))
     finally:
         prefix = stores.greylist.link.options["prefix"] if a.state == "redis" else None
@@ -202,7 +203,7 @@ async def measure(case: str, a, raw: bytes, folder: str) -> tuple[float, float |
             await stores.close()
         finally:
             if prefix:
-                delete_prefix(prefix)
+                delete_prefix(prefix, a.redis)
 
 
 async def run(h: Harness, raw: bytes, n: int) -> float:
@@ -232,7 +233,9 @@ def main() -> int:
     ap.add_argument("--cases", default=",".join(CASES), help="which cases, comma-separated")
     ap.add_argument("--state", choices=("memory", "sqlite", "redis"), default="memory",
                     help="the store-backed rules' stores: answering at once, a real SQLite file, "
-                         "or Redis at 127.0.0.1:6379 (DB 15, a private prefix)")
+                         "or Redis (--redis; a private prefix)")
+    ap.add_argument("--redis", default=REDIS, metavar="URL",
+                    help=f"with --state redis: the server (default {REDIS}; unix:///PATH?db=15: at its Unix socket)")
     ap.add_argument("--metrics", action="store_true",
                     help="record the Prometheus metrics, as a gate with `metrics:` set does")
     a = ap.parse_args()

@@ -21,7 +21,9 @@ table goes to stdout and to ``bench/results/store-<time>.md``.
     .venv/bin/python bench/store_bench.py --sizes 10000,100000 --backends sqlite
     .venv/bin/python bench/store_bench.py --profile sqlite:greylist   # cProfile of one, top 25
 
-Redis: DB 15 of redis://127.0.0.1:6379 under a fresh key prefix, deleted afterwards.
+Redis: DB 15 of redis://127.0.0.1:6379 under a fresh key prefix, deleted afterwards;
+``--redis URL`` another server or the same one another way (``unix:///PATH?db=15``: its
+Unix socket).
 The machine is shared with other runs: compare figures of one run, not across runs.
 """
 from __future__ import annotations
@@ -48,7 +50,7 @@ sys.path.insert(0, os.path.join(ROOT, "rules"))
 from smtpgate.pipeline.results import Event  # noqa: E402
 from smtpgate.stores import Params, Stores  # noqa: E402
 from smtpgate.stores.limits import Counter  # noqa: E402
-from greylist_bench import REDIS, delete_prefix as drop_redis  # noqa: E402
+from greylist_bench import REDIS, delete_prefix as drop_redis, with_prefix  # noqa: E402
 
 T0 = 1_767_225_600.0
 NOW = T0 + 3600
@@ -171,9 +173,9 @@ return b - a
 """
 
 
-async def fill_redis(prefix: str, kind: str, n: int) -> None:
+async def fill_redis(prefix: str, kind: str, n: int, redis_url: str = REDIS) -> None:
     import redis.asyncio as aioredis
-    r = aioredis.Redis.from_url(REDIS)
+    r = aioredis.Redis.from_url(redis_url)
     try:
         script = r.register_script(FILL_LUA)
         extra: list = []
@@ -273,12 +275,12 @@ def several(processes: int, url: str, kind: str, n: int, count: int, concurrency
 
 
 async def bench_backend(backend: str, sizes, count: int, profile: str | None, tmp: str, kinds,
-                        keep: str | None = None, processes: int = 1) -> dict:
+                        keep: str | None = None, processes: int = 1, redis_url: str = REDIS) -> dict:
     out: dict = {}
     for kind in kinds:
         for n in sizes:
             prefix = f"store-bench-{uuid.uuid4().hex[:12]}:"
-            url = f"sqlite://{tmp}/{kind}-{n}.db" if backend == "sqlite" else f"{REDIS}?prefix={prefix}"
+            url = f"sqlite://{tmp}/{kind}-{n}.db" if backend == "sqlite" else with_prefix(redis_url, prefix)
             started = time.perf_counter()
             if backend == "sqlite" and keep:
                 await filled_copy(keep, kind, n, f"{tmp}/{kind}-{n}.db")
@@ -289,7 +291,7 @@ async def bench_backend(backend: str, sizes, count: int, profile: str | None, tm
                     if not keep:
                         await stores.greylist.db.run(lambda conn: fill_sqlite(conn, kind, n))
                 else:
-                    await fill_redis(prefix, kind, n)
+                    await fill_redis(prefix, kind, n, redis_url)
                 filled = time.perf_counter() - started
                 for conc in (1, 64):
                     if profile == f"{backend}:{kind}" and conc == 64 and n == sizes[-1]:
@@ -312,7 +314,7 @@ async def bench_backend(backend: str, sizes, count: int, profile: str | None, tm
             finally:
                 await stores.close()
                 if backend == "redis":
-                    drop_redis(prefix)
+                    drop_redis(prefix, redis_url)
                 else:
                     for f in os.listdir(tmp):
                         os.unlink(os.path.join(tmp, f))
@@ -356,6 +358,8 @@ async def main() -> None:
                          "(filled once; later runs reuse them)")
     ap.add_argument("--processes", type=int, default=1,
                     help="worker processes deciding at once on one store (each figure: their sum)")
+    ap.add_argument("--redis", default=REDIS, metavar="URL",
+                    help=f"the Redis server (default {REDIS}; unix:///PATH?db=15: at its Unix socket)")
     ap.add_argument("--no-write", action="store_true", help="do not write bench/results/store-*.md")
     ap.add_argument("--no-group", action="store_true",
                     help="SQLite: commit each write alone (for comparison with the group commit)")
@@ -369,7 +373,7 @@ async def main() -> None:
     try:
         for backend in args.backends.split(","):
             results[backend] = await bench_backend(backend, sizes, args.decisions, args.profile, tmp,
-                                                   args.kinds.split(","), args.keep, args.processes)
+                                                   args.kinds.split(","), args.keep, args.processes, args.redis)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     who = "one worker (this process)" if args.processes == 1 else f"{args.processes} worker processes in all"
