@@ -154,7 +154,9 @@ def _unsplit(parts) -> str:
     ``unix:/PATH``, which redis-py does not take)."""
     url = urlunsplit(parts)
     scheme, netloc = parts[0], parts[1]
-    return url if netloc else f"{scheme}://{url[len(scheme) + 1:]}"
+    if netloc or not scheme or url.startswith(scheme + "://"):
+        return url
+    return f"{scheme}://{url[len(scheme) + 1:]}"
 
 
 def is_redis_url(url: str) -> bool:

@@ -114,6 +114,8 @@ def test_bad_urls_say_what_is_wrong(url, says):
 
 def test_passwords_never_shown():
     assert redact("redis://u:pw@h/0") == "redis://u:***@h/0"
+    assert redact("unix://u:pw@/run/redis.sock?db=1") == "unix://u:***@/run/redis.sock?db=1"
+    assert redact("unix:///run/redis.sock?db=1") == "unix:///run/redis.sock?db=1"  # the // kept
     assert "pw" not in redact("redis+sentinel://h/svc/0?sentinel_password=pw")
     with pytest.raises(ValueError) as caught:
         parse_redis_url("redis://:hunter2@h/x")
