@@ -76,13 +76,20 @@ class PrivateRedis:
     def start(self) -> PrivateRedis:
         log = open(self.folder / "redis.log", "ab")
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", LOOPBACK, "--save", "",
-             "--appendonly", "no", "--dir", str(self.folder)],
+            [self.binary, *self.listen_args(), "--save", "", "--appendonly", "no", "--dir", str(self.folder)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
-        wait_listening(self.proc, [(LOOPBACK, self.port)], 10.0,
-                       lambda: (self.folder / "redis.log").read_text(errors="replace"))
+        self.wait_listening()
         return self
+
+    def listen_args(self) -> list[str]:
+        return ["--port", str(self.port), "--bind", LOOPBACK]
+
+    def wait_listening(self) -> None:
+        wait_listening(self.proc, [(LOOPBACK, self.port)], 10.0, self.log_text)
+
+    def log_text(self) -> str:
+        return (self.folder / "redis.log").read_text(errors="replace")
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -118,25 +125,18 @@ class UnixRedis(PrivateRedis):
     def url(self) -> str:
         return f"unix://{self.socket}?db=0"
 
-    def start(self) -> UnixRedis:
-        log = open(self.folder / "redis.log", "ab")
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-             "--save", "", "--appendonly", "no", "--dir", str(self.folder)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
+    def listen_args(self) -> list[str]:
+        return ["--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
 
+    def wait_listening(self) -> None:
         def answers() -> bool:
             if self.proc.poll() is not None:
-                pytest.fail(f"redis-server exited with {self.proc.returncode}\n"
-                            + (self.folder / "redis.log").read_text(errors="replace"), pytrace=False)
+                pytest.fail(f"redis-server exited with {self.proc.returncode}\n{self.log_text()}", pytrace=False)
             try:
                 return self.socket.exists() and self.client().ping()
             except (redis.RedisError, OSError):
                 return False
-        wait_until(answers, 10.0, what=lambda: f"redis-server answering at {self.socket}\n"
-                   + (self.folder / "redis.log").read_text(errors="replace"))
-        return self
+        wait_until(answers, 10.0, what=lambda: f"redis-server answering at {self.socket}\n{self.log_text()}")
 
     def client(self) -> redis.Redis:
         return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5)
