@@ -184,6 +184,41 @@ def test_xforward_recorded_and_reset_after_transaction(downstream):
     assert m2.xforward == {} and m1.session == m2.session == 0
 
 
+def _relay_as_client(ds: CapturingDownstream, port: int, reject: bool = False) -> None:
+    """What a gate does for its client on source port `port`: XCLIENT PORT=, then the message."""
+    ds.replies["DATA_END"] = "554 5.7.1 no" if reject else None
+    with client(ds) as c:
+        c.ehlo()
+        assert c.docmd("XCLIENT", f"PORT={port}")[0] == 220
+        c.ehlo()
+        c.mail("a@sender.test")
+        c.rcpt("user@example.com")
+        assert c.data(MSG)[0] == (554 if reject else 250)
+    ds.wait_for(lambda: all(s.closed for s in ds.sessions), 5, "the sessions to close")
+
+
+def test_records_of_one_client_port_after_a_mark(downstream):
+    """An earlier client with the same source port (loopback reuses ports in TIME_WAIT) is
+    not taken for the one that came after the mark."""
+    _relay_as_client(downstream, 40001)
+    _relay_as_client(downstream, 40001, reject=True)
+    since = downstream.mark()
+    assert downstream.messages_from(40001, since) == downstream.rejected_from(40001, since) == []
+    assert downstream.sessions_from(40001, since) == []
+    _relay_as_client(downstream, 40002)
+    _relay_as_client(downstream, 40001)
+    _relay_as_client(downstream, 40001, reject=True)
+    [msg] = downstream.wait_for_messages_from("40001", since)
+    assert msg is downstream.messages[-1] and msg.session == 3
+    [refused] = downstream.rejected_from(40001, since)
+    assert refused is downstream.rejected[-1] and refused.session == 4
+    assert [s.index for s in downstream.sessions_from(40001, since)] == [3, 4]
+    assert [m.session for m in downstream.messages_from(40002, since)] == [2]
+    waited = r"2 message\(s\) from client port 40001 after Mark\(messages=1, rejected=1, sessions=2\)"
+    with pytest.raises(AssertionError, match=waited):
+        downstream.wait_for_messages_from(40001, since, n=2, timeout=0.2)
+
+
 # ---------------------------------------------------------------------------- DATA bytes
 def test_dot_stuffed_raw_versus_unstuffed_data(downstream):
     body = b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\nnot.a.dot\r\n.\r\nend\r\n"
