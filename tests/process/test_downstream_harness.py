@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import smtplib
 import socket
@@ -11,11 +12,14 @@ import sys
 import pytest
 import yaml
 
+from tests.support import gateproc
+from tests.support.constants import LOOPBACK
 from tests.support.downstream import CapturingDownstream, decode_xtext, unstuff
 from tests.support.gateproc import (
     deep_merge,
     free_port as free_port_fn,
     require_tool as require_tool_fn,
+    start_gate,
     stop_pid,
     wait_listening,
     write_gate_folder,
@@ -431,6 +435,8 @@ def test_write_gate_folder(tmp_path):
 LISTENER = """
 import signal, socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if sys.argv[3:] == ["reuseport"]:  # as the gate binds: another may share the port
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
 s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
 if sys.argv[2] == "ignore":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -458,6 +464,69 @@ def test_wait_listening_fails_when_process_exits(free_port):
                             stderr=subprocess.DEVNULL)
     with pytest.raises(pytest.fail.Exception, match="exited with 2"):
         wait_listening(proc, [("127.0.0.1", free_port())], 10, lambda: "log text here")
+
+
+def stranger(port: int = 0, reuse_port: bool = False) -> socket.socket:
+    """A listener of this test's process: another process than the child under test, as one
+    of another test run that took the child's port between its choosing and its binding."""
+    s = socket.socket()
+    if reuse_port:  # as a gate binds: a second gate of the same user may share the port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((LOOPBACK, port))
+    s.listen()
+    return s
+
+
+def test_wait_listening_fails_when_another_process_listens_there():
+    """Something listening on the port is not enough: it must be the child (or its own child)."""
+    with stranger() as other:
+        port = other.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
+        taken = f"{LOOPBACK}:{port} is listened on by another process than pid {proc.pid}'s: {os.getpid()} "
+        with pytest.raises(pytest.fail.Exception, match=taken):
+            wait_listening(proc, [(LOOPBACK, port)], 10, lambda: "child")
+        assert proc.poll() is not None  # stopped by its PID
+
+
+def test_wait_listening_fails_when_the_port_is_shared(free_port):
+    """SO_REUSEPORT on both sides: the child listens, but connections would go to either."""
+    port = free_port()
+    with stranger(port, reuse_port=True):
+        proc = subprocess.Popen([sys.executable, "-c", LISTENER, str(port), "exit0", "reuseport"])
+        with pytest.raises(pytest.fail.Exception, match=f"{LOOPBACK}:{port} is also listened on by another process"):
+            wait_listening(proc, [(LOOPBACK, port)], 10, lambda: "child")
+        assert proc.poll() is not None
+
+
+def test_start_gate_again_when_its_port_was_taken_meanwhile(tmp_path, monkeypatch, downstream):
+    """A whole module's tests once failed alike: its shared gate's port had been taken before
+    the gate bound it, the gate exited ("cannot listen"), and the tests talked to the stranger."""
+    with stranger() as other:
+        taken = other.getsockname()[1]
+        chosen = iter([taken])
+        monkeypatch.setattr(gateproc, "free_port", lambda host=LOOPBACK: next(chosen, None) or free_port_fn(host))
+        with pytest.warns(UserWarning, match=f"port {taken} taken by another process"):
+            gate = start_gate(tmp_path / "gate", downstream_port=downstream.port)
+        try:
+            assert gate.port != taken and gate.unhealthy() is None
+            with gate.smtp() as c:
+                c.sendmail("a@sender.test", ["user@example.com"], MSG)
+            downstream.wait_for_messages(1)
+        finally:
+            gate.stop()
+        other.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            other.accept()  # nobody came to the stranger
+
+
+def test_unhealthy_says_why_a_shared_gate_cannot_serve(gate):
+    assert gate.unhealthy() is None
+    with stranger(gate.port, reuse_port=True):
+        shared = f"{LOOPBACK}:{gate.port} is also listened on by another process than pid {gate.pid}'s: {os.getpid()} "
+        assert shared in (gate.unhealthy() or "")
+    assert gate.unhealthy() is None
+    gate.stop()
+    assert (gate.unhealthy() or "").startswith("the gate exited with 0")
 
 
 def test_require_tool_skips_or_fails(monkeypatch):

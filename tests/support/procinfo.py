@@ -1,6 +1,7 @@
 """What the tests read about child processes from Linux /proc: children, sockets, start times."""
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -41,6 +42,30 @@ def tcp_inodes(port: int, state: str) -> set[str]:
     return inodes
 
 
+def _address(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A /proc/net/tcp{,6} address: 32-bit words in hex, each in host (little-endian) order."""
+    raw = bytes.fromhex(hex_addr)
+    return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+
+
+def listeners_for(host: str, port: int) -> set[str]:
+    """Inodes of the sockets that take connections to host:port: listening on that address
+    or on a wildcard (0.0.0.0, ::)."""
+    wanted = ipaddress.ip_address(host)
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for row in f:
+                cols = row.split()
+                addr, _, hex_port = cols[1].rpartition(":")
+                if cols[3] == LISTEN and int(hex_port, 16) == port:
+                    bound = _address(addr)
+                    if bound == wanted or bound.is_unspecified:
+                        inodes.add(cols[9])
+    return inodes
+
+
 def listening_inodes(port: int) -> set[str]:
     """Inodes of the sockets listening on port (any address)."""
     return tcp_inodes(port, LISTEN)
@@ -60,4 +85,29 @@ def socket_inodes(pid: int) -> set[str]:
             continue
         if target.startswith("socket:["):
             out.add(target[8:-1])
+    return out
+
+
+def family(pid: int) -> list[int]:
+    """pid and its descendants (a supervisor and its workers), from one look at /proc."""
+    parents = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (fields := proc_stat(int(name))):
+            parents[int(name)] = int(fields[1])
+    out = [pid]
+    for p in out:
+        out += [child for child, parent in parents.items() if parent == p]
+    return out
+
+
+def socket_holders(inode: str) -> list[str]:
+    """``PID (command line)`` of each process holding socket inode, of those we may look into."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and inode in socket_inodes(int(name)):
+            try:
+                cmd = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                cmd = "?"
+            out.append(f"{name} ({cmd.strip()[:200]})")
     return out
