@@ -29,17 +29,20 @@ def children_of(pid: int) -> dict[int, str]:
 LISTEN, ESTABLISHED = "0A", "01"  # the kernel's TCP states as /proc/net/tcp writes them
 
 
-def tcp_inodes(port: int, state: str) -> set[str]:
-    """Inodes of the sockets on local ``port`` (any address) in ``state``, from /proc/net/tcp{,6}."""
-    inodes = set()
+def _tcp_sockets():
+    """(local address in hex, local port, state, inode) of every TCP socket, /proc/net/tcp{,6}."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
             next(f)
             for row in f:
                 cols = row.split()
-                if cols[3] == state and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(cols[9])
-    return inodes
+                addr, _, port = cols[1].rpartition(":")
+                yield addr, int(port, 16), cols[3], cols[9]
+
+
+def tcp_inodes(port: int, state: str) -> set[str]:
+    """Inodes of the sockets on local ``port`` (any address) in ``state``, from /proc/net/tcp{,6}."""
+    return {inode for _, p, st, inode in _tcp_sockets() if st == state and p == port}
 
 
 def _address(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -52,18 +55,8 @@ def listeners_for(host: str, port: int) -> set[str]:
     """Inodes of the sockets that take connections to host:port: listening on that address
     or on a wildcard (0.0.0.0, ::)."""
     wanted = ipaddress.ip_address(host)
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            next(f)
-            for row in f:
-                cols = row.split()
-                addr, _, hex_port = cols[1].rpartition(":")
-                if cols[3] == LISTEN and int(hex_port, 16) == port:
-                    bound = _address(addr)
-                    if bound == wanted or bound.is_unspecified:
-                        inodes.add(cols[9])
-    return inodes
+    return {inode for addr, p, st, inode in _tcp_sockets()
+            if st == LISTEN and p == port and ((a := _address(addr)) == wanted or a.is_unspecified)}
 
 
 def listening_inodes(port: int) -> set[str]:
