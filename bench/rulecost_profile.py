@@ -102,13 +102,41 @@ def noop_rules(count: int = 4):
     """``count`` rules with a hook at every stage that does nothing: what the framework itself
     costs per rule per stage (the ``noop`` case against ``empty``)."""
     from smtpgate import Rule
-    from smtpgate.pipeline.rule import SIGNATURES
+    from smtpgate.pipeline.rule import SIGNATURES, hook_parameters
 
-    hooks = {}  # each with its documented signature (the runner's plain call)
-    for hook, params in SIGNATURES.items():
-        exec(f"async def {hook}(self, {', '.join(params)}):\n    return None", hooks)
-    hooks = {hook: hooks[hook] for hook in SIGNATURES}
-    return [(type(f"Noop{i}", (Rule,), {"name": f"noop{i}", **hooks}), {}) for i in range(count)]
+    class Noop(Rule):
+        """Each hook with its documented signature (the runner's plain call)."""
+
+        async def on_connect(self, session):
+            return None
+
+        async def on_helo(self, session):
+            return None
+
+        async def on_mail(self, tx):
+            return None
+
+        async def on_rcpt(self, tx, rcpt):
+            return None
+
+        async def on_data(self, tx):
+            return None
+
+        async def on_seal(self, tx, seal):
+            return None
+
+        async def on_delivered(self, tx, reply):
+            return None
+
+        async def on_end(self, tx, reply):
+            return None
+
+        async def on_disconnect(self, session):
+            return None
+
+    # a stage added to the framework, or a signature changed, must show here, not be missed
+    assert {hook: hook_parameters(getattr(Noop, hook)) for hook in SIGNATURES} == SIGNATURES
+    return [(type(f"Noop{i}", (Noop,), {"name": f"noop{i}"}), {}) for i in range(count)]
 
 
 def rules_of(case: str):

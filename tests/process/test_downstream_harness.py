@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import smtplib
 import socket
@@ -11,11 +12,14 @@ import sys
 import pytest
 import yaml
 
+from tests.support import gateproc
+from tests.support.constants import LOOPBACK
 from tests.support.downstream import CapturingDownstream, decode_xtext, unstuff
 from tests.support.gateproc import (
     deep_merge,
     free_port as free_port_fn,
     require_tool as require_tool_fn,
+    start_gate,
     stop_pid,
     wait_listening,
     write_gate_folder,
@@ -182,6 +186,41 @@ def test_xforward_recorded_and_reset_after_transaction(downstream):
     assert m1.xforward == {"NAME": "[UNAVAILABLE]", "ADDR": "192.0.2.9", "PROTO": "ESMTP",
                            "HELO": "h.test", "IDENT": "abc"}
     assert m2.xforward == {} and m1.session == m2.session == 0
+
+
+def _relay_as_client(ds: CapturingDownstream, port: int, reject: bool = False) -> None:
+    """What a gate does for its client on source port `port`: XCLIENT PORT=, then the message."""
+    ds.replies["DATA_END"] = "554 5.7.1 no" if reject else None
+    with client(ds) as c:
+        c.ehlo()
+        assert c.docmd("XCLIENT", f"PORT={port}")[0] == 220
+        c.ehlo()
+        c.mail("a@sender.test")
+        c.rcpt("user@example.com")
+        assert c.data(MSG)[0] == (554 if reject else 250)
+    ds.wait_for(lambda: all(s.closed for s in ds.sessions), 5, "the sessions to close")
+
+
+def test_records_of_one_client_port_after_a_mark(downstream):
+    """An earlier client with the same source port (loopback reuses ports in TIME_WAIT) is
+    not taken for the one that came after the mark."""
+    _relay_as_client(downstream, 40001)
+    _relay_as_client(downstream, 40001, reject=True)
+    since = downstream.mark()
+    assert downstream.messages_from(40001, since) == downstream.rejected_from(40001, since) == []
+    assert downstream.sessions_from(40001, since) == []
+    _relay_as_client(downstream, 40002)
+    _relay_as_client(downstream, 40001)
+    _relay_as_client(downstream, 40001, reject=True)
+    [msg] = downstream.wait_for_messages_from("40001", since)
+    assert msg is downstream.messages[-1] and msg.session == 3
+    [refused] = downstream.rejected_from(40001, since)
+    assert refused is downstream.rejected[-1] and refused.session == 4
+    assert [s.index for s in downstream.sessions_from(40001, since)] == [3, 4]
+    assert [m.session for m in downstream.messages_from(40002, since)] == [2]
+    waited = r"2 message\(s\) from client port 40001 after Mark\(messages=1, rejected=1, sessions=2\)"
+    with pytest.raises(AssertionError, match=waited):
+        downstream.wait_for_messages_from(40001, since, n=2, timeout=0.2)
 
 
 # ---------------------------------------------------------------------------- DATA bytes
@@ -396,6 +435,8 @@ def test_write_gate_folder(tmp_path):
 LISTENER = """
 import signal, socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if sys.argv[3:] == ["reuseport"]:  # as the gate binds: another may share the port
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
 s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
 if sys.argv[2] == "ignore":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -423,6 +464,69 @@ def test_wait_listening_fails_when_process_exits(free_port):
                             stderr=subprocess.DEVNULL)
     with pytest.raises(pytest.fail.Exception, match="exited with 2"):
         wait_listening(proc, [("127.0.0.1", free_port())], 10, lambda: "log text here")
+
+
+def stranger(port: int = 0, reuse_port: bool = False) -> socket.socket:
+    """A listener of this test's process: another process than the child under test, as one
+    of another test run that took the child's port between its choosing and its binding."""
+    s = socket.socket()
+    if reuse_port:  # as a gate binds: a second gate of the same user may share the port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((LOOPBACK, port))
+    s.listen()
+    return s
+
+
+def test_wait_listening_fails_when_another_process_listens_there():
+    """Something listening on the port is not enough: it must be the child (or its own child)."""
+    with stranger() as other:
+        port = other.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
+        taken = f"{LOOPBACK}:{port} is listened on by another process than pid {proc.pid}'s: {os.getpid()} "
+        with pytest.raises(pytest.fail.Exception, match=taken):
+            wait_listening(proc, [(LOOPBACK, port)], 10, lambda: "child")
+        assert proc.poll() is not None  # stopped by its PID
+
+
+def test_wait_listening_fails_when_the_port_is_shared(free_port):
+    """SO_REUSEPORT on both sides: the child listens, but connections would go to either."""
+    port = free_port()
+    with stranger(port, reuse_port=True):
+        proc = subprocess.Popen([sys.executable, "-c", LISTENER, str(port), "exit0", "reuseport"])
+        with pytest.raises(pytest.fail.Exception, match=f"{LOOPBACK}:{port} is also listened on by another process"):
+            wait_listening(proc, [(LOOPBACK, port)], 10, lambda: "child")
+        assert proc.poll() is not None
+
+
+def test_start_gate_again_when_its_port_was_taken_meanwhile(tmp_path, monkeypatch, downstream):
+    """A whole module's tests once failed alike: its shared gate's port had been taken before
+    the gate bound it, the gate exited ("cannot listen"), and the tests talked to the stranger."""
+    with stranger() as other:
+        taken = other.getsockname()[1]
+        chosen = iter([taken])
+        monkeypatch.setattr(gateproc, "free_port", lambda host=LOOPBACK: next(chosen, None) or free_port_fn(host))
+        with pytest.warns(UserWarning, match=f"port {taken} taken by another process"):
+            gate = start_gate(tmp_path / "gate", downstream_port=downstream.port)
+        try:
+            assert gate.port != taken and gate.unhealthy() is None
+            with gate.smtp() as c:
+                c.sendmail("a@sender.test", ["user@example.com"], MSG)
+            downstream.wait_for_messages(1)
+        finally:
+            gate.stop()
+        other.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            other.accept()  # nobody came to the stranger
+
+
+def test_unhealthy_says_why_a_shared_gate_cannot_serve(gate):
+    assert gate.unhealthy() is None
+    with stranger(gate.port, reuse_port=True):
+        shared = f"{LOOPBACK}:{gate.port} is also listened on by another process than pid {gate.pid}'s: {os.getpid()} "
+        assert shared in (gate.unhealthy() or "")
+    assert gate.unhealthy() is None
+    gate.stop()
+    assert (gate.unhealthy() or "").startswith("the gate exited with 0")
 
 
 def test_require_tool_skips_or_fails(monkeypatch):

@@ -67,7 +67,7 @@ class Client(RawSMTP):
         # Loopback reuses a client port still in TIME_WAIT (tcp_tw_reuse): an earlier
         # client's downstream session may carry this port too, so look only at the sessions
         # opened after this connection began (the gate opens one per client: no pool here).
-        self.first_session = len(ds.sessions) if ds is not None else 0
+        self.since = ds.mark() if ds is not None else None
         super().__init__(gate.address, timeout)
         assert self.reply().startswith(b"220")
         assert self.cmd(b"EHLO client.test").startswith(b"250")
@@ -90,14 +90,13 @@ class Client(RawSMTP):
 
 def downstream_session(ds: CapturingDownstream, client: Client):
     """The downstream connection the gate opened for this client, once it is closed."""
-    port = str(client.port)
     found = []
 
     def done() -> bool:
-        found[:] = [s for s in ds.sessions[client.first_session:] if s.xclient.get("PORT") == port]
+        found[:] = ds.sessions_from(client.port, client.since)
         return bool(found) and all(s.closed for s in found)
 
-    ds.wait_for(done, 10, f"the downstream session for client port {port} to close")
+    ds.wait_for(done, 10, f"the downstream session for client port {client.port} to close")
     assert len(found) == 1, [s.xclient for s in found]
     return found[0]
 

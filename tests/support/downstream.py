@@ -20,6 +20,12 @@ Recorded (all lists grow in arrival order; read them after ``wait_for``/``wait_f
 - ``ds.sessions``: one :class:`Session` per connection (peer, helo, xclient, raw bytes in).
 - ``ds.connections``: how many connections were accepted.
 
+One client's records: a gate passes its client's source port downstream as ``XCLIENT PORT=``,
+and loopback reuses a port still in TIME_WAIT, so an earlier client may have had the same
+port. ``since = ds.mark()`` before the client connects, then ``ds.messages_from(port, since)``,
+``ds.rejected_from(...)``, ``ds.sessions_from(...)`` or ``ds.wait_for_messages_from(...)``
+look only at what was recorded after the mark (``clear()`` makes older marks meaningless).
+
 Scripting (may be changed while the server runs):
 
 - ``ds.replies``: ``{KEY: reply}``; KEY is a verb (``MAIL``, ``RCPT``, ``DATA``, ``RSET``,
@@ -67,7 +73,7 @@ from typing import Any
 
 from tests.support.constants import LOOPBACK
 
-__all__ = ["CapturingDownstream", "Captured", "Session", "unstuff", "decode_xtext"]
+__all__ = ["CapturingDownstream", "Captured", "Mark", "Session", "unstuff", "decode_xtext"]
 
 GREETING_NAME = "downstream.test"
 DEFAULT_SIZE = 52_428_800
@@ -128,6 +134,15 @@ class Session:
     transcript: list[bytes] = field(default_factory=list)
     raw_in: bytearray = field(default_factory=bytearray)  # every byte received, in order
     closed: bool = False
+
+
+@dataclass(frozen=True)
+class Mark:
+    """How many records each list held at one moment (``ds.mark()``): those after it are new."""
+
+    messages: int
+    rejected: int
+    sessions: int
 
 
 def unstuff(raw: bytes) -> bytes:
@@ -341,6 +356,43 @@ class CapturingDownstream:
 
         self.wait_for(seen, timeout, f"a command starting with {p!r}")
         return found[0]
+
+    # ------------------------------------------------------------------ one client's records
+    def mark(self) -> Mark:
+        """Where the records stand now; take it before the client connects."""
+        with self._cond:
+            return Mark(len(self.messages), len(self.rejected), len(self.sessions))
+
+    def messages_from(self, client_port: int | str, since: Mark) -> list[Captured]:
+        """Accepted messages relayed for the client with this source port, recorded after ``since``."""
+        port = str(client_port)
+        with self._cond:
+            return [m for m in self.messages[since.messages:] if m.xclient.get("PORT") == port]
+
+    def rejected_from(self, client_port: int | str, since: Mark) -> list[Captured]:
+        """Messages refused at the final dot for that client, recorded after ``since``."""
+        port = str(client_port)
+        with self._cond:
+            return [m for m in self.rejected[since.rejected:] if m.xclient.get("PORT") == port]
+
+    def sessions_from(self, client_port: int | str, since: Mark) -> list[Session]:
+        """Connections opened after ``since`` whose XCLIENT PORT= is that client's (a session
+        keeps its latest XCLIENT: a pooled one that served several clients shows the last)."""
+        port = str(client_port)
+        with self._cond:
+            return [s for s in self.sessions[since.sessions:] if s.xclient.get("PORT") == port]
+
+    def wait_for_messages_from(self, client_port: int | str, since: Mark, n: int = 1,
+                               timeout: float = 5) -> list[Captured]:
+        """Wait until at least n messages of that client arrived after ``since``; return them."""
+        found: list[Captured] = []
+
+        def arrived() -> bool:
+            found[:] = self.messages_from(client_port, since)
+            return len(found) >= n
+
+        self.wait_for(arrived, timeout, f"{n} message(s) from client port {client_port} after {since}")
+        return found
 
     def clear(self) -> None:
         """Forget everything recorded so far (scripting is kept)."""

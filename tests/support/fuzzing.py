@@ -4,7 +4,8 @@ that must end, and the checks every example makes on the gate afterwards.
 Hypothesis runs many examples in one test function; starting a process per example would
 cost seconds each, so a module-scoped fixture starts one gate (two workers, so a dying
 worker shows) and one capturing downstream, and every example talks to them over a fresh
-connection. Examples are told apart downstream by XCLIENT PORT (the client's source port).
+connection. Examples are told apart downstream by XCLIENT PORT (the client's source port):
+``ds.mark()`` before an example, ``ds.messages_from(port, since)`` after it.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 
-from tests.support.downstream import Captured, CapturingDownstream
+from tests.support.downstream import CapturingDownstream
 from tests.support.gateproc import GateProcess
 from tests.support.procinfo import children_of
 from tests.support.waiting import wait_until
@@ -80,17 +81,6 @@ class FuzzGate:
         over), so the messages counted after this are all there will be."""
         self.ds.wait_for(lambda: all(s.closed for s in self.ds.sessions), SESSION_DEADLINE,
                          "the gate to close its downstream connections")
-
-    def messages_from(self, client_port: int, since: int = 0) -> list[Captured]:
-        """Accepted messages relayed for the client session with this source port."""
-        port = str(client_port)
-        with self.ds._cond:
-            return [m for m in self.ds.messages[since:] if m.xclient.get("PORT") == port]
-
-    def rejected_from(self, client_port: int, since: int = 0) -> list[Captured]:
-        port = str(client_port)
-        with self.ds._cond:
-            return [m for m in self.ds.rejected[since:] if m.xclient.get("PORT") == port]
 
 
 def probe(address: tuple[str, int]) -> str | None:

@@ -7,6 +7,7 @@ test module or a benchmark script can use them too.
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import pytest
 import yaml
 
 from tests.support.constants import LOOPBACK, START_TIMEOUT, STOP_TIMEOUT
+from tests.support.procinfo import family, listeners_for, socket_holders, socket_inodes
 from tests.support.waiting import wait_until
 
 DEFAULT_POLICIES = {"default.yaml": "domains: [example.com]\nrules: []\n"}
@@ -108,18 +111,66 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]") or LOOPBACK, int(port)
 
 
-def wait_listening(proc: subprocess.Popen, addrs: list[tuple[str, int]], timeout: float,
-                   describe: Callable[[], str]) -> None:
-    """Block until every addr listens; pytest.fail with describe() if proc exits or time runs out."""
+class PortTaken(Exception):
+    """Another process takes connections on a port meant for our child: free when chosen
+    (free_port), it was bound by someone else before the child bound it. Clients would then
+    reach that process, not ours (a whole module's messages gone to a stranger's server),
+    or both by turns (SO_REUSEPORT, as the gate binds, lets another gate of ours share it)."""
+
+
+def listens_alone(proc: subprocess.Popen, addrs: list[tuple[str, int]]) -> bool:
+    """True when proc (or a process it started) listens on every addr, False while not yet;
+    PortTaken when another process takes connections on one (with who it is, when /proc
+    lets us see). Without /proc: whether every addr accepts."""
+    if not os.path.exists("/proc/net/tcp"):
+        return all(_accepts(*a) for a in addrs)
+    listeners = {addr: listeners_for(*addr) for addr in addrs}  # before ours: none is missed
+    ours = set().union(*(socket_inodes(pid) for pid in family(proc.pid)))
+    for (host, port), inodes in listeners.items():
+        if inodes - ours:
+            holders = [h for i in sorted(inodes - ours) for h in socket_holders(i)] or ["not visible"]
+            raise PortTaken(f"{host}:{port} is {'also ' if inodes & ours else ''}listened on by "
+                            f"another process than pid {proc.pid}'s: {', '.join(holders)}")
+    return all(listeners.values())
+
+
+def _await_listening(proc: subprocess.Popen, addrs: list[tuple[str, int]], timeout: float) -> str | None:
+    """None once proc listens on every addr; else why not (it exited, or time ran out).
+    PortTaken when another process listens there at two looks in a row (at one, it could be
+    a worker of ours that exited between the reading of the listeners and of our sockets)."""
+    taken: list[PortTaken] = []
+
     def ready() -> bool:
         if proc.poll() is not None:
-            pytest.fail(f"process exited with {proc.returncode} before listening on {addrs}\n{describe()}",
-                        pytrace=False)
-        return all(is_listening(h, p) for h, p in addrs)
+            return True
+        try:
+            listening = listens_alone(proc, addrs)
+        except PortTaken as e:
+            if taken:
+                raise
+            taken.append(e)
+            return False
+        taken.clear()
+        return listening
 
     if not wait_until(ready, timeout, interval=0.05):
+        return f"process did not listen on {addrs} within {timeout}s"
+    if proc.poll() is not None:
+        return f"process exited with {proc.returncode} before listening on {addrs}"
+    return None
+
+
+def wait_listening(proc: subprocess.Popen, addrs: list[tuple[str, int]], timeout: float,
+                   describe: Callable[[], str]) -> None:
+    """Block until proc (or a process it started) listens on every addr; pytest.fail with
+    describe() if proc exits, another process listens there, or time runs out."""
+    try:
+        problem = _await_listening(proc, addrs, timeout)
+    except PortTaken as e:
+        problem = str(e)
+    if problem:
         stop_pid(proc)
-        pytest.fail(f"process did not listen on {addrs} within {timeout}s\n{describe()}", pytrace=False)
+        pytest.fail(f"{problem}\n{describe()}", pytrace=False)
 
 
 def stop_pid(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
@@ -196,6 +247,17 @@ class GateProcess:
     def is_running(self) -> bool:
         return self.proc.poll() is None
 
+    def unhealthy(self) -> str | None:
+        """Why this gate cannot be serving a test now (it exited, or another process takes
+        connections on its port too), or None: for a gate that many tests share."""
+        if not self.is_running():
+            return f"the gate exited with {self.proc.returncode}\n--- gate log ---\n{self.log_text()[-3000:]}"
+        addrs = _listen_addresses(self.config)
+        try:
+            return None if listens_alone(self.proc, addrs) else f"the gate does not listen on {addrs}"
+        except PortTaken as e:
+            return str(e)
+
     def send_signal(self, sig: int) -> None:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
@@ -268,27 +330,54 @@ def write_gate_folder(folder: Path, *, port: int, downstream_port: int,
     return path, cfg
 
 
+PORT_TRIES = 3  # a gate whose chosen port was taken meanwhile is started again on another
+BIND_REFUSED = f"cannot listen: [Errno {errno.EADDRINUSE}]"  # the gate's log line for it
+
+
 def start_gate(folder: Path, *, downstream_port: int,
                policies: Mapping[str, str] | None = None,
                config: Mapping[str, Any] | None = None,
                plugins: Plugins | None = None,
                env: Mapping[str, str] | None = None,
                start_timeout: float = START_TIMEOUT) -> GateProcess:
-    """Write the folder, start `python -m smtpgate serve -c gate.yaml`, wait until it listens."""
-    port = free_port()
+    """Write the folder, start `python -m smtpgate serve -c gate.yaml`, wait until it listens.
+
+    When the port chosen here (no `listen` in config) was taken by another process before the
+    gate bound it, the gate is started again on another port (with a warning)."""
+    chosen = "listen" not in (config or {})
+    for attempt in range(1, PORT_TRIES + 1):
+        gate = _launch_gate(folder, free_port(), downstream_port, policies, config, plugins, env)
+        try:
+            problem = _await_listening(gate.proc, _listen_addresses(gate.config), start_timeout)
+            taken = problem is not None and BIND_REFUSED in gate.log_text()
+        except PortTaken as e:
+            problem, taken = str(e), True
+        if problem is None:
+            return gate
+        gate.stop()
+        if not (taken and chosen and attempt < PORT_TRIES):
+            pytest.fail(f"{problem}\n{gate.describe()}", pytrace=False)
+        warnings.warn(f"start_gate: port {gate.port} taken by another process ({problem}); "
+                      f"starting the gate again on another port")
+    raise AssertionError("unreachable")  # the last try returns or fails
+
+
+def _listen_addresses(cfg: Mapping[str, Any]) -> list[tuple[str, int]]:
+    listen = cfg.get("listen") or []
+    return [parse_hostport(a) for a in (listen if isinstance(listen, list) else [listen])]
+
+
+def _launch_gate(folder: Path, port: int, downstream_port: int, policies, config, plugins, env) -> GateProcess:
     path, cfg = write_gate_folder(folder, port=port, downstream_port=downstream_port,
                                   policies=policies, config=config, plugins=plugins)
-    listen = cfg.get("listen") or []
-    addrs = [parse_hostport(a) for a in (listen if isinstance(listen, list) else [listen])]
+    addrs = _listen_addresses(cfg)
     child_env = {k: v for k, v in os.environ.items() if k != "SMTPGATE_CONFIG"}
     child_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
     with open(folder / "gate.log", "wb") as err, open(folder / "gate.stdout", "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "smtpgate", "serve", "-c", str(path)],
                                 cwd=folder, env=child_env, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=err)
-    gate = GateProcess(proc, folder, path, cfg, addrs[0][1] if addrs else port, child_env)
-    wait_listening(proc, addrs, start_timeout, gate.describe)
-    return gate
+    return GateProcess(proc, folder, path, cfg, addrs[0][1] if addrs else port, child_env)
 
 
 # ---------------------------------------------------------------------------- smtp-sink

@@ -1,6 +1,7 @@
 """What the tests read about child processes from Linux /proc: children, sockets, start times."""
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -28,17 +29,34 @@ def children_of(pid: int) -> dict[int, str]:
 LISTEN, ESTABLISHED = "0A", "01"  # the kernel's TCP states as /proc/net/tcp writes them
 
 
-def tcp_inodes(port: int, state: str) -> set[str]:
-    """Inodes of the sockets on local ``port`` (any address) in ``state``, from /proc/net/tcp{,6}."""
-    inodes = set()
+def _tcp_sockets():
+    """(local address in hex, local port, state, inode) of every TCP socket, /proc/net/tcp{,6}."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
             next(f)
             for row in f:
                 cols = row.split()
-                if cols[3] == state and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(cols[9])
-    return inodes
+                addr, _, port = cols[1].rpartition(":")
+                yield addr, int(port, 16), cols[3], cols[9]
+
+
+def tcp_inodes(port: int, state: str) -> set[str]:
+    """Inodes of the sockets on local ``port`` (any address) in ``state``, from /proc/net/tcp{,6}."""
+    return {inode for _, p, st, inode in _tcp_sockets() if st == state and p == port}
+
+
+def _address(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A /proc/net/tcp{,6} address: 32-bit words in hex, each in host (little-endian) order."""
+    raw = bytes.fromhex(hex_addr)
+    return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+
+
+def listeners_for(host: str, port: int) -> set[str]:
+    """Inodes of the sockets that take connections to host:port: listening on that address
+    or on a wildcard (0.0.0.0, ::)."""
+    wanted = ipaddress.ip_address(host)
+    return {inode for addr, p, st, inode in _tcp_sockets()
+            if st == LISTEN and p == port and ((a := _address(addr)) == wanted or a.is_unspecified)}
 
 
 def listening_inodes(port: int) -> set[str]:
@@ -60,4 +78,29 @@ def socket_inodes(pid: int) -> set[str]:
             continue
         if target.startswith("socket:["):
             out.add(target[8:-1])
+    return out
+
+
+def family(pid: int) -> list[int]:
+    """pid and its descendants (a supervisor and its workers), from one look at /proc."""
+    parents = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (fields := proc_stat(int(name))):
+            parents[int(name)] = int(fields[1])
+    out = [pid]
+    for p in out:
+        out += [child for child, parent in parents.items() if parent == p]
+    return out
+
+
+def socket_holders(inode: str) -> list[str]:
+    """``PID (command line)`` of each process holding socket inode, of those we may look into."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and inode in socket_inodes(int(name)):
+            try:
+                cmd = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                cmd = "?"
+            out.append(f"{name} ({cmd.strip()[:200]})")
     return out
