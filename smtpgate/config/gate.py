@@ -20,6 +20,7 @@ from typing import Any, Callable
 from ..errors import ConfigError, Problem
 from ..pipeline.options import boolean, one_of
 from ..units import parse_duration, parse_size
+from ..stores import STATE_URLS
 from ..stores.redis_url import is_redis_url, parse_redis_url, with_absolute_paths
 from .yamlsrc import LocatedDict, LocatedList, empty_mapping, join_path, load_file, problem_at, unknown_key
 
@@ -418,7 +419,7 @@ def _state(value: Any, base: str) -> str:
         elif rest.startswith("/"):
             rest = "/" + rest.lstrip("/")  # POSIX keeps a leading "//"; SQLAlchemy writes "////"
         return "sqlite://" + _path(rest, base)
-    raise ValueError(f'expected "sqlite:///PATH" or "redis://HOST:PORT/DB", got {value!r}')
+    raise ValueError(f"got {value!r}: {STATE_URLS}")
 
 
 def state_url(value: Any, base: str) -> str:

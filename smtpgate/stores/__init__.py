@@ -26,9 +26,13 @@ __all__ = ["AllowEntry", "Attempt", "Entry", "GreylistStore", "Params", "Selecto
            "SenderRecord", "SenderStore", "open_sender_store", "LimitsStore", "open_limits_store"]
 
 
+#: what a state URL may be, for the messages that refuse one
+STATE_URLS = ('expected "sqlite:///PATH", "redis://HOST:PORT/DB", "unix:///PATH/TO/redis.sock", '
+              '"rediss://…" or "redis+sentinel://HOST:PORT/SERVICE/DB"')
+
+
 def _unknown(url: str) -> StoreError:
-    return StoreError(f'unknown state URL {url!r}: expected "sqlite:///PATH", "redis://HOST:PORT/DB", '
-                      '"unix:///PATH/TO/redis.sock", "rediss://…" or "redis+sentinel://HOST:PORT/SERVICE/DB"')
+    return StoreError(f"unknown state URL {url!r}: {STATE_URLS}")
 
 
 def open_greylist_store(url: str) -> GreylistStore:

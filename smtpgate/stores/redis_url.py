@@ -39,7 +39,7 @@ def _positive_int(text: str) -> int:
 
 
 def _db(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # not "²", which int() refuses
         raise ValueError("expected a database number")
     return int(text)
 
@@ -150,13 +150,18 @@ class RedisTarget:
 
 
 def _unsplit(parts) -> str:
-    """urlunsplit, keeping the ``//`` of an empty host (``unix:///PATH``: urlunsplit writes
-    ``unix:/PATH``, which redis-py does not take)."""
-    url = urlunsplit(parts)
-    scheme, netloc = parts[0], parts[1]
-    if netloc or not scheme or url.startswith(scheme + "://"):
-        return url
-    return f"{scheme}://{url[len(scheme) + 1:]}"
+    """urlunsplit, keeping the ``//`` of an empty host: urlunsplit writes ``unix:///PATH`` as
+    ``unix:/PATH``, which redis-py does not take, and ``sqlite:////abs`` as ``sqlite://abs``."""
+    scheme, netloc, path, query, fragment = parts
+    if netloc or not scheme:
+        return urlunsplit(parts)
+    return f"{scheme}://{path}" + (f"?{query}" if query else "") + (f"#{fragment}" if fragment else "")
+
+
+def _misplaced_at(url: str, netloc: str) -> bool:
+    """An ``@`` after the host part: a user name or password with a bare ``/``, ``?`` or
+    ``#``, which ends the host part early (the password would be read as the host)."""
+    return "@" not in netloc and "@" in url.partition("://")[2]
 
 
 def is_redis_url(url: str) -> bool:
@@ -167,6 +172,8 @@ def redact(url: str) -> str:
     """The URL with its password (and a Sentinel password option) starred out."""
     parts = urlsplit(url)
     netloc = parts.netloc
+    if _misplaced_at(url, netloc):  # the whole login, whatever it holds, starred out
+        return redact(f"{parts.scheme}://***@{url.rpartition('@')[2]}")
     userinfo, at, hosts = netloc.rpartition("@")
     if at and ":" in userinfo:
         netloc = userinfo.split(":", 1)[0] + ":***@" + hosts
@@ -183,11 +190,14 @@ def parse_redis_url(url: str, base: str | None = None) -> RedisTarget:
     shown = redact(url)
     try:
         parts = urlsplit(url)
-    except ValueError as e:
-        raise ValueError(f"{shown}: {e}") from None
+    except ValueError:
+        raise ValueError(f"{shown}: the database must be a number, got {segments[0]!r}") from None
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         raise ValueError(f'{shown}: expected "redis://", "rediss://", "redis+sentinel://" or "unix://"')
+    if _misplaced_at(url, parts.netloc):
+        raise ValueError(f"{shown}: an '@' after the host: percent-encode '/', '?', '#' and '@' "
+                         "in a user name or password (%2F, %3F, %23, %40)")
     if parts.fragment:
         raise ValueError(f"{shown}: a Redis URL has no #fragment")
     userinfo, at, hostlist = parts.netloc.rpartition("@")
@@ -215,11 +225,10 @@ def parse_redis_url(url: str, base: str | None = None) -> RedisTarget:
     if len(segments) > 1:
         raise ValueError(f"{shown}: expected one database number after the "
                          f"{'service' if sentinel else 'host'}, got /{'/'.join(segments)}")
-    db = 0
-    if segments:
-        if not segments[0].isdigit():
-            raise ValueError(f"{shown}: the database must be a number, got {segments[0]!r}")
-        db = int(segments[0])
+    try:
+        db = _db(segments[0]) if segments else 0
+    except ValueError:
+        raise ValueError(f"{shown}: the database must be a number, got {segments[0]!r}") from None
 
     allowed = {**OURS, **CONNECTION, **(TLS if scheme == "rediss" else {}),
                **(SENTINEL if sentinel else {})}
@@ -240,6 +249,8 @@ def _unix_target(url: str, parts, host: str, username: str | None, password: str
         raise ValueError(f"{shown}: a unix:// URL names no host, got {host!r}; expected "
                          "unix:///PATH/TO/redis.sock (three slashes) or unix:///./RELATIVE/PATH")
     path = unquote(parts.path)
+    if path.startswith("//"):  # unix:////PATH, as sqlite:////PATH: one slash, as the kernel reads it
+        path = "/" + path.lstrip("/")
     if path in ("", "/") or path.endswith("/"):
         raise ValueError(f"{shown}: expected the socket's path: unix:///PATH/TO/redis.sock")
     if path.startswith(("/./", "/../")):  # relative, as sqlite:///./PATH

@@ -68,10 +68,17 @@ def test_a_unix_socket_url_as_redis_py_spells_it(tmp_path):
     assert with_absolute_paths(rel) == f"unix://{tmp_path}/run/redis.sock?db=1"
     assert parse_redis_url("unix:///../redis.sock", str(tmp_path)).path == str(tmp_path.parent / "redis.sock")
     assert with_absolute_paths(parse_redis_url("unix:///abs/redis.sock", str(tmp_path))) == "unix:///abs/redis.sock"
+    # four slashes, as sqlite:////PATH: one path for the wire and redis-py alike
+    four = parse_redis_url("unix:////run/redis/redis.sock?db=2")
+    assert four.path == "/run/redis/redis.sock"
+    assert four.client_url().startswith("unix:///run/redis/redis.sock?db=2")
 
 
 @pytest.mark.parametrize("url, says", [
     ("redis://h/x", "the database must be a number"),
+    ("redis://h/\u00b2", "the database must be a number"),
+    ("unix:///run/redis.sock?db=\u00b2", "expected a database number"),
+    ("redis://:pa/ss@h/0", "percent-encode '/', '?', '#' and '@'"),
     ("redis://h/0/1", "expected one database number"),
     ("redis://h:0/0", "bad port"),
     ("redis://h:/0", "the port is missing"),
@@ -112,6 +119,14 @@ def test_passwords_never_shown():
     with pytest.raises(ValueError) as caught:
         parse_redis_url("redis://:hunter2@h/x")
     assert "hunter2" not in str(caught.value)
+    # a bare / ? or # in the password ends the host part early: the whole login is starred
+    for url in ("unix://:hunter/2@/run/redis.sock", "redis://:hun?ter2@h/0", "redis://u:hun#ter2@h/0"):
+        assert "hunter" not in redact(url) and "ter2" not in redact(url), url
+        with pytest.raises(ValueError) as caught:
+            parse_redis_url(url)
+        assert "ter2" not in str(caught.value) and "percent-encode" in str(caught.value), url
+    assert redact("unix://:hunter/2@/run/redis.sock") == "unix://***@/run/redis.sock"
+    assert redact("sqlite:////var/lib/state.db") == "sqlite:////var/lib/state.db"  # the //// kept
 
 
 # ============================================================================ check-config
@@ -225,7 +240,7 @@ def keys(server: UnixRedis, pattern: str) -> list[str]:
 @pytest.mark.timeout(90)
 def test_a_gate_on_a_unix_socket_redis(gate_factory, downstream, unix_redis):
     """The server has no TCP port: whatever state lands in it came over the socket."""
-    state = f"unix://{unix_redis.socket}?db=0&prefix=mx:"
+    state = f"{unix_redis.url}&prefix=mx:"
     gate = gate_factory(config={"state": state}, policies={"default.yaml": POLICY})
     assert gate.cli("check-config").returncode == 0
     with gate.smtp() as c:

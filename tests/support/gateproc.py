@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.support.constants import LOOPBACK, START_TIMEOUT, STOP_TIMEOUT
-from tests.support.procinfo import family, listeners_for, socket_holders, socket_inodes
+from tests.support.procinfo import LISTEN, family, listeners_for, socket_holders, socket_inodes, tcp_sockets
 from tests.support.waiting import wait_until
 
 DEFAULT_POLICIES = {"default.yaml": "domains: [example.com]\nrules: []\n"}
@@ -74,28 +74,9 @@ def deep_merge(base: dict, over: Mapping) -> dict:
 
 def _listening_ports() -> set[int] | None:
     """Ports in LISTEN state per /proc/net/tcp{,6}; None if /proc is not available."""
-    ports: set[int] = set()
-    found = False
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(name) as f:
-                next(f, None)
-                for row in f:
-                    cols = row.split()
-                    if len(cols) > 3 and cols[3] == "0A":  # TCP_LISTEN
-                        ports.add(int(cols[1].rsplit(":", 1)[1], 16))
-            found = True
-        except OSError:
-            continue
-    return ports if found else None
-
-
-def _accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+    if not os.path.exists("/proc/net/tcp"):
+        return None
+    return {port for _, port, state, _ in tcp_sockets() if state == LISTEN}
 
 
 def is_listening(host: str, port: int) -> bool:

@@ -15,25 +15,29 @@ def proc_stat(pid: int) -> list[str] | None:
     return text.rsplit(")", 1)[1].split()  # [0] state, [1] ppid, ... [19] starttime
 
 
+def _all_stats() -> dict[int, list[str]]:
+    """pid -> its /proc/PID/stat fields, for every process we may look into (one look)."""
+    return {int(name): fields for name in os.listdir("/proc")
+            if name.isdigit() and (fields := proc_stat(int(name)))}
+
+
 def children_of(pid: int) -> dict[int, str]:
     """pid -> starttime of every process whose parent is pid."""
-    out = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            fields = proc_stat(int(name))
-            if fields and int(fields[1]) == pid:
-                out[int(name)] = fields[19]
-    return out
+    return {child: fields[19] for child, fields in _all_stats().items() if int(fields[1]) == pid}
 
 
 LISTEN, ESTABLISHED = "0A", "01"  # the kernel's TCP states as /proc/net/tcp writes them
 
 
-def _tcp_sockets():
+def tcp_sockets():
     """(local address in hex, local port, state, inode) of every TCP socket, /proc/net/tcp{,6}."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            next(f)
+        try:
+            f = open(table)
+        except OSError:  # a kernel without IPv6 has no tcp6
+            continue
+        with f:
+            next(f, None)
             for row in f:
                 cols = row.split()
                 addr, _, port = cols[1].rpartition(":")
@@ -42,7 +46,7 @@ def _tcp_sockets():
 
 def tcp_inodes(port: int, state: str) -> set[str]:
     """Inodes of the sockets on local ``port`` (any address) in ``state``, from /proc/net/tcp{,6}."""
-    return {inode for _, p, st, inode in _tcp_sockets() if st == state and p == port}
+    return {inode for _, p, st, inode in tcp_sockets() if st == state and p == port}
 
 
 def _address(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -55,7 +59,7 @@ def listeners_for(host: str, port: int) -> set[str]:
     """Inodes of the sockets that take connections to host:port: listening on that address
     or on a wildcard (0.0.0.0, ::)."""
     wanted = ipaddress.ip_address(host)
-    return {inode for addr, p, st, inode in _tcp_sockets()
+    return {inode for addr, p, st, inode in tcp_sockets()
             if st == LISTEN and p == port and ((a := _address(addr)) == wanted or a.is_unspecified)}
 
 
@@ -83,10 +87,7 @@ def socket_inodes(pid: int) -> set[str]:
 
 def family(pid: int) -> list[int]:
     """pid and its descendants (a supervisor and its workers), from one look at /proc."""
-    parents = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit() and (fields := proc_stat(int(name))):
-            parents[int(name)] = int(fields[1])
+    parents = {child: int(fields[1]) for child, fields in _all_stats().items()}
     out = [pid]
     for p in out:
         out += [child for child, parent in parents.items() if parent == p]

@@ -79,7 +79,11 @@ class PrivateRedis:
             [self.binary, *self.listen_args(), "--save", "", "--appendonly", "no", "--dir", str(self.folder)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
-        self.wait_listening()
+        try:
+            self.wait_listening()
+        except BaseException:  # never answered: not left running
+            self.stop()
+            raise
         return self
 
     def listen_args(self) -> list[str]:

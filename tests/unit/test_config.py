@@ -246,7 +246,7 @@ def test_bad_values_everywhere_are_all_reported(tmp_path):
         f"gate.yaml:4:13: tls.cert: no such file: {tmp_path}/missing.pem",
         "gate.yaml:4:6: tls.key: is required",
         "gate.yaml:5:17: proxy_protocol: expected true, false or {trusted: [CIDR, ...]}, got 1",
-        """gate.yaml:6:8: state: expected "sqlite:///PATH" or "redis://HOST:PORT/DB", got 'mysql://x'""",
+        """gate.yaml:6:8: state: got 'mysql://x': expected "sqlite:///PATH", "redis://HOST:PORT/DB", "unix:///PATH/TO/redis.sock", "rediss://…" or "redis+sentinel://HOST:PORT/SERVICE/DB\"""",
         f"gate.yaml:7:11: policies: no such folder: {tmp_path}/nowhere",
         "gate.yaml:8:21: dns.nameservers[0]: expected an IP address and an optional port, "
         "like \"127.0.0.1:53\", got 'dns.example'",
