@@ -60,3 +60,11 @@ class RelayError(SmtpgateError):
     def __init__(self, message: str, reply: "object | None" = None):
         super().__init__(message)
         self.reply = reply
+
+
+class LeakedConnectionError(SmtpgateError):
+    """A ``ConnectionError`` out of a conversation step (the relay, a rule, a store), which
+    should have been translated there. Never the client's connection, which only the front
+    reads and writes: aiosmtpd takes any ConnectionError for the client gone and closes its
+    connection without a reply or a log line, so this is raised instead; the front then
+    logs it and answers 451 4.3.0, as for any local error, and the session goes on."""

@@ -27,7 +27,7 @@ from functools import partial
 from ..mail.addresses import Address, AddressError, normalise_domain, parse_path, relay_refusal
 from ..mail.session import Recipient, Session, TraceEntry, TraceLog, Transaction, new_id
 from .. import metrics
-from ..errors import RelayError, StoreError
+from ..errors import LeakedConnectionError, RelayError, StoreError
 from ..mail.message import Message
 from ..pipeline.authheader import add_authentication_results
 from ..pipeline.results import ResultsLog
@@ -201,14 +201,17 @@ class Conversation:
         return None
 
     async def _run(self, command: str, *args) -> Reply:
-        if self.after_pending:  # every step sees the previous transaction's after-work done
-            await self.settled()
-        if command in FORWARDING and not self.forwarder:
-            return not_forwarder(command)
-        cell = TABLE[self.state][command]
-        if isinstance(cell, Refuse):
-            return cell.reply
-        return await getattr(self, "_" + cell.name.lower())(*args)
+        try:
+            if self.after_pending:  # every step sees the previous transaction's after-work done
+                await self.settled()
+            if command in FORWARDING and not self.forwarder:
+                return not_forwarder(command)
+            cell = TABLE[self.state][command]
+            if isinstance(cell, Refuse):
+                return cell.reply
+            return await getattr(self, "_" + cell.name.lower())(*args)
+        except ConnectionError as exc:  # not the client's: see LeakedConnectionError
+            raise LeakedConnectionError(f"{command}: {type(exc).__name__}: {exc}") from exc
 
     def tls_started(self) -> None:
         """STARTTLS completed: the client must greet again (RFC 3207 §4.2)."""
@@ -253,7 +256,11 @@ class Conversation:
         await self._abandon()
         await self.settled(here=True)  # the ended transaction's on_end before on_helo, as ever
         if self.relay.connected:  # the downstream was greeted with the client's old name and
-            await self.relay.close()  # protocol: the next MAIL opens it (or a pooled one) anew
+            try:  # protocol: the next MAIL opens it (or a pooled one) anew
+                await self.relay.close()
+            except Exception:  # the greeting's reply is given: nothing may reach the client
+                log.exception("session %s: closing the downstream session after HELO/EHLO failed",
+                              self.session.id)
         await self._helo_rules()
 
     async def _helo_rules(self) -> None:
