@@ -152,7 +152,9 @@ def test_random_command_streams_always_end_cleanly(fuzz_gate: FuzzGate):
         # many bad commands). Unless the close reset the connection (the client was still
         # sending after a QUIT), which may drop replies not yet read.
         if not s.reset:
-            assert lines[-1][:3] in (b"221", b"421") or lines[-1][:1] == b"5", replies
+            assert lines[-1][:3] in (b"221", b"421") or lines[-1][:1] == b"5", (
+                f"closed after {lines[-1]!r}, no goodbye: {replies!r}\n"
+                + fuzz_gate.describe_session(s.port, start, since))
         fuzz_gate.settle()
         relayed = fuzz_gate.ds.messages_from(s.port, since)
         assert len(relayed) <= sum(1 for line in lines if line.startswith(b"354")), replies

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 
-from tests.support.downstream import CapturingDownstream
+from tests.support.downstream import CapturingDownstream, Mark
 from tests.support.gateproc import GateProcess
 from tests.support.procinfo import children_of
 from tests.support.waiting import wait_until
@@ -75,6 +75,22 @@ class FuzzGate:
         if broken:
             raise GateBroken(f"{broken} after example {example!r}\n--- gate log ---\n{log[mark:][-6000:]}")
         assert TRACEBACK not in log[mark:], f"traceback in the gate's log:\n{log[mark:][-6000:]}"
+
+    def describe_session(self, client_port: int, mark: int, since: Mark) -> str:
+        """For a failing example: whether a worker died, the gate's log since ``mark``, and
+        what the downstream got for the client with this source port on the sessions opened
+        since ``since``."""
+        log = self.gate.log_text()
+        workers = worker_pids(self.gate.pid) if self.gate.is_running() else set()
+        lines = [f"--- gate running: {self.gate.is_running()}; workers then {sorted(self.workers)},"
+                 f" now {sorted(workers)} ---", "--- gate log since the session began ---",
+                 log[mark:][-6000:] or "(nothing)"]
+        ours = self.ds.sessions_from(client_port, since)
+        lines.append(f"--- downstream: {len(ours)} session(s) for client port {client_port} ---")
+        for sess in ours:
+            lines.append(f"session {sess.index} closed={sess.closed} helo={sess.helo!r}")
+            lines += [f"  > {line[:200]!r}" for line in sess.transcript[-40:]]
+        return "\n".join(lines)
 
     def settle(self) -> None:
         """Wait until the gate closed every downstream connection (each client's session is
