@@ -647,6 +647,16 @@ class GateSMTP(SMTP):
         # not aiosmtpd's: it looks commands up in the (counting) table and lists unoffered ones
         await self._write(Reply(214, "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT", "2.0.0"))
 
+    def _getaddr(self, arg: str):
+        """aiosmtpd's address parser, which only its VRFY uses here (MAIL and RCPT take
+        parse_path): the stdlib parser under it raises IndexError on an address ending in
+        '@' ("VRFY user@": a traceback and 451 4.3.0); that is an address it cannot parse,
+        as its HeaderParseError says: (None, None), and VRFY answers 502."""
+        try:
+            return super()._getaddr(arg)
+        except IndexError:
+            return None, None
+
     async def smtp_EXPN(self, arg: str | None):
         await self._write(Reply(502, "EXPN is not offered", "5.5.1"))
 

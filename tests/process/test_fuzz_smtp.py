@@ -179,6 +179,19 @@ def test_non_ascii_address_without_smtputf8_is_refused(fuzz_gate: FuzzGate, mail
     fuzz_gate.check_healthy(mark)
 
 
+def test_vrfy_of_an_address_ending_in_at_is_refused_without_a_crash(fuzz_gate: FuzzGate):
+    """Found by the streams above: aiosmtpd's VRFY parser (the stdlib's) raised IndexError
+    on "user@": a traceback in the log and 451 4.3.0 to the client."""
+    mark = fuzz_gate.log_mark()
+    with Session(fuzz_gate.gate.address) as s:
+        s.send(b"EHLO client.test\r\nVRFY user@\r\nVRFY user@example.com\r\nQUIT\r\n")
+        replies = s.read_until_closed()
+    lines = reply_lines(replies)
+    assert lines[-3].startswith(b"502 5.5.1 Could not VRFY ") and lines[-2].startswith(b"252 "), replies
+    assert CRASH.search(replies) is None, replies
+    fuzz_gate.check_healthy(mark)
+
+
 # ---------------------------------------------------------------------------- (b) DATA line ends
 FRAGMENTS = st.sampled_from([
     b"\r\n", b"\r\n", b"\r", b"\n", b"\n.\n", b"\r.\r", b"\r\n.\r\n.", b".", b"..", b". ",
