@@ -186,7 +186,7 @@ async def _serve(cli_path, runtime, housekeeper: bool = False,
         await asyncio.sleep(0.05)
     bye = Reply(421, f"{cfg.hostname} Service shutting down, try again later", "4.3.2")
     for proto in list(tracker.protocols):
-        await proto.hang_up(bye)
+        await proto.hang_up(bye, linger=False)  # closed now: the stores close next
     await asyncio.sleep(0)  # let connection_lost callbacks close downstream sessions
     await settle(SETTLE_GRACE)  # and give back what the sessions held in the stores
     await gate.pool.close(timeout=SETTLE_GRACE)  # their QUITs said

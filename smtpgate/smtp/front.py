@@ -72,6 +72,10 @@ def _sanitized_log(func, msg, *args, **kwargs) -> None:
 
 aiosmtpd.smtp.sanitized_log = _sanitized_log  # its command loop looks the name up per line
 
+# Seconds a connection the gate closes still reads (and drops) what the client sends, after
+# its last reply and the end of its output: see ``GateSMTP._close``.
+LINGER = 2.0
+
 _REPLY = re.compile(r"^(\d{3})([ -])(?!\d\.\d{1,3}\.\d{1,3}\b)(.*)$", re.S)
 VERSION_IDENT = "smtpgate"
 
@@ -155,6 +159,7 @@ class GateSMTP(SMTP):
         self._greeting_pending = True
         self._in_data = False
         self._closing = False
+        self._output_ended = False  # _close sent the end of our output: nothing more is written
         self._client_key: str | None = None  # as counted in the connection table
         self._command = ""
         self._counts = collections.Counter()  # per-session caps, since the last accepted message
@@ -292,14 +297,34 @@ class GateSMTP(SMTP):
         return self._in_data or (self.conv is not None and (self.conv.tx is not None
                                                             or self.conv.after_pending))
 
-    async def hang_up(self, reply: Reply) -> None:
+    async def hang_up(self, reply: Reply, linger: bool = True) -> None:
         self._closing = True
         if self.transport is not None and not self.transport.is_closing():
             try:
                 await self._write(reply)
             except (ConnectionError, RuntimeError):
                 pass
-            self.transport.close()
+            self._close(linger)
+
+    def _close(self, linger: bool = True) -> None:
+        """Close the connection after the last reply. Closed at once with the client's
+        pipelined commands unread, or with more arriving after it, the kernel resets the
+        connection and drops the replies still in its send queue (those a slow reader had
+        not taken yet: the goodbye itself, even a message's 250, which the client then
+        sends again). So (``linger``) the output ends after those replies (a FIN), and
+        what the client still sends is read and dropped until it closes, or LINGER seconds
+        at most (the idle timer, no longer reset by commands). Without a half-close (TLS):
+        closed at once, as before."""
+        self._closing = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not linger or self._output_ended or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._output_ended = True
+        self._timeout_handle.reset(LINGER)
 
     async def handle_exception(self, error: Exception) -> str:
         """aiosmtpd's last resort: never echo exception text to the client."""
@@ -324,7 +349,7 @@ class GateSMTP(SMTP):
         runs the commands a pipelining client had sent; none of them may open or relay a
         transaction the client was told is refused. Otherwise the conversation's table may
         refuse the command before its arguments are read."""
-        if self.transport is None or self.transport.is_closing():
+        if self._closing or self.transport is None or self.transport.is_closing():
             return True  # as if answered: the command does nothing
         refusal = self.conv.refusal(command, early=True)
         if refusal is not None:
@@ -333,8 +358,10 @@ class GateSMTP(SMTP):
         return False
 
     def _reset_timeout(self, duration: float | None = None) -> None:
-        """aiosmtpd's: after every command line, and around DATA (the data timeout)."""
-        self._timeout_handle.reset(duration or self._timeout_duration)
+        """aiosmtpd's: after every command line, and around DATA (the data timeout); not
+        once the output ended (_close: the connection lingers LINGER seconds at most)."""
+        if not self._output_ended:
+            self._timeout_handle.reset(duration or self._timeout_duration)
 
     # --- writing -----------------------------------------------------------------------
     async def push(self, status) -> None:
@@ -353,7 +380,7 @@ class GateSMTP(SMTP):
         return self._write_lines(reply.lines())  # awaited by the caller: one coroutine less
 
     async def _write_lines(self, lines: list[str] | tuple[str, ...]) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self._output_ended or self.transport is None or self.transport.is_closing():
             # Closed (a goodbye, a timeout, the client gone) while a command was still being
             # answered: nobody is listening, and uvloop raises on a write to a closed handle.
             return
@@ -565,18 +592,18 @@ class GateSMTP(SMTP):
 
     @syntax("QUIT")
     async def smtp_QUIT(self, arg: str | None):
-        """221 at once; the connection is closed once the session's after-work is done (the
-        last transaction's on_end hooks and log line), so that a client waiting for the close
-        finds their effects (the senders state, the log)."""
+        """221 at once; the connection is closed (``_close``: the client sees it end) once
+        the session's after-work is done (the last transaction's on_end hooks and log line),
+        so that a client waiting for the close finds their effects (the senders state, the
+        log). Commands pipelined after QUIT are read and dropped (``_on_command``)."""
         if arg:
             await self.push("501 Syntax: QUIT")  # aiosmtpd's replies, as before
             return
         await self.push("221 Bye")
+        self._closing = True
         if self.conv is not None:
             await self.conv.settled()
-        self._handler_coroutine.cancel()
-        if self.transport is not None:
-            self.transport.close()
+        self._close()
 
     async def smtp_BDAT(self, arg: str | None):
         # CHUNKING is never offered; swallow the chunk so its bytes are never read as commands.
@@ -584,7 +611,7 @@ class GateSMTP(SMTP):
         max_size = self.gate.runtime.config.limits.max_message_size or 2**31
         if not parts or not parts[0].isdigit() or int(parts[0]) > max_size:
             await self._write(Reply(421, f"{self.hostname} BDAT without CHUNKING, closing", "4.7.0"))
-            self.transport.close()
+            self._close()
             return
         await self._reader.readexactly(int(parts[0]))
         await self._write(Reply(502, "BDAT not supported: CHUNKING is not offered", "5.5.1"))
