@@ -19,13 +19,10 @@ import pytest
 from aiosmtpd import smtp as aiosmtpd_smtp
 
 from smtpgate.mail.session import Session
-from smtpgate.runtime.gate import Gate
-from smtpgate.runtime.loading import load_runtime
-from smtpgate.server import _tls_context
-from smtpgate.smtp.connections import ConnectionTracker
 from smtpgate.smtp.conversation import Conversation
 from smtpgate.smtp.front import GateSMTP
 from tests.support.downstream import CapturingDownstream
+from tests.support.inprocess import start_front
 from tests.support.testca import TestCA
 
 pytestmark = pytest.mark.timeout(30)
@@ -44,23 +41,10 @@ async def _freed_without_the_collector(tmp_path, client, tls: str = "") -> list[
     """Run ``client(port)`` (blocking, in a thread) ROUNDS times against a real gate with the
     collector off; what of the connections is still alive once the gate let them go.
     ``tls``: the gate.yaml's ``tls:`` line (STARTTLS offered)."""
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "default.yaml").write_text(
-        "domains: [example.com]\n"
-        "rules:\n  - senders: {}\n  - attachments: {action: strip}\n"
-        "  - rewrite: {add_headers: {X-Test: cycles}}\n")
     with CapturingDownstream() as downstream:
-        (tmp_path / "gate.yaml").write_text(
-            f"hostname: gate.test\nlisten: ['127.0.0.1:0']\nworkers: 1\n"
-            f"downstream: {{host: 127.0.0.1, port: {downstream.port}, pool: {{size: 0}}}}\n"
-            f"state: sqlite:///{tmp_path}/state.db\nquarantine: {tmp_path}/quarantine\n"
-            f"policies: {tmp_path}/policies\n{tls}")
-        runtime = load_runtime(str(tmp_path / "gate.yaml"))
-        gate = Gate(runtime)
-        gate.draining, gate.tls_context = False, _tls_context(runtime.config)
-        tracker = ConnectionTracker()
-        server = await asyncio.get_running_loop().create_server(
-            lambda: GateSMTP(gate, tracker, gate.tls_context), "127.0.0.1", 0)
+        server, runtime = await start_front(
+            tmp_path, downstream.port, "\n  - senders: {}\n  - attachments: {action: strip}\n"
+            "  - rewrite: {add_headers: {X-Test: cycles}}", tls)
         port = server.sockets[0].getsockname()[1]
         try:
             await asyncio.to_thread(client, port)  # a first one: caches, lazy imports

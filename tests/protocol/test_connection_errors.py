@@ -18,33 +18,14 @@ import logging
 
 import pytest
 
-from smtpgate.runtime.gate import Gate
-from smtpgate.runtime.loading import load_runtime
-from smtpgate.smtp.connections import ConnectionTracker
-from smtpgate.smtp.front import GateSMTP
 from smtpgate.smtp.relay import Downstream
 from tests.support.downstream import CapturingDownstream
+from tests.support.inprocess import start_front
 from tests.support.rawsmtp import RawSMTP
 
 pytestmark = pytest.mark.timeout(30)
 
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
-
-
-async def _front(tmp_path, downstream: CapturingDownstream):
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "default.yaml").write_text("domains: [example.com]\nrules: []\n")
-    (tmp_path / "gate.yaml").write_text(
-        f"hostname: gate.test\nlisten: ['127.0.0.1:0']\nworkers: 1\n"
-        f"downstream: {{host: 127.0.0.1, port: {downstream.port}}}\n"
-        f"state: sqlite:///{tmp_path}/state.db\nquarantine: {tmp_path}/quarantine\n"
-        f"policies: {tmp_path}/policies\n")
-    runtime = load_runtime(str(tmp_path / "gate.yaml"))
-    gate = Gate(runtime)
-    gate.draining, gate.tls_context = False, None
-    server = await asyncio.get_running_loop().create_server(
-        lambda: GateSMTP(gate, ConnectionTracker()), "127.0.0.1", 0)
-    return server, runtime
 
 
 def _leak(error: type[ConnectionError]):
@@ -82,7 +63,7 @@ def _delivered_then_helo(port: int) -> list[bytes]:
 
 async def _session(tmp_path, client) -> list[bytes]:
     with CapturingDownstream() as downstream:
-        server, runtime = await _front(tmp_path, downstream)
+        server, runtime = await start_front(tmp_path, downstream.port)
         try:
             return await asyncio.to_thread(client, server.sockets[0].getsockname()[1])
         finally:

@@ -20,8 +20,8 @@ import threading
 import pytest
 
 from smtpgate.smtp.front import GateSMTP
-from tests.protocol.test_connection_errors import _front
 from tests.support.downstream import CapturingDownstream
+from tests.support.inprocess import start_front
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -61,7 +61,7 @@ async def test_replies_before_a_goodbye_reach_a_slow_client_that_pipelined_past_
 
     monkeypatch.setattr(GateSMTP, "smtp_BDAT", bdat_then_signal)
     with CapturingDownstream() as downstream:
-        server, runtime = await _front(tmp_path, downstream)
+        server, runtime = await start_front(tmp_path, downstream.port)
         try:
             got, reset = await asyncio.to_thread(
                 _slow_client, server.sockets[0].getsockname()[1], goodbye_done)
