@@ -153,7 +153,8 @@ def test_random_command_streams_always_end_cleanly(fuzz_gate: FuzzGate):
         # sending after a QUIT), which may drop replies not yet read.
         if not s.reset:
             assert lines[-1][:3] in (b"221", b"421") or lines[-1][:1] == b"5", (
-                f"closed after {lines[-1]!r}, no goodbye: {replies!r}\n"
+                f"closed after {lines[-1]!r}, no goodbye (a send met {s.send_refused!r}): "
+                f"{replies!r}\n"
                 + fuzz_gate.describe_session(s.port, start, since))
         fuzz_gate.settle()
         relayed = fuzz_gate.ds.messages_from(s.port, since)

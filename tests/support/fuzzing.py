@@ -148,6 +148,7 @@ class Session:
         self.transcript: list[bytes] = []  # the replies read_reply returned
         self.sent = bytearray()
         self.reset = False  # the connection ended in a reset: replies may have been lost
+        self.send_refused: OSError | None = None  # a send met the close (a reset: reads end as at EOF)
         self.deadline = time.monotonic() + SESSION_DEADLINE
 
     def send(self, data: bytes) -> bool:
@@ -156,7 +157,8 @@ class Session:
         try:
             self.sock.sendall(data)
             return True
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError) as e:
+            self.send_refused = e
             return False
 
     def _recv(self) -> bytes:
