@@ -688,10 +688,16 @@ class GateSMTP(SMTP):
         await self._write(Reply(502, "EXPN is not offered", "5.5.1"))
 
 
+# What a reply line may not carry (RFC 5321 textstring: HT and printable ASCII, UTF-8 here)
+_NOT_IN_REPLY = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # LF: where a multi-line one splits
+
+
 @functools.lru_cache(maxsize=64)  # aiosmtpd says a few fixed texts (221 Bye at every QUIT)
 def _own_reply_lines(status: str) -> tuple[str, ...]:
     """One of aiosmtpd's own replies as written: with the usual enhanced code when it has
-    none."""
+    none, and "?" for a control character of the client's it echoes ("502 Could not VRFY
+    ARG": a bare CR or NUL there would reach the client inside a reply line)."""
+    status = _NOT_IN_REPLY.sub("?", status)
     m = _REPLY.match(status)
     if m and m.group(2) == " ":
         return tuple(Reply(int(m.group(1)), m.group(3)).with_enhanced().lines())

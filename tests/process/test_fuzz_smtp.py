@@ -193,6 +193,19 @@ def test_vrfy_of_an_address_ending_in_at_is_refused_without_a_crash(fuzz_gate: F
     fuzz_gate.check_healthy(mark)
 
 
+def test_an_echoed_argument_carries_no_control_character(fuzz_gate: FuzzGate):
+    """aiosmtpd's "502 Could not VRFY ARG" echoes the client's argument: a bare CR, NUL or
+    ESC there must not reach the client inside a reply line."""
+    mark = fuzz_gate.log_mark()
+    with Session(fuzz_gate.gate.address) as s:
+        s.send(b"EHLO client.test\r\nVRFY a\rb\x00c\x1bd@\r\nQUIT\r\n")
+        replies = s.read_until_closed()
+    assert_replies_well_formed(replies)
+    lines = reply_lines(replies)
+    assert lines[-2] == b"502 5.5.1 Could not VRFY a?b?c?d@", replies
+    fuzz_gate.check_healthy(mark)
+
+
 # ---------------------------------------------------------------------------- (b) DATA line ends
 FRAGMENTS = st.sampled_from([
     b"\r\n", b"\r\n", b"\r", b"\n", b"\n.\n", b"\r.\r", b"\r\n.\r\n.", b".", b"..", b". ",
