@@ -170,7 +170,10 @@ def is_redis_url(url: str) -> bool:
 
 def redact(url: str) -> str:
     """The URL with its password (and a Sentinel password option) starred out."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # unreadable ("[::1" unclosed): where a password would be is unknown
+        return f"{url.partition('://')[0]}://…"
     netloc = parts.netloc
     if _misplaced_at(url, netloc):  # the whole login, whatever it holds, starred out
         return redact(f"{parts.scheme}://***@{url.rpartition('@')[2]}")
@@ -190,8 +193,8 @@ def parse_redis_url(url: str, base: str | None = None) -> RedisTarget:
     shown = redact(url)
     try:
         parts = urlsplit(url)
-    except ValueError:
-        raise ValueError(f"{shown}: the database must be a number, got {segments[0]!r}") from None
+    except ValueError as e:
+        raise ValueError(f"{shown}: {e}") from None
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         raise ValueError(f'{shown}: expected "redis://", "rediss://", "redis+sentinel://" or "unix://"')
@@ -263,7 +266,7 @@ def _unix_target(url: str, parts, host: str, username: str | None, password: str
         raise ValueError(f"{shown}: not a Unix socket: {path}")
     allowed = {**OURS, **UNIX}
     values, connection, _ = _options(parts.query, allowed, base, shown)
-    return RedisTarget(url, "unix", (), int(values.pop("db", 0)), None, username, password,
+    return RedisTarget(url, "unix", (), values.pop("db", 0), None, username, password,
                        connection=connection, path=path, **_ours(values))
 
 

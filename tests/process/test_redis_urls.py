@@ -126,6 +126,9 @@ def test_passwords_never_shown():
             parse_redis_url(url)
         assert "ter2" not in str(caught.value) and "percent-encode" in str(caught.value), url
     assert redact("unix://:hunter/2@/run/redis.sock") == "unix://***@/run/redis.sock"
+    with pytest.raises(ValueError) as caught:  # unreadable: said, with no part of the login
+        parse_redis_url("redis://:hunter2@[::1/0")
+    assert str(caught.value) == "redis://…: Invalid IPv6 URL"
     assert redact("sqlite:////var/lib/state.db") == "sqlite:////var/lib/state.db"  # the //// kept
 
 
