@@ -154,7 +154,7 @@ async def store_benchmarks(backends, n, count) -> None:
             await store.close()
         if "redis" in backends:
             prefix = f"greylist-bench-{uuid.uuid4().hex}:"
-            store = open_greylist_store(f"{REDIS}?prefix={prefix}")
+            store = open_greylist_store(with_prefix(REDIS, prefix))
             try:
                 await bench_store("redis (one Lua script per decision)", store, n, count)
             finally:
@@ -174,7 +174,7 @@ async def harness_ratio(backends, messages: int, runs: int) -> None:
     for backend in backends:
         prefix = f"greylist-bench-{uuid.uuid4().hex}:"
         tmp = tempfile.mkdtemp(prefix="greylist-bench-")
-        state = f"sqlite://{tmp}/h.db" if backend == "sqlite" else f"{REDIS}?prefix={prefix}"
+        state = f"sqlite://{tmp}/h.db" if backend == "sqlite" else with_prefix(REDIS, prefix)
         clock = FakeClock()
         plain = Harness([], clock=clock, state="sqlite://:memory:")
         grey = Harness([(Greylist, {})], clock=clock, state=state)

@@ -42,11 +42,9 @@ async def _freed_without_the_collector(tmp_path, client, tls: str = "") -> list[
     collector off; what of the connections is still alive once the gate let them go.
     ``tls``: the gate.yaml's ``tls:`` line (STARTTLS offered)."""
     with CapturingDownstream() as downstream:
-        server, runtime = await start_front(
-            tmp_path, downstream.port, "\n  - senders: {}\n  - attachments: {action: strip}\n"
-            "  - rewrite: {add_headers: {X-Test: cycles}}", tls)
-        port = server.sockets[0].getsockname()[1]
-        try:
+        async with start_front(
+                tmp_path, downstream.port, "\n  - senders: {}\n  - attachments: {action: strip}\n"
+                "  - rewrite: {add_headers: {X-Test: cycles}}", tls) as port:
             await asyncio.to_thread(client, port)  # a first one: caches, lazy imports
             gc.collect()
             gc.disable()
@@ -63,9 +61,6 @@ async def _freed_without_the_collector(tmp_path, client, tls: str = "") -> list[
             finally:
                 gc.enable()
             return alive
-        finally:
-            server.close()
-            await runtime.stores.close()
 
 
 def _relay_and_quit(port: int) -> None:

@@ -63,12 +63,8 @@ def _delivered_then_helo(port: int) -> list[bytes]:
 
 async def _session(tmp_path, client) -> list[bytes]:
     with CapturingDownstream() as downstream:
-        server, runtime = await start_front(tmp_path, downstream.port)
-        try:
-            return await asyncio.to_thread(client, server.sockets[0].getsockname()[1])
-        finally:
-            server.close()
-            await runtime.stores.close()
+        async with start_front(tmp_path, downstream.port) as port:
+            return await asyncio.to_thread(client, port)
 
 
 @pytest.mark.parametrize("error", [ConnectionResetError, BrokenPipeError, ConnectionRefusedError])

@@ -61,13 +61,8 @@ async def test_replies_before_a_goodbye_reach_a_slow_client_that_pipelined_past_
 
     monkeypatch.setattr(GateSMTP, "smtp_BDAT", bdat_then_signal)
     with CapturingDownstream() as downstream:
-        server, runtime = await start_front(tmp_path, downstream.port)
-        try:
-            got, reset = await asyncio.to_thread(
-                _slow_client, server.sockets[0].getsockname()[1], goodbye_done)
-        finally:
-            server.close()
-            await runtime.stores.close()
+        async with start_front(tmp_path, downstream.port) as port:
+            got, reset = await asyncio.to_thread(_slow_client, port, goodbye_done)
     lines = got.split(b"\r\n")
     assert sum(1 for line in lines if line.startswith(b"214 ")) == HELPS, (reset, got[-300:])
     assert got.endswith(GOODBYE) and not reset, (reset, got[-300:])

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.support.constants import LOOPBACK, START_TIMEOUT, STOP_TIMEOUT
-from tests.support.procinfo import LISTEN, family, listeners_for, socket_holders, socket_inodes, tcp_sockets
+from tests.support.procinfo import family, listeners_for, socket_holders, socket_inodes
 from tests.support.waiting import wait_until
 
 DEFAULT_POLICIES = {"default.yaml": "domains: [example.com]\nrules: []\n"}
@@ -72,19 +72,9 @@ def deep_merge(base: dict, over: Mapping) -> dict:
     return out
 
 
-def _listening_ports() -> set[int] | None:
-    """Ports in LISTEN state per /proc/net/tcp{,6}; None if /proc is not available."""
-    if not os.path.exists("/proc/net/tcp"):
-        return None
-    return {port for _, port, state, _ in tcp_sockets() if state == LISTEN}
-
-
 def is_listening(host: str, port: int) -> bool:
-    """True when host:port listens. Uses /proc (no connection the gate would see) when it can."""
-    ports = _listening_ports()
-    if ports is not None:
-        return port in ports
-    return _accepts(host, port)
+    """True when host:port listens (from /proc: no connection the gate would see)."""
+    return bool(listeners_for(host, port))
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -102,9 +92,7 @@ class PortTaken(Exception):
 def listens_alone(proc: subprocess.Popen, addrs: list[tuple[str, int]]) -> bool:
     """True when proc (or a process it started) listens on every addr, False while not yet;
     PortTaken when another process takes connections on one (with who it is, when /proc
-    lets us see). Without /proc: whether every addr accepts."""
-    if not os.path.exists("/proc/net/tcp"):
-        return all(_accepts(*a) for a in addrs)
+    lets us see)."""
     listeners = {addr: listeners_for(*addr) for addr in addrs}  # before ours: none is missed
     ours = set().union(*(socket_inodes(pid) for pid in family(proc.pid)))
     for (host, port), inodes in listeners.items():

@@ -3,6 +3,7 @@ a downstream, for tests that look inside the gate while real clients talk to it.
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from smtpgate.runtime.gate import Gate
@@ -12,11 +13,12 @@ from smtpgate.smtp.connections import ConnectionTracker
 from smtpgate.smtp.front import GateSMTP
 
 
+@asynccontextmanager
 async def start_front(folder: Path, downstream_port: int, rules: str = " []", extra: str = ""):
     """Write gate.yaml and the default policy (example.com; ``rules``: what follows
     ``rules:``) into ``folder``, ``extra`` appended to gate.yaml (a ``tls:`` line offers
-    STARTTLS); listen on 127.0.0.1 (a free port). Returns (server, runtime): close the
-    server, then ``runtime.stores``."""
+    STARTTLS); listen on 127.0.0.1 (a free port), which ``async with`` gives; at its end the
+    server is closed, then the stores."""
     (folder / "policies").mkdir()
     (folder / "policies" / "default.yaml").write_text(f"domains: [example.com]\nrules:{rules}\n")
     (folder / "gate.yaml").write_text(
@@ -30,4 +32,8 @@ async def start_front(folder: Path, downstream_port: int, rules: str = " []", ex
     tracker = ConnectionTracker()
     server = await asyncio.get_running_loop().create_server(
         lambda: GateSMTP(gate, tracker, gate.tls_context), "127.0.0.1", 0)
-    return server, runtime
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await runtime.stores.close()

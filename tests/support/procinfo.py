@@ -29,7 +29,7 @@ def children_of(pid: int) -> dict[int, str]:
 LISTEN, ESTABLISHED = "0A", "01"  # the kernel's TCP states as /proc/net/tcp writes them
 
 
-def tcp_sockets():
+def _tcp_sockets():
     """(local address in hex, local port, state, inode) of every TCP socket, /proc/net/tcp{,6}."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -46,7 +46,7 @@ def tcp_sockets():
 
 def tcp_inodes(port: int, state: str) -> set[str]:
     """Inodes of the sockets on local ``port`` (any address) in ``state``, from /proc/net/tcp{,6}."""
-    return {inode for _, p, st, inode in tcp_sockets() if st == state and p == port}
+    return {inode for _, p, st, inode in _tcp_sockets() if st == state and p == port}
 
 
 def _address(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -59,7 +59,7 @@ def listeners_for(host: str, port: int) -> set[str]:
     """Inodes of the sockets that take connections to host:port: listening on that address
     or on a wildcard (0.0.0.0, ::)."""
     wanted = ipaddress.ip_address(host)
-    return {inode for addr, p, st, inode in tcp_sockets()
+    return {inode for addr, p, st, inode in _tcp_sockets()
             if st == LISTEN and p == port and ((a := _address(addr)) == wanted or a.is_unspecified)}
 
 
